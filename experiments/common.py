@@ -1,0 +1,225 @@
+"""Helpers every experiment module shares: command-line config overrides, the run
+directory (config JSON, metrics JSONL + TensorBoard, results CSV, figures), tables and
+a locally trained tokenizer.
+
+An experiment module exposes ``get_config(preset)`` and calls :func:`parse_args` in
+its ``main``; the command line is
+
+    python -m experiments.NAME [--preset=NAME] [--config.key=value ...] [--dry_run]
+
+Overrides are parsed with :func:`ast.literal_eval` (falling back to the raw string) and
+type-checked by the ConfigDict, so ``--config.dpo.betas=(0.1,1.0)`` and
+``--config.seed=3`` do what they look like.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+# --------------------------------------------------------------------- command line
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentArgs:
+    """What the experiment command line asked for."""
+
+    config: ml_collections.ConfigDict
+    preset: str
+    dry_run: bool
+
+
+def _parse_value(text: str) -> Any:
+    """A literal if the text is one (numbers, tuples, booleans, None), else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw_value: str) -> None:
+    """Set ``config.a.b = value`` from ``"a.b"`` and a command-line string.
+
+    Unknown keys are an error (a typo must not silently do nothing); the ConfigDict
+    rejects values of the wrong type.
+    """
+    *parents, leaf = dotted_key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if part not in node:
+            raise KeyError(f"--config.{dotted_key}: no field {'.'.join(parents[: i + 1])!r}")
+        node = node[part]
+    if leaf not in node:
+        known = ", ".join(sorted(node.keys()))
+        raise KeyError(f"--config.{dotted_key}: unknown field {leaf!r}; known: {known}")
+    value = _parse_value(raw_value)
+    current = node[leaf]
+    # ConfigDict is strict about int vs float and tuple vs list: coerce the obvious cases.
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list | int | float):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    if isinstance(current, str) and not isinstance(value, str):
+        value = raw_value
+    try:
+        node[leaf] = value
+    except TypeError as err:
+        raise TypeError(f"--config.{dotted_key}={raw_value!r}: {err}") from err
+
+
+def parse_args(
+    get_config: Callable[[str], ml_collections.ConfigDict],
+    argv: Sequence[str],
+    presets: Sequence[str],
+) -> ExperimentArgs:
+    """Parse ``[--preset=NAME] [--config.key=value ...] [--dry_run]`` into a config."""
+    preset = "default"
+    dry_run = False
+    overrides: list[tuple[str, str]] = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            raise SystemExit(
+                "usage: python -m experiments.NAME [--preset={"
+                + ",".join(presets)
+                + "}] [--config.key=value ...] [--dry_run]"
+            )
+        if arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        elif arg == "--dry_run":
+            dry_run = True
+        elif arg.startswith("--config.") and "=" in arg:
+            key, value = arg[len("--config.") :].split("=", 1)
+            overrides.append((key, value))
+        else:
+            raise SystemExit(f"unrecognised argument {arg!r} (expected --config.key=value)")
+    if preset not in presets:
+        raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    config = get_config(preset)
+    for key, value in overrides:
+        apply_override(config, key, value)
+    return ExperimentArgs(config=config, preset=preset, dry_run=dry_run)
+
+
+# ---------------------------------------------------------------------- run directory
+
+
+def make_run_dir(config: ml_collections.ConfigDict, experiment: str) -> Path:
+    """``config.workdir`` or ``runs/EXPERIMENT/TIMESTAMP``, created, with config.json in it."""
+    workdir = config.get("workdir") or ""
+    if not workdir:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        workdir = os.path.join("runs", experiment, stamp)
+    run_dir = Path(workdir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    return run_dir
+
+
+class MetricsLog:
+    """Append-only metrics: one JSON object a line in ``metrics.jsonl`` and the same
+    scalars as TensorBoard events under ``tb/`` (tag ``RUN/NAME``)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def write(self, run: str, step: int, metrics: Mapping[str, float]) -> None:
+        """Record `metrics` of sub-run `run` at `step`."""
+        row = {"run": run, "step": int(step)}
+        row.update({k: _to_float(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(f"{run}/{key}", _to_float(value), int(step))
+
+    def close(self) -> None:
+        """Flush and close both sinks."""
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _to_float(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every JSON object of a JSONL file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Rows as CSV with exactly `columns` (missing values are empty)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A fixed-width text table (floats with 4 significant decimals)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float | np.floating):
+            return "nan" if math.isnan(value) else f"{value:.4f}"
+        return str(value)
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ tokenizer
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None):
+    """A byte-level BPE trained on `texts` with `tokenizers`, wrapped as a
+    `PreTrainedTokenizerFast` whose single special token ``<|endoftext|>`` is BOS, EOS and
+    padding (GPT-2's convention). Saved with ``save_pretrained`` when `out_dir` is given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=special, eos_token=special, pad_token=special
+    )
+    if out_dir is not None:
+        wrapped.save_pretrained(str(out_dir))
+    return wrapped
