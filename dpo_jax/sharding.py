@@ -1,0 +1,259 @@
+"""Device mesh, the one logical-axis rule table, and NamedSharding helpers.
+
+Every array that crosses a jit boundary gets its sharding from here: parameters and
+optimizer state through `LOGICAL_AXIS_RULES` (logical names -> mesh axes), batches
+through `batch_sharding` (leading micro-batch axis replicated, rows split over the
+data-parallel axes). The same code path serves 1 CPU device, N local accelerators and
+a multi-host slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+# Rows of a batch are split over both data-parallel axes: fsdp shards parameters *and*
+# data (ZeRO-3 style), so it must also carry a slice of the batch.
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+# The one table. Weights: `embed` is split over fsdp (each device holds a slice of every
+# matrix and all-gathers it at use), the Megatron dims (`mlp`, `heads`, `kv_heads`,
+# `vocab`) over tensor. Activations: batch over the data axes, the Megatron dims over
+# tensor; lengths and widths stay whole.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replace the single `-1` in `shape` by the devices left over; check the product.
+
+    >>> resolve_mesh_shape((-1, 2, 1), 8)
+    (4, 2, 1)
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be positive or -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh shape {shape}: {num_devices} devices are not divisible by {known}"
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} "
+            f"devices but {num_devices} are in use"
+        )
+    return shape
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape((data, fsdp, tensor), len(devices))
+    # jax>=0.10 defaults to Explicit axes, under which classic jit-with-shardings and
+    # Linen's with_logical_constraint refuse to run; Auto keeps the GSPMD behaviour.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def maybe_initialize_distributed(multihost: str | bool = "auto") -> bool:
+    """Call `jax.distributed.initialize()` when asked or when the environment says so.
+
+    `multihost`: True/"true" forces it, False/"false" never, "auto" initializes when a
+    coordinator is configured (JAX_COORDINATOR_ADDRESS, or a TPU pod's several workers).
+    Must run before any other JAX call. Returns whether it initialized.
+    """
+    flag = str(multihost).lower()
+    if flag in ("false", "0", "no"):
+        return False
+    if flag == "auto":
+        env_says = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (
+            len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+        )
+        if not env_says:
+            return False
+    elif flag not in ("true", "1", "yes"):
+        raise ValueError(f"multihost must be 'auto', true or false, got {multihost!r}")
+    jax.distributed.initialize()
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def _mesh_axes_for(logical_name: str | None, rules: Sequence[tuple[str, Any]]) -> Any:
+    if logical_name is None:
+        return None
+    for name, axes in rules:
+        if name == logical_name:
+            return axes
+    raise KeyError(f"logical axis {logical_name!r} has no rule in LOGICAL_AXIS_RULES")
+
+
+def _axes_tuple(axes: Any) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_mesh_spec(
+    logical_spec: PartitionSpec | Sequence[str | None],
+    shape: Sequence[int] | None,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
+    """Mesh PartitionSpec for one array from its logical names.
+
+    A mesh axis is used at most once per array (first dimension wins), and a dimension
+    whose size is not divisible by its mesh axes is left whole rather than failing: tiny
+    models (or 2 kv-heads on a tensor axis of 4) then still run, only less sharded.
+    """
+    used: set[str] = set()
+    out: list[Any] = []
+    for dim, name in enumerate(tuple(logical_spec)):
+        axes = tuple(
+            a for a in _axes_tuple(_mesh_axes_for(name, rules)) if a not in used and a in mesh.shape
+        )
+        size = math.prod(mesh.shape[a] for a in axes)
+        if shape is not None and axes and shape[dim] % size:
+            log.debug("dim %d (%s) of size %d not divisible by %s", dim, name, shape[dim], axes)
+            axes = ()
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def tree_shardings(
+    logical_tree: Any,
+    shapes_tree: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+) -> Any:
+    """NamedShardings for a pytree given its logical PartitionSpecs and its shapes.
+
+    `shapes_tree` may hold arrays or ShapeDtypeStructs (anything with `.shape`).
+    """
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, logical_to_mesh_spec(spec, leaf.shape, mesh, rules)),
+        logical_tree,
+        shapes_tree,
+        is_leaf=is_spec,
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of an array every device holds whole."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def opt_state_shardings(
+    opt_state_shapes: Any, params_shapes: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
+    """Shardings for an optax state: moment trees mirror the params, the rest is replicated.
+
+    Optax states are nests of NamedTuples whose params-shaped members (mu, nu, ...) have
+    exactly the params' tree structure; those take the params' shardings, scalars (counts)
+    and anything else are replicated.
+    """
+    params_def = jax.tree.structure(params_shapes)
+
+    def visit(node: Any) -> Any:
+        if jax.tree.structure(node) == params_def and params_def.num_leaves > 0:
+            same_shapes = all(
+                getattr(a, "shape", None) == b.shape
+                for a, b in zip(jax.tree.leaves(node), jax.tree.leaves(params_shapes), strict=True)
+            )
+            if same_shapes:
+                return param_shardings
+        if isinstance(node, tuple | list):
+            children = [visit(c) for c in node]
+            if hasattr(node, "_fields"):  # NamedTuple
+                return type(node)(*children)
+            return type(node)(children)
+        if isinstance(node, dict):
+            return {k: visit(v) for k, v in node.items()}
+        if node is None:
+            return None
+        return jax.tree.map(lambda _: replicated(mesh), node)
+
+    return visit(opt_state_shapes)
+
+
+def batch_spec(ndim: int, micro_axis: bool = True) -> PartitionSpec:
+    """PartitionSpec of one batch array: `[A, N, ...]` (or `[N, ...]` without the A axis)."""
+    if ndim == 0:
+        return PartitionSpec()
+    if micro_axis:
+        return PartitionSpec(None, BATCH_AXES) if ndim >= 2 else PartitionSpec()
+    return PartitionSpec(BATCH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the rows of a batch are split."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(batch: dict[str, Any], mesh: Mesh, micro_axis: bool = True) -> dict[str, Any]:
+    """NamedShardings for a batch dict; rows not divisible by the data axes stay replicated."""
+    dp = data_parallel_size(mesh)
+    out = {}
+    for key, value in batch.items():
+        shape = np.shape(value)
+        spec = batch_spec(len(shape), micro_axis)
+        row_dim = 1 if micro_axis else 0
+        if len(spec) > row_dim and shape[row_dim] % dp:
+            spec = PartitionSpec()
+        out[key] = NamedSharding(mesh, spec)
+    return out
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh, micro_axis: bool = True) -> dict[str, jax.Array]:
+    """Put a host batch on the mesh.
+
+    Single process: `batch` is the global batch. Several processes: `batch` is this
+    host's slice (rows), stitched into the global array with
+    `jax.make_array_from_process_local_data`, so no host ever loads the full batch.
+    """
+    shardings = batch_sharding(batch, mesh, micro_axis)
+    if jax.process_count() == 1:
+        return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+        for k, v in batch.items()
+    }
