@@ -171,7 +171,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+def write_csv(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+) -> None:
     """Rows as CSV with exactly `columns` (missing values are empty)."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
@@ -199,7 +201,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
 # ------------------------------------------------------------------------ tokenizer
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None):
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None
+):
     """A byte-level BPE trained on `texts` with `tokenizers`, wrapped as a
     `PreTrainedTokenizerFast` whose single special token ``<|endoftext|>`` is BOS, EOS and
     padding (GPT-2's convention). Saved with ``save_pretrained`` when `out_dir` is given."""

@@ -71,7 +71,9 @@ def _opening(rng: np.random.Generator) -> str:
         lambda: f"i saw this {_pick(rng, GENRES)} with {_pick(rng, PEOPLE)} .",
         lambda: f"{_pick(rng, PEOPLE)} told me to see this {_pick(rng, FILM_NOUNS)} .",
         lambda: f"this {_pick(rng, GENRES)} came out in {_pick(rng, YEARS)} .",
-        lambda: f"the {_pick(rng, FILM_NOUNS)} is a {_pick(rng, GENRES)} from {_pick(rng, YEARS)} .",
+        lambda: (
+            f"the {_pick(rng, FILM_NOUNS)} is a {_pick(rng, GENRES)} from {_pick(rng, YEARS)} ."
+        ),
         lambda: f"so i finally watched this {_pick(rng, FILM_NOUNS)} .",
     )
     return _pick(rng, templates)()
