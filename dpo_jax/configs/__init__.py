@@ -1,0 +1,122 @@
+"""ml_collections config files for `dpo-jax train`, big_vision style.
+
+`dpo-jax train --config dpo_jax/configs/FILE.py[:ARG] [--config.key=value ...]` loads
+`FILE.py`, calls its `get_config(ARG)` and applies the dotted overrides. Overrides are
+parsed as Python literals (falling back to the raw string) and type-checked by the
+ConfigDict; an unknown key is an error, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+# Sections whose keys are free-form (a loss's keyword arguments differ per loss), so an
+# override may add a key there instead of failing as a typo.
+OPEN_SECTIONS = ("loss.hyper",)
+
+
+def parse_value(text: str) -> Any:
+    """A literal if the text is one (numbers, tuples, booleans, None), else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/file.py[:arg]` -> the file's `get_config(arg)` (or `get_config()`).
+
+    A bare name (`tiny`, `tiny:arg`) is looked up in `dpo_jax/configs/`.
+    """
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.exists() and not file.suffix and (CONFIG_DIR / f"{path}.py").exists():
+        file = CONFIG_DIR / f"{path}.py"
+    if not file.exists():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_name = f"_dpo_jax_config_{abs(hash(str(file.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, file)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"{file}: cannot be imported as a Python config file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{file}: defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f"{file}: get_config() returned {type(config).__name__}, not a ConfigDict")
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str) -> None:
+    """Set `config.a.b` from `"a.b"` and a command-line string, type-checked."""
+    *parents, leaf = dotted_key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise KeyError(f"--config.{dotted_key}: no section {'.'.join(parents[: i + 1])!r}")
+        node = node[part]
+    if leaf not in node and ".".join(parents) in OPEN_SECTIONS:
+        node[leaf] = parse_value(raw)
+        return
+    if leaf not in node:
+        known = ", ".join(sorted(node.keys()))
+        raise KeyError(f"--config.{dotted_key}: unknown field {leaf!r}; known: {known}")
+    value = parse_value(raw)
+    current = node[leaf]
+    # ConfigDict is strict about int vs float and str vs literal: coerce the obvious cases.
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        value = raw
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise TypeError(f"--config.{dotted_key}={raw}: {e}") from e
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate `--config.k=v` / `--config.k v` overrides from the other arguments."""
+    rest: list[str] = []
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config.") :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{arg}: missing value")
+                value = argv[i + 1]
+                i += 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    """Config file plus overrides, the same thing `dpo-jax train` builds."""
+    config = load_config_file(os.fspath(spec))
+    for key, value in overrides:
+        apply_override(config, key, value)
+    return config

@@ -1,0 +1,94 @@
+"""Default DPO run: every field `dpo-jax train` understands, with TRL-like defaults.
+
+    dpo-jax train --config dpo_jax/configs/default.py \
+        --config.model.path=/path/to/hf_model --config.data.train=/path/train.jsonl
+
+`get_config(arg)`: `arg` is an optional loss name (`default.py:ipo`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The full config tree with defaults."""
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/dpo"  # metrics.jsonl, tensorboard/, config.json, checkpoints/
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # Hugging Face directory (config.json + *.safetensors)
+    c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
+    c.model.param_dtype = "float32"
+    c.model.remat = ""  # "" keeps the checkpoint's default; "none" | "block" | "dots_saveable"
+    c.model.scan_layers = False
+    c.tokenizer = ""  # default: model.path
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # file / glob / source spec the data package reads
+    c.data.eval = ""  # held-out split ("" = no evaluation)
+    c.data.format = "auto"
+    c.data.max_length = 512
+    c.data.max_prompt_length = 256
+    c.data.truncation_mode = "keep_end"  # TRL: prompts keep their end
+    c.data.layout = "stacked"  # stacked | packed | prefix_shared
+    c.data.shuffle = True
+    c.data.skip_bad_rows = False
+    c.data.num_eval_examples = -1  # -1 = the whole eval split
+
+    c.batch_size = 64  # preference pairs per optimizer update, all hosts together
+    c.grad_accum_steps = 1  # micro-batches per update (A); batch_size % A == 0
+    c.num_steps = -1  # -1: num_epochs over the training set
+    c.num_epochs = 1.0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = arg or "sigmoid"  # any name in dpo_jax.losses.names()
+    # Keyword arguments of the loss function; add keys with --config.loss.hyper.KEY=V
+    # only where the ConfigDict already has them, so list the common ones here.
+    c.loss.hyper = ml_collections.ConfigDict({"beta": 0.1})
+
+    c.reference = ml_collections.ConfigDict()
+    # auto: "none" for reference-free losses, "precomputed" when the data carries
+    # ref_chosen_logps/ref_rejected_logps, else "frozen".
+    # cache: compute the reference log-probs in a first pass, cache them in the run dir.
+    c.reference.mode = "auto"  # auto | frozen | precomputed | cache | none
+    c.reference.path = ""  # a different reference checkpoint ("" = the initial policy)
+    c.reference.ref_model_sync_steps = 0  # TR-DPO: >0 soft-updates the reference
+    c.reference.ref_model_mixup_alpha = 0.6
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # adamw | rmsprop | sgd
+    c.optim.learning_rate = 5e-7
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "linear"  # constant | linear | cosine
+    c.optim.final_lr_fraction = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0  # <= 0: no clipping
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.decay = 0.99  # rmsprop
+    c.optim.momentum = 0.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = the devices left over
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.multihost = "auto"  # auto | true | false: jax.distributed.initialize()
+
+    c.train = ml_collections.ConfigDict()
+    c.train.log_every = 10
+    c.train.eval_every = 0  # 0 = only at the end (when data.eval is set)
+    c.train.nan_policy = "stop"  # stop | skip
+    c.train.logps_chunk_size = 0  # > 0: chunked unembedding, no [N, L, V] logits
+    c.train.progress = True
+    c.train.tensorboard = True
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.enabled = False
+    c.checkpoint.save_every = 500
+    c.checkpoint.keep_last = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.export_hf = False  # write run_dir/hf at the end
+    return c
