@@ -1,0 +1,317 @@
+"""Per-token and per-sequence log-probs over the stacked / packed batches of CONTRACTS.md.
+
+A batch row holds tokens; `sequence_index[n, t] = k >= 0` says token t of row n is a
+completion token of sequence k, scored by the logits at position t - 1 of the same row.
+Sequences are summed with a segment sum, so the stacked, packed and prefix-shared
+layouts all go through the same code.
+
+Two paths give the same numbers:
+
+* `sequence_logps(logits_NxLxV, ...)`: from full logits (one `[N, L, V]` array, any dtype;
+  log-softmax is never materialised, only gather - logsumexp in float32);
+* `sequence_logps_chunked(hidden_NxLxD, unembed_fn, ...)`: unembeds `chunk_size`
+  positions at a time inside a `lax.scan` under `jax.checkpoint`, so neither the forward
+  nor the backward pass holds more than `[N, chunk_size, V]` float32 logits. Use it for
+  128k-256k vocabularies, where the logits dominate memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax import losses
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SequenceLogps:
+    """Per-sequence sums over completion tokens; `S` = number of sequences (2B)."""
+
+    logps_S: Array  # sum of log p over the completion
+    lengths_S: Array  # completion token count (float32)
+    # LD-DPO: sum over the first min(len_k, len_partner) tokens; the partner of k < B is
+    # k + B and vice versa (chosen/rejected in paired layouts).
+    prefix_logps_S: Array
+    # WPO: exp(mean_t[log p_t - log sum_v p_v^2]), no gradient; None unless requested.
+    wpo_weights_S: Array | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Per-token log-probs
+# --------------------------------------------------------------------------------------
+
+
+def _next_token_ids(input_ids_NxL: Array) -> Array:
+    # Position t predicts token t + 1; the last position predicts nothing (dummy id 0).
+    return jnp.concatenate([input_ids_NxL[:, 1:], jnp.zeros_like(input_ids_NxL[:, :1])], axis=1)
+
+
+def _shift_right(next_NxL: Array) -> Array:
+    # Entry t of the result belongs to token t (predicted at t - 1); entry 0 has no context.
+    return jnp.concatenate([jnp.zeros_like(next_NxL[:, :1]), next_NxL[:, :-1]], axis=1)
+
+
+def _next_token_terms(
+    logits_NxLxV: Array, next_ids_NxL: Array, with_wpo: bool
+) -> tuple[Array, Array | None]:
+    """log p(next token) at every position, and optionally log sum_v p_v^2 (for WPO)."""
+    # The float32 cast feeds straight into reductions and a gather, so XLA fuses it: no
+    # float32 copy of the logits (let alone a log-softmax) is materialised.
+    logits32 = logits_NxLxV.astype(jnp.float32)
+    lse_NxL = jax.nn.logsumexp(logits32, axis=-1)
+    target_NxL = jnp.take_along_axis(logits32, next_ids_NxL[..., None], axis=-1)[..., 0]
+    log_sum_p2_NxL = None
+    if with_wpo:
+        # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z); WPO weights carry no gradient.
+        log_sum_p2_NxL = jax.lax.stop_gradient(
+            jax.nn.logsumexp(2.0 * logits32, axis=-1) - 2.0 * lse_NxL
+        )
+    return target_NxL - lse_NxL, log_sum_p2_NxL
+
+
+def token_logps(logits_NxLxV: Array, input_ids_NxL: Array) -> Array:
+    """`[N, L]` float32: entry t is log p(input_ids[t] | logits[t-1]); entry 0 is 0."""
+    _check_logits(logits_NxLxV, input_ids_NxL)
+    next_NxL, _ = _next_token_terms(logits_NxLxV, _next_token_ids(input_ids_NxL), False)
+    return _shift_right(next_NxL)
+
+
+# --------------------------------------------------------------------------------------
+# Per-sequence sums
+# --------------------------------------------------------------------------------------
+
+
+def _rank_within_sequence(seg_flat: Array, num_segments: int) -> Array:
+    """For each flat token, how many tokens of its segment precede it (row-major order)."""
+    order = jnp.argsort(seg_flat, stable=True)  # groups segments, keeps token order inside
+    counts = jax.ops.segment_sum(jnp.ones_like(seg_flat), seg_flat, num_segments)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(seg_flat.shape[0]) - starts[seg_flat[order]]
+    return jnp.zeros_like(seg_flat).at[order].set(rank_sorted)
+
+
+def reduce_token_logps(
+    token_logps_NxL: Array,
+    sequence_index_NxL: Array,
+    num_sequences: int,
+    log_sum_p2_NxL: Array | None = None,
+) -> SequenceLogps:
+    """Sums per-token log-probs into sequences via `sequence_index` (-1 = not scored)."""
+    S = int(num_sequences)
+    if S <= 0 or S % 2:
+        raise ValueError(f"num_sequences must be a positive even number (2B), got {S}")
+    scored = sequence_index_NxL >= 0
+    # Unscored tokens go to an extra segment S that is dropped.
+    seg = jnp.where(scored, sequence_index_NxL, S).reshape(-1).astype(jnp.int32)
+    tok = jnp.where(scored, token_logps_NxL, 0.0).reshape(-1).astype(jnp.float32)
+
+    def seg_sum(values: Array) -> Array:
+        return jax.ops.segment_sum(values, seg, S + 1)[:S]
+
+    lengths_S = seg_sum(scored.reshape(-1).astype(jnp.float32))
+    logps_S = seg_sum(tok)
+
+    B = S // 2
+    shared_B = jnp.minimum(lengths_S[:B], lengths_S[B:])
+    shared_S1 = jnp.concatenate([shared_B, shared_B, jnp.zeros((1,), jnp.float32)])
+    in_prefix = _rank_within_sequence(seg, S + 1) < shared_S1[seg]
+    prefix_logps_S = seg_sum(jnp.where(in_prefix, tok, 0.0))
+
+    wpo_weights_S = None
+    if log_sum_p2_NxL is not None:
+        aligned = jnp.where(scored, token_logps_NxL - log_sum_p2_NxL, 0.0).reshape(-1)
+        mean_S = seg_sum(jax.lax.stop_gradient(aligned)) / jnp.maximum(lengths_S, 1.0)
+        wpo_weights_S = jnp.exp(mean_S)
+    return SequenceLogps(logps_S, lengths_S, prefix_logps_S, wpo_weights_S)
+
+
+def sequence_logps(
+    logits_NxLxV: Array,
+    batch: Mapping[str, Array],
+    num_sequences: int,
+    *,
+    with_wpo: bool = False,
+) -> SequenceLogps:
+    """Per-sequence log-prob sums, lengths and extras from full logits."""
+    input_ids, sequence_index = _batch_arrays(batch, num_sequences)
+    _check_logits(logits_NxLxV, input_ids)
+    next_NxL, p2_NxL = _next_token_terms(logits_NxLxV, _next_token_ids(input_ids), with_wpo)
+    p2 = None if p2_NxL is None else _shift_right(p2_NxL)
+    return reduce_token_logps(_shift_right(next_NxL), sequence_index, num_sequences, p2)
+
+
+def sequence_logps_chunked(
+    hidden_NxLxD: Array,
+    unembed_fn: Callable[[Array], Array],
+    batch: Mapping[str, Array],
+    num_sequences: int,
+    chunk_size: int,
+    *,
+    with_wpo: bool = False,
+) -> SequenceLogps:
+    """`sequence_logps` from hidden states, unembedding `chunk_size` positions at a time.
+
+    `unembed_fn(hidden_NxCxD) -> logits_NxCxV` (e.g. `lambda h: model.apply(v, h,
+    method="logits")`). Each chunk runs under `jax.checkpoint`, so the backward pass
+    recomputes its logits instead of storing them.
+    """
+    input_ids, sequence_index = _batch_arrays(batch, num_sequences)
+    if hidden_NxLxD.ndim != 3 or hidden_NxLxD.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"hidden_NxLxD has shape {hidden_NxLxD.shape}; expected [N, L, D] with "
+            f"[N, L] = input_ids shape {input_ids.shape}"
+        )
+    if int(chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    N, L, D = hidden_NxLxD.shape
+    C = min(int(chunk_size), L)
+    num_chunks = -(-L // C)
+    pad = num_chunks * C - L
+    next_ids = _next_token_ids(input_ids)
+    hidden_p = jnp.pad(hidden_NxLxD, ((0, 0), (0, pad), (0, 0)))
+    ids_p = jnp.pad(next_ids, ((0, 0), (0, pad)))
+    # [num_chunks, N, C, ...]: scan over position chunks, keeping the batch axis (and its
+    # sharding) inside every chunk.
+    hidden_chunks = hidden_p.reshape(N, num_chunks, C, D).transpose(1, 0, 2, 3)
+    id_chunks = ids_p.reshape(N, num_chunks, C).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def one_chunk(h_NxCxD: Array, ids_NxC: Array) -> tuple[Array, Array]:
+        logp, p2 = _next_token_terms(unembed_fn(h_NxCxD), ids_NxC, with_wpo)
+        return logp, (jnp.zeros_like(logp) if p2 is None else p2)
+
+    def step(carry: None, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
+        return carry, one_chunk(*xs)
+
+    _, (logp_chunks, p2_chunks) = jax.lax.scan(step, None, (hidden_chunks, id_chunks))
+
+    def unchunk(x: Array) -> Array:
+        return x.transpose(1, 0, 2).reshape(N, num_chunks * C)[:, :L]
+
+    p2 = _shift_right(unchunk(p2_chunks)) if with_wpo else None
+    return reduce_token_logps(_shift_right(unchunk(logp_chunks)), sequence_index, num_sequences, p2)
+
+
+# --------------------------------------------------------------------------------------
+# From sequences to loss inputs
+# --------------------------------------------------------------------------------------
+
+
+def _split(x_S: Array) -> tuple[Array, Array]:
+    B = x_S.shape[0] // 2
+    return x_S[:B], x_S[B:]
+
+
+def preference_stats(
+    policy: SequenceLogps, ref: Array | SequenceLogps | None = None
+) -> losses.PreferenceStats:
+    """Paired `PreferenceStats`: sequences `k < B` are chosen, `B <= k < 2B` rejected.
+
+    `ref` is the reference's `SequenceLogps` (its prefix sums then enable LD-DPO on the
+    reference too), a precomputed `[2B]` column (`batch["ref_logps"]`), or None for
+    reference-free losses.
+    """
+    chosen, rejected = _split(policy.logps_S)
+    c_len, r_len = _split(policy.lengths_S)
+    c_pre, r_pre = _split(policy.prefix_logps_S)
+    c_w = r_w = None
+    if policy.wpo_weights_S is not None:
+        c_w, r_w = _split(policy.wpo_weights_S)
+    ref_c = ref_r = ref_c_pre = ref_r_pre = None
+    if isinstance(ref, SequenceLogps):
+        ref_c, ref_r = _split(ref.logps_S)
+        ref_c_pre, ref_r_pre = _split(ref.prefix_logps_S)
+    elif ref is not None:
+        ref = jnp.asarray(ref, jnp.float32)
+        if ref.shape != policy.logps_S.shape:
+            raise ValueError(
+                f"reference log-probs have shape {ref.shape}; expected {policy.logps_S.shape} "
+                "(one per sequence, chosen then rejected)"
+            )
+        ref_c, ref_r = _split(ref)
+    return losses.PreferenceStats(
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        ref_chosen_logps=ref_c,
+        ref_rejected_logps=ref_r,
+        chosen_lengths=c_len,
+        rejected_lengths=r_len,
+        chosen_weights=c_w,
+        rejected_weights=r_w,
+        chosen_prefix_logps=c_pre,
+        rejected_prefix_logps=r_pre,
+        ref_chosen_prefix_logps=ref_c_pre,
+        ref_rejected_prefix_logps=ref_r_pre,
+    )
+
+
+def unpaired_stats(
+    policy: SequenceLogps, ref: Array | SequenceLogps | None, labels_B: Array
+) -> losses.UnpairedStats:
+    """KTO `UnpairedStats`: sequences `k < B` are the examples, `B <= k < 2B` their KL pairs."""
+    logps, kl_logps = _split(policy.logps_S)
+    lengths, _ = _split(policy.lengths_S)
+    ref_logps = ref_kl = None
+    if ref is not None:
+        ref_S = ref.logps_S if isinstance(ref, SequenceLogps) else jnp.asarray(ref, jnp.float32)
+        if ref_S.shape != policy.logps_S.shape:
+            raise ValueError(
+                f"reference log-probs have shape {ref_S.shape}; expected {policy.logps_S.shape}"
+            )
+        ref_logps, ref_kl = _split(ref_S)
+    labels_B = jnp.asarray(labels_B)
+    if labels_B.shape != logps.shape:
+        raise ValueError(
+            f"labels have shape {labels_B.shape}; expected {logps.shape} (one per example)"
+        )
+    return losses.UnpairedStats(
+        logps=logps,
+        ref_logps=ref_logps,
+        kl_logps=kl_logps,
+        ref_kl_logps=ref_kl,
+        labels=labels_B,
+        lengths=lengths,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Input checks (shapes are static under jit; values are checked when concrete)
+# --------------------------------------------------------------------------------------
+
+
+def _check_logits(logits_NxLxV: Array, input_ids_NxL: Array) -> None:
+    if logits_NxLxV.ndim != 3 or logits_NxLxV.shape[:2] != input_ids_NxL.shape:
+        raise ValueError(
+            f"logits have shape {logits_NxLxV.shape}; expected [N, L, V] with [N, L] = "
+            f"input_ids shape {input_ids_NxL.shape}"
+        )
+
+
+def _batch_arrays(batch: Mapping[str, Array], num_sequences: int) -> tuple[Array, Array]:
+    for key in ("input_ids", "sequence_index"):
+        if key not in batch:
+            raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}); see docs/CONTRACTS.md")
+    input_ids, sequence_index = batch["input_ids"], batch["sequence_index"]
+    if input_ids.shape != sequence_index.shape or input_ids.ndim != 2:
+        raise ValueError(
+            f"batch['input_ids'] {input_ids.shape} and batch['sequence_index'] "
+            f"{sequence_index.shape} must both be [N, L]"
+        )
+    if isinstance(sequence_index, np.ndarray) and sequence_index.size:
+        lo, hi = int(sequence_index.min()), int(sequence_index.max())
+        if lo < -1 or hi >= num_sequences:
+            raise ValueError(
+                f"batch['sequence_index'] spans [{lo}, {hi}]; expected -1 or 0..{num_sequences - 1}"
+            )
+        if (sequence_index[:, 0] >= 0).any():
+            raise ValueError(
+                "batch['sequence_index'][:, 0] scores a token at row position 0, which has no "
+                "preceding logits to predict it"
+            )
+    return jnp.asarray(input_ids), jnp.asarray(sequence_index)
