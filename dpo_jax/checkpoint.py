@@ -1,0 +1,769 @@
+"""Reliable training runs: Orbax checkpoints, exact resume, preemption, Hugging Face export.
+
+A run directory holds ``checkpoints/<step>/`` (one Orbax step per saved step, each
+with the items ``state`` (params, optimizer state, step, PRNG key), ``data`` (the
+loader's JSON state) and ``meta`` (run config, model config, extra counters)),
+``tokenizer/`` (saved once, for export) and whatever the train loop writes.
+
+Resume trusts only finished steps: a step directory without Orbax's commit marker,
+or one that fails to read, is moved aside to ``<step>.skipped-<reason>`` and
+reported, and the previous step is used. The file-system layout is Orbax's own, so
+Orbax tools read these checkpoints too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import fnmatch
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+TOKENIZER_SUBDIR = "tokenizer"
+# Orbax writes this file into a step directory when the step is complete, on every
+# file system (on local disks it also renames a temporary directory atomically).
+COMMIT_MARKER = "commit_success.txt"
+STEP_METADATA = "_CHECKPOINT_METADATA"
+ITEM_NAMES = ("state", "data", "meta")
+FORMAT_VERSION = 1
+
+# Config keys whose change does not change the math of a run (where to write, how
+# often to log or save). Everything else -- model, loss and its hyper-parameters,
+# batch size, data, seed, optimizer, schedule, number of steps -- must match on
+# resume unless force_resume. Patterns are fnmatch'ed against the dotted key path
+# and against each of its segments.
+NON_MATH_KEYS: tuple[str, ...] = (
+    "checkpoint",
+    "checkpoint_*",
+    "*_checkpoint",
+    "force_resume",
+    "run_dir",
+    "output_dir",
+    "workdir",
+    "name",
+    "run_name",
+    "notes",
+    "log_every",
+    "log_*",
+    "logging",
+    "metrics_path",
+    "eval_every",
+    "eval_*",
+    "sample_every",
+    "export",
+    "export_*",
+    "wandb*",
+    "tensorboard*",
+    "profile*",
+    "num_workers",
+    "worker_*",
+    "prefetch*",
+    "progress*",
+    "verbose",
+    "debug",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """Resuming would silently change the math of the run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+    """How often to save and what to keep.
+
+    save_every: save when ``step % save_every == 0`` (and on force / SIGTERM).
+    keep_last: keep the newest K steps (None keeps all).
+    keep_every: additionally never delete steps divisible by M (None: off).
+    async_save: write in a background thread; the train step goes on meanwhile.
+    force_resume: resume even when math-changing config keys differ (they are logged).
+    ignore_config_keys: more fnmatch patterns whose differences never block resume.
+    handle_sigterm: install a SIGTERM handler that sets ``Checkpointer.preempted``.
+    """
+
+    save_every: int = 100
+    keep_last: int | None = 3
+    keep_every: int | None = None
+    async_save: bool = True
+    force_resume: bool = False
+    ignore_config_keys: tuple[str, ...] = ()
+    handle_sigterm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1:
+            raise ValueError(f"CheckpointOptions.save_every must be >= 1, got {self.save_every}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(
+                f"CheckpointOptions.keep_last must be >= 1 or None, got {self.keep_last}"
+            )
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(
+                f"CheckpointOptions.keep_every must be >= 1 or None, got {self.keep_every}"
+            )
+
+
+class Restored(NamedTuple):
+    """What a resumed run gets back."""
+
+    step: int
+    state: Any
+    data_state: Any
+    extra: dict[str, Any]
+    config: dict[str, Any]
+
+
+class SkippedStep(NamedTuple):
+    """A step directory resume refused to trust, and where it was moved."""
+
+    step: int
+    reason: str
+    moved_to: str | None
+
+
+# ---------------------------------------------------------------- JSON helpers
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types from a config: dataclasses, ConfigDicts, mappings, paths, enums, numpy."""
+    if not isinstance(obj, type) and callable(getattr(obj, "to_dict", None)):
+        return to_jsonable(obj.to_dict())  # ml_collections.ConfigDict, models.ModelConfig
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray | jax.Array):
+        return np.asarray(obj).tolist()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, type) or callable(obj):
+        return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    return repr(obj)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-path view of a nested JSON dict, lists kept as leaves."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        if not tree and prefix:
+            out[prefix] = {}
+        return out
+    return {prefix: tree}
+
+
+def _is_ignored(path: str, patterns: Iterable[str]) -> bool:
+    segments = path.split(".")
+    for pat in patterns:
+        if fnmatch.fnmatchcase(path, pat) or any(fnmatch.fnmatchcase(s, pat) for s in segments):
+            return True
+    return False
+
+
+_MISSING = "<absent>"
+
+
+def config_diff(
+    saved: Any, current: Any, ignore: Iterable[str] = NON_MATH_KEYS
+) -> list[tuple[str, Any, Any]]:
+    """Math-relevant differences ``(dotted_key, saved_value, current_value)`` between configs."""
+    a = _flatten(json.loads(json.dumps(to_jsonable(saved))))
+    b = _flatten(json.loads(json.dumps(to_jsonable(current))))
+    ignore = tuple(ignore)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if _is_ignored(key, ignore):
+            continue
+        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if va != vb:
+            diffs.append((key, va, vb))
+    return diffs
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int, key: str = "step") -> int:
+    """Drop lines of a metrics JSONL written after ``step`` (and a torn last line).
+
+    Called on resume so the metrics file reads as if the run had never been killed.
+    Returns how many lines were dropped. A missing file is fine (returns 0).
+    """
+    path = pathlib.Path(path)
+    if not path.exists() or jax.process_index() != 0:
+        return 0
+    kept, dropped = [], 0
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # torn by a kill mid-write
+                dropped += 1
+                continue
+            raise CheckpointError(f"{path}:{i + 1}: not a JSON line ({e.msg})") from e
+        if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] > step:
+            dropped += 1
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+# ----------------------------------------------------------- PRNG key handling
+# Orbax stores plain arrays; typed PRNG keys are saved as their uint32 key data and
+# re-wrapped on restore with the impl of the target abstract leaf.
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_keys_to_data(abstract: Any) -> Any:
+    def convert(x: Any) -> Any:
+        if not _is_key(x):
+            return x
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(convert, abstract)
+
+
+def _data_to_keys(tree: Any, abstract: Any) -> Any:
+    def convert(x: Any, a: Any) -> Any:
+        return jax.random.wrap_key_data(x, impl=a.dtype._impl) if _is_key(a) else x
+
+    return jax.tree.map(convert, tree, abstract)
+
+
+def _encode_data_state(data_state: Any) -> Any:
+    # grain's own iterators return bytes; keep the JSON item valid either way.
+    if isinstance(data_state, bytes):
+        return {"__bytes__": data_state.decode("latin-1")}
+    return to_jsonable(data_state)
+
+
+def _decode_data_state(data_state: Any) -> Any:
+    if isinstance(data_state, dict) and set(data_state) == {"__bytes__"}:
+        return data_state["__bytes__"].encode("latin-1")
+    return data_state
+
+
+# ----------------------------------------------------------- step directories
+
+
+def _step_dirs(directory: pathlib.Path) -> dict[int, pathlib.Path]:
+    """Directories named by an integer step (what Orbax lists as steps)."""
+    if not directory.is_dir():
+        return {}
+    return {int(p.name): p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def _unfinished_tmp_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Orbax's in-flight temporary step directories left behind by a kill."""
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.iterdir() if p.is_dir() and ".orbax-checkpoint-tmp" in p.name]
+
+
+def step_problem(step_dir: pathlib.Path) -> str | None:
+    """Why a step directory cannot be trusted, or None when it looks complete."""
+    if not (step_dir / COMMIT_MARKER).is_file():
+        return f"no commit marker ({COMMIT_MARKER})"
+    meta_file = step_dir / STEP_METADATA
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable {STEP_METADATA}: {e}"
+    if not meta.get("commit_timestamp_nsecs"):
+        return f"{STEP_METADATA} has no commit timestamp"
+    for item in ITEM_NAMES:
+        if not (step_dir / item).is_dir():
+            return f"item '{item}' missing"
+    return None
+
+
+def _move_aside(step_dir: pathlib.Path, reason_tag: str) -> str | None:
+    """Rename a bad step out of Orbax's sight, keeping it for inspection."""
+    if jax.process_index() != 0:
+        return None
+    target = step_dir.with_name(f"{step_dir.name}.skipped-{reason_tag}-{int(time.time())}")
+    try:
+        os.replace(step_dir, target)
+    except OSError as e:  # read-only media: still refuse to use it, just do not move it
+        log.warning("could not move %s aside: %s", step_dir, e)
+        return None
+    return str(target)
+
+
+def _item_handlers(state_handler: Any = None) -> dict[str, Any]:
+    return {
+        "state": state_handler or ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(name)
+
+
+# ------------------------------------------------------------------ Checkpointer
+
+
+class Checkpointer:
+    """Orbax CheckpointManager for one run directory, with the hooks the train loop calls.
+
+    See docs/CONTRACTS.md "Checkpointing" for the calling protocol.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        options: CheckpointOptions | None = None,
+        config: Any = None,
+        model_config: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.run_dir = pathlib.Path(run_dir).absolute()
+        self.directory = self.run_dir / CHECKPOINTS_SUBDIR
+        self.options = options or CheckpointOptions()
+        self.config = to_jsonable(config) if config is not None else {}
+        self.model_config = to_jsonable(model_config) if model_config is not None else None
+        self.skipped: list[SkippedStep] = []
+        self._preempted = threading.Event()
+        self._previous_sigterm: Any = None
+        self._last_step: int | None = None
+        self._closed = False
+
+        if jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if tokenizer is not None:
+                self._save_tokenizer(tokenizer)
+        _sync("dpo_jax_checkpoint_mkdir")
+        self._report_unfinished()
+
+        opts = self.options
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                save_interval_steps=opts.save_every,
+                max_to_keep=opts.keep_last,
+                keep_period=opts.keep_every,
+                enable_async_checkpointing=opts.async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            ),
+            item_handlers=_item_handlers(),
+        )
+        if opts.handle_sigterm:
+            self._install_sigterm()
+
+    # -- preemption
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not in the main thread: SIGTERM will not trigger a checkpoint")
+            return
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._preempted.is_set():
+            # A second SIGTERM means "now": fall back to the previous behaviour.
+            previous = self._previous_sigterm
+            signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        log.warning("SIGTERM received: the run will checkpoint and stop after this step")
+        self._preempted.set()
+
+    @property
+    def preempted(self) -> bool:
+        """True once SIGTERM arrived (or, multi-host, any host reached Orbax's preemption point)."""
+        if self._preempted.is_set():
+            return True
+        if jax.process_count() > 1 and self._last_step is not None:
+            return bool(self._manager.reached_preemption(self._last_step))
+        return False
+
+    def request_stop(self) -> None:
+        """Same as receiving SIGTERM (for tests and for callers with their own signals)."""
+        self._preempted.set()
+
+    # -- saving
+
+    def _save_tokenizer(self, tokenizer: Any) -> None:
+        target = self.run_dir / TOKENIZER_SUBDIR
+        if target.exists():
+            return
+        tmp = self.run_dir / f"{TOKENIZER_SUBDIR}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(tokenizer, str | os.PathLike):
+            source = pathlib.Path(tokenizer)
+            tmp.mkdir(parents=True)
+            for p in source.iterdir():
+                if p.is_file() and (
+                    p.name.startswith(("tokenizer", "special_tokens", "vocab"))
+                    or p.name in ("merges.txt", "chat_template.jinja", "added_tokens.json")
+                ):
+                    shutil.copy2(p, tmp / p.name)
+        else:
+            tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+
+    def maybe_save(
+        self,
+        step: int,
+        state: Any,
+        data_state: Any = None,
+        extra: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Start an (async) save of ``state`` after ``step`` updates when due; True if started.
+
+        Due means ``step % save_every == 0``, ``force``, or a pending preemption.
+        Saving a step that already exists is a no-op (e.g. the final forced save
+        right after a periodic one).
+        """
+        step = int(step)
+        self._last_step = step
+        force = force or self._preempted.is_set()
+        if step in self._manager.all_steps():
+            return False
+        # Our own rule, not Orbax's should_save (which also saves the first step it sees).
+        if not force and step % self.options.save_every != 0:
+            return False
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "config": self.config,
+            "model_config": self.model_config,
+            "extra": to_jsonable(dict(extra or {})),
+            "time": time.time(),
+        }
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_keys_to_data(state)),
+            data=ocp.args.JsonSave(_encode_data_state(data_state)),
+            meta=ocp.args.JsonSave(meta),
+        )
+        return bool(self._manager.save(step, args=args, force=True))
+
+    def wait(self) -> None:
+        """Block until every started save is on disk (committed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for saves, release Orbax resources, give SIGTERM back."""
+        if self._closed:
+            return
+        self._closed = True
+        self._manager.wait_until_finished()
+        self._manager.close()
+        if self._previous_sigterm is not None and (
+            threading.current_thread() is threading.main_thread()
+        ):
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- restoring
+
+    def all_steps(self) -> list[int]:
+        """Steps Orbax lists (complete or not; restore_or_none checks them)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """Newest step Orbax lists, or None."""
+        return self._manager.latest_step()
+
+    def _report_unfinished(self) -> None:
+        for p in _unfinished_tmp_dirs(self.directory):
+            log.warning("ignoring unfinished checkpoint %s (interrupted save; Orbax removes it)", p)
+            step = int(p.name.split(".")[0]) if p.name.split(".")[0].isdigit() else -1
+            self.skipped.append(SkippedStep(step, "unfinished save (temporary directory)", None))
+
+    def _skip(self, step: int, reason: str, tag: str) -> None:
+        moved = _move_aside(self.directory / str(step), tag)
+        log.warning(
+            "ignoring checkpoint step %d in %s: %s%s",
+            step,
+            self.directory,
+            reason,
+            f" (moved to {moved})" if moved else "",
+        )
+        self.skipped.append(SkippedStep(step, reason, moved))
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The ``meta`` item (config, model config, extra) of one step."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def _check_config(self, step: int, saved: Mapping[str, Any]) -> None:
+        if not self.config:
+            return
+        diffs = config_diff(
+            saved, self.config, ignore=NON_MATH_KEYS + tuple(self.options.ignore_config_keys)
+        )
+        if not diffs:
+            return
+        lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
+        where = self.directory / str(step)
+        if self.options.force_resume:
+            log.warning("force_resume: resuming %s despite config changes:\n%s", where, lines)
+            return
+        raise ConfigMismatchError(
+            f"{where}: the config differs from the checkpointed run in ways that change the "
+            f"math:\n{lines}\nUse a new run directory, or set force_resume to resume anyway."
+        )
+
+    def restore_or_none(self, abstract_state: Any) -> Restored | None:
+        """Restore the newest complete step into the shardings of ``abstract_state``.
+
+        ``abstract_state`` mirrors the saved state; leaves are
+        ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (or arrays, whose
+        sharding is used). Steps without a commit marker, or that fail to read, are
+        moved aside and reported, and older steps are tried. Returns None when no
+        usable step exists. Raises ConfigMismatchError when the newest usable step
+        was written by a run with a math-changing different config.
+        """
+        abstract = jax.tree.map(_as_abstract, abstract_state)
+        target = _abstract_keys_to_data(abstract)
+        moved_any = False
+        for step in sorted(_step_dirs(self.directory), reverse=True):
+            problem = step_problem(self.directory / str(step))
+            if problem is not None:
+                self._skip(step, problem, "incomplete")
+                moved_any = True
+                continue
+            if moved_any:
+                _sync("dpo_jax_checkpoint_skip")
+                self._manager.reload()
+                moved_any = False
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:  # noqa: BLE001 -- any read failure means "do not trust"
+                self._skip(step, f"unreadable meta: {type(e).__name__}: {e}", "corrupt")
+                moved_any = True
+                continue
+            self._check_config(step, meta.get("config") or {})
+            try:
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target),
+                        data=ocp.args.JsonRestore(),
+                    ),
+                )
+                state = _data_to_keys(restored["state"], abstract)
+                jax.block_until_ready(state)
+            except Exception as e:  # noqa: BLE001
+                self._skip(step, f"unreadable state: {type(e).__name__}: {str(e)[:500]}", "corrupt")
+                moved_any = True
+                continue
+            data_state = _decode_data_state(restored["data"])
+            log.info("resumed from %s", self.directory / str(step))
+            self._last_step = step
+            return Restored(
+                step, state, data_state, dict(meta.get("extra") or {}), meta.get("config") or {}
+            )
+        if moved_any:
+            _sync("dpo_jax_checkpoint_skip")
+            self._manager.reload()
+        return None
+
+
+def _as_abstract(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        # Host arrays restore onto the first local device; the loop places them.
+        device = jax.local_devices()[0]
+        return jax.ShapeDtypeStruct(
+            np.shape(x), x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
+        )
+    return x
+
+
+# ------------------------------------------------------------------------ export
+
+
+def resolve_checkpoint(
+    path: str | os.PathLike, step: int | None = None
+) -> tuple[pathlib.Path, int]:
+    """``(checkpoints_dir, step)`` from a run dir, a checkpoints dir or one step dir.
+
+    Without ``step`` the newest complete step is used; incomplete ones are reported
+    and left alone (export never modifies a run).
+    """
+    path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if path.name.isdigit() and (path / STEP_METADATA).exists():
+        directory, candidates = path.parent, [int(path.name)]
+        if step is not None and step != int(path.name):
+            raise ValueError(f"{path}: is step {path.name}, but step={step} was asked for")
+    else:
+        directory = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
+        steps = _step_dirs(directory)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(
+                    f"{directory}: no step {step} (steps present: {sorted(steps)})"
+                )
+            candidates = [step]
+        else:
+            candidates = sorted(steps, reverse=True)
+    for candidate in candidates:
+        problem = step_problem(directory / str(candidate))
+        if problem is None:
+            return directory, candidate
+        log.warning("ignoring checkpoint step %d in %s: %s", candidate, directory, problem)
+    raise FileNotFoundError(f"{path}: no complete checkpoint step found")
+
+
+def load_params(
+    path: str | os.PathLike, step: int | None = None
+) -> tuple[int, dict[str, Any], Any]:
+    """``(step, meta, params)`` of a checkpoint, params as host-local arrays on one device.
+
+    Only the ``params`` entry of the state is read (optimizer state stays on disk).
+    """
+    directory, step = resolve_checkpoint(path, step)
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        # PyTree handler: it supports partial restore (params only).
+        item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()),
+    )
+    try:
+        meta = dict(
+            manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        )
+        tree_meta = manager.item_metadata(step)["state"]
+        tree = getattr(tree_meta, "tree", tree_meta)
+        if not isinstance(tree, Mapping) or "params" not in tree:
+            keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise CheckpointError(
+                f"{directory / str(step)}: the saved state has no top-level 'params' entry "
+                f"(found {keys})"
+            )
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = {
+            "params": jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"]
+            )
+        }
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=restore_args, partial_restore=True
+                )
+            ),
+        )
+    finally:
+        manager.close()
+    return step, meta, restored["state"]["params"]
+
+
+def export_hf(
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    step: int | None = None,
+    model_config: Any = None,
+    tokenizer: Any = None,
+) -> pathlib.Path:
+    """Write the policy of a checkpoint as a Hugging Face directory (weights, config, tokenizer).
+
+    ``path`` is a run directory, its ``checkpoints`` directory or one step directory.
+    The model config and tokenizer saved with the run are used unless given.
+    """
+    from dpo_jax import models  # lazy: keeps `import dpo_jax.checkpoint` light
+
+    step, meta, params = load_params(path, step)
+    if model_config is None:
+        saved = meta.get("model_config")
+        if not saved:
+            raise CheckpointError(
+                f"{path}: step {step} has no model config (the run did not pass "
+                "model_config= to Checkpointer); pass model_config= to export_hf"
+            )
+        model_config = models.ModelConfig.from_dict(saved)
+    if tokenizer is None:
+        run_dir = pathlib.Path(path).absolute()
+        for candidate in (run_dir, run_dir.parent, run_dir.parent.parent):
+            if (candidate / TOKENIZER_SUBDIR).is_dir():
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(candidate / TOKENIZER_SUBDIR)
+                break
+        else:
+            log.warning("%s: no saved tokenizer found; exporting weights and config only", path)
+    elif isinstance(tokenizer, str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    output_dir = pathlib.Path(output_dir)
+    models.save_hf(output_dir, model_config, params, tokenizer=tokenizer)
+    log.info("exported step %d of %s to %s", step, path, output_dir)
+    return output_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `dpo-jax export`."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory, its checkpoints/ directory, or one step directory",
+    )
+    parser.add_argument("--output", required=True, help="Hugging Face directory to write")
+    parser.add_argument("--step", type=int, default=None, help="step to export (default: latest)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dpo-jax export`: checkpoint -> Hugging Face directory."""
+    out = export_hf(args.checkpoint, args.output, step=args.step)
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
