@@ -1,0 +1,701 @@
+"""Batched autoregressive generation with a KV cache, compiled once per shape.
+
+One jitted function does the whole generation: a prefill forward over the
+left-padded prompts fills the KV cache, then a ``lax.while_loop`` samples one
+token per step for every row and feeds it back, until every row has emitted an
+end-of-sequence token or ``max_new_tokens`` is reached. It is compiled once per
+(rows, prompt bucket, max_new_tokens, decoding mode); temperature and top-p are
+traced scalars, so sweeping them does not recompile.
+
+Decoding: greedy (``temperature=0``), or sampling at a temperature with
+optional top-k then top-p (nucleus) truncation, applied in that order as
+Hugging Face's ``generate`` does. A fixed ``jax.random`` key gives the same
+samples on every run and every mesh (threefry is partitionable).
+
+Log-probs returned per generated token:
+
+- ``logps``: log pi(token | prefix) under the *model's own distribution*
+  (temperature 1, no truncation). This is what a KL estimate, PPO and a
+  reference-model comparison need.
+- ``sampling_logps``: the log-prob under the distribution actually sampled from
+  (after temperature, top-k and top-p). Equal to ``logps`` at temperature 1
+  without truncation; 0 for greedy.
+
+Both are 0 at positions after a row finished (see ``SampleOutput.mask``).
+
+Row order: ``n`` samples per prompt are consecutive rows, row ``i * n + j`` is
+sample ``j`` of prompt ``i`` (``SampleOutput.prompt_index``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to decode. ``temperature=0`` means greedy; ``top_k=0`` and ``top_p=1`` mean off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    n: int = 1
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS
+    # Longer prompts keep their last tokens (the end of a prompt matters most for a
+    # continuation); None = refuse prompts longer than the model's context.
+    max_prompt_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingConfig: max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            )
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingConfig: temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig: top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig: top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise ValueError(f"SamplingConfig: n must be >= 1, got {self.n}")
+        if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
+            raise ValueError(f"SamplingConfig: bad prompt_buckets {self.prompt_buckets}")
+        object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding takes the argmax."""
+        return self.temperature == 0.0
+
+    @property
+    def is_unbiased(self) -> bool:
+        """True when samples come from the model's own distribution (KL estimates need this)."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Generated tokens for ``N = num_prompts * n`` rows (host numpy arrays)."""
+
+    prompt_ids: np.ndarray  # [N, P] int32, left-padded with pad_token_id
+    prompt_lengths: np.ndarray  # [N] int32
+    tokens: np.ndarray  # [N, M] int32, pad_token_id after a row finished
+    lengths: np.ndarray  # [N] int32, generated tokens including the EOS if emitted
+    logps: np.ndarray  # [N, M] float32, model log-probs (temperature 1, untruncated)
+    sampling_logps: np.ndarray  # [N, M] float32, log-probs under the sampling distribution
+    finished: np.ndarray  # [N] bool, emitted an EOS token
+    prompt_index: np.ndarray  # [N] int32, which prompt each row continues
+    config: SamplingConfig
+    texts: list[str] | None = None  # decoded completions (EOS and padding dropped)
+    logits: np.ndarray | None = None  # [N, M, V] float32, only with return_logits=True
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[N, M] bool: True at generated tokens (including the EOS), False after."""
+        return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+
+    def completion_ids(self, keep_eos: bool = False) -> list[list[int]]:
+        """Generated token ids per row, without padding (and without the EOS by default)."""
+        out = []
+        for row, length, fin in zip(self.tokens, self.lengths, self.finished, strict=True):
+            ids = row[: int(length)].tolist()
+            if fin and not keep_eos:
+                ids = ids[:-1]
+            out.append(ids)
+        return out
+
+
+# ------------------------------------------------------------------ token choice
+
+
+def _top_p_keep(sorted_logits_NxK: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep mask over descending-sorted logits: the smallest prefix with mass >= top_p.
+
+    A token is kept iff the probability mass strictly before it is < top_p, which
+    always keeps the first token (HF's ``min_tokens_to_keep=1``).
+    """
+    probs = jax.nn.softmax(sorted_logits_NxK, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    return mass_before < top_p
+
+
+def filter_logits(
+    logits_NxV: jax.Array,
+    top_k: int = 0,
+    top_p: float | jax.Array = 1.0,
+    use_top_p: bool | None = None,
+) -> jax.Array:
+    """Set logits outside the top-k and then outside the top-p nucleus to -inf.
+
+    ``top_k`` is static (0 = off); ``top_p`` may be traced. ``use_top_p`` (static)
+    skips the vocabulary sort when False; by default it is ``top_p < 1`` for a
+    Python float and True for a traced value.
+    """
+    if use_top_p is None:
+        use_top_p = not isinstance(top_p, int | float) or top_p < 1.0
+    vocab = logits_NxV.shape[-1]
+    neg_inf = jnp.asarray(-jnp.inf, logits_NxV.dtype)
+    if 0 < top_k < vocab:
+        kth_N1 = jax.lax.top_k(logits_NxV, top_k)[0][:, -1:]
+        logits_NxV = jnp.where(logits_NxV < kth_N1, neg_inf, logits_NxV)
+    if use_top_p:
+        sorted_NxV = -jnp.sort(-logits_NxV, axis=-1)
+        keep_NxV = _top_p_keep(sorted_NxV, jnp.asarray(top_p, jnp.float32))
+        last_kept_N1 = jnp.sum(keep_NxV, axis=-1, keepdims=True) - 1
+        threshold_N1 = jnp.take_along_axis(sorted_NxV, last_kept_N1, axis=-1)
+        logits_NxV = jnp.where(logits_NxV < threshold_N1, neg_inf, logits_NxV)
+    return logits_NxV
+
+
+def sample_logits(
+    logits_NxV: jax.Array,
+    key: jax.Array,
+    temperature: float | jax.Array = 1.0,
+    *,
+    greedy: bool = False,
+    top_k: int = 0,
+    top_p: float | jax.Array = 1.0,
+    use_top_p: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Pick one token per row; returns ``(tokens_N, sampling_logps_N)``.
+
+    Order as in HF: logits / temperature, then top-k, then top-p. With top-k the
+    nucleus is computed over the k survivors only (no vocabulary-wide sort).
+    ``sampling_logps`` is the chosen token's log-prob under that final
+    distribution (0 for greedy).
+    """
+    logits_NxV = logits_NxV.astype(jnp.float32)
+    if greedy:
+        tokens_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+        return tokens_N, jnp.zeros(tokens_N.shape, jnp.float32)
+    if use_top_p is None:
+        use_top_p = not isinstance(top_p, int | float) or top_p < 1.0
+    scaled_NxV = logits_NxV / jnp.asarray(temperature, jnp.float32)
+    vocab = scaled_NxV.shape[-1]
+    if 0 < top_k < vocab:
+        # Work on the k best only: already sorted descending by lax.top_k.
+        vals_NxK, idx_NxK = jax.lax.top_k(scaled_NxV, top_k)
+        if use_top_p:
+            keep = _top_p_keep(vals_NxK, jnp.asarray(top_p, jnp.float32))
+            vals_NxK = jnp.where(keep, vals_NxK, -jnp.inf)
+        choice_N = jax.random.categorical(key, vals_NxK, axis=-1)
+        tokens_N = jnp.take_along_axis(idx_NxK, choice_N[:, None], axis=-1)[:, 0]
+        logp_N = jnp.take_along_axis(
+            jax.nn.log_softmax(vals_NxK, axis=-1), choice_N[:, None], axis=-1
+        )[:, 0]
+        return tokens_N.astype(jnp.int32), logp_N
+    if use_top_p:
+        scaled_NxV = filter_logits(scaled_NxV, 0, top_p, use_top_p=True)
+    tokens_N = jax.random.categorical(key, scaled_NxV, axis=-1).astype(jnp.int32)
+    logp_N = jnp.take_along_axis(jax.nn.log_softmax(scaled_NxV, axis=-1), tokens_N[:, None], -1)[
+        :, 0
+    ]
+    return tokens_N, logp_N
+
+
+def _token_logps(logits_NxV: jax.Array, tokens_N: jax.Array) -> jax.Array:
+    """log softmax(logits)[token] per row, in float32."""
+    logits_NxV = logits_NxV.astype(jnp.float32)
+    lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+    return jnp.take_along_axis(logits_NxV, tokens_N[:, None], axis=-1)[:, 0] - lse_N
+
+
+# --------------------------------------------------------------------- the model
+
+
+def _model_and_cfg(model: Any) -> tuple[Any, Any]:
+    """Accept a ``models.Transformer`` or a ``models.ModelConfig``."""
+    from dpo_jax import models
+
+    if isinstance(model, models.ModelConfig):
+        return models.Transformer(model), model
+    for attr in ("cfg", "config"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, models.ModelConfig):
+            return model, cfg
+    raise TypeError(
+        f"sampling: expected a models.Transformer or models.ModelConfig, got {type(model).__name__}"
+    )
+
+
+def _max_positions(cfg: Any) -> int | None:
+    """Hard position limit: only a learned position table has one (RoPE extrapolates)."""
+    if getattr(cfg, "position_embedding", None) == "learned":
+        return int(cfg.max_position_embeddings)
+    return None
+
+
+def _generate_core(
+    model: Any,
+    cfg: Any,
+    params: Any,
+    prompt_ids_NxP: jax.Array,
+    prompt_lengths_N: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    eos_token_ids: tuple[int, ...],
+    pad_token_id: int,
+    return_logits: bool,
+) -> dict[str, jax.Array]:
+    """Prefill + while_loop decode; pure, meant to be jitted."""
+    from dpo_jax import models
+
+    num_rows, prompt_len = prompt_ids_NxP.shape
+    steps = max_new_tokens
+    cache_len = prompt_len + steps
+    pad_N = prompt_len - prompt_lengths_N
+    # Left padding: slot s of row n is a real key iff s >= pad_n; generated slots all are.
+    kv_mask_NxS = jnp.arange(cache_len)[None, :] >= pad_N[:, None]
+    positions_NxP = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_N[:, None], 0)
+
+    cache = models.init_cache(cfg, num_rows, cache_len)
+    logits_NxPxV, mutated = model.apply(
+        {"params": params, "cache": cache},
+        prompt_ids_NxP,
+        positions=positions_NxP.astype(jnp.int32),
+        kv_mask=kv_mask_NxS,
+        decode=True,
+        mutable=["cache"],
+    )
+    # The last prompt slot always holds a real token (left padding).
+    logits_NxV = logits_NxPxV[:, -1].astype(jnp.float32)
+    eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
+    vocab = logits_NxV.shape[-1]
+
+    state = dict(
+        t=jnp.zeros((), jnp.int32),
+        cache=mutated["cache"],
+        logits=logits_NxV,
+        tokens=jnp.full((num_rows, steps), pad_token_id, jnp.int32),
+        logps=jnp.zeros((num_rows, steps), jnp.float32),
+        sampling_logps=jnp.zeros((num_rows, steps), jnp.float32),
+        lengths=jnp.zeros((num_rows,), jnp.int32),
+        done=jnp.zeros((num_rows,), bool),
+    )
+    if return_logits:
+        state["all_logits"] = jnp.zeros((num_rows, steps, vocab), jnp.float32)
+
+    def cond(s: dict[str, jax.Array]) -> jax.Array:
+        return (s["t"] < steps) & ~jnp.all(s["done"])
+
+    def body(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        t = s["t"]
+        tok_N, slogp_N = sample_logits(
+            s["logits"],
+            jax.random.fold_in(key, t),
+            temperature,
+            greedy=greedy,
+            top_k=top_k,
+            top_p=top_p,
+            use_top_p=use_top_p,
+        )
+        logp_N = _token_logps(s["logits"], tok_N)
+        live_N = ~s["done"]
+        tok_N = jnp.where(live_N, tok_N, pad_token_id)
+        new = dict(s)
+        new["tokens"] = jax.lax.dynamic_update_slice(s["tokens"], tok_N[:, None], (0, t))
+        new["logps"] = jax.lax.dynamic_update_slice(
+            s["logps"], jnp.where(live_N, logp_N, 0.0)[:, None], (0, t)
+        )
+        new["sampling_logps"] = jax.lax.dynamic_update_slice(
+            s["sampling_logps"], jnp.where(live_N, slogp_N, 0.0)[:, None], (0, t)
+        )
+        if return_logits:
+            new["all_logits"] = jax.lax.dynamic_update_slice(
+                s["all_logits"], s["logits"][:, None, :], (0, t, 0)
+            )
+        new["lengths"] = s["lengths"] + live_N.astype(jnp.int32)
+        new["done"] = s["done"] | (live_N & jnp.isin(tok_N, eos))
+        positions_N1 = (prompt_lengths_N + t)[:, None].astype(jnp.int32)
+        step_logits, mutated = model.apply(
+            {"params": params, "cache": s["cache"]},
+            tok_N[:, None],
+            positions=positions_N1,
+            kv_mask=kv_mask_NxS,
+            decode=True,
+            mutable=["cache"],
+        )
+        new["cache"] = mutated["cache"]
+        new["logits"] = step_logits[:, 0].astype(jnp.float32)
+        new["t"] = t + 1
+        return new
+
+    final = jax.lax.while_loop(cond, body, state)
+    out = {k: final[k] for k in ("tokens", "logps", "sampling_logps", "lengths", "done")}
+    if return_logits:
+        out["logits"] = final["all_logits"]
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(model: Any, cfg: Any, static: tuple[Any, ...]) -> Any:
+    """One jitted generate per (model, decoding mode); jit caches per input shape."""
+    names = (
+        "max_new_tokens",
+        "greedy",
+        "top_k",
+        "use_top_p",
+        "eos_token_ids",
+        "pad_token_id",
+        "return_logits",
+    )
+    kwargs = dict(zip(names, static, strict=True))
+    return jax.jit(functools.partial(_generate_core, model, cfg, **kwargs))
+
+
+# --------------------------------------------------------------------- batching
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= length; beyond the largest, the next multiple of it."""
+    for b in sorted(buckets):
+        if b >= length:
+            return b
+    top = max(buckets)
+    return int(math.ceil(length / top) * top)
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, buckets: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token-id prompts to a bucket length: ``(ids_BxP, lengths_B)``."""
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    if lengths.size == 0:
+        raise ValueError("sampling: no prompts")
+    empty = np.flatnonzero(lengths == 0)
+    if empty.size:
+        raise ValueError(
+            f"sampling: prompt {int(empty[0])} is empty (need at least one token, e.g. BOS)"
+        )
+    width = bucket_length(int(lengths.max()), buckets)
+    ids = np.full((len(prompts), width), pad_token_id, np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = np.asarray(p, np.int32)
+    return ids, lengths
+
+
+def _data_parallel_size(mesh: Any) -> int:
+    from dpo_jax import sharding
+
+    return int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
+
+
+def generate(
+    model: Any,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    config: SamplingConfig = SamplingConfig(),
+    *,
+    mesh: Any = None,
+    return_logits: bool = False,
+) -> SampleOutput:
+    """Generate ``config.n`` continuations of each token-id prompt.
+
+    Args:
+      model: a ``models.Transformer`` or ``models.ModelConfig``.
+      params: the model's parameter pytree (already sharded if ``mesh`` is given).
+      prompts: token ids per prompt, any lengths >= 1 (left-padded here).
+      key: ``jax.random`` key; the same key gives the same samples.
+      config: decoding settings.
+      mesh: the training mesh; rows are split over its data-parallel axes
+        (padded with dummy rows to a multiple of their size, then dropped).
+      return_logits: also return every step's full logits (tests, debugging).
+    """
+    model, cfg = _model_and_cfg(model)
+    prompts = [list(p) for p in prompts]
+    if config.max_prompt_length is not None:
+        prompts = [p[-config.max_prompt_length :] for p in prompts]
+    ids_BxP, lengths_B = left_pad(prompts, config.pad_token_id, config.prompt_buckets)
+    max_pos = _max_positions(cfg)
+    need = int(lengths_B.max()) + config.max_new_tokens
+    if max_pos is not None and need > max_pos:
+        raise ValueError(
+            f"sampling: longest prompt ({int(lengths_B.max())}) + max_new_tokens "
+            f"({config.max_new_tokens}) = {need} exceeds the model's {max_pos} positions; "
+            "set max_prompt_length or lower max_new_tokens"
+        )
+    num_prompts = ids_BxP.shape[0]
+    prompt_index_N = np.repeat(np.arange(num_prompts, dtype=np.int32), config.n)
+    ids_NxP, lengths_N = ids_BxP[prompt_index_N], lengths_B[prompt_index_N]
+    num_rows = ids_NxP.shape[0]
+
+    padded_rows = num_rows
+    if mesh is not None:
+        dp = _data_parallel_size(mesh)
+        padded_rows = int(math.ceil(num_rows / dp) * dp)
+    if padded_rows != num_rows:
+        extra = padded_rows - num_rows
+        ids_NxP = np.concatenate([ids_NxP, np.repeat(ids_NxP[-1:], extra, axis=0)])
+        lengths_N = np.concatenate([lengths_N, np.repeat(lengths_N[-1:], extra)])
+
+    static = (
+        config.max_new_tokens,
+        config.greedy,
+        int(config.top_k),
+        config.top_p < 1.0,
+        config.eos_token_ids,
+        int(config.pad_token_id),
+        bool(return_logits),
+    )
+    fn = _compiled(model, cfg, static)
+    args = (
+        jnp.asarray(ids_NxP),
+        jnp.asarray(lengths_N),
+        key,
+        jnp.asarray(max(config.temperature, 1e-6), jnp.float32),
+        jnp.asarray(config.top_p, jnp.float32),
+    )
+    if mesh is None:
+        out = fn(params, *args)
+    else:
+        out = _run_sharded(fn, mesh, params, args)
+    out = jax.device_get(out)
+    keep = slice(0, num_rows)
+    return SampleOutput(
+        prompt_ids=ids_NxP[keep],
+        prompt_lengths=lengths_N[keep],
+        tokens=np.asarray(out["tokens"][keep]),
+        lengths=np.asarray(out["lengths"][keep]),
+        logps=np.asarray(out["logps"][keep]),
+        sampling_logps=np.asarray(out["sampling_logps"][keep]),
+        finished=np.asarray(out["done"][keep]),
+        prompt_index=prompt_index_N,
+        config=config,
+        logits=np.asarray(out["logits"][keep]) if return_logits else None,
+    )
+
+
+def _run_sharded(fn: Any, mesh: Any, params: Any, args: tuple[Any, ...]) -> Any:
+    """Place rows on the data-parallel axes and run under the mesh and the rule table."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dpo_jax import sharding
+
+    batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.shape)
+    rows = NamedSharding(mesh, PartitionSpec(batch_axes))
+    ids, lengths, key, temperature, top_p = args
+    ids = jax.device_put(ids, NamedSharding(mesh, PartitionSpec(batch_axes, None)))
+    lengths = jax.device_put(lengths, rows)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key, temperature, top_p = (jax.device_put(x, replicated) for x in (key, temperature, top_p))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        return fn(params, ids, lengths, key, temperature, top_p)
+
+
+# ----------------------------------------------------------------- text helpers
+
+
+def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+def generate_text(
+    model: Any,
+    params: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    key: jax.Array,
+    config: SamplingConfig | None = None,
+    *,
+    mesh: Any = None,
+    add_special_tokens: bool = False,
+    **overrides: Any,
+) -> SampleOutput:
+    """Tokenize text prompts, generate, and decode completions into ``SampleOutput.texts``.
+
+    EOS and pad ids default to the tokenizer's; ``overrides`` replace fields of
+    ``config`` (e.g. ``n=4, temperature=0.7``). Completions are decoded without
+    the EOS and with special tokens skipped, as TRL does.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("generate_text: prompts must be a list of strings, got one str")
+    base = config or SamplingConfig(
+        eos_token_ids=_eos_ids(tokenizer),
+        pad_token_id=_pad_id(tokenizer),
+    )
+    config = dataclasses.replace(base, **overrides) if overrides else base
+    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    if not add_special_tokens and getattr(tokenizer, "bos_token_id", None) is not None:
+        ids = [x if x else [tokenizer.bos_token_id] for x in ids]
+    out = generate(model, params, ids, key, config, mesh=mesh)
+    out.texts = tokenizer.batch_decode(out.completion_ids(), skip_special_tokens=True)
+    return out
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+# ---------------------------------------------------------- scoring samples
+
+
+def score_samples(model: Any, params: Any, samples: SampleOutput) -> np.ndarray:
+    """Log-probs ``[N, M]`` of the generated tokens under ``params`` by one full forward.
+
+    Used for the reference model's log-probs in a KL estimate, and as the
+    non-cached path that checks the KV-cache decode. Zero after each row's end.
+    """
+    model, cfg = _model_and_cfg(model)
+    ids = np.concatenate([samples.prompt_ids, samples.tokens], axis=1).astype(np.int32)
+    num_rows, prompt_len = samples.prompt_ids.shape
+    steps = samples.tokens.shape[1]
+    pad_N = prompt_len - samples.prompt_lengths
+    col = np.arange(prompt_len + steps)[None, :]
+    positions = np.maximum(col - pad_N[:, None], 0).astype(np.int32)
+    valid = (col >= pad_N[:, None]) & (col < (prompt_len + samples.lengths)[:, None])
+    segment_ids = valid.astype(np.int32)
+    logps = _score_fn(model)(params, ids, positions, segment_ids, prompt_len, steps)
+    return np.asarray(logps) * samples.mask
+
+
+@functools.lru_cache(maxsize=16)
+def _score_fn(model: Any) -> Any:
+    @functools.partial(jax.jit, static_argnums=(4, 5))
+    def score(params, ids, positions, segment_ids, prompt_len, steps):
+        hidden = model.apply(
+            {"params": params},
+            ids,
+            positions=positions,
+            segment_ids=segment_ids,
+            return_hidden=True,
+        )
+        # Position p predicts token p + 1: the generated tokens sit at P .. P+M-1.
+        hidden = hidden[:, prompt_len - 1 : prompt_len - 1 + steps]
+        logits = model.apply({"params": params}, hidden, method="logits").astype(jnp.float32)
+        targets = ids[:, prompt_len : prompt_len + steps]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
+
+    return score
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dpo-jax sample``."""
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        help="text file (one prompt a line) or JSONL with a 'prompt' field",
+    )
+    parser.add_argument("--output", required=True, help="JSONL to write, one line per sample")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-prompt-length", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a JSONL file with a ``prompt`` field per line, or a plain text file."""
+    prompts: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    as_jsonl = path.endswith((".jsonl", ".json")) or (lines and lines[0].lstrip().startswith("{"))
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not as_jsonl:
+            prompts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string 'prompt' field")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dpo-jax sample``: write one JSONL line per (prompt, sample)."""
+    from transformers import AutoTokenizer
+
+    from dpo_jax import models
+
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise SystemExit(
+            f"dpo-jax sample: {args.model} is not a Hugging Face model directory (no config.json); "
+            "export a training checkpoint first with `dpo-jax export`"
+        )
+    dtype = jnp.dtype(args.dtype)
+    cfg, params = models.load_hf(args.model, dtype=dtype, param_dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
+    prompts = read_prompts(args.prompts)
+    config = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        n=args.n,
+        eos_token_ids=_eos_ids(tokenizer),
+        pad_token_id=_pad_id(tokenizer),
+        max_prompt_length=args.max_prompt_length,
+    )
+    key = jax.random.key(args.seed)
+    model = models.Transformer(cfg)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start : start + args.batch_size]
+            out = generate_text(
+                model, params, tokenizer, chunk, jax.random.fold_in(key, start), config
+            )
+            for row in range(len(out.texts)):
+                p = int(out.prompt_index[row])
+                n = int(out.lengths[row])
+                record = {
+                    "prompt_index": start + p,
+                    "sample_index": row % config.n,
+                    "prompt": chunk[p],
+                    "completion": out.texts[row],
+                    "num_tokens": n,
+                    "finished": bool(out.finished[row]),
+                    "logp": float(out.logps[row, :n].sum()),
+                }
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    log.info("wrote %d samples to %s", len(prompts) * config.n, args.output)
+    return 0
