@@ -1,0 +1,370 @@
+"""Shared pieces of the dpo_jax benchmarks: shapes, FLOP counting, peaks, memory, output.
+
+FLOP convention (used by every benchmark that reports FLOP/s or MFU):
+
+* Matmul FLOPs of one forward pass per token = ``2 * N_matmul`` where ``N_matmul`` counts
+  the weights that take part in a matrix multiply: per layer the attention projections
+  (``D*(H+2K)*hd + H*hd*D``) and the MLP (``2*D*F`` or ``3*D*F`` when gated), plus the
+  unembedding ``D*V`` (counted once even when tied with the input embedding). The input
+  embedding lookup, position embeddings, biases and norms cost no matmul FLOPs.
+* Attention FLOPs of one forward pass per token = ``4 * L * n_layer * H * hd``: ``Q K^T``
+  and ``P V`` over the full ``L x L`` score matrix (the PaLM appendix B convention; dense
+  kernels compute the masked half too, so we count it).
+* Policy forward + backward = 3x forward; the frozen reference adds 1x forward; a
+  precomputed reference adds nothing.
+* Tokens are the real (unpadded) tokens of the stacked work: ``2 * B * (P + C)`` per step,
+  where every pair has a prompt of ``P`` and two completions of ``C`` tokens. Layouts that
+  compute fewer tokens (prefix sharing) are credited with the same work, so their tokens/s
+  is comparable with the stacked layout's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """Decoder-only transformer dimensions, enough to count FLOPs and build HF configs."""
+
+    name: str
+    n_layer: int
+    d_model: int
+    n_head: int
+    vocab: int
+    max_positions: int
+    d_ff: int = 0  # 0 = 4 * d_model
+    n_kv_head: int = 0  # 0 = n_head
+    gated_mlp: bool = False  # SwiGLU (Llama) has three MLP matrices
+    family: str = "gpt2"
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+MODEL_SHAPES: dict[str, ModelShape] = {
+    # GPT-2 small: 124M parameters with the tied 50257 x 768 embedding.
+    "gpt2-small": ModelShape("gpt2-small", 12, 768, 12, 50257, 1024),
+    "tiny": ModelShape("tiny", 2, 64, 4, 512, 128),
+    # ~1.1B Llama shape (TinyLlama-like) for accelerators.
+    "llama-1b": ModelShape(
+        "llama-1b",
+        22,
+        2048,
+        32,
+        32000,
+        2048,
+        d_ff=5632,
+        n_kv_head=4,
+        gated_mlp=True,
+        family="llama",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """Pairs per step and fixed per-pair lengths (every sequence is exactly P + C tokens)."""
+
+    pairs: int
+    prompt_len: int
+    completion_len: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.completion_len
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens of the stacked work: chosen and rejected rows of P + C tokens."""
+        return 2 * self.pairs * self.seq_len
+
+
+def matmul_params(m: ModelShape) -> int:
+    """Weights that take part in a matmul (attention, MLP, unembedding once)."""
+    hd = m.head_dim
+    attn = m.d_model * (m.n_head + 2 * m.kv_heads) * hd + m.n_head * hd * m.d_model
+    mlp = (3 if m.gated_mlp else 2) * m.d_model * m.ff
+    return m.n_layer * (attn + mlp) + m.d_model * m.vocab
+
+
+def forward_flops_per_sequence(m: ModelShape, seq_len: int) -> float:
+    """Forward FLOPs of one sequence of ``seq_len`` tokens (matmuls + full-square attention)."""
+    dense = 2.0 * matmul_params(m) * seq_len
+    attention = 4.0 * m.n_layer * m.n_head * m.head_dim * seq_len * seq_len
+    return dense + attention
+
+
+def train_step_flops(m: ModelShape, b: BatchShape, reference: str = "frozen") -> float:
+    """Model FLOPs of one DPO step on the stacked work: policy fwd+bwd (+ reference fwd)."""
+    if reference not in ("frozen", "precomputed"):
+        raise ValueError(f"reference must be 'frozen' or 'precomputed', got {reference!r}")
+    passes = 4.0 if reference == "frozen" else 3.0
+    return passes * 2 * b.pairs * forward_flops_per_sequence(m, b.seq_len)
+
+
+# ---------------------------------------------------------------------------- peaks
+
+
+def jax_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 7) -> float:
+    """Best FLOP/s of an ``n x n @ n x n`` jitted matmul on the default JAX device."""
+    import jax
+    import jax.numpy as jnp
+
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def torch_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 7) -> float:
+    """Best FLOP/s of an ``n x n`` matmul in PyTorch on CPU (the TRL side's own peak)."""
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(tdtype)
+    b = torch.randn(n, n, generator=gen).to(tdtype)
+    a @ b  # warm the kernels
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def rss_peak_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size from /proc (0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class RssSampler:
+    """Samples current RSS in a thread; ``peak`` is the maximum seen between start and stop.
+
+    ``ru_maxrss`` is a process-lifetime peak and cannot be reset, so a phase's own peak
+    (for example one layout among several in one process) needs sampling.
+    """
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = current_rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on the first JAX device, or None where the backend has no stats (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_steps(step: Callable[[], Any], steps: int, warmup: int = 1) -> dict[str, float]:
+    """Run ``step`` (which must block until its work is done) ``warmup + steps`` times.
+
+    Returns the first call's time (compile + run) and the median / min of the steady calls.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "first_step_s": first,
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "steps_timed": steps,
+    }
+
+
+def load_average() -> float:
+    """One-minute load average (the noise context of a measurement)."""
+    return os.getloadavg()[0]
+
+
+def machine_info() -> dict[str, Any]:
+    """Date, host CPU and library versions to record next to every figure."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "load_avg_1m": round(load_average(), 2),
+    }
+    for mod in ("jax", "flax", "torch", "transformers", "trl"):
+        if mod in sys.modules:
+            info[mod] = getattr(sys.modules[mod], "__version__", "?")
+    return info
+
+
+# --------------------------------------------------------------------------- data
+
+
+def random_pairs(b: BatchShape, vocab: int, eos_id: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids of ``b.pairs`` pairs; each completion's last token is EOS (as TRL appends it).
+
+    Returns ``prompt_BxP``, ``chosen_BxC``, ``rejected_BxC`` int32 arrays; no id other than
+    the final one equals ``eos_id`` so text round-trips are exact.
+    """
+    rng = np.random.default_rng(seed)
+    high = vocab - 1 if eos_id == vocab - 1 else vocab
+
+    def draw(n: int, length: int) -> np.ndarray:
+        ids = rng.integers(0, high, size=(n, length), dtype=np.int32)
+        return np.where(ids == eos_id, (eos_id + 1) % high, ids).astype(np.int32)
+
+    chosen = draw(b.pairs, b.completion_len)
+    rejected = draw(b.pairs, b.completion_len)
+    chosen[:, -1] = eos_id
+    rejected[:, -1] = eos_id
+    return {
+        "prompt_BxP": draw(b.pairs, b.prompt_len),
+        "chosen_BxC": chosen,
+        "rejected_BxC": rejected,
+    }
+
+
+def word_level_tokenizer(vocab: int, eos_id: int, out_dir: str) -> str:
+    """A saved fast tokenizer whose word ``w<i>`` is token ``i`` (exact lengths for TRL).
+
+    EOS is ``<|endoftext|>`` with id ``eos_id`` and is also the pad token (TRL pads with it
+    and masks by attention). Returns ``out_dir``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    words = {f"w{i}": i for i in range(vocab) if i != eos_id}
+    words[eos] = eos_id
+    tok = Tokenizer(models.WordLevel(words, unk_token=eos))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([eos])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def ids_to_text(ids: Sequence[int], eos_id: int, leading_space: bool) -> str:
+    """Render ids as words of the word-level tokenizer; a trailing EOS is dropped (TRL adds it)."""
+    ids = list(ids)
+    if ids and ids[-1] == eos_id:
+        ids = ids[:-1]
+    text = " ".join(f"w{i}" for i in ids)
+    return (" " + text) if leading_space and text else text
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt_bytes(n: int | None) -> str:
+    """Human-readable bytes (MiB / GiB)."""
+    if n is None:
+        return "n/a"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Print ``rows`` as an aligned text table over ``columns``."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    table = [list(columns)] + [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    for i, row in enumerate(table):
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def emit(result: dict[str, Any], as_json: bool, json_path: str | None = None) -> None:
+    """Write ``result`` as JSON to stdout (``--json``) and/or to ``json_path``."""
+    text = json.dumps(result, indent=2, sort_keys=True, default=float)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(text + "\n")
+    if as_json:
+        print(text)
