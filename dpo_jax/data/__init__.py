@@ -1,0 +1,137 @@
+"""Preference data: sources, upstream formats, tokenization, batches and loaders.
+
+The trainer calls `load_preference_data(spec, tokenizer, run_dir)` and then
+`make_train_iterator(tokenized, pairs_per_batch, layout, buckets, seed)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from dpo_jax.data.batching import (
+    LAYOUTS,
+    bucket_length,
+    build_batch,
+    pad_batch,
+    stack_micro_batches,
+)
+from dpo_jax.data.errors import DataError, RejectLog
+from dpo_jax.data.formats import (
+    PARSERS,
+    PreferenceExample,
+    UnpairedExample,
+    detect_format,
+    paired_to_unpaired,
+    parse_rows,
+)
+from dpo_jax.data.loader import TrainIterator, make_train_iterator
+from dpo_jax.data.sources import Row, read_sources
+from dpo_jax.data.tokenize import (
+    TokenizedDataset,
+    TokenizeSettings,
+    tokenize_cached,
+    tokenize_examples,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "PARSERS",
+    "DataError",
+    "PreferenceExample",
+    "RejectLog",
+    "Row",
+    "TokenizeSettings",
+    "TokenizedDataset",
+    "TrainIterator",
+    "UnpairedExample",
+    "bucket_length",
+    "build_batch",
+    "detect_format",
+    "load_examples",
+    "load_preference_data",
+    "make_train_iterator",
+    "pad_batch",
+    "paired_to_unpaired",
+    "parse_rows",
+    "read_sources",
+    "stack_micro_batches",
+    "tokenize_cached",
+    "tokenize_examples",
+]
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_jax", "tokenized")
+
+
+def _as_dict(spec: Any) -> dict[str, Any]:
+    if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict
+        spec = spec.to_dict()
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"data spec must be a dict or ConfigDict, got {type(spec).__name__}")
+    return dict(spec)
+
+
+def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog) -> list:
+    """Read and parse the sources of `spec` (see `load_preference_data`)."""
+    spec = _as_dict(spec)
+    sources = spec.get("sources")
+    if sources is None and "path" in spec:
+        sources = [spec["path"]] if isinstance(spec["path"], str) else list(spec["path"])
+    if not sources:
+        raise ValueError("data spec needs 'sources' (a list of paths or source dicts) or 'path'")
+    if isinstance(sources, str | Mapping):
+        sources = [sources]
+    examples = parse_rows(
+        read_sources(sources, rejects), spec.get("format", "auto"), tokenizer, rejects
+    )
+    if spec.get("unpaired", False) and examples and isinstance(examples[0], PreferenceExample):
+        examples = paired_to_unpaired(examples)
+    limit = spec.get("limit")
+    if limit is not None:
+        examples = examples[: int(limit)]
+    return examples
+
+
+def load_preference_data(spec: Any, tokenizer: Any, run_dir: str | None = None) -> TokenizedDataset:
+    """Read, parse, check and tokenize a preference (or unpaired) dataset.
+
+    Config keys (dict or ConfigDict):
+      sources: list of sources; each a path/glob string, or a dict with `path`
+        (+ `type`: jsonl|json|parquet), `tfds` (+ `split`, `data_dir`) or `hf`
+        (save_to_disk dir or cached hub name; + `split`, `cache_dir`,
+        `allow_download`, default False). `path` alone is a shorthand.
+      format: "auto" (detected per row) or one of `PARSERS` (explicit, implicit,
+        conversational, ultrafeedback, hh, shp, stack_exchange, tldr, unpaired).
+      unpaired: convert pairs to unpaired rows (chosen desirable, rejected not).
+      limit: keep only the first N examples.
+      max_length, max_prompt_length, max_completion_length, truncation_mode
+        ("keep_end" | "keep_start"), add_eos: see `dpo_jax.data.tokenize`.
+      skip_bad_rows: False raises `DataError` (file:line: problem) on the first
+        bad row; True skips bad rows, counts them by reason, writes
+        `run_dir/rejects.jsonl` and prints the counts.
+      cache_dir: tokenization cache (default ~/.cache/dpo_jax/tokenized; None or
+        "" disables it).
+    """
+    spec = _as_dict(spec)
+    rejects = RejectLog(skip_bad_rows=bool(spec.get("skip_bad_rows", False)), run_dir=run_dir)
+    if rejects.skip_bad_rows and run_dir is None:
+        raise ValueError("skip_bad_rows=True needs a run_dir for the rejects file")
+    examples = load_examples(spec, tokenizer, rejects)
+    if not examples:
+        rejects.finalize()
+        raise ValueError("the data spec produced no usable examples")
+    settings = TokenizeSettings(
+        max_length=spec.get("max_length"),
+        max_prompt_length=spec.get("max_prompt_length"),
+        max_completion_length=spec.get("max_completion_length"),
+        truncation_mode=spec.get("truncation_mode", "keep_end"),
+        add_eos=spec.get("add_eos", True),
+    )
+    cache_dir = spec.get("cache_dir", DEFAULT_CACHE_DIR) or None
+    tokenized = tokenize_cached(examples, tokenizer, settings, rejects, cache_dir)
+    tokenized.stats["rejected"] = dict(rejects.counts)
+    rejects.finalize()
+    if len(tokenized) == 0:
+        raise ValueError("every example was rejected; see the rejects file")
+    return tokenized

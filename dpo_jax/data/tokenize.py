@@ -1,0 +1,380 @@
+"""Tokenization with TRL's boundary convention, truncation, and an on-disk cache.
+
+Convention (TRL): prompt ids = tok(prompt); completion ids =
+tok(prompt + completion)[len(prompt ids):] followed by eos. When tok(prompt) is
+not a prefix of tok(prompt + completion) (a merge across the boundary), the
+completion ids are still taken from that offset, and the case is counted and
+reported in one warning.
+
+Truncation (all lengths in tokens):
+- `max_prompt_length`: keep the END of the prompt (the part next to the answer).
+- `max_completion_length`: keep the START of each completion.
+- `max_length` (prompt + longest completion): a prompt that alone needs
+  `max_length` tokens or more is a bad row ("prompt_too_long"). Otherwise
+  `truncation_mode="keep_start"` cuts the completions' ends; `"keep_end"` first
+  drops tokens from the prompt's start (keeping at least one), then cuts the
+  completions' ends if still too long. Chosen and rejected keep one shared
+  prompt, so the prefix-shared layout stays exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dpo_jax.data.errors import DataError, RejectLog
+from dpo_jax.data.formats import Example, PreferenceExample
+
+CACHE_VERSION = 1
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Length limits and truncation; part of the cache key."""
+
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    truncation_mode: str = "keep_end"
+    add_eos: bool = True
+
+    def __post_init__(self):
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(
+                f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}"
+            )
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be positive, got {v}")
+
+
+class Ragged:
+    """Variable-length int32 sequences stored flat with offsets (cheap to save and slice)."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        self.values = np.asarray(values, np.int32)
+        self.offsets = np.asarray(offsets, np.int64)
+
+    @classmethod
+    def from_lists(cls, seqs: Sequence[Sequence[int]]) -> Ragged:
+        """Build from a list of id lists."""
+        lengths = np.array([len(s) for s in seqs], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        values = (
+            np.concatenate([np.asarray(s, np.int32) for s in seqs])
+            if len(seqs)
+            else np.zeros(0, np.int32)
+        )
+        return cls(values, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Length of every sequence."""
+        return np.diff(self.offsets)
+
+
+class TokenizedDataset:
+    """Token ids per example, random access; `kind` is 'paired' or 'unpaired'.
+
+    Paired items: {"prompt", "chosen", "rejected"} int32 arrays (+ "ref_chosen",
+    "ref_rejected" floats when precomputed). Unpaired items: {"prompt",
+    "completion"} arrays, "label" int (+ "ref").
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        ragged: dict[str, Ragged],
+        dense: dict[str, np.ndarray],
+        stats: dict[str, Any] | None = None,
+    ):
+        if kind not in ("paired", "unpaired"):
+            raise ValueError(f"kind must be 'paired' or 'unpaired', got {kind!r}")
+        self.kind = kind
+        self.ragged = ragged
+        self.dense = dense
+        self.stats = dict(stats or {})
+
+    def __len__(self) -> int:
+        return len(self.ragged["prompt"])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {k: r[i] for k, r in self.ragged.items()}
+        item.update({k: v[i] for k, v in self.dense.items()})
+        return item
+
+    @property
+    def completion_keys(self) -> tuple[str, ...]:
+        """Names of the completion columns."""
+        return ("chosen", "rejected") if self.kind == "paired" else ("completion",)
+
+    def sequence_lengths(self) -> np.ndarray:
+        """Longest prompt+completion length per example (what padding must fit)."""
+        p = self.ragged["prompt"].lengths
+        return p + np.max([self.ragged[k].lengths for k in self.completion_keys], axis=0)
+
+    def save(self, path: str) -> None:
+        """Write to one .npz file (atomically)."""
+        arrays: dict[str, np.ndarray] = {}
+        for k, r in self.ragged.items():
+            arrays[f"ragged/{k}/values"] = r.values
+            arrays[f"ragged/{k}/offsets"] = r.offsets
+        for k, v in self.dense.items():
+            arrays[f"dense/{k}"] = v
+        arrays["meta"] = np.frombuffer(
+            json.dumps({"kind": self.kind, "stats": self.stats}).encode(), np.uint8
+        )
+        tmp = f"{path}.tmp.{os.getpid()}.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> TokenizedDataset:
+        """Read a file written by `save`."""
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            ragged, dense = {}, {}
+            for name in z.files:
+                parts = name.split("/")
+                if parts[0] == "ragged" and parts[2] == "values":
+                    ragged[parts[1]] = Ragged(z[name], z[f"ragged/{parts[1]}/offsets"])
+                elif parts[0] == "dense":
+                    dense[parts[1]] = z[name]
+        # Keep the column order stable (prompt first) regardless of npz ordering.
+        order = ["prompt", "chosen", "rejected", "completion"]
+        ragged = {k: ragged[k] for k in order if k in ragged}
+        return cls(meta["kind"], ragged, dense, meta["stats"])
+
+
+# ----------------------------------------------------------------------------- core
+
+
+def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return list(tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def completion_ids(
+    prompt_ids: Sequence[int], full_ids: Sequence[int], eos_id: int | None
+) -> tuple[list[int], bool]:
+    """TRL split: full[len(prompt):] (+ eos); also whether prompt ids were a prefix."""
+    n = len(prompt_ids)
+    prefix_ok = list(full_ids[:n]) == list(prompt_ids)
+    comp = list(full_ids[n:])
+    if eos_id is not None and (not comp or comp[-1] != eos_id):
+        comp.append(eos_id)
+    return comp, prefix_ok
+
+
+def truncate(
+    prompt: list[int], completions: list[list[int]], settings: TokenizeSettings
+) -> tuple[list[int], list[list[int]]]:
+    """Apply the length limits described in the module docstring."""
+    s = settings
+    if s.max_prompt_length is not None and len(prompt) > s.max_prompt_length:
+        prompt = prompt[len(prompt) - s.max_prompt_length :]
+    if s.max_completion_length is not None:
+        completions = [c[: s.max_completion_length] for c in completions]
+    if s.max_length is not None:
+        if len(prompt) >= s.max_length:
+            raise DataError(
+                f"prompt is {len(prompt)} tokens, leaving no room under max_length={s.max_length}"
+                " (set max_prompt_length to truncate prompts)",
+                reason="prompt_too_long",
+            )
+        overflow = len(prompt) + max(len(c) for c in completions) - s.max_length
+        if overflow > 0 and s.truncation_mode == "keep_end":
+            drop = min(overflow, len(prompt) - 1)
+            prompt = prompt[drop:]
+        room = s.max_length - len(prompt)
+        completions = [c[:room] for c in completions]
+    return prompt, completions
+
+
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    settings: TokenizeSettings = TokenizeSettings(),
+    rejects: RejectLog | None = None,
+) -> TokenizedDataset:
+    """Tokenize parsed examples (all paired or all unpaired) without caching."""
+    rejects = rejects or RejectLog()
+    if not examples:
+        raise ValueError("no examples to tokenize")
+    paired = isinstance(examples[0], PreferenceExample)
+    keys = ("chosen", "rejected") if paired else ("completion",)
+    eos_id = tokenizer.eos_token_id if settings.add_eos else None
+    if settings.add_eos and eos_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; set add_eos=False or give it one")
+
+    # Batch-encode per special-token mode: chat-rendered text already holds them.
+    prompt_ids: list[list[int]] = [[] for _ in examples]
+    full_ids: dict[str, list[list[int]]] = {k: [[] for _ in examples] for k in keys}
+    for chat in (False, True):
+        idx = [i for i, ex in enumerate(examples) if ex.chat == chat]
+        if not idx:
+            continue
+        for i, ids in zip(
+            idx, _encode(tokenizer, [examples[i].prompt for i in idx], not chat), strict=True
+        ):
+            prompt_ids[i] = ids
+        for k in keys:
+            texts = [examples[i].prompt + getattr(examples[i], k) for i in idx]
+            for i, ids in zip(idx, _encode(tokenizer, texts, not chat), strict=True):
+                full_ids[k][i] = ids
+
+    cols: dict[str, list] = {k: [] for k in ("prompt", *keys)}
+    dense: dict[str, list] = (
+        {"ref_chosen": [], "ref_rejected": []} if paired else {"label": [], "ref": []}
+    )
+    mismatches = 0
+    for i, ex in enumerate(examples):
+        comps = []
+        for k in keys:
+            comp, ok = completion_ids(prompt_ids[i], full_ids[k][i], eos_id)
+            mismatches += not ok
+            comps.append(comp)
+        try:
+            if not prompt_ids[i]:
+                raise DataError(
+                    "prompt tokenizes to no tokens, so the first completion token has no context",
+                    reason="empty_prompt",
+                )
+            p, comps = truncate(prompt_ids[i], comps, settings)
+        except DataError as e:
+            rejects.handle(e.located(ex.source or "<examples>", ex.line), dataclasses.asdict(ex))
+            continue
+        cols["prompt"].append(p)
+        for k, c in zip(keys, comps, strict=True):
+            cols[k].append(c)
+        if paired:
+            dense["ref_chosen"].append(ex.ref_chosen_logp)
+            dense["ref_rejected"].append(ex.ref_rejected_logp)
+        else:
+            dense["label"].append(int(ex.label))
+            dense["ref"].append(ex.ref_logp)
+
+    if mismatches:
+        warnings.warn(
+            f"{mismatches} completion(s): tok(prompt) is not a prefix of tok(prompt + completion);"
+            " completion ids were taken after len(tok(prompt)) as TRL does",
+            stacklevel=2,
+        )
+    dense_arrays: dict[str, np.ndarray] = {}
+    for k, vals in dense.items():
+        if k == "label":
+            dense_arrays[k] = np.asarray(vals, np.int32)
+        elif vals and all(v is not None for v in vals):
+            dense_arrays[k] = np.asarray(vals, np.float32)
+        elif any(v is not None for v in vals):
+            raise ValueError(f"reference log-probs ({k}) are present on some rows only")
+    stats = {"num_examples": len(cols["prompt"]), "prefix_mismatches": mismatches}
+    return TokenizedDataset(
+        "paired" if paired else "unpaired",
+        {k: Ragged.from_lists(v) for k, v in cols.items()},
+        dense_arrays,
+        stats,
+    )
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of everything about a tokenizer that can change token ids."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = {
+        "class": type(tokenizer).__name__,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "eos": tokenizer.eos_token_id,
+        "bos": getattr(tokenizer, "bos_token_id", None),
+        "special": sorted(map(str, getattr(tokenizer, "all_special_tokens", []))),
+        "add_bos": getattr(tokenizer, "add_bos_token", None),
+    }
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """Hash of the parsed examples (content, labels, reference values, origin)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(dataclasses.asdict(ex), sort_keys=True).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def cache_key(tokenizer: Any, examples: Sequence[Example], settings: TokenizeSettings) -> str:
+    """The cache key: (tokenizer, data, settings, cache format version)."""
+    parts = {
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": examples_fingerprint(examples),
+        "settings": dataclasses.asdict(settings),
+        "version": CACHE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def tokenize_cached(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    settings: TokenizeSettings = TokenizeSettings(),
+    rejects: RejectLog | None = None,
+    cache_dir: str | None = None,
+) -> TokenizedDataset:
+    """`tokenize_examples` with a disk cache; a hit skips tokenization entirely.
+
+    Rows rejected while tokenizing are stored with the cache and replayed into
+    `rejects` on a hit, so skip/raise behaviour is the same either way.
+    """
+    rejects = rejects or RejectLog()
+    if cache_dir is None:
+        return tokenize_examples(examples, tokenizer, settings, rejects)
+    key = cache_key(tokenizer, examples, settings)
+    path = os.path.join(cache_dir, f"tokenized-{key}.npz")
+    if os.path.exists(path):
+        ds = TokenizedDataset.load(path)
+        for rec in ds.stats.get("rejects", []):
+            rejects.handle(
+                DataError(
+                    rec["problem"], source=rec["source"], line=rec["line"], reason=rec["reason"]
+                ),
+                rec["row"],
+            )
+        ds.stats["from_cache"] = True
+        return ds
+    # Collect this stage's rejects separately so the cache can replay them.
+    local = RejectLog(skip_bad_rows=True)
+    ds = tokenize_examples(examples, tokenizer, settings, local)
+    for rec in local.rejects:
+        rejects.handle(
+            DataError(rec["problem"], source=rec["source"], line=rec["line"], reason=rec["reason"]),
+            rec["row"],
+        )
+    ds.stats["rejects"] = local.rejects
+    os.makedirs(cache_dir, exist_ok=True)
+    ds.save(path)
+    ds.stats["from_cache"] = False
+    return ds
