@@ -1,0 +1,31 @@
+"""Decoder-only transformer models and Hugging Face import/export.
+
+Public API (see docs/CONTRACTS.md): `ModelConfig`, `Transformer`, `init_params`,
+`logical_axes`, `init_cache`, `load_hf`, `save_hf`, `config_from_hf`,
+`config_to_hf`.
+"""
+
+from dpo_jax.models.config import FAMILY_SWITCHES, ModelConfig, RopeScaling, gpt2_small
+from dpo_jax.models.transformer import (
+    Transformer,
+    abstract_params,
+    attention_mask,
+    init_cache,
+    init_params,
+    logical_axes,
+    param_count,
+)
+
+__all__ = [
+    "FAMILY_SWITCHES",
+    "ModelConfig",
+    "RopeScaling",
+    "Transformer",
+    "abstract_params",
+    "attention_mask",
+    "gpt2_small",
+    "init_cache",
+    "init_params",
+    "logical_axes",
+    "param_count",
+]

@@ -1,0 +1,289 @@
+"""Model configuration: one frozen dataclass with per-family switches.
+
+A single `ModelConfig` describes every supported decoder-only family (GPT-2,
+GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2, Qwen3). The `Transformer` module
+reads only these switches, never `model_type`; `model_type` matters only for
+Hugging Face import/export (`dpo_jax.models.hf`).
+
+The dataclass is frozen and hashable so it can be a static argument of
+`jax.jit` and a field of a Flax module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+NormType = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu_new", "gelu", "silu", "relu"]
+PositionEmbedding = Literal["learned", "rope"]
+RematPolicy = Literal["none", "block", "dots_saveable"]
+AttentionImpl = Literal["xla", "cudnn", "auto"]
+
+_NORMS = ("layernorm", "rmsnorm")
+_ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
+_POSITIONS = ("learned", "rope")
+_REMATS = ("none", "block", "dots_saveable")
+_ATTN_IMPLS = ("xla", "cudnn", "auto")
+_ROPE_TYPES = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, as in Hugging Face `rope_parameters`.
+
+    `rope_type="linear"` divides every inverse frequency by `factor`.
+    `rope_type="llama3"` (Llama 3.1+) divides only the low frequencies by
+    `factor` and interpolates smoothly between `high_freq_factor` and
+    `low_freq_factor` wavelengths of `original_max_position_embeddings`.
+    """
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in _ROPE_TYPES:
+            raise ValueError(
+                f"RopeScaling.rope_type={self.rope_type!r} is not supported; "
+                f"choose one of {_ROPE_TYPES}"
+            )
+        if self.factor <= 0:
+            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                "RopeScaling: llama3 needs high_freq_factor > low_freq_factor, got "
+                f"{self.high_freq_factor} <= {self.low_freq_factor}"
+            )
+
+
+def _dtype_name(value: Any, field: str) -> str:
+    """Normalises a dtype given as a string, numpy or jnp type to its name."""
+    try:
+        return jnp.dtype(value).name
+    except TypeError as e:
+        raise ValueError(f"ModelConfig.{field}={value!r} is not a dtype") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every switch the decoder-only `Transformer` understands.
+
+    Sizes: `head_dim` defaults to hidden_size // num_heads, `num_kv_heads` to
+    `num_heads` (multi-head attention; fewer = grouped-query attention), and
+    `intermediate_size` to 4 * hidden_size.
+
+    Dtypes are stored as names ("float32", "bfloat16"): `dtype` is the compute
+    dtype, `param_dtype` the storage dtype of parameters.
+    """
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 4096
+
+    norm_type: NormType = "rmsnorm"
+    norm_eps: float = 1e-6
+    activation: Activation = "silu"
+    gated_mlp: bool = True
+
+    position_embedding: PositionEmbedding = "rope"
+    rope_theta: float = 10000.0
+    rotary_pct: float = 1.0  # fraction of head_dim that is rotated (NeoX partial rotary)
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # Mistral: a token sees at most this many positions back
+
+    parallel_residual: bool = False  # NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before RoPE
+    tie_word_embeddings: bool = False
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    logits_fp32: bool = True  # unembedding accumulates and returns float32 logits
+    remat: RematPolicy = "none"
+    scan_layers: bool = False
+    attention_impl: AttentionImpl = "xla"
+    init_std: float = 0.02
+
+    # Token ids carried through Hugging Face import/export (None = unknown).
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("dtype", _dtype_name(self.dtype, "dtype"))
+        set_("param_dtype", _dtype_name(self.param_dtype, "param_dtype"))
+        if self.num_kv_heads is None:
+            set_("num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"ModelConfig: hidden_size={self.hidden_size} is not divisible by "
+                    f"num_heads={self.num_heads}; pass head_dim explicitly"
+                )
+            set_("head_dim", self.hidden_size // self.num_heads)
+        if self.intermediate_size is None:
+            set_("intermediate_size", 4 * self.hidden_size)
+        if isinstance(self.rope_scaling, dict):
+            set_("rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            set_("eos_token_id", tuple(self.eos_token_id))
+        self._validate()
+
+    def _validate(self) -> None:
+        choices = {
+            "norm_type": _NORMS,
+            "activation": _ACTIVATIONS,
+            "position_embedding": _POSITIONS,
+            "remat": _REMATS,
+            "attention_impl": _ATTN_IMPLS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"ModelConfig.{name}={getattr(self, name)!r} is not supported; "
+                    f"choose one of {allowed}"
+                )
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig: num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if not 0.0 < self.rotary_pct <= 1.0:
+            raise ValueError(f"ModelConfig.rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        if self.position_embedding == "rope" and self.rotary_dim % 2:
+            raise ValueError(
+                f"ModelConfig: rotary dim int(head_dim * rotary_pct) = {self.rotary_dim} must be even"
+            )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be > 0, got {self.sliding_window}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading head dims that RoPE rotates (HF: int(head_dim * pct))."""
+        return int(self.head_dim * self.rotary_pct)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """Returns a copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (inverse of `ModelConfig.from_dict`)."""
+        d = dataclasses.asdict(self)
+        if isinstance(d["eos_token_id"], tuple):
+            d["eos_token_id"] = list(d["eos_token_id"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Builds a config from `to_dict` output; unknown keys are an error."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"ModelConfig.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def for_family(cls, model_type: str, **overrides: Any) -> ModelConfig:
+        """Family switches of `model_type` (see FAMILY_SWITCHES) plus overrides."""
+        if model_type not in FAMILY_SWITCHES:
+            raise ValueError(
+                f"unknown model_type {model_type!r}; supported: {sorted(FAMILY_SWITCHES)}"
+            )
+        return cls(**{"model_type": model_type, **FAMILY_SWITCHES[model_type], **overrides})
+
+    @classmethod
+    def tiny(cls, model_type: str = "llama", **overrides: Any) -> ModelConfig:
+        """A tiny model of the given family for tests and smoke runs."""
+        sizes: dict[str, Any] = dict(
+            vocab_size=256,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2 if FAMILY_SWITCHES.get(model_type, {}).get("gated_mlp") else None,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
+        return cls.for_family(model_type, **{**sizes, **overrides})
+
+    @classmethod
+    def gpt2_small(cls, **overrides: Any) -> ModelConfig:
+        """GPT-2 small (124M parameters)."""
+        return gpt2_small(**overrides)
+
+
+# Per-family architecture switches (sizes come from the checkpoint or the caller).
+FAMILY_SWITCHES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(
+        norm_type="layernorm",
+        norm_eps=1e-5,
+        activation="gelu_new",
+        gated_mlp=False,
+        position_embedding="learned",
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    ),
+    "gpt_neox": dict(
+        norm_type="layernorm",
+        norm_eps=1e-5,
+        activation="gelu",
+        gated_mlp=False,
+        position_embedding="rope",
+        rotary_pct=0.25,
+        parallel_residual=True,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    ),
+    "llama": dict(norm_type="rmsnorm", norm_eps=1e-6, activation="silu", gated_mlp=True),
+    "mistral": dict(norm_type="rmsnorm", norm_eps=1e-6, activation="silu", gated_mlp=True),
+    "qwen2": dict(
+        norm_type="rmsnorm",
+        norm_eps=1e-6,
+        activation="silu",
+        gated_mlp=True,
+        qkv_bias=True,
+        rope_theta=1000000.0,
+    ),
+    "qwen3": dict(
+        norm_type="rmsnorm",
+        norm_eps=1e-6,
+        activation="silu",
+        gated_mlp=True,
+        qk_norm=True,
+        rope_theta=1000000.0,
+    ),
+}
+
+
+def gpt2_small(**overrides: Any) -> ModelConfig:
+    """GPT-2 small: 12 layers, width 768, 12 heads, 50257 tokens, 1024 positions."""
+    sizes: dict[str, Any] = dict(
+        vocab_size=50257,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=1024,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    return ModelConfig.for_family("gpt2", **{**sizes, **overrides})
