@@ -1,0 +1,639 @@
+"""Preference training: setup, the loop, the Python API and `dpo-jax train`.
+
+    result = dpo_jax.train.train(config)          # config: ml_collections ConfigDict
+    result.state, result.history, result.eval_history
+
+`config` follows `dpo_jax/configs/default.py`. From a notebook, `train(config,
+train_data=..., eval_data=...)` also accepts iterables of host micro-batches (dicts of
+numpy arrays, docs/CONTRACTS.md "Batches"), and a loss registered in the notebook with
+`@losses.register("mine")` is used by setting `config.loss.name = "mine"`.
+
+The pure jitted step lives in `dpo_jax.train_step`; this module owns everything with
+side effects: the mesh, placing state and batches on it, metrics, evaluation,
+checkpoint hooks (`checkpointer.restore_or_none / maybe_save / close`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from dpo_jax import losses, models, optim, sharding
+from dpo_jax.metrics import MetricsWriter, Progress, Throughput, mean_metrics, to_python
+from dpo_jax.train_step import StepConfig, TrainState, eval_step, init_state, train_step
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "config.json"
+Batch = dict[str, np.ndarray]
+
+# Keys of a host micro-batch that the jitted step reads; others (the loader's `step`)
+# stay on the host.
+BATCH_KEYS = (
+    "input_ids", "positions", "segment_ids", "attn_mask", "sequence_index", "ref_logps", "labels",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------ batches
+
+
+def stack_micro_batches(micro_batches: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Batch:
+    """Stack `A` host micro-batches on a new leading axis (padding lengths to the max).
+
+    Padding uses segment 0 / sequence_index -1 (and a self-attending diagonal in
+    `attn_mask`), so it changes no number; see `dpo_jax.data.stack_micro_batches`.
+    """
+    from dpo_jax import data
+
+    if not micro_batches:
+        raise ValueError("stack_micro_batches: no micro-batches")
+    kept = [{k: np.asarray(v) for k, v in mb.items() if k in BATCH_KEYS} for mb in micro_batches]
+    return data.stack_micro_batches(kept, pad_id)
+
+
+def batch_num_sequences(batch_A: Mapping[str, Any], layout: str = "stacked") -> int:
+    """2B of one micro-batch of a stacked `[A, ...]` batch (static for the jitted step)."""
+    if "ref_logps" in batch_A:
+        return int(np.shape(batch_A["ref_logps"])[-1])
+    if "labels" in batch_A:
+        return 2 * int(np.shape(batch_A["labels"])[-1])
+    if layout == "stacked":
+        return int(np.shape(batch_A["input_ids"])[1])
+    # Packed rows: one past the largest sequence index (padding sequences count too,
+    # the loader numbers every slot).
+    return int(np.max(batch_A["sequence_index"])) + 1
+
+
+def count_tokens(batch: Mapping[str, Any]) -> int:
+    """Non-padding tokens of a host batch (for tokens_per_second)."""
+    return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
+
+
+# ------------------------------------------------------------------------ setup
+
+
+def resolve_reference_mode(mode: str, loss_name: str, data_has_ref_logps: bool) -> str:
+    """The reference mode the step runs with ("frozen" | "precomputed" | "none")."""
+    if not losses.needs_reference(loss_name):
+        return "none"
+    if mode == "auto":
+        return "precomputed" if data_has_ref_logps else "frozen"
+    if mode == "cache":
+        return "precomputed"
+    if mode == "none":
+        raise ValueError(f"loss {loss_name!r} needs reference log-probs; reference.mode='none'")
+    if mode == "precomputed" and not data_has_ref_logps:
+        raise ValueError(
+            "reference.mode='precomputed' but the training batches carry no 'ref_logps' "
+            "(write them with `dpo-jax ref-logps` or use reference.mode='cache')"
+        )
+    if mode not in ("frozen", "precomputed"):
+        raise ValueError(f"unknown reference.mode {mode!r}")
+    return mode
+
+
+def make_mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
+    """Mesh from `config.mesh` (after `jax.distributed` if multi-host)."""
+    m = config.mesh
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor)
+
+
+def state_shardings(state_shapes: TrainState, logical: Any, mesh: Mesh) -> TrainState:
+    """NamedShardings for every field of a (possibly abstract) TrainState."""
+    param_sh = sharding.tree_shardings(logical, state_shapes.params, mesh)
+    repl = sharding.replicated(mesh)
+    return TrainState(
+        step=repl,
+        params=param_sh,
+        opt_state=sharding.opt_state_shardings(
+            state_shapes.opt_state, state_shapes.params, param_sh, mesh
+        ),
+        ref_params=None if state_shapes.ref_params is None else param_sh,
+        rng=repl,
+        skipped_steps=repl,
+    )
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A compiled train/eval step bound to a mesh and the state's shardings.
+
+    `step(state, host_batch_A)` places the batch on the mesh and runs the jitted step;
+    the loop, a notebook or a test can drive it directly.
+    """
+
+    mesh: Mesh
+    model_config: models.ModelConfig
+    step_config: StepConfig
+    shardings: TrainState
+    _train_fns: dict = dataclasses.field(default_factory=dict)
+    _eval_fns: dict = dataclasses.field(default_factory=dict)
+
+    def _context(self):
+        # Linen's activation constraints resolve logical names through these rules.
+        return _MeshRules(self.mesh)
+
+    def place_batch(self, batch_A: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Put a host `[A, ...]` batch on the mesh (this host's slice when multi-host)."""
+        return sharding.shard_batch(dict(batch_A), self.mesh, micro_axis=True)
+
+    def _compiled(
+        self, table: dict, fn: Callable, batch: Mapping[str, Any], n_seq: int, train: bool
+    ):
+        batch_sh = sharding.batch_sharding(dict(batch), self.mesh, micro_axis=True)
+        key = (n_seq, tuple(sorted((k, s.spec) for k, s in batch_sh.items())))
+        if key not in table:
+            step_fn = lambda state, b: fn(state, b, self.step_config, n_seq)
+            repl = sharding.replicated(self.mesh)
+            if train:
+                table[key] = jax.jit(
+                    step_fn,
+                    in_shardings=(self.shardings, batch_sh),
+                    out_shardings=(self.shardings, repl),
+                    donate_argnums=(0,),
+                )
+            else:
+                table[key] = jax.jit(
+                    step_fn, in_shardings=(self.shardings, batch_sh), out_shardings=repl
+                )
+        return table[key]
+
+    def step(
+        self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int
+    ) -> tuple[TrainState, dict]:
+        """One optimizer update; `state` is donated (do not reuse it)."""
+        fn = self._compiled(self._train_fns, train_step, batch_A, n_seq, True)
+        with self._context():
+            return fn(state, self.place_batch(batch_A))
+
+    def evaluate(self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int) -> dict:
+        """Loss and metrics without an update."""
+        fn = self._compiled(self._eval_fns, eval_step, batch_A, n_seq, False)
+        with self._context():
+            return fn(state, self.place_batch(batch_A))
+
+
+class _MeshRules:
+    """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(LOGICAL_AXIS_RULES)` as one context."""
+
+    def __init__(self, mesh: Mesh):
+        self._mesh_ctx = jax.set_mesh(mesh)
+        self._rules_ctx = nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
+
+    def __enter__(self) -> None:
+        self._mesh_ctx.__enter__()
+        self._rules_ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._rules_ctx.__exit__(*exc)
+        self._mesh_ctx.__exit__(*exc)
+
+
+def build_trainer(
+    model_config: models.ModelConfig,
+    params: Any,
+    *,
+    mesh: Mesh,
+    loss_name: str,
+    loss_hyper: Mapping[str, Any],
+    optim_config: Mapping[str, Any],
+    total_steps: int,
+    reference: str,
+    seed: int = 0,
+    ref_params: Any = None,
+    nan_policy: str = "stop",
+    logps_chunk_size: int = 0,
+    ref_model_sync_steps: int = 0,
+    ref_model_mixup_alpha: float = 0.6,
+) -> tuple[Trainer, TrainState]:
+    """A Trainer and its initial, sharded state (policy = `params`).
+
+    `ref_params` defaults to a copy of `params` when `reference == "frozen"`.
+    """
+    logical = models.logical_axes(model_config)
+    optimizer, schedule = optim.make_optimizer(optim_config, total_steps, params, logical)
+    with_ref = reference == "frozen"
+    abstract = jax.eval_shape(
+        lambda p: init_state(p, optimizer, jax.random.key(0), with_ref), params
+    )
+    shard = state_shardings(abstract, logical, mesh)
+    step_config = StepConfig(
+        apply_fn=models.Transformer(model_config).apply,
+        optimizer=optimizer,
+        schedule=schedule,
+        loss_name=loss_name,
+        loss_hyper=dict(loss_hyper),
+        reference=reference,
+        nan_policy=nan_policy,
+        logps_chunk_size=logps_chunk_size,
+        ref_model_sync_steps=ref_model_sync_steps,
+        ref_model_mixup_alpha=ref_model_mixup_alpha,
+        grad_shardings=shard.params,
+    )
+    params = jax.device_put(params, shard.params)
+    if with_ref:
+        ref = params if ref_params is None else ref_params
+        ref_params = jax.device_put(jax.tree.map(jnp.copy, ref), shard.params)
+
+    def make_state(p: Any, r: Any) -> TrainState:
+        s = init_state(p, optimizer, jax.random.key(seed), with_reference=False)
+        return s.replace(ref_params=r)
+
+    with _MeshRules(mesh):
+        state = jax.jit(make_state, out_shardings=shard)(params, ref_params if with_ref else None)
+    return Trainer(mesh, model_config, step_config, shard), state
+
+
+def checkpointable(state: TrainState, step_config: StepConfig) -> TrainState:
+    """The part of the state a checkpoint holds.
+
+    A frozen reference that never moves is the initial policy (or another loadable
+    checkpoint) and is rebuilt on resume, so it is dropped; a TR-DPO reference moves
+    and is kept.
+    """
+    if step_config.ref_model_sync_steps > 0:
+        return state
+    return state.replace(ref_params=None)
+
+
+def abstract_checkpointable(trainer: Trainer, state: TrainState) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of `checkpointable(state)`, for restore."""
+    part = checkpointable(state, trainer.step_config)
+    shard = checkpointable(trainer.shardings, trainer.step_config)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), part, shard
+    )
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step produced a NaN/Inf loss or gradient under nan_policy='stop'."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns: the final state and the metric rows it logged."""
+
+    state: TrainState
+    history: list[dict[str, Any]]
+    eval_history: list[dict[str, Any]]
+    run_dir: Path | None
+    trainer: Trainer
+
+
+def _group(iterator: Iterator[Mapping[str, Any]], size: int) -> Batch | None:
+    micro = []
+    for mb in iterator:
+        micro.append(mb)
+        if len(micro) == size:
+            return stack_micro_batches(micro)
+    return None
+
+
+def evaluate(
+    trainer: Trainer,
+    state: TrainState,
+    batches: Iterable[Mapping[str, Any]],
+    layout: str = "stacked",
+) -> dict[str, float]:
+    """Mean loss/metrics over held-out micro-batches, keys prefixed `eval/`."""
+    rows = []
+    for mb in batches:
+        batch_A = stack_micro_batches([mb])
+        metrics = trainer.evaluate(state, batch_A, batch_num_sequences(batch_A, layout))
+        rows.append(jax.device_get(metrics))
+    if not rows:
+        raise ValueError("evaluation data is empty")
+    return {f"eval/{k}": v for k, v in mean_metrics(rows).items()}
+
+
+def run_loop(
+    trainer: Trainer,
+    state: TrainState,
+    train_batches: Iterable[Mapping[str, Any]],
+    *,
+    num_steps: int,
+    grad_accum_steps: int = 1,
+    layout: str = "stacked",
+    eval_batches: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+    eval_every: int = 0,
+    log_every: int = 10,
+    steps_per_epoch: float | None = None,
+    writer: MetricsWriter | None = None,
+    progress: Progress | None = None,
+    checkpointer: Any = None,
+    data_state: Callable[[], Any] | None = None,
+    start_step: int = 0,
+) -> tuple[TrainState, list[dict], list[dict]]:
+    """Drive `trainer.step` for steps `start_step+1 .. num_steps`; log, evaluate, save.
+
+    Metrics are fetched from the device only every `log_every` steps (and at the end),
+    so dispatch runs ahead of the host. Under nan_policy='stop' a non-finite step
+    raises NonFiniteLossError naming it (the state still holds the last good params).
+    """
+    history: list[dict] = []
+    eval_history: list[dict] = []
+    pending: list[tuple[int, dict, float]] = []
+    throughput = Throughput()
+    iterator = iter(train_batches)
+    nan_stop = trainer.step_config.nan_policy == "stop"
+
+    def flush() -> None:
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m, _ in pending])
+        rate = throughput.rate()
+        for (step, _, tokens), metrics in zip(pending, fetched, strict=True):
+            row = {k: to_python(v) for k, v in metrics.items()}
+            if nan_stop and row.get("nonfinite"):
+                raise NonFiniteLossError(
+                    f"step {step}: non-finite loss or gradient (loss={row.get('loss')}, "
+                    f"grad_norm={row.get('grad_norm')}); the update was not applied. "
+                    "Set train.nan_policy='skip' to skip such steps instead."
+                )
+            row["tokens_per_second"] = rate
+            row["num_tokens"] = tokens
+            if steps_per_epoch:
+                row["epoch"] = step / steps_per_epoch
+            row["step"] = step
+            history.append(row)
+            if writer is not None:
+                writer.write(step, row)
+        if progress is not None:
+            progress.update(pending[-1][0], history[-1])
+        pending.clear()
+
+    def run_eval(step: int) -> None:
+        if eval_batches is None:
+            return
+        row = evaluate(trainer, state, eval_batches(), layout)
+        row["step"] = step
+        eval_history.append(row)
+        if writer is not None:
+            writer.write(step, row)
+        if progress is not None:
+            progress.write(
+                f"step {step}: eval loss {row.get('eval/loss', float('nan')):.4f} "
+                f"acc {row.get('eval/rewards/accuracies', float('nan')):.3f}"
+            )
+
+    for step in range(start_step + 1, num_steps + 1):
+        batch_A = _group(iterator, grad_accum_steps)
+        if batch_A is None:
+            log.warning("training data ran out after %d steps", step - 1)
+            break
+        tokens = count_tokens(batch_A)
+        throughput.add(tokens)
+        state, metrics = trainer.step(state, batch_A, batch_num_sequences(batch_A, layout))
+        pending.append((step, metrics, tokens))
+        if step % max(log_every, 1) == 0 or step == num_steps:
+            flush()
+        if eval_every and step % eval_every == 0 and step != num_steps:
+            flush()
+            run_eval(step)
+        if checkpointer is not None:
+            data = data_state() if data_state is not None else None
+            extra = {"skipped_steps": int(jax.device_get(state.skipped_steps))}
+            cstate = checkpointable(state, trainer.step_config)
+            checkpointer.maybe_save(step, cstate, data, extra=extra)
+            if getattr(checkpointer, "preempted", False):
+                flush()
+                checkpointer.maybe_save(step, cstate, data, extra=extra, force=True)
+                log.warning("preempted: saved step %d and stopped", step)
+                return state, history, eval_history
+    flush()
+    last = int(jax.device_get(state.step))
+    run_eval(last)
+    if checkpointer is not None:
+        data = data_state() if data_state is not None else None
+        extra = {"skipped_steps": int(jax.device_get(state.skipped_steps))}
+        checkpointer.maybe_save(
+            last, checkpointable(state, trainer.step_config), data, extra=extra, force=True
+        )
+    return state, history, eval_history
+
+
+# ------------------------------------------------------------------------ config-driven
+
+
+def save_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
+    """Write the run's config as JSON next to its metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2, default=str))
+
+
+def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelConfig, Any]:
+    from dpo_jax.models import hf  # lazy: safetensors I/O only when loading a checkpoint
+
+    path = config.model.path
+    if not path:
+        raise ValueError("config.model.path is empty: point it at a Hugging Face model directory")
+    model_cfg, params = hf.load_hf(
+        path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+    )
+    changes = {}
+    if config.model.remat:
+        changes["remat"] = config.model.remat
+    if config.model.scan_layers != model_cfg.scan_layers:
+        changes["scan_layers"] = config.model.scan_layers
+    if changes:
+        model_cfg = dataclasses.replace(model_cfg, **changes)
+    return model_cfg, params
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    *,
+    train_data: Iterable[Mapping[str, Any]] | None = None,
+    eval_data: Iterable[Mapping[str, Any]]
+    | Callable[[], Iterable[Mapping[str, Any]]]
+    | None = None,
+    model_config: models.ModelConfig | None = None,
+    params: Any = None,
+    ref_params: Any = None,
+    checkpointer: Any = None,
+    mesh: Mesh | None = None,
+) -> TrainResult:
+    """Train a policy as `config` says; returns the final state and metric history.
+
+    `train_data`/`eval_data` (iterables of host micro-batches) and `model_config` +
+    `params` override what the config would load, for notebooks and tests. With
+    `train_data` given, `config.num_steps` must be set.
+    """
+    config = ml_collections.ConfigDict(config)  # never mutate the caller's object
+    sharding.maybe_initialize_distributed(config.mesh.multihost)
+    mesh = mesh or make_mesh_from_config(config)
+    if model_config is None or params is None:
+        model_config, params = _model_from_config(config)
+    loss_name = config.loss.name
+    losses.get(loss_name)  # unknown names fail before any compilation
+    hyper = (
+        dict(config.loss.hyper.to_dict())
+        if hasattr(config.loss.hyper, "to_dict")
+        else dict(config.loss.hyper)
+    )
+
+    if train_data is None:
+        train_data, eval_data, steps_per_epoch = _load_data(config, model_config)
+    else:
+        steps_per_epoch = None
+    num_steps = int(config.num_steps)
+    if num_steps <= 0:
+        if not steps_per_epoch:
+            raise ValueError("config.num_steps must be > 0 when the data length is unknown")
+        num_steps = max(1, math.ceil(steps_per_epoch * float(config.num_epochs)))
+
+    first_iter = iter(train_data)
+    first = next(first_iter, None)
+    if first is None:
+        raise ValueError("training data is empty")
+    train_iter = _chain_first(first, first_iter)
+    reference = resolve_reference_mode(config.reference.mode, loss_name, "ref_logps" in first)
+    if reference == "frozen" and ref_params is None and config.reference.path:
+        from dpo_jax.models import hf
+
+        _, ref_params = hf.load_hf(
+            config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+        )
+
+    trainer, state = build_trainer(
+        model_config,
+        params,
+        mesh=mesh,
+        loss_name=loss_name,
+        loss_hyper=hyper,
+        optim_config=config.optim.to_dict(),
+        total_steps=num_steps,
+        reference=reference,
+        seed=config.seed,
+        ref_params=ref_params,
+        nan_policy=config.train.nan_policy,
+        logps_chunk_size=config.train.logps_chunk_size,
+        ref_model_sync_steps=config.reference.ref_model_sync_steps,
+        ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
+    )
+    run_dir = Path(config.run_dir) if config.run_dir else None
+    is_main = jax.process_index() == 0
+    writer = None
+    if run_dir is not None:
+        if is_main:
+            save_config(config, run_dir)
+        writer = MetricsWriter(run_dir, tensorboard=config.train.tensorboard, enabled=is_main)
+
+    start_step = 0
+    if checkpointer is not None:
+        restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
+        if restored is not None:
+            state = _reattach_reference(restored.state, state)
+            start_step = int(restored.step)
+            if hasattr(train_data, "set_state") and restored.data_state is not None:
+                train_data.set_state(restored.data_state)
+                train_iter = iter(train_data)
+
+    eval_fn = None
+    if eval_data is not None:
+        eval_fn = eval_data if callable(eval_data) else (lambda: eval_data)
+    progress = Progress(num_steps, start_step, enabled=config.train.progress and is_main)
+    try:
+        state, history, eval_history = run_loop(
+            trainer,
+            state,
+            train_iter,
+            num_steps=num_steps,
+            grad_accum_steps=config.grad_accum_steps,
+            layout=config.data.layout,
+            eval_batches=eval_fn,
+            eval_every=config.train.eval_every,
+            log_every=config.train.log_every,
+            steps_per_epoch=steps_per_epoch,
+            writer=writer,
+            progress=progress,
+            checkpointer=checkpointer,
+            data_state=getattr(train_data, "get_state", None),
+            start_step=start_step,
+        )
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    return TrainResult(state, history, eval_history, run_dir, trainer)
+
+
+def _reattach_reference(restored: TrainState, fresh: TrainState) -> TrainState:
+    if restored.ref_params is None and fresh.ref_params is not None:
+        return restored.replace(ref_params=fresh.ref_params)
+    return restored
+
+
+def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _load_data(config: ml_collections.ConfigDict, model_config: models.ModelConfig):
+    raise NotImplementedError("config-driven data loading is wired once dpo_jax.data lands")
+
+
+# ------------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`dpo-jax train --config FILE.py[:ARG] [--config.key=value ...]`."""
+    from dpo_jax import configs
+
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="config file (dpo_jax/configs/default.py[:ARG]); override fields with --config.KEY=VALUE",
+    )
+    original = parser.parse_known_args
+
+    def parse_known_args(args: Sequence[str] | None = None, namespace: Any = None):
+        # argparse rejects unknown `--config.a.b=v` flags, so pull them out first.
+        rest, overrides = configs.split_overrides(list(args or []))
+        ns, extra = original(rest, namespace)
+        ns.config_overrides = overrides
+        return ns, extra
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `dpo-jax train`."""
+    from dpo_jax import configs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = configs.load(args.config, getattr(args, "config_overrides", []))
+    t0 = time.perf_counter()
+    result = train(config)
+    last = result.history[-1] if result.history else {}
+    print(
+        json.dumps(
+            {
+                "steps": last.get("step"),
+                "loss": last.get("loss"),
+                "rewards/accuracies": last.get("rewards/accuracies"),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "run_dir": str(result.run_dir),
+            }
+        )
+    )
+    return 0
