@@ -53,6 +53,15 @@ NON_MATH_KEYS: tuple[str, ...] = (
     "checkpoint_*",
     "*_checkpoint",
     "force_resume",
+    "mesh",  # restore reshards onto any mesh
+    "multihost",
+    "nan_policy",  # switching stop -> skip after a NaN stop is the point of resuming
+    "logps_chunk_size",  # same math, less memory
+    "remat",
+    "progress",
+    "tensorboard",
+    "eval",
+    "num_eval_examples",
     "run_dir",
     "output_dir",
     "workdir",
@@ -424,7 +433,45 @@ class Checkpointer:
         """Same as receiving SIGTERM (for tests and for callers with their own signals)."""
         self._preempted.set()
 
+    @classmethod
+    def from_config(
+        cls, config: Any, *, model_config: Any = None, tokenizer: Any = None
+    ) -> Checkpointer:
+        """A Checkpointer for ``config.run_dir`` with options from ``config.checkpoint``.
+
+        Reads ``save_every``, ``keep_last`` (<= 0: keep all), ``keep_every``
+        (<= 0: off), ``async_save`` and ``force_resume`` where present.
+        """
+        section = config.get("checkpoint", None) or {}
+        get = section.get
+
+        def positive_or_none(value: Any) -> int | None:
+            return None if value is None or int(value) <= 0 else int(value)
+
+        options = CheckpointOptions(
+            save_every=int(get("save_every", 100)),
+            keep_last=positive_or_none(get("keep_last", 3)),
+            keep_every=positive_or_none(get("keep_every", None)),
+            async_save=bool(get("async_save", True)),
+            force_resume=bool(get("force_resume", False)),
+        )
+        if not config.get("run_dir", None):
+            raise ValueError("checkpointing needs config.run_dir")
+        return cls(
+            config["run_dir"],
+            options=options,
+            config=config,
+            model_config=model_config,
+            tokenizer=tokenizer,
+        )
+
     # -- saving
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``maybe_save(step, ...)`` will save (so the loop can flush metrics first)."""
+        return (int(step) % self.options.save_every == 0 or self._preempted.is_set()) and int(
+            step
+        ) not in self._manager.all_steps()
 
     def _save_tokenizer(self, tokenizer: Any) -> None:
         target = self.run_dir / TOKENIZER_SUBDIR
