@@ -1,0 +1,174 @@
+"""Tokenization follows TRL's boundary convention; truncation; the disk cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dpo_jax.data.tokenize as tokmod
+from dpo_jax.data.errors import DataError, RejectLog
+from dpo_jax.data.formats import PreferenceExample, UnpairedExample, parse_row
+from dpo_jax.data.sources import Row
+from dpo_jax.data.tokenize import TokenizeSettings, tokenize_cached, tokenize_examples
+from tests.test_data_helpers import tiny_tokenizer
+
+PAIRS = [
+    PreferenceExample("The sky is", " blue.", " green."),
+    PreferenceExample("Human: What is two plus two? Assistant:", " Four.", " Five, of course."),
+    PreferenceExample("Paris is the capital of", " France.", " Germany and more."),
+]
+
+
+def trl_reference(tok, prompt, completion, add_special_tokens=True):
+    """TRL's convention written directly with the tokenizer (the second code path)."""
+    p = tok(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    full = tok(prompt + completion, add_special_tokens=add_special_tokens)["input_ids"]
+    return list(p), list(full[len(p) :]) + [tok.eos_token_id]
+
+
+def test_bpe_matches_trl_convention():
+    tok = tiny_tokenizer()
+    ds = tokenize_examples(PAIRS, tok)
+    assert len(ds) == 3 and ds.kind == "paired"
+    for i, ex in enumerate(PAIRS):
+        item = ds[i]
+        p, c = trl_reference(tok, ex.prompt, ex.chosen)
+        _, r = trl_reference(tok, ex.prompt, ex.rejected)
+        assert item["prompt"].tolist() == p
+        assert item["chosen"].tolist() == c
+        assert item["rejected"].tolist() == r
+        # And the decoded sequence is the text itself plus eos.
+        assert tok.decode(p + c) == ex.prompt + ex.chosen + tok.eos_token
+    assert ds.stats["prefix_mismatches"] == 0
+
+
+def test_prefix_mismatch_is_counted_and_warned():
+    tok = tiny_tokenizer()
+    # A trailing space in the prompt merges with the next word in prompt+completion.
+    ex = PreferenceExample("the sky is ", "blue and the grass", "green and the sky")
+    p = tok(ex.prompt)["input_ids"]
+    full = tok(ex.prompt + ex.chosen)["input_ids"]
+    assert full[: len(p)] != p  # precondition: this really is a boundary merge
+    with pytest.warns(UserWarning, match=r"^2 completion\(s\): tok\(prompt\) is not a prefix"):
+        ds = tokenize_examples([ex], tok)
+    assert ds.stats["prefix_mismatches"] == 2
+    # TRL's rule is still applied: completion ids start at len(tok(prompt)).
+    assert ds[0]["chosen"].tolist() == full[len(p) :] + [tok.eos_token_id]
+
+
+def test_chat_template_matches_trl_convention():
+    tok = tiny_tokenizer(chat=True)
+    row = {
+        "prompt": [{"role": "user", "content": "Name a colour."}],
+        "chosen": [{"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "assistant", "content": "Seven is not a colour."}],
+    }
+    examples = parse_row(Row(row, "f.jsonl", 1), "auto", tok)
+    ds = tokenize_examples(examples, tok)
+    prompt_text = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    p, c = trl_reference(tok, prompt_text, "Blue.<|im_end|>\n", add_special_tokens=False)
+    _, r = trl_reference(tok, prompt_text, "Seven is not a colour.<|im_end|>\n", False)
+    assert ds[0]["prompt"].tolist() == p
+    assert ds[0]["chosen"].tolist() == c
+    assert ds[0]["rejected"].tolist() == r
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert p[0] == im_start and p.count(im_start) == 2  # special tokens kept as single ids
+
+
+def test_unpaired_tokenization():
+    tok = tiny_tokenizer()
+    exs = [
+        UnpairedExample("The sky is", " blue.", True),
+        UnpairedExample("The sky is", " red", False),
+    ]
+    ds = tokenize_examples(exs, tok)
+    assert ds.kind == "unpaired"
+    assert ds.dense["label"].tolist() == [1, 0]
+    p, c = trl_reference(tok, "The sky is", " red")
+    assert ds[1]["prompt"].tolist() == p and ds[1]["completion"].tolist() == c
+
+
+def _untruncated(tok, ex):
+    p, c = trl_reference(tok, ex.prompt, ex.chosen)
+    _, r = trl_reference(tok, ex.prompt, ex.rejected)
+    return p, c, r
+
+
+def test_prompt_and_completion_length_limits():
+    tok = tiny_tokenizer()
+    ex = PAIRS[1]
+    p, c, r = _untruncated(tok, ex)
+    ds = tokenize_examples(
+        [ex], tok, TokenizeSettings(max_prompt_length=4, max_completion_length=3)
+    )
+    assert ds[0]["prompt"].tolist() == p[-4:]  # the end of the prompt is kept
+    assert ds[0]["chosen"].tolist() == c[:3]
+    assert ds[0]["rejected"].tolist() == r[:3]
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_max_length_truncation_modes(mode):
+    tok = tiny_tokenizer()
+    ex = PAIRS[1]
+    p, c, r = _untruncated(tok, ex)
+    longest = max(len(c), len(r))
+    max_length = len(p) + longest - 5  # 5 tokens too long
+    assert len(p) > 6
+    ds = tokenize_examples([ex], tok, TokenizeSettings(max_length=max_length, truncation_mode=mode))
+    item = ds[0]
+    if mode == "keep_start":
+        room = max_length - len(p)
+        assert item["prompt"].tolist() == p
+        assert item["chosen"].tolist() == c[:room]
+        assert item["rejected"].tolist() == r[:room]
+    else:
+        assert item["prompt"].tolist() == p[5:]  # the prompt's start is dropped
+        assert item["chosen"].tolist() == c and item["rejected"].tolist() == r
+    assert len(item["prompt"]) + max(len(item["chosen"]), len(item["rejected"])) == max_length
+
+
+def test_prompt_longer_than_max_length_names_row():
+    tok = tiny_tokenizer()
+    ex = parse_row(Row({"prompt": PAIRS[1].prompt, "chosen": " a", "rejected": " b"}, "d.jsonl", 3))
+    n = len(tok(PAIRS[1].prompt)["input_ids"])
+    with pytest.raises(DataError, match=rf"^d.jsonl:3: prompt is {n} tokens, leaving no room"):
+        tokenize_examples(ex, tok, TokenizeSettings(max_length=n))
+
+
+def test_cache_hit_skips_tokenization(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    settings = TokenizeSettings(max_length=40)
+    first = tokenize_cached(PAIRS, tok, settings, cache_dir=str(tmp_path))
+    assert first.stats["from_cache"] is False
+    assert len(list(tmp_path.glob("tokenized-*.npz"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(tokmod, "tokenize_examples", boom)
+    second = tokenize_cached(PAIRS, tok, settings, cache_dir=str(tmp_path))
+    assert second.stats["from_cache"] is True
+    for i in range(len(PAIRS)):
+        for k in ("prompt", "chosen", "rejected"):
+            np.testing.assert_array_equal(first[i][k], second[i][k])
+    # Different settings or different data are different keys: they must tokenize.
+    with pytest.raises(AssertionError, match="tokenized again"):
+        tokenize_cached(PAIRS, tok, TokenizeSettings(max_length=41), cache_dir=str(tmp_path))
+    with pytest.raises(AssertionError, match="tokenized again"):
+        tokenize_cached(PAIRS[:2], tok, settings, cache_dir=str(tmp_path))
+
+
+def test_cache_replays_rejects(tmp_path):
+    tok = tiny_tokenizer()
+    exs = [*PAIRS, PreferenceExample(PAIRS[1].prompt * 3, " a", " b", source="x.jsonl", line=9)]
+    settings = TokenizeSettings(max_length=30)
+    log1 = RejectLog(skip_bad_rows=True)
+    ds1 = tokenize_cached(exs, tok, settings, log1, cache_dir=str(tmp_path))
+    log2 = RejectLog(skip_bad_rows=True)
+    ds2 = tokenize_cached(exs, tok, settings, log2, cache_dir=str(tmp_path))
+    assert ds2.stats["from_cache"] and len(ds1) == len(ds2) == 3
+    assert log1.rejects == log2.rejects and log2.counts == {"prompt_too_long": 1}
+    assert log2.rejects[0]["source"] == "x.jsonl" and log2.rejects[0]["line"] == 9
+    # Without skipping, the cached reject still stops the run.
+    with pytest.raises(DataError, match="^x.jsonl:9: prompt is"):
+        tokenize_cached(exs, tok, settings, RejectLog(), cache_dir=str(tmp_path))
