@@ -6,6 +6,13 @@ Public API (see docs/CONTRACTS.md): `ModelConfig`, `Transformer`, `init_params`,
 """
 
 from dpo_jax.models.config import FAMILY_SWITCHES, ModelConfig, RopeScaling, gpt2_small
+from dpo_jax.models.hf import (
+    SUPPORTED_MODEL_TYPES,
+    config_from_hf,
+    config_to_hf,
+    load_hf,
+    save_hf,
+)
 from dpo_jax.models.transformer import (
     Transformer,
     abstract_params,
@@ -20,12 +27,17 @@ __all__ = [
     "FAMILY_SWITCHES",
     "ModelConfig",
     "RopeScaling",
+    "SUPPORTED_MODEL_TYPES",
     "Transformer",
     "abstract_params",
     "attention_mask",
+    "config_from_hf",
+    "config_to_hf",
     "gpt2_small",
     "init_cache",
     "init_params",
+    "load_hf",
     "logical_axes",
     "param_count",
+    "save_hf",
 ]
