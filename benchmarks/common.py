@@ -2,14 +2,17 @@
 
 FLOP convention (used by every benchmark that reports FLOP/s or MFU):
 
-* Matmul FLOPs of one forward pass per token = ``2 * N_matmul`` where ``N_matmul`` counts
-  the weights that take part in a matrix multiply: per layer the attention projections
-  (``D*(H+2K)*hd + H*hd*D``) and the MLP (``2*D*F`` or ``3*D*F`` when gated), plus the
-  unembedding ``D*V`` (counted once even when tied with the input embedding). The input
-  embedding lookup, position embeddings, biases and norms cost no matmul FLOPs.
-* Attention FLOPs of one forward pass per token = ``4 * L * n_layer * H * hd``: ``Q K^T``
-  and ``P V`` over the full ``L x L`` score matrix (the PaLM appendix B convention; dense
-  kernels compute the masked half too, so we count it).
+* Blocks: ``2 * N_body`` FLOPs per token forward, ``N_body`` counting the weights of the
+  attention projections (``D*(H+2K)*hd + H*hd*D``) and the MLP (``2*D*F``, or ``3*D*F``
+  when gated). Embedding lookups, position embeddings, biases and norms count nothing.
+* Unembedding: ``2 * D * V`` per *scored* position only, i.e. the ``C`` positions per
+  sequence that predict a completion token. DPO needs no logits at prompt positions (TRL's
+  fused LM head skips them), so projecting them is waste and earns no MFU credit;
+  ``unembed_all=True`` gives the count for an implementation that projects every row
+  position, for comparison.
+* Attention: ``4 * L * n_layer * H * hd`` per token forward: ``Q K^T`` and ``P V`` over
+  the full ``L x L`` score matrix (the PaLM appendix B convention; dense kernels compute
+  the masked half too, so we count it).
 * Policy forward + backward = 3x forward; the frozen reference adds 1x forward; a
   precomputed reference adds nothing.
 * Tokens are the real (unpadded) tokens of the stacked work: ``2 * B * (P + C)`` per step,
@@ -102,27 +105,44 @@ class BatchShape:
         return 2 * self.pairs * self.seq_len
 
 
-def matmul_params(m: ModelShape) -> int:
-    """Weights that take part in a matmul (attention, MLP, unembedding once)."""
+def body_matmul_params(m: ModelShape) -> int:
+    """Weights of the transformer blocks that take part in a matmul (attention + MLP)."""
     hd = m.head_dim
     attn = m.d_model * (m.n_head + 2 * m.kv_heads) * hd + m.n_head * hd * m.d_model
     mlp = (3 if m.gated_mlp else 2) * m.d_model * m.ff
-    return m.n_layer * (attn + mlp) + m.d_model * m.vocab
+    return m.n_layer * (attn + mlp)
 
 
-def forward_flops_per_sequence(m: ModelShape, seq_len: int) -> float:
-    """Forward FLOPs of one sequence of ``seq_len`` tokens (matmuls + full-square attention)."""
-    dense = 2.0 * matmul_params(m) * seq_len
+def matmul_params(m: ModelShape) -> int:
+    """Weights that take part in a matmul (blocks plus the unembedding, counted once)."""
+    return body_matmul_params(m) + m.d_model * m.vocab
+
+
+def forward_flops_per_sequence(
+    m: ModelShape, prompt_len: int, completion_len: int, unembed_all: bool = False
+) -> float:
+    """Forward FLOPs of one prompt + completion sequence.
+
+    Blocks run on every token; the unembedding is needed only at the ``completion_len``
+    positions that predict a completion token (``unembed_all`` counts every position, what
+    an implementation that projects the whole row does); attention is the full square.
+    """
+    seq_len = prompt_len + completion_len
+    dense = 2.0 * body_matmul_params(m) * seq_len
+    unembed = 2.0 * m.d_model * m.vocab * (seq_len if unembed_all else completion_len)
     attention = 4.0 * m.n_layer * m.n_head * m.head_dim * seq_len * seq_len
-    return dense + attention
+    return dense + unembed + attention
 
 
-def train_step_flops(m: ModelShape, b: BatchShape, reference: str = "frozen") -> float:
+def train_step_flops(
+    m: ModelShape, b: BatchShape, reference: str = "frozen", unembed_all: bool = False
+) -> float:
     """Model FLOPs of one DPO step on the stacked work: policy fwd+bwd (+ reference fwd)."""
     if reference not in ("frozen", "precomputed"):
         raise ValueError(f"reference must be 'frozen' or 'precomputed', got {reference!r}")
     passes = 4.0 if reference == "frozen" else 3.0
-    return passes * 2 * b.pairs * forward_flops_per_sequence(m, b.seq_len)
+    per_seq = forward_flops_per_sequence(m, b.prompt_len, b.completion_len, unembed_all)
+    return passes * 2 * b.pairs * per_seq
 
 
 # ---------------------------------------------------------------------------- peaks
@@ -217,6 +237,35 @@ def device_peak_bytes() -> int | None:
     if not stats:
         return None
     return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
+
+
+def compiled_stats(compiled: Any) -> dict[str, Any]:
+    """XLA's own view of a compiled step: buffer sizes and its FLOP count.
+
+    ``temp_bytes`` is the scratch XLA allocates for the step (activations, logits,
+    gradients before they land in the output); ``arg_bytes`` / ``out_bytes`` are the
+    inputs and outputs (state, batch). ``xla_flops`` is the cost analysis' count, a second
+    opinion on the formula in this module (it counts whatever the HLO computes, padding
+    and unscored positions included, and may be absent on some backends).
+    """
+    out: dict[str, Any] = {}
+    try:
+        mem = compiled.memory_analysis()
+        out["temp_bytes"] = int(mem.temp_size_in_bytes)
+        out["arg_bytes"] = int(mem.argument_size_in_bytes)
+        out["out_bytes"] = int(mem.output_size_in_bytes)
+        out["alias_bytes"] = int(mem.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - backends without the analysis report nothing
+        pass
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, list):
+            cost = cost[0] if cost else {}
+        if cost and "flops" in cost:
+            out["xla_flops"] = float(cost["flops"])
+    except Exception:  # noqa: BLE001
+        pass
+    return out
 
 
 # --------------------------------------------------------------------------- timing

@@ -8,7 +8,7 @@ and the batch dict layout.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,32 +83,68 @@ def add_micro_axis(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[None] for k, v in batch.items()}
 
 
-def build_step(
-    cfg: Any, params: Any, run: JaxRunConfig, n_seq: int, total_steps: int
-) -> tuple[Any, Any]:
-    """The jitted train step (state donated) and its initial state."""
-    import jax
+def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) -> tuple[Any, Any]:
+    """dpo_jax's own Trainer (mesh over every local device, sharded state) and its state.
 
-    from dpo_jax import models, optim
-    from dpo_jax import train_step as ts
+    AdamW, constant lr, global-norm clip 1.0, no weight decay: TRL's defaults with
+    ``lr_scheduler_type="constant"``.
+    """
+    from dpo_jax import sharding, train
 
-    optimizer, schedule = optim.make_optimizer(
-        {"name": "adamw", "learning_rate": run.learning_rate, "schedule": "constant"},
-        total_steps,
-        params=params,
-    )
-    step_cfg = ts.StepConfig(
-        apply_fn=models.Transformer(cfg).apply,
-        optimizer=optimizer,
-        schedule=schedule,
+    return train.build_trainer(
+        cfg,
+        params,
+        mesh=sharding.make_mesh(),
         loss_name="sigmoid",
         loss_hyper={"beta": run.beta},
+        optim_config={
+            "name": "adamw",
+            "learning_rate": run.learning_rate,
+            "schedule": "constant",
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+        },
+        total_steps=total_steps,
         reference=run.reference,
         logps_chunk_size=run.logps_chunk_size,
     )
-    state = ts.init_state(params, optimizer, jax.random.key(0), run.reference == "frozen")
-    step = jax.jit(functools.partial(ts.train_step, cfg=step_cfg, n_seq=n_seq), donate_argnums=0)
-    return step, state
+
+
+def step_compiled_stats(trainer: Any, state: Any, batch_A: Mapping[str, Any], n_seq: int) -> dict:
+    """XLA buffer sizes and FLOPs of the Trainer's jitted step (lowered, not run)."""
+    from dpo_jax.train_step import train_step
+
+    try:
+        fn = trainer._compiled(trainer._train_fns, train_step, batch_A, n_seq, True)
+        t0 = time.perf_counter()
+        with trainer._context():
+            compiled = fn.lower(state, trainer.place_batch(batch_A)).compile()
+        compile_s = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - stats are optional; the timing is the result
+        return {"stats_error": f"{type(e).__name__}: {e}"[:300]}
+    # jit reuses this executable (JAX caches compilations by module), so the first
+    # timed step no longer includes compilation: report the measured compile here.
+    return {"compile_s": compile_s, **common.compiled_stats(compiled)}
+
+
+def load_or_init(
+    shape: common.ModelShape, run: JaxRunConfig, hf_dir: str | None
+) -> tuple[Any, Any]:
+    """``(ModelConfig, params)``: the saved HF checkpoint when given, else a fresh init."""
+    import jax
+
+    from dpo_jax import models
+
+    cfg = model_config(shape, run)
+    if hf_dir is None:
+        return cfg, models.init_params(cfg, jax.random.key(0))
+    from dpo_jax.models import hf
+
+    loaded, params = hf.load_hf(hf_dir, dtype=run.dtype, param_dtype="float32")
+    cfg = loaded.replace(
+        remat=run.remat, attention_impl=run.attention_impl, scan_layers=run.scan_layers
+    )
+    return cfg, params
 
 
 def run_dpo_jax(
@@ -121,39 +157,32 @@ def run_dpo_jax(
     hf_dir: str | None = None,
     batch: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Time ``warmup + steps`` dpo_jax train steps on one fixed batch.
+    """Time ``warmup + steps`` dpo_jax train steps (``Trainer.step``) on one fixed batch.
 
     ``hf_dir`` loads the same random init TRL uses; otherwise params are initialised
-    here. ``batch`` overrides the stacked layout (prefix-shared, padded, ...). The step
-    time covers the host-to-device copy of the batch and waits for the new state.
+    here. ``batch`` overrides the stacked layout (prefix-shared, padded, ...). The first
+    step includes compilation (``compile_s`` = first step - median step); each timed step
+    covers placing the host batch on the mesh and waits for the new state.
     """
     import jax
-    import jax.numpy as jnp
-
-    from dpo_jax import models
 
     run = run or JaxRunConfig()
     rss_before = common.current_rss_bytes()
-    cfg = model_config(shape, run)
-    if hf_dir is not None:
-        loaded_cfg, params = models.load_hf(hf_dir, dtype=run.dtype, param_dtype="float32")
-        cfg = loaded_cfg.replace(
-            remat=run.remat, attention_impl=run.attention_impl, scan_layers=run.scan_layers
-        )
-    else:
-        params = models.init_params(cfg, jax.random.key(0))
+    cfg, params = load_or_init(shape, run, hf_dir)
     n_seq = 2 * batch_shape.pairs
     host_batch = dict(batch if batch is not None else stacked_batch(pairs))
     if run.reference == "precomputed":
         host_batch["ref_logps"] = precompute_ref_logps(cfg, params, host_batch, n_seq, run)
     host_A = add_micro_axis(host_batch)
-    step, state = build_step(cfg, params, run, n_seq, warmup + steps)
+    trainer, state = build_trainer(cfg, params, run, warmup + steps)
+    del params
+    stats = step_compiled_stats(trainer, state, host_A, n_seq)
     metrics_log: list[dict[str, float]] = []
     holder = {"state": state}
+    del state
 
     def one() -> None:
-        device_batch = {k: jnp.asarray(v) for k, v in host_A.items()}
-        new_state, metrics = step(holder["state"], device_batch)
+        new_state, metrics = trainer.step(holder["state"], host_A, n_seq)
         jax.block_until_ready(new_state)
         holder["state"] = new_state
         if len(metrics_log) < 2:
@@ -165,11 +194,14 @@ def run_dpo_jax(
     return {
         "framework": "dpo_jax",
         **timing,
-        "compile_s": max(timing["first_step_s"] - median, 0.0),
+        "compile_s": max(timing["first_step_s"] - median, 0.0),  # replaced by stats if measured
         "tokens_per_s": batch_shape.tokens / median,
         "peak_rss_bytes": common.rss_peak_bytes(),
         "rss_before_bytes": rss_before,
         "device_peak_bytes": common.device_peak_bytes(),
+        **stats,
+        "rows": int(host_batch["input_ids"].shape[0]),
+        "row_length": int(host_batch["input_ids"].shape[1]),
         "step0_loss": m0.get("loss"),
         "step0_logps_chosen": m0.get("logps/chosen"),
         "step0_logps_rejected": m0.get("logps/rejected"),
@@ -194,5 +226,5 @@ def precompute_ref_logps(
         loss_name="sigmoid",
         logps_chunk_size=run.logps_chunk_size,
     )
-    fn = jax.jit(lambda p, b: ts.sequence_logps(step_cfg, p, b, n_seq).logps)
+    fn = jax.jit(lambda p, b: ts.sequence_logps(step_cfg, p, b, n_seq).logps_S)
     return np.asarray(fn(params, {k: jnp.asarray(v) for k, v in batch.items()}), np.float32)
