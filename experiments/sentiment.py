@@ -1,0 +1,771 @@
+"""Controlled sentiment generation (DPO paper, Rafailov et al. 2023, section 6.1 / figure 2).
+
+The paper's IMDb experiment, end to end:
+
+1. an SFT policy learns to continue review prefixes;
+2. it samples 4 completions per prefix; the 6 pairs of each 4 are labelled by a
+   ground-truth sentiment reward (higher reward = chosen; ties dropped);
+3. DPO (beta sweep), Preferred-FT, Unlikelihood-free baselines and the other losses of
+   the family train from the SFT policy on those pairs;
+4. every ``train.eval_every`` steps each policy samples completions of held-out prefixes
+   (temperature 1), and the run records the mean ground-truth reward and the
+   sequence-level KL(pi || pi_sft) estimated from those samples (with standard errors);
+5. the reward/KL frontier goes to ``frontier.png``, a table to stdout and ``results.csv``.
+
+Presets (``--preset=NAME``):
+
+* ``default`` - the embedded main job: a SYNTHETIC corpus from
+  :mod:`experiments.synthetic_reviews` (seeded grammar, not IMDb), a byte-level BPE
+  trained on it, a ~1M-parameter GPT-2-shaped SFT model trained from scratch, VADER
+  (``vaderSentiment``) as the ground-truth reward, DPO at beta in {0.05, 0.1, 1, 5} and
+  Preferred-FT. No downloads; about 10 minutes on a 2-core CPU.
+* ``frontier`` - the figure a reviewer asks for on the same miniature task: more DPO
+  betas, Preferred-FT seeds, Best-of-N for several N, IPO, SimPO, cDPO, rDPO.
+* ``smoke`` - the same pipeline shrunk to seconds, for tests.
+* ``imdb_gpt2_large`` - the paper's real setting (TFDS ``imdb_reviews``, prefixes of 2-8
+  tokens, ``gpt2-large`` from a local HF directory, the siebert RoBERTa classifier as
+  reward, RMSprop lr 1e-6, batch 64). Meant for a TPU slice; ``--dry_run`` builds it with
+  abstract shapes and AOT-compiles the train step for the configured mesh.
+
+    python -m experiments.sentiment [--preset=NAME] [--config.key=value ...] [--dry_run]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from dpo_jax import evaluation, logprobs, losses, models, optim, rewards, sampling, sft, train_step
+from dpo_jax import metrics as dpo_metrics
+from dpo_jax.data import batching
+from experiments import common, synthetic_reviews
+
+PRESETS = ("default", "frontier", "smoke", "imdb_gpt2_large")
+
+# ---------------------------------------------------------------------------- config
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+    """The experiment's config; `preset` is one of PRESETS."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    c.workdir = ""  # empty: runs/sentiment/TIMESTAMP
+    c.progress = True
+
+    # Data. "synthetic": the seeded grammar; "tfds:imdb_reviews": the paper's data.
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="synthetic",
+            num_reviews=20000,  # SFT corpus (synthetic) / max train reviews (IMDb)
+            tokenizer_vocab_size=768,
+            tokenizer_dir="",  # a local HF tokenizer dir (real configs); empty = train one
+            prefix_min_len=2,  # the paper: prefixes of 2-8 tokens
+            prefix_max_len=8,
+        )
+    )
+    # SFT policy: from scratch (model_dir empty) or a local HF checkpoint.
+    c.model = ml_collections.ConfigDict(
+        dict(
+            model_dir="",
+            hidden_size=128,
+            num_layers=3,
+            num_heads=4,
+            max_position_embeddings=64,
+        )
+    )
+    c.sft = ml_collections.ConfigDict(
+        dict(steps=1200, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48)
+    )
+    # Preference pairs: K samples per prefix, all K*(K-1)/2 pairs labelled by the reward.
+    c.pairs = ml_collections.ConfigDict(
+        dict(
+            num_prefixes=1024,
+            samples_per_prefix=4,
+            max_new_tokens=24,
+            temperature=1.0,
+            batch_size=256,
+        )
+    )
+    c.reward = "vader"  # "vader" or "hf:/local/classifier/dir" (siebert for the real config)
+    # Each method fine-tunes the SFT policy on the pairs with one loss.
+    c.methods = (
+        "dpo:beta=0.05",
+        "dpo:beta=0.1",
+        "dpo:beta=1.0",
+        "dpo:beta=5.0",
+        "preferred_ft",
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=300,
+            batch_size=32,  # pairs per step
+            optimizer="adamw",
+            learning_rate=1e-4,
+            warmup_steps=20,
+            schedule="constant",
+            max_grad_norm=10.0,
+            eval_every=50,
+            mesh=(-1, 1, 1),  # (data, fsdp, tensor)
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(num_prefixes=256, max_new_tokens=24, batch_size=256, seed=1234)
+    )
+    if preset == "frontier":
+        c.methods = (
+            "dpo:beta=0.02", "dpo:beta=0.05", "dpo:beta=0.1", "dpo:beta=0.3",
+            "dpo:beta=1.0", "dpo:beta=5.0",
+            "preferred_ft:seed=0", "preferred_ft:seed=1", "preferred_ft:seed=2",
+            "best_of_n:n=2", "best_of_n:n=4", "best_of_n:n=16", "best_of_n:n=64",
+            "ipo:beta=0.1", "ipo:beta=0.5", "simpo:beta=2.0:simpo_gamma=0.5",
+            "cdpo:beta=0.1:label_smoothing=0.2", "rdpo:beta=0.1:rdpo_alpha=0.05",
+        )  # fmt: skip
+    elif preset == "smoke":
+        c.data.num_reviews = 400
+        c.data.tokenizer_vocab_size = 384
+        c.model.update(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=48)
+        c.sft.update(steps=30, batch_size=16, max_len=40)
+        c.pairs.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
+        c.methods = ("dpo:beta=0.1", "preferred_ft", "best_of_n:n=4")
+        c.train.update(steps=4, batch_size=8, eval_every=2)
+        c.eval.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
+        c.progress = False
+    elif preset == "imdb_gpt2_large":
+        c.data.update(
+            source="tfds:imdb_reviews", num_reviews=25000, tokenizer_dir="checkpoints/gpt2-large"
+        )
+        c.model.model_dir = "checkpoints/gpt2-large"
+        c.sft.update(steps=2000, batch_size=64, learning_rate=1e-5, max_len=512)
+        c.pairs.update(num_prefixes=25000, max_new_tokens=64, batch_size=512)
+        c.reward = "hf:checkpoints/siebert-sentiment-roberta-large-english"
+        c.train.update(
+            steps=5000, batch_size=64, optimizer="rmsprop", learning_rate=1e-6,
+            warmup_steps=150, max_grad_norm=10.0, eval_every=500, mesh=(1, -1, 1),
+        )  # fmt: skip
+        c.eval.update(num_prefixes=1024, max_new_tokens=64, batch_size=512)
+    return c
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One point (or curve) of the frontier: a loss with hyper-parameters, or best-of-N."""
+
+    kind: str  # "dpo", "preferred_ft", "best_of_n", or any registered loss name
+    hyper: tuple[tuple[str, float], ...]
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        parts = [self.kind] + [f"{k}={v:g}" for k, v in self.hyper]
+        if self.seed:
+            parts.append(f"seed={self.seed}")
+        return ":".join(parts)
+
+    @property
+    def loss_name(self) -> str:
+        """The `dpo_jax.losses` name this method trains with."""
+        return {"dpo": "sigmoid", "cdpo": "sigmoid", "preferred_ft": "sft"}.get(
+            self.kind, self.kind
+        )
+
+    @property
+    def loss_hyper(self) -> dict[str, float]:
+        return dict(self.hyper)
+
+
+def parse_method(spec: str) -> Method:
+    """``"dpo:beta=0.1"`` -> Method("dpo", (("beta", 0.1),)). ``seed=`` is not a loss hyper."""
+    kind, *assignments = spec.split(":")
+    hyper: list[tuple[str, float]] = []
+    seed = 0
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"method {spec!r}: expected key=value after ':', got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            number = float(value)
+        except ValueError as err:
+            raise ValueError(f"method {spec!r}: {key}={value!r} is not a number") from err
+        if key == "seed":
+            seed = int(number)
+        else:
+            hyper.append((key, number))
+    if kind == "dpo" and "beta" not in dict(hyper):
+        raise ValueError(f"method {spec!r}: dpo needs beta=...")
+    if kind == "best_of_n" and "n" not in dict(hyper):
+        raise ValueError(f"method {spec!r}: best_of_n needs n=...")
+    return Method(kind=kind, hyper=tuple(hyper), seed=seed)
+
+
+# ---------------------------------------------------------------------------- pairs
+
+
+def label_pairs(rewards_PxK: np.ndarray) -> list[tuple[int, int, int]]:
+    """All K*(K-1)/2 pairs per prefix as (prefix, chosen sample, rejected sample).
+
+    The higher-reward sample is chosen; exact ties carry no preference and are dropped
+    (the paper's ground-truth labels are strict).
+    """
+    rewards_PxK = np.asarray(rewards_PxK)
+    if rewards_PxK.ndim != 2:
+        raise ValueError(f"rewards must be [prefixes, samples], got shape {rewards_PxK.shape}")
+    out = []
+    for p in range(rewards_PxK.shape[0]):
+        for i, j in itertools.combinations(range(rewards_PxK.shape[1]), 2):
+            ri, rj = rewards_PxK[p, i], rewards_PxK[p, j]
+            if ri > rj:
+                out.append((p, i, j))
+            elif rj > ri:
+                out.append((p, j, i))
+    return out
+
+
+# ---------------------------------------------------------------------------- figure
+
+
+def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Reward (y) against KL(pi || pi_ref) (x): one marker style per method family, every
+    evaluation point drawn, as in figure 2 (left) of the DPO paper."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    families: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        families.setdefault(str(row["method"]).split(":")[0], []).append(row)
+    markers = itertools.cycle("os^Dvx*P")
+    for family, fam_rows in sorted(families.items()):
+        kl = np.array([float(r["kl"]) for r in fam_rows])
+        reward = np.array([float(r["reward"]) for r in fam_rows])
+        ax.scatter(kl, reward, label=family, marker=next(markers), alpha=0.75, s=28)
+    ax.set_xlabel("KL(pi || pi_ref), nats per sequence")
+    ax.set_ylabel("mean ground-truth reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+RESULT_COLUMNS = (
+    "method",
+    "step",
+    "reward",
+    "reward_stderr",
+    "kl",
+    "kl_stderr",
+    "num_samples",
+    "final",
+)
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass
+class Task:
+    """Everything the methods share once the SFT policy and the pairs exist."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: Any
+    model: Any
+    model_cfg: Any
+    sft_params: Any
+    pad_id: int
+    eos_id: int
+    reward_fn: Any
+    # Preference pairs: prefix ids, chosen/rejected completion ids (with EOS if emitted),
+    # reference (SFT) log-probs of chosen and rejected.
+    pair_prompts: list[list[int]]
+    pair_chosen: list[list[int]]
+    pair_rejected: list[list[int]]
+    ref_chosen: np.ndarray
+    ref_rejected: np.ndarray
+    eval_prefixes: list[list[int]]
+    run_dir: Path
+
+    @property
+    def row_length(self) -> int:
+        """Length of a prompt + completion row (prompts are <= prefix_max_len + BOS)."""
+        return self.config.data.prefix_max_len + 1 + self.config.pairs.max_new_tokens
+
+
+def load_corpus(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], list[str]]:
+    """(SFT texts, texts whose prefixes make the pairs, texts whose prefixes are evaluated)."""
+    d = config.data
+    n_pairs, n_eval = config.pairs.num_prefixes, config.eval.num_prefixes
+    if d.source == "synthetic":
+        texts = synthetic_reviews.generate_corpus(d.num_reviews + n_pairs + n_eval, config.seed)
+        return texts[: d.num_reviews], texts[d.num_reviews : -n_eval], texts[-n_eval:]
+    if d.source == "tfds:imdb_reviews":
+        import tensorflow_datasets as tfds
+
+        # The paper: SFT and pair prefixes from the train split, evaluation on test prefixes.
+        train = [r["text"].decode() for r in tfds.data_source("imdb_reviews", split="train")]
+        test = [r["text"].decode() for r in tfds.data_source("imdb_reviews", split="test")]
+        return train[: d.num_reviews], train[:n_pairs], test[:n_eval]
+    raise ValueError(
+        f"config.data.source={d.source!r}: expected 'synthetic' or 'tfds:imdb_reviews'"
+    )
+
+
+def make_reward_fn(spec: str):
+    """The ground-truth reward: ``vader`` or ``hf:DIR`` (a local sequence classifier)."""
+    if spec == "vader":
+        return rewards.VaderReward()
+    if spec.startswith("hf:"):
+        return rewards.HFClassifierReward(spec[3:], label="POSITIVE", score="prob")
+    raise ValueError(f"config.reward={spec!r}: expected 'vader' or 'hf:/local/dir'")
+
+
+def make_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int, eos_id: int):
+    """(ModelConfig, params) of the SFT model: a local HF checkpoint or a fresh GPT-2 shape."""
+    m = config.model
+    if m.model_dir:
+        return models.load_hf(m.model_dir)
+    cfg = models.ModelConfig.for_family(
+        "gpt2",
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    return cfg, models.init_params(cfg, jax.random.key(config.seed))
+
+
+def apply_fn(model: Any):
+    """`(params, ids, positions=, segment_ids=) -> logits`, the signature dpo_jax.sft uses."""
+
+    def fn(params, input_ids, positions=None, segment_ids=None):
+        return model.apply(
+            {"params": params}, input_ids, positions=positions, segment_ids=segment_ids
+        )
+
+    return fn
+
+
+def train_sft(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    params: Any,
+    sequences: list[list[int]],
+    pad_id: int,
+    run_dir: Path,
+) -> Any:
+    """Language-model the corpus (every token after the first is a target)."""
+    s = config.sft
+    optimizer, _ = optim.make_optimizer(
+        dict(name="adamw", learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
+             schedule="cosine", weight_decay=0.01, max_grad_norm=1.0),
+        s.steps,
+        params,
+    )  # fmt: skip
+    state = sft.init_state(params, optimizer)
+    step_fn = sft.make_sft_step(apply_fn(model), optimizer)
+    batches = sft.iterate_sft_batches(
+        sequences, [1] * len(sequences), s.batch_size, s.max_len, pad_id, config.seed
+    )
+    writer = dpo_metrics.MetricsWriter(run_dir / "sft")
+    bar = tqdm(range(1, s.steps + 1), desc="SFT", disable=not config.progress, dynamic_ncols=True)
+    for step in bar:
+        state, m = step_fn(state, next(batches))
+        if step % 25 == 0 or step == s.steps:
+            m = jax.device_get(m)
+            writer.write(step, m)
+            bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+    writer.close()
+    return state.params
+
+
+def sample(
+    task_model: Any,
+    params: Any,
+    prompts: list[list[int]],
+    key: jax.Array,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    batch_prompts: int,
+    eos_id: int,
+    pad_id: int,
+    desc: str = "",
+    progress: bool = False,
+) -> tuple[list[list[int]], np.ndarray]:
+    """n completions per prompt (row i*n+j = sample j of prompt i) and their log-probs under
+    the sampling model (sum over generated tokens, EOS included).
+
+    Prompts go in fixed-size chunks (the last one padded by repetition) so the sampler
+    compiles once; each chunk gets its own key folded from `key`.
+    """
+    config = sampling.SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        n=n,
+        eos_token_ids=(eos_id,),
+        pad_token_id=pad_id,
+    )
+    completions: list[list[int]] = []
+    logps: list[np.ndarray] = []
+    starts = range(0, len(prompts), batch_prompts)
+    for chunk, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
+        part = prompts[start : start + batch_prompts]
+        real = len(part)
+        part = part + [part[-1]] * (batch_prompts - real)
+        out = sampling.generate(task_model, params, part, jax.random.fold_in(key, chunk), config)
+        completions += out.completion_ids(keep_eos=True)[: real * n]
+        logps.append((out.logps * out.mask).sum(axis=1)[: real * n])
+    return completions, np.concatenate(logps).astype(np.float64)
+
+
+def make_scorer(model: Any, rows: int):
+    """A jitted `score(params, batch) -> [rows] summed completion log-probs`."""
+
+    @jax.jit
+    def score(params, batch):
+        logits = model.apply(
+            {"params": params}, batch["input_ids"], positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+        )  # fmt: skip
+        return logprobs.sequence_logps(logits, batch, rows).logps_S
+
+    return score
+
+
+def score_sequences(
+    scorer: Any,
+    rows: int,
+    params: Any,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    length: int,
+    pad_id: int,
+) -> np.ndarray:
+    """log p(completion | prompt) under `params` for every pair of lists, in fixed chunks."""
+    out = []
+    for start in range(0, len(prompts), rows):
+        p = prompts[start : start + rows]
+        c = completions[start : start + rows]
+        real = len(p)
+        p, c = p + [p[-1]] * (rows - real), c + [c[-1]] * (rows - real)
+        # build_stacked lays out 2*len(p) rows (pairs); with every sequence in the first
+        # half, the first `rows` rows are exactly the stacked layout of these sequences.
+        batch = batching.build_stacked(p, c, length, pad_id)
+        batch = {k: v[:rows] for k, v in batch.items()}
+        out.append(np.asarray(scorer(params, batch))[:real])
+    return np.concatenate(out).astype(np.float64)
+
+
+def decode_texts(
+    tokenizer: Any, prompts: list[list[int]], completions: list[list[int]]
+) -> list[str]:
+    """Prefix + completion as text (special tokens dropped): what the reward scores."""
+    return [
+        tokenizer.decode(list(p) + list(c), skip_special_tokens=True)
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
+def build_task(config: ml_collections.ConfigDict, run_dir: Path, timings: dict[str, float]) -> Task:
+    """Corpus -> tokenizer -> SFT policy -> sampled completions -> labelled pairs."""
+    t0 = time.perf_counter()
+    sft_texts, pair_texts, eval_texts = load_corpus(config)
+    if config.data.tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer_dir, local_files_only=True)
+    else:
+        tokenizer = common.train_bpe_tokenizer(
+            sft_texts, config.data.tokenizer_vocab_size, run_dir / "tokenizer"
+        )
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    encode = lambda texts: [[eos_id] + ids for ids in tokenizer(texts)["input_ids"]]
+    sft_seqs = [ids + [eos_id] for ids in encode(sft_texts)]
+    # Prefixes: BOS + 2-8 tokens of a held-out review (the paper's IMDb prefixes).
+    d = config.data
+    cut = lambda texts, seed: [
+        [eos_id] + p
+        for p in synthetic_reviews.extract_prefixes(
+            [ids[1:] for ids in encode(texts)], d.prefix_min_len, d.prefix_max_len, seed
+        )
+    ]
+    pair_prefixes = cut(pair_texts, config.seed + 1)
+    eval_prefixes = cut(eval_texts, config.seed + 2)
+    timings["data_and_tokenizer_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model_cfg, params = make_model(config, len(tokenizer), pad_id, eos_id)
+    model = models.Transformer(model_cfg)
+    print(
+        f"SFT model: {models.param_count(model_cfg) / 1e6:.2f}M parameters, vocab {len(tokenizer)}"
+    )
+    if not config.model.model_dir:
+        params = train_sft(config, model, params, sft_seqs, pad_id, run_dir)
+    timings["sft_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pr = config.pairs
+    k = pr.samples_per_prefix
+    comps, _ = sample(
+        model, params, pair_prefixes, jax.random.key(config.seed + 7), k, pr.max_new_tokens,
+        pr.temperature, max(1, pr.batch_size // k), eos_id, pad_id, "sample pairs", config.progress,
+    )  # fmt: skip
+    reward_fn = make_reward_fn(config.reward)
+    prompts_rep = [p for p in pair_prefixes for _ in range(k)]
+    rewards_PxK = np.asarray(reward_fn(decode_texts(tokenizer, prompts_rep, comps))).reshape(-1, k)
+    triples = label_pairs(rewards_PxK)
+    if not triples:
+        raise RuntimeError("every sampled completion got the same reward: no preference pairs")
+    chosen = [comps[p * k + i] for p, i, _ in triples]
+    rejected = [comps[p * k + j] for p, _, j in triples]
+    prompts = [pair_prefixes[p] for p, _, _ in triples]
+    length = d.prefix_max_len + 1 + pr.max_new_tokens
+    rows = config.train.batch_size * 2
+    scorer = make_scorer(model, rows)
+    ref_chosen = score_sequences(scorer, rows, params, prompts, chosen, length, pad_id)
+    ref_rejected = score_sequences(scorer, rows, params, prompts, rejected, length, pad_id)
+    timings["pairs_s"] = time.perf_counter() - t0
+    print(
+        f"pairs: {len(triples)} from {len(pair_prefixes)} prefixes x {k} samples "
+        f"(sample reward mean {rewards_PxK.mean():.3f}, {len(pair_prefixes) * k * (k - 1) // 2 - len(triples)} ties dropped)"
+    )
+    with open(run_dir / "pairs.jsonl", "w") as f:
+        for (p, i, j), c, r in zip(triples, chosen, rejected, strict=True):
+            f.write(json.dumps(dict(
+                prefix=tokenizer.decode(pair_prefixes[p], skip_special_tokens=True),
+                chosen=tokenizer.decode(c, skip_special_tokens=True),
+                rejected=tokenizer.decode(r, skip_special_tokens=True),
+                chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
+            )) + "\n")  # fmt: skip
+    return Task(
+        config=config, tokenizer=tokenizer, model=model, model_cfg=model_cfg, sft_params=params,
+        pad_id=pad_id, eos_id=eos_id, reward_fn=reward_fn, pair_prompts=prompts,
+        pair_chosen=chosen, pair_rejected=rejected, ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected, eval_prefixes=eval_prefixes, run_dir=run_dir,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One evaluation of a policy on the held-out prefixes."""
+
+    reward: evaluation.Estimate
+    kl: evaluation.Estimate
+    texts: list[str]
+    rewards: np.ndarray
+    policy_logps: np.ndarray
+    ref_logps: np.ndarray
+
+
+class Evaluator:
+    """Samples each policy on the same held-out prefixes with the same key (common random
+    numbers make methods comparable) and measures mean reward and KL(pi || pi_sft)."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.rows = task.config.eval.batch_size
+        self.scorer = make_scorer(task.model, self.rows)
+        self.key = jax.random.key(task.config.eval.seed)
+
+    def __call__(self, params: Any) -> Evaluation:
+        t, e = self.task, self.task.config.eval
+        comps, policy_logps = sample(
+            t.model, params, t.eval_prefixes, self.key, 1, e.max_new_tokens, 1.0, self.rows,
+            t.eos_id, t.pad_id,
+        )  # fmt: skip
+        ref_logps = score_sequences(
+            self.scorer, self.rows, t.sft_params, t.eval_prefixes, comps, t.row_length, t.pad_id
+        )
+        texts = decode_texts(t.tokenizer, t.eval_prefixes, comps)
+        rewards_N = np.asarray(t.reward_fn(texts), np.float64)
+        # Sequence-level KL from samples of pi: E[log pi(y|x) - log pi_sft(y|x)].
+        kl = evaluation.sequence_kl(policy_logps[:, None], ref_logps[:, None])
+        return Evaluation(
+            reward=evaluation.mean_and_stderr(rewards_N), kl=kl, texts=texts, rewards=rewards_N,
+            policy_logps=policy_logps, ref_logps=ref_logps,
+        )  # fmt: skip
+
+
+def result_row(method: str, step: int, ev: Evaluation, final: bool) -> dict[str, Any]:
+    """A row of results.csv."""
+    return dict(
+        method=method, step=step, reward=ev.reward.mean, reward_stderr=ev.reward.stderr,
+        kl=ev.kl.mean, kl_stderr=ev.kl.stderr, num_samples=ev.reward.n, final=int(final),
+    )  # fmt: skip
+
+
+def write_samples(path: Path, method: str, ev: Evaluation) -> None:
+    """Append the evaluation samples (text, reward, log-probs) of one policy to a JSONL."""
+    with open(path, "a") as f:
+        for text, r, lp, lr in zip(
+            ev.texts, ev.rewards, ev.policy_logps, ev.ref_logps, strict=True
+        ):
+            f.write(json.dumps(dict(method=method, text=text, reward=float(r),
+                                    policy_logp=float(lp), ref_logp=float(lr))) + "\n")  # fmt: skip
+
+
+def train_method(
+    task: Task, method: Method, evaluator: Evaluator, sft_eval: Evaluation
+) -> list[dict[str, Any]]:
+    """Fine-tune the SFT policy with one loss on the pairs; evaluate every eval_every steps."""
+    c, tr = task.config, task.config.train
+    loss_name = method.loss_name
+    if loss_name not in losses.names():
+        raise ValueError(f"method {method.label!r}: no loss {loss_name!r} in dpo_jax.losses")
+    reference = "precomputed" if losses.needs_reference(loss_name) else "none"
+    optimizer, schedule = optim.make_optimizer(
+        dict(name=tr.optimizer, learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps,
+             schedule=tr.schedule, max_grad_norm=tr.max_grad_norm),
+        tr.steps,
+        task.sft_params,
+    )  # fmt: skip
+    step_cfg = train_step.StepConfig(
+        apply_fn=task.model.apply, optimizer=optimizer, schedule=schedule,
+        loss_name=loss_name, loss_hyper=method.loss_hyper, reference=reference,
+    )  # fmt: skip
+    b = tr.batch_size
+    step_fn = jax.jit(
+        functools.partial(train_step.train_step, cfg=step_cfg, n_seq=2 * b), donate_argnums=0
+    )
+    params = jax.tree.map(jnp.copy, task.sft_params)  # the SFT params are donated otherwise
+    state = train_step.init_state(params, optimizer, jax.random.key(method.seed), False)
+    rng = np.random.default_rng(c.seed + 1000 * method.seed)
+    order = rng.permutation(len(task.pair_prompts))
+    cursor = 0
+    writer = dpo_metrics.MetricsWriter(task.run_dir / "methods" / method.label.replace(":", "_"))
+    rows = [result_row(method.label, 0, sft_eval, final=False)]
+    bar = tqdm(
+        range(1, tr.steps + 1), desc=method.label, disable=not c.progress, dynamic_ncols=True
+    )
+    for step in bar:
+        if cursor + b > len(order):
+            order, cursor = rng.permutation(len(task.pair_prompts)), 0
+        idx = order[cursor : cursor + b]
+        cursor += b
+        batch = batching.build_stacked(
+            [task.pair_prompts[i] for i in idx],
+            [task.pair_chosen[i] for i in idx] + [task.pair_rejected[i] for i in idx],
+            task.row_length,
+            task.pad_id,
+        )
+        batch["ref_logps"] = np.concatenate([task.ref_chosen[idx], task.ref_rejected[idx]]).astype(
+            np.float32
+        )
+        state, m = step_fn(state, {k: v[None] for k, v in batch.items()})
+        if step % tr.eval_every == 0 or step == tr.steps:
+            m = jax.device_get(m)
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(f"{method.label}: non-finite loss at step {step}")
+            ev = evaluator(state.params)
+            writer.write(
+                step, dict(m, **ev.reward.as_metrics("eval/reward"), **ev.kl.as_metrics("eval/kl"))
+            )
+            rows.append(result_row(method.label, step, ev, final=step == tr.steps))
+            bar.set_postfix(
+                loss=f"{float(m['loss']):.3f}",
+                reward=f"{ev.reward.mean:.3f}",
+                kl=f"{ev.kl.mean:.2f}",
+            )
+            if step == tr.steps:
+                write_samples(task.run_dir / "samples.jsonl", method.label, ev)
+    writer.close()
+    return rows
+
+
+def best_of_n(task: Task, method: Method) -> list[dict[str, Any]]:
+    """Best-of-N from the SFT policy, selected by the ground-truth reward.
+
+    This is an ORACLE selector (the paper selects with a reward model learnt from the
+    pairs), so the point is an upper bound for best-of-N at this N. Its KL is the
+    analytic bound log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024).
+    """
+    n = int(method.loss_hyper["n"])
+    t = task
+    e = t.config.eval
+    rows_per_call = max(1, e.batch_size // n)
+    comps, _ = sample(
+        t.model, t.sft_params, t.eval_prefixes, jax.random.key(e.seed + n), n, e.max_new_tokens,
+        1.0, rows_per_call, t.eos_id, t.pad_id,
+    )  # fmt: skip
+    prompts_rep = [p for p in t.eval_prefixes for _ in range(n)]
+    all_rewards = np.asarray(t.reward_fn(decode_texts(t.tokenizer, prompts_rep, comps)), np.float64)
+    best = all_rewards.reshape(-1, n).max(axis=1)
+    reward = evaluation.mean_and_stderr(best)
+    kl = float(np.log(n) - (n - 1) / n)
+    return [
+        dict(method=method.label, step=0, reward=reward.mean, reward_stderr=reward.stderr,
+             kl=kl, kl_stderr=float("nan"), num_samples=reward.n, final=1)
+    ]  # fmt: skip
+
+
+def run(config: ml_collections.ConfigDict) -> Path:
+    """The whole experiment; returns the run directory."""
+    wall0 = time.perf_counter()
+    methods = [parse_method(s) for s in config.methods]
+    run_dir = common.make_run_dir(config, "sentiment")
+    print(f"run directory: {run_dir}")
+    timings: dict[str, float] = {}
+    task = build_task(config, run_dir, timings)
+    evaluator = Evaluator(task)
+    t0 = time.perf_counter()
+    sft_eval = evaluator(task.sft_params)
+    write_samples(run_dir / "samples.jsonl", "sft", sft_eval)
+    rows = [result_row("sft", 0, sft_eval, final=True)]
+    for method in methods:
+        if method.kind == "best_of_n":
+            rows += best_of_n(task, method)
+        else:
+            rows += train_method(task, method, evaluator, sft_eval)
+    timings["methods_s"] = time.perf_counter() - t0
+    common.write_csv(run_dir / "results.csv", rows, RESULT_COLUMNS)
+    plot_frontier(rows, run_dir / "frontier.png", f"sentiment ({config.preset}): reward vs KL")
+    timings["total_s"] = time.perf_counter() - wall0
+    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    final = [r for r in rows if r["final"]]
+    print(common.format_table(final, RESULT_COLUMNS[:-1]))
+    print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")
+    print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    return run_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = common.parse_args(get_config, argv, PRESETS)
+    if args.dry_run:
+        from experiments import dry_run
+
+        dry_run.run_from_sentiment_config(args.config)
+        return 0
+    run(args.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
