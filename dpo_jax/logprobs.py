@@ -294,6 +294,8 @@ def _check_logits(logits_NxLxV: Array, input_ids_NxL: Array) -> None:
 
 
 def _batch_arrays(batch: Mapping[str, Array], num_sequences: int) -> tuple[Array, Array]:
+    if int(num_sequences) <= 0 or int(num_sequences) % 2:
+        raise ValueError(f"num_sequences must be a positive even number (2B), got {num_sequences}")
     for key in ("input_ids", "sequence_index"):
         if key not in batch:
             raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}); see docs/CONTRACTS.md")
