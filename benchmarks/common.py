@@ -409,6 +409,25 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def spawn_json(module: str, argv: Sequence[str], out_path: str) -> dict[str, Any]:
+    """Run ``python -m module *argv --json-out out_path`` in a fresh process; load its JSON.
+
+    A fresh process gives a phase its own RSS peak (``ru_maxrss`` never goes down).
+    """
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    cmd = [sys.executable, "-m", module, *argv, "--json-out", out_path]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{module} {' '.join(argv)} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    with open(out_path) as f:
+        return json.load(f)
+
+
 def emit(result: dict[str, Any], as_json: bool, json_path: str | None = None) -> None:
     """Write ``result`` as JSON to stdout (``--json``) and/or to ``json_path``."""
     text = json.dumps(result, indent=2, sort_keys=True, default=float)

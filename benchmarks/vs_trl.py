@@ -15,10 +15,8 @@ from the steady-state median step time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -143,17 +141,8 @@ def run_worker(framework: str, args: argparse.Namespace, workdir: str) -> dict[s
 
 def _spawn(framework: str, argv: list[str], workdir: str) -> dict[str, Any]:
     out = os.path.join(workdir, f"result-{framework}.json")
-    cmd = [sys.executable, "-m", "benchmarks.vs_trl", *argv]
-    cmd += ["--worker", framework, "--workdir", workdir, "--json-out", out]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{framework} worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    with open(out) as f:
-        return json.load(f)
+    worker_argv = [*argv, "--worker", framework, "--workdir", workdir]
+    return common.spawn_json("benchmarks.vs_trl", worker_argv, out)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
