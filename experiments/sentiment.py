@@ -87,6 +87,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             num_layers=3,
             num_heads=4,
             max_position_embeddings=64,
+            dtype="float32",  # compute dtype
+            param_dtype="float32",
+            remat="none",
+            scan_layers=False,
         )
     )
     c.sft = ml_collections.ConfigDict(
@@ -122,8 +126,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             max_grad_norm=10.0,
             eval_every=50,
             mesh=(-1, 1, 1),  # (data, fsdp, tensor)
+            micro_batches=1,  # gradient accumulation inside the step
         )
     )
+    c.dry_run_devices = 8  # simulated CPU devices for --dry_run
     c.eval = ml_collections.ConfigDict(
         dict(num_prefixes=256, max_new_tokens=24, batch_size=256, seed=1234)
     )
@@ -150,13 +156,15 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.data.update(
             source="tfds:imdb_reviews", num_reviews=25000, tokenizer_dir="checkpoints/gpt2-large"
         )
-        c.model.model_dir = "checkpoints/gpt2-large"
+        c.model.update(
+            model_dir="checkpoints/gpt2-large", dtype="bfloat16", remat="block", scan_layers=True
+        )
         c.sft.update(steps=2000, batch_size=64, learning_rate=1e-5, max_len=512)
         c.pairs.update(num_prefixes=25000, max_new_tokens=64, batch_size=512)
         c.reward = "hf:checkpoints/siebert-sentiment-roberta-large-english"
         c.train.update(
             steps=5000, batch_size=64, optimizer="rmsprop", learning_rate=1e-6,
-            warmup_steps=150, max_grad_norm=10.0, eval_every=500, mesh=(1, -1, 1),
+            warmup_steps=150, max_grad_norm=10.0, eval_every=500, mesh=(1, -1, 1), micro_batches=1,
         )  # fmt: skip
         c.eval.update(num_prefixes=1024, max_new_tokens=64, batch_size=512)
     return c
@@ -761,7 +769,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         from experiments import dry_run
 
-        dry_run.run_from_sentiment_config(args.config)
+        c = args.config
+        dpo = [parse_method(m) for m in c.methods if m.startswith("dpo:")]
+        dry_run.run_from_config(
+            c,
+            loss_name="sigmoid",
+            loss_hyper=dpo[0].loss_hyper if dpo else {"beta": 0.1},
+            seq_len=c.data.prefix_max_len + 1 + c.pairs.max_new_tokens,
+            reference="precomputed",
+        )
         return 0
     run(args.config)
     return 0
