@@ -504,12 +504,26 @@ def parse_row(row: Row, fmt: str = "auto", tokenizer: Any = None) -> list[Exampl
 def parse_rows(
     rows: Iterable[Row], fmt: str = "auto", tokenizer: Any = None, rejects: RejectLog | None = None
 ) -> list[Example]:
-    """Parse every row; bad rows go to `rejects` (which raises unless skipping)."""
+    """Parse every row; bad rows go to `rejects` (which raises unless skipping).
+
+    With `fmt="auto"` the format is detected once per source, from its first
+    row that detection accepts, so a later row missing a field is reported as
+    such rather than as an unknown format.
+    """
     rejects = rejects or RejectLog()
+    detected: dict[str, str] = {}
     out: list[Example] = []
     for row in rows:
         try:
-            out.extend(parse_row(row, fmt, tokenizer))
+            name = fmt
+            if fmt == "auto":
+                if row.source not in detected:
+                    try:
+                        detected[row.source] = detect_format(row.data)
+                    except DataError as e:
+                        raise e.located(row.source, row.line) from None
+                name = detected[row.source]
+            out.extend(parse_row(row, name, tokenizer))
         except DataError as e:
             rejects.handle(e, row.data)
     kinds = {type(ex) for ex in out}
