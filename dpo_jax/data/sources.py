@@ -222,18 +222,19 @@ def decode_record(value: Any, where: str, line: int) -> Any:
 
 
 def read_tfds(
-    name: str, split: str, rejects: RejectLog, data_dir: str | None = None
+    name: Any, split: str, rejects: RejectLog, data_dir: str | None = None
 ) -> Iterator[Row]:
     """Rows of a prepared TFDS dataset read through `as_data_source` (array_record, no TensorFlow).
 
     `name` is a registered builder name (import the module defining a custom
-    builder first). The dataset must already be prepared in `data_dir`.
+    builder first) or a builder instance. The dataset must already be prepared
+    (in `data_dir`) with `file_format="array_record"`.
     """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir) if isinstance(name, str) else name
     source = builder.as_data_source(split=split)
-    where = f"tfds:{name}/{split}"
+    where = f"tfds:{builder.name}/{split}"
     batch = 256
     for start in range(0, len(source), batch):
         idx = list(range(start, min(start + batch, len(source))))
