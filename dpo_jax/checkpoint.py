@@ -21,16 +21,17 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,32 @@ class SkippedStep(NamedTuple):
     moved_to: str | None
 
 
+# ---------------------------------------------------------------- paths
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """Local paths made absolute; gs:// and other remote paths (what Orbax takes) kept."""
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(text))
+
+
+def _copy_tree_files(source: epath.Path, target: epath.Path, keep: Callable[[str], bool]) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for p in source.iterdir():
+        if p.is_file() and keep(p.name):
+            p.copy(target / p.name, overwrite=True)
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith(("tokenizer", "special_tokens", "vocab")) or name in (
+        "merges.txt",
+        "chat_template.jinja",
+        "added_tokens.json",
+    )
+
+
 # ---------------------------------------------------------------- JSON helpers
 
 
@@ -223,7 +250,7 @@ def truncate_jsonl(path: str | os.PathLike, step: int, key: str = "step") -> int
     Called on resume so the metrics file reads as if the run had never been killed.
     Returns how many lines were dropped. A missing file is fine (returns 0).
     """
-    path = pathlib.Path(path)
+    path = as_path(path)
     if not path.exists() or jax.process_index() != 0:
         return 0
     kept, dropped = [], 0
@@ -243,7 +270,7 @@ def truncate_jsonl(path: str | os.PathLike, step: int, key: str = "step") -> int
     if dropped:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        tmp.replace(path)  # atomic on POSIX: a kill leaves the old or the new file
     return dropped
 
 
@@ -293,21 +320,21 @@ def _decode_data_state(data_state: Any) -> Any:
 # ----------------------------------------------------------- step directories
 
 
-def _step_dirs(directory: pathlib.Path) -> dict[int, pathlib.Path]:
+def _step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
     """Directories named by an integer step (what Orbax lists as steps)."""
     if not directory.is_dir():
         return {}
     return {int(p.name): p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()}
 
 
-def _unfinished_tmp_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
+def _unfinished_tmp_dirs(directory: epath.Path) -> list[epath.Path]:
     """Orbax's in-flight temporary step directories left behind by a kill."""
     if not directory.is_dir():
         return []
     return [p for p in directory.iterdir() if p.is_dir() and ".orbax-checkpoint-tmp" in p.name]
 
 
-def step_problem(step_dir: pathlib.Path) -> str | None:
+def step_problem(step_dir: epath.Path) -> str | None:
     """Why a step directory cannot be trusted, or None when it looks complete."""
     if not (step_dir / COMMIT_MARKER).is_file():
         return f"no commit marker ({COMMIT_MARKER})"
@@ -324,13 +351,13 @@ def step_problem(step_dir: pathlib.Path) -> str | None:
     return None
 
 
-def _move_aside(step_dir: pathlib.Path, reason_tag: str) -> str | None:
+def _move_aside(step_dir: epath.Path, reason_tag: str) -> str | None:
     """Rename a bad step out of Orbax's sight, keeping it for inspection."""
     if jax.process_index() != 0:
         return None
     target = step_dir.with_name(f"{step_dir.name}.skipped-{reason_tag}-{int(time.time())}")
     try:
-        os.replace(step_dir, target)
+        step_dir.rename(target)
     except OSError as e:  # read-only media: still refuse to use it, just do not move it
         log.warning("could not move %s aside: %s", step_dir, e)
         return None
@@ -368,7 +395,7 @@ class Checkpointer:
         model_config: Any = None,
         tokenizer: Any = None,
     ) -> None:
-        self.run_dir = pathlib.Path(run_dir).absolute()
+        self.run_dir = as_path(run_dir)
         self.directory = self.run_dir / CHECKPOINTS_SUBDIR
         self.options = options or CheckpointOptions()
         self.config = to_jsonable(config) if config is not None else {}
@@ -477,20 +504,17 @@ class Checkpointer:
         target = self.run_dir / TOKENIZER_SUBDIR
         if target.exists():
             return
+        # Written under a temporary name and renamed, so a kill never leaves half of it.
         tmp = self.run_dir / f"{TOKENIZER_SUBDIR}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            tmp.rmtree()
         if isinstance(tokenizer, str | os.PathLike):
-            source = pathlib.Path(tokenizer)
-            tmp.mkdir(parents=True)
-            for p in source.iterdir():
-                if p.is_file() and (
-                    p.name.startswith(("tokenizer", "special_tokens", "vocab"))
-                    or p.name in ("merges.txt", "chat_template.jinja", "added_tokens.json")
-                ):
-                    shutil.copy2(p, tmp / p.name)
+            _copy_tree_files(as_path(tokenizer), tmp, _is_tokenizer_file)
         else:
-            tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+            with tempfile.TemporaryDirectory() as local:  # save_pretrained writes locally
+                tokenizer.save_pretrained(local)
+                _copy_tree_files(epath.Path(local), tmp, lambda _: True)
+        tmp.rename(target)
 
     def maybe_save(
         self,
@@ -675,15 +699,13 @@ def _as_abstract(x: Any) -> Any:
 # ------------------------------------------------------------------------ export
 
 
-def resolve_checkpoint(
-    path: str | os.PathLike, step: int | None = None
-) -> tuple[pathlib.Path, int]:
+def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
     """``(checkpoints_dir, step)`` from a run dir, a checkpoints dir or one step dir.
 
     Without ``step`` the newest complete step is used; incomplete ones are reported
     and left alone (export never modifies a run).
     """
-    path = pathlib.Path(path).absolute()
+    path = as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if path.name.isdigit() and (path / STEP_METADATA).exists():
@@ -779,23 +801,28 @@ def export_hf(
             )
         model_config = models.ModelConfig.from_dict(saved)
     if tokenizer is None:
-        run_dir = pathlib.Path(path).absolute()
-        for candidate in (run_dir, run_dir.parent, run_dir.parent.parent):
+        # The run dir is the step dir's grandparent or the checkpoints dir's parent.
+        start = as_path(path)
+        for candidate in (start, start.parent, start.parent.parent):
             if (candidate / TOKENIZER_SUBDIR).is_dir():
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(candidate / TOKENIZER_SUBDIR)
+                tokenizer = _load_tokenizer(candidate / TOKENIZER_SUBDIR)
                 break
         else:
             log.warning("%s: no saved tokenizer found; exporting weights and config only", path)
     elif isinstance(tokenizer, str | os.PathLike):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = _load_tokenizer(as_path(tokenizer))
     output_dir = pathlib.Path(output_dir)
     models.save_hf(output_dir, model_config, params, tokenizer=tokenizer)
     log.info("exported step %d of %s to %s", step, path, output_dir)
     return output_dir
+
+
+def _load_tokenizer(directory: epath.Path) -> Any:
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as local:  # transformers reads local files only
+        _copy_tree_files(directory, epath.Path(local), lambda _: True)
+        return AutoTokenizer.from_pretrained(local)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

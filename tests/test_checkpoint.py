@@ -297,3 +297,39 @@ def test_tokenizer_dir_copied_once(tmp_path):
         "tokenizer_config.json",
     ]
     assert pathlib.Path(run / "tokenizer" / "tokenizer.json").read_text() == '{"x": 1}'
+
+
+def test_from_config_reads_checkpoint_section(tmp_path):
+    import ml_collections
+
+    config = ml_collections.ConfigDict(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "seed": 1,
+            "checkpoint": {"save_every": 3, "keep_last": 0, "keep_every": 6, "async_save": False},
+        }
+    )
+    with checkpoint.Checkpointer.from_config(config) as ckpt:
+        assert ckpt.options == checkpoint.CheckpointOptions(
+            save_every=3, keep_last=None, keep_every=6, async_save=False, force_resume=False
+        )
+        assert ckpt.directory == checkpoint.as_path(tmp_path / "run" / "checkpoints")
+        assert ckpt.config == {
+            "run_dir": str(tmp_path / "run"),
+            "seed": 1,
+            "checkpoint": {"save_every": 3, "keep_last": 0, "keep_every": 6, "async_save": False},
+        }
+        assert not ckpt.should_save(2) and ckpt.should_save(3)
+    config.run_dir = ""
+    with pytest.raises(ValueError, match="run_dir"):
+        checkpoint.Checkpointer.from_config(config)
+
+
+def test_tokenizer_object_saved_with_save_pretrained(tmp_path, tokenizer):
+    run = tmp_path / "run"
+    checkpoint.Checkpointer(run, config=CONFIG, tokenizer=tokenizer).close()
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(run / "tokenizer")
+    assert again("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+    assert not list(run.glob("tokenizer.tmp-*"))
