@@ -657,7 +657,14 @@ def load_hf(
                     f"(needed by model_type {cfg.model_type!r})"
                 )
             used.add(stored)
-            pieces = t.to_flax(reader.get(stored))
+            raw = reader.get(stored)
+            try:
+                pieces = t.to_flax(raw)
+            except ValueError as e:  # reshape of a tensor whose size disagrees with config.json
+                raise ValueError(
+                    f"{hf_dir}: tensor {stored!r} has shape {raw.shape}, which config.json "
+                    f"does not imply ({e})"
+                ) from e
             for path, piece in zip(t.paths, pieces, strict=True):
                 fpath, idx = _resolve(cfg, path, t.layer)
                 want = _get_path(abstract, fpath)
