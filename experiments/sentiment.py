@@ -143,14 +143,15 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             "cdpo:beta=0.1:label_smoothing=0.2", "rdpo:beta=0.1:rdpo_alpha=0.05",
         )  # fmt: skip
     elif preset == "smoke":
-        c.data.num_reviews = 400
-        c.data.tokenizer_vocab_size = 384
+        # Every sampler/scorer call has 64 rows (16 prompts x 4, or 64 prompts x 1), so
+        # each compiles once.
+        c.data.update(num_reviews=400, tokenizer_vocab_size=384)
         c.model.update(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=48)
         c.sft.update(steps=30, batch_size=16, max_len=40)
         c.pairs.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
         c.methods = ("dpo:beta=0.1", "preferred_ft", "best_of_n:n=4")
         c.train.update(steps=4, batch_size=8, eval_every=2)
-        c.eval.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
+        c.eval.update(num_prefixes=64, max_new_tokens=8, batch_size=64)
         c.progress = False
     elif preset == "imdb_gpt2_large":
         c.data.update(
@@ -313,6 +314,8 @@ class Task:
     ref_rejected: np.ndarray
     eval_prefixes: list[list[int]]
     run_dir: Path
+    scorer: Any  # jitted (params, batch of `score_rows` rows) -> summed completion log-probs
+    score_rows: int
 
     @property
     def row_length(self) -> int:
@@ -546,7 +549,8 @@ def build_task(config: ml_collections.ConfigDict, run_dir: Path, timings: dict[s
     )  # fmt: skip
     reward_fn = make_reward_fn(config.reward)
     prompts_rep = [p for p in pair_prefixes for _ in range(k)]
-    rewards_PxK = np.asarray(reward_fn(decode_texts(tokenizer, prompts_rep, comps))).reshape(-1, k)
+    texts = decode_texts(tokenizer, prompts_rep, comps)
+    rewards_PxK = np.asarray(reward_fn(texts)).reshape(-1, k)
     triples = label_pairs(rewards_PxK)
     if not triples:
         raise RuntimeError("every sampled completion got the same reward: no preference pairs")
@@ -554,7 +558,8 @@ def build_task(config: ml_collections.ConfigDict, run_dir: Path, timings: dict[s
     rejected = [comps[p * k + j] for p, _, j in triples]
     prompts = [pair_prefixes[p] for p, _, _ in triples]
     length = d.prefix_max_len + 1 + pr.max_new_tokens
-    rows = config.train.batch_size * 2
+    # One scorer (one compiled shape) serves the pairs' reference log-probs and every eval.
+    rows = config.eval.batch_size
     scorer = make_scorer(model, rows)
     ref_chosen = score_sequences(scorer, rows, params, prompts, chosen, length, pad_id)
     ref_rejected = score_sequences(scorer, rows, params, prompts, rejected, length, pad_id)
@@ -570,12 +575,14 @@ def build_task(config: ml_collections.ConfigDict, run_dir: Path, timings: dict[s
                 chosen=tokenizer.decode(c, skip_special_tokens=True),
                 rejected=tokenizer.decode(r, skip_special_tokens=True),
                 chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
+                chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
             )) + "\n")  # fmt: skip
     return Task(
         config=config, tokenizer=tokenizer, model=model, model_cfg=model_cfg, sft_params=params,
         pad_id=pad_id, eos_id=eos_id, reward_fn=reward_fn, pair_prompts=prompts,
         pair_chosen=chosen, pair_rejected=rejected, ref_chosen=ref_chosen,
         ref_rejected=ref_rejected, eval_prefixes=eval_prefixes, run_dir=run_dir,
+        scorer=scorer, score_rows=rows,
     )  # fmt: skip
 
 
@@ -597,8 +604,7 @@ class Evaluator:
 
     def __init__(self, task: Task):
         self.task = task
-        self.rows = task.config.eval.batch_size
-        self.scorer = make_scorer(task.model, self.rows)
+        self.rows = task.score_rows
         self.key = jax.random.key(task.config.eval.seed)
 
     def __call__(self, params: Any) -> Evaluation:
@@ -608,7 +614,7 @@ class Evaluator:
             t.eos_id, t.pad_id,
         )  # fmt: skip
         ref_logps = score_sequences(
-            self.scorer, self.rows, t.sft_params, t.eval_prefixes, comps, t.row_length, t.pad_id
+            t.scorer, self.rows, t.sft_params, t.eval_prefixes, comps, t.row_length, t.pad_id
         )
         texts = decode_texts(t.tokenizer, t.eval_prefixes, comps)
         rewards_N = np.asarray(t.reward_fn(texts), np.float64)

@@ -1,0 +1,150 @@
+"""experiments.sentiment: the shrunken pipeline end to end, plus its pure pieces.
+
+The end-to-end test runs the `smoke` preset once (module-scoped fixture) and checks the
+run directory against second computations: VADER re-run on the saved texts, KL recomputed
+from the saved per-sequence log-probs, the SFT policy's KL against itself (sampler
+log-probs vs a full forward of the same params: two code paths), and the pairs' labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from dpo_jax.metrics import read_jsonl
+from experiments import common, sentiment
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    config = sentiment.get_config("smoke")
+    config.workdir = str(tmp_path_factory.mktemp("sentiment_smoke"))
+    run_dir = sentiment.run(config)
+    with open(run_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return run_dir, config, rows
+
+
+def test_run_dir_has_every_artifact(smoke_run):
+    run_dir, config, rows = smoke_run
+    for name in ("config.json", "results.csv", "frontier.png", "samples.jsonl", "pairs.jsonl",
+                 "timings.json", "tokenizer/tokenizer.json", "sft/metrics.jsonl"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run_dir / "config.json").read_text())["methods"] == list(config.methods)
+    with open(run_dir / "results.csv") as f:
+        assert tuple(next(csv.reader(f))) == sentiment.RESULT_COLUMNS
+    methods = {r["method"] for r in rows}
+    assert methods == {"sft", "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4"}
+    # Trained methods: an eval at step 0 (the SFT policy) and every eval_every steps.
+    dpo_steps = [int(r["step"]) for r in rows if r["method"] == "dpo:beta=0.1"]
+    assert dpo_steps == [0, 2, 4]
+    for row in rows:
+        assert np.isfinite(float(row["reward"])) and -1.0 <= float(row["reward"]) <= 1.0
+        assert np.isfinite(float(row["kl"]))
+        assert int(row["num_samples"]) == config.eval.num_prefixes
+    # Per-method metrics: JSONL with the loss and the periodic eval numbers.
+    lines = read_jsonl(run_dir / "methods" / "dpo_beta=0.1" / "metrics.jsonl")
+    assert [ln["step"] for ln in lines] == [2, 4]
+    assert all(np.isfinite(ln["loss"]) and "eval/kl" in ln and "eval/reward" in ln for ln in lines)
+    assert list((run_dir / "methods" / "dpo_beta=0.1" / "tensorboard").iterdir())
+
+
+def test_reward_and_kl_agree_with_a_second_computation(smoke_run):
+    run_dir, config, rows = smoke_run
+    vader = SentimentIntensityAnalyzer()
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    final = {r["method"]: r for r in rows if r["final"] == "1"}
+    for method in ("sft", "dpo:beta=0.1", "preferred_ft"):
+        mine = [s for s in samples if s["method"] == method]
+        assert len(mine) == config.eval.num_prefixes
+        rewards = [vader.polarity_scores(s["text"])["compound"] for s in mine]
+        np.testing.assert_allclose(np.mean(rewards), float(final[method]["reward"]), atol=1e-6)
+        np.testing.assert_allclose([s["reward"] for s in mine], rewards, atol=1e-6)
+        kl = np.mean([s["policy_logp"] - s["ref_logp"] for s in mine])
+        np.testing.assert_allclose(kl, float(final[method]["kl"]), atol=1e-6)
+    # pi = pi_sft: the sampler's own log-probs (KV-cache decode) and a full forward of the
+    # same params agree token for token, so the KL estimate of SFT against itself is ~0.
+    sft = [s for s in samples if s["method"] == "sft"]
+    np.testing.assert_allclose(
+        [s["policy_logp"] for s in sft], [s["ref_logp"] for s in sft], atol=2e-3, rtol=1e-4
+    )
+    # The trained policies moved away from the SFT policy.
+    assert float(final["preferred_ft"]["kl"]) != 0.0
+
+
+def test_pairs_are_labelled_by_vader(smoke_run):
+    run_dir, config, _ = smoke_run
+    vader = SentimentIntensityAnalyzer()
+    pairs = read_jsonl(run_dir / "pairs.jsonl")
+    k = config.pairs.samples_per_prefix
+    assert 0 < len(pairs) <= config.pairs.num_prefixes * k * (k - 1) // 2
+    for p in pairs:
+        assert p["chosen_reward"] > p["rejected_reward"]
+        assert vader.polarity_scores(p["chosen_text"])["compound"] == pytest.approx(
+            p["chosen_reward"], abs=1e-6
+        )
+        assert vader.polarity_scores(p["rejected_text"])["compound"] == pytest.approx(
+            p["rejected_reward"], abs=1e-6
+        )
+        assert p["chosen_text"].startswith(p["prefix"])
+
+
+def test_best_of_n_is_at_least_the_sft_mean_and_its_kl_is_analytic(smoke_run):
+    _, _, rows = smoke_run
+    bon = next(r for r in rows if r["method"] == "best_of_n:n=4")
+    np.testing.assert_allclose(float(bon["kl"]), np.log(4) - 3 / 4, rtol=1e-9)
+    # The max of 4 samples beats the mean of 1 sample on average: 64 prompts make the
+    # gap far larger than the noise (rewards are in [-1, 1]).
+    sft = next(r for r in rows if r["method"] == "sft")
+    assert float(bon["reward"]) > float(sft["reward"])
+
+
+def test_label_pairs_by_hand():
+    rewards = np.array([[0.5, -0.2, 0.5, 0.9], [0.0, 0.0, 0.0, 0.0]])
+    pairs = sentiment.label_pairs(rewards)
+    # Prefix 0: 6 pairs minus the tie (0, 2); prefix 1: all ties.
+    assert pairs == [(0, 0, 1), (0, 3, 0), (0, 2, 1), (0, 3, 1), (0, 3, 2)]
+
+
+def test_parse_method():
+    m = sentiment.parse_method("cdpo:beta=0.1:label_smoothing=0.2:seed=3")
+    assert (m.kind, m.loss_name, m.loss_hyper, m.seed) == (
+        "cdpo",
+        "sigmoid",
+        {"beta": 0.1, "label_smoothing": 0.2},
+        3,
+    )
+    assert sentiment.parse_method("preferred_ft").loss_name == "sft"
+    with pytest.raises(ValueError, match="needs beta"):
+        sentiment.parse_method("dpo")
+    with pytest.raises(ValueError, match="not a number"):
+        sentiment.parse_method("dpo:beta=abc")
+
+
+def test_command_line_overrides_and_presets():
+    args = common.parse_args(
+        sentiment.get_config,
+        ["--preset=frontier", "--config.train.steps=7", "--config.train.learning_rate=1",
+         "--config.methods=('dpo:beta=0.5',)", "--config.progress=false"],
+        sentiment.PRESETS,
+    )  # fmt: skip
+    c = args.config
+    assert (c.preset, c.train.steps, c.train.learning_rate, c.methods, c.progress) == (
+        "frontier", 7, 1.0, ("dpo:beta=0.5",), False,
+    )  # fmt: skip
+    with pytest.raises(KeyError, match="unknown field 'stepz'"):
+        common.parse_args(sentiment.get_config, ["--config.train.stepz=1"], sentiment.PRESETS)
+    with pytest.raises(SystemExit, match="unknown preset"):
+        common.parse_args(sentiment.get_config, ["--preset=nope"], sentiment.PRESETS)
+    # Every preset's methods parse and name registered losses.
+    from dpo_jax import losses
+
+    for preset in ("default", "frontier"):
+        for spec in sentiment.get_config(preset).methods:
+            m = sentiment.parse_method(spec)
+            assert m.kind == "best_of_n" or m.loss_name in losses.names(), spec
