@@ -248,29 +248,40 @@ def truncate_jsonl(path: str | os.PathLike, step: int, key: str = "step") -> int
     """Drop lines of a metrics JSONL written after ``step`` (and a torn last line).
 
     Called on resume so the metrics file reads as if the run had never been killed.
+    When the dropped lines are a tail (the normal case) the file is truncated in
+    place, so a writer that already holds it open in append mode keeps working.
     Returns how many lines were dropped. A missing file is fine (returns 0).
     """
     path = as_path(path)
     if not path.exists() or jax.process_index() != 0:
         return 0
-    kept, dropped = [], 0
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_bytes().splitlines(keepends=True)
+    keep: list[bool] = []
     for i, line in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:  # torn by a kill mid-write
-                dropped += 1
+                keep.append(False)
                 continue
             raise CheckpointError(f"{path}:{i + 1}: not a JSON line ({e.msg})") from e
-        if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] > step:
-            dropped += 1
-            continue
-        kept.append(line if line.endswith("\n") else line + "\n")
-    if dropped:
+        late = isinstance(row, dict) and isinstance(row.get(key), int) and row[key] > step
+        keep.append(not late)
+    dropped = keep.count(False)
+    if not dropped:
+        return 0
+    kept = [line for line, k in zip(lines, keep, strict=True) if k]
+    prefix = sum(keep[: len(kept)]) == len(kept)
+    if prefix and "://" not in os.fspath(path):
+        with open(os.fspath(path), "r+b") as f:
+            f.truncate(sum(len(line) for line in kept))
+            if kept and not kept[-1].endswith(b"\n"):
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+    else:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)  # atomic on POSIX: a kill leaves the old or the new file
+        tmp.write_bytes(b"".join(k if k.endswith(b"\n") else k + b"\n" for k in kept))
+        tmp.replace(path)  # atomic: a kill leaves the old or the new file
     return dropped
 
 
@@ -394,8 +405,11 @@ class Checkpointer:
         config: Any = None,
         model_config: Any = None,
         tokenizer: Any = None,
+        metrics_path: str | os.PathLike | None = None,
     ) -> None:
         self.run_dir = as_path(run_dir)
+        # On resume, metric rows written after the restored step are dropped from here.
+        self.metrics_path = as_path(metrics_path) if metrics_path is not None else None
         self.directory = self.run_dir / CHECKPOINTS_SUBDIR
         self.options = options or CheckpointOptions()
         self.config = to_jsonable(config) if config is not None else {}
@@ -484,12 +498,15 @@ class Checkpointer:
         )
         if not config.get("run_dir", None):
             raise ValueError("checkpointing needs config.run_dir")
+        from dpo_jax.metrics import METRICS_FILENAME
+
         return cls(
             config["run_dir"],
             options=options,
             config=config,
             model_config=model_config,
             tokenizer=tokenizer,
+            metrics_path=as_path(config["run_dir"]) / METRICS_FILENAME,
         )
 
     # -- saving
@@ -673,13 +690,27 @@ class Checkpointer:
             data_state = _decode_data_state(restored["data"])
             log.info("resumed from %s", self.directory / str(step))
             self._last_step = step
+            self._truncate_metrics(step)
             return Restored(
                 step, state, data_state, dict(meta.get("extra") or {}), meta.get("config") or {}
             )
         if moved_any:
             _sync("dpo_jax_checkpoint_skip")
             self._manager.reload()
+        self._truncate_metrics(0)  # a rerun from scratch starts its metrics afresh
         return None
+
+    def _truncate_metrics(self, step: int) -> None:
+        if self.metrics_path is None:
+            return
+        dropped = truncate_jsonl(self.metrics_path, step)
+        if dropped:
+            log.warning(
+                "%s: dropped %d metric rows written after step %d by the interrupted run",
+                self.metrics_path,
+                dropped,
+                step,
+            )
 
 
 def _as_abstract(x: Any) -> Any:

@@ -333,3 +333,35 @@ def test_tokenizer_object_saved_with_save_pretrained(tmp_path, tokenizer):
     again = AutoTokenizer.from_pretrained(run / "tokenizer")
     assert again("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
     assert not list(run.glob("tokenizer.tmp-*"))
+
+
+def test_truncate_in_place_keeps_an_open_append_handle_working(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- like MetricsWriter
+    for s in range(1, 6):
+        handle.write(json.dumps({"step": s}) + "\n")
+    handle.flush()
+    assert checkpoint.truncate_jsonl(path, 2) == 3
+    handle.write(json.dumps({"step": 3, "again": True}) + "\n")
+    handle.close()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"step": 1},
+        {"step": 2},
+        {"step": 3, "again": True},
+    ]
+
+
+def test_restore_truncates_the_runs_metrics_file(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
+    state = make_state()
+    opts = checkpoint.CheckpointOptions(save_every=2)
+    with checkpoint.Checkpointer(tmp_path, options=opts, config=CONFIG, metrics_path=metrics) as c:
+        assert c.restore_or_none(abstract_of(state)) is None
+    assert metrics.read_text() == ""  # nothing checkpointed: a rerun starts from scratch
+    metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
+    with checkpoint.Checkpointer(tmp_path, options=opts, config=CONFIG, metrics_path=metrics) as c:
+        c.maybe_save(4, state, None)
+    with checkpoint.Checkpointer(tmp_path, options=opts, config=CONFIG, metrics_path=metrics) as c:
+        assert c.restore_or_none(abstract_of(state)).step == 4
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]

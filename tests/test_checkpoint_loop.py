@@ -214,6 +214,15 @@ def reference_run(tmp_path_factory) -> pathlib.Path:
     return run_dir
 
 
+def test_checkpoint_holds_policy_not_frozen_reference(reference_run):
+    """The frozen reference is the initial policy: rebuilt on resume, never saved."""
+    meta = (reference_run / "checkpoints" / "10" / "state" / "_METADATA").read_text()
+    assert "opt_state" in meta and "params" in meta and "rng" in meta
+    assert "ref_params" not in meta
+    saved = json.loads((reference_run / "checkpoints" / "10" / "data" / "metadata").read_text())
+    assert saved == {"index": 10}
+
+
 def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, reference_run):
     rng = random.Random(os.environ.get("DPO_JAX_KILL_SEED", "5"))
     run_dir = tmp_path / "run"
@@ -300,6 +309,23 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("seed", range(3))
+def test_repeated_sigkills_at_random_steps(tmp_path, reference_run, seed):
+    """Killed three times at random points (some during async saves), rerun each time."""
+    rng = random.Random(seed)
+    run_dir = tmp_path / "run"
+    first_commit = SAVE_EVERY
+    for _ in range(3):
+        kill_step = rng.randint(first_commit + 1, NUM_STEPS)
+        proc_rc, _ = run_and_signal(run_dir, signal.SIGKILL, kill_step, first_commit)
+        if proc_rc == 0:
+            break
+    if not (run_dir / "final_params.npz").exists():
+        run_to_end(run_dir)
+    assert_same_run(run_dir, reference_run)
 
 
 if __name__ == "__main__":
