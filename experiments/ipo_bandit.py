@@ -19,7 +19,7 @@ Dataset `tie_unseen_c` = {(a,b),(b,a)} is the one issue 7 names. There neither l
 can move pi(c) toward 0: the logit of c gets no gradient (log pi(a) - log pi(b) does not
 depend on it), and every per-pair gradient, hence every Adam update, changes theta_a and
 theta_b by opposite amounts, so theta_a + theta_b stays 0 and
-pi(c) = 1 / (1 + 2 cosh(theta_a - theta_b)) <= 1/3, which is 1/3 up to the sampling
+pi(c) = 1 / (1 + 2 cosh((theta_a - theta_b)/2)) <= 1/3, which is 1/3 up to the sampling
 noise in theta_a - theta_b; the table shows it for DPO and IPO alike. The over-fitting the paper illustrates
 appears when c is observed and always loses: `tie_c_loses` = {(a,b),(b,a),(a,c),(b,c)},
 where DPO drives pi(c) to 0 and IPO keeps pi(c) = e^-k / (2 + e^-k), k = 1/(2 tau).
