@@ -1,4 +1,4 @@
-"""The prefix-shared layout gives the same per-sequence log-probs as the stacked layout."""
+"""The prefix-shared (and packed) layouts give the same per-sequence log-probs as stacked."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def _numpy_stacked_logps(logits, batch, num_sequences):
     "family,kind",
     [
         ("llama", "paired"),
-        ("gpt2", "unpaired"),
-        # The other two combinations add little; kept for `pytest -m heavy`.
+        # Learned positions (GPT-2) and KTO's KL rows; slower, kept for `pytest -m heavy`.
+        pytest.param("gpt2", "unpaired", marks=pytest.mark.heavy),
         pytest.param("llama", "unpaired", marks=pytest.mark.heavy),
         pytest.param("gpt2", "paired", marks=pytest.mark.heavy),
     ],
@@ -88,8 +88,12 @@ def test_prefix_shared_equals_stacked_logps(family, kind):
     assert shared["input_ids"].shape[0] == b and stacked["input_ids"].shape[0] == 2 * b
     logits_stacked, lp_stacked = _logps(model, params, stacked, 2 * b)
     _, lp_shared = _logps(model, params, shared, 2 * b)
+    packed = build_batch(items, kind, "packed", length=stacked["input_ids"].shape[1] * 2)
+    assert packed["input_ids"].shape[0] < 2 * b  # several sequences really share rows
+    _, lp_packed = _logps(model, params, packed, 2 * b)
     np.testing.assert_allclose(
         lp_stacked, _numpy_stacked_logps(logits_stacked, stacked, 2 * b), atol=1e-4, rtol=0
     )
     np.testing.assert_allclose(lp_shared, lp_stacked, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lp_packed, lp_stacked, atol=1e-4, rtol=0)
     assert np.all(np.abs(lp_stacked) > 1.0)  # non-trivial values were compared
