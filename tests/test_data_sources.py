@@ -134,3 +134,22 @@ def test_load_accepts_config_dict(tmp_path):
                                      "cache_dir": ""})  # fmt: skip
     ds = load_preference_data(cfg, tiny_tokenizer(), None)
     assert len(ds) == 2 and "from_cache" not in ds.stats
+
+
+def test_load_from_trainer_style_config(tmp_path):
+    import ml_collections
+
+    _write_jsonl(tmp_path / "train.jsonl", ROWS[:4])
+    _write_jsonl(tmp_path / "eval.jsonl", ROWS[4:])
+    cfg = ml_collections.ConfigDict(
+        {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"),
+         "format": "auto", "max_length": 32, "max_prompt_length": 16,
+         "truncation_mode": "keep_end", "layout": "stacked", "shuffle": True,
+         "skip_bad_rows": False, "cache_dir": ""}
+    )  # fmt: skip
+    tok = tiny_tokenizer()
+    train = load_preference_data(cfg, tok, str(tmp_path), split="train")
+    ev = load_preference_data(cfg, tok, str(tmp_path), split="eval", unpaired=True)
+    assert len(train) == 4 and train.kind == "paired"
+    assert len(ev) == 4 and ev.kind == "unpaired"
+    assert ev[0]["prompt"].tolist() == tok(ROWS[4]["prompt"])["input_ids"]

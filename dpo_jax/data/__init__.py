@@ -72,16 +72,27 @@ def _as_dict(spec: Any) -> dict[str, Any]:
     return dict(spec)
 
 
-def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog) -> list:
-    """Read and parse the sources of `spec` (see `load_preference_data`)."""
-    spec = _as_dict(spec)
-    sources = spec.get("sources")
-    if sources is None and "path" in spec:
-        sources = [spec["path"]] if isinstance(spec["path"], str) else list(spec["path"])
-    if not sources:
-        raise ValueError("data spec needs 'sources' (a list of paths or source dicts) or 'path'")
+def _sources(spec: dict[str, Any], split: str | None) -> list:
+    if spec.get("sources"):
+        sources = spec["sources"]
+    elif spec.get("path"):
+        sources = spec["path"]
+    elif split is not None and spec.get(split):
+        sources = spec[split]  # the trainer's config: data.train / data.eval
+    else:
+        where = f"'{split}', " if split else ""
+        raise ValueError(
+            f"data spec needs {where}'sources' or 'path' (paths, globs or source dicts)"
+        )
     if isinstance(sources, str | Mapping):
         sources = [sources]
+    return list(sources)
+
+
+def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog, split: str | None = None) -> list:
+    """Read and parse the sources of `spec` (see `load_preference_data`)."""
+    spec = _as_dict(spec)
+    sources = _sources(spec, split)
     examples = parse_rows(
         read_sources(sources, rejects), spec.get("format", "auto"), tokenizer, rejects
     )
@@ -93,17 +104,27 @@ def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog) -> list:
     return examples
 
 
-def load_preference_data(spec: Any, tokenizer: Any, run_dir: str | None = None) -> TokenizedDataset:
+def load_preference_data(
+    spec: Any,
+    tokenizer: Any,
+    run_dir: str | None = None,
+    split: str | None = None,
+    unpaired: bool | None = None,
+) -> TokenizedDataset:
     """Read, parse, check and tokenize a preference (or unpaired) dataset.
 
-    Config keys (dict or ConfigDict):
+    Config keys (dict or ConfigDict; other keys are ignored, so the trainer's
+    whole `config.data` can be passed):
       sources: list of sources; each a path/glob string, or a dict with `path`
         (+ `type`: jsonl|json|parquet), `tfds` (+ `split`, `data_dir`) or `hf`
         (save_to_disk dir or cached hub name; + `split`, `cache_dir`,
-        `allow_download`, default False). `path` alone is a shorthand.
+        `allow_download`, default False). `path` alone is a shorthand; without
+        either, `spec[split]` is used (e.g. `split="train"` reads `data.train`).
       format: "auto" (detected per row) or one of `PARSERS` (explicit, implicit,
         conversational, ultrafeedback, hh, shp, stack_exchange, tldr, unpaired).
-      unpaired: convert pairs to unpaired rows (chosen desirable, rejected not).
+      unpaired: convert pairs to unpaired rows (chosen desirable, rejected not);
+        the `unpaired` argument, when given, overrides it (the trainer passes
+        `not losses.is_paired(loss)`).
       limit: keep only the first N examples.
       max_length, max_prompt_length, max_completion_length, truncation_mode
         ("keep_end" | "keep_start"), add_eos: see `dpo_jax.data.tokenize`.
@@ -117,7 +138,9 @@ def load_preference_data(spec: Any, tokenizer: Any, run_dir: str | None = None) 
     rejects = RejectLog(skip_bad_rows=bool(spec.get("skip_bad_rows", False)), run_dir=run_dir)
     if rejects.skip_bad_rows and run_dir is None:
         raise ValueError("skip_bad_rows=True needs a run_dir for the rejects file")
-    examples = load_examples(spec, tokenizer, rejects)
+    if unpaired is not None:
+        spec["unpaired"] = unpaired
+    examples = load_examples(spec, tokenizer, rejects, split)
     if not examples:
         rejects.finalize()
         raise ValueError("the data spec produced no usable examples")
