@@ -8,7 +8,8 @@ and `2B` completions, where completion `k` continues prompt `k mod B`.
 
 A batch is a dict of numpy arrays: input_ids, positions, segment_ids,
 sequence_index [N, L] int32; attn_mask [N, L, L] bool (prefix_shared only);
-ref_logps [2B] float32 (paired, when precomputed); labels [B] int32 (unpaired).
+ref_logps [2B] float32 (paired, when precomputed; not for unpaired data, whose
+KL rows depend on how batches are drawn); labels [B] int32 (unpaired).
 The log-prob of a token marked `k` in sequence_index comes from the logits at
 the previous row position, so every completion token follows at least one token.
 """

@@ -376,7 +376,10 @@ def parse_conversational(row: Mapping[str, Any], tokenizer: Any = None) -> list[
         raise DataError("empty chosen or rejected completion", reason="empty_completion")
     p, c = render_chat(tokenizer, prompt, chosen)
     p2, r = render_chat(tokenizer, prompt, rejected)
-    assert p == p2  # same prompt messages render identically
+    if p != p2:  # a template that renders the same messages differently is unusable
+        raise DataError(
+            "chat template renders the prompt inconsistently", reason="template_mismatch"
+        )
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if not "".join(m["content"] for m in msgs).strip():
             raise DataError(f"empty {name} completion", reason="empty_completion")

@@ -1,7 +1,10 @@
 """Tokenization with TRL's boundary convention, truncation, and an on-disk cache.
 
 Convention (TRL): prompt ids = tok(prompt); completion ids =
-tok(prompt + completion)[len(prompt ids):] followed by eos. When tok(prompt) is
+tok(prompt + completion)[len(prompt ids):] followed by eos (not appended twice
+when the completion already ends with the eos token). Plain text is encoded
+with the tokenizer's special tokens (e.g. BOS); chat-template text already holds
+them, so it is encoded with `add_special_tokens=False`. When tok(prompt) is
 not a prefix of tok(prompt + completion) (a merge across the boundary), the
 completion ids are still taken from that offset, and the case is counted and
 reported in one warning.
@@ -23,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,7 +144,7 @@ class TokenizedDataset:
         arrays["meta"] = np.frombuffer(
             json.dumps({"kind": self.kind, "stats": self.stats}).encode(), np.uint8
         )
-        tmp = f"{path}.tmp.{os.getpid()}.npz"
+        tmp = f"{path}.tmp.{uuid.uuid4().hex}.npz"  # unique even across hosts on shared disks
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
