@@ -33,7 +33,6 @@ Presets (``--preset=NAME``):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import sys
@@ -43,15 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
-from dpo_jax import evaluation, logprobs, losses, models, optim, rewards, sampling, sft, train_step
-from dpo_jax import metrics as dpo_metrics
-from dpo_jax.data import batching
-from experiments import common, synthetic_reviews
+from dpo_jax import evaluation, models, rewards
+from experiments import common, pipeline, synthetic_reviews
 
 PRESETS = ("default", "frontier", "smoke", "imdb_gpt2_large")
 
@@ -300,22 +295,14 @@ class Task:
     config: ml_collections.ConfigDict
     tokenizer: Any
     model: Any
-    model_cfg: Any
     sft_params: Any
     pad_id: int
     eos_id: int
     reward_fn: Any
-    # Preference pairs: prefix ids, chosen/rejected completion ids (with EOS if emitted),
-    # reference (SFT) log-probs of chosen and rejected.
-    pair_prompts: list[list[int]]
-    pair_chosen: list[list[int]]
-    pair_rejected: list[list[int]]
-    ref_chosen: np.ndarray
-    ref_rejected: np.ndarray
+    pairs: pipeline.PairData
     eval_prefixes: list[list[int]]
+    scorer: pipeline.Scorer  # one compiled shape for the pairs' reference and every eval
     run_dir: Path
-    scorer: Any  # jitted (params, batch of `score_rows` rows) -> summed completion log-probs
-    score_rows: int
 
     @property
     def row_length(self) -> int:
@@ -363,143 +350,13 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int, 
         num_layers=m.num_layers,
         num_heads=m.num_heads,
         max_position_embeddings=m.max_position_embeddings,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
     return cfg, models.init_params(cfg, jax.random.key(config.seed))
-
-
-def apply_fn(model: Any):
-    """`(params, ids, positions=, segment_ids=) -> logits`, the signature dpo_jax.sft uses."""
-
-    def fn(params, input_ids, positions=None, segment_ids=None):
-        return model.apply(
-            {"params": params}, input_ids, positions=positions, segment_ids=segment_ids
-        )
-
-    return fn
-
-
-def train_sft(
-    config: ml_collections.ConfigDict,
-    model: Any,
-    params: Any,
-    sequences: list[list[int]],
-    pad_id: int,
-    run_dir: Path,
-) -> Any:
-    """Language-model the corpus (every token after the first is a target)."""
-    s = config.sft
-    optimizer, _ = optim.make_optimizer(
-        dict(name="adamw", learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
-             schedule="cosine", weight_decay=0.01, max_grad_norm=1.0),
-        s.steps,
-        params,
-    )  # fmt: skip
-    state = sft.init_state(params, optimizer)
-    step_fn = sft.make_sft_step(apply_fn(model), optimizer)
-    batches = sft.iterate_sft_batches(
-        sequences, [1] * len(sequences), s.batch_size, s.max_len, pad_id, config.seed
-    )
-    writer = dpo_metrics.MetricsWriter(run_dir / "sft")
-    bar = tqdm(range(1, s.steps + 1), desc="SFT", disable=not config.progress, dynamic_ncols=True)
-    for step in bar:
-        state, m = step_fn(state, next(batches))
-        if step % 25 == 0 or step == s.steps:
-            m = jax.device_get(m)
-            writer.write(step, m)
-            bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-    writer.close()
-    return state.params
-
-
-def sample(
-    task_model: Any,
-    params: Any,
-    prompts: list[list[int]],
-    key: jax.Array,
-    n: int,
-    max_new_tokens: int,
-    temperature: float,
-    batch_prompts: int,
-    eos_id: int,
-    pad_id: int,
-    desc: str = "",
-    progress: bool = False,
-) -> tuple[list[list[int]], np.ndarray]:
-    """n completions per prompt (row i*n+j = sample j of prompt i) and their log-probs under
-    the sampling model (sum over generated tokens, EOS included).
-
-    Prompts go in fixed-size chunks (the last one padded by repetition) so the sampler
-    compiles once; each chunk gets its own key folded from `key`.
-    """
-    config = sampling.SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        n=n,
-        eos_token_ids=(eos_id,),
-        pad_token_id=pad_id,
-    )
-    completions: list[list[int]] = []
-    logps: list[np.ndarray] = []
-    starts = range(0, len(prompts), batch_prompts)
-    for chunk, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
-        part = prompts[start : start + batch_prompts]
-        real = len(part)
-        part = part + [part[-1]] * (batch_prompts - real)
-        out = sampling.generate(task_model, params, part, jax.random.fold_in(key, chunk), config)
-        completions += out.completion_ids(keep_eos=True)[: real * n]
-        logps.append((out.logps * out.mask).sum(axis=1)[: real * n])
-    return completions, np.concatenate(logps).astype(np.float64)
-
-
-def make_scorer(model: Any, rows: int):
-    """A jitted `score(params, batch) -> [rows] summed completion log-probs`."""
-
-    @jax.jit
-    def score(params, batch):
-        logits = model.apply(
-            {"params": params}, batch["input_ids"], positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-        )  # fmt: skip
-        return logprobs.sequence_logps(logits, batch, rows).logps_S
-
-    return score
-
-
-def score_sequences(
-    scorer: Any,
-    rows: int,
-    params: Any,
-    prompts: list[list[int]],
-    completions: list[list[int]],
-    length: int,
-    pad_id: int,
-) -> np.ndarray:
-    """log p(completion | prompt) under `params` for every pair of lists, in fixed chunks."""
-    out = []
-    for start in range(0, len(prompts), rows):
-        p = prompts[start : start + rows]
-        c = completions[start : start + rows]
-        real = len(p)
-        p, c = p + [p[-1]] * (rows - real), c + [c[-1]] * (rows - real)
-        # build_stacked lays out 2*len(p) rows (pairs); with every sequence in the first
-        # half, the first `rows` rows are exactly the stacked layout of these sequences.
-        batch = batching.build_stacked(p, c, length, pad_id)
-        batch = {k: v[:rows] for k, v in batch.items()}
-        out.append(np.asarray(scorer(params, batch))[:real])
-    return np.concatenate(out).astype(np.float64)
-
-
-def decode_texts(
-    tokenizer: Any, prompts: list[list[int]], completions: list[list[int]]
-) -> list[str]:
-    """Prefix + completion as text (special tokens dropped): what the reward scores."""
-    return [
-        tokenizer.decode(list(p) + list(c), skip_special_tokens=True)
-        for p, c in zip(prompts, completions, strict=True)
-    ]
 
 
 def build_task(config: ml_collections.ConfigDict, run_dir: Path, timings: dict[str, float]) -> Task:
@@ -537,52 +394,53 @@ def build_task(config: ml_collections.ConfigDict, run_dir: Path, timings: dict[s
         f"SFT model: {models.param_count(model_cfg) / 1e6:.2f}M parameters, vocab {len(tokenizer)}"
     )
     if not config.model.model_dir:
-        params = train_sft(config, model, params, sft_seqs, pad_id, run_dir)
+        params = pipeline.train_sft(
+            model, params, sft_seqs, [1] * len(sft_seqs), config.sft, pad_id, config.seed,
+            run_dir / "sft", config.progress,
+        )  # fmt: skip
     timings["sft_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pr = config.pairs
-    k = pr.samples_per_prefix
-    comps, _ = sample(
-        model, params, pair_prefixes, jax.random.key(config.seed + 7), k, pr.max_new_tokens,
-        pr.temperature, max(1, pr.batch_size // k), eos_id, pad_id, "sample pairs", config.progress,
+    pr, k = config.pairs, config.pairs.samples_per_prefix
+    comps, _ = pipeline.sample(
+        model, params, pair_prefixes, jax.random.key(config.seed + 7), n=k,
+        max_new_tokens=pr.max_new_tokens, temperature=pr.temperature, rows=pr.batch_size,
+        eos_id=eos_id, pad_id=pad_id, desc="sample pairs", progress=config.progress,
     )  # fmt: skip
     reward_fn = make_reward_fn(config.reward)
-    prompts_rep = [p for p in pair_prefixes for _ in range(k)]
-    texts = decode_texts(tokenizer, prompts_rep, comps)
+    texts = pipeline.decode_texts(tokenizer, [p for p in pair_prefixes for _ in range(k)], comps)
     rewards_PxK = np.asarray(reward_fn(texts)).reshape(-1, k)
     triples = label_pairs(rewards_PxK)
     if not triples:
         raise RuntimeError("every sampled completion got the same reward: no preference pairs")
-    chosen = [comps[p * k + i] for p, i, _ in triples]
-    rejected = [comps[p * k + j] for p, _, j in triples]
-    prompts = [pair_prefixes[p] for p, _, _ in triples]
-    length = d.prefix_max_len + 1 + pr.max_new_tokens
-    # One scorer (one compiled shape) serves the pairs' reference log-probs and every eval.
-    rows = config.eval.batch_size
-    scorer = make_scorer(model, rows)
-    ref_chosen = score_sequences(scorer, rows, params, prompts, chosen, length, pad_id)
-    ref_rejected = score_sequences(scorer, rows, params, prompts, rejected, length, pad_id)
+    scorer = pipeline.Scorer(
+        model, rows=config.eval.batch_size, length=d.prefix_max_len + 1 + pr.max_new_tokens,
+        pad_id=pad_id,
+    )  # fmt: skip
+    pairs = pipeline.pair_data(
+        scorer,
+        params,
+        [pair_prefixes[p] for p, _, _ in triples],
+        [comps[p * k + i] for p, i, _ in triples],
+        [comps[p * k + j] for p, _, j in triples],
+    )
     timings["pairs_s"] = time.perf_counter() - t0
+    ties = len(pair_prefixes) * k * (k - 1) // 2 - len(triples)
     print(
         f"pairs: {len(triples)} from {len(pair_prefixes)} prefixes x {k} samples "
-        f"(sample reward mean {rewards_PxK.mean():.3f}, {len(pair_prefixes) * k * (k - 1) // 2 - len(triples)} ties dropped)"
+        f"(mean sample reward {rewards_PxK.mean():.3f}; {ties} tied pairs dropped)"
     )
     with open(run_dir / "pairs.jsonl", "w") as f:
-        for (p, i, j), c, r in zip(triples, chosen, rejected, strict=True):
+        for p, i, j in triples:
             f.write(json.dumps(dict(
                 prefix=tokenizer.decode(pair_prefixes[p], skip_special_tokens=True),
-                chosen=tokenizer.decode(c, skip_special_tokens=True),
-                rejected=tokenizer.decode(r, skip_special_tokens=True),
-                chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
                 chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
+                chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
             )) + "\n")  # fmt: skip
     return Task(
-        config=config, tokenizer=tokenizer, model=model, model_cfg=model_cfg, sft_params=params,
-        pad_id=pad_id, eos_id=eos_id, reward_fn=reward_fn, pair_prompts=prompts,
-        pair_chosen=chosen, pair_rejected=rejected, ref_chosen=ref_chosen,
-        ref_rejected=ref_rejected, eval_prefixes=eval_prefixes, run_dir=run_dir,
-        scorer=scorer, score_rows=rows,
+        config=config, tokenizer=tokenizer, model=model, sft_params=params, pad_id=pad_id,
+        eos_id=eos_id, reward_fn=reward_fn, pairs=pairs, eval_prefixes=eval_prefixes,
+        scorer=scorer, run_dir=run_dir,
     )  # fmt: skip
 
 
@@ -598,32 +456,24 @@ class Evaluation:
     ref_logps: np.ndarray
 
 
-class Evaluator:
-    """Samples each policy on the same held-out prefixes with the same key (common random
-    numbers make methods comparable) and measures mean reward and KL(pi || pi_sft)."""
-
-    def __init__(self, task: Task):
-        self.task = task
-        self.rows = task.score_rows
-        self.key = jax.random.key(task.config.eval.seed)
-
-    def __call__(self, params: Any) -> Evaluation:
-        t, e = self.task, self.task.config.eval
-        comps, policy_logps = sample(
-            t.model, params, t.eval_prefixes, self.key, 1, e.max_new_tokens, 1.0, self.rows,
-            t.eos_id, t.pad_id,
-        )  # fmt: skip
-        ref_logps = score_sequences(
-            t.scorer, self.rows, t.sft_params, t.eval_prefixes, comps, t.row_length, t.pad_id
-        )
-        texts = decode_texts(t.tokenizer, t.eval_prefixes, comps)
-        rewards_N = np.asarray(t.reward_fn(texts), np.float64)
-        # Sequence-level KL from samples of pi: E[log pi(y|x) - log pi_sft(y|x)].
-        kl = evaluation.sequence_kl(policy_logps[:, None], ref_logps[:, None])
-        return Evaluation(
-            reward=evaluation.mean_and_stderr(rewards_N), kl=kl, texts=texts, rewards=rewards_N,
-            policy_logps=policy_logps, ref_logps=ref_logps,
-        )  # fmt: skip
+def evaluate(task: Task, params: Any) -> Evaluation:
+    """Sample the policy once per held-out prefix (temperature 1, the same key for every
+    policy: common random numbers make methods comparable), then mean reward and
+    KL(pi || pi_sft) = E_pi[log pi(y|x) - log pi_sft(y|x)] from those samples."""
+    t, e = task, task.config.eval
+    comps, policy_logps = pipeline.sample(
+        t.model, params, t.eval_prefixes, jax.random.key(e.seed), n=1,
+        max_new_tokens=e.max_new_tokens, temperature=1.0, rows=t.scorer.rows,
+        eos_id=t.eos_id, pad_id=t.pad_id,
+    )  # fmt: skip
+    ref_logps = t.scorer(t.sft_params, t.eval_prefixes, comps)
+    texts = pipeline.decode_texts(t.tokenizer, t.eval_prefixes, comps)
+    rewards_N = np.asarray(t.reward_fn(texts), np.float64)
+    return Evaluation(
+        reward=evaluation.mean_and_stderr(rewards_N),
+        kl=evaluation.sequence_kl(policy_logps[:, None], ref_logps[:, None]),
+        texts=texts, rewards=rewards_N, policy_logps=policy_logps, ref_logps=ref_logps,
+    )  # fmt: skip
 
 
 def result_row(method: str, step: int, ev: Evaluation, final: bool) -> dict[str, Any]:
@@ -644,71 +494,25 @@ def write_samples(path: Path, method: str, ev: Evaluation) -> None:
                                     policy_logp=float(lp), ref_logp=float(lr))) + "\n")  # fmt: skip
 
 
-def train_method(
-    task: Task, method: Method, evaluator: Evaluator, sft_eval: Evaluation
-) -> list[dict[str, Any]]:
+def train_method(task: Task, method: Method, sft_eval: Evaluation) -> list[dict[str, Any]]:
     """Fine-tune the SFT policy with one loss on the pairs; evaluate every eval_every steps."""
-    c, tr = task.config, task.config.train
-    loss_name = method.loss_name
-    if loss_name not in losses.names():
-        raise ValueError(f"method {method.label!r}: no loss {loss_name!r} in dpo_jax.losses")
-    reference = "precomputed" if losses.needs_reference(loss_name) else "none"
-    optimizer, schedule = optim.make_optimizer(
-        dict(name=tr.optimizer, learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps,
-             schedule=tr.schedule, max_grad_norm=tr.max_grad_norm),
-        tr.steps,
-        task.sft_params,
-    )  # fmt: skip
-    step_cfg = train_step.StepConfig(
-        apply_fn=task.model.apply, optimizer=optimizer, schedule=schedule,
-        loss_name=loss_name, loss_hyper=method.loss_hyper, reference=reference,
-    )  # fmt: skip
-    b = tr.batch_size
-    step_fn = jax.jit(
-        functools.partial(train_step.train_step, cfg=step_cfg, n_seq=2 * b), donate_argnums=0
-    )
-    params = jax.tree.map(jnp.copy, task.sft_params)  # the SFT params are donated otherwise
-    state = train_step.init_state(params, optimizer, jax.random.key(method.seed), False)
-    rng = np.random.default_rng(c.seed + 1000 * method.seed)
-    order = rng.permutation(len(task.pair_prompts))
-    cursor = 0
-    writer = dpo_metrics.MetricsWriter(task.run_dir / "methods" / method.label.replace(":", "_"))
+    c = task.config
     rows = [result_row(method.label, 0, sft_eval, final=False)]
-    bar = tqdm(
-        range(1, tr.steps + 1), desc=method.label, disable=not c.progress, dynamic_ncols=True
-    )
-    for step in bar:
-        if cursor + b > len(order):
-            order, cursor = rng.permutation(len(task.pair_prompts)), 0
-        idx = order[cursor : cursor + b]
-        cursor += b
-        batch = batching.build_stacked(
-            [task.pair_prompts[i] for i in idx],
-            [task.pair_chosen[i] for i in idx] + [task.pair_rejected[i] for i in idx],
-            task.row_length,
-            task.pad_id,
-        )
-        batch["ref_logps"] = np.concatenate([task.ref_chosen[idx], task.ref_rejected[idx]]).astype(
-            np.float32
-        )
-        state, m = step_fn(state, {k: v[None] for k, v in batch.items()})
-        if step % tr.eval_every == 0 or step == tr.steps:
-            m = jax.device_get(m)
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"{method.label}: non-finite loss at step {step}")
-            ev = evaluator(state.params)
-            writer.write(
-                step, dict(m, **ev.reward.as_metrics("eval/reward"), **ev.kl.as_metrics("eval/kl"))
-            )
-            rows.append(result_row(method.label, step, ev, final=step == tr.steps))
-            bar.set_postfix(
-                loss=f"{float(m['loss']):.3f}",
-                reward=f"{ev.reward.mean:.3f}",
-                kl=f"{ev.kl.mean:.2f}",
-            )
-            if step == tr.steps:
-                write_samples(task.run_dir / "samples.jsonl", method.label, ev)
-    writer.close()
+
+    def eval_fn(step: int, params: Any) -> dict[str, float]:
+        ev = evaluate(task, params)
+        rows.append(result_row(method.label, step, ev, final=step == c.train.steps))
+        if step == c.train.steps:
+            write_samples(task.run_dir / "samples.jsonl", method.label, ev)
+        return {**ev.reward.as_metrics("eval/reward"), **ev.kl.as_metrics("eval/kl")}
+
+    pipeline.train_preference(
+        task.model, task.sft_params, task.pairs, loss_name=method.loss_name,
+        loss_hyper=method.loss_hyper, train_config=c.train, row_length=task.row_length,
+        pad_id=task.pad_id, seed=c.seed + 1000 * method.seed, eval_fn=eval_fn,
+        log_dir=task.run_dir / "methods" / method.label.replace(":", "_"), desc=method.label,
+        progress=c.progress,
+    )  # fmt: skip
     return rows
 
 
@@ -719,23 +523,36 @@ def best_of_n(task: Task, method: Method) -> list[dict[str, Any]]:
     pairs), so the point is an upper bound for best-of-N at this N. Its KL is the
     analytic bound log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024).
     """
-    n = int(method.loss_hyper["n"])
-    t = task
-    e = t.config.eval
-    rows_per_call = max(1, e.batch_size // n)
-    comps, _ = sample(
-        t.model, t.sft_params, t.eval_prefixes, jax.random.key(e.seed + n), n, e.max_new_tokens,
-        1.0, rows_per_call, t.eos_id, t.pad_id,
+    n, t, e = int(method.loss_hyper["n"]), task, task.config.eval
+    comps, _ = pipeline.sample(
+        t.model, t.sft_params, t.eval_prefixes, jax.random.key(e.seed + n), n=n,
+        max_new_tokens=e.max_new_tokens, temperature=1.0, rows=t.scorer.rows,
+        eos_id=t.eos_id, pad_id=t.pad_id,
     )  # fmt: skip
-    prompts_rep = [p for p in t.eval_prefixes for _ in range(n)]
-    all_rewards = np.asarray(t.reward_fn(decode_texts(t.tokenizer, prompts_rep, comps)), np.float64)
-    best = all_rewards.reshape(-1, n).max(axis=1)
+    texts = pipeline.decode_texts(
+        t.tokenizer, [p for p in t.eval_prefixes for _ in range(n)], comps
+    )
+    best = np.asarray(t.reward_fn(texts), np.float64).reshape(-1, n).max(axis=1)
     reward = evaluation.mean_and_stderr(best)
-    kl = float(np.log(n) - (n - 1) / n)
     return [
         dict(method=method.label, step=0, reward=reward.mean, reward_stderr=reward.stderr,
-             kl=kl, kl_stderr=float("nan"), num_samples=reward.n, final=1)
+             kl=float(np.log(n) - (n - 1) / n), kl_stderr=float("nan"), num_samples=reward.n,
+             final=1)
     ]  # fmt: skip
+
+
+def headline(rows: Sequence[dict[str, Any]]) -> str:
+    """One line: the best final DPO policy against the SFT policy."""
+    sft_row = next(r for r in rows if r["method"] == "sft")
+    dpo = [r for r in rows if r["final"] and str(r["method"]).startswith("dpo:")]
+    if not dpo:
+        return ""
+    best = max(dpo, key=lambda r: r["reward"])
+    return (
+        f"{best['method']}: mean reward {best['reward']:.3f} +- {best['reward_stderr']:.3f} "
+        f"at KL {best['kl']:.2f} +- {best['kl_stderr']:.2f} nats vs SFT "
+        f"{sft_row['reward']:.3f} +- {sft_row['reward_stderr']:.3f}"
+    )
 
 
 def run(config: ml_collections.ConfigDict) -> Path:
@@ -746,25 +563,24 @@ def run(config: ml_collections.ConfigDict) -> Path:
     print(f"run directory: {run_dir}")
     timings: dict[str, float] = {}
     task = build_task(config, run_dir, timings)
-    evaluator = Evaluator(task)
     t0 = time.perf_counter()
-    sft_eval = evaluator(task.sft_params)
+    sft_eval = evaluate(task, task.sft_params)
     write_samples(run_dir / "samples.jsonl", "sft", sft_eval)
     rows = [result_row("sft", 0, sft_eval, final=True)]
     for method in methods:
         if method.kind == "best_of_n":
             rows += best_of_n(task, method)
         else:
-            rows += train_method(task, method, evaluator, sft_eval)
+            rows += train_method(task, method, sft_eval)
     timings["methods_s"] = time.perf_counter() - t0
     common.write_csv(run_dir / "results.csv", rows, RESULT_COLUMNS)
     plot_frontier(rows, run_dir / "frontier.png", f"sentiment ({config.preset}): reward vs KL")
     timings["total_s"] = time.perf_counter() - wall0
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    final = [r for r in rows if r["final"]]
-    print(common.format_table(final, RESULT_COLUMNS[:-1]))
+    print(common.format_table([r for r in rows if r["final"]], RESULT_COLUMNS[:-1]))
+    print(headline(rows))
     print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")
-    print("timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    print("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
     return run_dir
 
 
