@@ -152,17 +152,17 @@ def test_unpaired_kl_rows_and_labels():
         [1, 10, 0, 0],
         [2, 20, 21, 0],
         [3, 30, 0, 0],
-        [1, 20, 21, 0],  # KL row: prompt 0 with completion 1
-        [2, 30, 0, 0],  # prompt 1 with completion 2
-        [3, 10, 0, 0],  # prompt 2 with completion (2 + 1) mod 3 = 0
+        [1, 30, 0, 0],  # KL row: prompt 0 with completion (0 - 1) mod 3 = 2 (TRL's shift)
+        [2, 10, 0, 0],  # prompt 1 with completion 0
+        [3, 20, 21, 0],  # prompt 2 with completion 1
     ]
     assert b["sequence_index"].tolist() == [
         [-1, 0, -1, -1],
         [-1, 1, 1, -1],
         [-1, 2, -1, -1],
-        [-1, 3, 3, -1],
+        [-1, 3, -1, -1],
         [-1, 4, -1, -1],
-        [-1, 5, -1, -1],
+        [-1, 5, 5, -1],
     ]
     assert b["labels"].tolist() == [1, 0, 1] and b["labels"].dtype == np.int32
     with pytest.raises(ValueError, match="at least 2 examples"):

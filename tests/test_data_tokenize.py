@@ -19,11 +19,19 @@ PAIRS = [
 ]
 
 
-def trl_reference(tok, prompt, completion, add_special_tokens=True):
-    """TRL's convention written directly with the tokenizer (the second code path)."""
-    p = tok(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    full = tok(prompt + completion, add_special_tokens=add_special_tokens)["input_ids"]
-    return list(p), list(full[len(p) :]) + [tok.eos_token_id]
+def trl_reference(tok, prompt, completion, chat=False):
+    """TRL 1.16's convention written directly with the tokenizer (a second code path).
+
+    Plain text gets the eos text appended; chat-rendered text does not, and is
+    encoded without adding special tokens. (tests/test_data_trl_parity.py runs
+    TRL's own code when it is installed.)
+    """
+    if not chat:
+        completion += tok.eos_token
+    p = tok(prompt, add_special_tokens=not chat)["input_ids"]
+    full = tok(prompt + completion, add_special_tokens=not chat)["input_ids"]
+    assert full[: len(p)] == p
+    return list(p), list(full[len(p) :])
 
 
 def test_bpe_matches_trl_convention():
@@ -39,6 +47,7 @@ def test_bpe_matches_trl_convention():
         assert item["rejected"].tolist() == r
         # And the decoded sequence is the text itself plus eos.
         assert tok.decode(p + c) == ex.prompt + ex.chosen + tok.eos_token
+        assert c[-1] == tok.eos_token_id
     assert ds.stats["prefix_mismatches"] == 0
 
 
@@ -47,13 +56,20 @@ def test_prefix_mismatch_is_counted_and_warned():
     # A trailing space in the prompt merges with the next word in prompt+completion.
     ex = PreferenceExample("the sky is ", "blue and the grass", "green and the sky")
     p = tok(ex.prompt)["input_ids"]
-    full = tok(ex.prompt + ex.chosen)["input_ids"]
-    assert full[: len(p)] != p  # precondition: this really is a boundary merge
-    with pytest.warns(UserWarning, match=r"^2 completion\(s\): tok\(prompt\) is not a prefix"):
+    full_c = tok(ex.prompt + ex.chosen + tok.eos_token)["input_ids"]
+    full_r = tok(ex.prompt + ex.rejected + tok.eos_token)["input_ids"]
+    assert full_c[: len(p)] != p  # precondition: this really is a boundary merge
+    n = 0
+    while n < len(p) and p[n] == full_c[n] and p[n] == full_r[n]:
+        n += 1
+    assert 0 < n < len(p)
+    with pytest.warns(UserWarning, match=r"^1 example\(s\): tok\(prompt\) is not a prefix"):
         ds = tokenize_examples([ex], tok)
-    assert ds.stats["prefix_mismatches"] == 2
-    # TRL's rule is still applied: completion ids start at len(tok(prompt)).
-    assert ds[0]["chosen"].tolist() == full[len(p) :] + [tok.eos_token_id]
+    assert ds.stats["prefix_mismatches"] == 1
+    # TRL's rule: the prompt is cut to the common prefix, completions start there.
+    assert ds[0]["prompt"].tolist() == p[:n]
+    assert ds[0]["chosen"].tolist() == full_c[n:]
+    assert ds[0]["rejected"].tolist() == full_r[n:]
 
 
 def test_chat_template_matches_trl_convention():
@@ -66,8 +82,8 @@ def test_chat_template_matches_trl_convention():
     examples = parse_row(Row(row, "f.jsonl", 1), "auto", tok)
     ds = tokenize_examples(examples, tok)
     prompt_text = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
-    p, c = trl_reference(tok, prompt_text, "Blue.<|im_end|>\n", add_special_tokens=False)
-    _, r = trl_reference(tok, prompt_text, "Seven is not a colour.<|im_end|>\n", False)
+    p, c = trl_reference(tok, prompt_text, "Blue.<|im_end|>\n", chat=True)
+    _, r = trl_reference(tok, prompt_text, "Seven is not a colour.<|im_end|>\n", chat=True)
     assert ds[0]["prompt"].tolist() == p
     assert ds[0]["chosen"].tolist() == c
     assert ds[0]["rejected"].tolist() == r

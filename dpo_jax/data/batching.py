@@ -4,7 +4,9 @@ Every layout is built from the same description of a micro-batch: `B` prompts
 and `2B` completions, where completion `k` continues prompt `k mod B`.
 - paired: completions are chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1};
 - unpaired (KTO): completions are completion_0..completion_{B-1}, then the
-  mismatched KL completions: row B+i pairs prompt i with completion (i+1) mod B.
+  mismatched KL completions: sequence B+i pairs prompt i with completion
+  (i-1) mod B, the same cyclic shift as TRL's KTOTrainer
+  (`[c[-1]] + c[:-1]`).
 
 A batch is a dict of numpy arrays: input_ids, positions, segment_ids,
 sequence_index [N, L] int32; attn_mask [N, L, L] bool (prefix_shared only);
@@ -58,7 +60,7 @@ def sequences_of(items: Sequence[dict[str, Any]], kind: str) -> tuple[list, list
         if b < 2:
             raise ValueError("unpaired (KTO) batches need at least 2 examples to form KL rows")
         own = [it["completion"] for it in items]
-        comps = own + [own[(i + 1) % b] for i in range(b)]
+        comps = own + [own[(i - 1) % b] for i in range(b)]
     else:
         raise ValueError(f"kind must be 'paired' or 'unpaired', got {kind!r}")
     return prompts, [np.asarray(c, np.int32) for c in comps]

@@ -108,7 +108,7 @@ class _StepToBatch:
             c = np.concatenate([self.comp_lens[0][idx], self.comp_lens[1][idx]])
         else:
             own = self.comp_lens[0][idx]
-            c = np.concatenate([own, np.roll(own, -1)])
+            c = np.concatenate([own, np.roll(own, 1)])  # KL row i: completion i-1
         return p, c
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:

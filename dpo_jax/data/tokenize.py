@@ -1,23 +1,28 @@
 """Tokenization with TRL's boundary convention, truncation, and an on-disk cache.
 
-Convention (TRL): prompt ids = tok(prompt); completion ids =
-tok(prompt + completion)[len(prompt ids):] followed by eos (not appended twice
-when the completion already ends with the eos token). Plain text is encoded
-with the tokenizer's special tokens (e.g. BOS); chat-template text already holds
-them, so it is encoded with `add_special_tokens=False`. When tok(prompt) is
-not a prefix of tok(prompt + completion) (a merge across the boundary), the
-completion ids are still taken from that offset, and the case is counted and
-reported in one warning.
+Convention (TRL 1.16, `DPOTrainer` / `KTOTrainer` dataset preparation):
+- plain text: the eos token text is appended to each completion (unless it
+  already ends with it); prompt ids = tok(prompt), full ids = tok(prompt +
+  completion), both with the tokenizer's special tokens (e.g. BOS);
+- chat-rendered text (conversational rows): no eos is added (the template ends
+  the turn); both parts are encoded with `add_special_tokens=False`, which is
+  what `apply_chat_template(..., tokenize=True)` does;
+- the prompt length is the common prefix of tok(prompt) with every tok(prompt +
+  completion) of the example; completion ids start there. When tok(prompt) is
+  not a prefix (a merge across the boundary), the prompt's tail is left out, as
+  TRL does; such examples are counted and reported in one warning.
 
-Truncation (all lengths in tokens):
+Truncation (all lengths in tokens; a shared prompt is kept for chosen and
+rejected so the prefix-shared layout stays exact):
 - `max_prompt_length`: keep the END of the prompt (the part next to the answer).
 - `max_completion_length`: keep the START of each completion.
 - `max_length` (prompt + longest completion): a prompt that alone needs
-  `max_length` tokens or more is a bad row ("prompt_too_long"). Otherwise
-  `truncation_mode="keep_start"` cuts the completions' ends; `"keep_end"` first
+  `max_length` tokens or more is a bad row ("prompt_too_long"; TRL drops these
+  silently under keep_start). Otherwise `truncation_mode="keep_start"` cuts the
+  completions' ends (exactly TRL's per-sequence keep_start); `"keep_end"` first
   drops tokens from the prompt's start (keeping at least one), then cuts the
-  completions' ends if still too long. Chosen and rejected keep one shared
-  prompt, so the prefix-shared layout stays exact.
+  completions' ends if still too long (TRL's keep_end instead keeps each
+  sequence's last tokens independently).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import Example, PreferenceExample
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
@@ -175,16 +180,25 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
     return list(tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def completion_ids(
-    prompt_ids: Sequence[int], full_ids: Sequence[int], eos_id: int | None
-) -> tuple[list[int], bool]:
-    """TRL split: full[len(prompt):] (+ eos); also whether prompt ids were a prefix."""
-    n = len(prompt_ids)
-    prefix_ok = list(full_ids[:n]) == list(prompt_ids)
-    comp = list(full_ids[n:])
-    if eos_id is not None and (not comp or comp[-1] != eos_id):
-        comp.append(eos_id)
-    return comp, prefix_ok
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_completions(
+    prompt_ids: Sequence[int], full_ids: Sequence[Sequence[int]]
+) -> tuple[list[int], list[list[int]], bool]:
+    """TRL split: prompt = common prefix with every full sequence; completions = the rest.
+
+    Also returns whether tok(prompt) was a prefix of every full sequence.
+    """
+    n = min(common_prefix_length(prompt_ids, f) for f in full_ids)
+    return list(prompt_ids[:n]), [list(f[n:]) for f in full_ids], n == len(prompt_ids)
 
 
 def truncate(
@@ -224,9 +238,16 @@ def tokenize_examples(
         raise ValueError("no examples to tokenize")
     paired = isinstance(examples[0], PreferenceExample)
     keys = ("chosen", "rejected") if paired else ("completion",)
-    eos_id = tokenizer.eos_token_id if settings.add_eos else None
-    if settings.add_eos and eos_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; set add_eos=False or give it one")
+    eos = tokenizer.eos_token if settings.add_eos else None
+    if settings.add_eos and not eos:
+        raise ValueError("the tokenizer has no eos_token; set add_eos=False or give it one")
+
+    def completion_text(ex: Example, key: str) -> str:
+        text = getattr(ex, key)
+        # TRL adds eos to plain-text completions only; chat templates end turns themselves.
+        if eos and not ex.chat and not text.endswith(eos):
+            text += eos
+        return text
 
     # Batch-encode per special-token mode: chat-rendered text already holds them.
     prompt_ids: list[list[int]] = [[] for _ in examples]
@@ -235,12 +256,11 @@ def tokenize_examples(
         idx = [i for i, ex in enumerate(examples) if ex.chat == chat]
         if not idx:
             continue
-        for i, ids in zip(
-            idx, _encode(tokenizer, [examples[i].prompt for i in idx], not chat), strict=True
-        ):
+        encoded = _encode(tokenizer, [examples[i].prompt for i in idx], not chat)
+        for i, ids in zip(idx, encoded, strict=True):
             prompt_ids[i] = ids
         for k in keys:
-            texts = [examples[i].prompt + getattr(examples[i], k) for i in idx]
+            texts = [examples[i].prompt + completion_text(examples[i], k) for i in idx]
             for i, ids in zip(idx, _encode(tokenizer, texts, not chat), strict=True):
                 full_ids[k][i] = ids
 
@@ -250,18 +270,17 @@ def tokenize_examples(
     )
     mismatches = 0
     for i, ex in enumerate(examples):
-        comps = []
-        for k in keys:
-            comp, ok = completion_ids(prompt_ids[i], full_ids[k][i], eos_id)
-            mismatches += not ok
-            comps.append(comp)
+        p, comps, ok = split_completions(prompt_ids[i], [full_ids[k][i] for k in keys])
+        mismatches += not ok
         try:
-            if not prompt_ids[i]:
+            if not p:
                 raise DataError(
                     "prompt tokenizes to no tokens, so the first completion token has no context",
                     reason="empty_prompt",
                 )
-            p, comps = truncate(prompt_ids[i], comps, settings)
+            if not all(comps):
+                raise DataError("a completion tokenizes to no tokens", reason="empty_completion")
+            p, comps = truncate(p, comps, settings)
         except DataError as e:
             rejects.handle(e.located(ex.source or "<examples>", ex.line), dataclasses.asdict(ex))
             continue
@@ -277,8 +296,8 @@ def tokenize_examples(
 
     if mismatches:
         warnings.warn(
-            f"{mismatches} completion(s): tok(prompt) is not a prefix of tok(prompt + completion);"
-            " completion ids were taken after len(tok(prompt)) as TRL does",
+            f"{mismatches} example(s): tok(prompt) is not a prefix of tok(prompt + completion);"
+            " the prompt was cut to the common prefix and the completion starts there, as TRL does",
             stacklevel=2,
         )
     dense_arrays: dict[str, np.ndarray] = {}
