@@ -181,7 +181,7 @@ def train_step(
     grad_sum, metrics_A = _scan_micro_batches(state, batch_A, cfg, n_seq, grads=True)
     grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, state.params)
     metrics = _mean_over_micro(metrics_A)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
     def apply(_: None) -> tuple[Any, Any]:
