@@ -71,6 +71,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
     # GPT-2 small: 124M parameters with the tied 50257 x 768 embedding.
     "gpt2-small": ModelShape("gpt2-small", 12, 768, 12, 50257, 1024),
     "tiny": ModelShape("tiny", 2, 64, 4, 512, 128),
+    # One block: the smoke tests' shape (compiles fastest).
+    "micro": ModelShape("micro", 1, 32, 2, 128, 64),
     # ~1.1B Llama shape (TinyLlama-like) for accelerators.
     "llama-1b": ModelShape(
         "llama-1b",
