@@ -296,3 +296,214 @@ def train_preference(
 
 
 _SHOWN = ("loss", "rewards/accuracies", "eval/reward", "eval/kl", "eval/win_rate")
+
+
+# ------------------------------------------------------- offline preference datasets
+# TL;DR and HH: a fixed preference dataset in an upstream format -> SFT on the chosen
+# completions (the reference) -> DPO -> win rate of policy samples against the dataset's
+# chosen completions under a pluggable judge.
+
+OFFLINE_RESULT_COLUMNS = (
+    "method", "step", "win_rate", "win_rate_stderr", "wins", "ties", "losses", "num_prompts",
+    "final",
+)  # fmt: skip
+
+
+def offline_config(fmt: str) -> Any:
+    """The fields TL;DR and HH share (each module fills in its own values and presets)."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.preset = "mini"
+    c.seed = 0
+    c.workdir = ""
+    c.progress = True
+    c.data = ml_collections.ConfigDict(dict(
+        format=fmt, train_path="", test_path="",  # empty: write the seeded fixture rows
+        num_train=1200, num_test=128, max_prompt_length=64, max_completion_length=24,
+        tokenizer_dir="", tokenizer_vocab_size=768,
+    ))  # fmt: skip
+    c.model = ml_collections.ConfigDict(dict(
+        model_dir="", hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=96,
+        dtype="float32", param_dtype="float32", remat="none", scan_layers=False,
+    ))  # fmt: skip
+    # SFT on the chosen completions: the DPO paper's SFT model for TL;DR and its
+    # "Preferred-FT on chosen" reference for HH. completion_only: loss on completions only.
+    c.sft = ml_collections.ConfigDict(dict(
+        steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=30, max_len=88,
+        completion_only=False,
+    ))  # fmt: skip
+    c.loss = "sigmoid"
+    c.beta = 0.1
+    c.train = ml_collections.ConfigDict(dict(
+        steps=150, batch_size=32, optimizer="adamw", learning_rate=1e-4, warmup_steps=10,
+        schedule="constant", max_grad_norm=10.0, eval_every=50, mesh=(-1, 1, 1), micro_batches=1,
+    ))  # fmt: skip
+    c.eval = ml_collections.ConfigDict(
+        dict(max_new_tokens=24, temperature=0.0, batch_size=128, seed=4321)
+    )
+    c.judge = "fixture"  # "fixture" (the module's own), "reward:vader", "hf:DIR", "python:MOD:FN"
+    c.dry_run_devices = 8
+    return c
+
+
+def resolve_judge(spec: str, fixture_judge: Callable[[], Any]) -> Any:
+    """A pairwise judge `(prompts, a, b) -> P(a better)` from a config string.
+
+    "fixture": the experiment's own judge for its fixture data; "reward:vader" and
+    "hf:DIR" wrap a reward function (higher reward wins); "python:MODULE:FUNCTION" calls
+    FUNCTION() to build any judge (an LLM judge, say).
+    """
+    from dpo_jax import evaluation, rewards
+
+    if spec == "fixture":
+        return fixture_judge()
+    if spec == "reward:vader":
+        return evaluation.reward_judge(rewards.VaderReward())
+    if spec.startswith("hf:"):
+        return evaluation.reward_judge(rewards.HFClassifierReward(spec[3:], label=1))
+    if spec.startswith("python:"):
+        import importlib
+
+        _, module, function = spec.split(":", 2)
+        return getattr(importlib.import_module(module), function)()
+    raise ValueError(f"judge {spec!r}: expected fixture, reward:vader, hf:DIR or python:MOD:FN")
+
+
+def run_offline(
+    config: Any,
+    experiment: str,
+    write_fixture: Callable[[Path, Any], tuple[Path, Path]],
+    fixture_judge: Callable[[], Any],
+) -> Path:
+    """SFT on chosen -> DPO -> win rate vs the test split's chosen completions."""
+    import json
+    import time
+
+    from dpo_jax import data, evaluation, models
+    from experiments import common
+
+    wall0 = time.perf_counter()
+    run_dir = common.make_run_dir(config, experiment)
+    print(f"run directory: {run_dir}")
+    d = config.data
+    if d.train_path:
+        train_path, test_path = Path(d.train_path), Path(d.test_path)
+    else:
+        train_path, test_path = write_fixture(run_dir / "data", config)
+    spec = dict(
+        format=d.format, max_prompt_length=d.max_prompt_length,
+        max_completion_length=d.max_completion_length, cache_dir="",
+    )  # fmt: skip
+    train_examples = data.load_examples(dict(spec, path=str(train_path)), None, data.RejectLog())
+    if d.tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(d.tokenizer_dir, local_files_only=True)
+    else:
+        texts = [e.prompt + e.chosen for e in train_examples] + [e.rejected for e in train_examples]
+        tokenizer = common.train_bpe_tokenizer(texts, d.tokenizer_vocab_size, run_dir / "tokenizer")
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    eos_id = tokenizer.eos_token_id
+    train = data.load_preference_data(dict(spec, path=str(train_path)), tokenizer)
+    test_examples = data.load_examples(dict(spec, path=str(test_path)), tokenizer, data.RejectLog())
+    items = [train[i] for i in range(len(train))]
+    prompts = [it["prompt"].tolist() for it in items]
+    chosen = [it["chosen"].tolist() for it in items]
+    rejected = [it["rejected"].tolist() for it in items]
+    row_length = max(
+        len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)
+    )
+    test_prompts = [tokenizer(e.prompt)["input_ids"][-d.max_prompt_length :] for e in test_examples]
+    row_length = max(row_length, max(len(p) for p in test_prompts) + config.eval.max_new_tokens)
+
+    m = config.model
+    if m.model_dir:
+        model_cfg, params = models.load_hf(m.model_dir)
+    else:
+        model_cfg = models.ModelConfig.for_family(
+            "gpt2", vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+            num_heads=m.num_heads, max_position_embeddings=m.max_position_embeddings,
+            dtype=m.dtype, param_dtype=m.param_dtype, eos_token_id=eos_id, pad_token_id=pad_id,
+        )  # fmt: skip
+        params = models.init_params(model_cfg, jax.random.key(config.seed))
+    model = models.Transformer(model_cfg)
+    print(f"policy: {models.param_count(model_cfg) / 1e6:.2f}M parameters; {len(items)} train pairs, "
+          f"{len(test_examples)} test prompts; row length {row_length}")  # fmt: skip
+    sft_seqs = [p + c for p, c in zip(prompts, chosen, strict=True)]
+    starts = [len(p) if config.sft.completion_only else 1 for p in prompts]
+    sft_params = train_sft(
+        model, params, sft_seqs, starts, config.sft, pad_id, config.seed, run_dir / "sft",
+        config.progress, desc="SFT on chosen",
+    )  # fmt: skip
+    scorer = Scorer(model, rows=config.eval.batch_size, length=row_length, pad_id=pad_id)
+    pairs = pair_data(scorer, sft_params, prompts, chosen, rejected)
+    judge = resolve_judge(config.judge, fixture_judge)
+    prompt_texts = [e.prompt for e in test_examples]
+    reference_texts = [e.chosen for e in test_examples]
+    rows: list[dict[str, Any]] = []
+    samples_path = run_dir / "samples.jsonl"
+
+    def win_rate_of(method: str, step: int, params: Any, final: bool) -> dict[str, float]:
+        comps, _ = sample(
+            model, params, test_prompts, jax.random.key(config.eval.seed), n=1,
+            max_new_tokens=config.eval.max_new_tokens, temperature=config.eval.temperature,
+            rows=config.eval.batch_size, eos_id=eos_id, pad_id=pad_id,
+        )  # fmt: skip
+        texts = decode_completions(tokenizer, comps)
+        wr = evaluation.win_rate(texts, reference_texts, judge=judge, prompts=prompt_texts)
+        rows.append(dict(
+            method=method, step=step, win_rate=wr.rate, win_rate_stderr=wr.stderr, wins=wr.wins,
+            ties=wr.ties, losses=wr.losses, num_prompts=len(texts), final=int(final),
+        ))  # fmt: skip
+        if final:
+            with open(samples_path, "a") as f:
+                for p, t, r, s in zip(
+                    prompt_texts, texts, reference_texts, wr.per_pair, strict=True
+                ):
+                    f.write(json.dumps(dict(method=method, prompt=p, completion=t,
+                                            reference=r, score=float(s))) + "\n")  # fmt: skip
+        return wr.as_metrics("eval/win_rate")
+
+    win_rate_of("sft", 0, sft_params, final=True)
+    label = f"dpo:{config.loss}:beta={config.beta:g}"
+    train_preference(
+        model, sft_params, pairs, loss_name=config.loss, loss_hyper={"beta": config.beta},
+        train_config=config.train, row_length=row_length, pad_id=pad_id, seed=config.seed,
+        eval_fn=lambda step, p: win_rate_of(label, step, p, step == config.train.steps),
+        log_dir=run_dir / "methods" / label.replace(":", "_"), desc=label,
+        progress=config.progress,
+    )  # fmt: skip
+    common.write_csv(run_dir / "results.csv", rows, OFFLINE_RESULT_COLUMNS)
+    _plot_win_rates(rows, run_dir / "win_rate.png", f"{experiment} ({config.preset})")
+    print(common.format_table([r for r in rows if r["final"]], OFFLINE_RESULT_COLUMNS[:-1]))
+    print(f"win rate vs the dataset's chosen completions (judge: {config.judge}); "
+          f"took {time.perf_counter() - wall0:.0f} s; results in {run_dir}")  # fmt: skip
+    return run_dir
+
+
+def _plot_win_rates(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Win rate (with standard error) against training step, the SFT level as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sft_rate = next(r["win_rate"] for r in rows if r["method"] == "sft")
+    ax.axhline(sft_rate, color="gray", linestyle="--", label="SFT")
+    for method in sorted({r["method"] for r in rows} - {"sft"}):
+        mine = [r for r in rows if r["method"] == method]
+        ax.errorbar([r["step"] for r in mine], [r["win_rate"] for r in mine],
+                    yerr=[r["win_rate_stderr"] for r in mine], marker="o", label=method)  # fmt: skip
+    ax.set_xlabel("training step")
+    ax.set_ylabel("win rate vs dataset chosen")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,235 @@
+"""TL;DR summarisation (DPO paper section 6.2): SFT on Reddit TL;DR, then DPO (beta 0.5) on
+the OpenAI comparisons; win rate of policy summaries against the reference (chosen)
+summaries under a judge.
+
+Presets (``--preset=NAME``):
+
+* ``mini`` (default) - runs here: a few hundred SYNTHETIC comparison rows written by
+  :func:`write_fixture` in the exact upstream format of ``openai/summarize-from-feedback``
+  comparisons (``info.post/title/subreddit``, two ``summaries``, ``choice``), parsed by
+  ``dpo_jax.data`` like the real files; a small GPT trained from scratch; the judge is
+  :func:`title_overlap_judge` (a summary is better when its content words match the
+  post's title, which the grammar makes the gist of the post). The paper's judge was
+  GPT-4; pass ``--config.judge=python:MODULE:FUNCTION`` to plug in another.
+* ``smoke`` - the mini pipeline shrunk to seconds, for tests.
+* ``pythia28`` - the paper's setting on a TPU slice: a local Pythia-2.8B SFT checkpoint
+  (the paper used GPT-J-6B, whose architecture ``dpo_jax.models`` does not implement
+  yet; Pythia is the other SFT model the issue names), comparisons JSONL files, beta 0.5,
+  RMSprop lr 1e-6, batch 64. ``--dry_run`` AOT-compiles its train step on a simulated
+  8-device mesh and prints parameters, per-device memory and the batch plan.
+
+    python -m experiments.tldr [--preset=NAME] [--config.key=value ...] [--dry_run]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments import common, pipeline
+
+PRESETS = ("mini", "smoke", "pythia28")
+
+# (subreddit, title = the gist, detail sentence) - the post's facts live in the title.
+_PROBLEMS = (
+    ("relationships", "boyfriend forgot my birthday", "he said he was busy at work all week"),
+    ("relationships", "girlfriend reads my messages", "she goes through my phone when i sleep"),
+    ("relationships", "roommate never cleans kitchen", "the dishes pile up for days"),
+    ("relationships", "best friend moved away", "we used to talk every single day"),
+    ("personalfinance", "credit card debt keeps growing", "i only pay the minimum each month"),
+    ("personalfinance", "should i buy a used car", "my old car broke down last week"),
+    ("personalfinance", "saving for a house deposit", "rent takes half of my salary"),
+    ("jobs", "boss takes credit for my work", "he presented my report as his own"),
+    ("jobs", "got a job offer abroad", "the salary is double but i would move alone"),
+    ("jobs", "coworker is always late", "i have to cover her shifts"),
+    ("fitness", "cannot stick to running", "i stop after two weeks every time"),
+    ("fitness", "knee hurts after squats", "the pain starts the next morning"),
+    ("cooking", "bread never rises", "i follow the recipe exactly"),
+    ("cooking", "burnt rice every time", "the bottom of the pot turns black"),
+)
+_AGES = ("19", "22", "24", "27", "31", "35", "42")
+_GENDERS = ("m", "f")
+_FILLERS = (
+    "i have been thinking about it a lot",
+    "my family does not know yet",
+    "it has been going on for a while",
+    "i am not sure who else to ask",
+    "this is my first post here",
+)
+_ASKS = ("what should i do ?", "any advice ?", "how do i handle this ?", "am i overreacting ?")
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "i",
+        "my",
+        "me",
+        "is",
+        "am",
+        "are",
+        "was",
+        "were",
+        "be",
+        "to",
+        "of",
+        "and",
+        "or",
+        "in",
+        "on",
+        "at",
+        "for",
+        "with",
+        "it",
+        "this",
+        "that",
+        "he",
+        "she",
+        "her",
+        "his",
+        "we",
+        "our",
+        "you",
+        "your",
+        "do",
+        "does",
+        "not",
+        "so",
+        "but",
+    ]
+)
+
+
+def _post(rng: np.random.Generator, problem: tuple[str, str, str]) -> dict[str, Any]:
+    subreddit, title, detail = problem
+    age, gender = rng.choice(_AGES), rng.choice(_GENDERS)
+    filler, ask = rng.choice(_FILLERS), rng.choice(_ASKS)
+    post = f"i ({age}{gender}) have a problem : {title} . {detail} . {filler} . {ask}"
+    return {"subreddit": subreddit, "title": title, "post": post}
+
+
+def make_rows(num_rows: int, seed: int, split: str) -> list[dict[str, Any]]:
+    """Comparison rows in the upstream format: one good summary (the title's facts + the
+    question) and one bad (another post's problem, or a vague line), `choice` = the good."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(num_rows):
+        problem = _PROBLEMS[int(rng.integers(len(_PROBLEMS)))]
+        info = _post(rng, problem)
+        good = f"{problem[1]} , {rng.choice(_ASKS)}"
+        if rng.random() < 0.5:
+            other = _PROBLEMS[int(rng.integers(len(_PROBLEMS)))]
+            bad = (
+                f"{other[1]} , {rng.choice(_ASKS)}"
+                if other != problem
+                else f"{rng.choice(_FILLERS)} ."
+            )
+        else:
+            bad = f"{rng.choice(_FILLERS)} . {rng.choice(_ASKS)}"
+        choice = int(rng.integers(2))
+        summaries = [None, None]
+        summaries[choice] = {"text": " " + good, "policy": "ref", "note": None}
+        summaries[1 - choice] = {"text": " " + bad, "policy": "sup2", "note": None}
+        rows.append(dict(
+            info=dict(id=f"t3_{split}{k:05d}", **info), split=split, summaries=summaries,
+            choice=choice, worker=f"w{int(rng.integers(20))}", batch="batch_fixture",
+        ))  # fmt: skip
+    return rows
+
+
+def write_fixture(directory: Path, config: Any) -> tuple[Path, Path]:
+    """Write train.jsonl / test.jsonl comparison rows; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n, seed in (("train", config.data.num_train, config.seed),
+                           ("valid1", config.data.num_test, config.seed + 1)):  # fmt: skip
+        path = directory / f"{split}.jsonl"
+        with open(path, "w") as f:
+            for row in make_rows(n, seed, split):
+                f.write(json.dumps(row) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOPWORDS}
+
+
+def title_score(prompt: str, summary: str) -> float:
+    """F1 between the content words of the summary and of the post's TITLE line."""
+    match = re.search(r"TITLE: (.*)", prompt)
+    title = _content_words(match.group(1) if match else "")
+    words = _content_words(summary)
+    overlap = len(title & words)
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / len(words), overlap / len(title)
+    return 2 * precision * recall / (precision + recall)
+
+
+def title_overlap_judge():
+    """Pairwise judge for the fixture: a wins when its title F1 is higher (0.5 on ties)."""
+
+    def judge(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        sa = np.array([title_score(p, t) for p, t in zip(prompts, a, strict=True)])
+        sb = np.array([title_score(p, t) for p, t in zip(prompts, b, strict=True)])
+        return np.where(sa > sb, 1.0, np.where(sa < sb, 0.0, 0.5))
+
+    return judge
+
+
+def get_config(preset: str = "mini"):
+    """The experiment config; `preset` is one of PRESETS."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    c = pipeline.offline_config("tldr")
+    c.preset = preset
+    c.beta = 0.5  # the paper's TL;DR beta
+    if preset == "smoke":
+        c.data.update(num_train=96, num_test=16, tokenizer_vocab_size=384)
+        c.model.update(hidden_size=32, num_layers=1, num_heads=2)
+        c.sft.update(steps=20, batch_size=16)
+        c.train.update(steps=4, batch_size=8, eval_every=2)
+        c.eval.update(batch_size=16, max_new_tokens=12)
+        c.progress = False
+    elif preset == "pythia28":
+        c.data.update(
+            train_path="data/tldr/comparisons_train.jsonl",
+            test_path="data/tldr/comparisons_valid.jsonl",
+            tokenizer_dir="checkpoints/pythia-2.8b", max_prompt_length=512,
+            max_completion_length=128,
+        )  # fmt: skip
+        c.model.update(model_dir="checkpoints/pythia-2.8b", dtype="bfloat16", remat="block",
+                       scan_layers=True)  # fmt: skip
+        c.train.update(steps=3000, batch_size=64, optimizer="rmsprop", learning_rate=1e-6,
+                       warmup_steps=150, eval_every=500, mesh=(1, -1, 1), micro_batches=2)  # fmt: skip
+        c.eval.update(batch_size=256, max_new_tokens=128, temperature=0.25)
+        c.judge = "python:my_judges:gpt4_judge"
+    return c
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = common.parse_args(get_config, argv, PRESETS)
+    c = args.config
+    if args.dry_run:
+        from experiments import dry_run
+
+        dry_run.run_from_config(
+            c, loss_name=c.loss, loss_hyper={"beta": c.beta},
+            seq_len=c.data.max_prompt_length + c.data.max_completion_length, reference="precomputed",
+        )  # fmt: skip
+        return 0
+    pipeline.run_offline(c, "tldr", write_fixture, title_overlap_judge)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
