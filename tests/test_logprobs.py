@@ -244,6 +244,25 @@ def test_chunked_backward_never_holds_full_logits():
             assert biggest <= N * C * Vbig, sorted(vocab_sized)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_plain_forward_holds_at_most_one_float32_copy_of_the_logits(dtype):
+    N, L, Vbig = 4, 64, 8192
+    f32_bytes = N * L * Vbig * 4
+    ids = jax.ShapeDtypeStruct((N, L), jnp.int32)
+    fn = jax.jit(
+        lambda lg, ids, si: (
+            logprobs.sequence_logps(
+                lg, {"input_ids": ids, "sequence_index": si}, N, with_wpo=True
+            ).logps_S
+        )
+    )
+    compiled = fn.lower(jax.ShapeDtypeStruct((N, L, Vbig), dtype), ids, ids).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 1.05 * f32_bytes, temp / f32_bytes
+    if dtype == jnp.float32:
+        assert temp < 0.05 * f32_bytes, temp / f32_bytes  # read in place
+
+
 def test_preference_and_unpaired_stats_split_chosen_then_rejected():
     seq = logprobs.SequenceLogps(
         logps_S=jnp.asarray([-1.0, -2.0, -3.0, -4.0]),
