@@ -1,0 +1,107 @@
+"""Train-step modes on one device: TR-DPO, reference-free, KTO, notebook losses, padding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax import data, losses, models, reference, sharding, train
+from tests.train_helpers import synthetic_batches, tiny_model_config
+
+MESH = None
+
+
+def _mesh():
+    global MESH
+    if MESH is None:
+        MESH = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return MESH
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_model_config(num_layers=1)  # one block: half the compile time, same code paths
+    return cfg, models.init_params(cfg, jax.random.key(0))
+
+
+def _trainer(model, reference="frozen", loss="sigmoid", hyper=None, optim_cfg=None, **kw):
+    cfg, params = model
+    optim_cfg = optim_cfg or dict(
+        name="adamw", learning_rate=1e-2, schedule="constant", max_grad_norm=1.0
+    )
+    return train.build_trainer(
+        cfg, params, mesh=_mesh(), loss_name=loss, loss_hyper=hyper or {"beta": 0.1},
+        optim_config=optim_cfg, total_steps=10, reference=reference, **kw,
+    )  # fmt: skip
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_tr_dpo_soft_updates_reference(model):
+    _, params = model
+    alpha = 0.25
+    trainer, state = _trainer(model, ref_model_sync_steps=2, ref_model_mixup_alpha=alpha)
+    batches = [train.stack_micro_batches([b]) for b in synthetic_batches(num=2, pairs=2, seed=4)]
+    state, _ = trainer.step(state, batches[0], n_seq=4)
+    np.testing.assert_array_equal(_flat(state.ref_params), _flat(params))  # step 1: no sync
+    state, _ = trainer.step(state, batches[1], n_seq=4)
+    policy = _flat(state.params)
+    expected = alpha * policy + (1 - alpha) * _flat(params)  # TRL's SyncRefModelCallback
+    np.testing.assert_allclose(_flat(state.ref_params), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_reference_free_loss_has_no_reference(model):
+    trainer, state = _trainer(
+        model, reference="none", loss="simpo", hyper={"beta": 2.0, "simpo_gamma": 0.5}
+    )
+    assert state.ref_params is None
+    b = train.stack_micro_batches(synthetic_batches(num=1, pairs=2, seed=2))
+    state, m = trainer.step(state, b, n_seq=4)
+    assert np.isfinite(float(m["loss"]))
+    assert train.resolve_reference_mode("auto", "simpo", False) == "none"
+    assert train.resolve_reference_mode("auto", "sigmoid", True) == "precomputed"
+    assert train.resolve_reference_mode("auto", "sigmoid", False) == "frozen"
+
+
+def test_unpaired_kto_batch_goes_through_the_same_step(model):
+    rng = np.random.default_rng(0)
+    items = [
+        dict(prompt=rng.integers(3, 30, size=3).astype(np.int32),
+             completion=rng.integers(30, 60, size=4).astype(np.int32), label=i % 2)
+        for i in range(4)
+    ]  # fmt: skip
+    b = data.build_batch(items, "unpaired", "stacked", length=16)
+    assert not losses.is_paired("kto")
+    trainer, state = _trainer(model, loss="kto", hyper={"beta": 0.1})
+    batch_A = train.stack_micro_batches([b])
+    assert train.batch_num_sequences(batch_A) == 8
+    state, m = trainer.step(state, batch_A, n_seq=8)
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+
+
+def test_custom_loss_registered_in_a_notebook(model):
+    @losses.register("cubed_test_loss")
+    def cubed(stats, beta=0.1):
+        h = losses.margin(stats)
+        return -(jax.nn.log_sigmoid(beta * h) ** 3), losses.reward_metrics(stats, beta)
+
+    trainer, state = _trainer(model, loss="cubed_test_loss")
+    b = train.stack_micro_batches(synthetic_batches(num=1, pairs=2, seed=2))
+    _, m = trainer.step(state, b, n_seq=4)
+    np.testing.assert_allclose(float(m["loss"]), np.log(2) ** 3, rtol=1e-6)
+
+
+def test_stack_micro_batches_pads_lengths_without_changing_numbers(model):
+    cfg, params = model
+    a = synthetic_batches(num=1, pairs=2, seed=1, length=16)[0]
+    b = synthetic_batches(num=1, pairs=2, seed=2, length=32)[0]
+    stacked = train.stack_micro_batches([a, {**b, "step": np.int64(3)}])
+    assert stacked["input_ids"].shape == (2, 4, 32) and "step" not in stacked
+    fn = reference.make_logps_fn(cfg, params)
+    padded_a = {k: v[0] for k, v in stacked.items()}
+    np.testing.assert_allclose(fn(padded_a, 4), fn(a, 4), rtol=1e-5, atol=1e-5)
+    assert jnp.all(stacked["sequence_index"][0, :, 16:] == -1)
