@@ -14,7 +14,9 @@ Notation used in every docstring (all per example, summed over completion tokens
     logr_c = log pi(y_c|x) - log pi_ref(y_c|x)     chosen log-ratio
     logr_r = log pi(y_r|x) - log pi_ref(y_r|x)     rejected log-ratio
     h      = logr_c - logr_r                       the DPO margin
-    s      = log_sigmoid
+    |y|    = completion length in tokens
+    s      = log_sigmoid,  sig = sigmoid
+    cDPO(x) = -(1-e) s(x) - e s(-x)                label-smoothed logistic loss, e = label_smoothing
 
 A loss is `fn(stats, **hyper) -> (per_example_loss_B, metrics)`, metrics being float32
 scalars under TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
@@ -427,7 +429,9 @@ def sppo_hard(
 
 
 @register("aot")
-def aot(stats: PreferenceStats, beta: float = 0.1, label_smoothing: float = 0.0):
+def aot(
+    stats: PreferenceStats, beta: float = 0.1, label_smoothing: float = 0.0
+) -> tuple[Array, Metrics]:
     """AOT (Melnyk et al. 2024), paired: distributional alignment via sorted margins.
 
     loss_i = cDPO(beta (sort(log pi_c - log pi_r)_i - sort(log ref_c - log ref_r)_i))
@@ -441,7 +445,9 @@ def aot(stats: PreferenceStats, beta: float = 0.1, label_smoothing: float = 0.0)
 
 
 @register("aot_unpaired")
-def aot_unpaired(stats: PreferenceStats, beta: float = 0.1, label_smoothing: float = 0.0):
+def aot_unpaired(
+    stats: PreferenceStats, beta: float = 0.1, label_smoothing: float = 0.0
+) -> tuple[Array, Metrics]:
     """AOT (Melnyk et al. 2024), unpaired: chosen and rejected log-ratios sorted apart.
 
     loss_i = cDPO(beta (sort(logr_c)_i - sort(logr_r)_i))
@@ -517,7 +523,9 @@ def sigmoid_norm(
 
 
 @register("rdpo")
-def rdpo(stats: PreferenceStats, beta: float = 0.1, rdpo_alpha: float = 0.01):
+def rdpo(
+    stats: PreferenceStats, beta: float = 0.1, rdpo_alpha: float = 0.01
+) -> tuple[Array, Metrics]:
     """R-DPO, length-regularised DPO (Park et al. 2024).
 
     loss = -s(beta h + alpha (|y_c| - |y_r|)).
@@ -534,7 +542,9 @@ def rdpo(stats: PreferenceStats, beta: float = 0.1, rdpo_alpha: float = 0.01):
 
 
 @register("dpop")
-def dpop(stats: PreferenceStats, beta: float = 0.1, dpop_lambda: float = 50.0):
+def dpop(
+    stats: PreferenceStats, beta: float = 0.1, dpop_lambda: float = 50.0
+) -> tuple[Array, Metrics]:
     """DPO-Positive (Pal et al. 2024, Smaug): penalise any drop of the chosen log-prob.
 
     loss = -s(beta (h - lambda max(0, -logr_c)))
