@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from dpo_jax.data.loader import make_train_iterator
+from dpo_jax.data.loader import eval_batches, make_train_iterator
 from dpo_jax.data.tokenize import Ragged, TokenizedDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ def test_state_is_json_and_checked():
 RESUME_SCRIPT = r"""
 import json, sys
 import numpy as np
-from dpo_jax.data.loader import make_train_iterator
+from dpo_jax.data.loader import eval_batches, make_train_iterator
 from dpo_jax.data.tokenize import TokenizedDataset
 data_path, state_path, out_path, layout = sys.argv[1:5]
 ds = TokenizedDataset.load(data_path)
@@ -155,3 +155,21 @@ def test_resume_in_a_new_process(tmp_path, layout):
             for k, v in batch.items():
                 np.testing.assert_array_equal(got[f"{i}/{k}"], v, err_msg=f"batch {i} key {k}")
     assert int(expected[0]["step"]) == 4
+
+
+def test_eval_batches_cover_every_example_once():
+    ds = synthetic(10)
+    batches = eval_batches(ds, 4, "stacked")
+    assert [b["input_ids"].shape[0] for b in batches] == [8, 8, 4]  # 4 + 4 + remainder 2 pairs
+    seen = example_ids(batches[0], 4) + example_ids(batches[1], 4) + example_ids(batches[2], 2)
+    assert seen == list(range(10))
+    assert len(eval_batches(ds, 4, limit=8)) == 2
+    # Two hosts: full batches only, split between them.
+    h0 = eval_batches(ds, 4, process_index=0, process_count=2)
+    h1 = eval_batches(ds, 4, process_index=1, process_count=2)
+    assert [example_ids(a, 2) + example_ids(b, 2) for a, b in zip(h0, h1, strict=True)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]
+    # Unpaired: a remainder of one example cannot form a KL row and is dropped.
+    assert len(eval_batches(synthetic(5, "unpaired"), 2)) == 2

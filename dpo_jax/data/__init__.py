@@ -26,7 +26,7 @@ from dpo_jax.data.formats import (
     paired_to_unpaired,
     parse_rows,
 )
-from dpo_jax.data.loader import TrainIterator, make_train_iterator
+from dpo_jax.data.loader import TrainIterator, eval_batches, make_train_iterator
 from dpo_jax.data.sources import Row, read_sources
 from dpo_jax.data.tokenize import (
     TokenizedDataset,
@@ -49,6 +49,7 @@ __all__ = [
     "bucket_length",
     "build_batch",
     "detect_format",
+    "eval_batches",
     "load_examples",
     "load_preference_data",
     "make_train_iterator",

@@ -214,3 +214,43 @@ def make_train_iterator(
     fingerprint = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return TrainIterator(ds, fingerprint, read_options)
+
+
+def eval_batches(
+    tokenized: TokenizedDataset,
+    pairs_per_batch: int,
+    layout: str = "stacked",
+    buckets: Sequence[int] | None = None,
+    *,
+    limit: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    pad_id: int = 0,
+    pack_length: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Every example once, in order, as this host's micro-batches (for evaluation).
+
+    Full global batches are split over hosts like training batches. On one host
+    the remainder becomes one last, smaller batch (one extra compiled shape);
+    with several hosts it is dropped, since hosts must agree on shapes. An
+    unpaired remainder of one example is dropped too (it cannot form a KL row).
+    """
+    n = len(tokenized) if limit is None or limit < 0 else min(limit, len(tokenized))
+    full = n // pairs_per_batch
+    it = make_train_iterator(
+        tokenized.head(n), pairs_per_batch, layout, buckets, 0, shuffle=False, num_epochs=1,
+        process_index=process_index, process_count=process_count, pad_id=pad_id,
+        pack_length=pack_length,
+    ) if full else iter(())  # fmt: skip
+    out = list(it)
+    rest = n - full * pairs_per_batch
+    min_rest = 2 if tokenized.kind == "unpaired" else 1
+    if process_count == 1 and rest >= min_rest:
+        items = [tokenized[i] for i in range(full * pairs_per_batch, n)]
+        batch = build_batch(
+            items, tokenized.kind, layout, buckets=buckets, pad_id=pad_id,
+            length=pack_length if layout == "packed" else None,
+        )  # fmt: skip
+        batch["step"] = np.asarray(full, np.int64)
+        out.append(batch)
+    return out

@@ -97,6 +97,10 @@ class Ragged:
         """Length of every sequence."""
         return np.diff(self.offsets)
 
+    def head(self, n: int) -> Ragged:
+        """The first `n` sequences (views, nothing copied)."""
+        return Ragged(self.values[: self.offsets[n]], self.offsets[: n + 1])
+
 
 class TokenizedDataset:
     """Token ids per example, random access; `kind` is 'paired' or 'unpaired'.
@@ -127,6 +131,15 @@ class TokenizedDataset:
         item: dict[str, Any] = {k: r[i] for k, r in self.ragged.items()}
         item.update({k: v[i] for k, v in self.dense.items()})
         return item
+
+    def head(self, n: int) -> TokenizedDataset:
+        """The first `n` examples."""
+        return TokenizedDataset(
+            self.kind,
+            {k: r.head(n) for k, r in self.ragged.items()},
+            {k: v[:n] for k, v in self.dense.items()},
+            self.stats,
+        )
 
     @property
     def completion_keys(self) -> tuple[str, ...]:
