@@ -1,0 +1,172 @@
+"""Anthropic HH single-turn dialogue (DPO paper section 6.2): Pythia-2.8B, beta 0.1, the
+reference is "Preferred-FT": SFT on the chosen completions (the paper had no SFT model
+for HH); win rate of policy responses against the dataset's chosen responses.
+
+Presets (``--preset=NAME``):
+
+* ``mini`` (default) - runs here: SYNTHETIC single-turn rows written by
+  :func:`write_fixture` in the exact upstream format of ``Anthropic/hh-rlhf``
+  (``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``), parsed by
+  ``dpo_jax.data``'s ``hh`` parser; a small GPT from scratch; the judge is
+  :func:`helpfulness_judge` (an answer is better when it addresses the question's task
+  and is not a refusal or a brush-off). The paper's judge was GPT-4; pass
+  ``--config.judge=python:MODULE:FUNCTION`` to plug in another.
+* ``smoke`` - shrunk to seconds, for tests.
+* ``pythia28`` - the paper's setting on a TPU slice (local Pythia-2.8B checkpoint, HH
+  JSONL files, RMSprop lr 1e-6, batch 64). ``--dry_run`` AOT-compiles its train step on
+  a simulated 8-device mesh and prints parameters, per-device memory and the batch plan.
+
+    python -m experiments.hh [--preset=NAME] [--config.key=value ...] [--dry_run]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments import common, pipeline
+
+PRESETS = ("mini", "smoke", "pythia28")
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+# (task, helpful steps)
+_TASKS = (
+    ("bake bread", "mix flour , water , salt and yeast , let the dough rise , then bake it"),
+    ("change a flat tire", "loosen the nuts , lift the car with a jack , swap the wheel"),
+    ("learn to swim", "start in shallow water , practice floating , then kick with a board"),
+    ("save money", "track your spending , set a budget , and move savings first"),
+    ("sleep better", "keep a fixed bedtime , avoid screens , and keep the room dark"),
+    ("write a cover letter", "name the job , show two results , and end with a thank you"),
+    ("clean a cast iron pan", "scrub with hot water , dry it fully , then oil it lightly"),
+    ("grow tomatoes", "plant them in sun , water the soil deeply , and stake the stems"),
+    ("tie a tie", "cross the wide end over , loop it up , and pull it through the knot"),
+    ("make cold brew coffee", "steep coarse coffee in cold water overnight , then filter it"),
+    ("study for an exam", "plan short sessions , test yourself , and sleep before the day"),
+    ("fix a squeaky door", "oil the hinges , open and close the door , wipe the extra oil"),
+)
+_ASK = ("how do i {t} ?", "can you tell me how to {t} ?", "what is the best way to {t} ?")
+_REFUSALS = ("i can not help with that .", "i do not know .", "figure it out yourself .",
+             "that is a stupid question .")  # fmt: skip
+_STOPWORDS = frozenset(
+    ("a", "an", "the", "i", "to", "do", "how", "can", "you", "me", "tell", "what", "is",
+     "best", "way", "it", "and", "then", "of", "with", "your", "in")
+)  # fmt: skip
+
+
+def make_rows(num_rows: int, seed: int) -> list[dict[str, str]]:
+    """Single-turn HH rows: chosen = the task's steps; rejected = a refusal/brush-off or the
+    steps of a different task."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(num_rows):
+        task, steps = _TASKS[int(rng.integers(len(_TASKS)))]
+        question = str(rng.choice(_ASK)).format(t=task)
+        prompt = f"{HUMAN} {question}{ASSISTANT}"
+        chosen = f" to {task} , {steps} ."
+        if rng.random() < 0.6:
+            rejected = " " + str(rng.choice(_REFUSALS))
+        else:
+            other_task, other_steps = _TASKS[int(rng.integers(len(_TASKS)))]
+            rejected = f" {other_steps} ." if other_task != task else " " + _REFUSALS[0]
+        rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
+    return rows
+
+
+def write_fixture(directory: Path, config: Any) -> tuple[Path, Path]:
+    """Write train.jsonl / test.jsonl HH rows; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n, seed in (("train", config.data.num_train, config.seed),
+                           ("test", config.data.num_test, config.seed + 1)):  # fmt: skip
+        path = directory / f"{split}.jsonl"
+        with open(path, "w") as f:
+            for row in make_rows(n, seed):
+                f.write(json.dumps(row) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOPWORDS}
+
+
+def helpfulness(prompt: str, answer: str) -> float:
+    """Fraction of the question's task words the answer uses, minus 1 for a refusal or
+    brush-off phrase (the fixture's unhelpful answers)."""
+    question = prompt.rsplit(HUMAN, 1)[-1].split(ASSISTANT)[0]
+    task = _words(question)
+    score = len(task & _words(answer)) / max(len(task), 1)
+    if any(r.rstrip(" .") in answer.lower() for r in _REFUSALS):
+        score -= 1.0
+    return score
+
+
+def helpfulness_judge():
+    """Pairwise judge for the fixture: a wins when its helpfulness is higher (0.5 on ties)."""
+
+    def judge(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        sa = np.array([helpfulness(p, t) for p, t in zip(prompts, a, strict=True)])
+        sb = np.array([helpfulness(p, t) for p, t in zip(prompts, b, strict=True)])
+        return np.where(sa > sb, 1.0, np.where(sa < sb, 0.0, 0.5))
+
+    return judge
+
+
+def get_config(preset: str = "mini"):
+    """The experiment config; `preset` is one of PRESETS."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    c = pipeline.offline_config("hh")
+    c.preset = preset
+    c.beta = 0.1  # the paper's HH beta
+    c.sft.completion_only = True  # Preferred-FT: fine-tune on the chosen completions
+    c.data.update(max_prompt_length=32, max_completion_length=32)
+    c.eval.max_new_tokens = 32
+    if preset == "smoke":
+        c.data.update(num_train=96, num_test=16, tokenizer_vocab_size=384)
+        c.model.update(hidden_size=32, num_layers=1, num_heads=2)
+        c.sft.update(steps=20, batch_size=16)
+        c.train.update(steps=4, batch_size=8, eval_every=2)
+        c.eval.update(batch_size=16, max_new_tokens=12)
+        c.progress = False
+    elif preset == "pythia28":
+        c.data.update(
+            train_path="data/hh/train.jsonl", test_path="data/hh/test.jsonl",
+            tokenizer_dir="checkpoints/pythia-2.8b", max_prompt_length=256,
+            max_completion_length=256,
+        )  # fmt: skip
+        c.model.update(model_dir="checkpoints/pythia-2.8b", dtype="bfloat16", remat="block",
+                       scan_layers=True)  # fmt: skip
+        c.train.update(steps=5000, batch_size=64, optimizer="rmsprop", learning_rate=1e-6,
+                       warmup_steps=150, eval_every=500, mesh=(1, -1, 1), micro_batches=2)  # fmt: skip
+        c.eval.update(batch_size=256, max_new_tokens=256, temperature=1.0)
+        c.judge = "python:my_judges:gpt4_judge"
+    return c
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = common.parse_args(get_config, argv, PRESETS)
+    c = args.config
+    if args.dry_run:
+        from experiments import dry_run
+
+        dry_run.run_from_config(
+            c, loss_name=c.loss, loss_hyper={"beta": c.beta},
+            seq_len=c.data.max_prompt_length + c.data.max_completion_length, reference="precomputed",
+        )  # fmt: skip
+        return 0
+    pipeline.run_offline(c, "hh", write_fixture, helpfulness_judge)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
