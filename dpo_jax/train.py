@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -489,8 +490,16 @@ def train(
         else dict(config.loss.hyper)
     )
 
+    if ref_params is None and config.reference.path and losses.needs_reference(loss_name):
+        from dpo_jax.models import hf
+
+        _, ref_params = hf.load_hf(
+            config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+        )
     if train_data is None:
-        train_data, eval_data, steps_per_epoch = _load_data(config, model_config)
+        train_data, eval_data, steps_per_epoch = load_data(
+            config, model_config, params if ref_params is None else ref_params
+        )
     else:
         steps_per_epoch = None
     num_steps = int(config.num_steps)
@@ -505,12 +514,6 @@ def train(
         raise ValueError("training data is empty")
     train_iter = _chain_first(first, first_iter)
     reference = resolve_reference_mode(config.reference.mode, loss_name, "ref_logps" in first)
-    if reference == "frozen" and ref_params is None and config.reference.path:
-        from dpo_jax.models import hf
-
-        _, ref_params = hf.load_hf(
-            config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
-        )
 
     trainer, state = build_trainer(
         model_config,
@@ -588,8 +591,87 @@ def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield from rest
 
 
-def _load_data(config: ml_collections.ConfigDict, model_config: models.ModelConfig):
-    raise NotImplementedError("config-driven data loading is wired once dpo_jax.data lands")
+def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> dict[str, Any]:
+    d = config.data
+    return dict(
+        path=path,
+        format=d.format,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation_mode=d.truncation_mode,
+        skip_bad_rows=d.skip_bad_rows,
+        unpaired=not paired,
+    )
+
+
+def load_data(
+    config: ml_collections.ConfigDict, model_config: models.ModelConfig, ref_params: Any
+) -> tuple[Any, Callable[[], Iterable[Mapping[str, Any]]] | None, float]:
+    """(train iterator, eval-batches factory or None, steps per epoch) from `config.data`.
+
+    Tokenizes with TRL's convention via `dpo_jax.data`. With `reference.mode="cache"`
+    (or a held-out split lacking the columns the training split has) the reference
+    log-probs are computed in a first pass and cached in the run directory.
+    """
+    from transformers import AutoTokenizer
+
+    from dpo_jax import data, reference
+
+    loss_name = config.loss.name
+    paired = losses.is_paired(loss_name)
+    if not config.data.train:
+        raise ValueError("config.data.train is empty: point it at the training data")
+    if config.batch_size % config.grad_accum_steps:
+        raise ValueError(
+            f"batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}"
+        )
+    micro_pairs = config.batch_size // config.grad_accum_steps
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    run_dir = config.run_dir or None
+    train_set = data.load_preference_data(
+        _data_spec(config, config.data.train, paired), tokenizer, run_dir
+    )
+    needs_ref = losses.needs_reference(loss_name)
+    has_ref = "ref_chosen" in train_set.dense
+    if needs_ref and config.reference.mode == "cache" and not has_ref:
+        if not run_dir:
+            raise ValueError("reference.mode='cache' needs config.run_dir for the cache file")
+        train_set = reference.cached_ref_logps(
+            run_dir, model_config, ref_params, train_set, micro_pairs
+        )
+        has_ref = True
+    train_iter = data.make_train_iterator(
+        train_set, micro_pairs, config.data.layout, seed=config.seed,
+        shuffle=config.data.shuffle, pad_id=pad_id,
+    )  # fmt: skip
+    steps_per_epoch = (len(train_set) // micro_pairs) / config.grad_accum_steps
+
+    eval_fn = None
+    if config.data.eval:
+        eval_set = data.load_preference_data(
+            _data_spec(config, config.data.eval, paired), tokenizer, run_dir
+        )
+        if needs_ref and has_ref and "ref_chosen" not in eval_set.dense:
+            if not run_dir:
+                raise ValueError("held-out reference log-probs need config.run_dir for the cache")
+            eval_set = reference.cached_ref_logps(
+                run_dir, model_config, ref_params, eval_set, micro_pairs
+            )
+        eval_pairs = min(micro_pairs, len(eval_set))
+        num_eval = config.data.num_eval_examples
+        num_batches = len(eval_set) // eval_pairs
+        if num_eval > 0:
+            num_batches = max(1, min(num_batches, num_eval // eval_pairs))
+
+        def eval_fn() -> Iterable[Mapping[str, Any]]:
+            it = data.make_train_iterator(
+                eval_set, eval_pairs, config.data.layout, shuffle=False, num_epochs=1,
+                pad_id=pad_id,
+            )  # fmt: skip
+            return itertools.islice(it, num_batches)
+
+    return train_iter, eval_fn, steps_per_epoch
 
 
 # ------------------------------------------------------------------------ command line
