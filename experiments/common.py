@@ -1,6 +1,6 @@
 """Helpers every experiment module shares: command-line config overrides, the run
-directory (config JSON, metrics JSONL + TensorBoard, results CSV, figures), tables and
-a locally trained tokenizer.
+directory with its config.json, the results CSV and printed table, and a locally trained
+tokenizer. (Metrics JSONL + TensorBoard: `dpo_jax.metrics.MetricsWriter`.)
 
 An experiment module exposes ``get_config(preset)`` and calls :func:`parse_args` in
 its ``main``; the command line is
@@ -18,7 +18,6 @@ import ast
 import csv
 import dataclasses
 import datetime
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -88,8 +87,9 @@ def parse_args(
     argv: Sequence[str],
     presets: Sequence[str],
 ) -> ExperimentArgs:
-    """Parse ``[--preset=NAME] [--config.key=value ...] [--dry_run]`` into a config."""
-    preset = "default"
+    """Parse ``[--preset=NAME] [--config.key=value ...] [--dry_run]`` into a config;
+    the first of `presets` is the default."""
+    preset = presets[0]
     dry_run = False
     overrides: list[tuple[str, str]] = []
     for arg in argv:
@@ -129,46 +129,6 @@ def make_run_dir(config: ml_collections.ConfigDict, experiment: str) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     return run_dir
-
-
-class MetricsLog:
-    """Append-only metrics: one JSON object a line in ``metrics.jsonl`` and the same
-    scalars as TensorBoard events under ``tb/`` (tag ``RUN/NAME``)."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = self.path.open("a")
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
-
-    def write(self, run: str, step: int, metrics: Mapping[str, float]) -> None:
-        """Record `metrics` of sub-run `run` at `step`."""
-        row = {"run": run, "step": int(step)}
-        row.update({k: _to_float(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(f"{run}/{key}", _to_float(value), int(step))
-
-    def close(self) -> None:
-        """Flush and close both sinks."""
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _to_float(value: Any) -> float:
-    return float(np.asarray(value))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every JSON object of a JSONL file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_csv(
