@@ -253,16 +253,20 @@ def _generate_core(
     key: jax.Array,
     temperature: jax.Array,
     top_p: jax.Array,
+    eos_E: jax.Array,
+    pad_token_id: jax.Array,
     *,
     max_new_tokens: int,
     greedy: bool,
     top_k: int,
     use_top_p: bool,
-    eos_token_ids: tuple[int, ...],
-    pad_token_id: int,
     return_logits: bool,
 ) -> dict[str, jax.Array]:
-    """Prefill + while_loop decode; pure, meant to be jitted."""
+    """Prefill + while_loop decode; pure, meant to be jitted.
+
+    ``eos_E`` holds the EOS ids padded with -1 (never a token), so a different EOS
+    set or pad id reuses the compiled function.
+    """
     from dpo_jax import models
 
     num_rows, prompt_len = prompt_ids_NxP.shape
@@ -284,7 +288,6 @@ def _generate_core(
     )
     # The last prompt slot always holds a real token (left padding).
     logits_NxV = logits_NxPxV[:, -1].astype(jnp.float32)
-    eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
     vocab = logits_NxV.shape[-1]
 
     state = dict(
@@ -330,7 +333,7 @@ def _generate_core(
                 s["all_logits"], s["logits"][:, None, :], (0, t, 0)
             )
         new["lengths"] = s["lengths"] + live_N.astype(jnp.int32)
-        new["done"] = s["done"] | (live_N & jnp.isin(tok_N, eos))
+        new["done"] = s["done"] | (live_N & jnp.isin(tok_N, eos_E))
         positions_N1 = (prompt_lengths_N + t)[:, None].astype(jnp.int32)
         step_logits, mutated = model.apply(
             {"params": params, "cache": s["cache"]},
@@ -360,8 +363,6 @@ def _compiled(model: Any, cfg: Any, static: tuple[Any, ...]) -> Any:
         "greedy",
         "top_k",
         "use_top_p",
-        "eos_token_ids",
-        "pad_token_id",
         "return_logits",
     )
     kwargs = dict(zip(names, static, strict=True))
@@ -459,10 +460,11 @@ def generate(
         config.greedy,
         int(config.top_k),
         config.top_p < 1.0,
-        config.eos_token_ids,
-        int(config.pad_token_id),
         bool(return_logits),
     )
+    num_eos = 4 * max(1, math.ceil(len(config.eos_token_ids) / 4))
+    eos_E = np.full((num_eos,), -1, np.int32)
+    eos_E[: len(config.eos_token_ids)] = config.eos_token_ids
     fn = _compiled(model, cfg, static)
     args = (
         jnp.asarray(ids_NxP),
@@ -470,6 +472,8 @@ def generate(
         key,
         jnp.asarray(max(config.temperature, 1e-6), jnp.float32),
         jnp.asarray(config.top_p, jnp.float32),
+        jnp.asarray(eos_E),
+        jnp.asarray(config.pad_token_id, jnp.int32),
     )
     if mesh is None:
         out = fn(params, *args)
@@ -500,13 +504,13 @@ def _run_sharded(fn: Any, mesh: Any, params: Any, args: tuple[Any, ...]) -> Any:
 
     batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.shape)
     rows = NamedSharding(mesh, PartitionSpec(batch_axes))
-    ids, lengths, key, temperature, top_p = args
+    ids, lengths, *scalars = args
     ids = jax.device_put(ids, NamedSharding(mesh, PartitionSpec(batch_axes, None)))
     lengths = jax.device_put(lengths, rows)
     replicated = NamedSharding(mesh, PartitionSpec())
-    key, temperature, top_p = (jax.device_put(x, replicated) for x in (key, temperature, top_p))
+    scalars = [jax.device_put(x, replicated) for x in scalars]
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        return fn(params, ids, lengths, key, temperature, top_p)
+        return fn(params, ids, lengths, *scalars)
 
 
 # ----------------------------------------------------------------- text helpers
@@ -529,6 +533,7 @@ def generate_text(
     *,
     mesh: Any = None,
     add_special_tokens: bool = False,
+    return_logits: bool = False,
     **overrides: Any,
 ) -> SampleOutput:
     """Tokenize text prompts, generate, and decode completions into ``SampleOutput.texts``.
@@ -547,7 +552,7 @@ def generate_text(
     ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     if not add_special_tokens and getattr(tokenizer, "bos_token_id", None) is not None:
         ids = [x if x else [tokenizer.bos_token_id] for x in ids]
-    out = generate(model, params, ids, key, config, mesh=mesh)
+    out = generate(model, params, ids, key, config, mesh=mesh, return_logits=return_logits)
     out.texts = tokenizer.batch_decode(out.completion_ids(), skip_special_tokens=True)
     return out
 
