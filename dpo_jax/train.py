@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dpo_jax import losses, models, optim, sharding
-from dpo_jax.metrics import MetricsWriter, Progress, Throughput, mean_metrics, to_python
+from dpo_jax.metrics import METRICS_FILENAME, MetricsWriter, Progress, Throughput, to_python
 from dpo_jax.train_step import StepConfig, TrainState, eval_step, init_state, train_step
 
 log = logging.getLogger(__name__)
@@ -313,15 +313,24 @@ def evaluate(
     batches: Iterable[Mapping[str, Any]],
     layout: str = "stacked",
 ) -> dict[str, float]:
-    """Mean loss/metrics over held-out micro-batches, keys prefixed `eval/`."""
-    rows = []
+    """Held-out loss/metrics, keys prefixed `eval/`.
+
+    Batches are weighted by their number of examples, so a smaller remainder batch
+    counts for what it holds: the result is the mean over examples.
+    """
+    total: dict[str, float] = {}
+    weight = 0.0
     for mb in batches:
         batch_A = stack_micro_batches([mb])
-        metrics = trainer.evaluate(state, batch_A, batch_num_sequences(batch_A, layout))
-        rows.append(jax.device_get(metrics))
-    if not rows:
+        n_seq = batch_num_sequences(batch_A, layout)
+        metrics = jax.device_get(trainer.evaluate(state, batch_A, n_seq))
+        w = n_seq / 2
+        for k, v in metrics.items():
+            total[k] = total.get(k, 0.0) + w * float(v)
+        weight += w
+    if not weight:
         raise ValueError("evaluation data is empty")
-    return {f"eval/{k}": v for k, v in mean_metrics(rows).items()}
+    return {f"eval/{k}": v / weight for k, v in total.items()}
 
 
 def run_loop(
@@ -410,12 +419,11 @@ def run_loop(
             run_eval(step)
         if checkpointer is not None:
             data = data_state() if data_state is not None else None
-            extra = {"skipped_steps": int(jax.device_get(state.skipped_steps))}
             cstate = checkpointable(state, trainer.step_config)
-            checkpointer.maybe_save(step, cstate, data, extra=extra)
+            checkpointer.maybe_save(step, cstate, data)  # skipped_steps lives in the state
             if getattr(checkpointer, "preempted", False):
                 flush()
-                checkpointer.maybe_save(step, cstate, data, extra=extra, force=True)
+                checkpointer.maybe_save(step, cstate, data, force=True)
                 log.warning("preempted: saved step %d and stopped", step)
                 return state, history, eval_history
     flush()
@@ -423,10 +431,7 @@ def run_loop(
     run_eval(last)
     if checkpointer is not None:
         data = data_state() if data_state is not None else None
-        extra = {"skipped_steps": int(jax.device_get(state.skipped_steps))}
-        checkpointer.maybe_save(
-            last, checkpointable(state, trainer.step_config), data, extra=extra, force=True
-        )
+        checkpointer.maybe_save(last, checkpointable(state, trainer.step_config), data, force=True)
     return state, history, eval_history
 
 
@@ -539,6 +544,8 @@ def train(
             save_config(config, run_dir)
         writer = MetricsWriter(run_dir, tensorboard=config.train.tensorboard, enabled=is_main)
 
+    if checkpointer is None and config.checkpoint.enabled:
+        checkpointer = make_checkpointer(config, model_config, run_dir)
     start_step = 0
     if checkpointer is not None:
         restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
@@ -548,6 +555,10 @@ def train(
             if hasattr(train_data, "set_state") and restored.data_state is not None:
                 train_data.set_state(restored.data_state)
                 train_iter = iter(train_data)
+            else:  # a plain iterable: skip what the restored steps consumed
+                skip = start_step * config.grad_accum_steps
+                train_iter = itertools.islice(iter(train_data), skip, None)
+            log.info("resumed from step %d", start_step)
 
     eval_fn = None
     if eval_data is not None:
@@ -577,7 +588,39 @@ def train(
             writer.close()
         if checkpointer is not None:
             checkpointer.close()
+    if config.checkpoint.export_hf and run_dir is not None and is_main:
+        from dpo_jax import checkpoint
+
+        checkpoint.export_hf(run_dir, run_dir / "hf")
     return TrainResult(state, history, eval_history, run_dir, trainer)
+
+
+def make_checkpointer(
+    config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: Path | None
+) -> Any:
+    """The Orbax checkpointer `config.checkpoint` asks for (saves under run_dir/checkpoints)."""
+    from dpo_jax import checkpoint
+
+    if run_dir is None:
+        raise ValueError("checkpoint.enabled needs config.run_dir")
+    tokenizer = None
+    if config.tokenizer or config.model.path:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
+    options = checkpoint.CheckpointOptions(
+        save_every=config.checkpoint.save_every,
+        keep_last=config.checkpoint.keep_last,
+        async_save=config.checkpoint.async_save,
+    )
+    return checkpoint.Checkpointer(
+        run_dir,
+        options=options,
+        config=config.to_dict(),
+        model_config=model_config,
+        tokenizer=tokenizer,
+        metrics_path=run_dir / METRICS_FILENAME,
+    )
 
 
 def _reattach_reference(restored: TrainState, fresh: TrainState) -> TrainState:
@@ -658,18 +701,13 @@ def load_data(
             eval_set = reference.cached_ref_logps(
                 run_dir, model_config, ref_params, eval_set, micro_pairs
             )
-        eval_pairs = min(micro_pairs, len(eval_set))
         num_eval = config.data.num_eval_examples
-        num_batches = len(eval_set) // eval_pairs
-        if num_eval > 0:
-            num_batches = max(1, min(num_batches, num_eval // eval_pairs))
-
-        def eval_fn() -> Iterable[Mapping[str, Any]]:
-            it = data.make_train_iterator(
-                eval_set, eval_pairs, config.data.layout, shuffle=False, num_epochs=1,
-                pad_id=pad_id,
-            )  # fmt: skip
-            return itertools.islice(it, num_batches)
+        eval_list = data.eval_batches(
+            eval_set, min(micro_pairs, len(eval_set)), config.data.layout,
+            limit=num_eval if num_eval > 0 else None, process_index=jax.process_index(),
+            process_count=jax.process_count(), pad_id=pad_id,
+        )  # fmt: skip
+        eval_fn = lambda: eval_list
 
     return train_iter, eval_fn, steps_per_epoch
 

@@ -1,0 +1,82 @@
+"""Checkpoint hooks of the loop: a run stopped at a step boundary resumes to the same result."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from dpo_jax import checkpoint, models, train
+from dpo_jax.configs import tiny
+from dpo_jax.metrics import read_jsonl
+from tests.train_helpers import synthetic_batches, tiny_model_config
+
+
+class _StopAfter:
+    """Wraps a Checkpointer and raises the preemption flag after `step` (like SIGTERM)."""
+
+    def __init__(self, inner: checkpoint.Checkpointer, step: int):
+        self.inner, self.stop_step = inner, step
+
+    def restore_or_none(self, abstract):
+        return self.inner.restore_or_none(abstract)
+
+    def maybe_save(self, step, state, data_state=None, extra=None, force=False):
+        if step == self.stop_step:
+            self.inner.request_stop()
+        return self.inner.maybe_save(step, state, data_state, extra, force)
+
+    @property
+    def preempted(self):
+        return self.inner.preempted
+
+    def close(self):
+        self.inner.close()
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_preempted_run_resumes_to_the_same_params_and_metrics(tmp_path):
+    cfg = tiny_model_config(num_layers=1)
+    params = models.init_params(cfg, jax.random.key(0))
+    batches = synthetic_batches(num=8, pairs=2, seed=7)  # 4 steps x A=2
+    config = tiny.get_config()
+    config.num_steps = 4
+    config.train.tensorboard = False
+
+    def run(run_dir, ckpt):
+        config.run_dir = str(run_dir)
+        return train.train(
+            config, train_data=batches, model_config=cfg, params=params, checkpointer=ckpt
+        )
+
+    full = run(tmp_path / "full", None)
+
+    opts = checkpoint.CheckpointOptions(save_every=100, async_save=False, handle_sigterm=False)
+
+    def make_ckpt(run_dir):
+        return checkpoint.Checkpointer(
+            run_dir, options=opts, config=config.to_dict(), model_config=cfg,
+            metrics_path=run_dir / "metrics.jsonl",
+        )  # fmt: skip
+
+    part_dir = tmp_path / "part"
+    first = run(part_dir, _StopAfter(make_ckpt(part_dir), step=2))
+    assert [r["step"] for r in first.history] == [1, 2]
+    assert int(first.state.step) == 2
+    resumed = run(part_dir, make_ckpt(part_dir))
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    # the reference was not checkpointed (it is the initial policy) and was rebuilt
+    np.testing.assert_array_equal(_flat(resumed.state.ref_params), _flat(params))
+    np.testing.assert_allclose(
+        _flat(resumed.state.params), _flat(full.state.params), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        _flat(resumed.state.opt_state), _flat(full.state.opt_state), rtol=1e-6, atol=1e-7
+    )
+    rows = read_jsonl(part_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        [r["loss"] for r in rows], [r["loss"] for r in full.history], rtol=1e-6
+    )
