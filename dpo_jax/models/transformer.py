@@ -345,7 +345,7 @@ class Mlp(nn.Module):
             up = act(Linear((f,), ("embed", "mlp"), name="gate", **lin)(x_NxLxD)) * up
         else:
             up = act(up)
-        up = _constrain(up, (BATCH, LENGTH, None))
+        up = _constrain(up, (BATCH, LENGTH, "activation_mlp"))
         return Linear((cfg.hidden_size,), ("mlp", "embed"), name="down", **lin)(up)
 
 
