@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dpo_jax import losses, models, optim, sharding
-from dpo_jax.metrics import METRICS_FILENAME, MetricsWriter, Progress, Throughput, to_python
+from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
 from dpo_jax.train_step import StepConfig, TrainState, eval_step, init_state, train_step
 
 log = logging.getLogger(__name__)
@@ -418,6 +418,11 @@ def run_loop(
             flush()
             run_eval(step)
         if checkpointer is not None:
+            # Rows up to a saved step must be on disk before the save (exact resume), and
+            # a NaN step under "stop" must raise before it could be checkpointed.
+            should = getattr(checkpointer, "should_save", None)
+            if should is None or should(step):
+                flush()
             data = data_state() if data_state is not None else None
             cstate = checkpointable(state, trainer.step_config)
             checkpointer.maybe_save(step, cstate, data)  # skipped_steps lives in the state
@@ -603,23 +608,10 @@ def make_checkpointer(
 
     if run_dir is None:
         raise ValueError("checkpoint.enabled needs config.run_dir")
-    tokenizer = None
-    if config.tokenizer or config.model.path:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
-    options = checkpoint.CheckpointOptions(
-        save_every=config.checkpoint.save_every,
-        keep_last=config.checkpoint.keep_last,
-        async_save=config.checkpoint.async_save,
-    )
-    return checkpoint.Checkpointer(
-        run_dir,
-        options=options,
-        config=config.to_dict(),
-        model_config=model_config,
-        tokenizer=tokenizer,
-        metrics_path=run_dir / METRICS_FILENAME,
+    # A tokenizer directory is enough: the checkpointer copies its files for export.
+    tokenizer = config.tokenizer or config.model.path or None
+    return checkpoint.Checkpointer.from_config(
+        config, model_config=model_config, tokenizer=tokenizer
     )
 
 

@@ -88,7 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.enabled = False
     c.checkpoint.save_every = 500
-    c.checkpoint.keep_last = 3
+    c.checkpoint.keep_last = 3  # <= 0 keeps all
+    c.checkpoint.keep_every = 0  # > 0: also never delete steps divisible by this
+    c.checkpoint.force_resume = False  # resume despite math-changing config differences
     c.checkpoint.async_save = True
     c.checkpoint.export_hf = False  # write run_dir/hf at the end
     return c
