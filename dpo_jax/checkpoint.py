@@ -643,6 +643,12 @@ class Checkpointer:
             f"math:\n{lines}\nUse a new run directory, or set force_resume to resume anyway."
         )
 
+    def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        tree_meta = self._manager.item_metadata(step)["state"]
+        if tree_meta is None:
+            raise CheckpointError("no state metadata")
+        return _shapes_by_path(getattr(tree_meta, "tree", tree_meta))
+
     def restore_or_none(self, abstract_state: Any) -> Restored | None:
         """Restore the newest complete step into the shardings of ``abstract_state``.
 
@@ -673,6 +679,15 @@ class Checkpointer:
                 moved_any = True
                 continue
             self._check_config(step, meta.get("config") or {})
+            try:
+                saved_shapes = self._saved_shapes(step)
+            except Exception as e:  # noqa: BLE001
+                self._skip(step, f"unreadable state metadata: {type(e).__name__}: {e}", "corrupt")
+                moved_any = True
+                continue
+            # A structural mismatch is the caller's (changed model or state), not damage
+            # on disk: refuse rather than move a good checkpoint aside.
+            _check_structure(self.directory / str(step), saved_shapes, _shapes_by_path(target))
             try:
                 restored = self._manager.restore(
                     step,
@@ -711,6 +726,46 @@ class Checkpointer:
                 dropped,
                 step,
             )
+
+
+def _path_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``'a/b/0/c' -> shape`` for every array leaf; dataclass fields, dict keys,
+    NamedTuple fields and list indices all become plain path segments, so the saved
+    metadata tree (dicts and lists) and the live state (dataclasses) compare."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(_path_name(e) for e in path): tuple(leaf.shape)
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
+
+
+def _check_structure(
+    where: epath.Path, saved: Mapping[str, tuple[int, ...]], target: Mapping[str, tuple[int, ...]]
+) -> None:
+    problems = [
+        f"  {k}: in the checkpoint, not in the state" for k in sorted(set(saved) - set(target))
+    ]
+    problems += [
+        f"  {k}: in the state, not in the checkpoint" for k in sorted(set(target) - set(saved))
+    ]
+    problems += [
+        f"  {k}: checkpoint shape {saved[k]} != state shape {target[k]}"
+        for k in sorted(set(saved) & set(target))
+        if tuple(saved[k]) != tuple(target[k])
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{where}: the saved state does not fit the state this run builds "
+            f"(a different model or optimizer?):\n" + "\n".join(problems[:50])
+        )
 
 
 def _as_abstract(x: Any) -> Any:

@@ -365,3 +365,19 @@ def test_restore_truncates_the_runs_metrics_file(tmp_path):
     with checkpoint.Checkpointer(tmp_path, options=opts, config=CONFIG, metrics_path=metrics) as c:
         assert c.restore_or_none(abstract_of(state)).step == 4
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_state_of_another_shape_refuses_and_leaves_checkpoint_alone(tmp_path):
+    states = _save_steps(tmp_path, [2])
+    other = make_state()
+    other["params"]["embed"] = jnp.zeros((32, 8), jnp.float32)  # a bigger vocabulary
+    del other["params"]["layer"]
+    with new_ckpt(tmp_path) as ckpt, pytest.raises(checkpoint.CheckpointError) as e:
+        ckpt.restore_or_none(abstract_of(other))
+    msg = str(e.value)
+    assert "params/embed: checkpoint shape (16, 8) != state shape (32, 8)" in msg
+    assert "params/layer/w: in the checkpoint, not in the state" in msg
+    assert str(tmp_path / "checkpoints" / "2") in msg
+    with new_ckpt(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [2] and not ckpt.skipped
+        assert_trees_equal(ckpt.restore_or_none(abstract_of(states[2])).state, states[2])
