@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +107,26 @@ def test_stack_micro_batches_pads_lengths_without_changing_numbers(model):
     padded_a = {k: v[0] for k, v in stacked.items()}
     np.testing.assert_allclose(fn(padded_a, 4), fn(a, 4), rtol=1e-5, atol=1e-5)
     assert jnp.all(stacked["sequence_index"][0, :, 16:] == -1)
+
+
+def test_chunked_logps_and_bf16_compute_match_full_fp32(model):
+    cfg, params = model
+    b = train.stack_micro_batches(synthetic_batches(num=2, pairs=2, seed=6))
+    trainer, state = _trainer(model)
+    state, full = trainer.step(state, b, n_seq=4)
+    state, full2 = trainer.step(state, b, n_seq=4)
+
+    # bf16 activations with fp32 master params, and logits unembedded 8 positions at a time
+    bf16 = (dataclasses.replace(cfg, dtype="bfloat16"), params)
+    trainer_c, state_c = _trainer(bf16, logps_chunk_size=8)
+    state_c, chunked = trainer_c.step(state_c, b, n_seq=4)
+    state_c, chunked2 = trainer_c.step(state_c, b, n_seq=4)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state_c.params))
+    assert all(
+        x.dtype == jnp.float32 for x in jax.tree.leaves(state_c.opt_state) if x.dtype.kind == "f"
+    )
+    np.testing.assert_allclose(float(chunked["loss"]), float(full["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(chunked2["loss"]), float(full2["loss"]), rtol=2e-2)
+    np.testing.assert_allclose(
+        float(chunked2["logps/chosen"]), float(full2["logps/chosen"]), rtol=2e-2
+    )
