@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -189,6 +189,19 @@ def _hf_config(family: str, vocab_size: int, tokenizer: Any) -> Any:
             tie_word_embeddings=True,
             **common,
         )
+    if family == "gemma":
+        return tf.GemmaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=96,
+            hidden_act="gelu_pytorch_tanh",
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            tie_word_embeddings=True,
+            **common,
+        )
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
@@ -206,7 +219,8 @@ def make_tiny_hf_model(
     Families: gpt2 (tied, learned positions), gpt_neox (parallel residual,
     rotary_pct 0.25, untied), llama (GQA, llama3 rope scaling, untied), mistral
     (GQA with one kv head, sliding window 6, untied), qwen2 (qkv bias, tied),
-    qwen3 (q/k norm, head_dim 24 != 64/4, tied). The tokenizer, if given, is
+    qwen3 (q/k norm, head_dim 24 != 64/4, tied), gemma (sqrt(D) embedding
+    scale, (1 + w) RMSNorm, one kv head, head_dim 32, tied). The tokenizer, if given, is
     saved alongside. Returns `Path(out_dir)`.
     """
     import torch

@@ -79,6 +79,8 @@ def test_logits_match_transformers_with_right_padding(loaded, family):
         ("gpt_neox", dict(parallel_residual=False)),
         ("mistral", dict(sliding_window=None)),
         ("qwen3", dict(qk_norm=False)),
+        ("gemma", dict(embed_scale=False)),
+        ("gemma", dict(norm_scale_offset=0.0)),
     ],
 )
 def test_family_feature_matters(loaded, family, ablation):
@@ -236,7 +238,7 @@ def test_error_no_safetensors(loaded, tmp_path):
 
 def test_error_unknown_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="'bert'.*supported: gpt2, gpt_neox, llama"):
+    with pytest.raises(ValueError, match="'bert'.*supported: gpt2, gpt_neox, llama, .*gemma"):
         load_hf(tmp_path)
 
 

@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass with per-family switches.
 
 A single `ModelConfig` describes every supported decoder-only family (GPT-2,
-GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2, Qwen3). The `Transformer` module
+GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 1). The `Transformer` module
 reads only these switches, never `model_type`; `model_type` matters only for
 Hugging Face import/export (`dpo_jax.models.hf`).
 
@@ -108,6 +108,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before RoPE
     tie_word_embeddings: bool = False
+    embed_scale: bool = False  # Gemma: token embeddings times sqrt(hidden_size)
+    norm_scale_offset: float = 0.0  # Gemma: RMSNorm multiplies by (offset + scale)
 
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -262,6 +264,15 @@ FAMILY_SWITCHES: dict[str, dict[str, Any]] = {
         gated_mlp=True,
         qkv_bias=True,
         rope_theta=1000000.0,
+    ),
+    "gemma": dict(
+        norm_type="rmsnorm",
+        norm_eps=1e-6,
+        activation="gelu_new",
+        gated_mlp=True,
+        tie_word_embeddings=True,
+        embed_scale=True,
+        norm_scale_offset=1.0,
     ),
     "qwen3": dict(
         norm_type="rmsnorm",

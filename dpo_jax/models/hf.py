@@ -35,7 +35,7 @@ import numpy as np
 from dpo_jax.models.config import ModelConfig, RopeScaling
 from dpo_jax.models.transformer import abstract_params
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")
 
 _ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
@@ -44,6 +44,7 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
 }
 
 # HF activation names -> ours ("gelu_pytorch_tanh" is the same tanh formula as gelu_new).
@@ -177,7 +178,12 @@ def config_from_hf(d: dict[str, Any], **overrides: Any) -> ModelConfig:
         )
     else:
         heads = d["num_attention_heads"]
-        default_head_dim = 128 if model_type == "qwen3" else d["hidden_size"] // heads
+        default_head_dim = {"qwen3": 128, "gemma": 256}.get(model_type, d["hidden_size"] // heads)
+        act = d.get("hidden_act", "silu")
+        if model_type == "gemma":
+            # Gemma's "gelu" means the tanh approximation (HF converts it the same way).
+            act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+            act = "gelu_pytorch_tanh" if act == "gelu" else act
         kw = dict(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -188,11 +194,11 @@ def config_from_hf(d: dict[str, Any], **overrides: Any) -> ModelConfig:
             intermediate_size=d["intermediate_size"],
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             norm_eps=d.get("rms_norm_eps", 1e-6),
-            activation=_activation_from_hf(d.get("hidden_act", "silu")),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            activation=_activation_from_hf(act),
+            tie_word_embeddings=d.get("tie_word_embeddings", model_type == "gemma"),
             **_rope_from_hf(d),
         )
-        if model_type in ("llama", "qwen3"):
+        if model_type in ("llama", "qwen3", "gemma"):
             kw["qkv_bias"] = kw["attn_out_bias"] = bool(d.get("attention_bias", False))
         if model_type == "llama":
             kw["mlp_bias"] = bool(d.get("mlp_bias", False))
@@ -220,6 +226,8 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _act_to_hf(cfg: ModelConfig) -> str:
+    if cfg.model_type == "gemma" and cfg.activation == "gelu_new":
+        return "gelu_pytorch_tanh"  # same function; the name Gemma checkpoints use
     return cfg.activation  # our names are valid HF ACT2FN keys
 
 
@@ -289,7 +297,7 @@ def config_to_hf(cfg: ModelConfig, hf_dtype: str | None = None) -> dict[str, Any
             rope_theta=cfg.rope_theta,
             attention_dropout=0.0,
         )
-        if mt in ("llama", "qwen3"):
+        if mt in ("llama", "qwen3", "gemma"):
             d["attention_bias"] = cfg.qkv_bias
         if mt == "llama":
             d["mlp_bias"] = cfg.mlp_bias

@@ -1,7 +1,7 @@
 """One Flax Linen decoder-only transformer for every supported family.
 
-`Transformer(cfg)` covers GPT-2, GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2 and
-Qwen3; `ModelConfig` switches select norms, activations, position embeddings,
+`Transformer(cfg)` covers GPT-2, GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2,
+Qwen3 and Gemma 1; `ModelConfig` switches select norms, activations, position embeddings,
 residual layout, biases, q/k norm and tied embeddings.
 
 Full-sequence forward (training, scoring)::
@@ -161,12 +161,17 @@ class Linear(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm (scale + bias) or RMSNorm (scale), computed in float32."""
+    """LayerNorm (scale + bias) or RMSNorm (scale), computed in float32.
+
+    With `scale_offset` (Gemma) the multiplier is `scale_offset + scale` and the
+    stored scale starts at `1 - scale_offset`.
+    """
 
     kind: str
     eps: float
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scale_offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -174,14 +179,19 @@ class Norm(nn.Module):
         dim = x.shape[-1]
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            nn.with_logical_partitioning(
+                nn.initializers.constant(1.0 - self.scale_offset), ("norm",)
+            ),
             (dim,),
             self.param_dtype,
         )
         xf = x.astype(jnp.float32)
         if self.kind == "rmsnorm":
             y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-            # HF casts to the input dtype before the scale multiply.
+            if self.scale_offset:
+                # Gemma multiplies in float32, then casts (HF PR 29402).
+                return (y * (self.scale_offset + scale.astype(jnp.float32))).astype(self.dtype)
+            # Llama casts to the input dtype before the scale multiply.
             return scale.astype(self.dtype) * y.astype(self.dtype)
         bias = self.param(
             "bias",
@@ -368,9 +378,13 @@ class Block(nn.Module):
         """One transformer layer."""
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        attn_in = Norm(cfg.norm_type, cfg.norm_eps, dt, pdt, name="attn_norm")(x_NxLxD)
+        attn_in = Norm(
+            cfg.norm_type, cfg.norm_eps, dt, pdt, cfg.norm_scale_offset, name="attn_norm"
+        )(x_NxLxD)
         attn = Attention(cfg, name="attn")(attn_in, rope, mask_Nx1xLxL, kv_mask_NxS)
-        mlp_norm = Norm(cfg.norm_type, cfg.norm_eps, dt, pdt, name="mlp_norm")
+        mlp_norm = Norm(
+            cfg.norm_type, cfg.norm_eps, dt, pdt, cfg.norm_scale_offset, name="mlp_norm"
+        )
         if cfg.parallel_residual:
             x = x_NxLxD + attn + Mlp(cfg, name="mlp")(mlp_norm(x_NxLxD))
         else:
@@ -445,7 +459,7 @@ class Transformer(nn.Module):
         else:
             # A list attribute named `layers` gives submodules layers_0, layers_1, ...
             self.layers = [block(cfg) for _ in range(cfg.num_layers)]
-        self.final_norm = Norm(cfg.norm_type, cfg.norm_eps, dt, pdt)
+        self.final_norm = Norm(cfg.norm_type, cfg.norm_eps, dt, pdt, cfg.norm_scale_offset)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(
                 (cfg.vocab_size,),
@@ -492,6 +506,9 @@ class Transformer(nn.Module):
             mask = attention_mask(cfg, segment_ids, positions, attn_mask)
 
         x = self.embed(input_ids)
+        if cfg.embed_scale:
+            # HF rounds sqrt(D) to the compute dtype before multiplying.
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
         rope = None
         if cfg.position_embedding == "learned":
             x = x + self.pos_embed(positions)
