@@ -156,7 +156,7 @@ class DryRunReport:
             f"batch plan: {self.plan.describe()}",
             "per-device memory of the compiled train step:",
         ]
-        lines += [f"  {k:<22} {gib(v)}" for k, v in self.memory.items()]
+        lines += [f"  {k:<22} {gib(v):>12}  ({v:,} bytes)" for k, v in self.memory.items()]
         # XLA's cost analysis counts a scanned layer once, so estimate from the shapes.
         train_flops = 6 * self.param_count * self.plan.tokens_per_step
         lines.append(f"train FLOPs/step (6 x params x tokens): {train_flops / 1e12:.1f} TFLOP")
