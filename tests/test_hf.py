@@ -140,6 +140,28 @@ def test_scanned_layers_load_gives_same_logits(loaded):
     )
 
 
+def test_load_into_shardings(loaded):
+    from flax import linen as nn
+
+    from dpo_jax.models import logical_axes
+    from dpo_jax.sharding import LOGICAL_AXIS_RULES
+
+    d, cfg, params, _ = loaded["gpt_neox"]
+    mesh = jax.make_mesh(
+        (1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+    )
+    _, sharded = load_hf(
+        d,
+        scan_layers=True,
+        shardings=lambda c: nn.logical_to_mesh_sharding(logical_axes(c), mesh, LOGICAL_AXIS_RULES),
+    )
+    q = sharded["layers"]["attn"]["q"]["kernel"]
+    assert q.sharding.mesh.shape == mesh.shape and q.sharding.spec == jax.P(
+        None, "fsdp", "tensor", None
+    )
+    np.testing.assert_array_equal(q[1], params["layers_1"]["attn"]["q"]["kernel"])
+
+
 def test_bf16_compute_and_bf16_checkpoint(loaded, tmp_path):
     d, cfg, params, _ = loaded["llama"]
     ids = _ids(seed=6)

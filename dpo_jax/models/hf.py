@@ -627,6 +627,8 @@ def load_hf(
     hf_dir: str | os.PathLike,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
+    *,
+    shardings: Any = None,
     **config_overrides: Any,
 ) -> tuple[ModelConfig, Any]:
     """Loads a HF checkpoint directory -> (ModelConfig, params pytree of jax arrays).
@@ -634,6 +636,12 @@ def load_hf(
     `config_overrides` are passed to `config_from_hf` (e.g. remat="block",
     scan_layers=True, attention_impl="auto"). Parameters are cast to
     `param_dtype`; `dtype` is the compute dtype stored in the config.
+
+    `shardings` (optional) places each parameter straight into its sharded
+    layout, so no device ever holds the whole model: a params-shaped pytree of
+    `jax.sharding.Sharding`, or a callable `cfg -> that pytree` (e.g.
+    `lambda cfg: nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, rules)`).
+    Every process must be able to read the checkpoint directory.
     """
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -651,6 +659,16 @@ def load_hf(
         raise ValueError(f"{cfg_file}: {e}") from e
 
     abstract = nn.meta.unbox(abstract_params(cfg))
+    if callable(shardings):
+        shardings = shardings(cfg)
+
+    def place(fpath: Path_, arr: np.ndarray) -> jax.Array:
+        if shardings is None:
+            return jnp.asarray(arr)
+        sharding = _get_path(shardings, fpath)
+        # Each device receives only its slice of the host array.
+        return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
     pdt = np.dtype(jnp.dtype(cfg.param_dtype))
     reader = _SafetensorsReader(hf_dir)
     params: dict[str, Any] = {}
@@ -683,7 +701,7 @@ def load_hf(
                         f"{'/'.join(fpath)}, config.json implies {tuple(want_shape)}"
                     )
                 if idx is None:
-                    _set_path(params, fpath, jnp.asarray(piece.astype(pdt, copy=False)))
+                    _set_path(params, fpath, place(fpath, piece.astype(pdt, copy=False)))
                 else:
                     if fpath not in stacked:
                         stacked[fpath] = np.empty(want.shape, pdt)
@@ -691,7 +709,7 @@ def load_hf(
     finally:
         reader.close()
     for fpath in list(stacked):
-        _set_path(params, fpath, jnp.asarray(stacked.pop(fpath)))
+        _set_path(params, fpath, place(fpath, stacked.pop(fpath)))
 
     unused = sorted(
         n
