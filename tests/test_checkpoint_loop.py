@@ -98,7 +98,11 @@ def _child(argv: list[str]) -> None:
     config.checkpoint.async_save = True
     batches = synthetic_batches(num=args.num_steps, pairs=2, seed=1)
     loader = ResumableBatches(batches, args.sleep, args.nan_step)
-    ckpt = checkpoint.Checkpointer.from_config(config, model_config=cfg)
+    # train() builds its own checkpointer from config.checkpoint when it can (the path a
+    # real run takes); otherwise hand it one.
+    ckpt = None
+    if not hasattr(train, "make_checkpointer"):
+        ckpt = checkpoint.Checkpointer.from_config(config, model_config=cfg)
     try:
         result = train.train(
             config, train_data=loader, model_config=cfg, params=params0, checkpointer=ckpt
@@ -107,8 +111,9 @@ def _child(argv: list[str]) -> None:
         print(f"NONFINITE {e}", flush=True)
         sys.exit(3)
     step = int(jax.device_get(result.state.step))
-    print(f"DONE step={step} preempted={ckpt.preempted}", flush=True)
-    if step == args.num_steps and not ckpt.preempted:
+    preempted = step < args.num_steps
+    print(f"DONE step={step} preempted={preempted}", flush=True)
+    if not preempted:
         flat = {
             jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
             for p, x in jax.tree_util.tree_leaves_with_path(result.state.params)
