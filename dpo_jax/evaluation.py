@@ -14,7 +14,8 @@ compared honestly.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -221,3 +222,155 @@ def reward_judge(reward_fn: RewardFn) -> PairwiseJudge:
         return np.where(ra > rb, 1.0, np.where(ra < rb, 0.0, 0.5))
 
     return judge
+
+
+# ------------------------------------------------------- with the model (host loop)
+
+
+def _pairs_in(batch: Any) -> int:
+    """Number of pairs B of a paired batch (its sequences are 0 .. 2B-1)."""
+    total = int(np.asarray(batch["sequence_index"]).max()) + 1
+    if total % 2:
+        raise ValueError(f"evaluate_preferences: batch has {total} sequences, expected 2B")
+    return total // 2
+
+
+@functools.lru_cache(maxsize=16)
+def _sequence_logps_fn(cfg: Any) -> Any:
+    """Jitted per-sequence summed log-probs of one batch under some params."""
+    import jax
+    import jax.numpy as jnp
+
+    from dpo_jax import logprobs, models
+
+    model = models.Transformer(cfg)
+
+    @functools.partial(jax.jit, static_argnums=(2,))
+    def fn(params: Any, batch: dict[str, Any], num_sequences: int) -> Any:
+        kwargs = {k: batch[k] for k in ("positions", "segment_ids", "attn_mask") if k in batch}
+        logits = model.apply({"params": params}, batch["input_ids"], **kwargs)
+        seq = logprobs.sequence_logps(logits, batch, num_sequences)
+        return seq.logps_S.astype(jnp.float32)
+
+    return fn
+
+
+_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "sequence_index", "attn_mask")
+
+
+def sequence_logps(cfg: Any, params: Any, batch: Any) -> np.ndarray:
+    """Summed completion log-probs ``[2B]`` of a paired data batch under ``params``."""
+    num_pairs = _pairs_in(batch)
+    arrays = {k: np.asarray(batch[k]) for k in _BATCH_KEYS if k in batch}
+    return np.asarray(_sequence_logps_fn(cfg)(params, arrays, 2 * num_pairs), np.float64)
+
+
+def evaluate_preferences(
+    cfg: Any,
+    policy_params: Any,
+    batches: Iterable[Any],
+    beta: float,
+    ref_params: Any | None = None,
+) -> dict[str, float]:
+    """Held-out preference accuracy and margins of the implicit DPO reward.
+
+    ``batches`` are paired micro-batches from ``dpo_jax.data.eval_batches``. The
+    reference log-probs come from ``batch["ref_logps"]`` when present (precomputed
+    with ``dpo-jax ref-logps``), otherwise from a forward under ``ref_params``.
+    """
+    pol, ref = [], []
+    for i, batch in enumerate(batches):
+        num_pairs = _pairs_in(batch)
+        pol.append(sequence_logps(cfg, policy_params, batch))
+        if "ref_logps" in batch:
+            ref.append(np.asarray(batch["ref_logps"], np.float64)[: 2 * num_pairs])
+        elif ref_params is not None:
+            ref.append(sequence_logps(cfg, ref_params, batch))
+        else:
+            raise ValueError(
+                f"evaluate_preferences: batch {i} has no 'ref_logps' and no ref_params were given"
+            )
+    if not pol:
+        raise ValueError("evaluate_preferences: no batches")
+    chosen_p, rejected_p = zip(*(np.split(p, 2) for p in pol), strict=True)
+    chosen_r, rejected_r = zip(*(np.split(r, 2) for r in ref), strict=True)
+    return preference_metrics(
+        np.concatenate(chosen_p),
+        np.concatenate(rejected_p),
+        np.concatenate(chosen_r),
+        np.concatenate(rejected_r),
+        beta,
+    )
+
+
+def kl_from_samples(
+    model: Any, ref_params: Any, samples: Any, *, allow_biased: bool = False
+) -> Estimate:
+    """Sequence-level KL(pi || pi_ref) from the sampler's output.
+
+    ``samples`` is a ``sampling.SampleOutput`` drawn from pi; its ``logps`` are pi's
+    own log-probs. The reference log-probs of the same tokens come from one full
+    forward under ``ref_params`` (same architecture). Samples drawn at a
+    temperature other than 1 or with top-k/top-p come from another distribution and
+    give a biased estimate: refused unless ``allow_biased``.
+    """
+    from dpo_jax import sampling
+
+    if not samples.config.is_unbiased and not allow_biased:
+        raise ValueError(
+            "kl_from_samples: samples were drawn with temperature="
+            f"{samples.config.temperature}, top_k={samples.config.top_k}, "
+            f"top_p={samples.config.top_p}; KL(pi || pi_ref) needs temperature 1 and no "
+            "truncation (pass allow_biased=True to estimate anyway)"
+        )
+    ref_logps = sampling.score_samples(model, ref_params, samples)
+    return sequence_kl(samples.logps, ref_logps, samples.mask)
+
+
+def generation_metrics(
+    model: Any,
+    policy_params: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    key: Any,
+    *,
+    ref_params: Any | None = None,
+    reward_fn: RewardFn | None = None,
+    reference_completions: Sequence[str] | None = None,
+    judge: PairwiseJudge | None = None,
+    score_with_prompt: bool = False,
+    prefix: str = "eval/",
+    **sampling_kwargs: Any,
+) -> tuple[dict[str, float], Any]:
+    """Sample from the policy once and compute what the train loop's eval reports.
+
+    Returns ``(metrics, samples)``. Metrics: ``kl`` (with ``ref_params``, needs
+    temperature 1), ``reward`` (with ``reward_fn``), ``win_rate`` (with
+    ``reference_completions`` and a ``judge`` or ``reward_fn``), ``gen_length``, each
+    with ``_stderr`` where it applies, under ``prefix``.
+    """
+    from dpo_jax import sampling
+
+    samples = sampling.generate_text(
+        model, policy_params, tokenizer, prompts, key, **sampling_kwargs
+    )
+    texts = samples.texts or []
+    rows_prompts = [prompts[i] for i in samples.prompt_index.tolist()]
+    scored = (
+        [p + t for p, t in zip(rows_prompts, texts, strict=True)] if score_with_prompt else texts
+    )
+    metrics: dict[str, float] = {}
+    metrics |= mean_and_stderr(samples.lengths).as_metrics(f"{prefix}gen_length")
+    if ref_params is not None:
+        metrics |= kl_from_samples(model, ref_params, samples).as_metrics(f"{prefix}kl")
+    if reward_fn is not None:
+        metrics |= mean_reward(scored, reward_fn).as_metrics(f"{prefix}reward")
+    if reference_completions is not None:
+        refs = [reference_completions[i] for i in samples.prompt_index.tolist()]
+        if score_with_prompt:
+            refs = [p + r for p, r in zip(rows_prompts, refs, strict=True)]
+        wr = win_rate(
+            scored, refs, reward_fn=None if judge else reward_fn, judge=judge, prompts=rows_prompts
+        )
+        metrics |= wr.as_metrics(f"{prefix}win_rate")
+    return metrics, samples

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import evaluation
+from dpo_jax import data, evaluation, models, rewards, sampling
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -123,3 +127,149 @@ def test_mean_reward():
     est = evaluation.mean_reward(["a", "abc"], reward)
     assert est.mean == pytest.approx(2.0)
     assert est.stderr == pytest.approx(1.0)  # std ddof=1 = sqrt(2), / sqrt(2)
+
+
+# ------------------------------------------------------------------ with a model
+
+
+@functools.cache
+def _model(vocab: int, seed: int, scale: float = 1.0):
+    cfg = models.ModelConfig.tiny("llama", vocab_size=vocab, hidden_size=32, intermediate_size=64)
+    params = models.init_params(cfg, jax.random.key(seed))
+    params = {**params, "lm_head": jax.tree.map(lambda w: w * scale, params["lm_head"])}
+    return cfg, params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_softmax_forward(cfg, params, ids):
+    return jax.nn.log_softmax(models.Transformer(cfg).apply({"params": params}, ids), axis=-1)
+
+
+def test_kl_from_samples_matches_exact_two_token_kl():
+    """Two generated tokens, vocabulary 64: the exact sequence KL is
+    KL(p1 || q1) + sum_y p1(y) KL(p2(.|y) || q2(.|y)), computed by enumerating y."""
+    cfg, pol = _model(64, 0, 15.0)
+    _, ref = _model(64, 1, 15.0)
+    prompt = [5, 17, 3]
+    ids = np.asarray([prompt + [y] for y in range(64)], np.int32)
+    lp_pol = np.asarray(_log_softmax_forward(cfg, pol, jnp.asarray(ids)), np.float64)
+    lp_ref = np.asarray(_log_softmax_forward(cfg, ref, jnp.asarray(ids)), np.float64)
+    p1, p2 = np.exp(lp_pol[0, 2]), np.exp(lp_pol[:, 3])
+    kl1 = float((p1 * (lp_pol[0, 2] - lp_ref[0, 2])).sum())
+    kl2 = float((p1 * (p2 * (lp_pol[:, 3] - lp_ref[:, 3])).sum(-1)).sum())
+    exact = kl1 + kl2
+
+    config = sampling.SamplingConfig(max_new_tokens=2, n=4000)
+    samples = sampling.generate(cfg, pol, [prompt], jax.random.key(0), config)
+    est = evaluation.kl_from_samples(cfg, ref, samples)
+    assert exact > 0.5
+    assert abs(est.mean - exact) < 4 * est.stderr, (est, exact)
+    # power: dropping the second token's term (a per-token/off-by-one bug) is rejected
+    assert abs(kl1 - exact) > 6 * est.stderr
+    # KL of a policy against itself is exactly zero sample by sample
+    zero = evaluation.kl_from_samples(cfg, pol, samples)
+    assert abs(zero.mean) < 1e-5 and zero.stderr < 1e-5
+    biased = dataclasses_replace(samples, temperature=0.7)
+    with pytest.raises(ValueError, match="temperature 1"):
+        evaluation.kl_from_samples(cfg, ref, biased)
+
+
+def dataclasses_replace(samples, **config_changes):
+    import dataclasses
+
+    return dataclasses.replace(
+        samples, config=dataclasses.replace(samples.config, **config_changes)
+    )
+
+
+def test_evaluate_preferences_matches_direct_log_probs():
+    cfg, pol = _model(64, 0)
+    _, ref = _model(64, 1)
+    rng = np.random.default_rng(0)
+    items = [
+        {
+            "prompt": rng.integers(2, 64, size=int(rng.integers(2, 6))).astype(np.int32),
+            "chosen": rng.integers(2, 64, size=int(rng.integers(2, 8))).astype(np.int32),
+            "rejected": rng.integers(2, 64, size=int(rng.integers(2, 8))).astype(np.int32),
+        }
+        for _ in range(6)
+    ]
+    batches = [data.build_batch(items[i : i + 3], "paired", "stacked", length=16) for i in (0, 3)]
+
+    def direct(params, prompt, comp):
+        ids = np.zeros((1, 16), np.int32)
+        seq = np.concatenate([prompt, comp])
+        ids[0, : len(seq)] = seq
+        lp = np.asarray(_log_softmax_forward(cfg, params, jnp.asarray(ids)), np.float64)[0]
+        return sum(lp[len(prompt) - 1 + t, comp[t]] for t in range(len(comp)))
+
+    want = {
+        (name, side): np.array([direct(p, it["prompt"], it[side]) for it in items])
+        for name, p in (("pol", pol), ("ref", ref))
+        for side in ("chosen", "rejected")
+    }
+    beta = 0.5
+    expected = evaluation.preference_metrics(
+        want["pol", "chosen"],
+        want["pol", "rejected"],
+        want["ref", "chosen"],
+        want["ref", "rejected"],
+        beta,
+    )
+    got = evaluation.evaluate_preferences(cfg, pol, batches, beta, ref_params=ref)
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, abs=1e-4), k
+    # precomputed reference log-probs in the batch give the same numbers
+    for b, start in zip(batches, (0, 3), strict=True):
+        sl = slice(start, start + 3)
+        b["ref_logps"] = np.concatenate(
+            [want["ref", "chosen"][sl], want["ref", "rejected"][sl]]
+        ).astype(np.float32)
+    got2 = evaluation.evaluate_preferences(cfg, pol, batches, beta)
+    assert got2["rewards/margins"] == pytest.approx(expected["rewards/margins"], abs=1e-4)
+    with pytest.raises(ValueError, match="no 'ref_logps'"):
+        evaluation.evaluate_preferences(
+            cfg, pol, [data.build_batch(items[:2], "paired", "stacked", length=16)], beta
+        )
+
+
+def test_generation_metrics_and_best_of_n(tokenizer):
+    cfg, params = _model(384, 2)
+    prompts = ["The quick brown fox", "Hello"]
+    length_reward = rewards.as_reward_fn(lambda texts: [len(t) for t in texts])
+    common = dict(max_new_tokens=6, n=3)
+    metrics, samples = evaluation.generation_metrics(
+        cfg,
+        params,
+        tokenizer,
+        prompts,
+        jax.random.key(0),
+        ref_params=params,
+        reward_fn=length_reward,
+        reference_completions=["", "a much longer reference text"],
+        **common,
+    )
+    assert len(samples.texts) == 6
+    assert metrics["eval/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["eval/reward"] == pytest.approx(
+        np.mean([len(t) for t in samples.texts]), rel=1e-6
+    )
+    want_wr = np.mean(
+        [1.0 if len(t) > 0 else 0.5 for t in samples.texts[:3]]
+        + [1.0 if len(t) > 27 else (0.5 if len(t) == 27 else 0.0) for t in samples.texts[3:]]
+    )
+    assert metrics["eval/win_rate"] == pytest.approx(want_wr)
+    assert metrics["eval/gen_length"] == pytest.approx(samples.lengths.mean())
+
+    # best-of-N with the same key and settings draws the same samples and keeps the longest
+    best = rewards.best_of_n(
+        cfg, params, tokenizer, prompts, length_reward, 3, jax.random.key(0), max_new_tokens=6
+    )
+    np.testing.assert_array_equal(best.samples.tokens, samples.tokens)
+    for p in range(2):
+        lens = [len(t) for t in samples.texts[3 * p : 3 * p + 3]]
+        assert len(best.texts[p]) == max(lens)
+        assert best.indices[p] == 3 * p + int(np.argmax(lens))
+    np.testing.assert_allclose(
+        best.rewards, [max(len(t) for t in samples.texts[3 * p : 3 * p + 3]) for p in range(2)]
+    )
