@@ -89,12 +89,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         )
     )
     c.sft = ml_collections.ConfigDict(
-        dict(steps=1200, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48)
+        dict(steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48)
     )
     # Preference pairs: K samples per prefix, all K*(K-1)/2 pairs labelled by the reward.
     c.pairs = ml_collections.ConfigDict(
         dict(
-            num_prefixes=1024,
+            num_prefixes=512,
             samples_per_prefix=4,
             max_new_tokens=24,
             temperature=1.0,
@@ -112,14 +112,14 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         dict(
-            steps=300,
+            steps=150,
             batch_size=32,  # pairs per step
             optimizer="adamw",
             learning_rate=1e-4,
             warmup_steps=20,
             schedule="constant",
             max_grad_norm=10.0,
-            eval_every=50,
+            eval_every=30,
             mesh=(-1, 1, 1),  # (data, fsdp, tensor)
             micro_batches=1,  # gradient accumulation inside the step
         )
@@ -263,6 +263,11 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
         kl = np.array([float(r["kl"]) for r in fam_rows])
         reward = np.array([float(r["reward"]) for r in fam_rows])
         ax.scatter(kl, reward, label=family, marker=next(markers), alpha=0.75, s=28)
+        for r in fam_rows:  # name each method's final point (its hyper-parameters)
+            if int(r["final"]) and ":" in str(r["method"]):
+                tag = str(r["method"]).split(":", 1)[1]
+                ax.annotate(tag, (float(r["kl"]), float(r["reward"])), fontsize=7,
+                            xytext=(3, -8), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("KL(pi || pi_ref), nats per sequence")
     ax.set_ylabel("mean ground-truth reward")
     ax.set_title(title)
