@@ -229,17 +229,34 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+# Per-sequence / per-example columns have their rows on the last axis: `ref_logps`
+# [A, 2B] (or [A, 2, B] when stitched from several hosts), `labels` [A, B].
+_LAST_AXIS_ROWS = ("ref_logps", "labels")
+
+
 def batch_sharding(batch: dict[str, Any], mesh: Mesh, micro_axis: bool = True) -> dict[str, Any]:
-    """NamedShardings for a batch dict; rows not divisible by the data axes stay replicated."""
+    """NamedShardings for a batch dict; rows not divisible by the data axes stay replicated.
+
+    Token arrays `[A, N, ...]` split rows (axis 1); per-sequence columns split their
+    last axis.
+    """
     dp = data_parallel_size(mesh)
     out = {}
     for key, value in batch.items():
         shape = np.shape(value)
-        spec = batch_spec(len(shape), micro_axis)
-        row_dim = 1 if micro_axis else 0
-        if len(spec) > row_dim and shape[row_dim] % dp:
-            spec = PartitionSpec()
-        out[key] = NamedSharding(mesh, spec)
+        if not shape:
+            out[key] = replicated(mesh)
+            continue
+        row_dim = len(shape) - 1 if key in _LAST_AXIS_ROWS else (1 if micro_axis else 0)
+        if row_dim >= len(shape) or (micro_axis and row_dim == 0):
+            out[key] = replicated(mesh)
+            continue
+        spec = [None] * (row_dim + 1)
+        spec[row_dim] = BATCH_AXES
+        if dp == 1 or shape[row_dim] % dp:
+            # Several hosts must split rows; one host may keep them whole.
+            spec = []
+        out[key] = NamedSharding(mesh, PartitionSpec(*spec))
     return out
 
 
@@ -253,6 +270,13 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh, micro_axis: bool = True) -> d
     shardings = batch_sharding(batch, mesh, micro_axis)
     if jax.process_count() == 1:
         return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
+    for key, value in batch.items():
+        if np.ndim(value) >= 2 and shardings[key].spec == PartitionSpec():
+            raise ValueError(
+                f"batch[{key!r}] of shape {np.shape(value)}: its rows do not divide the "
+                f"{data_parallel_size(mesh)} data-parallel devices, and with "
+                f"{jax.process_count()} hosts every host must feed its own rows"
+            )
     return {
         k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
         for k, v in batch.items()

@@ -84,6 +84,35 @@ def count_tokens(batch: Mapping[str, Any]) -> int:
     return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
 
 
+def globalize_host_batch(
+    batch_A: Mapping[str, Any], n_seq: int, process_index: int, process_count: int
+) -> tuple[dict[str, Any], int]:
+    """Renumber one host's slice so the hosts' slices form one global batch.
+
+    Each host builds its rows with local sequence numbers (chosen `k < b`, rejected
+    `b <= k < 2b`). Concatenated over `P` hosts, the global batch must follow the
+    contract's numbering (chosen of pair `j` at `j`, rejected at `B + j`, `B = P b`),
+    so host `h`'s chosen `k` becomes `h b + k` and its rejected `k` becomes
+    `B + h b + (k - b)`. `ref_logps` `[A, 2b]` becomes `[A, 2, b]`: stitched along the
+    last axis it is `[A, 2, B]`, whose flattening is chosen-then-rejected again.
+    `labels` `[A, b]` already concatenate in pair order. Returns (batch, global 2B).
+    """
+    if process_count == 1:
+        return dict(batch_A), n_seq
+    b = n_seq // 2
+    big_b = b * process_count
+    out = dict(batch_A)
+    si = np.asarray(batch_A["sequence_index"])
+    chosen = (si >= 0) & (si < b)
+    out["sequence_index"] = np.where(
+        chosen, process_index * b + si, np.where(si >= b, big_b + process_index * b + si - b, -1)
+    ).astype(np.int32)
+    if "ref_logps" in out:
+        ref = np.asarray(out["ref_logps"])
+        out["ref_logps"] = ref.reshape(ref.shape[0], 2, b)
+    return out, 2 * big_b
+
+
 # ------------------------------------------------------------------------ setup
 
 
@@ -177,12 +206,18 @@ class Trainer:
         self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int
     ) -> tuple[TrainState, dict]:
         """One optimizer update; `state` is donated (do not reuse it)."""
+        batch_A, n_seq = globalize_host_batch(
+            batch_A, n_seq, jax.process_index(), jax.process_count()
+        )
         fn = self._compiled(self._train_fns, train_step, batch_A, n_seq, True)
         with self._context():
             return fn(state, self.place_batch(batch_A))
 
     def evaluate(self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int) -> dict:
         """Loss and metrics without an update."""
+        batch_A, n_seq = globalize_host_batch(
+            batch_A, n_seq, jax.process_index(), jax.process_count()
+        )
         fn = self._compiled(self._eval_fns, eval_step, batch_A, n_seq, False)
         with self._context():
             return fn(state, self.place_batch(batch_A))

@@ -140,7 +140,9 @@ def reference_logps(
     if cfg.reference == "none":
         return None
     if cfg.reference == "precomputed":
-        return jax.lax.stop_gradient(batch["ref_logps"].astype(jnp.float32))
+        # multi-host batches carry [2, B] (see train.globalize_host_batch); flat is [2B]
+        ref = batch["ref_logps"].reshape(-1)
+        return jax.lax.stop_gradient(ref.astype(jnp.float32))
     seq = sequence_logps(cfg, jax.lax.stop_gradient(ref_params), batch, n_seq)
     return jax.lax.stop_gradient(seq)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import data, losses, models, reference, sharding, train
-from tests.train_helpers import synthetic_batches, tiny_model_config
+from tests.train_helpers import synthetic_batches, synthetic_items, tiny_model_config
 
 MESH = None
 
@@ -130,3 +130,25 @@ def test_chunked_logps_and_bf16_compute_match_full_fp32(model):
     np.testing.assert_allclose(
         float(chunked2["logps/chosen"]), float(full2["logps/chosen"]), rtol=2e-2
     )
+
+
+def test_host_slices_stitch_into_the_contract_numbering(model):
+    """Two simulated hosts: renumbered slices, concatenated as make_array_from_process_local_data
+    would, score exactly like one batch holding all pairs in canonical order."""
+    cfg, params = model
+    items = synthetic_items(4, seed=12)
+    ref = np.arange(8, dtype=np.float32)  # made-up column: chosen 0..3, rejected 4..7
+    hosts = []
+    for h in range(2):
+        b = data.build_batch(items[2 * h : 2 * h + 2], "paired", "stacked", length=16)
+        b["ref_logps"] = np.r_[ref[2 * h : 2 * h + 2], ref[4 + 2 * h : 4 + 2 * h + 2]]
+        g, n_seq = train.globalize_host_batch(train.stack_micro_batches([b]), 4, h, 2)
+        assert n_seq == 8
+        hosts.append(g)
+    stitched = {k: np.concatenate([hh[k] for hh in hosts], axis=1) for k in hosts[0]}
+    stitched["ref_logps"] = np.concatenate([hh["ref_logps"] for hh in hosts], axis=-1)
+    np.testing.assert_array_equal(stitched["ref_logps"].reshape(1, -1), ref[None])
+    whole = data.build_batch(items, "paired", "stacked", length=16)
+    fn = reference.make_logps_fn(cfg, params)
+    got = fn({k: v[0] for k, v in stitched.items()}, 8)
+    np.testing.assert_allclose(got, fn(whole, 8), rtol=1e-6, atol=1e-6)
