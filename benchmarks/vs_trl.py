@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="alternating (TRL, dpo_jax) rounds")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
+        "--trl-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="TRL's precision if different from --dtype (bfloat16 = TRL's default autocast)",
+    )
+    p.add_argument(
         "--trl-gradient-checkpointing",
         action="store_true",
         help="TRL's own default; off by default here since dpo_jax runs without remat",
@@ -104,11 +110,11 @@ def run_worker(framework: str, args: argparse.Namespace, workdir: str) -> dict[s
             pairs,
             steps=args.steps,
             warmup=args.warmup,
-            dtype=args.dtype,
+            dtype=args.trl_dtype or args.dtype,
             gradient_checkpointing=args.trl_gradient_checkpointing,
             learning_rate=args.learning_rate,
         )
-        peak = None if args.no_peak else common.torch_matmul_peak(args.dtype)
+        peak = None if args.no_peak else common.torch_matmul_peak(args.trl_dtype or args.dtype)
     elif framework == "dpo_jax":
         from benchmarks import jax_side
 
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "completion_len": b.completion_len,
         "tokens_per_step": b.tokens,
         "dtype": args.dtype,
+        "trl_dtype": args.trl_dtype or args.dtype,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         "dpo_jax_remat": args.remat,
         "machine": common.machine_info(),
@@ -223,7 +230,8 @@ def print_report(result: dict[str, Any]) -> None:
     """The human-readable table."""
     print(
         f"vs_trl  shape={result['shape']}  pairs={result['pairs']}  prompt={result['prompt_len']}  "
-        f"completion={result['completion_len']}  dtype={result['dtype']}  "
+        f"completion={result['completion_len']}  dtype={result['dtype']} (TRL {result['trl_dtype']}"
+        f"{', grad ckpt' if result['trl_gradient_checkpointing'] else ''})  "
         f"load={result['machine']['load_avg_1m']}"
     )
     rows = []
@@ -233,6 +241,7 @@ def print_report(result: dict[str, Any]) -> None:
                 "framework": name,
                 "step_s(median)": s["median_step_s"],
                 "first_step_s": s["first_step_s"],
+                "compile_s": s.get("compile_s", "-"),
                 "tokens/s": s["tokens_per_s"],
                 "GFLOP/s": s["flops_per_s"] / 1e9,
                 "MFU(own peak)": s.get("mfu", float("nan")),
