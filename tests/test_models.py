@@ -182,6 +182,16 @@ def test_sharded_forward_with_project_rules(params):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["auto", "cudnn"])
+def test_attention_impl_choices_agree_on_cpu(params, impl):
+    ids, pos, seg = _ids((2, 8), 11), _arange(2, 8), np.ones((2, 8), np.int32)
+    np.testing.assert_allclose(
+        _fwd(CFG.replace(attention_impl=impl), params, ids, pos, seg),
+        _fwd(CFG, params, ids, pos, seg),
+        atol=1e-6,
+    )
+
+
 def test_gpt2_small_parameter_count():
     # Published GPT-2 small size: 124,439,808 parameters (tied embeddings).
     assert param_count(gpt2_small()) == 124_439_808
