@@ -613,7 +613,10 @@ def _score_fn(model: Any) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dpo-jax sample``."""
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument(
+        "--model", required=True, help="Hugging Face model directory or a training run/checkpoint"
+    )
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument(
         "--prompts",
         required=True,
@@ -656,20 +659,51 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def run(args: argparse.Namespace) -> int:
-    """``dpo-jax sample``: write one JSONL line per (prompt, sample)."""
+def load_model(
+    path: str, tokenizer_path: str | None = None, dtype: str = "float32", step: int | None = None
+) -> tuple[Any, Any, Any]:
+    """``(cfg, params, tokenizer)`` from a Hugging Face directory or a training checkpoint.
+
+    A directory with ``config.json`` is read with ``models.load_hf``; anything else
+    is treated as a run / checkpoints / step directory of ``dpo_jax.checkpoint``
+    (model config from the checkpoint's metadata, tokenizer from the run's
+    ``tokenizer/`` unless ``tokenizer_path`` is given).
+    """
     from transformers import AutoTokenizer
 
     from dpo_jax import models
 
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise SystemExit(
-            f"dpo-jax sample: {args.model} is not a Hugging Face model directory (no config.json); "
-            "export a training checkpoint first with `dpo-jax export`"
-        )
-    dtype = jnp.dtype(args.dtype)
-    cfg, params = models.load_hf(args.model, dtype=dtype, param_dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
+    jdtype = jnp.dtype(dtype)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        cfg, params = models.load_hf(path, dtype=jdtype, param_dtype=jdtype)
+        tok_dir = tokenizer_path or path
+    else:
+        from dpo_jax import checkpoint
+
+        _, meta, params = checkpoint.load_params(path, step)
+        saved = meta.get("model_config")
+        if not saved:
+            raise ValueError(
+                f"{path}: checkpoint has no model config; export it with `dpo-jax export`"
+            )
+        cfg = models.ModelConfig.from_dict({**saved, "dtype": dtype, "param_dtype": dtype})
+        params = jax.tree.map(lambda x: jnp.asarray(x, jdtype), params)
+        tok_dir = tokenizer_path
+        if tok_dir is None:
+            base = os.path.abspath(path)
+            for cand in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
+                if os.path.isdir(os.path.join(cand, checkpoint.TOKENIZER_SUBDIR)):
+                    tok_dir = os.path.join(cand, checkpoint.TOKENIZER_SUBDIR)
+                    break
+        if tok_dir is None:
+            raise ValueError(f"{path}: no tokenizer/ next to the checkpoint; pass --tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    return cfg, params, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dpo-jax sample``: write one JSONL line per (prompt, sample)."""
+    cfg, params, tokenizer = load_model(args.model, args.tokenizer, args.dtype, args.step)
     prompts = read_prompts(args.prompts)
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -682,14 +716,19 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_length=args.max_prompt_length,
     )
     key = jax.random.key(args.seed)
+    from dpo_jax import models
+
     model = models.Transformer(cfg)
     with open(args.output, "w", encoding="utf-8") as f:
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start : start + args.batch_size]
+            # A short last chunk is filled with copies so every call has one shape
+            # (one compile); the filler rows are dropped.
+            filled = chunk + [chunk[0]] * (min(args.batch_size, len(prompts)) - len(chunk))
             out = generate_text(
-                model, params, tokenizer, chunk, jax.random.fold_in(key, start), config
+                model, params, tokenizer, filled, jax.random.fold_in(key, start), config
             )
-            for row in range(len(out.texts)):
+            for row in range(len(chunk) * config.n):
                 p = int(out.prompt_index[row])
                 n = int(out.lengths[row])
                 record = {
@@ -702,5 +741,5 @@ def run(args: argparse.Namespace) -> int:
                     "logp": float(out.logps[row, :n].sum()),
                 }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    log.info("wrote %d samples to %s", len(prompts) * config.n, args.output)
+    print(f"wrote {len(prompts) * config.n} samples for {len(prompts)} prompts to {args.output}")
     return 0

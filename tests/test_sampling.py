@@ -346,3 +346,47 @@ def test_sharded_over_data_axis_matches_single_device():
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_array_equal(np.asarray(got["tokens"]), ref.tokens)
     np.testing.assert_allclose(np.asarray(got["logps"]), ref.logps, atol=1e-5)
+
+
+def test_cli_sample_writes_jsonl(tiny_hf_dir, tokenizer, tmp_path):
+    from dpo_jax import cli
+
+    hf_dir = tiny_hf_dir("gpt2")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TEXT_PROMPTS))
+    out_path = tmp_path / "samples.jsonl"
+    argv = ["sample", "--model", str(hf_dir), "--prompts", str(prompts), "--output", str(out_path)]
+    argv += [
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        str(GREEDY_STEPS),
+        "--n",
+        "2",
+        "--batch-size",
+        "2",
+    ]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert len(rows) == 2 * len(TEXT_PROMPTS)
+    cfg, params = models.load_hf(hf_dir)
+    want = sampling.generate_text(
+        cfg,
+        params,
+        tokenizer,
+        TEXT_PROMPTS,
+        jax.random.key(0),
+        max_new_tokens=GREEDY_STEPS,
+        temperature=0.0,
+    )
+    for r in rows:  # greedy: both samples of a prompt equal the one-sample greedy output
+        i = r["prompt_index"]
+        assert r["prompt"] == TEXT_PROMPTS[i]
+        assert r["completion"] == want.texts[i]
+        assert r["num_tokens"] == int(want.lengths[i])
+        assert r["logp"] == pytest.approx(float(want.logps[i].sum()), abs=1e-4)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string 'prompt'"):
+        sampling.read_prompts(str(bad))
