@@ -127,7 +127,7 @@ def test_sharded_export_and_import(loaded, tmp_path):
     )
 
 
-def test_scanned_layers_load_gives_same_logits(loaded):
+def test_scanned_layers_load_gives_same_logits(loaded, tmp_path):
     d, cfg, params, _ = loaded["qwen2"]
     cfg_s, params_s = load_hf(d, scan_layers=True, remat="block")
     assert params_s["layers"]["attn"]["q"]["kernel"].shape[0] == cfg.num_layers
@@ -138,6 +138,9 @@ def test_scanned_layers_load_gives_same_logits(loaded):
     np.testing.assert_allclose(
         _flax_logits(cfg_s, params_s, ids), _flax_logits(cfg, params, ids), atol=1e-5, rtol=0
     )
+    # Export from the scanned layout writes the same checkpoint.
+    _, params_back = load_hf(save_hf(tmp_path / "from_scan", cfg_s, params_s))
+    jax.tree.map(np.testing.assert_array_equal, params_back, params)
 
 
 def test_load_into_shardings(loaded):
