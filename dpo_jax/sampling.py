@@ -433,6 +433,13 @@ def generate(
     if config.max_prompt_length is not None:
         prompts = [p[-config.max_prompt_length :] for p in prompts]
     ids_BxP, lengths_B = left_pad(prompts, config.pad_token_id, config.prompt_buckets)
+    bad = np.argwhere((ids_BxP < 0) | (ids_BxP >= cfg.vocab_size))
+    if bad.size:
+        row, col = (int(v) for v in bad[0])
+        raise ValueError(
+            f"sampling: prompt {row} holds token id {int(ids_BxP[row, col])} outside the "
+            f"model's vocabulary [0, {cfg.vocab_size})"
+        )
     max_pos = _max_positions(cfg)
     need = int(lengths_B.max()) + config.max_new_tokens
     if max_pos is not None and need > max_pos:

@@ -302,6 +302,8 @@ def test_bad_input_errors():
         sampling.generate(
             cfg, params, [[1] * 100], jax.random.key(0), sampling.SamplingConfig(max_new_tokens=40)
         )
+    with pytest.raises(ValueError, match="token id 64 outside the model's vocabulary"):
+        sampling.generate(cfg, params, [[1], [2, 64]], jax.random.key(0))
     with pytest.raises(ValueError, match="top_p"):
         sampling.SamplingConfig(top_p=0.0)
     with pytest.raises(TypeError, match="Transformer or models.ModelConfig"):
