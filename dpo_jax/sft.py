@@ -89,7 +89,7 @@ def make_sft_step(
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return SFTState(params, opt_state, state.step + 1), metrics
 
     return jax.jit(step, donate_argnums=0)
