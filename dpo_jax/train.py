@@ -522,7 +522,8 @@ def train(
     `params` override what the config would load, for notebooks and tests. With
     `train_data` given, `config.num_steps` must be set.
     """
-    config = ml_collections.ConfigDict(config)  # never mutate the caller's object
+    # A resolved deep copy: the caller may reuse and mutate its config between runs.
+    config = ml_collections.ConfigDict(config).copy_and_resolve_references()
     sharding.maybe_initialize_distributed(config.mesh.multihost)
     mesh = mesh or make_mesh_from_config(config)
     if model_config is None or params is None:
