@@ -446,6 +446,11 @@ class Checkpointer:
     # -- preemption
 
     def _install_sigterm(self) -> None:
+        if jax.process_count() > 1:
+            # Multi-host: jax.distributed's preemption service owns SIGTERM and makes
+            # every host stop at the same step (see `preempted`); a local flag would
+            # let hosts save different steps and hang in the collective save.
+            return
         if threading.current_thread() is not threading.main_thread():
             log.warning("not in the main thread: SIGTERM will not trigger a checkpoint")
             return
@@ -461,14 +466,16 @@ class Checkpointer:
         log.warning("SIGTERM received: the run will checkpoint and stop after this step")
         self._preempted.set()
 
+    def _preemption_due(self, step: int | None) -> bool:
+        if jax.process_count() > 1:
+            # The same answer on every host for the same step (a global sync point).
+            return step is not None and bool(self._manager.reached_preemption(step))
+        return self._preempted.is_set()
+
     @property
     def preempted(self) -> bool:
-        """True once SIGTERM arrived (or, multi-host, any host reached Orbax's preemption point)."""
-        if self._preempted.is_set():
-            return True
-        if jax.process_count() > 1 and self._last_step is not None:
-            return bool(self._manager.reached_preemption(self._last_step))
-        return False
+        """True once SIGTERM arrived (multi-host: once the hosts agreed on a preemption step)."""
+        return self._preempted.is_set() or self._preemption_due(self._last_step)
 
     def request_stop(self) -> None:
         """Same as receiving SIGTERM (for tests and for callers with their own signals)."""
@@ -513,9 +520,9 @@ class Checkpointer:
 
     def should_save(self, step: int) -> bool:
         """Whether ``maybe_save(step, ...)`` will save (so the loop can flush metrics first)."""
-        return (int(step) % self.options.save_every == 0 or self._preempted.is_set()) and int(
-            step
-        ) not in self._manager.all_steps()
+        step = int(step)
+        due = step % self.options.save_every == 0 or self._preemption_due(step)
+        return due and step not in self._manager.all_steps()
 
     def _save_tokenizer(self, tokenizer: Any) -> None:
         target = self.run_dir / TOKENIZER_SUBDIR
@@ -549,7 +556,7 @@ class Checkpointer:
         """
         step = int(step)
         self._last_step = step
-        force = force or self._preempted.is_set()
+        force = force or self._preemption_due(step)
         if step in self._manager.all_steps():
             return False
         # Our own rule, not Orbax's should_save (which also saves the first step it sees).
