@@ -60,21 +60,34 @@ _STOPWORDS = frozenset(
 )  # fmt: skip
 
 
+_VAGUE = ("you could look it up online .", "ask a friend who knows about it .",
+          "it depends on many things .")  # fmt: skip
+
+
 def make_rows(num_rows: int, seed: int) -> list[dict[str, str]]:
-    """Single-turn HH rows: chosen = the task's steps; rejected = a refusal/brush-off or the
-    steps of a different task."""
+    """Single-turn HH rows. Chosen answers vary in quality, as HH's do: the task's full
+    steps, only the first step, or a vague pointer; the rejected answer is usually worse (a
+    refusal or brush-off, the steps of a different task, or vague when chosen is not)."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(num_rows):
         task, steps = _TASKS[int(rng.integers(len(_TASKS)))]
         question = str(rng.choice(_ASK)).format(t=task)
         prompt = f"{HUMAN} {question}{ASSISTANT}"
-        chosen = f" to {task} , {steps} ."
-        if rng.random() < 0.6:
+        quality = rng.choice(3, p=(0.4, 0.3, 0.3))
+        first_step = steps.split(" , ")[0]
+        chosen = (f" to {task} , {steps} .", f" to {task} , {first_step} .",
+                  " " + str(rng.choice(_VAGUE)))[quality]  # fmt: skip
+        roll = rng.random()
+        other_task, other_steps = _TASKS[int(rng.integers(len(_TASKS)))]
+        if roll < 0.5:
             rejected = " " + str(rng.choice(_REFUSALS))
+        elif roll < 0.75 and other_task != task:
+            rejected = f" {other_steps} ."
+        elif quality < 2:
+            rejected = " " + str(rng.choice(_VAGUE))
         else:
-            other_task, other_steps = _TASKS[int(rng.integers(len(_TASKS)))]
-            rejected = f" {other_steps} ." if other_task != task else " " + _REFUSALS[0]
+            rejected = " " + str(rng.choice(_REFUSALS))
         rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
     return rows
 
@@ -98,11 +111,15 @@ def _words(text: str) -> set[str]:
 
 
 def helpfulness(prompt: str, answer: str) -> float:
-    """Fraction of the question's task words the answer uses, minus 1 for a refusal or
-    brush-off phrase (the fixture's unhelpful answers)."""
+    """Fraction of the question's task words the answer uses, plus half the fraction of
+    that task's step words it covers, minus 1 for a refusal or brush-off phrase."""
     question = prompt.rsplit(HUMAN, 1)[-1].split(ASSISTANT)[0]
+    words = _words(answer)
     task = _words(question)
-    score = len(task & _words(answer)) / max(len(task), 1)
+    score = len(task & words) / max(len(task), 1)
+    steps = next((_words(s) for t, s in _TASKS if t in question), set())
+    if steps:
+        score += 0.5 * len(steps & words) / len(steps)
     if any(r.rstrip(" .") in answer.lower() for r in _REFUSALS):
         score -= 1.0
     return score

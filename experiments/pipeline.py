@@ -336,7 +336,7 @@ def offline_config(fmt: str) -> Any:
     c.loss = "sigmoid"
     c.beta = 0.1
     c.train = ml_collections.ConfigDict(dict(
-        steps=150, batch_size=32, optimizer="adamw", learning_rate=1e-4, warmup_steps=10,
+        steps=150, batch_size=32, optimizer="adamw", learning_rate=3e-5, warmup_steps=10,
         schedule="constant", max_grad_norm=10.0, eval_every=50, mesh=(-1, 1, 1), micro_batches=1,
     ))  # fmt: skip
     c.eval = ml_collections.ConfigDict(

@@ -114,22 +114,32 @@ def _post(rng: np.random.Generator, problem: tuple[str, str, str]) -> dict[str, 
     return {"subreddit": subreddit, "title": title, "post": post}
 
 
+def _partial(rng: np.random.Generator, title: str) -> str:
+    """The title with 1-2 words left out: a summary that misses part of the gist."""
+    words = title.split()
+    drop = set(
+        rng.choice(
+            len(words), size=min(len(words) - 1, int(rng.integers(1, 3))), replace=False
+        ).tolist()
+    )
+    return " ".join(w for i, w in enumerate(words) if i not in drop)
+
+
 def make_rows(num_rows: int, seed: int, split: str) -> list[dict[str, Any]]:
-    """Comparison rows in the upstream format: one good summary (the title's facts + the
-    question) and one bad (another post's problem, or a vague line), `choice` = the good."""
+    """Comparison rows in the upstream format. The preferred summary states the title's
+    facts in full (half the time) or with a word or two missing - labellers preferred
+    imperfect summaries too - and the other summary is worse: another post's problem or a
+    vague line. `choice` indexes the preferred one."""
     rng = np.random.default_rng(seed)
     rows = []
     for k in range(num_rows):
         problem = _PROBLEMS[int(rng.integers(len(_PROBLEMS)))]
         info = _post(rng, problem)
-        good = f"{problem[1]} , {rng.choice(_ASKS)}"
-        if rng.random() < 0.5:
-            other = _PROBLEMS[int(rng.integers(len(_PROBLEMS)))]
-            bad = (
-                f"{other[1]} , {rng.choice(_ASKS)}"
-                if other != problem
-                else f"{rng.choice(_FILLERS)} ."
-            )
+        gist = problem[1] if rng.random() < 0.5 else _partial(rng, problem[1])
+        good = f"{gist} , {rng.choice(_ASKS)}"
+        other = _PROBLEMS[int(rng.integers(len(_PROBLEMS)))]
+        if rng.random() < 0.5 and other != problem:
+            bad = f"{other[1]} , {rng.choice(_ASKS)}"
         else:
             bad = f"{rng.choice(_FILLERS)} . {rng.choice(_ASKS)}"
         choice = int(rng.integers(2))

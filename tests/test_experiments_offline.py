@@ -50,10 +50,12 @@ def test_hh_fixture_rows_parse_and_the_judge_prefers_chosen():
     verdicts = judge(
         [e.prompt for e in examples], [e.chosen for e in examples], [e.rejected for e in examples]
     )
-    assert np.all(verdicts == 1.0)
-    # By hand: task words {bake, bread}; a refusal costs 1.
+    # Labels agree with the judge except a few ties (vague chosen vs off-topic rejected).
+    assert np.all(verdicts >= 0.5) and np.mean(verdicts == 1.0) > 0.9
+    # By hand: task words {bake, bread}; step words of "bake bread" are {mix, flour,
+    # water, salt, yeast, let, dough, rise, bake}; a refusal costs 1.
     p = "\n\nHuman: how do i bake bread ?\n\nAssistant:"
-    assert hh.helpfulness(p, " bake the bread hot") == 1.0
+    assert hh.helpfulness(p, " bake the bread hot") == pytest.approx(1.0 + 0.5 / 9)
     assert hh.helpfulness(p, " bread . i do not know .") == pytest.approx(0.5 - 1.0)
 
 
