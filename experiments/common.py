@@ -7,14 +7,13 @@ its ``main``; the command line is
 
     python -m experiments.NAME [--preset=NAME] [--config.key=value ...] [--dry_run]
 
-Overrides are parsed with :func:`ast.literal_eval` (falling back to the raw string) and
-type-checked by the ConfigDict, so ``--config.dpo.betas=(0.1,1.0)`` and
+Overrides are parsed by `dpo_jax.configs` (Python literals, falling back to the raw
+string) and type-checked by the ConfigDict, so ``--config.dpo.betas=(0.1,1.0)`` and
 ``--config.seed=3`` do what they look like.
 """
 
 from __future__ import annotations
 
-import ast
 import csv
 import dataclasses
 import datetime
@@ -26,6 +25,8 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+
+from dpo_jax import configs
 
 # --------------------------------------------------------------------- command line
 
@@ -39,60 +40,18 @@ class ExperimentArgs:
     dry_run: bool
 
 
-def _parse_value(text: str) -> Any:
-    """A literal if the text is one (numbers, tuples, booleans, None), else the string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw_value: str) -> None:
-    """Set ``config.a.b = value`` from ``"a.b"`` and a command-line string.
-
-    Unknown keys are an error (a typo must not silently do nothing); the ConfigDict
-    rejects values of the wrong type.
-    """
-    *parents, leaf = dotted_key.split(".")
-    node = config
-    for i, part in enumerate(parents):
-        if part not in node:
-            raise KeyError(f"--config.{dotted_key}: no field {'.'.join(parents[: i + 1])!r}")
-        node = node[part]
-    if leaf not in node:
-        known = ", ".join(sorted(node.keys()))
-        raise KeyError(f"--config.{dotted_key}: unknown field {leaf!r}; known: {known}")
-    value = _parse_value(raw_value)
-    current = node[leaf]
-    # ConfigDict is strict about int vs float and tuple vs list: coerce the obvious cases.
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list | int | float):
-        value = tuple(value) if isinstance(value, list) else (value,)
-    if isinstance(current, str) and not isinstance(value, str):
-        value = raw_value
-    try:
-        node[leaf] = value
-    except TypeError as err:
-        raise TypeError(f"--config.{dotted_key}={raw_value!r}: {err}") from err
-
-
 def parse_args(
     get_config: Callable[[str], ml_collections.ConfigDict],
     argv: Sequence[str],
     presets: Sequence[str],
 ) -> ExperimentArgs:
     """Parse ``[--preset=NAME] [--config.key=value ...] [--dry_run]`` into a config;
-    the first of `presets` is the default."""
+    the first of `presets` is the default. Overrides go through `dpo_jax.configs` (the
+    same parsing and type checks as ``dpo-jax train``)."""
+    rest, overrides = configs.split_overrides(list(argv))
     preset = presets[0]
     dry_run = False
-    overrides: list[tuple[str, str]] = []
-    for arg in argv:
+    for arg in rest:
         if arg in ("-h", "--help"):
             raise SystemExit(
                 "usage: python -m experiments.NAME [--preset={"
@@ -103,17 +62,24 @@ def parse_args(
             preset = arg.split("=", 1)[1]
         elif arg == "--dry_run":
             dry_run = True
-        elif arg.startswith("--config.") and "=" in arg:
-            key, value = arg[len("--config.") :].split("=", 1)
-            overrides.append((key, value))
         else:
             raise SystemExit(f"unrecognised argument {arg!r} (expected --config.key=value)")
     if preset not in presets:
         raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
     config = get_config(preset)
     for key, value in overrides:
-        apply_override(config, key, value)
+        configs.apply_override(config, key, value)
     return ExperimentArgs(config=config, preset=preset, dry_run=dry_run)
+
+
+def agg_pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 # ---------------------------------------------------------------------- run directory

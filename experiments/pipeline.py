@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from dpo_jax import logprobs, losses, optim, sampling, sft, train_step
 from dpo_jax import metrics as dpo_metrics
 from dpo_jax.data import batching
+from experiments import common
 
 
 def apply_fn(model: Any) -> Callable[..., jax.Array]:
@@ -381,7 +382,6 @@ def run_offline(
     import time
 
     from dpo_jax import data, evaluation, models
-    from experiments import common
 
     wall0 = time.perf_counter()
     run_dir = common.make_run_dir(config, experiment)
@@ -486,11 +486,7 @@ def run_offline(
 
 def _plot_win_rates(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     """Win rate (with standard error) against training step, the SFT level as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.agg_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     sft_rate = next(r["win_rate"] for r in rows if r["method"] == "sft")
     ax.axhline(sft_rate, color="gray", linestyle="--", label="SFT")
@@ -507,3 +503,26 @@ def _plot_win_rates(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def offline_main(
+    argv: Sequence[str],
+    experiment: str,
+    get_config: Callable[[str], Any],
+    presets: Sequence[str],
+    write_fixture: Callable[[Path, Any], tuple[Path, Path]],
+    fixture_judge: Callable[[], Any],
+) -> int:
+    """`python -m experiments.{tldr,hh}`: the run, or with --dry_run the AOT dry run."""
+    args = common.parse_args(get_config, argv, presets)
+    c = args.config
+    if args.dry_run:
+        from experiments import dry_run
+
+        dry_run.run_from_config(
+            c, loss_name=c.loss, loss_hyper={"beta": c.beta},
+            seq_len=c.data.max_prompt_length + c.data.max_completion_length, reference="precomputed",
+        )  # fmt: skip
+        return 0
+    run_offline(c, experiment, write_fixture, fixture_judge)
+    return 0

@@ -249,11 +249,7 @@ def label_pairs(rewards_PxK: np.ndarray) -> list[tuple[int, int, int]]:
 def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
     """Reward (y) against KL(pi || pi_ref) (x): one marker style per method family, every
     evaluation point drawn, as in figure 2 (left) of the DPO paper."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.agg_pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

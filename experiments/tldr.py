@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import common, pipeline
+from experiments import pipeline
 
 PRESETS = ("mini", "smoke", "pythia28")
 
@@ -227,18 +227,9 @@ def get_config(preset: str = "mini"):
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     argv = sys.argv[1:] if argv is None else argv
-    args = common.parse_args(get_config, argv, PRESETS)
-    c = args.config
-    if args.dry_run:
-        from experiments import dry_run
-
-        dry_run.run_from_config(
-            c, loss_name=c.loss, loss_hyper={"beta": c.beta},
-            seq_len=c.data.max_prompt_length + c.data.max_completion_length, reference="precomputed",
-        )  # fmt: skip
-        return 0
-    pipeline.run_offline(c, "tldr", write_fixture, title_overlap_judge)
-    return 0
+    return pipeline.offline_main(
+        argv, "tldr", get_config, PRESETS, write_fixture, title_overlap_judge
+    )
 
 
 if __name__ == "__main__":
