@@ -321,17 +321,21 @@ cfg = models.ModelConfig.tiny("llama", vocab_size=64, hidden_size=32)
 params = models.init_params(cfg, jax.random.key(0))
 prompts = json.loads(sys.argv[1])
 config = sampling.SamplingConfig(max_new_tokens=5, n=1, temperature=1.0)
-mesh = sharding.make_mesh(data=-1)
-assert mesh.shape["data"] == 4
-out = sampling.generate(models.Transformer(cfg), params, prompts, jax.random.key(5), config, mesh=mesh)
-print(json.dumps({"tokens": out.tokens.tolist(), "logps": out.logps.tolist()}))
+results = {}
+for name, shape in (("data4", dict(data=4)), ("fsdp2_tensor2", dict(data=1, fsdp=2, tensor=2))):
+    mesh = sharding.make_mesh(**shape)
+    placed = jax.device_put(params, sharding.tree_shardings(models.logical_axes(cfg), params, mesh))
+    out = sampling.generate(models.Transformer(cfg), placed, prompts, jax.random.key(5), config, mesh=mesh)
+    results[name] = {"tokens": out.tokens.tolist(), "logps": out.logps.tolist()}
+print(json.dumps(results))
 """
 
 
 @pytest.mark.heavy
 def test_sharded_over_data_axis_matches_single_device():
-    """Rows split over a 4-device data axis (3 prompts -> padded to 4 rows) give the
-    same samples as one device: the key, not the placement, decides the sample."""
+    """Rows split over a 4-device data axis (3 prompts -> padded to 4 rows), and rows
+    over fsdp=2 with params sharded fsdp x tensor, give the same samples as one device:
+    the key, not the placement, decides the sample."""
     cfg, params = _tiny("llama")
     config = sampling.SamplingConfig(max_new_tokens=5, n=1, temperature=1.0)
     ref = sampling.generate(models.Transformer(cfg), params, PROMPTS, jax.random.key(5), config)
@@ -346,8 +350,11 @@ def test_sharded_over_data_axis_matches_single_device():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    np.testing.assert_array_equal(np.asarray(got["tokens"]), ref.tokens)
-    np.testing.assert_allclose(np.asarray(got["logps"]), ref.logps, atol=1e-5)
+    for name in ("data4", "fsdp2_tensor2"):
+        np.testing.assert_array_equal(np.asarray(got[name]["tokens"]), ref.tokens, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(got[name]["logps"]), ref.logps, atol=1e-4, err_msg=name
+        )
 
 
 def test_cli_sample_writes_jsonl(tiny_hf_dir, tokenizer, tmp_path):
