@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import itertools
 import json
 import logging
@@ -675,6 +676,27 @@ def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> di
     )
 
 
+def _check_unpaired_weights(config: ml_collections.ConfigDict, labels: np.ndarray) -> None:
+    """KTO's [1, 4/3] rule on the training set's label counts (warns outside it)."""
+    fn = losses.get(config.loss.name)
+    params = inspect.signature(fn).parameters
+    if "desirable_weight" not in params and "undesirable_weight" not in params:
+        return
+    hyper = config.loss.hyper
+
+    def weight(name: str) -> float:
+        if name in hyper:
+            return float(hyper[name])
+        default = params[name].default if name in params else 1.0
+        return float(default) if default is not inspect.Parameter.empty else 1.0
+
+    n_desirable = int(np.sum(labels))
+    losses.check_kto_weights(
+        weight("desirable_weight"), weight("undesirable_weight"),
+        n_desirable, len(labels) - n_desirable,
+    )  # fmt: skip
+
+
 def load_data(
     config: ml_collections.ConfigDict, model_config: models.ModelConfig, ref_params: Any
 ) -> tuple[Any, Callable[[], Iterable[Mapping[str, Any]]] | None, float]:
@@ -703,6 +725,8 @@ def load_data(
     train_set = data.load_preference_data(
         _data_spec(config, config.data.train, paired), tokenizer, run_dir
     )
+    if not paired:
+        _check_unpaired_weights(config, train_set.dense["label"])
     needs_ref = losses.needs_reference(loss_name)
     has_ref = "ref_chosen" in train_set.dense
     if needs_ref and config.reference.mode == "cache" and not has_ref:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -152,3 +153,18 @@ def test_host_slices_stitch_into_the_contract_numbering(model):
     fn = reference.make_logps_fn(cfg, params)
     got = fn({k: v[0] for k, v in stitched.items()}, 8)
     np.testing.assert_allclose(got, fn(whole, 8), rtol=1e-6, atol=1e-6)
+
+
+def test_kto_weight_rule_checked_on_label_counts():
+    from dpo_jax.configs import default
+
+    config = default.get_config("kto")
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    config.loss.hyper.desirable_weight = 2.0  # balanced labels: ratio 2 > 4/3
+    with pytest.warns(UserWarning, match=r"= 2\.000 is outside"):
+        train._check_unpaired_weights(config, labels)
+    config.loss.hyper.desirable_weight = 1.0
+    config.loss.hyper.undesirable_weight = 0.8  # ratio 1.25: inside, silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train._check_unpaired_weights(config, labels)
