@@ -278,16 +278,19 @@ def _generate_core(
     positions_NxP = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_N[:, None], 0)
 
     cache = models.init_cache(cfg, num_rows, cache_len)
-    logits_NxPxV, mutated = model.apply(
+    hidden_NxPxD, mutated = model.apply(
         {"params": params, "cache": cache},
         prompt_ids_NxP,
         positions=positions_NxP.astype(jnp.int32),
         kv_mask=kv_mask_NxS,
         decode=True,
+        return_hidden=True,
         mutable=["cache"],
     )
-    # The last prompt slot always holds a real token (left padding).
-    logits_NxV = logits_NxPxV[:, -1].astype(jnp.float32)
+    # Unembed only the last prompt slot (always a real token with left padding): the
+    # full [N, P, V] prefill logits would dominate memory at large vocabularies.
+    logits_Nx1xV = model.apply({"params": params}, hidden_NxPxD[:, -1:], method="logits")
+    logits_NxV = logits_Nx1xV[:, 0].astype(jnp.float32)
     vocab = logits_NxV.shape[-1]
 
     state = dict(
