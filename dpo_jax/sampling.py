@@ -489,6 +489,10 @@ def generate(
         out = fn(params, *args)
     else:
         out = _run_sharded(fn, mesh, params, args)
+        if jax.process_count() > 1:  # rows live on other hosts too: gather them (untested here)
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
     out = jax.device_get(out)
     keep = slice(0, num_rows)
     return SampleOutput(
