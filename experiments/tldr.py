@@ -126,22 +126,27 @@ def _partial(rng: np.random.Generator, title: str) -> str:
 
 
 def make_rows(num_rows: int, seed: int, split: str) -> list[dict[str, Any]]:
-    """Comparison rows in the upstream format. The preferred summary states the title's
-    facts in full (half the time) or with a word or two missing - labellers preferred
-    imperfect summaries too - and the other summary is worse: another post's problem or a
-    vague line. `choice` indexes the preferred one."""
+    """Comparison rows in the upstream format. Each summary states a title's facts in full
+    or with a word or two missing (equally often, so completeness alone does not predict
+    the label). The preferred one is about this post; the other is about another post, a
+    vague line, or - when the preferred one is complete - an incomplete version of it.
+    `choice` indexes the preferred one."""
     rng = np.random.default_rng(seed)
+    gist = lambda title: title if rng.random() < 0.5 else _partial(rng, title)
     rows = []
     for k in range(num_rows):
         problem = _PROBLEMS[int(rng.integers(len(_PROBLEMS)))]
         info = _post(rng, problem)
-        gist = problem[1] if rng.random() < 0.5 else _partial(rng, problem[1])
-        good = f"{gist} , {rng.choice(_ASKS)}"
+        good_gist = gist(problem[1])
         other = _PROBLEMS[int(rng.integers(len(_PROBLEMS)))]
-        if rng.random() < 0.5 and other != problem:
-            bad = f"{other[1]} , {rng.choice(_ASKS)}"
+        roll = rng.random()
+        if roll < 0.4 and other != problem:
+            bad_gist = gist(other[1])
+        elif roll < 0.7 and good_gist == problem[1]:
+            bad_gist = _partial(rng, problem[1])
         else:
-            bad = f"{rng.choice(_FILLERS)} . {rng.choice(_ASKS)}"
+            bad_gist = str(rng.choice(_FILLERS))
+        good, bad = f"{good_gist} , {rng.choice(_ASKS)}", f"{bad_gist} , {rng.choice(_ASKS)}"
         choice = int(rng.integers(2))
         summaries = [None, None]
         summaries[choice] = {"text": " " + good, "policy": "ref", "note": None}
