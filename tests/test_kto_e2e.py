@@ -180,11 +180,6 @@ def test_kto_ratio_warning_fires_outside_one_to_four_thirds():
         assert math.isnan(losses.check_kto_weights(1.0, 1.0, n_d, 0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train()/load_data in dpo_jax/train.py never calls losses.check_kto_weights with "
-    "the training set's label counts; remove this marker once it does",
-)
 def test_train_warns_when_kto_weights_are_outside_the_range(files):
     root, model_dir, tok, train_file, _ = files
     config = kto_config(root, model_dir, train_file, "kto_warn")
