@@ -5,8 +5,9 @@ The paper's IMDb experiment, end to end:
 1. an SFT policy learns to continue review prefixes;
 2. it samples 4 completions per prefix; the 6 pairs of each 4 are labelled by a
    ground-truth sentiment reward (higher reward = chosen; ties dropped);
-3. DPO (beta sweep), Preferred-FT, Unlikelihood-free baselines and the other losses of
-   the family train from the SFT policy on those pairs;
+3. DPO (beta sweep), Preferred-FT (SFT on the chosen completions), best-of-N and other
+   losses of the family (IPO, SimPO, cDPO, rDPO) start from the SFT policy on those pairs
+   (Unlikelihood needs per-token rejected log-probs, which PreferenceStats lacks; no PPO);
 4. every ``train.eval_every`` steps each policy samples completions of held-out prefixes
    (temperature 1), and the run records the mean ground-truth reward and the
    sequence-level KL(pi || pi_sft) estimated from those samples (with standard errors);
@@ -16,9 +17,9 @@ Presets (``--preset=NAME``):
 
 * ``default`` - the embedded main job: a SYNTHETIC corpus from
   :mod:`experiments.synthetic_reviews` (seeded grammar, not IMDb), a byte-level BPE
-  trained on it, a ~1M-parameter GPT-2-shaped SFT model trained from scratch, VADER
+  trained on it, a 0.7M-parameter GPT-2-shaped SFT model trained from scratch, VADER
   (``vaderSentiment``) as the ground-truth reward, DPO at beta in {0.05, 0.1, 1, 5} and
-  Preferred-FT. No downloads; about 10 minutes on a 2-core CPU.
+  Preferred-FT. No downloads; about 6.6 CPU-minutes (measured; see experiments/README.md).
 * ``frontier`` - the figure a reviewer asks for on the same miniature task: more DPO
   betas, Preferred-FT seeds, Best-of-N for several N, IPO, SimPO, cDPO, rDPO.
 * ``smoke`` - the same pipeline shrunk to seconds, for tests.
