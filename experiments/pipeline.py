@@ -421,12 +421,15 @@ def run_offline(
 
     m = config.model
     if m.model_dir:
-        model_cfg, params = models.load_hf(m.model_dir)
+        model_cfg, params = models.load_hf(
+            m.model_dir, m.dtype, m.param_dtype, remat=m.remat, scan_layers=m.scan_layers
+        )
     else:
         model_cfg = models.ModelConfig.for_family(
             "gpt2", vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
             num_heads=m.num_heads, max_position_embeddings=m.max_position_embeddings,
-            dtype=m.dtype, param_dtype=m.param_dtype, eos_token_id=eos_id, pad_token_id=pad_id,
+            dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
+            eos_token_id=eos_id, pad_token_id=pad_id,
         )  # fmt: skip
         params = models.init_params(model_cfg, jax.random.key(config.seed))
     model = models.Transformer(model_cfg)

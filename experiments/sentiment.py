@@ -344,7 +344,9 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int, 
     """(ModelConfig, params) of the SFT model: a local HF checkpoint or a fresh GPT-2 shape."""
     m = config.model
     if m.model_dir:
-        return models.load_hf(m.model_dir)
+        return models.load_hf(
+            m.model_dir, m.dtype, m.param_dtype, remat=m.remat, scan_layers=m.scan_layers
+        )
     cfg = models.ModelConfig.for_family(
         "gpt2",
         vocab_size=vocab_size,
@@ -354,6 +356,8 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int, 
         max_position_embeddings=m.max_position_embeddings,
         dtype=m.dtype,
         param_dtype=m.param_dtype,
+        remat=m.remat,
+        scan_layers=m.scan_layers,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
@@ -395,7 +399,7 @@ def build_task(config: ml_collections.ConfigDict, run_dir: Path, timings: dict[s
     print(
         f"SFT model: {models.param_count(model_cfg) / 1e6:.2f}M parameters, vocab {len(tokenizer)}"
     )
-    if not config.model.model_dir:
+    if config.sft.steps > 0:  # from scratch, or fine-tuning a checkpoint on the corpus
         params = pipeline.train_sft(
             model, params, sft_seqs, [1] * len(sft_seqs), config.sft, pad_id, config.seed,
             run_dir / "sft", config.progress,
