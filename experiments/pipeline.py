@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -378,9 +380,6 @@ def run_offline(
     fixture_judge: Callable[[], Any],
 ) -> Path:
     """SFT on chosen -> DPO -> win rate vs the test split's chosen completions."""
-    import json
-    import time
-
     from dpo_jax import data, evaluation, models
 
     wall0 = time.perf_counter()
@@ -395,13 +394,13 @@ def run_offline(
         format=d.format, max_prompt_length=d.max_prompt_length,
         max_completion_length=d.max_completion_length, cache_dir="",
     )  # fmt: skip
-    train_examples = data.load_examples(dict(spec, path=str(train_path)), None, data.RejectLog())
     if d.tokenizer_dir:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(d.tokenizer_dir, local_files_only=True)
-    else:
-        texts = [e.prompt + e.chosen for e in train_examples] + [e.rejected for e in train_examples]
+    else:  # a BPE trained on the training texts (the fixture's own vocabulary)
+        examples = data.load_examples(dict(spec, path=str(train_path)), None, data.RejectLog())
+        texts = [e.prompt + e.chosen for e in examples] + [e.rejected for e in examples]
         tokenizer = common.train_bpe_tokenizer(texts, d.tokenizer_vocab_size, run_dir / "tokenizer")
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
