@@ -82,6 +82,16 @@ def agg_pyplot():
     return plt
 
 
+def save_figure(fig: Any, ax: Any, title: str, path: str | os.PathLike) -> None:
+    """Title, grid and legend on `ax`, then write `fig` as a PNG and close it."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    agg_pyplot().close(fig)
+
+
 # ---------------------------------------------------------------------- run directory
 
 

@@ -127,13 +127,7 @@ def helpfulness(prompt: str, answer: str) -> float:
 
 def helpfulness_judge():
     """Pairwise judge for the fixture: a wins when its helpfulness is higher (0.5 on ties)."""
-
-    def judge(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
-        sa = np.array([helpfulness(p, t) for p, t in zip(prompts, a, strict=True)])
-        sb = np.array([helpfulness(p, t) for p, t in zip(prompts, b, strict=True)])
-        return np.where(sa > sb, 1.0, np.where(sa < sb, 0.0, 0.5))
-
-    return judge
+    return pipeline.score_judge(helpfulness)
 
 
 def get_config(preset: str = "mini"):
@@ -147,12 +141,7 @@ def get_config(preset: str = "mini"):
     c.data.update(max_prompt_length=32, max_completion_length=32)
     c.eval.max_new_tokens = 32
     if preset == "smoke":
-        c.data.update(num_train=96, num_test=16, tokenizer_vocab_size=384)
-        c.model.update(hidden_size=32, num_layers=1, num_heads=2)
-        c.sft.update(steps=20, batch_size=16)
-        c.train.update(steps=4, batch_size=8, eval_every=2)
-        c.eval.update(batch_size=16, max_new_tokens=12)
-        c.progress = False
+        pipeline.shrink_to_smoke(c)
     elif preset == "pythia28":
         c.data.update(
             train_path="data/hh/train.jsonl", test_path="data/hh/test.jsonl",

@@ -350,6 +350,28 @@ def offline_config(fmt: str) -> Any:
     return c
 
 
+def score_judge(score: Callable[[str, str], float]) -> Callable[..., np.ndarray]:
+    """A pairwise judge from a per-text score(prompt, text): a wins when it scores higher,
+    0.5 on ties."""
+
+    def judge(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        sa = np.array([score(p, t) for p, t in zip(prompts, a, strict=True)])
+        sb = np.array([score(p, t) for p, t in zip(prompts, b, strict=True)])
+        return np.where(sa > sb, 1.0, np.where(sa < sb, 0.0, 0.5))
+
+    return judge
+
+
+def shrink_to_smoke(c: Any) -> None:
+    """The `smoke` preset of an offline experiment: the same pipeline in seconds."""
+    c.data.update(num_train=96, num_test=16, tokenizer_vocab_size=384)
+    c.model.update(hidden_size=32, num_layers=1, num_heads=2)
+    c.sft.update(steps=20, batch_size=16)
+    c.train.update(steps=4, batch_size=8, eval_every=2)
+    c.eval.update(batch_size=16, max_new_tokens=12)
+    c.progress = False
+
+
 def resolve_judge(spec: str, fixture_judge: Callable[[], Any]) -> Any:
     """A pairwise judge `(prompts, a, b) -> P(a better)` from a config string.
 
@@ -499,12 +521,7 @@ def _plot_win_rates(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -
     ax.set_xlabel("training step")
     ax.set_ylabel("win rate vs dataset chosen")
     ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, ax, title, path)
 
 
 def offline_main(

@@ -267,12 +267,7 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
                             xytext=(3, -8), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("KL(pi || pi_ref), nats per sequence")
     ax.set_ylabel("mean ground-truth reward")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, ax, title, path)
 
 
 RESULT_COLUMNS = (

@@ -190,13 +190,7 @@ def title_score(prompt: str, summary: str) -> float:
 
 def title_overlap_judge():
     """Pairwise judge for the fixture: a wins when its title F1 is higher (0.5 on ties)."""
-
-    def judge(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
-        sa = np.array([title_score(p, t) for p, t in zip(prompts, a, strict=True)])
-        sb = np.array([title_score(p, t) for p, t in zip(prompts, b, strict=True)])
-        return np.where(sa > sb, 1.0, np.where(sa < sb, 0.0, 0.5))
-
-    return judge
+    return pipeline.score_judge(title_score)
 
 
 def get_config(preset: str = "mini"):
@@ -207,12 +201,7 @@ def get_config(preset: str = "mini"):
     c.preset = preset
     c.beta = 0.5  # the paper's TL;DR beta
     if preset == "smoke":
-        c.data.update(num_train=96, num_test=16, tokenizer_vocab_size=384)
-        c.model.update(hidden_size=32, num_layers=1, num_heads=2)
-        c.sft.update(steps=20, batch_size=16)
-        c.train.update(steps=4, batch_size=8, eval_every=2)
-        c.eval.update(batch_size=16, max_new_tokens=12)
-        c.progress = False
+        pipeline.shrink_to_smoke(c)
     elif preset == "pythia28":
         c.data.update(
             train_path="data/tldr/comparisons_train.jsonl",
