@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from dpo_jax import data, models, sharding, train
-from tests.train_helpers import synthetic_items, tiny_model_config
+from dpo_jax import data, train
+from tests.train_helpers import flat_params, one_device_mesh, synthetic_items, tiny_model
 
 
 def test_layouts_give_the_same_updates():
-    cfg = tiny_model_config(num_layers=1)
-    params = models.init_params(cfg, jax.random.key(0))
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg, params = tiny_model()
+    mesh = one_device_mesh()
     items = synthetic_items(4, seed=3)
     results = {}
     for layout in ("stacked", "packed", "prefix_shared"):
@@ -29,8 +27,7 @@ def test_layouts_give_the_same_updates():
         for _ in range(2):
             state, m = trainer.step(state, batch_A, n_seq)
             losses.append(float(m["loss"]))
-        flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)])
-        results[layout] = (batch["input_ids"].shape[0], losses, flat)
+        results[layout] = (batch["input_ids"].shape[0], losses, flat_params(state.params))
     rows = {k: v[0] for k, v in results.items()}
     assert rows == {"stacked": 8, "packed": 4, "prefix_shared": 4}  # really different layouts
     base = results["stacked"]

@@ -10,55 +10,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import data, losses, models, reference, sharding, train
-from tests.train_helpers import synthetic_batches, synthetic_items, tiny_model_config
-
-MESH = None
-
-
-def _mesh():
-    global MESH
-    if MESH is None:
-        MESH = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    return MESH
+from dpo_jax import data, losses, reference, train
+from tests.train_helpers import (
+    flat_params,
+    make_trainer,
+    synthetic_batches,
+    synthetic_items,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = tiny_model_config(num_layers=1)  # one block: half the compile time, same code paths
-    return cfg, models.init_params(cfg, jax.random.key(0))
-
-
-def _trainer(model, reference="frozen", loss="sigmoid", hyper=None, optim_cfg=None, **kw):
-    cfg, params = model
-    optim_cfg = optim_cfg or dict(
-        name="adamw", learning_rate=1e-2, schedule="constant", max_grad_norm=1.0
-    )
-    return train.build_trainer(
-        cfg, params, mesh=_mesh(), loss_name=loss, loss_hyper=hyper or {"beta": 0.1},
-        optim_config=optim_cfg, total_steps=10, reference=reference, **kw,
-    )  # fmt: skip
-
-
-def _flat(tree):
-    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+    return tiny_model()
 
 
 def test_tr_dpo_soft_updates_reference(model):
     _, params = model
     alpha = 0.25
-    trainer, state = _trainer(model, ref_model_sync_steps=2, ref_model_mixup_alpha=alpha)
+    trainer, state = make_trainer(model, ref_model_sync_steps=2, ref_model_mixup_alpha=alpha)
     batches = [train.stack_micro_batches([b]) for b in synthetic_batches(num=2, pairs=2, seed=4)]
     state, _ = trainer.step(state, batches[0], n_seq=4)
-    np.testing.assert_array_equal(_flat(state.ref_params), _flat(params))  # step 1: no sync
+    np.testing.assert_array_equal(
+        flat_params(state.ref_params), flat_params(params)
+    )  # step 1: no sync
     state, _ = trainer.step(state, batches[1], n_seq=4)
-    policy = _flat(state.params)
-    expected = alpha * policy + (1 - alpha) * _flat(params)  # TRL's SyncRefModelCallback
-    np.testing.assert_allclose(_flat(state.ref_params), expected, rtol=1e-6, atol=1e-7)
+    policy = flat_params(state.params)
+    expected = alpha * policy + (1 - alpha) * flat_params(params)  # TRL's SyncRefModelCallback
+    np.testing.assert_allclose(flat_params(state.ref_params), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_reference_free_loss_has_no_reference(model):
-    trainer, state = _trainer(
+    trainer, state = make_trainer(
         model, reference="none", loss="simpo", hyper={"beta": 2.0, "simpo_gamma": 0.5}
     )
     assert state.ref_params is None
@@ -79,7 +62,7 @@ def test_unpaired_kto_batch_goes_through_the_same_step(model):
     ]  # fmt: skip
     b = data.build_batch(items, "unpaired", "stacked", length=16)
     assert not losses.is_paired("kto")
-    trainer, state = _trainer(model, loss="kto", hyper={"beta": 0.1})
+    trainer, state = make_trainer(model, loss="kto", hyper={"beta": 0.1})
     batch_A = train.stack_micro_batches([b])
     assert train.batch_num_sequences(batch_A) == 8
     state, m = trainer.step(state, batch_A, n_seq=8)
@@ -92,7 +75,7 @@ def test_custom_loss_registered_in_a_notebook(model):
         h = losses.margin(stats)
         return -(jax.nn.log_sigmoid(beta * h) ** 3), losses.reward_metrics(stats, beta)
 
-    trainer, state = _trainer(model, loss="cubed_test_loss")
+    trainer, state = make_trainer(model, loss="cubed_test_loss")
     b = train.stack_micro_batches(synthetic_batches(num=1, pairs=2, seed=2))
     _, m = trainer.step(state, b, n_seq=4)
     np.testing.assert_allclose(float(m["loss"]), np.log(2) ** 3, rtol=1e-6)
@@ -113,13 +96,13 @@ def test_stack_micro_batches_pads_lengths_without_changing_numbers(model):
 def test_chunked_logps_and_bf16_compute_match_full_fp32(model):
     cfg, params = model
     b = train.stack_micro_batches(synthetic_batches(num=2, pairs=2, seed=6))
-    trainer, state = _trainer(model)
+    trainer, state = make_trainer(model)
     state, full = trainer.step(state, b, n_seq=4)
     state, full2 = trainer.step(state, b, n_seq=4)
 
     # bf16 activations with fp32 master params, and logits unembedded 8 positions at a time
     bf16 = (dataclasses.replace(cfg, dtype="bfloat16"), params)
-    trainer_c, state_c = _trainer(bf16, logps_chunk_size=8)
+    trainer_c, state_c = make_trainer(bf16, logps_chunk_size=8)
     state_c, chunked = trainer_c.step(state_c, b, n_seq=4)
     state_c, chunked2 = trainer_c.step(state_c, b, n_seq=4)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state_c.params))

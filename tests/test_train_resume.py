@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from dpo_jax import checkpoint, models, train
+from dpo_jax import checkpoint, train
 from dpo_jax.configs import tiny
 from dpo_jax.metrics import read_jsonl
-from tests.train_helpers import synthetic_batches, tiny_model_config
+from tests.train_helpers import flat_params, synthetic_batches, tiny_model
 
 
 class _StopAfter:
@@ -33,13 +32,8 @@ class _StopAfter:
         self.inner.close()
 
 
-def _flat(tree):
-    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
-
-
 def test_preempted_run_resumes_to_the_same_params_and_metrics(tmp_path):
-    cfg = tiny_model_config(num_layers=1)
-    params = models.init_params(cfg, jax.random.key(0))
+    cfg, params = tiny_model()
     batches = synthetic_batches(num=8, pairs=2, seed=7)  # 4 steps x A=2
     config = tiny.get_config()
     config.num_steps = 4
@@ -68,12 +62,15 @@ def test_preempted_run_resumes_to_the_same_params_and_metrics(tmp_path):
     resumed = run(part_dir, make_ckpt(part_dir))
     assert [r["step"] for r in resumed.history] == [3, 4]
     # the reference was not checkpointed (it is the initial policy) and was rebuilt
-    np.testing.assert_array_equal(_flat(resumed.state.ref_params), _flat(params))
+    np.testing.assert_array_equal(flat_params(resumed.state.ref_params), flat_params(params))
     np.testing.assert_allclose(
-        _flat(resumed.state.params), _flat(full.state.params), rtol=1e-6, atol=1e-7
+        flat_params(resumed.state.params), flat_params(full.state.params), rtol=1e-6, atol=1e-7
     )
     np.testing.assert_allclose(
-        _flat(resumed.state.opt_state), _flat(full.state.opt_state), rtol=1e-6, atol=1e-7
+        flat_params(resumed.state.opt_state),
+        flat_params(full.state.opt_state),
+        rtol=1e-6,
+        atol=1e-7,
     )
     rows = read_jsonl(part_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
-from dpo_jax import data, models, reference, sharding, train
-from tests.train_helpers import synthetic_batches, synthetic_items, tiny_model_config
-
-MESH = None
-
-
-def _mesh():
-    global MESH
-    if MESH is None:
-        MESH = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    return MESH
+from dpo_jax import data, reference, train
+from tests.train_helpers import (
+    flat_params,
+    make_trainer,
+    synthetic_batches,
+    synthetic_items,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = tiny_model_config(num_layers=1)  # one block: half the compile time, same code paths
-    return cfg, models.init_params(cfg, jax.random.key(0))
-
-
-def _trainer(model, reference="frozen", loss="sigmoid", hyper=None, optim_cfg=None, **kw):
-    cfg, params = model
-    optim_cfg = optim_cfg or dict(
-        name="adamw", learning_rate=1e-2, schedule="constant", max_grad_norm=1.0
-    )
-    return train.build_trainer(
-        cfg, params, mesh=_mesh(), loss_name=loss, loss_hyper=hyper or {"beta": 0.1},
-        optim_config=optim_cfg, total_steps=10, reference=reference, **kw,
-    )  # fmt: skip
-
-
-def _flat(tree):
-    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+    return tiny_model()
 
 
 def test_grad_accumulation_equals_one_big_batch(model):
@@ -48,9 +28,9 @@ def test_grad_accumulation_equals_one_big_batch(model):
     ]
     sgd = dict(name="sgd", learning_rate=0.5, schedule="constant", max_grad_norm=0.0)
 
-    trainer_a, state_a = _trainer(model, optim_cfg=sgd)
+    trainer_a, state_a = make_trainer(model, optim_cfg=sgd)
     state_a, m_a = trainer_a.step(state_a, train.stack_micro_batches(micro), n_seq=4)
-    trainer_b, state_b = _trainer(model, optim_cfg=sgd)
+    trainer_b, state_b = make_trainer(model, optim_cfg=sgd)
     state_b, m_b = trainer_b.step(state_b, train.stack_micro_batches([big]), n_seq=16)
 
     np.testing.assert_allclose(float(m_a["loss"]), float(m_b["loss"]), rtol=1e-6)
@@ -58,9 +38,11 @@ def test_grad_accumulation_equals_one_big_batch(model):
     np.testing.assert_allclose(
         float(m_a["rewards/margins"]), float(m_b["rewards/margins"]), rtol=1e-5, atol=1e-7
     )
-    np.testing.assert_allclose(_flat(state_a.params), _flat(state_b.params), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        flat_params(state_a.params), flat_params(state_b.params), rtol=1e-5, atol=1e-7
+    )
     # and the update really moved the params
-    assert np.abs(_flat(state_a.params) - _flat(model[1])).max() > 1e-4
+    assert np.abs(flat_params(state_a.params) - flat_params(model[1])).max() > 1e-4
 
 
 def test_precomputed_reference_equals_frozen_reference(model):
@@ -89,7 +71,7 @@ def test_precomputed_reference_equals_frozen_reference(model):
         pre.append(pb)
 
     def run(reference_mode, bs):
-        trainer, state = _trainer(model, reference=reference_mode)
+        trainer, state = make_trainer(model, reference=reference_mode)
         assert (state.ref_params is None) == (reference_mode == "precomputed")
         out = []
         for i in range(0, len(bs), 2):
@@ -107,7 +89,9 @@ def test_precomputed_reference_equals_frozen_reference(model):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
     assert frozen[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at step 0
     assert frozen[-1]["loss"] < frozen[0]["loss"]
-    np.testing.assert_allclose(_flat(s_f.params), _flat(s_p.params), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        flat_params(s_f.params), flat_params(s_p.params), rtol=1e-4, atol=1e-6
+    )
 
 
 def _nan_batch():
@@ -117,21 +101,21 @@ def _nan_batch():
 
 
 def test_nan_policy_skip_keeps_params_and_counts(model):
-    trainer, state = _trainer(model, reference="precomputed", nan_policy="skip")
-    before = _flat(state.params)
+    trainer, state = make_trainer(model, reference="precomputed", nan_policy="skip")
+    before = flat_params(state.params)
     state, m = trainer.step(state, _nan_batch(), n_seq=4)
     assert int(m["skipped_steps"]) == 1 and int(m["nonfinite"]) == 1
-    np.testing.assert_array_equal(_flat(state.params), before)
+    np.testing.assert_array_equal(flat_params(state.params), before)
     assert int(state.step) == 1
     good = train.stack_micro_batches(synthetic_batches(num=1, pairs=2, seed=9))
     good["ref_logps"] = np.zeros((1, 4), np.float32)
     state, m = trainer.step(state, good, n_seq=4)
     assert int(m["skipped_steps"]) == 1 and int(m["nonfinite"]) == 0
-    assert np.abs(_flat(state.params) - before).max() > 0
+    assert np.abs(flat_params(state.params) - before).max() > 0
 
 
 def test_nan_policy_stop_raises_naming_the_step(model):
-    trainer, state = _trainer(model, reference="precomputed", nan_policy="stop")
+    trainer, state = make_trainer(model, reference="precomputed", nan_policy="stop")
     good = train.stack_micro_batches(synthetic_batches(num=1, pairs=2, seed=9))
     good["ref_logps"] = np.zeros((1, 4), np.float32)
     unstack = lambda b: {k: v[0] for k, v in b.items()}
