@@ -36,7 +36,14 @@ from jax.sharding import Mesh
 
 from dpo_jax import losses, models, optim, sharding
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
-from dpo_jax.train_step import StepConfig, TrainState, eval_step, init_state, train_step
+from dpo_jax.train_step import (
+    StepConfig,
+    TrainState,
+    check_loss_options,
+    eval_step,
+    init_state,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -536,6 +543,10 @@ def train(
         if hasattr(config.loss.hyper, "to_dict")
         else dict(config.loss.hyper)
     )
+    if config.reference.mode in ("precomputed", "cache"):
+        # before the (possibly long) reference cache pass; auto is checked once resolved
+        early = resolve_reference_mode(config.reference.mode, loss_name, True)
+        check_loss_options(loss_name, hyper, early)
 
     if ref_params is None and config.reference.path and losses.needs_reference(loss_name):
         from dpo_jax.models import hf

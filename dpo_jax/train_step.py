@@ -10,6 +10,7 @@ Reference modes (`StepConfig.reference`):
 - "frozen": `state.ref_params` (a frozen copy, sharded like the policy) runs a forward
   under `stop_gradient`; TR-DPO may soft-update it every `ref_model_sync_steps`.
 - "precomputed": the batch's `ref_logps` column is used; no reference forward runs.
+  It holds full-sequence sums only, so LD-DPO (`ld_alpha`) is refused with it.
 - "none": reference-free losses (SimPO, ORPO, ...) get no reference log-probs.
 """
 
@@ -76,6 +77,33 @@ class StepConfig:
             raise ValueError(
                 "TR-DPO reference syncing (ref_model_sync_steps > 0) needs reference='frozen'"
             )
+        check_loss_options(self.loss_name, self.loss_hyper, self.reference)
+
+    @property
+    def with_wpo(self) -> bool:
+        """WPO (`use_weighting`): the policy forward also yields per-sequence weights."""
+        return bool(self.loss_hyper.get("use_weighting", False))
+
+
+def check_loss_options(loss_name: str, loss_hyper: Mapping[str, Any], reference: str) -> None:
+    """Refuse batch-level loss options the step cannot compute correctly, before compiling.
+
+    LD-DPO (`ld_alpha`) splits the reference's log-probs into the shared prefix and the
+    longer answer's tail, which needs the reference's per-token sums; a precomputed (or
+    cached) `ref_logps` column holds only full-sequence sums, so the reference would
+    silently stay un-desensitised.
+    """
+    if loss_hyper.get("ld_alpha") is not None and reference == "precomputed":
+        raise ValueError(
+            f"loss.hyper.ld_alpha={loss_hyper['ld_alpha']} (LD-DPO) conflicts with a "
+            "precomputed reference (reference.mode 'precomputed' or 'cache', or batches "
+            "carrying 'ref_logps'): the 'ref_logps' column holds full-sequence sums, but "
+            "LD-DPO also needs the reference's shared-prefix sums; use reference.mode='frozen'"
+        )
+    if loss_hyper.get("use_weighting") and not losses.is_paired(loss_name):
+        raise ValueError(
+            f"loss.hyper.use_weighting (WPO) applies to paired losses only, not {loss_name!r}"
+        )
 
 
 def init_state(
@@ -93,8 +121,17 @@ def init_state(
     )
 
 
-def sequence_logps(cfg: StepConfig, params: Any, batch: Mapping[str, jax.Array], n_seq: int) -> Any:
-    """Per-sequence log-probs of one micro-batch under `params` (one forward)."""
+def sequence_logps(
+    cfg: StepConfig,
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    n_seq: int,
+    with_wpo: bool = False,
+) -> Any:
+    """Per-sequence log-probs of one micro-batch under `params` (one forward).
+
+    `with_wpo` adds the WPO weights (the policy's only: WPO never weights by the reference).
+    """
     inputs = dict(
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
@@ -105,9 +142,11 @@ def sequence_logps(cfg: StepConfig, params: Any, batch: Mapping[str, jax.Array],
     if cfg.logps_chunk_size > 0:
         hidden = cfg.apply_fn(variables, batch["input_ids"], return_hidden=True, **inputs)
         unembed = lambda h: cfg.apply_fn(variables, h, method="logits")
-        return logprobs.sequence_logps_chunked(hidden, unembed, batch, n_seq, cfg.logps_chunk_size)
+        return logprobs.sequence_logps_chunked(
+            hidden, unembed, batch, n_seq, cfg.logps_chunk_size, with_wpo=with_wpo
+        )
     logits = cfg.apply_fn(variables, batch["input_ids"], **inputs)
-    return logprobs.sequence_logps(logits, batch, n_seq)
+    return logprobs.sequence_logps(logits, batch, n_seq, with_wpo=with_wpo)
 
 
 def _micro_loss(
@@ -117,7 +156,7 @@ def _micro_loss(
     cfg: StepConfig,
     n_seq: int,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    policy = sequence_logps(cfg, params, batch, n_seq)
+    policy = sequence_logps(cfg, params, batch, n_seq, with_wpo=cfg.with_wpo)
     if losses.is_paired(cfg.loss_name):
         stats = logprobs.preference_stats(policy, ref)
     else:
