@@ -62,6 +62,15 @@ def file_type(path: str) -> str:
     )
 
 
+def _reject(rejects: RejectLog, raw: Any, problem: str, path: str, line: int, reason: str) -> None:
+    """Hand one bad input, located at `path:line`, to the reject log (raises unless skipping)."""
+    rejects.handle(DataError(problem, source=path, line=line, reason=reason), raw)
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    return f"malformed JSON ({e.msg} at column {e.colno})"
+
+
 def read_jsonl(path: str, rejects: RejectLog) -> Iterator[Row]:
     """Rows of a JSON-lines file; blank lines are ignored, line numbers are 1-based."""
     with open(path, "rb") as f:
@@ -71,39 +80,17 @@ def read_jsonl(path: str, rejects: RejectLog) -> Iterator[Row]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                rejects.handle(
-                    DataError(
-                        f"invalid UTF-8 at byte {e.start} of the line",
-                        source=path,
-                        line=lineno,
-                        reason="invalid_utf8",
-                    ),
-                    raw,
-                )
+                problem = f"invalid UTF-8 at byte {e.start} of the line"
+                _reject(rejects, raw, problem, path, lineno, "invalid_utf8")
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                rejects.handle(
-                    DataError(
-                        f"malformed JSON ({e.msg} at column {e.colno})",
-                        source=path,
-                        line=lineno,
-                        reason="malformed_json",
-                    ),
-                    text,
-                )
+                _reject(rejects, text, _json_problem(e), path, lineno, "malformed_json")
                 continue
             if not isinstance(obj, dict):
-                rejects.handle(
-                    DataError(
-                        f"expected a JSON object per line, got {type(obj).__name__}",
-                        source=path,
-                        line=lineno,
-                        reason="not_an_object",
-                    ),
-                    obj,
-                )
+                problem = f"expected a JSON object per line, got {type(obj).__name__}"
+                _reject(rejects, obj, problem, path, lineno, "not_an_object")
                 continue
             yield Row(obj, path, lineno)
 
@@ -120,35 +107,18 @@ def read_json(path: str, rejects: RejectLog) -> Iterator[Row]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        rejects.handle(
-            DataError("invalid UTF-8", source=path, line=line, reason="invalid_utf8"), None
-        )
+        _reject(rejects, None, "invalid UTF-8", path, line, "invalid_utf8")
         return
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        rejects.handle(
-            DataError(
-                f"malformed JSON ({e.msg} at column {e.colno})",
-                source=path,
-                line=e.lineno,
-                reason="malformed_json",
-            ),
-            None,
-        )
+        _reject(rejects, None, _json_problem(e), path, e.lineno, "malformed_json")
         return
     records = _records_from_json(obj, path)
     for i, rec in enumerate(records, start=1):
         if not isinstance(rec, dict):
-            rejects.handle(
-                DataError(
-                    f"record {i} is a {type(rec).__name__}, expected an object",
-                    source=path,
-                    line=i,
-                    reason="not_an_object",
-                ),
-                rec,
-            )
+            problem = f"record {i} is a {type(rec).__name__}, expected an object"
+            _reject(rejects, rec, problem, path, i, "not_an_object")
             continue
         yield Row(rec, path, i)
 
