@@ -894,12 +894,9 @@ def export_hf(
             )
         model_config = models.ModelConfig.from_dict(saved)
     if tokenizer is None:
-        # The run dir is the step dir's grandparent or the checkpoints dir's parent.
-        start = as_path(path)
-        for candidate in (start, start.parent, start.parent.parent):
-            if (candidate / TOKENIZER_SUBDIR).is_dir():
-                tokenizer = _load_tokenizer(candidate / TOKENIZER_SUBDIR)
-                break
+        tok_dir = run_tokenizer_dir(path)
+        if tok_dir is not None:
+            tokenizer = _load_tokenizer(tok_dir)
         else:
             log.warning("%s: no saved tokenizer found; exporting weights and config only", path)
     elif isinstance(tokenizer, str | os.PathLike):
@@ -908,6 +905,16 @@ def export_hf(
     models.save_hf(output_dir, model_config, params, tokenizer=tokenizer)
     log.info("exported step %d of %s to %s", step, path, output_dir)
     return output_dir
+
+
+def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
+    """The `tokenizer/` saved with the run that `path` (run, checkpoints or step dir) is in."""
+    # The run dir is the step dir's grandparent or the checkpoints dir's parent.
+    start = as_path(path)
+    for candidate in (start, start.parent, start.parent.parent):
+        if (candidate / TOKENIZER_SUBDIR).is_dir():
+            return candidate / TOKENIZER_SUBDIR
+    return None
 
 
 def _load_tokenizer(directory: epath.Path) -> Any:

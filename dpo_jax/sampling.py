@@ -704,11 +704,8 @@ def load_model(
         params = jax.tree.map(lambda x: jnp.asarray(x, jdtype), params)
         tok_dir = tokenizer_path
         if tok_dir is None:
-            base = os.path.abspath(path)
-            for cand in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
-                if os.path.isdir(os.path.join(cand, checkpoint.TOKENIZER_SUBDIR)):
-                    tok_dir = os.path.join(cand, checkpoint.TOKENIZER_SUBDIR)
-                    break
+            found = checkpoint.run_tokenizer_dir(path)
+            tok_dir = None if found is None else os.fspath(found)
         if tok_dir is None:
             raise ValueError(f"{path}: no tokenizer/ next to the checkpoint; pass --tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)

@@ -91,3 +91,22 @@ def test_export_cli_and_step_selection(trained_run, tmp_path):
 def test_export_of_a_missing_dir_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         checkpoint.export_hf(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_sampling_loads_a_checkpoint_with_the_runs_tokenizer(trained_run, tokenizer):
+    """`sampling.load_model` and `export_hf` find the run's tokenizer/ the same way, from
+    the run, checkpoints or step directory."""
+    from dpo_jax import sampling
+
+    _, cfg, _, run_dir, result = trained_run
+    want = jax.device_get(result.state.params)
+    expected_tok = run_dir / checkpoint.TOKENIZER_SUBDIR
+    text = "the cat sat on the mat"
+    for where in (run_dir / "checkpoints", run_dir / "checkpoints" / "2"):
+        assert checkpoint.run_tokenizer_dir(where) == checkpoint.as_path(expected_tok)
+        got_cfg, got, tok = sampling.load_model(str(where))
+        assert got_cfg.hidden_size == cfg.hidden_size and got_cfg.num_layers == cfg.num_layers
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert checkpoint.run_tokenizer_dir(run_dir.parent) is None
