@@ -673,13 +673,21 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        name.endswith(".safetensors") for name in os.listdir(path)
+    )
+
+
 def load_model(
     path: str, tokenizer_path: str | None = None, dtype: str = "float32", step: int | None = None
 ) -> tuple[Any, Any, Any]:
     """``(cfg, params, tokenizer)`` from a Hugging Face directory or a training checkpoint.
 
-    A directory with ``config.json`` is read with ``models.load_hf``; anything else
-    is treated as a run / checkpoints / step directory of ``dpo_jax.checkpoint``
+    A directory with ``config.json`` and safetensors weights is read with
+    ``models.load_hf``; anything else (a run directory holds the training config as
+    ``config.json`` but no weights) is treated as a run / checkpoints / step directory
+    of ``dpo_jax.checkpoint``
     (model config from the checkpoint's metadata, tokenizer from the run's
     ``tokenizer/`` unless ``tokenizer_path`` is given).
     """
@@ -688,7 +696,7 @@ def load_model(
     from dpo_jax import models
 
     jdtype = jnp.dtype(dtype)
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if _is_hf_dir(path):
         cfg, params = models.load_hf(path, dtype=jdtype, param_dtype=jdtype)
         tok_dir = tokenizer_path or path
     else:

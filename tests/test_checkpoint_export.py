@@ -102,7 +102,8 @@ def test_sampling_loads_a_checkpoint_with_the_runs_tokenizer(trained_run, tokeni
     want = jax.device_get(result.state.params)
     expected_tok = run_dir / checkpoint.TOKENIZER_SUBDIR
     text = "the cat sat on the mat"
-    for where in (run_dir / "checkpoints", run_dir / "checkpoints" / "2"):
+    # the run dir holds the training config.json: it must not be taken for an HF dir
+    for where in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "2"):
         assert checkpoint.run_tokenizer_dir(where) == checkpoint.as_path(expected_tok)
         got_cfg, got, tok = sampling.load_model(str(where))
         assert got_cfg.hidden_size == cfg.hidden_size and got_cfg.num_layers == cfg.num_layers
