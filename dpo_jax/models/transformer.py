@@ -205,6 +205,14 @@ class Norm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
+def _residual_norm(cfg: ModelConfig, name: str | None = None) -> Norm:
+    """The model's norm on the residual stream (block inputs and the final norm)."""
+    return Norm(
+        cfg.norm_type, cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+        cfg.norm_scale_offset, name=name,
+    )  # fmt: skip
+
+
 class Embed(nn.Module):
     """Token (or position) embedding table [num, D]; `attend` is the tied unembedding."""
 
@@ -385,14 +393,9 @@ class Block(nn.Module):
     ) -> tuple[Array, None]:
         """One transformer layer."""
         cfg = self.cfg
-        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        attn_in = Norm(
-            cfg.norm_type, cfg.norm_eps, dt, pdt, cfg.norm_scale_offset, name="attn_norm"
-        )(x_NxLxD)
+        attn_in = _residual_norm(cfg, name="attn_norm")(x_NxLxD)
         attn = Attention(cfg, name="attn")(attn_in, rope, mask_Nx1xLxL, kv_mask_NxS)
-        mlp_norm = Norm(
-            cfg.norm_type, cfg.norm_eps, dt, pdt, cfg.norm_scale_offset, name="mlp_norm"
-        )
+        mlp_norm = _residual_norm(cfg, name="mlp_norm")
         if cfg.parallel_residual:
             x = x_NxLxD + attn + Mlp(cfg, name="mlp")(mlp_norm(x_NxLxD))
         else:
@@ -467,7 +470,7 @@ class Transformer(nn.Module):
         else:
             # A list attribute named `layers` gives submodules layers_0, layers_1, ...
             self.layers = [block(cfg) for _ in range(cfg.num_layers)]
-        self.final_norm = Norm(cfg.norm_type, cfg.norm_eps, dt, pdt, cfg.norm_scale_offset)
+        self.final_norm = _residual_norm(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(
                 (cfg.vocab_size,),
