@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import html.parser
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -350,7 +350,8 @@ def render_chat(
     return prompt, full[len(prompt) :]
 
 
-def _common_messages(a: list, b: list) -> int:
+def common_prefix_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Number of leading items `a` and `b` share (messages here, token ids in tokenize)."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -366,7 +367,7 @@ def parse_conversational(row: Mapping[str, Any], tokenizer: Any = None) -> list[
     if isinstance(row.get("prompt"), list):
         prompt = _messages(row["prompt"], "prompt")
     else:
-        n = _common_messages(chosen, rejected)
+        n = common_prefix_length(chosen, rejected)
         if n == 0:
             raise DataError("chosen and rejected share no prompt messages", reason="no_prompt")
         if n == len(chosen) and n == len(rejected):

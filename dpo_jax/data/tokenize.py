@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from dpo_jax.data.errors import DataError, RejectLog
-from dpo_jax.data.formats import Example, PreferenceExample
+from dpo_jax.data.formats import Example, PreferenceExample, common_prefix_length
 
 CACHE_VERSION = 2
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -191,16 +191,6 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
     if not texts:
         return []
     return list(tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Number of leading ids `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def split_completions(
