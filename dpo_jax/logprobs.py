@@ -209,6 +209,17 @@ def _split(x_S: Array) -> tuple[Array, Array]:
     return x_S[:B], x_S[B:]
 
 
+def _ref_logps_S(ref: Array | SequenceLogps, policy: SequenceLogps) -> Array:
+    """The reference's `[2B]` log-probs (from its `SequenceLogps` or a precomputed column)."""
+    ref_S = ref.logps_S if isinstance(ref, SequenceLogps) else jnp.asarray(ref, jnp.float32)
+    if ref_S.shape != policy.logps_S.shape:
+        raise ValueError(
+            f"reference log-probs have shape {ref_S.shape}; expected {policy.logps_S.shape} "
+            "(one per sequence, in sequence_index order)"
+        )
+    return ref_S
+
+
 def preference_stats(
     policy: SequenceLogps, ref: Array | SequenceLogps | None = None
 ) -> losses.PreferenceStats:
@@ -225,17 +236,10 @@ def preference_stats(
     if policy.wpo_weights_S is not None:
         c_w, r_w = _split(policy.wpo_weights_S)
     ref_c = ref_r = ref_c_pre = ref_r_pre = None
+    if ref is not None:
+        ref_c, ref_r = _split(_ref_logps_S(ref, policy))
     if isinstance(ref, SequenceLogps):
-        ref_c, ref_r = _split(ref.logps_S)
         ref_c_pre, ref_r_pre = _split(ref.prefix_logps_S)
-    elif ref is not None:
-        ref = jnp.asarray(ref, jnp.float32)
-        if ref.shape != policy.logps_S.shape:
-            raise ValueError(
-                f"reference log-probs have shape {ref.shape}; expected {policy.logps_S.shape} "
-                "(one per sequence, chosen then rejected)"
-            )
-        ref_c, ref_r = _split(ref)
     return losses.PreferenceStats(
         chosen_logps=chosen,
         rejected_logps=rejected,
@@ -260,12 +264,7 @@ def unpaired_stats(
     lengths, _ = _split(policy.lengths_S)
     ref_logps = ref_kl = None
     if ref is not None:
-        ref_S = ref.logps_S if isinstance(ref, SequenceLogps) else jnp.asarray(ref, jnp.float32)
-        if ref_S.shape != policy.logps_S.shape:
-            raise ValueError(
-                f"reference log-probs have shape {ref_S.shape}; expected {policy.logps_S.shape}"
-            )
-        ref_logps, ref_kl = _split(ref_S)
+        ref_logps, ref_kl = _split(_ref_logps_S(ref, policy))
     labels_B = jnp.asarray(labels_B)
     if labels_B.shape != logps.shape:
         raise ValueError(

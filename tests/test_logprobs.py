@@ -294,6 +294,8 @@ def test_preference_and_unpaired_stats_split_chosen_then_rejected():
     np.testing.assert_allclose(u.lengths, [1, 2])
     with pytest.raises(ValueError, match="labels"):
         logprobs.unpaired_stats(seq, ref, jnp.asarray([1, 0, 1]))
+    with pytest.raises(ValueError, match=r"reference log-probs have shape \(6,\); expected \(4,\)"):
+        logprobs.unpaired_stats(seq, jnp.zeros(6), jnp.asarray([1, 0]))
 
 
 def test_bad_batches_are_named():
