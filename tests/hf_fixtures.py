@@ -143,65 +143,56 @@ def _hf_config(family: str, vocab_size: int, tokenizer: Any) -> Any:
             tie_word_embeddings=False,
             **common,
         )
-    if family == "llama":
-        return tf.LlamaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            rope_parameters=rope_llama3,
-            tie_word_embeddings=False,
-            **common,
-        )
-    if family == "mistral":
-        return tf.MistralConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            intermediate_size=96,
-            sliding_window=6,  # shorter than test sequences, so the window matters
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-            tie_word_embeddings=False,
-            **common,
-        )
-    if family == "qwen2":
-        return tf.Qwen2Config(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-            tie_word_embeddings=True,
-            **common,
-        )
-    if family == "qwen3":
-        return tf.Qwen3Config(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=24,  # explicit, != hidden / heads
-            intermediate_size=96,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-            tie_word_embeddings=True,
-            **common,
-        )
-    if family == "gemma":
-        return tf.GemmaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=32,
-            intermediate_size=96,
-            hidden_act="gelu_pytorch_tanh",
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-            tie_word_embeddings=True,
-            **common,
-        )
+    # The Llama-like families share these sizes; each adds only what makes it distinctive.
+    llama_sizes = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        **common,
+    )
+    default_rope = dict(rope_type="default", rope_theta=10000.0)
+    llama_like = {
+        "llama": (
+            tf.LlamaConfig,
+            dict(num_key_value_heads=2, rope_parameters=rope_llama3, tie_word_embeddings=False),
+        ),
+        "mistral": (
+            tf.MistralConfig,
+            dict(
+                num_key_value_heads=1,
+                sliding_window=6,  # shorter than test sequences, so the window matters
+                rope_parameters=default_rope,
+                tie_word_embeddings=False,
+            ),
+        ),
+        "qwen2": (
+            tf.Qwen2Config,
+            dict(num_key_value_heads=2, rope_parameters=default_rope, tie_word_embeddings=True),
+        ),
+        "qwen3": (
+            tf.Qwen3Config,
+            dict(
+                num_key_value_heads=2,
+                head_dim=24,  # explicit, != hidden / heads
+                rope_parameters=default_rope,
+                tie_word_embeddings=True,
+            ),
+        ),
+        "gemma": (
+            tf.GemmaConfig,
+            dict(
+                num_key_value_heads=1,
+                head_dim=32,
+                hidden_act="gelu_pytorch_tanh",
+                rope_parameters=default_rope,
+                tie_word_embeddings=True,
+            ),
+        ),
+    }
+    if family in llama_like:
+        config_class, distinctive = llama_like[family]
+        return config_class(**distinctive, **llama_sizes)
     raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
 
 
