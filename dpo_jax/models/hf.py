@@ -231,6 +231,19 @@ def _act_to_hf(cfg: ModelConfig) -> str:
     return cfg.activation  # our names are valid HF ACT2FN keys
 
 
+def _shared_hf_keys(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json keys GPT-NeoX and the Llama-like families name alike (GPT-2: n_*)."""
+    return dict(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_act=_act_to_hf(cfg),
+        attention_dropout=0.0,
+    )
+
+
 def config_to_hf(cfg: ModelConfig, hf_dtype: str | None = None) -> dict[str, Any]:
     """Hugging Face config.json dict for `cfg` (raises if the family cannot express it)."""
     mt = cfg.model_type
@@ -266,36 +279,24 @@ def config_to_hf(cfg: ModelConfig, hf_dtype: str | None = None) -> dict[str, Any
         rope = _rope_to_hf(cfg)
         rope.setdefault("partial_rotary_factor", cfg.rotary_pct)
         d.update(
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=cfg.max_position_embeddings,
+            **_shared_hf_keys(cfg),
             layer_norm_eps=cfg.norm_eps,
-            hidden_act=_act_to_hf(cfg),
             use_parallel_residual=cfg.parallel_residual,
             attention_bias=cfg.qkv_bias,
             rope_parameters=rope,
             # Old-style keys too, for readers that predate rope_parameters.
             rotary_pct=cfg.rotary_pct,
             rotary_emb_base=cfg.rope_theta,
-            attention_dropout=0.0,
             hidden_dropout=0.0,
         )
     else:
         d.update(
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
+            **_shared_hf_keys(cfg),
             num_key_value_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=cfg.max_position_embeddings,
             rms_norm_eps=cfg.norm_eps,
-            hidden_act=_act_to_hf(cfg),
             rope_parameters=_rope_to_hf(cfg),
             rope_theta=cfg.rope_theta,
-            attention_dropout=0.0,
         )
         if mt in ("llama", "qwen3", "gemma"):
             d["attention_bias"] = cfg.qkv_bias
