@@ -229,6 +229,11 @@ class ModelConfig:
         return gpt2_small(**overrides)
 
 
+# The Llama-like families are Llama's switches plus their own differences.
+_LLAMA_SWITCHES: dict[str, Any] = dict(
+    norm_type="rmsnorm", norm_eps=1e-6, activation="silu", gated_mlp=True
+)
+
 # Per-family architecture switches (sizes come from the checkpoint or the caller).
 FAMILY_SWITCHES: dict[str, dict[str, Any]] = {
     "gpt2": dict(
@@ -255,33 +260,17 @@ FAMILY_SWITCHES: dict[str, dict[str, Any]] = {
         mlp_bias=True,
         tie_word_embeddings=False,
     ),
-    "llama": dict(norm_type="rmsnorm", norm_eps=1e-6, activation="silu", gated_mlp=True),
-    "mistral": dict(norm_type="rmsnorm", norm_eps=1e-6, activation="silu", gated_mlp=True),
-    "qwen2": dict(
-        norm_type="rmsnorm",
-        norm_eps=1e-6,
-        activation="silu",
-        gated_mlp=True,
-        qkv_bias=True,
-        rope_theta=1000000.0,
-    ),
-    "gemma": dict(
-        norm_type="rmsnorm",
-        norm_eps=1e-6,
-        activation="gelu_new",
-        gated_mlp=True,
-        tie_word_embeddings=True,
-        embed_scale=True,
-        norm_scale_offset=1.0,
-    ),
-    "qwen3": dict(
-        norm_type="rmsnorm",
-        norm_eps=1e-6,
-        activation="silu",
-        gated_mlp=True,
-        qk_norm=True,
-        rope_theta=1000000.0,
-    ),
+    "llama": dict(_LLAMA_SWITCHES),  # copies: the table is public and must not alias
+    "mistral": dict(_LLAMA_SWITCHES),
+    "qwen2": {**_LLAMA_SWITCHES, "qkv_bias": True, "rope_theta": 1000000.0},
+    "gemma": {
+        **_LLAMA_SWITCHES,
+        "activation": "gelu_new",
+        "tie_word_embeddings": True,
+        "embed_scale": True,
+        "norm_scale_offset": 1.0,
+    },
+    "qwen3": {**_LLAMA_SWITCHES, "qk_norm": True, "rope_theta": 1000000.0},
 }
 
 
