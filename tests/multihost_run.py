@@ -21,9 +21,9 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import numpy as np  # noqa: E402
 
-from dpo_jax import data, models, sharding, train  # noqa: E402
+from dpo_jax import data, sharding, train  # noqa: E402
 from dpo_jax.configs import tiny  # noqa: E402
-from tests.train_helpers import synthetic_items, tiny_model_config  # noqa: E402
+from tests.train_helpers import synthetic_items, tiny_model  # noqa: E402
 
 NUM_PROCESSES = 2
 
@@ -45,8 +45,7 @@ def host_batches(process_id: int, process_count: int) -> list[dict]:
 
 
 def run(process_id: int, process_count: int, mesh) -> dict:
-    cfg = tiny_model_config(num_layers=1)
-    params = models.init_params(cfg, jax.random.key(0))
+    cfg, params = tiny_model()
     config = tiny.get_config()
     config.run_dir = ""
     config.num_steps = 3

@@ -77,12 +77,11 @@ def _child(argv: list[str]) -> None:
 
     import jax
 
-    from dpo_jax import checkpoint, models, train
+    from dpo_jax import checkpoint, train
     from dpo_jax.configs import tiny
-    from tests.train_helpers import synthetic_batches, tiny_model_config
+    from tests.train_helpers import synthetic_batches, tiny_model
 
-    cfg = tiny_model_config(num_layers=1)
-    params0 = models.init_params(cfg, jax.random.key(0))
+    cfg, params0 = tiny_model()
     config = tiny.get_config()
     config.run_dir = args.run_dir
     config.num_steps = args.num_steps

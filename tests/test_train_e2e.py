@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
 
-from dpo_jax import cli, models, train
+from dpo_jax import cli, train
 from dpo_jax.configs import tiny
 from dpo_jax.metrics import read_jsonl
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
-from tests.train_helpers import synthetic_batches, tiny_model_config
+from tests.train_helpers import synthetic_batches, tiny_model
 
 TRL_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -23,8 +22,7 @@ TRL_NAMES = (
 
 
 def test_dpo_raises_held_out_reward_accuracy():
-    cfg = tiny_model_config(num_layers=1)
-    params = models.init_params(cfg, jax.random.key(0))
+    cfg, params = tiny_model()
     config = tiny.get_config()
     config.run_dir = ""
     config.num_steps = 24
