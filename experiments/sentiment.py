@@ -19,7 +19,7 @@ Presets (``--preset=NAME``):
   :mod:`experiments.synthetic_reviews` (seeded grammar, not IMDb), a byte-level BPE
   trained on it, a 0.7M-parameter GPT-2-shaped SFT model trained from scratch, VADER
   (``vaderSentiment``) as the ground-truth reward, DPO at beta in {0.05, 0.1, 1, 5} and
-  Preferred-FT. No downloads; about 6.6 CPU-minutes (measured; see experiments/README.md).
+  Preferred-FT. No downloads; measured 5 minutes on a 2-core CPU (experiments/README.md).
 * ``frontier`` - the figure a reviewer asks for on the same miniature task: more DPO
   betas, Preferred-FT seeds, Best-of-N for several N, IPO, SimPO, cDPO, rDPO.
 * ``smoke`` - the same pipeline shrunk to seconds, for tests.
