@@ -214,19 +214,18 @@ class Trainer:
         self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int
     ) -> tuple[TrainState, dict]:
         """One optimizer update; `state` is donated (do not reuse it)."""
-        batch_A, n_seq = globalize_host_batch(
-            batch_A, n_seq, jax.process_index(), jax.process_count()
-        )
-        fn = self._compiled(self._train_fns, train_step, batch_A, n_seq, True)
-        with self._context():
-            return fn(state, self.place_batch(batch_A))
+        return self._run(state, batch_A, n_seq, train=True)
 
     def evaluate(self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int) -> dict:
         """Loss and metrics without an update."""
+        return self._run(state, batch_A, n_seq, train=False)
+
+    def _run(self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int, train: bool) -> Any:
         batch_A, n_seq = globalize_host_batch(
             batch_A, n_seq, jax.process_index(), jax.process_count()
         )
-        fn = self._compiled(self._eval_fns, eval_step, batch_A, n_seq, False)
+        table, step_fn = (self._train_fns, train_step) if train else (self._eval_fns, eval_step)
+        fn = self._compiled(table, step_fn, batch_A, n_seq, train)
         with self._context():
             return fn(state, self.place_batch(batch_A))
 
