@@ -40,6 +40,8 @@ class SequenceLogps:
     prefix_logps_S: Array
     # WPO: exp(mean_t[log p_t - log sum_v p_v^2]), no gradient; None unless requested.
     wpo_weights_S: Array | None = None
+    # Unlikelihood: sum of log(1 - p_t) over the completion; None unless requested.
+    log1m_sums_S: Array | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -102,8 +104,12 @@ def reduce_token_logps(
     sequence_index_NxL: Array,
     num_sequences: int,
     log_sum_p2_NxL: Array | None = None,
+    with_log1m: bool = False,
 ) -> SequenceLogps:
-    """Sums per-token log-probs into sequences via `sequence_index` (-1 = not scored)."""
+    """Sums per-token log-probs into sequences via `sequence_index` (-1 = not scored).
+
+    `with_log1m` adds per-sequence sums of log(1 - p_t) (unlikelihood training).
+    """
     S = int(num_sequences)
     if S <= 0 or S % 2:
         raise ValueError(f"num_sequences must be a positive even number (2B), got {S}")
@@ -129,7 +135,12 @@ def reduce_token_logps(
         aligned = jnp.where(scored, token_logps_NxL - log_sum_p2_NxL, 0.0).reshape(-1)
         mean_S = seg_sum(jax.lax.stop_gradient(aligned)) / jnp.maximum(lengths_S, 1.0)
         wpo_weights_S = jnp.exp(mean_S)
-    return SequenceLogps(logps_S, lengths_S, prefix_logps_S, wpo_weights_S)
+    log1m_sums_S = None
+    if with_log1m:
+        # Elementwise in log p_t, so both log-prob paths share it; unscored entries are
+        # finite (log1mexp clamps log p <= 0), so the masking where() keeps gradients finite.
+        log1m_sums_S = seg_sum(jnp.where(scored.reshape(-1), losses.log1mexp(tok), 0.0))
+    return SequenceLogps(logps_S, lengths_S, prefix_logps_S, wpo_weights_S, log1m_sums_S)
 
 
 def sequence_logps(
@@ -138,13 +149,14 @@ def sequence_logps(
     num_sequences: int,
     *,
     with_wpo: bool = False,
+    with_log1m: bool = False,
 ) -> SequenceLogps:
-    """Per-sequence log-prob sums, lengths and extras from full logits."""
+    """Per-sequence log-prob sums, lengths and extras (WPO weights, log(1-p) sums) from logits."""
     input_ids, sequence_index = _batch_arrays(batch, num_sequences)
     _check_logits(logits_NxLxV, input_ids)
     next_NxL, p2_NxL = _next_token_terms(logits_NxLxV, _next_token_ids(input_ids), with_wpo)
     p2 = None if p2_NxL is None else _shift_right(p2_NxL)
-    return reduce_token_logps(_shift_right(next_NxL), sequence_index, num_sequences, p2)
+    return reduce_token_logps(_shift_right(next_NxL), sequence_index, num_sequences, p2, with_log1m)
 
 
 def sequence_logps_chunked(
@@ -155,6 +167,7 @@ def sequence_logps_chunked(
     chunk_size: int,
     *,
     with_wpo: bool = False,
+    with_log1m: bool = False,
 ) -> SequenceLogps:
     """`sequence_logps` from hidden states, unembedding `chunk_size` positions at a time.
 
@@ -196,7 +209,9 @@ def sequence_logps_chunked(
         return x.transpose(1, 0, 2).reshape(N, num_chunks * C)[:, :L]
 
     p2 = _shift_right(unchunk(p2_chunks)) if with_wpo else None
-    return reduce_token_logps(_shift_right(unchunk(logp_chunks)), sequence_index, num_sequences, p2)
+    return reduce_token_logps(
+        _shift_right(unchunk(logp_chunks)), sequence_index, num_sequences, p2, with_log1m
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -232,9 +247,11 @@ def preference_stats(
     chosen, rejected = _split(policy.logps_S)
     c_len, r_len = _split(policy.lengths_S)
     c_pre, r_pre = _split(policy.prefix_logps_S)
-    c_w = r_w = None
+    c_w = r_w = c_1m = r_1m = None
     if policy.wpo_weights_S is not None:
         c_w, r_w = _split(policy.wpo_weights_S)
+    if policy.log1m_sums_S is not None:
+        c_1m, r_1m = _split(policy.log1m_sums_S)
     ref_c = ref_r = ref_c_pre = ref_r_pre = None
     if ref is not None:
         ref_c, ref_r = _split(_ref_logps_S(ref, policy))
@@ -253,6 +270,8 @@ def preference_stats(
         rejected_prefix_logps=r_pre,
         ref_chosen_prefix_logps=ref_c_pre,
         ref_rejected_prefix_logps=ref_r_pre,
+        chosen_log1m_sum=c_1m,
+        rejected_log1m_sum=r_1m,
     )
 
 

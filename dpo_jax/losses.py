@@ -77,6 +77,9 @@ class PreferenceStats:
     rejected_prefix_logps: Array | None = None
     ref_chosen_prefix_logps: Array | None = None
     ref_rejected_prefix_logps: Array | None = None
+    # Unlikelihood (Welleck et al. 2019): sums of log(1 - p_t) over completion tokens.
+    chosen_log1m_sum: Array | None = None
+    rejected_log1m_sum: Array | None = None
 
 
 @flax.struct.dataclass
@@ -102,15 +105,22 @@ class UnpairedStats:
 _REGISTRY: dict[str, LossFn] = {}
 _PAIRED: dict[str, bool] = {}
 _NEEDS_REFERENCE: dict[str, bool] = {}
+_NEEDS_LOG1M: dict[str, bool] = {}
 
 
 def register(
-    name: str, fn: LossFn | None = None, *, paired: bool = True, needs_reference: bool = True
+    name: str,
+    fn: LossFn | None = None,
+    *,
+    paired: bool = True,
+    needs_reference: bool = True,
+    needs_log1m: bool = False,
 ):
     """Registers `fn` as loss `name`; works as `@register("x")` and `register("x")(fn)`.
 
     `paired` says the loss takes `PreferenceStats` (False: `UnpairedStats`);
-    `needs_reference` tells the trainer whether to compute reference log-probs.
+    `needs_reference` tells the trainer whether to compute reference log-probs;
+    `needs_log1m` whether the policy forward must also sum log(1 - p_t) per sequence.
     Registering a taken name replaces it with a warning (notebook cells get re-run).
     """
     if not isinstance(name, str) or not name:
@@ -126,6 +136,7 @@ def register(
         _REGISTRY[name] = loss_fn
         _PAIRED[name] = paired
         _NEEDS_REFERENCE[name] = needs_reference
+        _NEEDS_LOG1M[name] = needs_log1m
         return loss_fn
 
     return decorator if fn is None else decorator(fn)
@@ -159,6 +170,12 @@ def needs_reference(name: str) -> bool:
     """True if loss `name` reads reference log-probs."""
     _check_name(name)
     return _NEEDS_REFERENCE[name]
+
+
+def needs_log1m(name: str) -> bool:
+    """True if loss `name` reads `PreferenceStats.{chosen,rejected}_log1m_sum`."""
+    _check_name(name)
+    return _NEEDS_LOG1M[name]
 
 
 # --------------------------------------------------------------------------------------
@@ -581,8 +598,8 @@ def simpo(
     return _smoothed_sigmoid(x, label_smoothing), _avg_logp_metrics(stats, beta, "simpo")
 
 
-def _log1mexp(x: Array) -> Array:
-    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
+def log1mexp(x: Array) -> Array:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012); x is clamped < 0."""
     x = jnp.minimum(x, -1e-6)  # x = 0 is probability 1: the odds are infinite
     return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
@@ -604,7 +621,7 @@ def orpo(stats: PreferenceStats, beta: float = 0.1) -> tuple[Array, Metrics]:
     loss = NLL_c - beta s(log odds(y_c) - log odds(y_r)), odds(y) = p/(1-p), p = exp(mean log pi)
     """
     avg_c, avg_r = mean_logps(stats, "orpo")
-    log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
     ratio = jax.nn.log_sigmoid(log_odds)
     metrics = _avg_logp_metrics(stats, beta, "orpo")
     metrics["log_odds_ratio"] = _mean(ratio)
@@ -623,6 +640,21 @@ def sft(stats: PreferenceStats) -> tuple[Array, Metrics]:
     metrics = metrics_from_rewards(zeros, zeros, stats.chosen_logps, stats.rejected_logps)
     metrics["nll_loss"] = _mean(nll)
     return nll, metrics
+
+
+@register("unlikelihood", needs_reference=False, needs_log1m=True)
+def unlikelihood(stats: PreferenceStats, unlikelihood_alpha: float = 1.0) -> tuple[Array, Metrics]:
+    """Unlikelihood training (Welleck et al. 2019) as the DPO paper's baseline, per-token means.
+
+    loss = -log pi(y_c)/|y_c| - alpha sum_t log(1 - pi(y_r,t | x, y_r,<t))/|y_r|
+    """
+    avg_c, _ = mean_logps(stats, "unlikelihood")
+    r_len = jnp.maximum(require(stats, "rejected_lengths", "unlikelihood"), 1.0)
+    unlikely = -require(stats, "rejected_log1m_sum", "unlikelihood") / r_len
+    metrics = _avg_logp_metrics(stats, 1.0, "unlikelihood")
+    metrics["nll_loss"] = _mean(-avg_c)
+    metrics["unlikelihood_loss"] = _mean(unlikely)
+    return -avg_c + unlikelihood_alpha * unlikely, metrics
 
 
 # Unpaired losses (take UnpairedStats).

@@ -32,6 +32,8 @@ RC = np.array([-13.0, -29.0, -8.0, -47.0])  # reference chosen
 RR = np.array([-13.5, -29.5, -8.5, -44.0])  # reference rejected
 LC = np.array([4.0, 10.0, 3.0, 20.0])  # chosen lengths
 LR = np.array([5.0, 8.0, 3.0, 12.0])  # rejected lengths
+C1M = np.array([-0.5, -2.0, -0.25, -3.0])  # chosen sums of log(1 - p_t) (unlikelihood)
+R1M = np.array([-1.0, -1.5, -0.75, -4.0])  # rejected sums of log(1 - p_t)
 LOGR_C = C - RC  # [1, -1.5, 0.75, -3]
 LOGR_R = R - RR  # [-0.5, 1.5, -0.5, 2.5]
 H = LOGR_C - LOGR_R  # [1.5, -3, 1.25, -5.5]
@@ -45,6 +47,8 @@ def make_stats(dtype=jnp.float32, **extra) -> losses.PreferenceStats:
         ref_rejected_logps=RR,
         chosen_lengths=LC,
         rejected_lengths=LR,
+        chosen_log1m_sum=C1M,
+        rejected_log1m_sum=R1M,
     )
     kw.update(extra)
     return losses.PreferenceStats(
@@ -274,6 +278,8 @@ def easy_stats(h: float = 0.0):
         ref_rejected_logps=jnp.asarray(r),
         chosen_lengths=jnp.asarray([5.0, 9.0]),
         rejected_lengths=jnp.asarray([5.0, 9.0]),
+        chosen_log1m_sum=jnp.asarray([-0.1, -0.2]),
+        rejected_log1m_sum=jnp.asarray([-0.1, -0.2]),
     )
 
 
@@ -283,7 +289,7 @@ def test_gradients_finite_and_signed(name):
     assert np.all(np.isfinite(gc)) and np.all(np.isfinite(gr))
     if name not in ("apo_down",):
         assert np.all(gc < 0), (name, gc)
-    if name == "sft":
+    if name in ("sft", "unlikelihood"):  # unlikelihood reads rejected_log1m_sum instead
         assert np.all(gr == 0)
     else:
         assert np.all(gr > 0), (name, gr)
