@@ -84,6 +84,11 @@ class StepConfig:
         """WPO (`use_weighting`): the policy forward also yields per-sequence weights."""
         return bool(self.loss_hyper.get("use_weighting", False))
 
+    @property
+    def with_log1m(self) -> bool:
+        """Unlikelihood: the policy forward also sums log(1 - p_t) per sequence."""
+        return losses.needs_log1m(self.loss_name)
+
 
 def check_loss_options(loss_name: str, loss_hyper: Mapping[str, Any], reference: str) -> None:
     """Refuse batch-level loss options the step cannot compute correctly, before compiling.
@@ -127,11 +132,14 @@ def sequence_logps(
     batch: Mapping[str, jax.Array],
     n_seq: int,
     with_wpo: bool = False,
+    with_log1m: bool = False,
 ) -> Any:
     """Per-sequence log-probs of one micro-batch under `params` (one forward).
 
-    `with_wpo` adds the WPO weights (the policy's only: WPO never weights by the reference).
+    `with_wpo` adds the WPO weights (the policy's only: WPO never weights by the reference);
+    `with_log1m` the sums of log(1 - p_t) (unlikelihood, also the policy's only).
     """
+    extras = dict(with_wpo=with_wpo, with_log1m=with_log1m)
     inputs = dict(
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
@@ -143,10 +151,10 @@ def sequence_logps(
         hidden = cfg.apply_fn(variables, batch["input_ids"], return_hidden=True, **inputs)
         unembed = lambda h: cfg.apply_fn(variables, h, method="logits")
         return logprobs.sequence_logps_chunked(
-            hidden, unembed, batch, n_seq, cfg.logps_chunk_size, with_wpo=with_wpo
+            hidden, unembed, batch, n_seq, cfg.logps_chunk_size, **extras
         )
     logits = cfg.apply_fn(variables, batch["input_ids"], **inputs)
-    return logprobs.sequence_logps(logits, batch, n_seq, with_wpo=with_wpo)
+    return logprobs.sequence_logps(logits, batch, n_seq, **extras)
 
 
 def _micro_loss(
@@ -156,7 +164,9 @@ def _micro_loss(
     cfg: StepConfig,
     n_seq: int,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    policy = sequence_logps(cfg, params, batch, n_seq, with_wpo=cfg.with_wpo)
+    policy = sequence_logps(
+        cfg, params, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m
+    )
     if losses.is_paired(cfg.loss_name):
         stats = logprobs.preference_stats(policy, ref)
     else:
