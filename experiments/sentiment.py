@@ -5,9 +5,10 @@ The paper's IMDb experiment, end to end:
 1. an SFT policy learns to continue review prefixes;
 2. it samples 4 completions per prefix; the 6 pairs of each 4 are labelled by a
    ground-truth sentiment reward (higher reward = chosen; ties dropped);
-3. DPO (beta sweep), Preferred-FT (SFT on the chosen completions), best-of-N and other
-   losses of the family (IPO, SimPO, cDPO, rDPO) start from the SFT policy on those pairs
-   (Unlikelihood needs per-token rejected log-probs, which PreferenceStats lacks; no PPO);
+3. DPO (beta sweep), Preferred-FT (SFT on the chosen completions), Unlikelihood
+   (Welleck et al. 2019: chosen NLL + alpha x -log(1 - p) of rejected tokens), best-of-N
+   and other losses of the family (IPO, SimPO, cDPO, rDPO) start from the SFT policy on
+   those pairs (no PPO);
 4. every ``train.eval_every`` steps each policy samples completions of held-out prefixes
    (temperature 1), and the run records the mean ground-truth reward and the
    sequence-level KL(pi || pi_sft) estimated from those samples (with standard errors);
@@ -21,7 +22,8 @@ Presets (``--preset=NAME``):
   (``vaderSentiment``) as the ground-truth reward, DPO at beta in {0.05, 0.1, 1, 5} and
   Preferred-FT. No downloads; measured 5 minutes on a 2-core CPU (experiments/README.md).
 * ``frontier`` - the figure a reviewer asks for on the same miniature task: more DPO
-  betas, Preferred-FT seeds, Best-of-N for several N, IPO, SimPO, cDPO, rDPO.
+  betas, Preferred-FT seeds, Best-of-N for several N, Unlikelihood (alpha sweep), IPO,
+  SimPO, cDPO, rDPO.
 * ``smoke`` - the same pipeline shrunk to seconds, for tests.
 * ``imdb_gpt2_large`` - the paper's real setting (TFDS ``imdb_reviews``, prefixes of 2-8
   tokens, ``gpt2-large`` from a local HF directory, the siebert RoBERTa classifier as
@@ -135,6 +137,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             "dpo:beta=1.0", "dpo:beta=5.0",
             "preferred_ft:seed=0", "preferred_ft:seed=1", "preferred_ft:seed=2",
             "best_of_n:n=2", "best_of_n:n=4", "best_of_n:n=16", "best_of_n:n=64",
+            "unlikelihood:unlikelihood_alpha=0.1", "unlikelihood:unlikelihood_alpha=1.0",
             "ipo:beta=0.1", "ipo:beta=0.5", "simpo:beta=2.0:simpo_gamma=0.5",
             "cdpo:beta=0.1:label_smoothing=0.2", "rdpo:beta=0.1:rdpo_alpha=0.05",
         )  # fmt: skip
@@ -145,7 +148,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.model.update(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=48)
         c.sft.update(steps=30, batch_size=16, max_len=40)
         c.pairs.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
-        c.methods = ("dpo:beta=0.1", "preferred_ft", "best_of_n:n=4")
+        c.methods = (
+            "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1.0",
+        )  # fmt: skip
         c.train.update(steps=4, batch_size=8, eval_every=2)
         c.eval.update(num_prefixes=64, max_new_tokens=8, batch_size=64)
         c.progress = False
@@ -255,7 +260,7 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         families.setdefault(str(row["method"]).split(":")[0], []).append(row)
-    markers = itertools.cycle("os^Dvx*P")
+    markers = itertools.cycle("os^Dvx*Ph<")
     for family, fam_rows in sorted(families.items()):
         kl = np.array([float(r["kl"]) for r in fam_rows])
         reward = np.array([float(r["reward"]) for r in fam_rows])

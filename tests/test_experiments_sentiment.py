@@ -39,7 +39,13 @@ def test_run_dir_has_every_artifact(smoke_run):
     with open(run_dir / "results.csv") as f:
         assert tuple(next(csv.reader(f))) == sentiment.RESULT_COLUMNS
     methods = {r["method"] for r in rows}
-    assert methods == {"sft", "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4"}
+    assert methods == {
+        "sft", "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1",
+    }  # fmt: skip
+    # Unlikelihood trained and was evaluated like the other losses, with finite numbers.
+    ul = [r for r in rows if r["method"] == "unlikelihood:unlikelihood_alpha=1"]
+    assert [int(r["step"]) for r in ul] == [0, 2, 4] and ul[-1]["final"] == "1"
+    assert all(np.isfinite(float(r["reward"])) and np.isfinite(float(r["kl"])) for r in ul)
     # Trained methods: an eval at step 0 (the SFT policy) and every eval_every steps.
     dpo_steps = [int(r["step"]) for r in rows if r["method"] == "dpo:beta=0.1"]
     assert dpo_steps == [0, 2, 4]
@@ -52,6 +58,14 @@ def test_run_dir_has_every_artifact(smoke_run):
     assert [ln["step"] for ln in lines] == [2, 4]
     assert all(np.isfinite(ln["loss"]) and "eval/kl" in ln and "eval/reward" in ln for ln in lines)
     assert list((run_dir / "methods" / "dpo_beta=0.1" / "tensorboard").iterdir())
+    # Unlikelihood at alpha = 1: loss = chosen NLL + unlikelihood term, both logged.
+    ul_lines = read_jsonl(
+        run_dir / "methods" / "unlikelihood_unlikelihood_alpha=1" / "metrics.jsonl"
+    )
+    assert [ln["step"] for ln in ul_lines] == [2, 4]
+    for ln in ul_lines:
+        np.testing.assert_allclose(ln["loss"], ln["nll_loss"] + ln["unlikelihood_loss"], rtol=1e-5)
+        assert ln["unlikelihood_loss"] > 0
 
 
 def test_reward_and_kl_agree_with_a_second_computation(smoke_run):
