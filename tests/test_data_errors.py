@@ -8,7 +8,7 @@ import re
 import pytest
 
 from dpo_jax.data import DataError, load_preference_data
-from tests.test_data_helpers import tiny_tokenizer
+from tests.data_helpers import tiny_tokenizer
 
 GOOD = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
 LONG_PROMPT = "Hello there, how are you doing today? " * 3

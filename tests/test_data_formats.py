@@ -14,7 +14,7 @@ from dpo_jax.data.formats import (
     strip_html,
 )
 from dpo_jax.data.sources import Row
-from tests.test_data_helpers import tiny_tokenizer
+from tests.data_helpers import tiny_tokenizer
 
 
 def _parse(data, fmt="auto", tokenizer=None):

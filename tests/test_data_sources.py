@@ -11,7 +11,7 @@ import pytest
 from dpo_jax.data import load_preference_data
 from dpo_jax.data.errors import RejectLog
 from dpo_jax.data.sources import read_source, read_sources
-from tests.test_data_helpers import tiny_tokenizer
+from tests.data_helpers import tiny_tokenizer
 
 ROWS = [
     {"prompt": f"Question {i}:", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(6)

@@ -10,7 +10,7 @@ from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import PreferenceExample, UnpairedExample, parse_row
 from dpo_jax.data.sources import Row
 from dpo_jax.data.tokenize import TokenizeSettings, tokenize_cached, tokenize_examples
-from tests.test_data_helpers import tiny_tokenizer
+from tests.data_helpers import tiny_tokenizer
 
 PAIRS = [
     PreferenceExample("The sky is", " blue.", " green."),

@@ -16,7 +16,7 @@ from dpo_jax.data.batching import build_batch
 from dpo_jax.data.formats import parse_rows
 from dpo_jax.data.sources import Row
 from dpo_jax.data.tokenize import TokenizeSettings, tokenize_examples
-from tests.test_data_helpers import tiny_tokenizer
+from tests.data_helpers import tiny_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
