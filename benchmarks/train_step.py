@@ -26,6 +26,7 @@ SWEEPS = {
     "reference": [{"reference": "frozen"}, {"reference": "precomputed"}],
     "chunk": [{"logps_chunk_size": 0}, {"logps_chunk_size": 64}],
     "dtype": [{"dtype": "float32"}, {"dtype": "bfloat16"}],
+    "scan": [{"scan_layers": False}, {"scan_layers": True}],
 }
 
 
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", default="frozen", choices=["frozen", "precomputed"])
     p.add_argument("--logps-chunk-size", type=int, default=0)
     p.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn", "auto"])
+    p.add_argument("--scan-layers", action="store_true", help="nn.scan over the blocks")
     p.add_argument("--layout", default="stacked", choices=["stacked", "prefix_shared"])
     p.add_argument("--sweep", default=None, choices=sorted(SWEEPS))
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
@@ -95,6 +97,7 @@ def measure(
         layout=layout,
         dtype=run.dtype,
         remat=run.remat,
+        scan_layers=run.scan_layers,
         reference=run.reference,
         logps_chunk_size=run.logps_chunk_size,
         model_flops_per_step=flops,
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference=args.reference,
         logps_chunk_size=args.logps_chunk_size,
         attention_impl=args.attention_impl,
+        scan_layers=args.scan_layers,
     )
     variants = SWEEPS[args.sweep] if args.sweep else [{}]
     peaks: dict[str, float | None] = {}
@@ -162,6 +166,7 @@ def print_report(result: dict[str, Any]) -> None:
                 "layout": r["layout"],
                 "dtype": r["dtype"],
                 "remat": r["remat"],
+                "scan": r["scan_layers"],
                 "reference": r["reference"],
                 "chunk": r["logps_chunk_size"],
                 "step_s": r["median_step_s"],

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--remat", default="none", choices=["none", "block", "dots_saveable"])
     p.add_argument("--logps-chunk-size", type=int, default=0)
+    p.add_argument("--scan-layers", action="store_true", help="dpo_jax: nn.scan over blocks")
     p.add_argument("--learning-rate", type=float, default=1e-6)
     p.add_argument("--frameworks", default="trl,dpo_jax", help="comma list: trl,dpo_jax")
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (tests; RSS shared)")
@@ -123,6 +124,7 @@ def run_worker(framework: str, args: argparse.Namespace, workdir: str) -> dict[s
             remat=args.remat,
             logps_chunk_size=args.logps_chunk_size,
             learning_rate=args.learning_rate,
+            scan_layers=args.scan_layers,
         )
         res = jax_side.run_dpo_jax(
             shape,
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trl_dtype": args.trl_dtype or args.dtype,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         "dpo_jax_remat": args.remat,
+        "dpo_jax_scan_layers": args.scan_layers,
+        "dpo_jax_logps_chunk_size": args.logps_chunk_size,
         "machine": common.machine_info(),
         "frameworks": {f: summarize(rs) for f, rs in results.items()},
     }
