@@ -140,11 +140,15 @@ def load_or_init(
         return cfg, models.init_params(cfg, jax.random.key(0))
     from dpo_jax.models import hf
 
-    loaded, params = hf.load_hf(hf_dir, dtype=run.dtype, param_dtype="float32")
-    cfg = loaded.replace(
-        remat=run.remat, attention_impl=run.attention_impl, scan_layers=run.scan_layers
+    # The loader lays params out for the config (stacked per layer when scanned).
+    return hf.load_hf(
+        hf_dir,
+        dtype=run.dtype,
+        param_dtype="float32",
+        remat=run.remat,
+        attention_impl=run.attention_impl,
+        scan_layers=run.scan_layers,
     )
-    return cfg, params
 
 
 def run_dpo_jax(
