@@ -23,6 +23,7 @@ FLOP convention (used by every benchmark that reports FLOP/s or MFU):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -321,9 +322,11 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "load_avg_1m": round(load_average(), 2),
     }
-    for mod in ("jax", "flax", "torch", "transformers", "trl"):
-        if mod in sys.modules:
-            info[mod] = getattr(sys.modules[mod], "__version__", "?")
+    from importlib import metadata
+
+    for dist in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[dist] = metadata.version(dist)
     return info
 
 
