@@ -9,19 +9,21 @@ mkdir -p "$OUT"
 G=(--shape gpt2-small --pairs 4 --prompt-len 96 --completion-len 32)
 
 uptime
-$PY -m benchmarks.vs_trl "${G[@]}" --steps 4 --rounds 2 --json-out "$OUT/vs_trl_gpt2.json"
+$PY -m benchmarks.vs_trl "${G[@]}" --steps 3 --rounds 2 --json-out "$OUT/vs_trl_gpt2.json"
+$PY -m benchmarks.vs_trl "${G[@]}" --steps 3 --rounds 2 --scan-layers --json-out "$OUT/vs_trl_gpt2_scan.json"
 $PY -m benchmarks.vs_trl --shape tiny --pairs 4 --prompt-len 96 --completion-len 32 \
   --steps 10 --rounds 2 --json-out "$OUT/vs_trl_tiny.json"
-$PY -m benchmarks.train_step "${G[@]}" --steps 4 --json-out "$OUT/train_step_gpt2.json"
+$PY -m benchmarks.train_step "${G[@]}" --steps 3 --json-out "$OUT/train_step_gpt2.json"
+$PY -m benchmarks.train_step "${G[@]}" --steps 2 --sweep scan --json-out "$OUT/scan_gpt2.json"
 $PY -m benchmarks.scored_unembed "${G[@]}" --steps 3 --json-out "$OUT/scored_unembed_gpt2.json"
 $PY -m benchmarks.prefix_sharing --shape gpt2-small --pairs 4 --completion-len 32 \
-  --ratios 3,0.25 --steps 3 --json-out "$OUT/prefix_sharing_gpt2.json"
+  --ratios 3,0.25 --steps 2 --json-out "$OUT/prefix_sharing_gpt2.json"
 $PY -m benchmarks.train_step "${G[@]}" --steps 3 --sweep reference --no-peak \
   --json-out "$OUT/reference_gpt2.json"
 $PY -m benchmarks.train_step "${G[@]}" --steps 3 --sweep remat --no-peak \
   --json-out "$OUT/remat_gpt2.json"
 $PY -m benchmarks.logprobs_memory --shape tiny --vocab 128256 --pairs 2 --prompt-len 96 \
-  --completion-len 32 --chunks 0,128 --steps 3 --json-out "$OUT/logprobs_memory_128k.json"
-$PY -m benchmarks.padding --shape gpt2-small --pairs 4 --max-length 256 --batches 6 \
-  --json-out "$OUT/padding_gpt2.json"
+  --completion-len 32 --chunks 0,32,16 --steps 2 --json-out "$OUT/logprobs_memory_128k.json"
+$PY -m benchmarks.padding --shape tiny --pairs 8 --max-length 128 --batches 6 \
+  --json-out "$OUT/padding_tiny.json"
 uptime
