@@ -36,5 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.run(args) or 0)
 
 
+def console_main(argv: list[str] | None = None) -> int:
+    """The console script: a user's mistake (bad path, bad row, bad config) prints one line
+    naming it and exits 2, instead of a traceback; `main` itself raises, for tests and callers."""
+    try:
+        return main(argv)
+    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError
+        print(f"dpo-jax: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
