@@ -58,6 +58,7 @@ NON_MATH_KEYS: tuple[str, ...] = (
     "multihost",
     "nan_policy",  # switching stop -> skip after a NaN stop is the point of resuming
     "logps_chunk_size",  # same math, less memory
+    "unembed_scored_only",  # same math, less work
     "remat",
     "progress",
     "tensorboard",

@@ -13,6 +13,12 @@ Two paths give the same numbers:
   positions at a time inside a `lax.scan` under `jax.checkpoint`, so neither the forward
   nor the backward pass holds more than `[N, chunk_size, V]` float32 logits. Use it for
   128k-256k vocabularies, where the logits dominate memory.
+
+`sequence_logps_scored(hidden_NxLxD, unembed_fn, ...)` is the fast path of both: with a
+host-built `batch["scored_positions"]` (`scored_positions`) it gathers the `K` positions
+per row that predict a scored token and unembeds only those (optionally chunked over
+`K`). DPO scores only completion tokens, so at prompt-heavy shapes most of the `D x V`
+unembedding (and its backward) is skipped; the numbers are those of the other paths.
 """
 
 from __future__ import annotations
@@ -159,6 +165,53 @@ def sequence_logps(
     return reduce_token_logps(_shift_right(next_NxL), sequence_index, num_sequences, p2, with_log1m)
 
 
+def _unembedded_terms(
+    hidden_NxKxD: Array,
+    next_ids_NxK: Array,
+    unembed_fn: Callable[[Array], Array],
+    chunk_size: int,
+    with_wpo: bool,
+) -> tuple[Array, Array | None]:
+    """`_next_token_terms` of `unembed_fn(hidden)`, all at once or `chunk_size` positions
+    at a time (each chunk under `jax.checkpoint`, so the backward pass recomputes its
+    logits instead of storing them)."""
+    N, K, D = hidden_NxKxD.shape
+    if chunk_size <= 0:
+        return _next_token_terms(unembed_fn(hidden_NxKxD), next_ids_NxK, with_wpo)
+    C = min(int(chunk_size), K)
+    num_chunks = -(-K // C)
+    pad = num_chunks * C - K
+    hidden_p = jnp.pad(hidden_NxKxD, ((0, 0), (0, pad), (0, 0)))
+    ids_p = jnp.pad(next_ids_NxK, ((0, 0), (0, pad)))
+    # [num_chunks, N, C, ...]: scan over position chunks, keeping the batch axis (and its
+    # sharding) inside every chunk.
+    hidden_chunks = hidden_p.reshape(N, num_chunks, C, D).transpose(1, 0, 2, 3)
+    id_chunks = ids_p.reshape(N, num_chunks, C).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def one_chunk(h_NxCxD: Array, ids_NxC: Array) -> tuple[Array, Array]:
+        logp, p2 = _next_token_terms(unembed_fn(h_NxCxD), ids_NxC, with_wpo)
+        return logp, (jnp.zeros_like(logp) if p2 is None else p2)
+
+    def step(carry: None, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
+        return carry, one_chunk(*xs)
+
+    _, (logp_chunks, p2_chunks) = jax.lax.scan(step, None, (hidden_chunks, id_chunks))
+
+    def unchunk(x: Array) -> Array:
+        return x.transpose(1, 0, 2).reshape(N, num_chunks * C)[:, :K]
+
+    return unchunk(logp_chunks), (unchunk(p2_chunks) if with_wpo else None)
+
+
+def _check_hidden(hidden_NxLxD: Array, input_ids_NxL: Array) -> None:
+    if hidden_NxLxD.ndim != 3 or hidden_NxLxD.shape[:2] != input_ids_NxL.shape:
+        raise ValueError(
+            f"hidden_NxLxD has shape {hidden_NxLxD.shape}; expected [N, L, D] with "
+            f"[N, L] = input_ids shape {input_ids_NxL.shape}"
+        )
+
+
 def sequence_logps_chunked(
     hidden_NxLxD: Array,
     unembed_fn: Callable[[Array], Array],
@@ -176,42 +229,82 @@ def sequence_logps_chunked(
     recomputes its logits instead of storing them.
     """
     input_ids, sequence_index = _batch_arrays(batch, num_sequences)
-    if hidden_NxLxD.ndim != 3 or hidden_NxLxD.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"hidden_NxLxD has shape {hidden_NxLxD.shape}; expected [N, L, D] with "
-            f"[N, L] = input_ids shape {input_ids.shape}"
-        )
+    _check_hidden(hidden_NxLxD, input_ids)
     if int(chunk_size) <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    N, L, D = hidden_NxLxD.shape
-    C = min(int(chunk_size), L)
-    num_chunks = -(-L // C)
-    pad = num_chunks * C - L
-    next_ids = _next_token_ids(input_ids)
-    hidden_p = jnp.pad(hidden_NxLxD, ((0, 0), (0, pad), (0, 0)))
-    ids_p = jnp.pad(next_ids, ((0, 0), (0, pad)))
-    # [num_chunks, N, C, ...]: scan over position chunks, keeping the batch axis (and its
-    # sharding) inside every chunk.
-    hidden_chunks = hidden_p.reshape(N, num_chunks, C, D).transpose(1, 0, 2, 3)
-    id_chunks = ids_p.reshape(N, num_chunks, C).transpose(1, 0, 2)
-
-    @jax.checkpoint
-    def one_chunk(h_NxCxD: Array, ids_NxC: Array) -> tuple[Array, Array]:
-        logp, p2 = _next_token_terms(unembed_fn(h_NxCxD), ids_NxC, with_wpo)
-        return logp, (jnp.zeros_like(logp) if p2 is None else p2)
-
-    def step(carry: None, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
-        return carry, one_chunk(*xs)
-
-    _, (logp_chunks, p2_chunks) = jax.lax.scan(step, None, (hidden_chunks, id_chunks))
-
-    def unchunk(x: Array) -> Array:
-        return x.transpose(1, 0, 2).reshape(N, num_chunks * C)[:, :L]
-
-    p2 = _shift_right(unchunk(p2_chunks)) if with_wpo else None
-    return reduce_token_logps(
-        _shift_right(unchunk(logp_chunks)), sequence_index, num_sequences, p2, with_log1m
+    logp_NxL, p2_NxL = _unembedded_terms(
+        hidden_NxLxD, _next_token_ids(input_ids), unembed_fn, int(chunk_size), with_wpo
     )
+    p2 = None if p2_NxL is None else _shift_right(p2_NxL)
+    return reduce_token_logps(_shift_right(logp_NxL), sequence_index, num_sequences, p2, with_log1m)
+
+
+def scored_positions(
+    sequence_index: np.ndarray, num_positions: int | None = None, min_positions: int = 8
+) -> np.ndarray:
+    """Host-side `[..., N, K]` int32 positions `t` whose next token `t + 1` is scored.
+
+    Rows list their positions in increasing order and pad with -1. `K` is the largest
+    per-row count rounded up to a quarter-octave step (a multiple of `min_positions`, at
+    most `L`), so varying batches compile a handful of shapes; `num_positions` fixes `K` instead
+    (hosts of one multi-host step must agree on it). Leading axes (micro-batches) pass
+    through.
+    """
+    si = np.asarray(sequence_index)
+    L = si.shape[-1]
+    scored_next = np.zeros(si.shape, bool)
+    scored_next[..., :-1] = si[..., 1:] >= 0
+    counts = scored_next.sum(-1)
+    if num_positions is None:
+        most = max(int(counts.max(initial=0)), int(min_positions), 1)
+        # Quarter-octave buckets: at most 25% wasted positions, four shapes per octave.
+        step = max(int(min_positions), (1 << (most.bit_length() - 1)) // 4, 1)
+        num_positions = min(-(-most // step) * step, L)
+    k = int(num_positions)
+    if counts.size and int(counts.max()) > k:
+        raise ValueError(f"scored_positions: a row scores {int(counts.max())} tokens > K = {k}")
+    # A stable sort on "not scored" brings the scored positions first, in order.
+    order = np.argsort(~scored_next, axis=-1, kind="stable")[..., :k].astype(np.int32)
+    if k > L:
+        order = np.concatenate([order, np.zeros(order.shape[:-1] + (k - L,), np.int32)], axis=-1)
+    keep = np.arange(k) < counts[..., None]
+    return np.where(keep, order, -1).astype(np.int32)
+
+
+def sequence_logps_scored(
+    hidden_NxLxD: Array,
+    unembed_fn: Callable[[Array], Array],
+    batch: Mapping[str, Array],
+    num_sequences: int,
+    *,
+    chunk_size: int = 0,
+    with_wpo: bool = False,
+    with_log1m: bool = False,
+) -> SequenceLogps:
+    """`sequence_logps` unembedding only the positions in `batch["scored_positions"]`.
+
+    `batch["scored_positions"]` is `[N, K]` from `scored_positions` (every scored token's
+    predicting position, -1 pads). The hidden states at those positions are gathered and
+    unembedded (`chunk_size > 0`: in chunks over `K`), so logits are `[N, K, V]` instead
+    of `[N, L, V]`; the per-sequence sums are those of `sequence_logps`.
+    """
+    input_ids, sequence_index = _batch_arrays(batch, num_sequences)
+    _check_hidden(hidden_NxLxD, input_ids)
+    pos_NxK = jnp.asarray(batch["scored_positions"])
+    if pos_NxK.ndim != 2 or pos_NxK.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"batch['scored_positions'] has shape {pos_NxK.shape}; expected [N, K] with "
+            f"N = {input_ids.shape[0]}"
+        )
+    valid_NxK = pos_NxK >= 0
+    t_NxK = jnp.where(valid_NxK, pos_NxK, 0)
+    h_NxKxD = jnp.take_along_axis(hidden_NxLxD, t_NxK[..., None], axis=1)
+    next_ids_NxK = jnp.take_along_axis(input_ids, t_NxK + 1, axis=1)
+    seq_NxK = jnp.where(valid_NxK, jnp.take_along_axis(sequence_index, t_NxK + 1, axis=1), -1)
+    logp_NxK, p2_NxK = _unembedded_terms(
+        h_NxKxD, next_ids_NxK, unembed_fn, int(chunk_size), with_wpo
+    )
+    return reduce_token_logps(logp_NxK, seq_NxK, num_sequences, p2_NxK, with_log1m)
 
 
 # --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from dpo_jax import losses, models, optim, sharding
+from dpo_jax import logprobs, losses, models, optim, sharding
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
 from dpo_jax.train_step import (
     StepConfig,
@@ -119,6 +119,23 @@ def globalize_host_batch(
         ref = np.asarray(out["ref_logps"])
         out["ref_logps"] = ref.reshape(ref.shape[0], 2, b)
     return out, 2 * big_b
+
+
+def with_scored_positions(batch_A: Mapping[str, Any], process_count: int = 1) -> dict[str, Any]:
+    """`batch_A` plus `scored_positions` `[A, N, K]` (see `logprobs.scored_positions`).
+
+    Every host of a multi-host step must compile the same `K`, so the hosts agree on
+    the largest one.
+    """
+    out = dict(batch_A)
+    positions = logprobs.scored_positions(np.asarray(batch_A["sequence_index"]))
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        k = int(np.max(multihost_utils.process_allgather(np.int32(positions.shape[-1]))))
+        positions = logprobs.scored_positions(np.asarray(batch_A["sequence_index"]), k)
+    out["scored_positions"] = positions
+    return out
 
 
 # ------------------------------------------------------------------------ setup
@@ -220,10 +237,22 @@ class Trainer:
         """Loss and metrics without an update."""
         return self._run(state, batch_A, n_seq, train=False)
 
-    def _run(self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int, train: bool) -> Any:
+    def prepare_batch(self, batch_A: Mapping[str, Any], n_seq: int) -> tuple[dict, int]:
+        """The host batch and sequence count exactly as the jitted step sees them.
+
+        Globalizes a multi-host batch and adds `scored_positions` when the step unembeds
+        only scored positions; `step` does this itself, so call it only to lower or
+        inspect the step ahead of time.
+        """
         batch_A, n_seq = globalize_host_batch(
             batch_A, n_seq, jax.process_index(), jax.process_count()
         )
+        if self.step_config.unembed_scored_only and "scored_positions" not in batch_A:
+            batch_A = with_scored_positions(batch_A, jax.process_count())
+        return batch_A, n_seq
+
+    def _run(self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int, train: bool) -> Any:
+        batch_A, n_seq = self.prepare_batch(batch_A, n_seq)
         table, step_fn = (self._train_fns, train_step) if train else (self._eval_fns, eval_step)
         fn = self._compiled(table, step_fn, batch_A, n_seq, train)
         with self._context():
@@ -260,6 +289,7 @@ def build_trainer(
     ref_params: Any = None,
     nan_policy: str = "stop",
     logps_chunk_size: int = 0,
+    unembed_scored_only: bool = True,
     ref_model_sync_steps: int = 0,
     ref_model_mixup_alpha: float = 0.6,
 ) -> tuple[Trainer, TrainState]:
@@ -283,6 +313,7 @@ def build_trainer(
         reference=reference,
         nan_policy=nan_policy,
         logps_chunk_size=logps_chunk_size,
+        unembed_scored_only=unembed_scored_only,
         ref_model_sync_steps=ref_model_sync_steps,
         ref_model_mixup_alpha=ref_model_mixup_alpha,
         grad_shardings=shard.params,
@@ -585,6 +616,7 @@ def train(
         ref_params=ref_params,
         nan_policy=config.train.nan_policy,
         logps_chunk_size=config.train.logps_chunk_size,
+        unembed_scored_only=config.train.get("unembed_scored_only", True),
         ref_model_sync_steps=config.reference.ref_model_sync_steps,
         ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
     )

@@ -64,6 +64,9 @@ class StepConfig:
     reference: str = "frozen"
     nan_policy: str = "stop"
     logps_chunk_size: int = 0  # > 0: never materialise [N, L, V] logits (chunked unembedding)
+    # The Trainer adds `scored_positions` to host batches, so the step unembeds only the
+    # positions that predict a scored token (same numbers, less work).
+    unembed_scored_only: bool = True
     ref_model_sync_steps: int = 0  # TR-DPO: 0 = reference never moves
     ref_model_mixup_alpha: float = 0.6
     grad_shardings: Any = None  # param shardings, to keep the accumulator sharded
@@ -137,7 +140,9 @@ def sequence_logps(
     """Per-sequence log-probs of one micro-batch under `params` (one forward).
 
     `with_wpo` adds the WPO weights (the policy's only: WPO never weights by the reference);
-    `with_log1m` the sums of log(1 - p_t) (unlikelihood, also the policy's only).
+    `with_log1m` the sums of log(1 - p_t) (unlikelihood, also the policy's only). A batch
+    with `scored_positions` (added by the Trainer when `unembed_scored_only`) unembeds
+    only the scored positions; otherwise every position is unembedded.
     """
     extras = dict(with_wpo=with_wpo, with_log1m=with_log1m)
     inputs = dict(
@@ -147,9 +152,14 @@ def sequence_logps(
     if "attn_mask" in batch:
         inputs["attn_mask"] = batch["attn_mask"]
     variables = {"params": params}
+    unembed = lambda h: cfg.apply_fn(variables, h, method="logits")
+    if "scored_positions" in batch:
+        hidden = cfg.apply_fn(variables, batch["input_ids"], return_hidden=True, **inputs)
+        return logprobs.sequence_logps_scored(
+            hidden, unembed, batch, n_seq, chunk_size=cfg.logps_chunk_size, **extras
+        )
     if cfg.logps_chunk_size > 0:
         hidden = cfg.apply_fn(variables, batch["input_ids"], return_hidden=True, **inputs)
-        unembed = lambda h: cfg.apply_fn(variables, h, method="logits")
         return logprobs.sequence_logps_chunked(
             hidden, unembed, batch, n_seq, cfg.logps_chunk_size, **extras
         )
@@ -199,8 +209,19 @@ def reference_logps(
 def _scan_micro_batches(
     state: TrainState, batch_A: Mapping[str, jax.Array], cfg: StepConfig, n_seq: int, grads: bool
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """Sum of gradients (or None) and per-micro-batch metrics stacked on a leading A axis."""
+    """Sum of gradients (or None) and per-micro-batch metrics stacked on a leading A axis.
+
+    With one micro-batch the gradient is taken directly: no scan, no float32 accumulator.
+    """
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+    if jax.tree.leaves(batch_A)[0].shape[0] == 1:
+        micro = jax.tree.map(lambda x: x[0], batch_A)
+        ref = reference_logps(cfg, state.ref_params, micro, n_seq)
+        if grads:
+            (_, metrics), g = grad_fn(state.params, ref, micro, cfg, n_seq)
+        else:
+            g, (_, metrics) = None, _micro_loss(state.params, ref, micro, cfg, n_seq)
+        return g, jax.tree.map(lambda m: m[None], metrics)
 
     def body(acc: Any, micro: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         ref = reference_logps(cfg, state.ref_params, micro, n_seq)
@@ -231,6 +252,8 @@ def train_step(
     num_micro = jax.tree.leaves(batch_A)[0].shape[0]
     grad_sum, metrics_A = _scan_micro_batches(state, batch_A, cfg, n_seq, grads=True)
     grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, state.params)
+    if cfg.grad_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, cfg.grad_shardings)
     metrics = _mean_over_micro(metrics_A)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

@@ -7,7 +7,23 @@ import pytest
 
 from dpo_jax import rewards
 
-WORDS = ["the", "movie", "was", "great", "awful", "good", "bad", "plot", "acting", "boring", "fun", "loved", "hated", "it", "a"]
+WORDS = [
+    "the",
+    "movie",
+    "was",
+    "great",
+    "awful",
+    "good",
+    "bad",
+    "plot",
+    "acting",
+    "boring",
+    "fun",
+    "loved",
+    "hated",
+    "it",
+    "a",
+]
 
 
 def test_vader_reward_is_compound_score():

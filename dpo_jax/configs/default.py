@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # 0 = only at the end (when data.eval is set)
     c.train.nan_policy = "stop"  # stop | skip
     c.train.logps_chunk_size = 0  # > 0: chunked unembedding, no [N, L, V] logits
+    c.train.unembed_scored_only = True  # unembed only positions that predict a scored token
     c.train.progress = True
     c.train.tensorboard = True
 
