@@ -28,7 +28,8 @@ class JaxRunConfig:
     attention_impl: str = "xla"
     learning_rate: float = 1e-6
     beta: float = 0.1
-    scan_layers: bool = False
+    scan_layers: bool = True  # nn.scan over the blocks (one compiled block, less overhead)
+    unembed_scored_only: bool = True  # unembed only positions that predict a scored token
 
 
 def model_config(shape: common.ModelShape, run: JaxRunConfig) -> Any:
@@ -78,6 +79,25 @@ def stacked_batch(pairs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def layout_batch(layout: str, pairs: Mapping[str, np.ndarray], pad_id: int) -> dict[str, Any]:
+    """The batch of ``pairs`` in ``layout`` at its exact (unbucketed) length."""
+    if layout == "stacked":
+        return stacked_batch(pairs)
+    from dpo_jax.data import batching
+
+    items = [
+        {"prompt": p, "chosen": c, "rejected": r}
+        for p, c, r in zip(
+            pairs["prompt_BxP"], pairs["chosen_BxC"], pairs["rejected_BxC"], strict=True
+        )
+    ]
+    prompts, comps = batching.sequences_of(items, "paired")
+    need = batching.required_length(
+        layout, [len(p) for p in prompts], np.array([len(c) for c in comps])
+    )
+    return batching.build_batch(items, "paired", layout, length=need, pad_id=pad_id)
+
+
 def add_micro_axis(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The train step takes ``A`` micro-batches on a leading axis; here ``A = 1``."""
     return {k: np.asarray(v)[None] for k, v in batch.items()}
@@ -107,6 +127,7 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
         total_steps=total_steps,
         reference=run.reference,
         logps_chunk_size=run.logps_chunk_size,
+        unembed_scored_only=run.unembed_scored_only,
     )
 
 
@@ -115,6 +136,7 @@ def step_compiled_stats(trainer: Any, state: Any, batch_A: Mapping[str, Any], n_
     from dpo_jax.train_step import train_step
 
     try:
+        batch_A, n_seq = trainer.prepare_batch(batch_A, n_seq)
         fn = trainer._compiled(trainer._train_fns, train_step, batch_A, n_seq, True)
         t0 = time.perf_counter()
         with trainer._context():

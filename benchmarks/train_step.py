@@ -27,6 +27,8 @@ SWEEPS = {
     "chunk": [{"logps_chunk_size": 0}, {"logps_chunk_size": 64}],
     "dtype": [{"dtype": "float32"}, {"dtype": "bfloat16"}],
     "scan": [{"scan_layers": False}, {"scan_layers": True}],
+    "unembed": [{"unembed_scored_only": False}, {"unembed_scored_only": True}],
+    "attention": [{"attention_impl": "xla"}, {"attention_impl": "cudnn"}],
 }
 
 
@@ -44,7 +46,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", default="frozen", choices=["frozen", "precomputed"])
     p.add_argument("--logps-chunk-size", type=int, default=0)
     p.add_argument("--attention-impl", default="xla", choices=["xla", "cudnn", "auto"])
-    p.add_argument("--scan-layers", action="store_true", help="nn.scan over the blocks")
+    p.add_argument(
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="nn.scan over the blocks (default) or one compiled block per layer",
+    )
+    p.add_argument(
+        "--scored-unembed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="unembed only positions that predict a scored token (default) or all",
+    )
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        default=0,
+        help="n of the n x n matmul peak; 0: 2048 on CPU, 8192 on accelerators",
+    )
     p.add_argument("--layout", default="stacked", choices=["stacked", "prefix_shared"])
     p.add_argument("--sweep", default=None, choices=sorted(SWEEPS))
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
@@ -55,25 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise SystemExit(f"{__file__}: --{name.replace('_', '-')} must be >= 1")
     return args
-
-
-def layout_batch(layout: str, pairs: dict[str, Any], pad_id: int) -> dict[str, Any]:
-    """The batch of ``pairs`` in ``layout`` at its exact (unbucketed) length."""
-    if layout == "stacked":
-        return jax_side.stacked_batch(pairs)
-    from dpo_jax.data import batching
-
-    items = [
-        {"prompt": p, "chosen": c, "rejected": r}
-        for p, c, r in zip(
-            pairs["prompt_BxP"], pairs["chosen_BxC"], pairs["rejected_BxC"], strict=True
-        )
-    ]
-    prompts, comps = batching.sequences_of(items, "paired")
-    need = batching.required_length(
-        layout, [len(p) for p in prompts], __import__("numpy").array([len(c) for c in comps])
-    )
-    return batching.build_batch(items, "paired", layout, length=need, pad_id=pad_id)
 
 
 def measure(
@@ -88,7 +88,7 @@ def measure(
 ) -> dict[str, Any]:
     """Time one configuration and derive tokens/s, FLOP/s and MFU."""
     pairs = common.random_pairs(b, shape.vocab, shape.vocab - 1, seed=seed)
-    batch = layout_batch(layout, pairs, pad_id=shape.vocab - 1)
+    batch = jax_side.layout_batch(layout, pairs, pad_id=shape.vocab - 1)
     with common.RssSampler() as rss:
         res = jax_side.run_dpo_jax(shape, b, pairs, steps, warmup, run=run, batch=batch)
     res["phase_peak_rss_bytes"] = rss.peak
@@ -98,6 +98,8 @@ def measure(
         dtype=run.dtype,
         remat=run.remat,
         scan_layers=run.scan_layers,
+        unembed_scored_only=run.unembed_scored_only,
+        attention_impl=run.attention_impl,
         reference=run.reference,
         logps_chunk_size=run.logps_chunk_size,
         model_flops_per_step=flops,
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logps_chunk_size=args.logps_chunk_size,
         attention_impl=args.attention_impl,
         scan_layers=args.scan_layers,
+        unembed_scored_only=args.scored_unembed,
     )
     variants = SWEEPS[args.sweep] if args.sweep else [{}]
     peaks: dict[str, float | None] = {}
@@ -129,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for v in variants:
         run = jax_side.JaxRunConfig(**{**base, **v})
         if run.dtype not in peaks:
-            peaks[run.dtype] = None if args.no_peak else common.jax_matmul_peak(run.dtype)
+            peaks[run.dtype] = (
+                None if args.no_peak else common.jax_matmul_peak(run.dtype, args.peak_size)
+            )
         rows.append(measure(shape, b, run, args.layout, args.steps, args.warmup, peaks[run.dtype]))
     result = {
         "benchmark": "train_step",
@@ -167,6 +172,8 @@ def print_report(result: dict[str, Any]) -> None:
                 "dtype": r["dtype"],
                 "remat": r["remat"],
                 "scan": r["scan_layers"],
+                "scored": r["unembed_scored_only"],
+                "attn": r["attention_impl"],
                 "reference": r["reference"],
                 "chunk": r["logps_chunk_size"],
                 "step_s": r["median_step_s"],

@@ -50,7 +50,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--remat", default="none", choices=["none", "block", "dots_saveable"])
     p.add_argument("--logps-chunk-size", type=int, default=0)
-    p.add_argument("--scan-layers", action="store_true", help="dpo_jax: nn.scan over blocks")
+    p.add_argument(
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dpo_jax: nn.scan over the blocks (default) or unrolled layers",
+    )
+    p.add_argument(
+        "--scored-unembed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dpo_jax: unembed only positions that predict a scored token (default) or all",
+    )
+    p.add_argument(
+        "--layout",
+        default="stacked",
+        choices=["stacked", "prefix_shared"],
+        help="dpo_jax's batch layout (prefix_shared: same log-probs, prompt computed once)",
+    )
     p.add_argument("--learning-rate", type=float, default=1e-6)
     p.add_argument("--frameworks", default="trl,dpo_jax", help="comma list: trl,dpo_jax")
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (tests; RSS shared)")
@@ -125,7 +142,9 @@ def run_worker(framework: str, args: argparse.Namespace, workdir: str) -> dict[s
             logps_chunk_size=args.logps_chunk_size,
             learning_rate=args.learning_rate,
             scan_layers=args.scan_layers,
+            unembed_scored_only=args.scored_unembed,
         )
+        batch = jax_side.layout_batch(args.layout, pairs, pad_id=shape.vocab - 1)
         res = jax_side.run_dpo_jax(
             shape,
             b,
@@ -134,6 +153,7 @@ def run_worker(framework: str, args: argparse.Namespace, workdir: str) -> dict[s
             warmup=args.warmup,
             run=run,
             hf_dir=os.path.join(workdir, "model"),
+            batch=batch,
         )
         peak = None if args.no_peak else common.jax_matmul_peak(args.dtype)
     else:
@@ -217,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         "dpo_jax_remat": args.remat,
         "dpo_jax_scan_layers": args.scan_layers,
+        "dpo_jax_scored_unembed": args.scored_unembed,
+        "dpo_jax_layout": args.layout,
         "dpo_jax_logps_chunk_size": args.logps_chunk_size,
         "machine": common.machine_info(),
         "frameworks": {f: summarize(rs) for f, rs in results.items()},
@@ -236,6 +258,8 @@ def print_report(result: dict[str, Any]) -> None:
         f"vs_trl  shape={result['shape']}  pairs={result['pairs']}  prompt={result['prompt_len']}  "
         f"completion={result['completion_len']}  dtype={result['dtype']} (TRL {result['trl_dtype']}"
         f"{', grad ckpt' if result['trl_gradient_checkpointing'] else ''})  "
+        f"dpo_jax layout={result['dpo_jax_layout']} scan={result['dpo_jax_scan_layers']} "
+        f"scored-unembed={result['dpo_jax_scored_unembed']}  "
         f"load={result['machine']['load_avg_1m']}"
     )
     rows = []
