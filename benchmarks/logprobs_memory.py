@@ -57,7 +57,8 @@ def one_variant(args: argparse.Namespace, chunk: int) -> dict[str, Any]:
     base = common.MODEL_SHAPES[args.shape]
     shape = dataclasses.replace(base, name=f"{base.name}-v{args.vocab}", vocab=args.vocab)
     b = common.BatchShape(args.pairs, args.prompt_len, args.completion_len)
-    run = jax_side.JaxRunConfig(dtype=args.dtype, logps_chunk_size=chunk)
+    # All positions unembedded: the figure is the [N, L, V] logits that chunking avoids.
+    run = jax_side.JaxRunConfig(dtype=args.dtype, logps_chunk_size=chunk, unembed_scored_only=False)
     res = measure(shape, b, run, "stacked", args.steps, args.warmup)
     res["logits_bytes_fp32"] = 4 * 2 * b.pairs * b.seq_len * args.vocab
     return res

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU figure in benchmarks/README.md, JSON results under ${OUT:-runs/bench}.
+# Every CPU figure in benchmarks/README.md (GPU: benchmarks/gpu.sh), JSON results under ${OUT:-runs/bench}.
 # Run from the repository root on a quiet machine (load average < 1.5):
 #   bash benchmarks/run_all.sh
 set -euo pipefail
@@ -10,12 +10,12 @@ G=(--shape gpt2-small --pairs 4 --prompt-len 96 --completion-len 32)
 
 uptime
 $PY -m benchmarks.vs_trl "${G[@]}" --steps 3 --rounds 2 --json-out "$OUT/vs_trl_gpt2.json"
-$PY -m benchmarks.vs_trl "${G[@]}" --steps 3 --rounds 2 --scan-layers --json-out "$OUT/vs_trl_gpt2_scan.json"
+$PY -m benchmarks.vs_trl "${G[@]}" --steps 3 --rounds 2 --layout prefix_shared \
+  --json-out "$OUT/vs_trl_gpt2_prefix.json"
 $PY -m benchmarks.vs_trl --shape tiny --pairs 4 --prompt-len 96 --completion-len 32 \
   --steps 10 --rounds 2 --json-out "$OUT/vs_trl_tiny.json"
-$PY -m benchmarks.train_step "${G[@]}" --steps 3 --json-out "$OUT/train_step_gpt2.json"
+$PY -m benchmarks.train_step "${G[@]}" --steps 3 --sweep unembed --json-out "$OUT/unembed_gpt2.json"
 $PY -m benchmarks.train_step "${G[@]}" --steps 2 --sweep scan --json-out "$OUT/scan_gpt2.json"
-$PY -m benchmarks.scored_unembed "${G[@]}" --steps 3 --json-out "$OUT/scored_unembed_gpt2.json"
 $PY -m benchmarks.prefix_sharing --shape gpt2-small --pairs 4 --completion-len 32 \
   --ratios 3,0.25 --steps 2 --json-out "$OUT/prefix_sharing_gpt2.json"
 $PY -m benchmarks.train_step "${G[@]}" --steps 3 --sweep reference --no-peak \

@@ -528,17 +528,13 @@ def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelC
     path = config.model.path
     if not path:
         raise ValueError("config.model.path is empty: point it at a Hugging Face model directory")
-    model_cfg, params = hf.load_hf(
-        path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
-    )
-    changes = {}
+    # The loader lays the params out for the config (stacked per layer when scanned).
+    overrides: dict[str, Any] = {"scan_layers": bool(config.model.scan_layers)}
     if config.model.remat:
-        changes["remat"] = config.model.remat
-    if config.model.scan_layers != model_cfg.scan_layers:
-        changes["scan_layers"] = config.model.scan_layers
-    if changes:
-        model_cfg = dataclasses.replace(model_cfg, **changes)
-    return model_cfg, params
+        overrides["remat"] = config.model.remat
+    return hf.load_hf(
+        path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides
+    )
 
 
 def train(

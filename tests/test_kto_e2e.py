@@ -100,13 +100,14 @@ def pair_logps(model_cfg, params, batches) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
-def held_out_metrics(files, policy_params) -> dict[str, float]:
+def held_out_metrics(files, policy_params, policy_cfg=None) -> dict[str, float]:
     root, model_dir, tok, _, held_out_file = files
     model_cfg, ref_params = models.load_hf(model_dir, dtype="float32")
+    policy_cfg = policy_cfg or model_cfg  # trained params are laid out for the run's config
     spec = dict(path=str(held_out_file), max_length=32, max_prompt_length=16, cache_dir="")
     pairs = data.load_preference_data(spec, tok, unpaired=False)
     batches = data.eval_batches(pairs, 8, pad_id=tok.pad_token_id)
-    pc, pr = pair_logps(model_cfg, policy_params, batches)
+    pc, pr = pair_logps(policy_cfg, policy_params, batches)
     rc, rr = pair_logps(model_cfg, ref_params, batches)
     assert pc.shape == (len(pairs),)
     return evaluation.preference_metrics(pc, pr, rc, rr, BETA)
@@ -138,7 +139,9 @@ def test_kto_on_unpaired_rows_raises_held_out_pair_accuracy(files):
     assert last["loss"] < 0.3
 
     before = held_out_metrics(files, models.load_hf(model_dir, dtype="float32")[1])
-    after = held_out_metrics(files, jax.device_get(result.state.params))
+    after = held_out_metrics(
+        files, jax.device_get(result.state.params), result.trainer.model_config
+    )
     # Untrained: policy == reference, every margin is exactly 0 (ties count as wrong).
     assert before["rewards/accuracies"] == 0.0 and before["rewards/margins"] == 0.0
     assert after["num_pairs"] == 32

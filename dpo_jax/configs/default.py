@@ -22,7 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype; params and optimizer state stay float32
     c.model.param_dtype = "float32"
     c.model.remat = ""  # "" keeps the checkpoint's default; "none" | "block" | "dots_saveable"
-    c.model.scan_layers = False
+    # nn.scan over the blocks: one compiled block (fast compile) and, on XLA:CPU, no
+    # backward fusion across layers (benchmarks/README.md); params stacked per layer.
+    c.model.scan_layers = True
     c.tokenizer = ""  # default: model.path
 
     c.data = ml_collections.ConfigDict()
