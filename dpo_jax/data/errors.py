@@ -15,10 +15,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo_jax.errors import UserError
+
 REJECTS_FILENAME = "rejects.jsonl"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad input row: carries the source file, line/record number and a short reason."""
 
     def __init__(
