@@ -132,13 +132,15 @@ def test_prefix_sharing_main_keeps_logps():
 def test_logprobs_memory_main_chunked_is_smaller_and_equal():
     from benchmarks import logprobs_memory
 
+    # N*L (4 rows x 64) well above the width: at L=16 the [N, L, V] logits are no larger
+    # than the embedding gradient [V, D], and scratch memory cannot show the saving.
     res = logprobs_memory.main(
-        [*TINY, "--vocab", "4096", "--prompt-len", "12", "--completion-len", "4"]
+        [*TINY, "--vocab", "4096", "--prompt-len", "60", "--completion-len", "4"]
         + ["--chunks", "0,8", "--inprocess"]
     )
     plain, chunked = res["results"]
     assert plain["logps_chunk_size"] == 0 and chunked["logps_chunk_size"] == 8
-    assert chunked["temp_bytes"] < plain["temp_bytes"]
+    assert chunked["temp_bytes"] < 0.5 * plain["temp_bytes"]
     assert chunked["logps_max_abs_diff_vs_plain"] < 1e-3 * abs(plain["step0_logps_chosen"])
 
 
