@@ -1,12 +1,20 @@
-"""IPO's bandit (Azar et al. 2023, section 5.1): DPO over-fits deterministic preferences, IPO does not.
+"""IPO's bandit (Azar et al. 2023, sections 5.3-5.4): DPO over-fits deterministic preferences.
 
-A tabular softmax policy over a few actions, a uniform reference, Adam (lr 0.01) on
-mini-batches of pairs sampled uniformly from a small preference dataset. The losses are
-`dpo_jax.losses.get("sigmoid")` (DPO) and `get("ipo")` (IPO), the same functions the
-language-model runs use, with beta = tau. Seeds and taus are vmapped and steps run in
-`lax.scan`, so the whole grid takes seconds.
+As published: three actions, a tabular softmax policy pi = softmax(theta) with a uniform
+reference, Adam (lr 0.01) on mini-batches of 9 pairs sampled uniformly from a small
+preference dataset, 18,000 steps, 10 seeds, 95% confidence bands (Student t over seeds).
+The losses are `dpo_jax.losses.get("sigmoid")` (DPO) and `get("ipo")` (IPO), the same
+functions the language-model runs use, with beta = tau. Seeds and taus are vmapped and
+steps run in `lax.scan`, so the whole grid takes seconds to minutes.
 
     python -m experiments.ipo_bandit [--preset=small] [--config.steps=2000] [--config.taus=(0.1,1.0)]
+
+Datasets (`DATASET_LABELS` names each row's origin):
+- `total_order` = D1 = {(a,b),(b,c),(a,c)}, the paper's fig. 1.
+- `tie_unseen_c` = D3 = {(a,b),(b,a)}, the paper's fig. 2.
+- `tie_c_loses` = {(a,b),(b,a),(a,c),(b,c)}: this project's substitute for D3 (not in
+  the paper), where the over-fitting the paper describes for D3 does appear.
+- `two_actions`: a closed-form check (y1 always preferred), not in the paper.
 
 What IPO should converge to, in closed form: each observed pair (w, l) contributes
 (theta_w - theta_l - 1/(2 tau))^2, so the optimum logits solve that least-squares
@@ -15,14 +23,16 @@ pi(y1) = sigmoid(1/(2 tau)); the total order a > b > c gives theta_a - theta_b =
 theta_b - theta_c = 1/(3 tau). DPO's loss keeps decreasing as any observed loser's
 probability goes to 0, so it ends deterministic whatever tau is.
 
-Dataset `tie_unseen_c` = {(a,b),(b,a)} is the one issue 7 names. There neither loss
-can move pi(c) toward 0: the logit of c gets no gradient (log pi(a) - log pi(b) does not
-depend on it), and every per-pair gradient, hence every Adam update, changes theta_a and
-theta_b by opposite amounts, so theta_a + theta_b stays 0 and
+A documented disagreement with the paper's text on D3. The paper describes DPO on D3
+driving pi(c) towards 0. Under the paper's own parameterisation that cannot happen: the
+logit of c gets no gradient (log pi(a) - log pi(b) does not depend on it), and every
+per-pair gradient, hence every Adam update, changes theta_a and theta_b by opposite
+amounts, so theta_a + theta_b stays 0 and
 pi(c) = 1 / (1 + 2 cosh((theta_a - theta_b)/2)) <= 1/3, which is 1/3 up to the sampling
-noise in theta_a - theta_b; the table shows it for DPO and IPO alike. The over-fitting the paper illustrates
-appears when c is observed and always loses: `tie_c_loses` = {(a,b),(b,a),(a,c),(b,c)},
-where DPO drives pi(c) to 0 and IPO keeps pi(c) = e^-k / (2 + e^-k), k = 1/(2 tau).
+noise in theta_a - theta_b, for DPO and IPO alike (tested in `tests/test_ipo_bandit.py`).
+The over-fitting the paper illustrates appears when c is observed and always loses:
+`tie_c_loses`, where DPO drives pi(c) to 0 and IPO keeps pi(c) = e^-k / (2 + e^-k),
+k = 1/(2 tau).
 """
 
 from __future__ import annotations
@@ -51,7 +61,15 @@ DATASETS: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {
     "tie_c_loses": (3, ((0, 1), (1, 0), (0, 2), (1, 2))),
     "two_actions": (2, ((0, 1),)),
 }
+# name -> where the dataset comes from (the paper's figure, or this project's own check)
+DATASET_LABELS = {
+    "total_order": "D1, paper fig. 1",
+    "tie_unseen_c": "D3, paper fig. 2",
+    "tie_c_loses": "substitute for D3 (this project)",
+    "two_actions": "closed-form check (this project)",
+}
 LOSS_LABELS = {"sigmoid": "DPO", "ipo": "IPO"}
+CONFIDENCE = 0.95  # the paper's bands
 PRESETS = ("default", "small")
 
 
@@ -62,7 +80,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.num_seeds = 10
     config.taus = (0.1, 0.25, 0.5, 1.0)
     config.learning_rate = 0.01
-    config.batch_size = 8  # pairs sampled uniformly, with replacement, per step
+    config.batch_size = 9  # pairs sampled uniformly, with replacement, per step (the paper's)
     config.losses = ("sigmoid", "ipo")
     config.datasets = tuple(DATASETS)
     config.seed = 0
@@ -171,14 +189,25 @@ def ipo_optimum(num_actions: int, pairs: Sequence[tuple[int, int]], tau: float) 
     return e / e.sum()
 
 
+def confidence_half_width(values_S: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
+    """Half-width of the Student-t confidence interval of the mean over the leading (seed) axis."""
+    from scipy import stats
+
+    num_seeds = values_S.shape[0]
+    if num_seeds < 2:
+        return np.full(values_S.shape[1:], np.nan)
+    t = stats.t.ppf(0.5 + confidence / 2.0, df=num_seeds - 1)
+    return t * values_S.std(axis=0, ddof=1) / math.sqrt(num_seeds)
+
+
 # ------------------------------------------------------------------------------ the run
 
 
 def run(config: ml_collections.ConfigDict) -> tuple[list[dict], dict]:
     """Trains every (dataset, loss, tau, seed); returns result rows and trajectories.
 
-    A row holds the final policy's mean and std over seeds per action and, for IPO, the
-    closed-form optimum. Trajectories map (dataset, loss) to `[K, S, T/log_every, A]`.
+    A row holds the final policy's mean, std and 95% confidence half-width over seeds per
+    action, the dataset's origin (`DATASET_LABELS`) and, for IPO, the closed-form optimum. Trajectories map (dataset, loss) to `[K, S, T/log_every, A]`.
     """
     for name in config.datasets:
         if name not in DATASETS:
@@ -207,6 +236,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[list[dict], dict]:
             for k, tau in enumerate(config.taus):
                 row = {
                     "dataset": dataset,
+                    "origin": DATASET_LABELS[dataset],
                     "loss": LOSS_LABELS.get(loss_name, loss_name),
                     "tau": float(tau),
                 }
@@ -214,6 +244,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[list[dict], dict]:
                 for a in range(num_actions):
                     row[f"pi_{ACTIONS[a]}"] = float(final[k, :, a].mean())
                     row[f"pi_{ACTIONS[a]}_std"] = float(final[k, :, a].std())
+                    row[f"pi_{ACTIONS[a]}_ci95"] = float(confidence_half_width(final[k, :, a]))
                     if optimum is not None:
                         row[f"ipo_opt_{ACTIONS[a]}"] = float(optimum[a])
                 rows.append(row)
@@ -222,14 +253,15 @@ def run(config: ml_collections.ConfigDict) -> tuple[list[dict], dict]:
 
 def columns_for(rows: Sequence[dict]) -> list[str]:
     """Table / CSV columns in a stable order."""
-    cols = ["dataset", "loss", "tau"]
-    for prefix in ("pi_{}", "pi_{}_std", "ipo_opt_{}"):
+    cols = ["dataset", "origin", "loss", "tau"]
+    for prefix in ("pi_{}", "pi_{}_ci95", "pi_{}_std", "ipo_opt_{}"):
         cols += [prefix.format(a) for a in ACTIONS if any(prefix.format(a) in r for r in rows)]
     return cols
 
 
 def plot(trajectories: dict, config: ml_collections.ConfigDict, path: Path) -> None:
-    """One panel per (dataset, loss): seed-mean pi(action) against step, a line per tau."""
+    """One panel per (dataset, loss): seed-mean pi(action) against step, a line per tau,
+    with its 95% confidence band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +279,9 @@ def plot(trajectories: dict, config: ml_collections.ConfigDict, path: Path) -> N
     for i, dataset in enumerate(datasets):
         for j, loss_name in enumerate(loss_names):
             ax = axes[i, j]
-            probs = trajectories[(dataset, loss_name)].mean(axis=1)  # [K, T', A]
+            runs = trajectories[(dataset, loss_name)]  # [K, S, T', A]
+            probs = runs.mean(axis=1)  # [K, T', A]
+            bands = np.stack([confidence_half_width(runs[k]) for k in range(runs.shape[0])])
             steps = np.arange(1, probs.shape[1] + 1) * config.log_every
             for k, tau in enumerate(config.taus):
                 for a in range(probs.shape[-1]):
@@ -259,7 +293,18 @@ def plot(trajectories: dict, config: ml_collections.ConfigDict, path: Path) -> N
                         label=f"pi({ACTIONS[a]}) tau={tau:g}" if i == 0 else None,
                         lw=1.2,
                     )
-            ax.set_title(f"{LOSS_LABELS.get(loss_name, loss_name)} on {dataset}", fontsize=9)
+                    ax.fill_between(
+                        steps,
+                        probs[k, :, a] - bands[k, :, a],
+                        probs[k, :, a] + bands[k, :, a],
+                        color=f"C{a}",
+                        alpha=0.2,
+                        lw=0,
+                    )
+            ax.set_title(
+                f"{LOSS_LABELS.get(loss_name, loss_name)} on {dataset} ({DATASET_LABELS[dataset]})",
+                fontsize=8,
+            )
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("step")
     axes[0, -1].legend(fontsize=6, ncol=2, loc="center right")

@@ -104,6 +104,31 @@ def test_unseen_action_keeps_its_mass_when_a_and_b_tie(results, loss):
     np.testing.assert_allclose(pi_c, 1 / (1 + 2 * np.cosh(x)), atol=1e-5)
 
 
+def test_default_config_is_the_papers_protocol():
+    config = ipo_bandit.get_config()
+    assert (config.batch_size, config.steps, config.num_seeds) == (9, 18_000, 10)
+    assert config.learning_rate == 0.01
+    assert ipo_bandit.DATASETS["total_order"][1] == ((0, 1), (1, 2), (0, 2))  # D1
+    assert ipo_bandit.DATASETS["tie_unseen_c"][1] == ((0, 1), (1, 0))  # D3
+    assert "fig. 1" in ipo_bandit.DATASET_LABELS["total_order"]
+    assert "fig. 2" in ipo_bandit.DATASET_LABELS["tie_unseen_c"]
+    assert "substitute" in ipo_bandit.DATASET_LABELS["tie_c_loses"]
+
+
+def test_rows_carry_95_percent_t_intervals_over_seeds(results):
+    table, trajectories = results
+    # Student t quantile t_{0.975, 2 dof} = 4.302653 (3 seeds), from the t table.
+    t_975_2 = 4.302652729911275
+    for tau in TAUS:
+        row = lookup(table, "total_order", "IPO", tau)
+        assert row["origin"] == "D1, paper fig. 1"
+        final = trajectories[("total_order", "ipo")][TAUS.index(tau), :, -1]  # [S, A]
+        for a, name in enumerate("abc"):
+            expected = t_975_2 * final[:, a].std(ddof=1) / math.sqrt(3)
+            np.testing.assert_allclose(row[f"pi_{name}_ci95"], expected, rtol=1e-5)
+            assert row[f"pi_{name}_ci95"] > 0
+
+
 def test_ipo_optimum_helper_matches_hand_formulas():
     tau = 0.25
     n, pairs = ipo_bandit.DATASETS["total_order"]
