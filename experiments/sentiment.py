@@ -7,7 +7,7 @@ The paper's IMDb experiment, end to end:
    ground-truth sentiment reward (higher reward = chosen; ties dropped);
 3. DPO (beta sweep), Preferred-FT (SFT on the chosen completions), Unlikelihood
    (Welleck et al. 2019: chosen NLL + alpha x -log(1 - p) of rejected tokens), best-of-N
-   and other losses of the family (IPO, SimPO, cDPO, rDPO) start from the SFT policy on
+   and other losses of the family (IPO, SimPO, cDPO, R-DPO) start from the SFT policy on
    those pairs (no PPO);
 4. every ``train.eval_every`` steps each policy samples completions of held-out prefixes
    (temperature 1), and the run records the mean ground-truth reward and the
@@ -22,8 +22,9 @@ Presets (``--preset=NAME``):
   (``vaderSentiment``) as the ground-truth reward, DPO at beta in {0.05, 0.1, 1, 5} and
   Preferred-FT. No downloads; measured 5 minutes on a 2-core CPU (experiments/README.md).
 * ``frontier`` - the figure a reviewer asks for on the same miniature task: more DPO
-  betas, Preferred-FT seeds, Best-of-N for several N, Unlikelihood (alpha sweep), IPO,
-  SimPO, cDPO, rDPO.
+  betas, Preferred-FT seeds, Best-of-N for several N, Unlikelihood at the paper's four
+  alphas, IPO, SimPO, cDPO, R-DPO (the `rdpo` loss: length-regularised DPO, Park et al.
+  2024; not rDPO, which is the `robust` loss of Chowdhury et al. 2024).
 * ``smoke`` - the same pipeline shrunk to seconds, for tests.
 * ``imdb_gpt2_large`` - the paper's real setting (TFDS ``imdb_reviews``, prefixes of 2-8
   tokens, ``gpt2-large`` from a local HF directory, the siebert RoBERTa classifier as
@@ -137,7 +138,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             "dpo:beta=1.0", "dpo:beta=5.0",
             "preferred_ft:seed=0", "preferred_ft:seed=1", "preferred_ft:seed=2",
             "best_of_n:n=2", "best_of_n:n=4", "best_of_n:n=16", "best_of_n:n=64",
-            "unlikelihood:unlikelihood_alpha=0.1", "unlikelihood:unlikelihood_alpha=1.0",
+            "unlikelihood:unlikelihood_alpha=0.05", "unlikelihood:unlikelihood_alpha=0.1",
+            "unlikelihood:unlikelihood_alpha=0.5", "unlikelihood:unlikelihood_alpha=1.0",
             "ipo:beta=0.1", "ipo:beta=0.5", "simpo:beta=2.0:simpo_gamma=0.5",
             "cdpo:beta=0.1:label_smoothing=0.2", "rdpo:beta=0.1:rdpo_alpha=0.05",
         )  # fmt: skip
@@ -161,7 +163,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.model.update(
             model_dir="checkpoints/gpt2-large", dtype="bfloat16", remat="block", scan_layers=True
         )
-        c.sft.update(steps=2000, batch_size=64, learning_rate=1e-5, max_len=512)
+        # One SFT epoch over the 25,000 training reviews, as in the paper.
+        c.sft.update(steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512)
         c.pairs.update(num_prefixes=25000, max_new_tokens=64, batch_size=512)
         c.reward = "hf:checkpoints/siebert-sentiment-roberta-large-english"
         c.train.update(
@@ -251,6 +254,20 @@ def label_pairs(rewards_PxK: np.ndarray) -> list[tuple[int, int, int]]:
 
 # ---------------------------------------------------------------------------- figure
 
+# Method kind -> the name the literature uses, for figure legends. `rdpo` is R-DPO
+# (length-regularised, Park et al. 2024); rDPO (Chowdhury et al. 2024) is the `robust` loss.
+FAMILY_NAMES = {
+    "dpo": "DPO",
+    "cdpo": "cDPO",
+    "rdpo": "R-DPO",
+    "robust": "rDPO",
+    "ipo": "IPO",
+    "simpo": "SimPO",
+    "preferred_ft": "Preferred-FT",
+    "best_of_n": "Best-of-N (oracle)",
+    "unlikelihood": "Unlikelihood",
+}
+
 
 def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
     """Reward (y) against KL(pi || pi_ref) (x): one marker style per method family, every
@@ -259,7 +276,8 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
     fig, ax = plt.subplots(figsize=(7, 5))
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        families.setdefault(str(row["method"]).split(":")[0], []).append(row)
+        kind = str(row["method"]).split(":")[0]
+        families.setdefault(FAMILY_NAMES.get(kind, kind), []).append(row)
     markers = itertools.cycle("os^Dvx*Ph<")
     for family, fam_rows in sorted(families.items()):
         kl = np.array([float(r["kl"]) for r in fam_rows])
