@@ -94,15 +94,19 @@ def maybe_initialize_distributed(multihost: str | bool = "auto") -> bool:
     """Call `jax.distributed.initialize()` when asked or when the environment says so.
 
     `multihost`: True/"true" forces it, False/"false" never, "auto" initializes when a
-    coordinator is configured (JAX_COORDINATOR_ADDRESS, or a TPU pod's several workers).
+    coordinator is configured (JAX_COORDINATOR_ADDRESS), on a TPU pod slice's several
+    workers (TPU_WORKER_HOSTNAMES), or in a SLURM job step of several tasks (SLURM_NTASKS);
+    `jax.distributed.initialize()` reads the rest from that environment.
     Must run before any other JAX call. Returns whether it initialized.
     """
     flag = str(multihost).lower()
     if flag in ("false", "0", "no"):
         return False
     if flag == "auto":
-        env_says = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (
-            len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+        env_says = (
+            bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+            or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+            or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
         )
         if not env_says:
             return False
