@@ -566,10 +566,6 @@ def train(
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
-    sharding.maybe_initialize_distributed(config.mesh.multihost)
-    mesh = mesh or make_mesh_from_config(config)
-    if model_config is None or params is None:
-        model_config, params = _model_from_config(config)
     # One name or a TRL-style mix; unknown names fail before any compilation.
     loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
     hyper = (
@@ -580,6 +576,10 @@ def train(
     losses.check_options(loss_name, hyper)
     for message in losses.trl_differences(loss_name, hyper):
         log.warning("differs from TRL: %s", message)
+    sharding.maybe_initialize_distributed(config.mesh.multihost)
+    mesh = mesh or make_mesh_from_config(config)
+    if model_config is None or params is None:
+        model_config, params = _model_from_config(config)
     if config.reference.mode in ("precomputed", "cache"):
         # before the (possibly long) reference cache pass; auto is checked once resolved
         early = resolve_reference_mode(config.reference.mode, loss_name, True)
