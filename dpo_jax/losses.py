@@ -3,11 +3,15 @@
 Read this file top to bottom:
 
 1. the two inputs losses see (`PreferenceStats` for pairs, `UnpairedStats` for KTO),
-2. the registry (`register`, `get`, `names`, `is_paired`, `needs_reference`),
-3. the shared pieces (log-ratios, f-divergence scores, TRL metrics),
+2. the registry (`register`, `get`, `names`, `is_paired`, `needs_reference`), loss mixes
+   (`parse_loss_spec`: TRL's `loss_type` list with `loss_weights`) and the option checks
+   TRL makes (`check_options`, `accepted_hypers`, `trl_differences`),
+3. the shared pieces (log-ratios, f-divergence scores, TRL metrics, `CountedMean` subset
+   metrics, `RunningMean` for BCO's reward shift),
 4. the catalogue itself, one short function per loss with its paper and formula,
 5. the batch-level options TRL users know (`ld_alpha`, WPO `use_weighting`, `rpo_alpha`,
-   several `loss_type`s with `loss_weights`) gathered in `compute_loss`.
+   several `loss_type`s with `loss_weights`) gathered in `compute_loss`, and
+   `compute_loss_with_state` for losses with running statistics (`bco_pair_shifted`).
 
 Notation used in every docstring (all per example, summed over completion tokens):
 
@@ -20,7 +24,8 @@ Notation used in every docstring (all per example, summed over completion tokens
 
 A loss is `fn(stats, **hyper) -> (per_example_loss_B, metrics)`, metrics being float32
 scalars under TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
-`rewards/margins`, `logps/chosen`, `logps/rejected`). Hyper-parameters are keyword
+`rewards/margins`, `logps/chosen`, `logps/rejected`), or `CountedMean`s for means over a
+subset of the batch (KTO). Hyper-parameters are keyword
 arguments named as in TRL and are plain Python numbers or (for sweeps) JAX scalars;
 string options (`f_divergence_type`) are static. Inputs are upcast to float32 first, so
 bf16 log-probs in the thousands do not overflow or lose the margin.
