@@ -157,13 +157,16 @@ def test_mix_from_the_command_line_is_the_weighted_sum_of_its_losses():
     single = {n: np.asarray(losses.get(n)(make_stats(), **({"beta": beta} if n != "sft" else {}))[0]) for n in ("sigmoid", "sft")}  # fmt: skip
     np.testing.assert_allclose(loss, single["sigmoid"] + 0.25 * single["sft"], rtol=1e-6)
     np.testing.assert_allclose(float(metrics["loss/sft"]), nll, rtol=1e-6)
-    # and TRL's own loss with loss_type=['sigmoid', 'sft'], loss_weights=[1.0, 0.25]
-    np.testing.assert_allclose(
-        float(jnp.mean(loss)), trl_dpo_loss(["sigmoid", "sft"], [1.0, 0.25], beta=beta), rtol=1e-5
-    )
     # a Python config file may assign the list itself
     config.loss.name = ["sigmoid", "sft"]
     assert losses.parse_loss_spec(config.loss.name, None) == (("sigmoid", 1.0), ("sft", 1.0))
+
+
+def test_mix_matches_trls_own_loss_type_list():
+    spec = losses.parse_loss_spec("['sigmoid','sft']", "[1.0, 0.25]")
+    np.testing.assert_allclose(
+        ours(spec, beta=0.2), trl_dpo_loss(["sigmoid", "sft"], [1.0, 0.25], beta=0.2), rtol=1e-5
+    )
 
 
 def test_train_with_a_mix_from_the_override_string_and_the_cdpo_warning(tmp_path, caplog):
@@ -279,9 +282,9 @@ def test_f_divergence_is_refused_where_trl_refuses_it(loss):
 
 
 def test_exo_epsilon_zero_is_refused_as_trl_does():
-    assert "label_smoothing == 0.0" in trl_source()  # TRL 1.16 raises on it
     with pytest.raises(UserError, match="loss.hyper.label_smoothing"):
         losses.check_options(["exo_pair", "sft"], {"label_smoothing": 0.0})
+    assert "label_smoothing == 0.0" in trl_source()  # TRL 1.16 raises on it
     np.testing.assert_allclose(
         ours("exo_pair", beta=0.1, label_smoothing=1e-3),
         trl_dpo_loss(["exo_pair"], beta=0.1, label_smoothing=1e-3),
@@ -338,6 +341,10 @@ def test_bco_pair_shifted_equals_older_trls_formula_over_batches():
         np.testing.assert_allclose(loss, older(c, r, RC, RR), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(float(metrics["delta"]), older.mean, rtol=1e-5, atol=1e-7)
     assert float(state["bco_pair_shifted"].count) == 3 * 8
+
+
+def test_bco_shift_has_no_gradient_and_bco_pair_is_trl_116s():
+    beta = 0.5
     # the shift carries no gradient; bco_pair (TRL 1.16) has no shift
     g = jax.grad(lambda c: jnp.sum(losses.bco_pair_shifted(make_stats(c=c), beta=beta)[0]))(
         jnp.asarray(C, jnp.float32)
@@ -345,6 +352,8 @@ def test_bco_pair_shifted_equals_older_trls_formula_over_batches():
     bc = beta * (C - RC)
     delta = np.mean(np.r_[bc, beta * (R - RR)])
     np.testing.assert_allclose(g, -beta * (1 - 1 / (1 + np.exp(-(bc - delta)))), rtol=1e-5)
+    br = beta * (R - RR)
+    np.testing.assert_allclose(ours("bco_pair", beta=beta), np.mean(-log_sig(bc) - log_sig(-br)), rtol=1e-6)  # fmt: skip
     np.testing.assert_allclose(
         ours("bco_pair", beta=beta), trl_dpo_loss(["bco_pair"], beta=beta), rtol=1e-5
     )
