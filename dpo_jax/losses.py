@@ -3,11 +3,15 @@
 Read this file top to bottom:
 
 1. the two inputs losses see (`PreferenceStats` for pairs, `UnpairedStats` for KTO),
-2. the registry (`register`, `get`, `names`, `is_paired`, `needs_reference`),
-3. the shared pieces (log-ratios, f-divergence scores, TRL metrics),
+2. the registry (`register`, `get`, `names`, `is_paired`, `needs_reference`), loss mixes
+   (`parse_loss_spec`: TRL's `loss_type` list with `loss_weights`) and the option checks
+   TRL makes (`check_options`, `accepted_hypers`, `trl_differences`),
+3. the shared pieces (log-ratios, f-divergence scores, TRL metrics, `CountedMean` subset
+   metrics, `RunningMean` for BCO's reward shift),
 4. the catalogue itself, one short function per loss with its paper and formula,
 5. the batch-level options TRL users know (`ld_alpha`, WPO `use_weighting`, `rpo_alpha`,
-   several `loss_type`s with `loss_weights`) gathered in `compute_loss`.
+   several `loss_type`s with `loss_weights`) gathered in `compute_loss`, and
+   `compute_loss_with_state` for losses with running statistics (`bco_pair_shifted`).
 
 Notation used in every docstring (all per example, summed over completion tokens):
 
@@ -20,7 +24,8 @@ Notation used in every docstring (all per example, summed over completion tokens
 
 A loss is `fn(stats, **hyper) -> (per_example_loss_B, metrics)`, metrics being float32
 scalars under TRL's names (`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
-`rewards/margins`, `logps/chosen`, `logps/rejected`). Hyper-parameters are keyword
+`rewards/margins`, `logps/chosen`, `logps/rejected`), or `CountedMean`s for means over a
+subset of the batch (KTO). Hyper-parameters are keyword
 arguments named as in TRL and are plain Python numbers or (for sweeps) JAX scalars;
 string options (`f_divergence_type`) are static. Inputs are upcast to float32 first, so
 bf16 log-probs in the thousands do not overflow or lose the margin.
@@ -35,16 +40,19 @@ Add your own loss next to these, in a notebook or a module:
 
 from __future__ import annotations
 
+import ast
 import difflib
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from dpo_jax.errors import config_error
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -106,6 +114,11 @@ _REGISTRY: dict[str, LossFn] = {}
 _PAIRED: dict[str, bool] = {}
 _NEEDS_REFERENCE: dict[str, bool] = {}
 _NEEDS_LOG1M: dict[str, bool] = {}
+# Losses with running statistics carried in the train state: name -> (init, update).
+_STATE: dict[str, tuple[Callable[[], Any], Callable[..., Any]]] = {}
+
+# A loss specification: (name, weight) terms summed as TRL's `loss_type` / `loss_weights`.
+LossSpec = tuple[tuple[str, float], ...]
 
 
 def register(
@@ -115,16 +128,24 @@ def register(
     paired: bool = True,
     needs_reference: bool = True,
     needs_log1m: bool = False,
+    state_init: Callable[[], Any] | None = None,
+    state_update: Callable[..., Any] | None = None,
 ):
     """Registers `fn` as loss `name`; works as `@register("x")` and `register("x")(fn)`.
 
     `paired` says the loss takes `PreferenceStats` (False: `UnpairedStats`);
     `needs_reference` tells the trainer whether to compute reference log-probs;
     `needs_log1m` whether the policy forward must also sum log(1 - p_t) per sequence.
+    A loss with running statistics (BCO's reward shift) gives `state_init() -> state`
+    and `state_update(state, stats, **hyper) -> state`; the train step keeps the state
+    in `TrainState.loss_state[name]`, updates it before each micro-batch's loss and
+    passes the updated state to `fn` as `loss_state=`.
     Registering a taken name replaces it with a warning (notebook cells get re-run).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"losses.register: name must be a non-empty string, got {name!r}")
+    if (state_init is None) != (state_update is None):
+        raise ValueError(f"losses.register({name!r}): give both state_init and state_update")
 
     def decorator(loss_fn: LossFn) -> LossFn:
         if not callable(loss_fn):
@@ -137,6 +158,9 @@ def register(
         _PAIRED[name] = paired
         _NEEDS_REFERENCE[name] = needs_reference
         _NEEDS_LOG1M[name] = needs_log1m
+        _STATE.pop(name, None)
+        if state_init is not None:
+            _STATE[name] = (state_init, state_update)
         return loss_fn
 
     return decorator if fn is None else decorator(fn)
@@ -160,22 +184,226 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def is_paired(name: str) -> bool:
-    """True if loss `name` takes `PreferenceStats`, False if `UnpairedStats`."""
-    _check_name(name)
-    return _PAIRED[name]
+def loss_names(loss: str | Sequence[Any]) -> list[str]:
+    """The loss names of a name, a list of names or a `LossSpec`."""
+    if isinstance(loss, str):
+        return [loss]
+    return [term if isinstance(term, str) else term[0] for term in loss]
 
 
-def needs_reference(name: str) -> bool:
-    """True if loss `name` reads reference log-probs."""
-    _check_name(name)
-    return _NEEDS_REFERENCE[name]
+def is_paired(loss: str | Sequence[Any]) -> bool:
+    """True if the loss (a name or a mix) takes `PreferenceStats`, False if `UnpairedStats`.
+
+    A mix of paired and unpaired losses is a `UserError`.
+    """
+    kinds = set()
+    for name in loss_names(loss):
+        _check_name(name)
+        kinds.add(_PAIRED[name])
+    if len(kinds) > 1:
+        raise config_error(
+            "loss.name",
+            f"{loss_names(loss)} mixes paired and unpaired (KTO-style) losses",
+            "a mix takes one kind of data: use losses of one kind",
+        )
+    return kinds.pop()
 
 
-def needs_log1m(name: str) -> bool:
-    """True if loss `name` reads `PreferenceStats.{chosen,rejected}_log1m_sum`."""
-    _check_name(name)
-    return _NEEDS_LOG1M[name]
+def needs_reference(loss: str | Sequence[Any]) -> bool:
+    """True if the loss (or any loss of a mix) reads reference log-probs."""
+    for name in loss_names(loss):
+        _check_name(name)
+    return any(_NEEDS_REFERENCE[n] for n in loss_names(loss))
+
+
+def needs_log1m(loss: str | Sequence[Any]) -> bool:
+    """True if the loss (or any of a mix) reads `PreferenceStats.{chosen,rejected}_log1m_sum`."""
+    for name in loss_names(loss):
+        _check_name(name)
+    return any(_NEEDS_LOG1M[n] for n in loss_names(loss))
+
+
+def _parse_list(value: Any, key: str) -> list[Any]:
+    """A list from a list/tuple, a scalar, `"[a, b]"` / `"(a, b)"` or `"a,b"` (command line)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "[(":
+            try:
+                parsed = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as e:
+                raise config_error(key, f"cannot parse {value!r} as a list ({e})") from None
+            return list(parsed) if isinstance(parsed, list | tuple) else [parsed]
+        return [part.strip().strip("'\"") for part in text.split(",")]
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+def parse_loss_spec(name: Any, weights: Any = None) -> LossSpec:
+    """`loss.name` / `loss.weights` as ((name, weight), ...), TRL's `loss_type` / `loss_weights`.
+
+    `name` is one name, a list, or its command-line string `"['sigmoid','sft']"` or
+    `"sigmoid,sft"`; `weights` None (all 1.0), a number, a matching list or its string.
+    Unknown or repeated names, a weight count that does not match, or a mix of paired
+    and unpaired losses raise `UserError` naming the config key.
+    """
+    loss_list = [str(n).strip() for n in _parse_list(name, "loss.name")]
+    if not loss_list or any(not n for n in loss_list):
+        raise config_error(
+            "loss.name", f"no loss name in {name!r}", f"valid names: {sorted(_REGISTRY)}"
+        )
+    unknown = [n for n in loss_list if n not in _REGISTRY]
+    if unknown:
+        close = [c for n in unknown for c in difflib.get_close_matches(n, _REGISTRY, n=2)]
+        hint = f"did you mean {close}? " if close else ""
+        raise config_error(
+            "loss.name",
+            f"unknown loss {', '.join(map(repr, unknown))}",
+            f"{hint}valid names: {sorted(_REGISTRY)}",
+        )
+    repeated = sorted({n for n in loss_list if loss_list.count(n) > 1})
+    if repeated:
+        raise config_error(
+            "loss.name",
+            f"{repeated} listed twice",
+            "give each loss once and set its weight in loss.weights",
+        )
+    if (
+        weights is None
+        or (isinstance(weights, str) and not weights.strip())
+        or (isinstance(weights, list | tuple) and not weights)
+    ):
+        weight_list = [1.0] * len(loss_list)
+    else:
+        try:
+            weight_list = [float(w) for w in _parse_list(weights, "loss.weights")]
+        except (TypeError, ValueError):
+            raise config_error("loss.weights", f"{weights!r} is not a list of numbers") from None
+    if len(weight_list) != len(loss_list):
+        raise config_error(
+            "loss.weights",
+            f"{len(weight_list)} weights {weight_list} for {len(loss_list)} losses {loss_list}",
+            "give one weight per loss in loss.name",
+        )
+    if not all(math.isfinite(w) for w in weight_list):
+        raise config_error("loss.weights", f"weights must be finite, got {weight_list}")
+    spec = tuple(zip(loss_list, weight_list, strict=True))
+    is_paired(spec)  # refuses a paired/unpaired mix
+    return spec
+
+
+# --------------------------------------------------------------------------------------
+# 2b. Hyper-parameters: what each loss accepts, and the checks TRL makes
+# --------------------------------------------------------------------------------------
+
+# Batch-level options `compute_loss` takes itself (paired losses), as TRL's DPOConfig.
+BATCH_OPTIONS = ("rpo_alpha", "use_weighting", "ld_alpha")
+# f-divergence options: every DPOConfig carries them, so a loss that ignores them does not
+# make them "unused" (`check_options` refuses an f other than reverse_kl where TRL does).
+F_OPTIONS = ("f_divergence_type", "f_alpha_divergence_coef")
+_NOT_HYPERS = ("stats", "loss_state")
+
+
+def _accepts(fn: Callable[..., Any], hyper: str) -> bool:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return True  # e.g. a `combined(...)` loss forwards everything
+    p = params.get(hyper)
+    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+
+
+def accepted_hypers(loss: str | Sequence[Any]) -> frozenset[str]:
+    """Every `loss.hyper` key the loss (or mix) accepts: its keyword arguments plus the
+    batch-level options (paired losses) and the f-divergence options.
+
+    For config validation: a key outside this set is a typo. A loss taking `**kwargs`
+    contributes no names (it forwards to other losses, whose names count).
+    """
+    accepted = set(F_OPTIONS)
+    for name in loss_names(loss):
+        for p in list(inspect.signature(get(name)).parameters.values())[1:]:
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _NOT_HYPERS:
+                accepted.add(p.name)
+    if is_paired(loss):
+        accepted.update(BATCH_OPTIONS)
+    return frozenset(accepted)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_options(loss: str | Sequence[Any], hyper: Mapping[str, Any]) -> None:
+    """Refuse what TRL 1.16 refuses, before any compile; raises `UserError` naming the key.
+
+    An f-divergence other than reverse_kl with a loss that takes plain log-ratios (see
+    `F_DIVERGENCE_LOSSES`), an unknown f-divergence, `exo_pair` with epsilon
+    (`label_smoothing`) outside (0, 1), `robust` with label_smoothing outside [0, 0.5),
+    WPO weighting with the sorting `aot` losses. Traced (sweep) values are not checked.
+    """
+    names_ = loss_names(loss)
+    kind = hyper.get("f_divergence_type", "reverse_kl")
+    if kind not in F_DIVERGENCES:
+        raise config_error(
+            "loss.hyper.f_divergence_type",
+            f"unknown f-divergence {kind!r}",
+            f"use one of {F_DIVERGENCES}",
+        )
+    if kind != "reverse_kl":
+        takes = [n for n in names_ if _accepts(get(n), "f_divergence_type")]
+        refused = [n for n in names_ if n not in takes and _NEEDS_REFERENCE[n]]
+        if refused or not takes:
+            raise config_error(
+                "loss.hyper.f_divergence_type",
+                f"{kind!r} does not apply to {refused or names_} (TRL 1.16 allows it only with "
+                f"{list(F_DIVERGENCE_LOSSES)}, plus 'sft' in a mix)",
+                "use f_divergence_type='reverse_kl' with these losses",
+            )
+    coef = hyper.get("f_alpha_divergence_coef")
+    if kind == "alpha_divergence" and _is_number(coef) and not math.isfinite(coef):
+        raise config_error("loss.hyper.f_alpha_divergence_coef", f"must be finite, got {coef}")
+    smoothing = hyper.get("label_smoothing")
+    if "exo_pair" in names_ and smoothing is not None:
+        _check_exo_epsilon(smoothing)
+    if "robust" in names_ and _is_number(smoothing) and not 0.0 <= smoothing < 0.5:
+        raise config_error(
+            "loss.hyper.label_smoothing",
+            f"robust needs 0 <= label_smoothing < 0.5 (the label-noise rate), got {smoothing}",
+        )
+    sorting = [n for n in names_ if n in ("aot", "aot_unpaired")]
+    if hyper.get("use_weighting") and sorting:
+        raise config_error(
+            "loss.hyper.use_weighting",
+            f"WPO weighting does not apply to {sorting}: they sort pairs, misaligning the weights",
+            "as TRL 1.16, set use_weighting=False with these losses",
+        )
+
+
+def trl_differences(loss: str | Sequence[Any], hyper: Mapping[str, Any]) -> list[str]:
+    """Settings whose meaning here differs from TRL 1.16 `DPOTrainer`, one message each.
+
+    `train()` logs them once at start, so a ported config does not change meaning
+    silently. Today: label_smoothing on `sigmoid` is cDPO here and ignored by TRL 1.16.
+    """
+    messages = []
+    smoothing = hyper.get("label_smoothing")
+    if (
+        "sigmoid" in loss_names(loss)
+        and smoothing is not None
+        and not (_is_number(smoothing) and smoothing == 0)
+    ):
+        messages.append(
+            f"loss.hyper.label_smoothing={smoothing} with loss 'sigmoid' is conservative DPO "
+            "(cDPO, as the original DPO code): -(1-e) log s(beta h) - e log s(-beta h). "
+            "TRL 1.16 ignores label_smoothing for 'sigmoid'; set it to 0 for TRL's numbers"
+        )
+    return messages
+
+
+def init_loss_state(loss: str | Sequence[Any]) -> dict[str, Any] | None:
+    """The initial running statistics of the stateful losses of `loss`, or None if none."""
+    state = {n: _STATE[n][0]() for n in loss_names(loss) if n in _STATE}
+    return state or None
 
 
 # --------------------------------------------------------------------------------------
@@ -214,36 +442,45 @@ def margin(stats: PreferenceStats, loss: str = "?") -> Array:
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_ALPHA_DIVERGENCE_COEF = 0.5  # TRL's DPOConfig default (at 1.0 the alpha-divergence is DPO)
+# The losses TRL 1.16 allows under an f-divergence other than reverse_kl: the f-DPO
+# reparameterisation leaves a beta log Z(x) term that cancels only in a chosen-minus-
+# rejected score, so nca_pair, bco_pair, sppo_hard, apo_zero/down and aot take plain
+# log-ratios and are refused with another f (`check_options`). `sft` ignores scores.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
 _EXP_CAP = 80.0  # exp(80) ~ 5e34 stays finite in float32 (TRL caps its alpha-divergence there too)
 
 
 def f_scores(
     stats: PreferenceStats,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
     loss: str = "?",
 ) -> tuple[Array, Array]:
     """Chosen and rejected scores f'(u) of the ratio u = pi/pi_ref (Wang et al. 2023, f-DPO).
 
-    reverse_kl: log u (plain DPO); forward_kl: -1/u; js_divergence: log(u/(1+u));
-    alpha_divergence: u^(a-1)/(a-1), reverse_kl at a = 1 (constants dropped, as in TRL).
+    With r = log u, as TRL 1.16 (constants included: they cancel in the margin of
+    `sigmoid`, but not once `ipo` / `sigmoid_norm` divide each score by its length):
+    reverse_kl: r (plain DPO); forward_kl: 1 - e^(-r); js_divergence: log 2 + s(r);
+    alpha_divergence: (e^((a-1) r) - 1)/(a-1), reverse_kl at a = 1.
     """
     chosen, rejected = log_ratios(stats, loss)
     if f_divergence_type == "reverse_kl":
         return chosen, rejected
     if f_divergence_type == "forward_kl":
-        score = lambda r: -jnp.exp(jnp.minimum(-r, _EXP_CAP))
+        score = lambda r: 1.0 - jnp.exp(jnp.minimum(-r, _EXP_CAP))
     elif f_divergence_type == "js_divergence":
-        score = jax.nn.log_sigmoid
+        score = lambda r: math.log(2.0) + jax.nn.log_sigmoid(r)
     elif f_divergence_type == "alpha_divergence":
         a = float(f_alpha_divergence_coef)
         if abs(a - 1.0) < 1e-6:  # the limit a -> 1 is log u
             return chosen, rejected
-        score = lambda r: jnp.exp(jnp.minimum((a - 1.0) * r, _EXP_CAP)) / (a - 1.0)
+        score = lambda r: (jnp.exp(jnp.minimum((a - 1.0) * r, _EXP_CAP)) - 1.0) / (a - 1.0)
     else:
-        raise ValueError(
-            f"loss {loss!r}: unknown f_divergence_type {f_divergence_type!r}; "
-            f"expected one of {F_DIVERGENCES}"
+        raise config_error(
+            "loss.hyper.f_divergence_type",
+            f"unknown f-divergence {f_divergence_type!r} (loss {loss!r})",
+            f"use one of {F_DIVERGENCES}",
         )
     return score(chosen), score(rejected)
 
@@ -292,6 +529,91 @@ def _smoothed_sigmoid(x: Array, label_smoothing: float | Array) -> Array:
     )
 
 
+@flax.struct.dataclass
+class CountedMean:
+    """A metric that is a mean over a subset of the examples, kept as (sum, count).
+
+    Micro-batches, steps and held-out batches add their sums and counts, so the logged
+    value is the count-weighted mean; a subset absent everywhere is omitted rather than
+    logged as 0 (TRL's KTOTrainer). `finalize_metrics` turns it into a float.
+    """
+
+    total: Array
+    count: Array
+
+    def __add__(self, other: CountedMean) -> CountedMean:
+        return CountedMean(self.total + other.total, self.count + other.count)
+
+    def value(self) -> float | None:
+        """total / count, or None when the subset is empty."""
+        count = float(self.count)
+        return float(self.total) / count if count > 0 else None
+
+
+@flax.struct.dataclass
+class MeanDifference:
+    """The difference of two `CountedMean`s (KTO's rewards/margins); None if either is empty."""
+
+    first: CountedMean
+    second: CountedMean
+
+    def __add__(self, other: MeanDifference) -> MeanDifference:
+        return MeanDifference(self.first + other.first, self.second + other.second)
+
+    def value(self) -> float | None:
+        """first.value() - second.value(), or None when either subset is empty."""
+        a, b = self.first.value(), self.second.value()
+        return None if a is None or b is None else a - b
+
+
+def is_counted(value: Any) -> bool:
+    """True for metrics that aggregate by summing (`CountedMean`, `MeanDifference`)."""
+    return isinstance(value, CountedMean | MeanDifference)
+
+
+def subset_mean(values: Array, mask: Array) -> CountedMean:
+    """`CountedMean` of `values` where `mask` is 1 (no gradient)."""
+    mask = _f32(mask)
+    return CountedMean(jnp.sum(jax.lax.stop_gradient(_f32(values)) * mask), jnp.sum(mask))
+
+
+def finalize_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Host-side metrics with counted ones resolved to floats and empty subsets omitted."""
+    out = {}
+    for key, value in metrics.items():
+        if is_counted(value):
+            value = value.value()
+            if value is None:
+                continue
+        out[key] = value
+    return out
+
+
+@flax.struct.dataclass
+class RunningMean:
+    """Count-weighted running mean of every value seen (BCO's reward shift delta).
+
+    `update` adds a batch: mean += (batch_mean - mean) n / (count + n), count += n,
+    as TRL's `RunningMoments` (its initial count 1e-24 is 0 here). Kept without gradient.
+    """
+
+    mean: Array
+    count: Array
+
+    @classmethod
+    def zeros(cls) -> RunningMean:
+        """No values seen yet: mean 0, count 0."""
+        return cls(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+    def update(self, values: Array) -> RunningMean:
+        """The running mean after also seeing `values` (any shape)."""
+        values = jax.lax.stop_gradient(_f32(values)).reshape(-1)
+        n = float(values.size)
+        count = self.count + n
+        mean = self.mean + (jnp.mean(values) - self.mean) * (n / count)
+        return RunningMean(mean, count)
+
+
 # --------------------------------------------------------------------------------------
 # 4. The catalogue. Paired losses with a reference model first.
 # --------------------------------------------------------------------------------------
@@ -303,11 +625,14 @@ def sigmoid(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
 ) -> tuple[Array, Metrics]:
     """DPO (Rafailov et al. 2023); cDPO with label_smoothing e (Mitchell 2023).
 
     loss = -(1-e) s(beta h) - e s(-beta h)
+
+    Differs from TRL 1.16, whose 'sigmoid' ignores label_smoothing (this is the original
+    DPO code's cDPO); `train()` logs a warning naming it when e > 0.
     """
     c, r = f_scores(stats, f_divergence_type, f_alpha_divergence_coef, "sigmoid")
     return _smoothed_sigmoid(beta * (c - r), label_smoothing), reward_metrics(stats, beta)
@@ -319,16 +644,13 @@ def robust(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
 ) -> tuple[Array, Metrics]:
     """rDPO, unbiased under label noise e < 1/2 (Chowdhury et al. 2024).
 
     loss = (-(1-e) s(beta h) + e s(-beta h)) / (1 - 2e)
     """
-    if isinstance(label_smoothing, int | float) and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(
-            f"loss 'robust': label_smoothing must be in [0, 0.5), got {label_smoothing}"
-        )
+    check_options("robust", {"label_smoothing": label_smoothing})
     c, r = f_scores(stats, f_divergence_type, f_alpha_divergence_coef, "robust")
     x = beta * (c - r)
     loss = (
@@ -342,7 +664,7 @@ def hinge(
     stats: PreferenceStats,
     beta: float = 0.1,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
 ) -> tuple[Array, Metrics]:
     """SLiC-HF calibration hinge (Zhao et al. 2023) on the DPO margin.
 
@@ -358,7 +680,7 @@ def ipo(
     beta: float = 0.1,
     ipo_normalize: bool = True,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
 ) -> tuple[Array, Metrics]:
     """IPO (Azar et al. 2023, eq. 17), beta playing tau.
 
@@ -372,21 +694,33 @@ def ipo(
     return (c - r - 1.0 / (2.0 * beta)) ** 2, reward_metrics(stats, beta)
 
 
+def _check_exo_epsilon(label_smoothing: float | Array) -> None:
+    # Python numbers only: a traced sweep value cannot be checked here.
+    if isinstance(label_smoothing, int | float) and not 0.0 < label_smoothing < 1.0:
+        raise config_error(
+            "loss.hyper.label_smoothing",
+            f"exo_pair needs 0 < label_smoothing < 1 (its epsilon), got {label_smoothing}",
+            "the EXO paper uses 1e-3",
+        )
+
+
 @register("exo_pair")
 def exo_pair(
     stats: PreferenceStats,
     beta: float = 0.1,
     label_smoothing: float = 1e-3,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
 ) -> tuple[Array, Metrics]:
     """EXO-pref (Ji et al. 2024, eq. 16): KL(q || p) with q = softmax over the pair.
 
-    loss = sig(x)(s(x) - log(1-e)) + sig(-x)(s(-x) - log e), x = beta h; e = 0 uses 1e-3 as TRL.
+    loss = sig(x)(s(x) - log(1-e)) + sig(-x)(s(-x) - log e), x = beta h. The default e is the
+    paper's 1e-3; e must lie in (0, 1): e = 0 is refused, as TRL 1.16 does (log 0).
     """
+    _check_exo_epsilon(label_smoothing)
     c, r = f_scores(stats, f_divergence_type, f_alpha_divergence_coef, "exo_pair")
     x = beta * (c - r)
-    eps = jnp.where(jnp.asarray(label_smoothing) > 0, label_smoothing, 1e-3).astype(jnp.float32)
+    eps = jnp.asarray(label_smoothing, jnp.float32)
     loss = jax.nn.sigmoid(x) * (jax.nn.log_sigmoid(x) - jnp.log1p(-eps)) + jax.nn.sigmoid(-x) * (
         jax.nn.log_sigmoid(-x) - jnp.log(eps)
     )
@@ -397,14 +731,12 @@ def exo_pair(
 def nca_pair(
     stats: PreferenceStats,
     beta: float = 0.1,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
 ) -> tuple[Array, Metrics]:
     """NCA (Chen et al. 2024, noise-contrastive alignment), pairwise form.
 
     loss = -s(beta logr_c) - s(-beta logr_c)/2 - s(-beta logr_r)/2
     """
-    c, r = f_scores(stats, f_divergence_type, f_alpha_divergence_coef, "nca_pair")
+    c, r = log_ratios(stats, "nca_pair")
     loss = (
         -jax.nn.log_sigmoid(beta * c)
         - 0.5 * jax.nn.log_sigmoid(-beta * c)
@@ -417,30 +749,57 @@ def nca_pair(
 def bco_pair(
     stats: PreferenceStats,
     beta: float = 0.1,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
 ) -> tuple[Array, Metrics]:
-    """BCO (Jung et al. 2024), pairwise binary classifier, as TRL 1.x (no running shift).
+    """BCO (Jung et al. 2024), pairwise binary classifier, as TRL 1.x: no reward shift.
 
-    loss = -s(beta logr_c) - s(-beta logr_r)
+    loss = -s(beta logr_c) - s(-beta logr_r). The paper's form, with the running reward
+    shift delta that older TRL used, is `bco_pair_shifted`.
     """
-    c, r = f_scores(stats, f_divergence_type, f_alpha_divergence_coef, "bco_pair")
+    c, r = log_ratios(stats, "bco_pair")
     loss = -jax.nn.log_sigmoid(beta * c) - jax.nn.log_sigmoid(-beta * r)
     return loss, reward_metrics(stats, beta)
+
+
+def bco_shift_update(state: RunningMean, stats: PreferenceStats, beta: float = 0.1) -> RunningMean:
+    """BCO's delta after this batch: the running mean of all 2B rewards beta logr_c, beta logr_r."""
+    c, r = log_ratios(stats, "bco_pair_shifted")
+    return state.update(jnp.concatenate([beta * c, beta * r]))
+
+
+@register("bco_pair_shifted", state_init=RunningMean.zeros, state_update=bco_shift_update)
+def bco_pair_shifted(
+    stats: PreferenceStats, beta: float = 0.1, loss_state: RunningMean | None = None
+) -> tuple[Array, Metrics]:
+    """BCO (Jung et al. 2024, eq. 8) with the paper's running reward shift delta.
+
+    loss = -s(beta logr_c - delta) - s(-(beta logr_r - delta)), delta = the running mean
+    (no gradient) of every reward beta logr_c, beta logr_r seen in training, this batch
+    included, as older TRL's `bco_pair` and its BCOTrainer. The train step keeps delta in
+    `TrainState.loss_state["bco_pair_shifted"]` (checkpointed); with grad_accum_steps A
+    each micro-batch adds its 2B rewards before its loss, as TRL's per-forward update;
+    evaluation reads delta without adding to it; a skipped (non-finite) step leaves it.
+    Called alone (`loss_state=None`) delta is this batch's mean reward. Metric: `delta`.
+    """
+    if loss_state is None:
+        loss_state = bco_shift_update(RunningMean.zeros(), stats, beta)
+    c, r = log_ratios(stats, "bco_pair_shifted")
+    delta = jax.lax.stop_gradient(loss_state.mean)
+    loss = -jax.nn.log_sigmoid(beta * c - delta) - jax.nn.log_sigmoid(-(beta * r - delta))
+    metrics = reward_metrics(stats, beta)
+    metrics["delta"] = delta
+    return loss, metrics
 
 
 @register("sppo_hard")
 def sppo_hard(
     stats: PreferenceStats,
     beta: float = 0.1,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
 ) -> tuple[Array, Metrics]:
     """SPPO (Wu et al. 2024, eq. 4.7) with hard win probabilities 1 and 0.
 
     loss = (logr_c - 1/(2 beta))^2 + (logr_r + 1/(2 beta))^2
     """
-    c, r = f_scores(stats, f_divergence_type, f_alpha_divergence_coef, "sppo_hard")
+    c, r = log_ratios(stats, "sppo_hard")
     loss = (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
     return loss, reward_metrics(stats, beta)
 
@@ -489,16 +848,13 @@ def apo_zero(stats: PreferenceStats, beta: float = 0.1) -> tuple[Array, Metrics]
 def apo_down(
     stats: PreferenceStats,
     beta: float = 0.1,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
 ) -> tuple[Array, Metrics]:
     """APO-down (D'Oosterlinck et al. 2024, eq. 8): both down, rejected more.
 
     loss = sig(beta logr_c) + 1 - sig(beta h)
     """
-    c_raw, _ = log_ratios(stats, "apo_down")
-    c, r = f_scores(stats, f_divergence_type, f_alpha_divergence_coef, "apo_down")
-    loss = jax.nn.sigmoid(beta * c_raw) + 1.0 - jax.nn.sigmoid(beta * (c - r))
+    c, r = log_ratios(stats, "apo_down")
+    loss = jax.nn.sigmoid(beta * c) + 1.0 - jax.nn.sigmoid(beta * (c - r))
     return loss, reward_metrics(stats, beta)
 
 
@@ -508,7 +864,7 @@ def discopop(
     beta: float = 0.1,
     discopop_tau: float = 0.05,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
 ) -> tuple[Array, Metrics]:
     """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, eq. 5), x = beta h.
 
@@ -527,7 +883,7 @@ def sigmoid_norm(
     stats: PreferenceStats,
     beta: float = 0.1,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
 ) -> tuple[Array, Metrics]:
     """DPO on per-token log-ratios (TRL's length-normalised sigmoid).
 
@@ -667,21 +1023,19 @@ def kto_reference_point(stats: UnpairedStats, loss: str = "kto") -> Array:
 
 
 def _unpaired_metrics(stats: UnpairedStats, rewards: Array, desirable: Array, loss: str) -> Metrics:
-    # Means over the desirable / undesirable subsets; a subset absent from the batch logs 0.
+    # Subset means as CountedMean: count-weighted over micro-batches and held-out batches,
+    # omitted when the subset is absent (TRL's KTOTrainer), never logged as 0.
     logps = require(stats, "logps", loss)
-    n_d = jnp.maximum(jnp.sum(desirable), 1.0)
-    n_u = jnp.maximum(jnp.sum(1.0 - desirable), 1.0)
-    sg = jax.lax.stop_gradient
-    chosen = jnp.sum(sg(rewards) * desirable) / n_d
-    rejected = jnp.sum(sg(rewards) * (1.0 - desirable)) / n_u
+    undesirable = 1.0 - desirable
+    chosen, rejected = subset_mean(rewards, desirable), subset_mean(rewards, undesirable)
     correct = jnp.where(desirable > 0, rewards > 0, rewards < 0)
     return {
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/accuracies": _mean(correct),
-        "rewards/margins": chosen - rejected,
-        "logps/chosen": jnp.sum(sg(logps) * desirable) / n_d,
-        "logps/rejected": jnp.sum(sg(logps) * (1.0 - desirable)) / n_u,
+        "rewards/margins": MeanDifference(chosen, rejected),
+        "logps/chosen": subset_mean(logps, desirable),
+        "logps/rejected": subset_mean(logps, undesirable),
     }
 
 
@@ -796,17 +1150,25 @@ def wpo_weights(stats: PreferenceStats) -> Array:
     return jax.lax.stop_gradient(w)
 
 
-def _accepts(fn: LossFn, hyper: str) -> bool:
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return True  # e.g. a `combined(...)` loss forwards everything
-    p = params.get(hyper)
-    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+def _as_spec(loss_type: str | Sequence[Any], loss_weights: Sequence[float] | None) -> LossSpec:
+    terms = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not terms:
+        raise ValueError("compute_loss: loss_type is empty")
+    if all(isinstance(t, tuple) for t in terms):  # already a LossSpec
+        if loss_weights is not None:
+            raise ValueError("compute_loss: a (name, weight) spec takes no loss_weights")
+        return tuple((str(n), float(w)) for n, w in terms)
+    weights = [1.0] * len(terms) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(terms):
+        raise ValueError(
+            f"compute_loss: {len(weights)} loss_weights for {len(terms)} loss types {terms}"
+        )
+    return tuple(zip(terms, weights, strict=True))
 
 
 def compute_loss(
     stats: PreferenceStats | UnpairedStats,
-    loss_type: str | Sequence[str] = "sigmoid",
+    loss_type: str | Sequence[Any] = "sigmoid",
     loss_weights: Sequence[float] | None = None,
     rpo_alpha: float | None = None,
     use_weighting: bool = False,
@@ -815,27 +1177,48 @@ def compute_loss(
 ) -> tuple[Array, Metrics]:
     """TRL's DPOConfig front door: sum_k w_k loss_k, then + rpo_alpha NLL, then x WPO weight.
 
-    Each loss receives the hypers its signature names; a hyper no selected loss accepts
-    is an error (catches typos). Metrics come from the first loss; with `rpo_alpha`
-    `nll_loss` is added. Returns (per_example_loss_B, metrics).
+    `loss_type` is a name, a list of names (with `loss_weights`) or a `LossSpec`. Each
+    loss receives the hypers its signature names; a hyper no selected loss accepts is
+    an error (catches typos). Metrics come from the first loss; with several losses
+    `loss/<name>` is added, with `rpo_alpha` `nll_loss`. A stateful loss (see
+    `register`) starts from its initial state: `compute_loss_with_state` carries it.
+    Returns (per_example_loss_B, metrics).
     """
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    if not types:
-        raise ValueError("compute_loss: loss_type is empty")
-    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
-    if len(weights) != len(types):
-        raise ValueError(
-            f"compute_loss: {len(weights)} loss_weights for {len(types)} loss types {types}"
-        )
-    fns = [get(t) for t in types]
-    unused = [k for k in hyper if not any(_accepts(f, k) for f in fns)]
+    total, metrics, _ = compute_loss_with_state(
+        stats, loss_type, None, loss_weights=loss_weights, rpo_alpha=rpo_alpha,
+        use_weighting=use_weighting, ld_alpha=ld_alpha, **hyper,
+    )  # fmt: skip
+    return total, metrics
+
+
+def compute_loss_with_state(
+    stats: PreferenceStats | UnpairedStats,
+    loss_type: str | Sequence[Any],
+    loss_state: Mapping[str, Any] | None,
+    *,
+    update: bool = True,
+    loss_weights: Sequence[float] | None = None,
+    rpo_alpha: float | None = None,
+    use_weighting: bool = False,
+    ld_alpha: float | None = None,
+    **hyper: Any,
+) -> tuple[Array, Metrics, dict[str, Any] | None]:
+    """`compute_loss` that also carries stateful losses' running statistics.
+
+    `loss_state` maps each stateful loss name to its state (None: the initial state).
+    With `update` each state first takes in this batch, then the loss reads it (TRL's
+    order: BCO's shift includes the current batch); evaluation passes `update=False`.
+    Returns (per_example_loss_B, metrics, new_loss_state or None).
+    """
+    spec = _as_spec(loss_type, loss_weights)
+    fns = [get(name) for name, _ in spec]
+    unused = [k for k in hyper if k not in F_OPTIONS and not any(_accepts(f, k) for f in fns)]
     if unused:
         raise TypeError(
-            f"compute_loss: no loss in {types} takes hyper-parameter(s) {sorted(unused)}"
+            f"compute_loss: no loss in {loss_names(spec)} takes hyper-parameter(s) {sorted(unused)}"
         )
-    paired = {is_paired(t) for t in types}
-    if len(paired) > 1:
-        raise ValueError(f"compute_loss: cannot mix paired and unpaired losses {types}")
+    is_paired(spec)  # refuses a paired/unpaired mix
+    check_options(spec, dict(hyper, use_weighting=use_weighting))
     if not isinstance(stats, PreferenceStats) and (rpo_alpha, ld_alpha) != (None, None):
         raise ValueError(
             "compute_loss: rpo_alpha and ld_alpha apply to paired PreferenceStats only"
@@ -844,13 +1227,23 @@ def compute_loss(
         raise ValueError("compute_loss: use_weighting (WPO) applies to paired PreferenceStats only")
 
     scored = stats if ld_alpha is None else apply_ld_alpha(stats, ld_alpha)
+    new_state = dict(loss_state) if loss_state is not None else init_loss_state(spec)
     total, metrics = None, None
-    for name, fn, weight in zip(types, fns, weights, strict=True):
+    for (name, weight), fn in zip(spec, fns, strict=True):
         kwargs = {k: v for k, v in hyper.items() if _accepts(fn, k)}
+        if name in _STATE:
+            state = new_state[name]
+            if update:
+                state_update = _STATE[name][1]
+                state = state_update(
+                    state, scored, **{k: v for k, v in kwargs.items() if _accepts(state_update, k)}
+                )
+                new_state[name] = state
+            kwargs["loss_state"] = state
         loss, m = fn(scored, **kwargs)
         total = weight * loss if total is None else total + weight * loss
         metrics = m if metrics is None else metrics
-        if len(types) > 1:
+        if len(spec) > 1:
             metrics[f"loss/{name}"] = _mean(loss)
     if rpo_alpha is not None:
         nll = chosen_nll(stats, "rpo_alpha")  # on full sums: ld_alpha does not touch the NLL
@@ -858,7 +1251,7 @@ def compute_loss(
         metrics["nll_loss"] = _mean(nll)
     if use_weighting:
         total = total * wpo_weights(stats)
-    return total, metrics
+    return total, metrics, new_state
 
 
 def combined(loss_names: Sequence[str], weights: Sequence[float] | None = None) -> LossFn:

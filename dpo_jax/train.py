@@ -180,6 +180,7 @@ def state_shardings(state_shapes: TrainState, logical: Any, mesh: Mesh) -> Train
         ref_params=None if state_shapes.ref_params is None else param_sh,
         rng=repl,
         skipped_steps=repl,
+        loss_state=jax.tree.map(lambda _: repl, state_shapes.loss_state),
     )
 
 
@@ -280,7 +281,7 @@ def build_trainer(
     params: Any,
     *,
     mesh: Mesh,
-    loss_name: str,
+    loss_name: str | losses.LossSpec,
     loss_hyper: Mapping[str, Any],
     optim_config: Mapping[str, Any],
     total_steps: int,
@@ -300,8 +301,9 @@ def build_trainer(
     logical = models.logical_axes(model_config)
     optimizer, schedule = optim.make_optimizer(optim_config, total_steps, params, logical)
     with_ref = reference == "frozen"
+    loss_state = losses.init_loss_state(loss_name)  # BCO's running shift, or None
     abstract = jax.eval_shape(
-        lambda p: init_state(p, optimizer, jax.random.key(0), with_ref), params
+        lambda p: init_state(p, optimizer, jax.random.key(0), with_ref, loss_state), params
     )
     shard = state_shardings(abstract, logical, mesh)
     step_config = StepConfig(
@@ -324,7 +326,7 @@ def build_trainer(
         ref_params = jax.device_put(jax.tree.map(jnp.copy, ref), shard.params)
 
     def make_state(p: Any, r: Any) -> TrainState:
-        s = init_state(p, optimizer, jax.random.key(seed), with_reference=False)
+        s = init_state(p, optimizer, jax.random.key(seed), False, loss_state)
         return s.replace(ref_params=r)
 
     with _MeshRules(mesh):
@@ -392,6 +394,7 @@ def evaluate(
     counts for what it holds: the result is the mean over examples.
     """
     total: dict[str, float] = {}
+    counted: dict[str, Any] = {}  # subset means add sums and counts (losses.CountedMean)
     weight = 0.0
     for mb in batches:
         batch_A = stack_micro_batches([mb])
@@ -399,11 +402,16 @@ def evaluate(
         metrics = jax.device_get(trainer.evaluate(state, batch_A, n_seq))
         w = n_seq / 2
         for k, v in metrics.items():
-            total[k] = total.get(k, 0.0) + w * float(v)
+            if losses.is_counted(v):
+                counted[k] = v if k not in counted else counted[k] + v
+            else:
+                total[k] = total.get(k, 0.0) + w * float(v)
         weight += w
     if not weight:
         raise ValueError("evaluation data is empty")
-    return {f"eval/{k}": v / weight for k, v in total.items()}
+    out = {k: v / weight for k, v in total.items()}
+    out.update(losses.finalize_metrics(counted))
+    return {f"eval/{k}": v for k, v in out.items()}
 
 
 def run_loop(
@@ -443,7 +451,7 @@ def run_loop(
         fetched = jax.device_get([m for _, m, _ in pending])
         rate = throughput.rate()
         for (step, _, tokens), metrics in zip(pending, fetched, strict=True):
-            row = {k: to_python(v) for k, v in metrics.items()}
+            row = {k: to_python(v) for k, v in losses.finalize_metrics(metrics).items()}
             if nan_stop and row.get("nonfinite"):
                 raise NonFiniteLossError(
                     f"step {step}: non-finite loss or gradient (loss={row.get('loss')}, "
@@ -558,17 +566,20 @@ def train(
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
-    sharding.maybe_initialize_distributed(config.mesh.multihost)
-    mesh = mesh or make_mesh_from_config(config)
-    if model_config is None or params is None:
-        model_config, params = _model_from_config(config)
-    loss_name = config.loss.name
-    losses.get(loss_name)  # unknown names fail before any compilation
+    # One name or a TRL-style mix; unknown names fail before any compilation.
+    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
     hyper = (
         dict(config.loss.hyper.to_dict())
         if hasattr(config.loss.hyper, "to_dict")
         else dict(config.loss.hyper)
     )
+    losses.check_options(loss_name, hyper)
+    for message in losses.trl_differences(loss_name, hyper):
+        log.warning("differs from TRL: %s", message)
+    sharding.maybe_initialize_distributed(config.mesh.multihost)
+    mesh = mesh or make_mesh_from_config(config)
+    if model_config is None or params is None:
+        model_config, params = _model_from_config(config)
     if config.reference.mode in ("precomputed", "cache"):
         # before the (possibly long) reference cache pass; auto is checked once resolved
         early = resolve_reference_mode(config.reference.mode, loss_name, True)
@@ -716,7 +727,8 @@ def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> di
 
 def _check_unpaired_weights(config: ml_collections.ConfigDict, labels: np.ndarray) -> None:
     """KTO's [1, 4/3] rule on the training set's label counts (warns outside it)."""
-    fn = losses.get(config.loss.name)
+    names = losses.loss_names(losses.parse_loss_spec(config.loss.name, config.loss.get("weights")))
+    fn = losses.get(names[0])
     params = inspect.signature(fn).parameters
     if "desirable_weight" not in params and "undesirable_weight" not in params:
         return
@@ -748,7 +760,7 @@ def load_data(
 
     from dpo_jax import data, reference
 
-    loss_name = config.loss.name
+    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
     paired = losses.is_paired(loss_name)
     if not config.data.train:
         raise ValueError("config.data.train is empty: point it at the training data")

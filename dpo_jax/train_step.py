@@ -50,6 +50,9 @@ class TrainState:
     ref_params: Any  # None unless reference == "frozen"
     rng: jax.Array  # typed PRNG key
     skipped_steps: jax.Array  # int32 scalar: steps whose update was skipped (non-finite)
+    # Running statistics of stateful losses, {loss name: state} (BCO's reward shift,
+    # `losses.init_loss_state`); None when the loss keeps none. Checkpointed with the rest.
+    loss_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,7 @@ class StepConfig:
     apply_fn: Callable[..., Any]  # model.apply
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
-    loss_name: str
+    loss_name: str | losses.LossSpec  # a name or a `losses.parse_loss_spec` mix
     loss_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     reference: str = "frozen"
     nan_policy: str = "stop"
@@ -93,8 +96,12 @@ class StepConfig:
         return losses.needs_log1m(self.loss_name)
 
 
-def check_loss_options(loss_name: str, loss_hyper: Mapping[str, Any], reference: str) -> None:
+def check_loss_options(
+    loss_name: str | losses.LossSpec, loss_hyper: Mapping[str, Any], reference: str
+) -> None:
     """Refuse batch-level loss options the step cannot compute correctly, before compiling.
+
+    Also runs `losses.check_options` (the combinations TRL refuses).
 
     LD-DPO (`ld_alpha`) splits the reference's log-probs into the shared prefix and the
     longer answer's tail, which needs the reference's per-token sums; a precomputed (or
@@ -112,12 +119,20 @@ def check_loss_options(loss_name: str, loss_hyper: Mapping[str, Any], reference:
         raise ValueError(
             f"loss.hyper.use_weighting (WPO) applies to paired losses only, not {loss_name!r}"
         )
+    losses.check_options(loss_name, loss_hyper)
 
 
 def init_state(
-    params: Any, optimizer: optax.GradientTransformation, rng: jax.Array, with_reference: bool
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    with_reference: bool,
+    loss_state: Any = None,
 ) -> TrainState:
-    """A fresh state at step 0; the reference (if any) is a copy of the initial policy."""
+    """A fresh state at step 0; the reference (if any) is a copy of the initial policy.
+
+    `loss_state`: the loss's initial running statistics (`losses.init_loss_state`).
+    """
     ref = jax.tree.map(jnp.copy, params) if with_reference else None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -126,6 +141,7 @@ def init_state(
         ref_params=ref,
         rng=rng,
         skipped_steps=jnp.zeros((), jnp.int32),
+        loss_state=loss_state,
     )
 
 
@@ -173,7 +189,10 @@ def _micro_loss(
     batch: Mapping[str, jax.Array],
     cfg: StepConfig,
     n_seq: int,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    loss_state: Any = None,
+    update: bool = True,
+) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
+    """Mean loss of one micro-batch; aux = (metrics, loss state after this micro-batch)."""
     policy = sequence_logps(
         cfg, params, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m
     )
@@ -181,11 +200,13 @@ def _micro_loss(
         stats = logprobs.preference_stats(policy, ref)
     else:
         stats = logprobs.unpaired_stats(policy, ref, batch["labels"])
-    per_example, metrics = losses.compute_loss(stats, cfg.loss_name, **dict(cfg.loss_hyper))
+    per_example, metrics, loss_state = losses.compute_loss_with_state(
+        stats, cfg.loss_name, loss_state, update=update, **dict(cfg.loss_hyper)
+    )
     loss = jnp.mean(per_example)
     metrics = dict(metrics)
     metrics["loss"] = loss
-    return loss, metrics
+    return loss, (metrics, loss_state)
 
 
 def reference_logps(
@@ -208,41 +229,57 @@ def reference_logps(
 
 def _scan_micro_batches(
     state: TrainState, batch_A: Mapping[str, jax.Array], cfg: StepConfig, n_seq: int, grads: bool
-) -> tuple[Any, dict[str, jax.Array]]:
-    """Sum of gradients (or None) and per-micro-batch metrics stacked on a leading A axis.
+) -> tuple[Any, dict[str, jax.Array], Any]:
+    """Sum of gradients (or None), per-micro-batch metrics stacked on a leading A axis,
+    and the loss state after the last micro-batch.
 
+    The loss state (BCO's shift) is carried through the micro-batches in order, each
+    one updating it before its loss, as TRL's per-forward update under gradient
+    accumulation; evaluation (`grads=False`) reads it without updating.
     With one micro-batch the gradient is taken directly: no scan, no float32 accumulator.
     """
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+    if state.loss_state is None:  # a state built without `init_state(..., loss_state=)`
+        state = state.replace(loss_state=losses.init_loss_state(cfg.loss_name))
     if jax.tree.leaves(batch_A)[0].shape[0] == 1:
         micro = jax.tree.map(lambda x: x[0], batch_A)
         ref = reference_logps(cfg, state.ref_params, micro, n_seq)
+        args = (state.params, ref, micro, cfg, n_seq, state.loss_state)
         if grads:
-            (_, metrics), g = grad_fn(state.params, ref, micro, cfg, n_seq)
+            (_, (metrics, loss_state)), g = grad_fn(*args)
         else:
-            g, (_, metrics) = None, _micro_loss(state.params, ref, micro, cfg, n_seq)
-        return g, jax.tree.map(lambda m: m[None], metrics)
+            g, (_, (metrics, loss_state)) = None, _micro_loss(*args, update=False)
+        return g, jax.tree.map(lambda m: m[None], metrics), loss_state
 
-    def body(acc: Any, micro: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+    def body(carry: Any, micro: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        acc, loss_state = carry
         ref = reference_logps(cfg, state.ref_params, micro, n_seq)
+        args = (state.params, ref, micro, cfg, n_seq, loss_state)
         if not grads:
-            _, metrics = _micro_loss(state.params, ref, micro, cfg, n_seq)
-            return acc, metrics
-        (_, metrics), g = grad_fn(state.params, ref, micro, cfg, n_seq)
+            _, (metrics, loss_state) = _micro_loss(*args, update=False)
+            return (acc, loss_state), metrics
+        (_, (metrics, loss_state)), g = grad_fn(*args)
         acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         if cfg.grad_shardings is not None:
             acc = jax.lax.with_sharding_constraint(acc, cfg.grad_shardings)
-        return acc, metrics
+        return (acc, loss_state), metrics
 
     init = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params) if grads else None
     if grads and cfg.grad_shardings is not None:
         init = jax.lax.with_sharding_constraint(init, cfg.grad_shardings)
-    return jax.lax.scan(body, init, batch_A)
+    (grad_sum, loss_state), metrics_A = jax.lax.scan(body, (init, state.loss_state), batch_A)
+    return grad_sum, metrics_A, loss_state
 
 
-def _mean_over_micro(metrics_A: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def _mean_over_micro(metrics_A: Mapping[str, Any]) -> dict[str, Any]:
     # Micro-batches hold equally many examples, so the mean of means is the batch mean.
-    return {k: jnp.mean(v.astype(jnp.float32), axis=0) for k, v in metrics_A.items()}
+    # Subset means (`losses.CountedMean`) add their sums and counts instead.
+    return {
+        k: jax.tree.map(lambda x: jnp.sum(x.astype(jnp.float32), axis=0), v)
+        if losses.is_counted(v)
+        else jnp.mean(v.astype(jnp.float32), axis=0)
+        for k, v in metrics_A.items()
+    }
 
 
 def train_step(
@@ -250,7 +287,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from `A` micro-batches (leading axis of every batch array)."""
     num_micro = jax.tree.leaves(batch_A)[0].shape[0]
-    grad_sum, metrics_A = _scan_micro_batches(state, batch_A, cfg, n_seq, grads=True)
+    grad_sum, metrics_A, loss_state = _scan_micro_batches(state, batch_A, cfg, n_seq, grads=True)
     grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, state.params)
     if cfg.grad_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, cfg.grad_shardings)
@@ -268,6 +305,11 @@ def train_step(
     # Both policies refuse a non-finite update; "stop" makes the loop raise (naming
     # the step) while the state still holds the last good params.
     params, opt_state = jax.lax.cond(finite, apply, keep, None)
+    # A refused step leaves the loss's running statistics as they were, too.
+    if state.loss_state is not None:
+        loss_state = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), loss_state, state.loss_state
+        )
     skipped = state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
     step = state.step + 1
     ref_params = state.ref_params
@@ -293,7 +335,7 @@ def train_step(
     )
     new_state = state.replace(
         step=step, params=params, opt_state=opt_state, ref_params=ref_params, rng=rng,
-        skipped_steps=skipped,
+        skipped_steps=skipped, loss_state=loss_state,
     )  # fmt: skip
     return new_state, metrics
 
@@ -302,5 +344,5 @@ def eval_step(
     state: TrainState, batch_A: Mapping[str, jax.Array], cfg: StepConfig, n_seq: int
 ) -> dict[str, jax.Array]:
     """Loss and metrics of `A` micro-batches without an update (held-out evaluation)."""
-    _, metrics_A = _scan_micro_batches(state, batch_A, cfg, n_seq, grads=False)
+    _, metrics_A, _ = _scan_micro_batches(state, batch_A, cfg, n_seq, grads=False)
     return _mean_over_micro(metrics_A)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import losses
+from dpo_jax.errors import UserError
 
 # ----------------------------------------------------------------------------------------
 # Hand-side helpers: numpy float64, written from the papers, independent of dpo_jax.
@@ -119,10 +120,16 @@ def test_exo_pair():
     x = beta * H
     expected = sig(x) * (log_sig(x) - math.log(1 - e)) + sig(-x) * (log_sig(-x) - math.log(e))
     close(run("exo_pair", beta=beta, label_smoothing=e)[0], expected)
-    # label_smoothing = 0 would put log(0) in the loss; TRL substitutes 1e-3.
+    # The default epsilon is the paper's 1e-3.
     e0 = 1e-3
     expected0 = sig(x) * (log_sig(x) - math.log(1 - e0)) + sig(-x) * (log_sig(-x) - math.log(e0))
-    close(run("exo_pair", beta=beta, label_smoothing=0.0)[0], expected0)
+    close(run("exo_pair", beta=beta)[0], expected0)
+    # epsilon = 0 puts log(0) in the loss: refused, as TRL 1.16 does (never silently 1e-3).
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(UserError, match="loss.hyper.label_smoothing"):
+            run("exo_pair", beta=beta, label_smoothing=bad)
+        with pytest.raises(UserError, match="loss.hyper.label_smoothing"):
+            losses.compute_loss(make_stats(), "exo_pair", label_smoothing=bad)
 
 
 def test_nca_bco_sppo():
@@ -215,9 +222,10 @@ def test_sft_is_token_mean_nll_of_chosen():
     "kind, coef, score",
     [
         ("reverse_kl", 1.0, lambda r: r),
-        ("forward_kl", 1.0, lambda r: -np.exp(-r)),
-        ("js_divergence", 1.0, lambda r: np.log(np.exp(r) / (1 + np.exp(r)))),
-        ("alpha_divergence", 0.5, lambda r: np.exp(-0.5 * r) / -0.5),
+        ("forward_kl", 1.0, lambda r: 1 - np.exp(-r)),
+        ("js_divergence", 1.0, lambda r: np.log(2 * np.exp(r) / (1 + np.exp(r)))),
+        ("alpha_divergence", 0.5, lambda r: (np.exp(-0.5 * r) - 1) / -0.5),
+        ("alpha_divergence", 2.0, lambda r: np.exp(r) - 1),
         ("alpha_divergence", 1.0, lambda r: r),
     ],
 )
@@ -386,9 +394,12 @@ def test_every_registered_loss_jits_and_matches_eager(name):
     close(jit_loss, np.asarray(eager_loss), rtol=1e-6)
     assert jit_loss.shape == (4,)
     assert set(jit_metrics) == set(eager_metrics)
-    for key in TRL_METRICS:  # every loss logs TRL's names, as finite scalars
-        assert key in jit_metrics and jit_metrics[key].shape == (), (name, key)
-        assert np.isfinite(float(jit_metrics[key])), (name, key)
+    # every loss logs TRL's names, as finite scalars (subset means of unpaired losses as
+    # CountedMean, resolved on the host)
+    resolved = losses.finalize_metrics(jax.device_get(jit_metrics))
+    for key in TRL_METRICS:
+        assert key in resolved and np.shape(resolved[key]) == (), (name, key)
+        assert np.isfinite(float(resolved[key])), (name, key)
 
 
 def big_bf16_stats():
@@ -432,7 +443,8 @@ def test_bf16_inputs_at_large_magnitudes_do_not_nan(name):
     )
     assert loss.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(loss))), (name, loss)
-    assert all(np.isfinite(float(v)) for v in metrics.values()), (name, metrics)
+    resolved = losses.finalize_metrics(jax.device_get(metrics))
+    assert all(np.isfinite(float(v)) for v in resolved.values()), (name, metrics)
     for leaf in jax.tree.leaves(grad):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert not np.any(np.isnan(np.asarray(leaf, np.float32))), name
@@ -594,6 +606,7 @@ def test_kto_values_and_reference_point():
         desirable, wd * (1 - sig(beta * (logr - z0))), wu * (1 - sig(beta * (z0 - logr)))
     )
     loss, metrics = losses.kto(st, beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    metrics = losses.finalize_metrics(metrics)
     close(loss, expected)
     close(float(metrics["kl"]), 0.75)
     close(float(metrics["rewards/chosen"]), np.mean(beta * logr[desirable]))

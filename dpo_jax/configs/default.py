@@ -45,7 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_epochs = 1.0
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = arg or "sigmoid"  # any name in dpo_jax.losses.names()
+    # One name in dpo_jax.losses.names() or a mix, TRL's loss_type list: a list, or on the
+    # command line "['sigmoid','sft']" / "sigmoid,sft" (losses.parse_loss_spec). Typed
+    # `object` so a config file may assign a list; weights: None = all 1.0 (loss_weights).
+    c.loss.name = ml_collections.FieldReference(arg or "sigmoid", field_type=object)
+    c.loss.weights = ml_collections.FieldReference(None, field_type=object)
     # Keyword arguments of the loss function; add keys with --config.loss.hyper.KEY=V
     # only where the ConfigDict already has them, so list the common ones here.
     c.loss.hyper = ml_collections.ConfigDict({"beta": 0.1})
