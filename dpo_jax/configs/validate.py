@@ -73,6 +73,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _interval(low: float, low_incl: bool, high: float, high_incl: bool) -> str:
+    if high == math.inf:
+        return f"{'>=' if low_incl else '>'} {low:g}"
     left = "[" if low_incl else "("
     right = "]" if high_incl else ")"
     return f"in {left}{low:g}, {high:g}{right}"
