@@ -396,7 +396,7 @@ def check_paths(config: Any, *, model: bool = True, data: bool = True) -> None:
             if isinstance(spec, str) and spec:
                 try:
                     expand_paths(spec)
-                except UserError as e:
+                except (UserError, FileNotFoundError) as e:
                     raise config_error(key, str(e)) from None
     run_dir = _get(config, "run_dir")
     if run_dir not in (_MISSING, None, ""):
