@@ -345,6 +345,8 @@ def check_run_dir(path: str | os.PathLike, key: str = "run_dir") -> None:
     probe file is created there and removed at once: permission bits alone do not tell,
     e.g. for root or a read-only mount).
     """
+    if "://" in os.fspath(path):
+        return  # a remote file system (gs://...): its client reports its own errors
     target = Path(path).expanduser()
     existing = target
     while not existing.exists():
