@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
 PREFIX = "dpo-jax: error: "
@@ -83,10 +81,10 @@ def _write_rows(path: pathlib.Path, rows: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """A tiny Llama checkpoint with its tokenizer, good and bad data, a damaged copy."""
+def root(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir) -> pathlib.Path:
+    """The session's tiny Llama checkpoint, good and bad data, a damaged copy."""
     root = tmp_path_factory.mktemp("cli_errors")
-    make_tiny_hf_model("llama", root / "model", tokenizer=train_tokenizer())
+    (root / "model").symlink_to(tiny_hf_dir("llama"), target_is_directory=True)
     good = json.dumps(GOOD)
     _write_rows(root / "good.jsonl", [good] * 8)
     # Line 2 holds a lone surrogate: valid JSON, text no tokenizer can encode.
