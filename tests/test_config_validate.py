@@ -89,6 +89,7 @@ BAD = [
     ({"reference.mode": "frozen_ref"}, "reference.mode", "did you mean 'frozen'"),
     ({"reference.ref_model_mixup_alpha": 1.5}, "reference.ref_model_mixup_alpha", "[0, 1]"),
     ({"mesh.fsdp": 0}, "mesh.fsdp", "-1 for the devices left"),
+    ({"mesh.data": -1, "mesh.tensor": -1}, "mesh.tensor", "mesh.data is -1 already"),
     ({"model.dtype": "float8"}, "model.dtype", "'bfloat16'"),
     ({"model.remat": "full"}, "model.remat", "'block'"),
     ({"checkpoint.save_every": 0}, "checkpoint.save_every", ">= 1"),

@@ -296,10 +296,16 @@ def validate(config: Any) -> None:
     check("reference.ref_model_sync_steps", _check_int, 0)
     check("reference.ref_model_mixup_alpha", _check_number, 0.0, True, 1.0, True)
 
+    rest = None
     for axis in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
         v = value(axis)
         if v is not _MISSING and (not _is_int(v) or (v < 1 and v != -1)):
             raise config_error(axis, f"must be >= 1, or -1 for the devices left, got {v!r}")
+        if v == -1 and rest is not None:
+            raise config_error(
+                axis, f"-1, but {rest} is -1 already", "at most one axis takes the rest"
+            )
+        rest = axis if v == -1 else rest
 
     check("train.nan_policy", _check_choice, NAN_POLICIES)
     check("train.log_every", _check_int, 1)
