@@ -89,6 +89,7 @@ BAD = [
     ({"reference.mode": "frozen_ref"}, "reference.mode", "did you mean 'frozen'"),
     ({"reference.ref_model_mixup_alpha": 1.5}, "reference.ref_model_mixup_alpha", "[0, 1]"),
     ({"mesh.fsdp": 0}, "mesh.fsdp", "-1 for the devices left"),
+    ({"loss.name": "kto", "batch_size": 4, "grad_accum_steps": 4}, "batch_size", "(KL rows)"),
     ({"mesh.data": -1, "mesh.tensor": -1}, "mesh.tensor", "mesh.data is -1 already"),
     ({"model.dtype": "float8"}, "model.dtype", "'bfloat16'"),
     ({"model.remat": "full"}, "model.remat", "'block'"),

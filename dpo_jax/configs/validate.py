@@ -318,6 +318,14 @@ def validate(config: Any) -> None:
     if name is not _MISSING:
         names = loss_names(name)
         validate_loss(names, _hyper_dict(config))
+        micro = batch_size // accum if _is_int(batch_size) and _is_int(accum) else 2
+        if micro < 2 and not all(losses.is_paired(n) for n in names):
+            raise config_error(
+                "batch_size",
+                f"{batch_size} / grad_accum_steps={accum} gives micro-batches of 1 example, but "
+                f"{names} pairs each example with another of its micro-batch (KL rows)",
+                "use at least 2 examples per micro-batch",
+            )
         weights = value("loss.weights")
         if weights not in (_MISSING, None, (), []):
             _check_loss_weights(weights, names)
