@@ -33,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dpo_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -805,7 +807,7 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
     if path.name.isdigit() and (path / STEP_METADATA).exists():
         directory, candidates = path.parent, [int(path.name)]
         if step is not None and step != int(path.name):
-            raise ValueError(f"{path}: is step {path.name}, but step={step} was asked for")
+            raise UserError(f"{path}: is step {path.name}, but step={step} was asked for")
     else:
         directory = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
         steps = _step_dirs(directory)

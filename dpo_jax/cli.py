@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from dpo_jax.errors import UserError
+
 # subcommand -> (module, help). Modules are imported lazily so `dpo-jax --help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dpo_jax.train", "train a policy with a preference loss"),
@@ -36,13 +38,32 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.run(args) or 0)
 
 
+# OS errors that always concern a path the user gave (a missing model directory, a
+# data "file" that is a directory, a run_dir without write permission).
+PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message is joined with '; ')."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def console_main(argv: list[str] | None = None) -> int:
-    """The console script: a user's mistake (bad path, bad row, bad config) prints one line
-    naming it and exits 2, instead of a traceback; `main` itself raises, for tests and callers."""
+    """The console script: a user's mistake prints `dpo-jax: error: <one line>`, exit 2.
+
+    Mistakes are `errors.UserError` (bad config key or value, bad data row or file,
+    refused resume, NaN under nan_policy='stop') and OS errors about a path the user gave
+    (`PATH_ERRORS`). Anything else is a bug and keeps its traceback; `main` itself
+    raises, for tests and callers.
+    """
     try:
         return main(argv)
-    except (FileNotFoundError, ValueError) as error:  # DataError is a ValueError
-        print(f"dpo-jax: error: {error}", file=sys.stderr)
+    except (UserError, *PATH_ERRORS) as error:
+        print(f"dpo-jax: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

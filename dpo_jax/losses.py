@@ -255,7 +255,7 @@ def parse_loss_spec(name: Any, weights: Any = None) -> LossSpec:
     unknown = [n for n in loss_list if n not in _REGISTRY]
     if unknown:
         close = [c for n in unknown for c in difflib.get_close_matches(n, _REGISTRY, n=2)]
-        hint = f"did you mean {close}? " if close else ""
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise config_error(
             "loss.name",
             f"unknown loss {', '.join(map(repr, unknown))}",

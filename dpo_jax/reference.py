@@ -27,6 +27,7 @@ import numpy as np
 
 from dpo_jax import data, logprobs, models
 from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN
+from dpo_jax.errors import UserError
 
 SequenceFn = Callable[[dict[str, np.ndarray], int], np.ndarray]
 
@@ -68,12 +69,12 @@ def dataset_ref_logps(
     scored independently, so neither that nor the length padding changes a number.
     """
     if tokenized.kind != "paired":
-        raise ValueError(
+        raise UserError(
             "reference log-probs can be precomputed for paired data only: an unpaired (KTO) "
             "batch's KL completions depend on which examples share the batch"
         )
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
     n = len(tokenized)
     chosen = np.empty(n, np.float32)
     rejected = np.empty(n, np.float32)
@@ -173,7 +174,7 @@ def _read_rows(path: str, fmt: str, tokenizer: Any) -> tuple[list[data.Row], lis
         rows.append(row)
         examples.append(parsed[0])
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise UserError(f"{path}: no rows")
     return rows, examples
 
 
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     )
     tokenized = data.tokenize_examples(examples, tokenizer, settings, data.RejectLog(False))
     if len(tokenized) != len(rows):
-        raise ValueError(f"{len(rows) - len(tokenized)} rows were dropped during tokenization")
+        raise UserError(f"{len(rows) - len(tokenized)} rows were dropped during tokenization")
     chosen, rejected = dataset_ref_logps(
         make_logps_fn(model_config, params), tokenized, args.batch_size
     )

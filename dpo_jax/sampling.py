@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -66,19 +68,19 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(
+            raise UserError(
                 f"SamplingConfig: max_new_tokens must be >= 1, got {self.max_new_tokens}"
             )
         if not self.temperature >= 0:
-            raise ValueError(f"SamplingConfig: temperature must be >= 0, got {self.temperature}")
+            raise UserError(f"SamplingConfig: temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"SamplingConfig: top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise UserError(f"SamplingConfig: top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig: top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"SamplingConfig: top_p must be in (0, 1], got {self.top_p}")
         if self.n < 1:
-            raise ValueError(f"SamplingConfig: n must be >= 1, got {self.n}")
+            raise UserError(f"SamplingConfig: n must be >= 1, got {self.n}")
         if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
-            raise ValueError(f"SamplingConfig: bad prompt_buckets {self.prompt_buckets}")
+            raise UserError(f"SamplingConfig: bad prompt_buckets {self.prompt_buckets}")
         object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
 
     @property
@@ -390,10 +392,10 @@ def left_pad(
     """Left-pad token-id prompts to a bucket length: ``(ids_BxP, lengths_B)``."""
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     if lengths.size == 0:
-        raise ValueError("sampling: no prompts")
+        raise UserError("sampling: no prompts")
     empty = np.flatnonzero(lengths == 0)
     if empty.size:
-        raise ValueError(
+        raise UserError(
             f"sampling: prompt {int(empty[0])} is empty (need at least one token, e.g. BOS)"
         )
     width = bucket_length(int(lengths.max()), buckets)
@@ -439,14 +441,14 @@ def generate(
     bad = np.argwhere((ids_BxP < 0) | (ids_BxP >= cfg.vocab_size))
     if bad.size:
         row, col = (int(v) for v in bad[0])
-        raise ValueError(
+        raise UserError(
             f"sampling: prompt {row} holds token id {int(ids_BxP[row, col])} outside the "
             f"model's vocabulary [0, {cfg.vocab_size})"
         )
     max_pos = _max_positions(cfg)
     need = int(lengths_B.max()) + config.max_new_tokens
     if max_pos is not None and need > max_pos:
-        raise ValueError(
+        raise UserError(
             f"sampling: longest prompt ({int(lengths_B.max())}) + max_new_tokens "
             f"({config.max_new_tokens}) = {need} exceeds the model's {max_pos} positions; "
             "set max_prompt_length or lower max_new_tokens"
@@ -664,12 +666,12 @@ def read_prompts(path: str) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{lineno}: expected an object with a string 'prompt' field")
+            raise UserError(f"{path}:{lineno}: expected an object with a string 'prompt' field")
         prompts.append(row["prompt"])
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise UserError(f"{path}: no prompts")
     return prompts
 
 
@@ -705,7 +707,7 @@ def load_model(
         _, meta, params = checkpoint.load_params(path, step)
         saved = meta.get("model_config")
         if not saved:
-            raise ValueError(
+            raise UserError(
                 f"{path}: checkpoint has no model config; export it with `dpo-jax export`"
             )
         cfg = models.ModelConfig.from_dict({**saved, "dtype": dtype, "param_dtype": dtype})
@@ -715,7 +717,7 @@ def load_model(
             found = checkpoint.run_tokenizer_dir(path)
             tok_dir = None if found is None else os.fspath(found)
         if tok_dir is None:
-            raise ValueError(f"{path}: no tokenizer/ next to the checkpoint; pass --tokenizer")
+            raise UserError(f"{path}: no tokenizer/ next to the checkpoint; pass --tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     return cfg, params, tokenizer
 

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dpo_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -58,20 +60,20 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+        raise UserError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+        raise UserError(f"mesh shape {shape}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh shape {shape}: sizes must be positive or -1")
+        raise UserError(f"mesh shape {shape}: sizes must be positive or -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(
+            raise UserError(
                 f"mesh shape {shape}: {num_devices} devices are not divisible by {known}"
             )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(
+        raise UserError(
             f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} "
             f"devices but {num_devices} are in use"
         )
@@ -111,7 +113,7 @@ def maybe_initialize_distributed(multihost: str | bool = "auto") -> bool:
         if not env_says:
             return False
     elif flag not in ("true", "1", "yes"):
-        raise ValueError(f"multihost must be 'auto', true or false, got {multihost!r}")
+        raise UserError(f"multihost must be 'auto', true or false, got {multihost!r}")
     jax.distributed.initialize()
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
@@ -276,7 +278,7 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh, micro_axis: bool = True) -> d
         return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
     for key, value in batch.items():
         if np.ndim(value) >= 2 and shardings[key].spec == PartitionSpec():
-            raise ValueError(
+            raise UserError(
                 f"batch[{key!r}] of shape {np.shape(value)}: its rows do not divide the "
                 f"{data_parallel_size(mesh)} data-parallel devices, and with "
                 f"{jax.process_count()} hosts every host must feed its own rows"

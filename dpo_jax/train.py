@@ -35,6 +35,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dpo_jax import logprobs, losses, models, optim, sharding
+from dpo_jax.configs import validate
+from dpo_jax.errors import UserError
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
 from dpo_jax.train_step import (
     StepConfig,
@@ -150,14 +152,14 @@ def resolve_reference_mode(mode: str, loss_name: str, data_has_ref_logps: bool) 
     if mode == "cache":
         return "precomputed"
     if mode == "none":
-        raise ValueError(f"loss {loss_name!r} needs reference log-probs; reference.mode='none'")
+        raise UserError(f"loss {loss_name!r} needs reference log-probs; reference.mode='none'")
     if mode == "precomputed" and not data_has_ref_logps:
-        raise ValueError(
+        raise UserError(
             "reference.mode='precomputed' but the training batches carry no 'ref_logps' "
             "(write them with `dpo-jax ref-logps` or use reference.mode='cache')"
         )
     if mode not in ("frozen", "precomputed"):
-        raise ValueError(f"unknown reference.mode {mode!r}")
+        raise UserError(f"unknown reference.mode {mode!r}")
     return mode
 
 
@@ -358,8 +360,11 @@ def abstract_checkpointable(trainer: Trainer, state: TrainState) -> TrainState:
 # ------------------------------------------------------------------------ the loop
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A step produced a NaN/Inf loss or gradient under nan_policy='stop'."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A step produced a NaN/Inf loss or gradient under nan_policy='stop'.
+
+    A `UserError`: the console script prints its one line (the step and what to do).
+    """
 
 
 @dataclasses.dataclass
@@ -408,7 +413,7 @@ def evaluate(
                 total[k] = total.get(k, 0.0) + w * float(v)
         weight += w
     if not weight:
-        raise ValueError("evaluation data is empty")
+        raise UserError("evaluation data is empty")
     out = {k: v / weight for k, v in total.items()}
     out.update(losses.finalize_metrics(counted))
     return {f"eval/{k}": v for k, v in out.items()}
@@ -535,7 +540,7 @@ def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelC
 
     path = config.model.path
     if not path:
-        raise ValueError("config.model.path is empty: point it at a Hugging Face model directory")
+        raise UserError("config.model.path is empty: point it at a Hugging Face model directory")
     # The loader lays the params out for the config (stacked per layer when scanned).
     overrides: dict[str, Any] = {"scan_layers": bool(config.model.scan_layers)}
     if config.model.remat:
@@ -566,6 +571,11 @@ def train(
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
+    # Every mistake in the config surfaces here, before any device work or file write.
+    validate.validate(config)
+    validate.check_paths(
+        config, model=model_config is None or params is None, data=train_data is None
+    )
     # One name or a TRL-style mix; unknown names fail before any compilation.
     loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
     hyper = (
@@ -573,6 +583,7 @@ def train(
         if hasattr(config.loss.hyper, "to_dict")
         else dict(config.loss.hyper)
     )
+    hyper = {k: v for k, v in hyper.items() if v is not None}  # None: the loss's default
     losses.check_options(loss_name, hyper)
     for message in losses.trl_differences(loss_name, hyper):
         log.warning("differs from TRL: %s", message)
@@ -600,13 +611,13 @@ def train(
     num_steps = int(config.num_steps)
     if num_steps <= 0:
         if not steps_per_epoch:
-            raise ValueError("config.num_steps must be > 0 when the data length is unknown")
+            raise UserError("config.num_steps must be > 0 when the data length is unknown")
         num_steps = max(1, math.ceil(steps_per_epoch * float(config.num_epochs)))
 
     first_iter = iter(train_data)
     first = next(first_iter, None)
     if first is None:
-        raise ValueError("training data is empty")
+        raise UserError("training data is empty")
     train_iter = _chain_first(first, first_iter)
     reference = resolve_reference_mode(config.reference.mode, loss_name, "ref_logps" in first)
 
@@ -693,7 +704,7 @@ def make_checkpointer(
     from dpo_jax import checkpoint
 
     if run_dir is None:
-        raise ValueError("checkpoint.enabled needs config.run_dir")
+        raise UserError("checkpoint.enabled needs config.run_dir")
     # A tokenizer directory is enough: the checkpointer copies its files for export.
     tokenizer = config.tokenizer or config.model.path or None
     return checkpoint.Checkpointer.from_config(
@@ -763,9 +774,9 @@ def load_data(
     loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
     paired = losses.is_paired(loss_name)
     if not config.data.train:
-        raise ValueError("config.data.train is empty: point it at the training data")
+        raise UserError("config.data.train is empty: point it at the training data")
     if config.batch_size % config.grad_accum_steps:
-        raise ValueError(
+        raise UserError(
             f"batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}"
         )
     micro_pairs = config.batch_size // config.grad_accum_steps
@@ -781,7 +792,7 @@ def load_data(
     has_ref = "ref_chosen" in train_set.dense
     if needs_ref and config.reference.mode == "cache" and not has_ref:
         if not run_dir:
-            raise ValueError("reference.mode='cache' needs config.run_dir for the cache file")
+            raise UserError("reference.mode='cache' needs config.run_dir for the cache file")
         train_set = reference.cached_ref_logps(
             run_dir, model_config, ref_params, train_set, micro_pairs
         )
@@ -799,7 +810,7 @@ def load_data(
         )
         if needs_ref and has_ref and "ref_chosen" not in eval_set.dense:
             if not run_dir:
-                raise ValueError("held-out reference log-probs need config.run_dir for the cache")
+                raise UserError("held-out reference log-probs need config.run_dir for the cache")
             eval_set = reference.cached_ref_logps(
                 run_dir, model_config, ref_params, eval_set, micro_pairs
             )

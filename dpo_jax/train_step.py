@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from dpo_jax import logprobs, losses
+from dpo_jax.errors import UserError
 
 REFERENCE_MODES = ("frozen", "precomputed", "none")
 NAN_POLICIES = ("stop", "skip")
@@ -76,11 +77,11 @@ class StepConfig:
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"reference mode {self.reference!r} not in {REFERENCE_MODES}")
+            raise UserError(f"reference mode {self.reference!r} not in {REFERENCE_MODES}")
         if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy {self.nan_policy!r} not in {NAN_POLICIES}")
+            raise UserError(f"nan_policy {self.nan_policy!r} not in {NAN_POLICIES}")
         if self.ref_model_sync_steps and self.reference != "frozen":
-            raise ValueError(
+            raise UserError(
                 "TR-DPO reference syncing (ref_model_sync_steps > 0) needs reference='frozen'"
             )
         check_loss_options(self.loss_name, self.loss_hyper, self.reference)
@@ -109,14 +110,14 @@ def check_loss_options(
     silently stay un-desensitised.
     """
     if loss_hyper.get("ld_alpha") is not None and reference == "precomputed":
-        raise ValueError(
+        raise UserError(
             f"loss.hyper.ld_alpha={loss_hyper['ld_alpha']} (LD-DPO) conflicts with a "
             "precomputed reference (reference.mode 'precomputed' or 'cache', or batches "
             "carrying 'ref_logps'): the 'ref_logps' column holds full-sequence sums, but "
             "LD-DPO also needs the reference's shared-prefix sums; use reference.mode='frozen'"
         )
     if loss_hyper.get("use_weighting") and not losses.is_paired(loss_name):
-        raise ValueError(
+        raise UserError(
             f"loss.hyper.use_weighting (WPO) applies to paired losses only, not {loss_name!r}"
         )
     losses.check_options(loss_name, loss_hyper)

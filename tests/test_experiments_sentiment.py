@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
 from experiments import common, sentiment
 
@@ -151,7 +152,7 @@ def test_command_line_overrides_and_presets():
     assert (c.preset, c.train.steps, c.train.learning_rate, c.methods, c.progress) == (
         "frontier", 7, 1.0, ("dpo:beta=0.5",), False,
     )  # fmt: skip
-    with pytest.raises(KeyError, match="unknown field 'stepz'"):
+    with pytest.raises(UserError, match="'train.stepz': no such config key"):
         common.parse_args(sentiment.get_config, ["--config.train.stepz=1"], sentiment.PRESETS)
     with pytest.raises(SystemExit, match="unknown preset"):
         common.parse_args(sentiment.get_config, ["--preset=nope"], sentiment.PRESETS)

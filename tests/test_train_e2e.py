@@ -10,6 +10,7 @@ import pytest
 
 from dpo_jax import cli, train
 from dpo_jax.configs import tiny
+from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 from tests.train_helpers import synthetic_batches, tiny_model
@@ -107,5 +108,5 @@ def test_cli_train_runs_end_to_end_and_writes_the_run_dir(tiny_run_files):
 
 def test_cli_rejects_unknown_config_key(tiny_run_files):
     root, model_dir = tiny_run_files
-    with pytest.raises(KeyError, match="unknown field 'leraning_rate'"):
+    with pytest.raises(UserError, match="'optim.leraning_rate': no such config key; did you mean"):
         cli.main(["train", "--config", "dpo_jax/configs/tiny.py", "--config.optim.leraning_rate=1"])

@@ -9,6 +9,7 @@ ConfigDict; an unknown key is an error, so a typo never silently does nothing.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 import sys
@@ -18,11 +19,14 @@ from typing import Any
 
 import ml_collections
 
+from dpo_jax.errors import UserError, config_error
+
 CONFIG_DIR = Path(__file__).resolve().parent
 
 # Sections whose keys are free-form (a loss's keyword arguments differ per loss), so an
 # override may add a key there instead of failing as a typo.
 OPEN_SECTIONS = ("loss.hyper",)
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def parse_value(text: str) -> Any:
@@ -48,7 +52,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     if not file.exists() and not file.suffix and (CONFIG_DIR / f"{path}.py").exists():
         file = CONFIG_DIR / f"{path}.py"
     if not file.exists():
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise UserError(
+            f"config file {path!r} does not exist; give a path or a name in {str(CONFIG_DIR)!r}"
+        )
     module_name = f"_dpo_jax_config_{abs(hash(str(file.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, file)
     if module_spec is None or module_spec.loader is None:
@@ -65,19 +71,24 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str) -> None:
-    """Set `config.a.b` from `"a.b"` and a command-line string, type-checked."""
+    """Set `config.a.b` from `"a.b"` and a command-line string, type-checked.
+
+    An unknown key or a value of the wrong type is a `UserError` naming the key.
+    """
     *parents, leaf = dotted_key.split(".")
     node = config
     for i, part in enumerate(parents):
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise KeyError(f"--config.{dotted_key}: no section {'.'.join(parents[: i + 1])!r}")
+            sections = [k for k, v in node.items() if isinstance(v, ml_collections.ConfigDict)]
+            raise config_error(
+                ".".join(parents[: i + 1]), "no such config section", _did_you_mean(part, sections)
+            )
         node = node[part]
     if leaf not in node and ".".join(parents) in OPEN_SECTIONS:
         node[leaf] = parse_value(raw)
         return
     if leaf not in node:
-        known = ", ".join(sorted(node.keys()))
-        raise KeyError(f"--config.{dotted_key}: unknown field {leaf!r}; known: {known}")
+        raise config_error(dotted_key, "no such config key", _did_you_mean(leaf, list(node.keys())))
     value = parse_value(raw)
     current = node[leaf]
     # ConfigDict is strict about int vs float and str vs literal: coerce the obvious cases.
@@ -89,8 +100,15 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str)
         value = tuple(value)
     try:
         node[leaf] = value
-    except TypeError as e:
-        raise TypeError(f"--config.{dotted_key}={raw}: {e}") from e
+    except TypeError:
+        kind = _KINDS.get(type(current), f"a {type(current).__name__}")
+        raise config_error(dotted_key, f"{raw!r} is not {kind}", f"e.g. {current!r}") from None
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    listed = f"known: {', '.join(sorted(known))}"
+    return f"did you mean {close[0]!r}? {listed}" if close else listed
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -104,7 +122,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
             key, eq, value = arg[len("--config.") :].partition("=")
             if not eq:
                 if i + 1 >= len(argv):
-                    raise ValueError(f"{arg}: missing value")
+                    raise UserError(f"{arg}: missing value; write {arg}=VALUE")
                 value = argv[i + 1]
                 i += 1
             overrides.append((key, value))

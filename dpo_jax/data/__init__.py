@@ -34,6 +34,7 @@ from dpo_jax.data.tokenize import (
     tokenize_cached,
     tokenize_examples,
 )
+from dpo_jax.errors import UserError
 
 __all__ = [
     "LAYOUTS",
@@ -138,13 +139,15 @@ def load_preference_data(
     spec = _as_dict(spec)
     rejects = RejectLog(skip_bad_rows=bool(spec.get("skip_bad_rows", False)), run_dir=run_dir)
     if rejects.skip_bad_rows and run_dir is None:
-        raise ValueError("skip_bad_rows=True needs a run_dir for the rejects file")
+        raise UserError("skip_bad_rows=True needs a run_dir for the rejects file")
     if unpaired is not None:
         spec["unpaired"] = unpaired
     examples = load_examples(spec, tokenizer, rejects, split)
     if not examples:
-        rejects.finalize()
-        raise ValueError("the data spec produced no usable examples")
+        path = rejects.finalize()
+        where = ", ".join(str(s) for s in _sources(spec, split))
+        seen = f"; see {path}" if path else ""
+        raise UserError(f"{where}: no usable examples{seen}")
     settings = TokenizeSettings(
         max_length=spec.get("max_length"),
         max_prompt_length=spec.get("max_prompt_length"),
@@ -155,7 +158,8 @@ def load_preference_data(
     cache_dir = spec.get("cache_dir", DEFAULT_CACHE_DIR) or None
     tokenized = tokenize_cached(examples, tokenizer, settings, rejects, cache_dir)
     tokenized.stats["rejected"] = dict(rejects.counts)
-    rejects.finalize()
+    path = rejects.finalize()
     if len(tokenized) == 0:
-        raise ValueError("every example was rejected; see the rejects file")
+        where = ", ".join(str(s) for s in _sources(spec, split))
+        raise UserError(f"{where}: every example was rejected; see {path}")
     return tokenized

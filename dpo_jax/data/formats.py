@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import html.parser
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.sources import Row
+from dpo_jax.errors import UserError
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -86,7 +88,9 @@ Parser = Callable[[Mapping[str, Any], Any], list[Example]]
 
 
 def _field(row: Mapping[str, Any], key: str) -> Any:
-    if key not in row or row[key] is None:
+    if key in row and row[key] is None:
+        raise DataError(f"field {key!r} is null; give it a value", reason="null_field")
+    if key not in row:
         raise DataError(
             f"missing field {key!r} (row has fields {sorted(row)})", reason="missing_field"
         )
@@ -118,6 +122,12 @@ def _ref(row: Mapping[str, Any], key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DataError(
             f"field {key!r} must be a number, got {type(value).__name__}", reason="not_a_number"
+        )
+    if not math.isfinite(value):
+        raise DataError(
+            f"field {key!r} is {value}; reference log-probs must be finite "
+            "(recompute them with `dpo-jax ref-logps`)",
+            reason="not_finite",
         )
     return float(value)
 
@@ -498,7 +508,7 @@ def parse_row(row: Row, fmt: str = "auto", tokenizer: Any = None) -> list[Exampl
     try:
         name = detect_format(row.data) if fmt == "auto" else fmt
         if name not in PARSERS:
-            raise ValueError(f"unknown data format {name!r}; known: {sorted(PARSERS)}")
+            raise UserError(f"unknown data format {name!r}; known: {sorted(PARSERS)}")
         examples = PARSERS[name](row.data, tokenizer)
     except DataError as e:
         raise e.located(row.source, row.line) from None
@@ -532,5 +542,5 @@ def parse_rows(
             rejects.handle(e, row.data)
     kinds = {type(ex) for ex in out}
     if len(kinds) > 1:
-        raise ValueError("the data mixes paired and unpaired rows; use one kind per dataset")
+        raise UserError("the data mixes paired and unpaired rows; use one kind per dataset")
     return out

@@ -30,6 +30,7 @@ from dpo_jax.data.batching import (
     sequence_lengths,
 )
 from dpo_jax.data.tokenize import TokenizedDataset
+from dpo_jax.errors import UserError
 
 # Effectively unbounded: MapDataset.range is lazy.
 _INFINITE_STEPS = 1 << 50
@@ -54,8 +55,9 @@ class BatchPlan:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if num_examples < pairs_per_batch:
-            raise ValueError(
-                f"{num_examples} examples cannot fill one batch of {pairs_per_batch} examples"
+            raise UserError(
+                f"{num_examples} examples cannot fill one batch of {pairs_per_batch} examples; "
+                "lower batch_size or add data"
             )
         self.num_examples = num_examples
         self.pairs_per_batch = pairs_per_batch

@@ -9,6 +9,7 @@ that a bad row can be named precisely.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dpo_jax.data.errors import DataError, RejectLog
+from dpo_jax.errors import UserError
 
 FILE_TYPES = ("jsonl", "json", "parquet")
 
@@ -45,6 +47,14 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
         matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
         if not matches:
             raise FileNotFoundError(f"data path {pat!r} matches no file")
+        for m in matches:
+            if os.path.isdir(m):
+                raise DataError(
+                    "is a directory, not a data file; give a file or a glob such as "
+                    f"{os.path.join(m, '*.jsonl')!r}",
+                    source=m,
+                    reason="is_a_directory",
+                )
         out.extend(m for m in matches if m not in out)
     return out
 
@@ -57,7 +67,7 @@ def file_type(path: str) -> str:
             return kind
     if name.endswith((".parquet", ".pq")):
         return "parquet"
-    raise ValueError(
+    raise UserError(
         f"{path}: cannot tell the file type from its name; pass type= one of {FILE_TYPES}"
     )
 
@@ -71,12 +81,84 @@ def _json_problem(e: json.JSONDecodeError) -> str:
     return f"malformed JSON ({e.msg} at column {e.colno})"
 
 
+def utf16_problem(head: bytes) -> str | None:
+    """A message if the first bytes of a file look UTF-16 (a BOM, or NUL every other byte)."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        found = "a UTF-16 byte-order mark"
+    else:
+        sample = head[:64]
+        half = len(sample) // 2
+        # ASCII text saved as UTF-16 has a NUL in every other byte.
+        if half < 2 or max(sample[0::2].count(0), sample[1::2].count(0)) < half * 3 // 4:
+            return None
+        found = "NUL bytes between the characters"
+    return f"the file is UTF-16 ({found}), not UTF-8; re-save it as UTF-8"
+
+
+def lone_surrogate(value: Any, where: str = "") -> str | None:
+    """Where a string of a parsed JSON value holds a lone surrogate (a bad \\uXXXX escape).
+
+    Such a string cannot be encoded as UTF-8, so no tokenizer can read it.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"field {where or 'value'!r} holds a lone surrogate at character {e.start}"
+        return None
+    if isinstance(value, Mapping):
+        items = ((k, v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((i, v, f"{where}[{i}]") for i, v in enumerate(value))
+    else:
+        return None
+    for key, item, path in items:
+        found = lone_surrogate(key, where) if isinstance(key, str) else None
+        found = found or lone_surrogate(item, path)
+        if found:
+            return found
+    return None
+
+
+def _check_text(obj: Any, rejects: RejectLog, path: str, line: int, raw: Any = None) -> bool:
+    """False (after rejecting the row) if `obj` holds text no tokenizer can encode."""
+    where = lone_surrogate(obj)
+    if where is None:
+        return True
+    problem = f"{where} (an unpaired \\uD800-\\uDFFF escape); fix the text or drop the row"
+    _reject(rejects, raw if raw is not None else repr(obj), problem, path, line, "invalid_unicode")
+    return False
+
+
+def _empty_file(rejects: RejectLog, path: str) -> None:
+    rejects.handle(
+        DataError(
+            "the file is empty (or holds only blank lines); give a file with data rows",
+            source=path,
+            reason="empty_file",
+        )
+    )
+
+
 def read_jsonl(path: str, rejects: RejectLog) -> Iterator[Row]:
-    """Rows of a JSON-lines file; blank lines are ignored, line numbers are 1-based."""
+    """Rows of a JSON-lines file; blank lines are ignored, line numbers are 1-based.
+
+    A UTF-8 byte-order mark is skipped; a UTF-16 file or one without any row is one bad
+    input as a whole.
+    """
     with open(path, "rb") as f:
+        problem = utf16_problem(f.read(64))
+        if problem:
+            _reject(rejects, None, problem, path, 1, "utf16")
+            return
+        f.seek(0)
+        any_row = False
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
             if not raw.strip():
                 continue
+            any_row = True
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -92,7 +174,11 @@ def read_jsonl(path: str, rejects: RejectLog) -> Iterator[Row]:
                 problem = f"expected a JSON object per line, got {type(obj).__name__}"
                 _reject(rejects, obj, problem, path, lineno, "not_an_object")
                 continue
+            if not _check_text(obj, rejects, path, lineno, text):
+                continue
             yield Row(obj, path, lineno)
+    if not any_row:
+        _empty_file(rejects, path)
 
 
 def read_json(path: str, rejects: RejectLog) -> Iterator[Row]:
@@ -103,8 +189,15 @@ def read_json(path: str, rejects: RejectLog) -> Iterator[Row]:
     """
     with open(path, "rb") as f:
         raw = f.read()
+    problem = utf16_problem(raw[:64])
+    if problem:
+        _reject(rejects, None, problem, path, 1, "utf16")
+        return
+    if not raw.strip():
+        _empty_file(rejects, path)
+        return
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is not data
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         _reject(rejects, None, "invalid UTF-8", path, line, "invalid_utf8")
@@ -119,6 +212,8 @@ def read_json(path: str, rejects: RejectLog) -> Iterator[Row]:
         if not isinstance(rec, dict):
             problem = f"record {i} is a {type(rec).__name__}, expected an object"
             _reject(rejects, rec, problem, path, i, "not_an_object")
+            continue
+        if not _check_text(rec, rejects, path, i):
             continue
         yield Row(rec, path, i)
 
@@ -166,7 +261,7 @@ def read_files(
         elif t == "parquet":
             yield from read_parquet(path)
         else:
-            raise ValueError(f"{path}: unknown file type {t!r}; expected one of {FILE_TYPES}")
+            raise UserError(f"{path}: unknown file type {t!r}; expected one of {FILE_TYPES}")
 
 
 def decode_record(value: Any, where: str, line: int) -> Any:
@@ -243,7 +338,7 @@ def read_hf_dataset(
         ds = datasets.load_from_disk(path_or_name)
         if isinstance(ds, datasets.DatasetDict):
             if split is None:
-                raise ValueError(f"{path_or_name} holds splits {list(ds)}; pass split=")
+                raise UserError(f"{path_or_name} holds splits {list(ds)}; pass split=")
             ds = ds[split]
     else:
         previous = datasets.config.HF_HUB_OFFLINE
@@ -274,7 +369,7 @@ def read_source(spec: Mapping[str, Any], rejects: RejectLog) -> Iterator[Row]:
             spec.get("cache_dir"),
             bool(spec.get("allow_download", False)),
         )
-    raise ValueError(f"data source {dict(spec)!r} needs one of the keys 'path', 'tfds', 'hf'")
+    raise UserError(f"data source {dict(spec)!r} needs one of the keys 'path', 'tfds', 'hf'")
 
 
 def read_sources(specs: Iterable[Mapping[str, Any] | str], rejects: RejectLog) -> Iterator[Row]:

@@ -41,6 +41,7 @@ import numpy as np
 
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import Example, PreferenceExample, common_prefix_length
+from dpo_jax.errors import UserError
 
 CACHE_VERSION = 2
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -243,7 +244,7 @@ def tokenize_examples(
     keys = ("chosen", "rejected") if paired else ("completion",)
     eos = tokenizer.eos_token if settings.add_eos else None
     if settings.add_eos and not eos:
-        raise ValueError("the tokenizer has no eos_token; set add_eos=False or give it one")
+        raise UserError("the tokenizer has no eos_token; set add_eos=False or give it one")
 
     def completion_text(ex: Example, key: str) -> str:
         text = getattr(ex, key)
@@ -310,7 +311,10 @@ def tokenize_examples(
         elif vals and all(v is not None for v in vals):
             dense_arrays[k] = np.asarray(vals, np.float32)
         elif any(v is not None for v in vals):
-            raise ValueError(f"reference log-probs ({k}) are present on some rows only")
+            raise UserError(
+                f"reference log-probs ({k}) are present on some rows only; give every row both "
+                "columns or none (recompute them with `dpo-jax ref-logps`)"
+            )
     stats = {"num_examples": len(cols["prompt"]), "prefix_mismatches": mismatches}
     return TokenizedDataset(
         "paired" if paired else "unpaired",

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.errors import UserError
 from dpo_jax.models.config import ModelConfig, RopeScaling
 from dpo_jax.models.transformer import abstract_params
 
@@ -582,10 +583,22 @@ class _SafetensorsReader:
                 )
             self.where = {}
             for fn in files:
-                with safe_open(str(fn), framework="numpy") as fh:
+                with self._open_file(fn) as fh:
                     for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
                         self.where[name] = fn
         self._open: dict[Path, Any] = {}
+
+    def _open_file(self, fn: Path) -> Any:
+        """`safe_open(fn)`; a truncated or corrupt file is a `UserError` naming it."""
+        from safetensors import SafetensorError
+
+        try:
+            return self._safe_open(str(fn), framework="numpy")
+        except SafetensorError as e:
+            raise UserError(
+                f"{fn}: not a readable safetensors file ({e}); it may be truncated or "
+                "corrupt: save or download it again"
+            ) from None
 
     def names(self) -> set[str]:
         return set(self.where)
@@ -593,7 +606,7 @@ class _SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         fn = self.where[name]
         if fn not in self._open:
-            self._open[fn] = self._safe_open(str(fn), framework="numpy").__enter__()
+            self._open[fn] = self._open_file(fn).__enter__()
         return self._open[fn].get_tensor(name)
 
     def close(self) -> None:
@@ -653,11 +666,11 @@ def load_hf(
     try:
         hf_cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: line {e.lineno}: invalid JSON: {e.msg}") from e
+        raise UserError(f"{cfg_file}: line {e.lineno}: invalid JSON: {e.msg}") from e
     try:
         cfg = config_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{cfg_file}: {e}") from e
+        raise UserError(f"{cfg_file}: {e}") from e
 
     abstract = nn.meta.unbox(abstract_params(cfg))
     if callable(shardings):
@@ -679,7 +692,7 @@ def load_hf(
         for t in _tensor_map(cfg):
             stored = _lookup(reader, t.hf_name)
             if stored is None:
-                raise ValueError(
+                raise UserError(
                     f"{hf_dir}: tensor {t.hf_name!r} is missing from the safetensors files "
                     f"(needed by model_type {cfg.model_type!r})"
                 )
@@ -688,7 +701,7 @@ def load_hf(
             try:
                 pieces = t.to_flax(raw)
             except ValueError as e:  # reshape of a tensor whose size disagrees with config.json
-                raise ValueError(
+                raise UserError(
                     f"{hf_dir}: tensor {stored!r} has shape {raw.shape}, which config.json "
                     f"does not imply ({e})"
                 ) from e
@@ -697,7 +710,7 @@ def load_hf(
                 want = _get_path(abstract, fpath)
                 want_shape = want.shape[1:] if idx is not None else want.shape
                 if piece.shape != tuple(want_shape):
-                    raise ValueError(
+                    raise UserError(
                         f"{hf_dir}: tensor {stored!r} gives shape {piece.shape} for "
                         f"{'/'.join(fpath)}, config.json implies {tuple(want_shape)}"
                     )
