@@ -522,10 +522,13 @@ def save_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
     (run_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
 
-def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelConfig, Any]:
+def _model_from_config(
+    config: ml_collections.ConfigDict, path: str | None = None
+) -> tuple[models.ModelConfig, Any]:
+    """(config, params) of `path` (default `model.path`) with the run's dtype and layout."""
     from dpo_jax.models import hf  # lazy: safetensors I/O only when loading a checkpoint
 
-    path = config.model.path
+    path = path or config.model.path
     if not path:
         raise ValueError("config.model.path is empty: point it at a Hugging Face model directory")
     # The loader lays the params out for the config (stacked per layer when scanned).
@@ -535,6 +538,34 @@ def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelC
     return hf.load_hf(
         path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides
     )
+
+
+def _reference_from_config(
+    config: ml_collections.ConfigDict, model_config: models.ModelConfig
+) -> Any:
+    """Params of `reference.path`, laid out as the policy's (same scan/remat overrides).
+
+    The reference runs through the policy's model apply, so its architecture must match.
+    """
+    from dpo_jax.errors import config_error
+
+    ref_config, ref_params = _model_from_config(config, config.reference.path)
+    ignore = ("dtype", "param_dtype", "remat", "attention_impl", "bos_token_id",
+              "eos_token_id", "pad_token_id", "init_std")  # fmt: skip
+    policy = dataclasses.asdict(model_config)
+    differs = [
+        k for k, v in dataclasses.asdict(ref_config).items()
+        if k not in ignore and policy.get(k) != v
+    ]  # fmt: skip
+    if differs:
+        k = differs[0]
+        raise config_error(
+            "reference.path",
+            f"{config.reference.path} has {k}={getattr(ref_config, k)!r}, the policy "
+            f"{getattr(model_config, k)!r} ({len(differs)} architecture field(s) differ)",
+            "the reference must have the policy's architecture",
+        )
+    return ref_params
 
 
 def train(
@@ -575,11 +606,7 @@ def train(
         check_loss_options(loss_name, hyper, early)
 
     if ref_params is None and config.reference.path and losses.needs_reference(loss_name):
-        from dpo_jax.models import hf
-
-        _, ref_params = hf.load_hf(
-            config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
-        )
+        ref_params = _reference_from_config(config, model_config)
     if train_data is None:
         train_data, eval_data, steps_per_epoch = load_data(
             config, model_config, params if ref_params is None else ref_params
