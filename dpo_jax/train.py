@@ -784,6 +784,15 @@ def load_data(
             f"batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}"
         )
     micro_pairs = config.batch_size // config.grad_accum_steps
+    if config.data.layout == "prefix_shared" and config.data.truncation_mode == "keep_end":
+        from dpo_jax.errors import config_error
+
+        raise config_error(
+            "data.truncation_mode",
+            "TRL's keep_end truncates chosen and rejected independently, so their prompts"
+            " may differ and data.layout='prefix_shared' cannot share them",
+            "use keep_start, keep_end_prompt, or the stacked/packed layout",
+        )
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run_dir = config.run_dir or None

@@ -31,9 +31,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.train = ""  # file / glob / source spec the data package reads
     c.data.eval = ""  # held-out split ("" = no evaluation)
     c.data.format = "auto"
-    c.data.max_length = 512
-    c.data.max_prompt_length = 256
-    c.data.truncation_mode = "keep_end"  # TRL: prompts keep their end
+    c.data.max_length = (
+        1024  # prompt + completion tokens per sequence (TRL 1.16: 1024); None: no limit
+    )
+    c.data.max_prompt_length = None  # None: no prompt limit (TRL 1.16 has none); N: keep its last N
+    # keep_start (TRL 1.16's default): each sequence keeps its first max_length tokens;
+    # keep_end (TRL, deprecated there): each sequence keeps its last max_length tokens;
+    # keep_end_prompt: drop the shared prompt's start first (prefix_shared-friendly).
+    c.data.truncation_mode = "keep_start"
     c.data.layout = "stacked"  # stacked | packed | prefix_shared
     c.data.shuffle = True
     c.data.skip_bad_rows = False

@@ -128,7 +128,7 @@ def load_preference_data(
         `not losses.is_paired(loss)`).
       limit: keep only the first N examples.
       max_length, max_prompt_length, max_completion_length, truncation_mode
-        ("keep_end" | "keep_start"), add_eos: see `dpo_jax.data.tokenize`.
+        ("keep_start" | "keep_end" | "keep_end_prompt"), add_eos: see `dpo_jax.data.tokenize`.
       skip_bad_rows: False raises `DataError` (file:line: problem) on the first
         bad row; True skips bad rows, counts them by reason, writes
         `run_dir/rejects.jsonl` and prints the counts.
@@ -149,7 +149,7 @@ def load_preference_data(
         max_length=spec.get("max_length"),
         max_prompt_length=spec.get("max_prompt_length"),
         max_completion_length=spec.get("max_completion_length"),
-        truncation_mode=spec.get("truncation_mode", "keep_end"),
+        truncation_mode=spec.get("truncation_mode", "keep_start"),
         add_eos=spec.get("add_eos", True),
     )
     cache_dir = spec.get("cache_dir", DEFAULT_CACHE_DIR) or None
