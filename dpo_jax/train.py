@@ -762,6 +762,21 @@ def _check_unpaired_weights(config: ml_collections.ConfigDict, labels: np.ndarra
     )  # fmt: skip
 
 
+def _check_ref_fingerprints(
+    config: ml_collections.ConfigDict, tokenizer: Any, spec: dict[str, Any]
+) -> None:
+    """Refuse precomputed reference columns computed with other settings (`ref_fingerprint`)."""
+    from dpo_jax import ref_fingerprint
+
+    trusted = ref_fingerprint.check_data(config, tokenizer, spec)
+    if trusted:
+        log.warning(
+            "%s: %d rows carry reference log-probs without a fingerprint; used as they are"
+            " (reference.trust_precomputed=True): nothing shows they score this run's tokens",
+            spec["path"], trusted,
+        )  # fmt: skip
+
+
 def load_data(
     config: ml_collections.ConfigDict, model_config: models.ModelConfig, ref_params: Any
 ) -> tuple[Any, Callable[[], Iterable[Mapping[str, Any]]] | None, float]:
@@ -803,6 +818,8 @@ def load_data(
         _check_unpaired_weights(config, train_set.dense["label"])
     needs_ref = losses.needs_reference(loss_name)
     has_ref = "ref_chosen" in train_set.dense
+    if needs_ref and has_ref and config.reference.mode != "frozen":
+        _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.train, paired))
     if needs_ref and config.reference.mode == "cache" and not has_ref:
         if not run_dir:
             raise ValueError("reference.mode='cache' needs config.run_dir for the cache file")
@@ -821,6 +838,8 @@ def load_data(
         eval_set = data.load_preference_data(
             _data_spec(config, config.data.eval, paired), tokenizer, run_dir
         )
+        if needs_ref and has_ref and "ref_chosen" in eval_set.dense:
+            _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.eval, paired))
         if needs_ref and has_ref and "ref_chosen" not in eval_set.dense:
             if not run_dir:
                 raise ValueError("held-out reference log-probs need config.run_dir for the cache")

@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # cache: compute the reference log-probs in a first pass, cache them in the run dir.
     c.reference.mode = "auto"  # auto | frozen | precomputed | cache | none
     c.reference.path = ""  # a different reference checkpoint ("" = the initial policy)
+    # Use precomputed ref columns that carry no `ref_logps_fingerprint` (from TRL or an
+    # older dpo-jax); by default they are refused (docs/CONTRACTS.md, reference columns).
+    c.reference.trust_precomputed = False
     c.reference.ref_model_sync_steps = 0  # TR-DPO: >0 soft-updates the reference
     c.reference.ref_model_mixup_alpha = 0.6
 

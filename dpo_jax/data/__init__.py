@@ -31,6 +31,7 @@ from dpo_jax.data.sources import Row, read_sources
 from dpo_jax.data.tokenize import (
     TokenizedDataset,
     TokenizeSettings,
+    settings_from_spec,
     tokenize_cached,
     tokenize_examples,
 )
@@ -145,13 +146,7 @@ def load_preference_data(
     if not examples:
         rejects.finalize()
         raise ValueError("the data spec produced no usable examples")
-    settings = TokenizeSettings(
-        max_length=spec.get("max_length"),
-        max_prompt_length=spec.get("max_prompt_length"),
-        max_completion_length=spec.get("max_completion_length"),
-        truncation_mode=spec.get("truncation_mode", "keep_start"),
-        add_eos=spec.get("add_eos", True),
-    )
+    settings = settings_from_spec(spec)
     cache_dir = spec.get("cache_dir", DEFAULT_CACHE_DIR) or None
     tokenized = tokenize_cached(examples, tokenizer, settings, rejects, cache_dir)
     tokenized.stats["rejected"] = dict(rejects.counts)

@@ -76,6 +76,17 @@ class TokenizeSettings:
                 raise ValueError(f"{name} must be positive, got {v}")
 
 
+def settings_from_spec(spec: Any) -> TokenizeSettings:
+    """The tokenize settings a data spec (dict or the trainer's `config.data`) asks for."""
+    return TokenizeSettings(
+        max_length=spec.get("max_length"),
+        max_prompt_length=spec.get("max_prompt_length"),
+        max_completion_length=spec.get("max_completion_length"),
+        truncation_mode=spec.get("truncation_mode", "keep_start"),
+        add_eos=spec.get("add_eos", True),
+    )
+
+
 class Ragged:
     """Variable-length int32 sequences stored flat with offsets (cheap to save and slice)."""
 
