@@ -92,6 +92,21 @@ def count_tokens(batch: Mapping[str, Any]) -> int:
     return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
 
 
+def count_sequence_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens of every sequence, prompt included, as TRL's `num_tokens` counts them (its
+    attention mask over stacked rows): a shared prompt counts once per sequence, whatever
+    the layout. Sequence k holds `1 + max position` tokens (positions restart per sequence
+    and continue past a shared prompt)."""
+    si = np.asarray(batch["sequence_index"]).reshape(-1)
+    pos = np.asarray(batch["positions"]).reshape(-1)
+    scored = si >= 0
+    if not scored.any():
+        return 0
+    top = np.full(int(si.max()) + 1, -1, np.int64)
+    np.maximum.at(top, si[scored], pos[scored])
+    return int(np.sum(top[top >= 0] + 1))
+
+
 def globalize_host_batch(
     batch_A: Mapping[str, Any], n_seq: int, process_index: int, process_count: int
 ) -> tuple[dict[str, Any], int]:
@@ -292,6 +307,7 @@ def build_trainer(
     unembed_scored_only: bool = True,
     ref_model_sync_steps: int = 0,
     ref_model_mixup_alpha: float = 0.6,
+    token_metrics: bool = True,
 ) -> tuple[Trainer, TrainState]:
     """A Trainer and its initial, sharded state (policy = `params`).
 
@@ -317,6 +333,7 @@ def build_trainer(
         ref_model_sync_steps=ref_model_sync_steps,
         ref_model_mixup_alpha=ref_model_mixup_alpha,
         grad_shardings=shard.params,
+        token_metrics=token_metrics,
     )
     params = jax.device_put(params, shard.params)
     if with_ref:
@@ -423,12 +440,15 @@ def run_loop(
     checkpointer: Any = None,
     data_state: Callable[[], Any] | None = None,
     start_step: int = 0,
+    num_tokens_start: int = 0,
 ) -> tuple[TrainState, list[dict], list[dict]]:
     """Drive `trainer.step` for steps `start_step+1 .. num_steps`; log, evaluate, save.
 
     Metrics are fetched from the device only every `log_every` steps (and at the end),
     so dispatch runs ahead of the host. Under nan_policy='stop' a non-finite step
     raises NonFiniteLossError naming it (the state still holds the last good params).
+    `num_tokens` is cumulative as in TRL, from `num_tokens_start` (tokens seen before
+    `start_step`).
     """
     history: list[dict] = []
     eval_history: list[dict] = []
@@ -436,6 +456,7 @@ def run_loop(
     throughput = Throughput()
     iterator = iter(train_batches)
     nan_stop = trainer.step_config.nan_policy == "stop"
+    seen = int(num_tokens_start)
 
     def flush() -> None:
         if not pending:
@@ -481,10 +502,10 @@ def run_loop(
         if batch_A is None:
             log.warning("training data ran out after %d steps", step - 1)
             break
-        tokens = count_tokens(batch_A)
-        throughput.add(tokens)
+        throughput.add(count_tokens(batch_A))
+        seen += count_sequence_tokens(batch_A)
         state, metrics = trainer.step(state, batch_A, batch_num_sequences(batch_A, layout))
-        pending.append((step, metrics, tokens))
+        pending.append((step, metrics, seen))
         if step % max(log_every, 1) == 0 or step == num_steps:
             flush()
         if eval_every and step % eval_every == 0 and step != num_steps:
@@ -642,6 +663,7 @@ def train(
         unembed_scored_only=config.train.get("unembed_scored_only", True),
         ref_model_sync_steps=config.reference.ref_model_sync_steps,
         ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
+        token_metrics=config.train.get("token_metrics", True),
     )
     run_dir = Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
@@ -653,7 +675,7 @@ def train(
 
     if checkpointer is None and config.checkpoint.enabled:
         checkpointer = make_checkpointer(config, model_config, run_dir)
-    start_step = 0
+    start_step = num_tokens_start = 0
     if checkpointer is not None:
         restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
         if restored is not None:
@@ -666,6 +688,7 @@ def train(
                 skip = start_step * config.grad_accum_steps
                 train_iter = itertools.islice(iter(train_data), skip, None)
             log.info("resumed from step %d", start_step)
+            num_tokens_start = _logged_num_tokens(run_dir, start_step)
 
     eval_fn = None
     if eval_data is not None:
@@ -688,6 +711,7 @@ def train(
             checkpointer=checkpointer,
             data_state=getattr(train_data, "get_state", None),
             start_step=start_step,
+            num_tokens_start=num_tokens_start,
         )
     finally:
         progress.close()
@@ -715,6 +739,19 @@ def make_checkpointer(
     return checkpoint.Checkpointer.from_config(
         config, model_config=model_config, tokenizer=tokenizer
     )
+
+
+def _logged_num_tokens(run_dir: Path | None, step: int) -> int:
+    """`num_tokens` of the metrics row of `step` (a resumed run keeps counting from it)."""
+    from dpo_jax.metrics import read_jsonl
+
+    path = run_dir / "metrics.jsonl" if run_dir is not None else None
+    rows = read_jsonl(path) if path is not None and path.exists() else []
+    found = [r["num_tokens"] for r in rows if r.get("step") == step and "num_tokens" in r]
+    if not found:
+        log.warning("no metrics row for step %d: num_tokens restarts from 0", step)
+        return 0
+    return int(found[-1])
 
 
 def _reattach_reference(restored: TrainState, fresh: TrainState) -> TrainState:

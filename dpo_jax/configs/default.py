@@ -93,6 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.nan_policy = "stop"  # stop | skip
     c.train.logps_chunk_size = 0  # > 0: chunked unembedding, no [N, L, V] logits
     c.train.unembed_scored_only = True  # unembed only positions that predict a scored token
+    # TRL's entropy, logits/chosen, logits/rejected, mean_token_accuracy (paired losses)
+    c.train.token_metrics = True
     c.train.progress = True
     c.train.tensorboard = True
 
