@@ -869,6 +869,15 @@ def load_data(
         shuffle=config.data.shuffle, pad_id=pad_id,
     )  # fmt: skip
     steps_per_epoch = (len(train_set) // micro_pairs) / config.grad_accum_steps
+    left_out = len(train_set) % micro_pairs
+    if left_out:
+        # TRL trains a smaller last batch; static shapes here drop it (docs/FROM_TRL.md).
+        log.warning(
+            "%d training examples, %d per micro-batch: each epoch leaves out %d of them"
+            " (%s); make the data a multiple of batch_size / grad_accum_steps to use all",
+            len(train_set), micro_pairs, left_out,
+            "a different subset each epoch" if config.data.shuffle else "always the last ones",
+        )  # fmt: skip
 
     eval_fn = None
     if config.data.eval:
