@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks import compare_curves
 from dpo_jax import cli, train
 from dpo_jax.configs import default
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
@@ -88,7 +89,7 @@ def _trl_run(setup, precompute: bool) -> list[dict]:
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                self.rows.append(dict(logs))
+                self.rows.append(dict(logs, step=state.global_step))
 
     logs = Logs()
     config = DPOConfig(
@@ -142,8 +143,16 @@ def _assert_same_run(ours: list[dict], theirs: list[dict]) -> None:
 
 def test_separate_reference_model_matches_trl(setup):
     root = setup[0]
-    ours = train.train(_ours_config(setup, root / "train.jsonl")).history
-    _assert_same_run(ours, _trl_run(setup, precompute=False))
+    config = _ours_config(setup, root / "train.jsonl")
+    config.run_dir = str(root / "jax")
+    ours = train.train(config).history
+    theirs = _trl_run(setup, precompute=False)
+    _assert_same_run(ours, theirs)
+    # docs/FROM_TRL.md's command on the two logs
+    (root / "trl_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in theirs))
+    argv = [str(root / "trl_log.jsonl"), str(root / "jax" / "metrics.jsonl"), "--keys", "loss"]
+    assert compare_curves.main(argv) == 0
+    assert compare_curves.main([*argv[:2], "--keys", "loss", "--rtol", "1e-9"]) == 1
 
 
 def test_precomputed_reference_matches_trl(setup):
