@@ -107,6 +107,15 @@ def count_sequence_tokens(batch: Mapping[str, Any]) -> int:
     return int(np.sum(top[top >= 0] + 1))
 
 
+def _global_count(n: int) -> int:
+    """`n` summed over the processes of a multi-host run (each counts its own slice)."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(np.asarray(multihost_utils.process_allgather(np.int32(n)), np.int64)))
+
+
 def globalize_host_batch(
     batch_A: Mapping[str, Any], n_seq: int, process_index: int, process_count: int
 ) -> tuple[dict[str, Any], int]:
@@ -503,7 +512,7 @@ def run_loop(
             log.warning("training data ran out after %d steps", step - 1)
             break
         throughput.add(count_tokens(batch_A))
-        seen += count_sequence_tokens(batch_A)
+        seen += _global_count(count_sequence_tokens(batch_A))
         state, metrics = trainer.step(state, batch_A, batch_num_sequences(batch_A, layout))
         pending.append((step, metrics, seen))
         if step % max(log_every, 1) == 0 or step == num_steps:
