@@ -207,3 +207,23 @@ def test_kto_ids_and_kl_rows_equal_trl():
         row = batch["input_ids"][4 + i][batch["segment_ids"][4 + i] > 0].tolist()
         assert row == trl_ds[i]["prompt_ids"] + trl_ds[i]["KL_completion_ids"]
     assert batch["labels"].tolist() == [int(r["label"]) for r in rows]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_keep_end_dataset_through_the_train_iterator(tmp_path):
+    """Per-sequence prompts survive the cache and the loader (bucket from both prompts)."""
+    from dpo_jax.data import make_train_iterator
+    from dpo_jax.data.tokenize import TokenizedDataset
+
+    tok = tiny_tokenizer()
+    ours = _ours(PLAIN, tok, TokenizeSettings(max_length=9, truncation_mode="keep_end"))
+    ours.save(str(tmp_path / "ds.npz"))
+    loaded = TokenizedDataset.load(str(tmp_path / "ds.npz"))
+    assert list(loaded.ragged) == ["prompt", "chosen", "rejected", "rejected_prompt"]
+    assert (loaded.sequence_lengths() <= 9).all()
+    it = make_train_iterator(loaded, 2, "stacked", seed=0, shuffle=False, num_epochs=1,
+                             process_index=0, process_count=1)  # fmt: skip
+    for step, batch in enumerate(it):
+        want = build_batch([ours[2 * step], ours[2 * step + 1]], "paired", "stacked", length=16)
+        np.testing.assert_array_equal(batch["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(batch["sequence_index"], want["sequence_index"])
