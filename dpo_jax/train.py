@@ -552,13 +552,10 @@ def save_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
     (run_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
 
-def _model_from_config(
-    config: ml_collections.ConfigDict, path: str | None = None
-) -> tuple[models.ModelConfig, Any]:
-    """(config, params) of `path` (default `model.path`) with the run's dtype and layout."""
+def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelConfig, Any]:
     from dpo_jax.models import hf  # lazy: safetensors I/O only when loading a checkpoint
 
-    path = path or config.model.path
+    path = config.model.path
     if not path:
         raise ValueError("config.model.path is empty: point it at a Hugging Face model directory")
     # The loader lays the params out for the config (stacked per layer when scanned).
@@ -573,13 +570,18 @@ def _model_from_config(
 def _reference_from_config(
     config: ml_collections.ConfigDict, model_config: models.ModelConfig
 ) -> Any:
-    """Params of `reference.path`, laid out as the policy's (same scan/remat overrides).
+    """Params of `reference.path`, laid out as the policy's (`model_config`'s scan_layers
+    and remat: the layout the step's apply expects).
 
     The reference runs through the policy's model apply, so its architecture must match.
     """
     from dpo_jax.errors import config_error
+    from dpo_jax.models import hf
 
-    ref_config, ref_params = _model_from_config(config, config.reference.path)
+    ref_config, ref_params = hf.load_hf(
+        config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+        scan_layers=model_config.scan_layers, remat=model_config.remat,
+    )  # fmt: skip
     ignore = ("dtype", "param_dtype", "remat", "attention_impl", "bos_token_id",
               "eos_token_id", "pad_token_id", "init_std")  # fmt: skip
     policy = dataclasses.asdict(model_config)
