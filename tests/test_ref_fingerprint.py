@@ -152,3 +152,18 @@ def test_column_without_fingerprint_needs_trust(files, plain_ref):
         train.train(_config(**kw, run_dir=""))
     result = train.train(_config(**kw, run_dir="", **{"reference.trust_precomputed": True}))
     assert result.trainer.step_config.reference == "precomputed"
+
+
+def test_short_flags_auto_detect_conversational_rows(files):
+    """`--model/--data` alone (no --config, no --format): rows are detected as `train` does."""
+    root, policy, _ = files
+    out = root / "chat_flags.jsonl"
+    args = ["ref-logps", "--model", str(policy), "--data", str(root / "chat.jsonl"),
+            "--output", str(out), "--batch-size", "4"]  # fmt: skip
+    assert cli.main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(CHAT)
+    fp = rows[0][FINGERPRINT_COLUMN]
+    assert fp["format"] == "conversational" and fp["max_length"] == 1024  # train's defaults
+    assert fp["truncation_mode"] == "keep_start" and fp["chat_template"] is not None
+    assert all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in rows)
