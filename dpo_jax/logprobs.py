@@ -24,6 +24,7 @@ unembedding (and its backward) is skipped; the numbers are those of the other pa
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -48,6 +49,12 @@ class SequenceLogps:
     wpo_weights_S: Array | None = None
     # Unlikelihood: sum of log(1 - p_t) over the completion; None unless requested.
     log1m_sums_S: Array | None = None
+    # TRL's token metrics (no gradient; None unless requested): sums over the completion
+    # of the next-token entropy, of the mean logit over the vocabulary, and the count of
+    # tokens that are the top-1 prediction.
+    entropy_sums_S: Array | None = None
+    mean_logit_sums_S: Array | None = None
+    top1_counts_S: Array | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -65,23 +72,35 @@ def _shift_right(next_NxL: Array) -> Array:
     return jnp.concatenate([jnp.zeros_like(next_NxL[:, :1]), next_NxL[:, :-1]], axis=1)
 
 
+TOKEN_METRIC_TERMS = ("entropy", "mean_logit", "top1")
+
+
 def _next_token_terms(
-    logits_NxLxV: Array, next_ids_NxL: Array, with_wpo: bool
-) -> tuple[Array, Array | None]:
-    """log p(next token) at every position, and optionally log sum_v p_v^2 (for WPO)."""
+    logits_NxLxV: Array, next_ids_NxL: Array, with_wpo: bool, with_metrics: bool = False
+) -> tuple[Array, dict[str, Array]]:
+    """log p(next token) at every position, and extra per-position terms: "log_sum_p2"
+    (log sum_v p_v^2, for WPO) and, with `with_metrics`, `TOKEN_METRIC_TERMS` (TRL's
+    entropy, mean logit and top-1 indicator), all without gradient."""
     # The float32 cast feeds straight into reductions and a gather: no log-softmax is ever
     # formed, float32 logits are read in place, and bf16 logits cost at most one float32
     # copy (the XLA CPU backend makes one; fused backends need none).
     logits32 = logits_NxLxV.astype(jnp.float32)
     lse_NxL = jax.nn.logsumexp(logits32, axis=-1)
     target_NxL = jnp.take_along_axis(logits32, next_ids_NxL[..., None], axis=-1)[..., 0]
-    log_sum_p2_NxL = None
+    extras: dict[str, Array] = {}
     if with_wpo:
         # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z); WPO weights carry no gradient.
-        log_sum_p2_NxL = jax.lax.stop_gradient(
+        extras["log_sum_p2"] = jax.lax.stop_gradient(
             jax.nn.logsumexp(2.0 * logits32, axis=-1) - 2.0 * lse_NxL
         )
-    return target_NxL - lse_NxL, log_sum_p2_NxL
+    if with_metrics:
+        z = jax.lax.stop_gradient(logits32)
+        lse = jax.lax.stop_gradient(lse_NxL)
+        # H = -sum_v p_v log p_v = lse - sum_v p_v z_v
+        extras["entropy"] = lse - jnp.sum(jnp.exp(z - lse[..., None]) * z, axis=-1)
+        extras["mean_logit"] = jnp.mean(z, axis=-1)
+        extras["top1"] = (jnp.argmax(z, axis=-1) == next_ids_NxL).astype(jnp.float32)
+    return target_NxL - lse_NxL, extras
 
 
 def token_logps(logits_NxLxV: Array, input_ids_NxL: Array) -> Array:
@@ -111,10 +130,13 @@ def reduce_token_logps(
     num_sequences: int,
     log_sum_p2_NxL: Array | None = None,
     with_log1m: bool = False,
+    token_terms_NxL: Mapping[str, Array] | None = None,
 ) -> SequenceLogps:
     """Sums per-token log-probs into sequences via `sequence_index` (-1 = not scored).
 
-    `with_log1m` adds per-sequence sums of log(1 - p_t) (unlikelihood training).
+    `with_log1m` adds per-sequence sums of log(1 - p_t) (unlikelihood training);
+    `token_terms_NxL` (the `TOKEN_METRIC_TERMS` of `_next_token_terms`, aligned with the
+    tokens) adds their per-sequence sums (TRL's entropy / logits / accuracy metrics).
     """
     S = int(num_sequences)
     if S <= 0 or S % 2:
@@ -146,7 +168,15 @@ def reduce_token_logps(
         # Elementwise in log p_t, so both log-prob paths share it; unscored entries are
         # finite (log1mexp clamps log p <= 0), so the masking where() keeps gradients finite.
         log1m_sums_S = seg_sum(jnp.where(scored.reshape(-1), losses.log1mexp(tok), 0.0))
-    return SequenceLogps(logps_S, lengths_S, prefix_logps_S, wpo_weights_S, log1m_sums_S)
+    metric_sums = [None] * len(TOKEN_METRIC_TERMS)
+    if token_terms_NxL:
+        metric_sums = [
+            seg_sum(jnp.where(scored, token_terms_NxL[k], 0.0).reshape(-1).astype(jnp.float32))
+            for k in TOKEN_METRIC_TERMS
+        ]
+    return SequenceLogps(
+        logps_S, lengths_S, prefix_logps_S, wpo_weights_S, log1m_sums_S, *metric_sums
+    )
 
 
 def sequence_logps(
@@ -156,13 +186,32 @@ def sequence_logps(
     *,
     with_wpo: bool = False,
     with_log1m: bool = False,
+    with_metrics: bool = False,
 ) -> SequenceLogps:
-    """Per-sequence log-prob sums, lengths and extras (WPO weights, log(1-p) sums) from logits."""
+    """Per-sequence log-prob sums, lengths and extras (WPO weights, log(1-p) sums, TRL's
+    token metrics) from logits."""
     input_ids, sequence_index = _batch_arrays(batch, num_sequences)
     _check_logits(logits_NxLxV, input_ids)
-    next_NxL, p2_NxL = _next_token_terms(logits_NxLxV, _next_token_ids(input_ids), with_wpo)
-    p2 = None if p2_NxL is None else _shift_right(p2_NxL)
-    return reduce_token_logps(_shift_right(next_NxL), sequence_index, num_sequences, p2, with_log1m)
+    next_NxL, extras = _next_token_terms(
+        logits_NxLxV, _next_token_ids(input_ids), with_wpo, with_metrics
+    )
+    return _reduce_shifted(next_NxL, extras, sequence_index, num_sequences, with_log1m)
+
+
+def _reduce_shifted(
+    next_NxL: Array,
+    extras: Mapping[str, Array],
+    sequence_index: Array,
+    num_sequences: int,
+    with_log1m: bool,
+) -> SequenceLogps:
+    """`reduce_token_logps` of per-position terms that still sit at the predicting position."""
+    shifted = {k: _shift_right(v) for k, v in extras.items()}
+    terms = {k: shifted[k] for k in TOKEN_METRIC_TERMS if k in shifted}
+    return reduce_token_logps(
+        _shift_right(next_NxL), sequence_index, num_sequences, shifted.get("log_sum_p2"),
+        with_log1m, terms or None,
+    )  # fmt: skip
 
 
 def _unembedded_terms(
@@ -171,13 +220,14 @@ def _unembedded_terms(
     unembed_fn: Callable[[Array], Array],
     chunk_size: int,
     with_wpo: bool,
-) -> tuple[Array, Array | None]:
+    with_metrics: bool = False,
+) -> tuple[Array, dict[str, Array]]:
     """`_next_token_terms` of `unembed_fn(hidden)`, all at once or `chunk_size` positions
     at a time (each chunk under `jax.checkpoint`, so the backward pass recomputes its
     logits instead of storing them)."""
     N, K, D = hidden_NxKxD.shape
     if chunk_size <= 0:
-        return _next_token_terms(unembed_fn(hidden_NxKxD), next_ids_NxK, with_wpo)
+        return _next_token_terms(unembed_fn(hidden_NxKxD), next_ids_NxK, with_wpo, with_metrics)
     C = min(int(chunk_size), K)
     num_chunks = -(-K // C)
     pad = num_chunks * C - K
@@ -189,19 +239,18 @@ def _unembedded_terms(
     id_chunks = ids_p.reshape(N, num_chunks, C).transpose(1, 0, 2)
 
     @jax.checkpoint
-    def one_chunk(h_NxCxD: Array, ids_NxC: Array) -> tuple[Array, Array]:
-        logp, p2 = _next_token_terms(unembed_fn(h_NxCxD), ids_NxC, with_wpo)
-        return logp, (jnp.zeros_like(logp) if p2 is None else p2)
+    def one_chunk(h_NxCxD: Array, ids_NxC: Array) -> tuple[Array, dict[str, Array]]:
+        return _next_token_terms(unembed_fn(h_NxCxD), ids_NxC, with_wpo, with_metrics)
 
-    def step(carry: None, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
+    def step(carry: None, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Any]]:
         return carry, one_chunk(*xs)
 
-    _, (logp_chunks, p2_chunks) = jax.lax.scan(step, None, (hidden_chunks, id_chunks))
+    _, (logp_chunks, extra_chunks) = jax.lax.scan(step, None, (hidden_chunks, id_chunks))
 
     def unchunk(x: Array) -> Array:
         return x.transpose(1, 0, 2).reshape(N, num_chunks * C)[:, :K]
 
-    return unchunk(logp_chunks), (unchunk(p2_chunks) if with_wpo else None)
+    return unchunk(logp_chunks), {k: unchunk(v) for k, v in extra_chunks.items()}
 
 
 def _check_hidden(hidden_NxLxD: Array, input_ids_NxL: Array) -> None:
@@ -221,6 +270,7 @@ def sequence_logps_chunked(
     *,
     with_wpo: bool = False,
     with_log1m: bool = False,
+    with_metrics: bool = False,
 ) -> SequenceLogps:
     """`sequence_logps` from hidden states, unembedding `chunk_size` positions at a time.
 
@@ -232,11 +282,11 @@ def sequence_logps_chunked(
     _check_hidden(hidden_NxLxD, input_ids)
     if int(chunk_size) <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    logp_NxL, p2_NxL = _unembedded_terms(
-        hidden_NxLxD, _next_token_ids(input_ids), unembed_fn, int(chunk_size), with_wpo
-    )
-    p2 = None if p2_NxL is None else _shift_right(p2_NxL)
-    return reduce_token_logps(_shift_right(logp_NxL), sequence_index, num_sequences, p2, with_log1m)
+    logp_NxL, extras = _unembedded_terms(
+        hidden_NxLxD, _next_token_ids(input_ids), unembed_fn, int(chunk_size), with_wpo,
+        with_metrics,
+    )  # fmt: skip
+    return _reduce_shifted(logp_NxL, extras, sequence_index, num_sequences, with_log1m)
 
 
 def scored_positions(
@@ -280,6 +330,7 @@ def sequence_logps_scored(
     chunk_size: int = 0,
     with_wpo: bool = False,
     with_log1m: bool = False,
+    with_metrics: bool = False,
 ) -> SequenceLogps:
     """`sequence_logps` unembedding only the positions in `batch["scored_positions"]`.
 
@@ -301,10 +352,13 @@ def sequence_logps_scored(
     h_NxKxD = jnp.take_along_axis(hidden_NxLxD, t_NxK[..., None], axis=1)
     next_ids_NxK = jnp.take_along_axis(input_ids, t_NxK + 1, axis=1)
     seq_NxK = jnp.where(valid_NxK, jnp.take_along_axis(sequence_index, t_NxK + 1, axis=1), -1)
-    logp_NxK, p2_NxK = _unembedded_terms(
-        h_NxKxD, next_ids_NxK, unembed_fn, int(chunk_size), with_wpo
+    logp_NxK, extras = _unembedded_terms(
+        h_NxKxD, next_ids_NxK, unembed_fn, int(chunk_size), with_wpo, with_metrics
     )
-    return reduce_token_logps(logp_NxK, seq_NxK, num_sequences, p2_NxK, with_log1m)
+    terms = {k: extras[k] for k in TOKEN_METRIC_TERMS if k in extras}
+    return reduce_token_logps(
+        logp_NxK, seq_NxK, num_sequences, extras.get("log_sum_p2"), with_log1m, terms or None
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -366,6 +420,28 @@ def preference_stats(
         chosen_log1m_sum=c_1m,
         rejected_log1m_sum=r_1m,
     )
+
+
+def token_metrics(policy: SequenceLogps) -> dict[str, Array]:
+    """TRL 1.16's DPO token metrics from the policy's per-sequence sums (paired layout):
+    `entropy` (mean over every completion token), `logits/chosen` / `logits/rejected`
+    (mean over the chosen / rejected completion tokens of the vocabulary-mean logit) and
+    `mean_token_accuracy` (share of chosen completion tokens predicted top-1)."""
+    if policy.entropy_sums_S is None:
+        raise ValueError("token_metrics needs sequence log-probs computed with_metrics=True")
+    c_len, r_len = _split(policy.lengths_S)
+    c_logit, r_logit = _split(policy.mean_logit_sums_S)
+    c_top1, _ = _split(policy.top1_counts_S)
+
+    def ratio(num: Array, den: Array) -> Array:
+        return jnp.where(den > 0, num / jnp.maximum(den, 1.0), 0.0)
+
+    return {
+        "entropy": ratio(jnp.sum(policy.entropy_sums_S), jnp.sum(policy.lengths_S)),
+        "logits/chosen": ratio(jnp.sum(c_logit), jnp.sum(c_len)),
+        "logits/rejected": ratio(jnp.sum(r_logit), jnp.sum(r_len)),
+        "mean_token_accuracy": ratio(jnp.sum(c_top1), jnp.sum(c_len)),
+    }
 
 
 def unpaired_stats(

@@ -1,10 +1,14 @@
 """Reference log-probs computed once, so training runs no reference forward.
 
-`dpo-jax ref-logps --model DIR --data FILE --output OUT [--batch-size N] [--max-length L]`
-reads preference rows (JSONL, any format the data package parses into one pair per
-row), tokenizes them with TRL's convention (`dpo_jax.data`), scores chosen and rejected
-completions under the checkpoint, and writes the rows back in input order with
-`ref_chosen_logps` / `ref_rejected_logps` added. The data package reads those columns
+`dpo-jax ref-logps --config CONFIG [--config.KEY=V ...] --output OUT [--batch-size N]`
+takes the training config (data, format, tokenizer, max lengths, truncation mode; the
+reference checkpoint is `reference.path`, else `model.path`; short flags `--model`,
+`--data`, `--max-length`, ... override it), reads preference rows (any format the
+data package parses into one pair per row, auto-detected as `train` does), tokenizes
+them exactly as `train` would, scores chosen and rejected completions under the
+checkpoint, and writes the rows back in input order with `ref_chosen_logps` /
+`ref_rejected_logps` and a `ref_logps_fingerprint` (see `dpo_jax.ref_fingerprint`)
+added; training refuses a column whose fingerprint disagrees with its own settings. The data package reads those columns
 into the batches' `ref_logps`, and `train` then uses reference mode "precomputed".
 
 `train` with `reference.mode="cache"` does the same pass over the tokenized training
@@ -136,34 +140,89 @@ def cached_ref_logps(
 
 # ------------------------------------------------------------------------ command line
 
+DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "default.py")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `dpo-jax ref-logps`."""
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    parser.add_argument("--data", required=True, help="JSONL preference rows")
-    parser.add_argument("--output", required=True, help="JSONL written with the two ref columns")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    parser.add_argument("--max-length", type=int, default=None, help="truncate prompt+completion")
-    parser.add_argument("--max-prompt-length", type=int, default=None)
+    """Flags of `dpo-jax ref-logps`: the train config (`--config` and `--config.KEY=V`)
+    decides data, format, tokenizer and truncation; the short flags override it."""
+    from dpo_jax import configs
+
     parser.add_argument(
-        "--format",
-        default="explicit",
-        help="row format (default explicit: prompt/chosen/rejected; auto detects)",
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="the training config (default: dpo_jax/configs/default.py); --config.KEY=VALUE overrides",
     )
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    parser.add_argument("--dtype", default="float32", help="compute dtype")
+    parser.add_argument("--output", required=True, help="JSONL written with the two ref columns")
+    parser.add_argument(
+        "--model", default=None, help="checkpoint (default: reference.path, else model.path)"
+    )
+    parser.add_argument("--data", default=None, help="preference rows (default: data.train)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    parser.add_argument("--max-length", type=int, default=None, help="sets data.max_length")
+    parser.add_argument("--max-prompt-length", type=int, default=None)
+    parser.add_argument("--truncation-mode", default=None, help="sets data.truncation_mode")
+    parser.add_argument("--format", default=None, help="sets data.format (default auto)")
+    parser.add_argument("--tokenizer", default=None, help="sets tokenizer (default: model.path)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
+    original = parser.parse_known_args
+
+    def parse_known_args(args: Any = None, namespace: Any = None):
+        # argparse rejects unknown `--config.a.b=v` flags, so pull them out first.
+        rest, overrides = configs.split_overrides(list(args or []))
+        ns, extra = original(rest, namespace)
+        ns.config_overrides = overrides
+        return ns, extra
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
-def _read_rows(path: str, fmt: str, tokenizer: Any) -> tuple[list[data.Row], list[Any]]:
-    """Rows and their one example each; any bad row raises `DataError` (file:line)."""
-    from dpo_jax.data.formats import parse_row
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The train config `args` describe, with the short flags applied on top."""
+    from dpo_jax import configs
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+    config = configs.load(args.config, getattr(args, "config_overrides", []))
+    flags = {
+        "data.train": args.data, "data.max_length": args.max_length,
+        "data.max_prompt_length": args.max_prompt_length,
+        "data.truncation_mode": args.truncation_mode, "data.format": args.format,
+        "tokenizer": args.tokenizer,
+    }  # fmt: skip
+    for key, value in flags.items():
+        if value is not None:
+            node = config
+            *parents, leaf = key.split(".")
+            for name in parents:
+                node = node[name]
+            node[leaf] = value
+    if args.model:
+        config.reference.path = args.model
+    return config
+
+
+def _read_rows(
+    sources: list[Any], fmt: str, tokenizer: Any
+) -> tuple[list[data.Row], list[Any], list[str]]:
+    """Rows, their one example each and the format each was parsed as (auto: detected
+    per source, as training's parser does); any bad row raises `DataError` (file:line)."""
+    from dpo_jax.data.formats import detect_format, parse_row
+
+    for src in sources:
+        if isinstance(src, str) and not any(ch in src for ch in "*?[") and not Path(src).exists():
+            raise FileNotFoundError(f"data file {src} does not exist")
     rejects = data.RejectLog(skip_bad_rows=False)
-    rows, examples = [], []
-    for row in data.read_sources([path], rejects):
-        parsed = parse_row(row, fmt, tokenizer)
+    rows, examples, formats = [], [], []
+    detected: dict[str, str] = {}
+    for row in data.read_sources(sources, rejects):
+        name = fmt
+        if fmt == "auto":
+            if row.source not in detected:
+                try:
+                    detected[row.source] = detect_format(row.data)
+                except data.DataError as e:
+                    raise e.located(row.source, row.line) from None
+            name = detected[row.source]
+        parsed = parse_row(row, name, tokenizer)
         if len(parsed) != 1 or not isinstance(parsed[0], data.PreferenceExample):
             raise data.DataError(
                 f"expected one preference pair per row, got {len(parsed)} example(s)",
@@ -173,45 +232,62 @@ def _read_rows(path: str, fmt: str, tokenizer: Any) -> tuple[list[data.Row], lis
             )
         rows.append(row)
         examples.append(parsed[0])
+        formats.append(name)
     if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows, examples
+        raise UserError(f"{sources}: no rows")
+    return rows, examples, formats
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax ref-logps`."""
     from transformers import AutoTokenizer
 
+    from dpo_jax import ref_fingerprint, train
     from dpo_jax.models import hf
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
+    config = config_from_args(args)
+    model_dir = Path(config.reference.path or config.model.path)
+    if not str(model_dir) or not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if not list(model_dir.glob("*.safetensors")):
         raise FileNotFoundError(
             f"{model_dir}: no *.safetensors weights (save with safe_serialization)"
         )
+    if not config.data.train:
+        raise UserError("no data: pass --data or --config.data.train")
     model_config, params = hf.load_hf(model_dir, dtype=args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or model_dir))
-    rows, examples = _read_rows(args.data, args.format, tokenizer)
-    settings = data.TokenizeSettings(
-        max_length=args.max_length, max_prompt_length=args.max_prompt_length
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(config.tokenizer or config.model.path or model_dir)
     )
-    tokenized = data.tokenize_examples(examples, tokenizer, settings, data.RejectLog(False))
-    if len(tokenized) != len(rows):
+    spec = train._data_spec(config, config.data.train, paired=True)
+    sources = [spec["path"]] if isinstance(spec["path"], str | dict) else list(spec["path"])
+    rows, examples, formats = _read_rows(sources, spec["format"], tokenizer)
+    rejects = data.RejectLog(skip_bad_rows=bool(spec["skip_bad_rows"]))
+    tokenized = data.tokenize_examples(
+        examples, tokenizer, data.tokenize.settings_from_spec(spec), rejects
+    )
+    dropped = {(r["source"], r["line"]) for r in rejects.rejects}
+    kept = [i for i, row in enumerate(rows) if (row.source, row.line) not in dropped]
+    if len(kept) != len(tokenized):
         raise UserError(f"{len(rows) - len(tokenized)} rows were dropped during tokenization")
     chosen, rejected = dataset_ref_logps(
         make_logps_fn(model_config, params), tokenized, args.batch_size
     )
+    base = ref_fingerprint.base_fingerprint(spec, tokenizer, model_dir, str(args.dtype))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
-        for row, c, r in zip(rows, chosen, rejected, strict=True):
+        for i, c, r in zip(kept, chosen, rejected, strict=True):
+            row = rows[i]
             if not (math.isfinite(c) and math.isfinite(r)):
                 raise FloatingPointError(f"{row.source}:{row.line}: non-finite log-prob ({c}, {r})")
             record = dict(row.data)
             record[REF_CHOSEN_COLUMN] = float(c)
             record[REF_REJECTED_COLUMN] = float(r)
+            record[ref_fingerprint.FINGERPRINT_COLUMN] = ref_fingerprint.with_format(
+                base, formats[i]
+            )
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"wrote {len(rows)} rows with reference log-probs to {out}")
+    skipped = f" ({len(rows) - len(kept)} bad rows left out)" if len(kept) < len(rows) else ""
+    print(f"wrote {len(kept)} rows with reference log-probs to {out}{skipped}")
     return 0

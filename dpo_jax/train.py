@@ -94,6 +94,30 @@ def count_tokens(batch: Mapping[str, Any]) -> int:
     return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
 
 
+def count_sequence_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens of every sequence, prompt included, as TRL's `num_tokens` counts them (its
+    attention mask over stacked rows): a shared prompt counts once per sequence, whatever
+    the layout. Sequence k holds `1 + max position` tokens (positions restart per sequence
+    and continue past a shared prompt)."""
+    si = np.asarray(batch["sequence_index"]).reshape(-1)
+    pos = np.asarray(batch["positions"]).reshape(-1)
+    scored = si >= 0
+    if not scored.any():
+        return 0
+    top = np.full(int(si.max()) + 1, -1, np.int64)
+    np.maximum.at(top, si[scored], pos[scored])
+    return int(np.sum(top[top >= 0] + 1))
+
+
+def _global_count(n: int) -> int:
+    """`n` summed over the processes of a multi-host run (each counts its own slice)."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(np.asarray(multihost_utils.process_allgather(np.int32(n)), np.int64)))
+
+
 def globalize_host_batch(
     batch_A: Mapping[str, Any], n_seq: int, process_index: int, process_count: int
 ) -> tuple[dict[str, Any], int]:
@@ -295,6 +319,7 @@ def build_trainer(
     unembed_scored_only: bool = True,
     ref_model_sync_steps: int = 0,
     ref_model_mixup_alpha: float = 0.6,
+    token_metrics: bool = True,
 ) -> tuple[Trainer, TrainState]:
     """A Trainer and its initial, sharded state (policy = `params`).
 
@@ -321,6 +346,7 @@ def build_trainer(
         ref_model_sync_steps=ref_model_sync_steps,
         ref_model_mixup_alpha=ref_model_mixup_alpha,
         grad_shardings=shard.params,
+        token_metrics=token_metrics,
     )
     params = jax.device_put(params, shard.params)
     if with_ref:
@@ -436,12 +462,15 @@ def run_loop(
     checkpointer: Any = None,
     data_state: Callable[[], Any] | None = None,
     start_step: int = 0,
+    num_tokens_start: int = 0,
 ) -> tuple[TrainState, list[dict], list[dict]]:
     """Drive `trainer.step` for steps `start_step+1 .. num_steps`; log, evaluate, save.
 
     Metrics are fetched from the device only every `log_every` steps (and at the end),
     so dispatch runs ahead of the host. Under nan_policy='stop' a non-finite step
     raises NonFiniteLossError naming it (the state still holds the last good params).
+    `num_tokens` is cumulative as in TRL, from `num_tokens_start` (tokens seen before
+    `start_step`).
     """
     history: list[dict] = []
     eval_history: list[dict] = []
@@ -449,6 +478,7 @@ def run_loop(
     throughput = Throughput()
     iterator = iter(train_batches)
     nan_stop = trainer.step_config.nan_policy == "stop"
+    seen = int(num_tokens_start)
 
     def flush() -> None:
         if not pending:
@@ -494,10 +524,10 @@ def run_loop(
         if batch_A is None:
             log.warning("training data ran out after %d steps", step - 1)
             break
-        tokens = count_tokens(batch_A)
-        throughput.add(tokens)
+        throughput.add(count_tokens(batch_A))
+        seen += _global_count(count_sequence_tokens(batch_A))
         state, metrics = trainer.step(state, batch_A, batch_num_sequences(batch_A, layout))
-        pending.append((step, metrics, tokens))
+        pending.append((step, metrics, seen))
         if step % max(log_every, 1) == 0 or step == num_steps:
             flush()
         if eval_every and step % eval_every == 0 and step != num_steps:
@@ -550,6 +580,39 @@ def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelC
     )
 
 
+def _reference_from_config(
+    config: ml_collections.ConfigDict, model_config: models.ModelConfig
+) -> Any:
+    """Params of `reference.path`, laid out as the policy's (`model_config`'s scan_layers
+    and remat: the layout the step's apply expects).
+
+    The reference runs through the policy's model apply, so its architecture must match.
+    """
+    from dpo_jax.errors import config_error
+    from dpo_jax.models import hf
+
+    ref_config, ref_params = hf.load_hf(
+        config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+        scan_layers=model_config.scan_layers, remat=model_config.remat,
+    )  # fmt: skip
+    ignore = ("dtype", "param_dtype", "remat", "attention_impl", "bos_token_id",
+              "eos_token_id", "pad_token_id", "init_std")  # fmt: skip
+    policy = dataclasses.asdict(model_config)
+    differs = [
+        k for k, v in dataclasses.asdict(ref_config).items()
+        if k not in ignore and policy.get(k) != v
+    ]  # fmt: skip
+    if differs:
+        k = differs[0]
+        raise config_error(
+            "reference.path",
+            f"{config.reference.path} has {k}={getattr(ref_config, k)!r}, the policy "
+            f"{getattr(model_config, k)!r} ({len(differs)} architecture field(s) differ)",
+            "the reference must have the policy's architecture",
+        )
+    return ref_params
+
+
 def train(
     config: ml_collections.ConfigDict,
     *,
@@ -597,11 +660,7 @@ def train(
         check_loss_options(loss_name, hyper, early)
 
     if ref_params is None and config.reference.path and losses.needs_reference(loss_name):
-        from dpo_jax.models import hf
-
-        _, ref_params = hf.load_hf(
-            config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
-        )
+        ref_params = _reference_from_config(config, model_config)
     if train_data is None:
         train_data, eval_data, steps_per_epoch = load_data(
             config, model_config, params if ref_params is None else ref_params
@@ -637,6 +696,7 @@ def train(
         unembed_scored_only=config.train.get("unembed_scored_only", True),
         ref_model_sync_steps=config.reference.ref_model_sync_steps,
         ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
+        token_metrics=config.train.get("token_metrics", True),
     )
     run_dir = Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
@@ -648,7 +708,7 @@ def train(
 
     if checkpointer is None and config.checkpoint.enabled:
         checkpointer = make_checkpointer(config, model_config, run_dir)
-    start_step = 0
+    start_step = num_tokens_start = 0
     if checkpointer is not None:
         restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
         if restored is not None:
@@ -661,6 +721,7 @@ def train(
                 skip = start_step * config.grad_accum_steps
                 train_iter = itertools.islice(iter(train_data), skip, None)
             log.info("resumed from step %d", start_step)
+            num_tokens_start = _logged_num_tokens(run_dir, start_step)
 
     eval_fn = None
     if eval_data is not None:
@@ -683,6 +744,7 @@ def train(
             checkpointer=checkpointer,
             data_state=getattr(train_data, "get_state", None),
             start_step=start_step,
+            num_tokens_start=num_tokens_start,
         )
     finally:
         progress.close()
@@ -710,6 +772,19 @@ def make_checkpointer(
     return checkpoint.Checkpointer.from_config(
         config, model_config=model_config, tokenizer=tokenizer
     )
+
+
+def _logged_num_tokens(run_dir: Path | None, step: int) -> int:
+    """`num_tokens` of the metrics row of `step` (a resumed run keeps counting from it)."""
+    from dpo_jax.metrics import read_jsonl
+
+    path = run_dir / "metrics.jsonl" if run_dir is not None else None
+    rows = read_jsonl(path) if path is not None and path.exists() else []
+    found = [r["num_tokens"] for r in rows if r.get("step") == step and "num_tokens" in r]
+    if not found:
+        log.warning("no metrics row for step %d: num_tokens restarts from 0", step)
+        return 0
+    return int(found[-1])
 
 
 def _reattach_reference(restored: TrainState, fresh: TrainState) -> TrainState:
@@ -758,6 +833,21 @@ def _check_unpaired_weights(config: ml_collections.ConfigDict, labels: np.ndarra
     )  # fmt: skip
 
 
+def _check_ref_fingerprints(
+    config: ml_collections.ConfigDict, tokenizer: Any, spec: dict[str, Any]
+) -> None:
+    """Refuse precomputed reference columns computed with other settings (`ref_fingerprint`)."""
+    from dpo_jax import ref_fingerprint
+
+    trusted = ref_fingerprint.check_data(config, tokenizer, spec)
+    if trusted:
+        log.warning(
+            "%s: %d rows carry reference log-probs without a fingerprint; used as they are"
+            " (reference.trust_precomputed=True): nothing shows they score this run's tokens",
+            spec["path"], trusted,
+        )  # fmt: skip
+
+
 def load_data(
     config: ml_collections.ConfigDict, model_config: models.ModelConfig, ref_params: Any
 ) -> tuple[Any, Callable[[], Iterable[Mapping[str, Any]]] | None, float]:
@@ -780,6 +870,15 @@ def load_data(
             f"batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}"
         )
     micro_pairs = config.batch_size // config.grad_accum_steps
+    if config.data.layout == "prefix_shared" and config.data.truncation_mode == "keep_end":
+        from dpo_jax.errors import config_error
+
+        raise config_error(
+            "data.truncation_mode",
+            "TRL's keep_end truncates chosen and rejected independently, so their prompts"
+            " may differ and data.layout='prefix_shared' cannot share them",
+            "use keep_start, keep_end_prompt, or the stacked/packed layout",
+        )
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run_dir = config.run_dir or None
@@ -790,6 +889,8 @@ def load_data(
         _check_unpaired_weights(config, train_set.dense["label"])
     needs_ref = losses.needs_reference(loss_name)
     has_ref = "ref_chosen" in train_set.dense
+    if needs_ref and has_ref and config.reference.mode != "frozen":
+        _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.train, paired))
     if needs_ref and config.reference.mode == "cache" and not has_ref:
         if not run_dir:
             raise UserError("reference.mode='cache' needs config.run_dir for the cache file")
@@ -802,12 +903,23 @@ def load_data(
         shuffle=config.data.shuffle, pad_id=pad_id,
     )  # fmt: skip
     steps_per_epoch = (len(train_set) // micro_pairs) / config.grad_accum_steps
+    left_out = len(train_set) % micro_pairs
+    if left_out:
+        # TRL trains a smaller last batch; static shapes here drop it (docs/FROM_TRL.md).
+        log.warning(
+            "%d training examples, %d per micro-batch: each epoch leaves out %d of them"
+            " (%s); make the data a multiple of batch_size / grad_accum_steps to use all",
+            len(train_set), micro_pairs, left_out,
+            "a different subset each epoch" if config.data.shuffle else "always the last ones",
+        )  # fmt: skip
 
     eval_fn = None
     if config.data.eval:
         eval_set = data.load_preference_data(
             _data_spec(config, config.data.eval, paired), tokenizer, run_dir
         )
+        if needs_ref and has_ref and "ref_chosen" in eval_set.dense:
+            _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.eval, paired))
         if needs_ref and has_ref and "ref_chosen" not in eval_set.dense:
             if not run_dir:
                 raise UserError("held-out reference log-probs need config.run_dir for the cache")

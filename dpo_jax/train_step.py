@@ -74,6 +74,9 @@ class StepConfig:
     ref_model_sync_steps: int = 0  # TR-DPO: 0 = reference never moves
     ref_model_mixup_alpha: float = 0.6
     grad_shardings: Any = None  # param shardings, to keep the accumulator sharded
+    # TRL's entropy, logits/chosen, logits/rejected, mean_token_accuracy (paired losses):
+    # per-sequence sums from the scoring path, no gradient.
+    token_metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCE_MODES:
@@ -153,6 +156,7 @@ def sequence_logps(
     n_seq: int,
     with_wpo: bool = False,
     with_log1m: bool = False,
+    with_metrics: bool = False,
 ) -> Any:
     """Per-sequence log-probs of one micro-batch under `params` (one forward).
 
@@ -161,7 +165,7 @@ def sequence_logps(
     with `scored_positions` (added by the Trainer when `unembed_scored_only`) unembeds
     only the scored positions; otherwise every position is unembedded.
     """
-    extras = dict(with_wpo=with_wpo, with_log1m=with_log1m)
+    extras = dict(with_wpo=with_wpo, with_log1m=with_log1m, with_metrics=with_metrics)
     inputs = dict(
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
@@ -194,10 +198,13 @@ def _micro_loss(
     update: bool = True,
 ) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
     """Mean loss of one micro-batch; aux = (metrics, loss state after this micro-batch)."""
+    paired = losses.is_paired(cfg.loss_name)
+    with_metrics = cfg.token_metrics and paired
     policy = sequence_logps(
-        cfg, params, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m
-    )
-    if losses.is_paired(cfg.loss_name):
+        cfg, params, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m,
+        with_metrics=with_metrics,
+    )  # fmt: skip
+    if paired:
         stats = logprobs.preference_stats(policy, ref)
     else:
         stats = logprobs.unpaired_stats(policy, ref, batch["labels"])
@@ -206,6 +213,8 @@ def _micro_loss(
     )
     loss = jnp.mean(per_example)
     metrics = dict(metrics)
+    if with_metrics:
+        metrics.update(logprobs.token_metrics(policy))
     metrics["loss"] = loss
     return loss, (metrics, loss_state)
 

@@ -122,7 +122,7 @@ def test_prompt_and_completion_length_limits():
     assert ds[0]["rejected"].tolist() == r[:3]
 
 
-@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end_prompt", "keep_end"])
 def test_max_length_truncation_modes(mode):
     tok = tiny_tokenizer()
     ex = PAIRS[1]
@@ -137,9 +137,15 @@ def test_max_length_truncation_modes(mode):
         assert item["prompt"].tolist() == p
         assert item["chosen"].tolist() == c[:room]
         assert item["rejected"].tolist() == r[:room]
-    else:
-        assert item["prompt"].tolist() == p[5:]  # the prompt's start is dropped
+    elif mode == "keep_end_prompt":
+        assert item["prompt"].tolist() == p[5:]  # the shared prompt's start is dropped
         assert item["chosen"].tolist() == c and item["rejected"].tolist() == r
+    else:  # TRL's keep_end: each sequence keeps its own last max_length tokens
+        for key, comp in (("chosen", c), ("rejected", r)):
+            prompt_key = "prompt" if key == "chosen" else "rejected_prompt"
+            assert item[prompt_key].tolist() + item[key].tolist() == (p + comp)[-max_length:]
+            assert item[key].tolist() == comp
+        return
     assert len(item["prompt"]) + max(len(item["chosen"]), len(item["rejected"])) == max_length
 
 

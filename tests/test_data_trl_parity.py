@@ -114,6 +114,77 @@ def test_stacked_batch_equals_trl_collator_keep_start():
     assert (batch["segment_ids"][:, n:] == 0).all()
 
 
+def _collated_equal(tok, rows, max_length, mode, layout="stacked"):
+    """Our batch for `rows` under TRL's truncation equals TRL's collator output."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    trl_ds = _trl_dpo(rows, tok, max_length=max_length, truncation_mode=mode)
+    n_rows = len(trl_ds)
+    collated = DataCollatorForPreference(
+        pad_token_id=tok.pad_token_id, max_length=max_length, truncation_mode=mode
+    )([{k: trl_ds[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+       for i in range(n_rows)])  # fmt: skip
+    ours = _ours(rows, tok, TokenizeSettings(max_length=max_length, truncation_mode=mode))
+    assert len(ours) == n_rows
+    batch = build_batch([ours[i] for i in range(n_rows)], "paired", layout, pad_id=tok.pad_token_id)
+    n = collated["input_ids"].shape[1]
+    assert batch["input_ids"].shape[1] >= n and (batch["segment_ids"][:, n:] == 0).all()
+    np.testing.assert_array_equal(batch["input_ids"][:, :n], collated["input_ids"].numpy())
+    np.testing.assert_array_equal(
+        batch["segment_ids"][:, :n] > 0, collated["attention_mask"].numpy() > 0
+    )
+    # TRL scores completion_mask[:, 1:] (a sequence's first token has no prediction).
+    np.testing.assert_array_equal(
+        batch["sequence_index"][:, 1:n] >= 0, collated["completion_mask"].numpy()[:, 1:] > 0
+    )
+    assert (batch["sequence_index"][:, 0] < 0).all()
+    return ours
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("max_length", [3, 6, 9, 14])
+def test_keep_end_per_sequence_equals_trl_collator(max_length):
+    tok = tiny_tokenizer()
+    ours = _collated_equal(tok, PLAIN, max_length, "keep_end")
+    # Some pair really keeps different prompt tokens for chosen and rejected.
+    if max_length in (6, 9):
+        assert any(
+            ours[i]["prompt"].tolist() != ours[i]["rejected_prompt"].tolist()
+            for i in range(len(ours))
+        )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_keep_end_conversational_and_packed_equal_trl_collator():
+    tok = tiny_tokenizer(chat=True)
+    _collated_equal(tok, CHAT[:1], 12, "keep_end")
+    tok = tiny_tokenizer()
+    ours = _ours(PLAIN, tok, TokenizeSettings(max_length=9, truncation_mode="keep_end"))
+    items = [ours[i] for i in range(len(ours))]
+    stacked = build_batch(items, "paired", "stacked", pad_id=tok.pad_token_id)
+    packed = build_batch(items, "paired", "packed", pad_id=tok.pad_token_id)
+    # Every sequence of the packed rows is the stacked row with the same sequence index.
+    for k in range(2 * len(items)):
+        r = np.nonzero((packed["sequence_index"] == k).any(1))[0][0]
+        seg = packed["segment_ids"][r][packed["sequence_index"][r] == k][0]
+        got = packed["input_ids"][r][packed["segment_ids"][r] == seg]
+        want = stacked["input_ids"][k][stacked["segment_ids"][k] > 0]
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="prefix_shared"):
+        build_batch(items, "paired", "prefix_shared", pad_id=tok.pad_token_id)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("max_length", [10, 14])
+def test_keep_start_equals_trl_collator(max_length):
+    # Rows whose prompt alone fills max_length are left out on both sides (TRL filters
+    # them; here they are bad rows, so this test keeps only rows that fit).
+    tok = tiny_tokenizer()
+    rows = [r for r in PLAIN if len(tok(r["prompt"])["input_ids"]) < max_length]
+    assert rows
+    _collated_equal(tok, rows, max_length, "keep_start")
+
+
 def test_kto_ids_and_kl_rows_equal_trl():
     from trl import KTOConfig, KTOTrainer
 
@@ -136,3 +207,23 @@ def test_kto_ids_and_kl_rows_equal_trl():
         row = batch["input_ids"][4 + i][batch["segment_ids"][4 + i] > 0].tolist()
         assert row == trl_ds[i]["prompt_ids"] + trl_ds[i]["KL_completion_ids"]
     assert batch["labels"].tolist() == [int(r["label"]) for r in rows]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_keep_end_dataset_through_the_train_iterator(tmp_path):
+    """Per-sequence prompts survive the cache and the loader (bucket from both prompts)."""
+    from dpo_jax.data import make_train_iterator
+    from dpo_jax.data.tokenize import TokenizedDataset
+
+    tok = tiny_tokenizer()
+    ours = _ours(PLAIN, tok, TokenizeSettings(max_length=9, truncation_mode="keep_end"))
+    ours.save(str(tmp_path / "ds.npz"))
+    loaded = TokenizedDataset.load(str(tmp_path / "ds.npz"))
+    assert list(loaded.ragged) == ["prompt", "chosen", "rejected", "rejected_prompt"]
+    assert (loaded.sequence_lengths() <= 9).all()
+    it = make_train_iterator(loaded, 2, "stacked", seed=0, shuffle=False, num_epochs=1,
+                             process_index=0, process_count=1)  # fmt: skip
+    for step, batch in enumerate(it):
+        want = build_batch([ours[2 * step], ours[2 * step + 1]], "paired", "stacked", length=16)
+        np.testing.assert_array_equal(batch["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(batch["sequence_index"], want["sequence_index"])

@@ -31,9 +31,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.train = ""  # file / glob / source spec the data package reads
     c.data.eval = ""  # held-out split ("" = no evaluation)
     c.data.format = "auto"
-    c.data.max_length = 512
-    c.data.max_prompt_length = 256
-    c.data.truncation_mode = "keep_end"  # TRL: prompts keep their end
+    c.data.max_length = (
+        1024  # prompt + completion tokens per sequence (TRL 1.16: 1024); None: no limit
+    )
+    c.data.max_prompt_length = None  # None: no prompt limit (TRL 1.16 has none); N: keep its last N
+    # keep_start (TRL 1.16's default): each sequence keeps its first max_length tokens;
+    # keep_end (TRL, deprecated there): each sequence keeps its last max_length tokens;
+    # keep_end_prompt: drop the shared prompt's start first (prefix_shared-friendly).
+    c.data.truncation_mode = "keep_start"
     c.data.layout = "stacked"  # stacked | packed | prefix_shared
     c.data.shuffle = True
     c.data.skip_bad_rows = False
@@ -60,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # cache: compute the reference log-probs in a first pass, cache them in the run dir.
     c.reference.mode = "auto"  # auto | frozen | precomputed | cache | none
     c.reference.path = ""  # a different reference checkpoint ("" = the initial policy)
+    # Use precomputed ref columns that carry no `ref_logps_fingerprint` (from TRL or an
+    # older dpo-jax); by default they are refused (docs/CONTRACTS.md, reference columns).
+    c.reference.trust_precomputed = False
     c.reference.ref_model_sync_steps = 0  # TR-DPO: >0 soft-updates the reference
     c.reference.ref_model_mixup_alpha = 0.6
 
@@ -89,6 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.nan_policy = "stop"  # stop | skip
     c.train.logps_chunk_size = 0  # > 0: chunked unembedding, no [N, L, V] logits
     c.train.unembed_scored_only = True  # unembed only positions that predict a scored token
+    # TRL's entropy, logits/chosen, logits/rejected, mean_token_accuracy (paired losses)
+    c.train.token_metrics = True
     c.train.progress = True
     c.train.tensorboard = True
 

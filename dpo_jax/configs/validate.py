@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from dpo_jax import losses
+from dpo_jax.data.tokenize import TRUNCATION_MODES
 from dpo_jax.errors import UserError, config_error
 
 _MISSING = object()
 
 # Reference modes a config may ask for (docs/CONTRACTS.md "Reference modes").
 REFERENCE_MODES = ("auto", "frozen", "precomputed", "cache", "none", "adapters_off")
-TRUNCATION_MODES = ("keep_end", "keep_start")
 REMATS = ("", "none", "block", "dots_saveable")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 

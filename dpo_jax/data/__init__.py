@@ -31,6 +31,7 @@ from dpo_jax.data.sources import Row, read_sources
 from dpo_jax.data.tokenize import (
     TokenizedDataset,
     TokenizeSettings,
+    settings_from_spec,
     tokenize_cached,
     tokenize_examples,
 )
@@ -129,7 +130,7 @@ def load_preference_data(
         `not losses.is_paired(loss)`).
       limit: keep only the first N examples.
       max_length, max_prompt_length, max_completion_length, truncation_mode
-        ("keep_end" | "keep_start"), add_eos: see `dpo_jax.data.tokenize`.
+        ("keep_start" | "keep_end" | "keep_end_prompt"), add_eos: see `dpo_jax.data.tokenize`.
       skip_bad_rows: False raises `DataError` (file:line: problem) on the first
         bad row; True skips bad rows, counts them by reason, writes
         `run_dir/rejects.jsonl` and prints the counts.
@@ -148,13 +149,7 @@ def load_preference_data(
         where = ", ".join(str(s) for s in _sources(spec, split))
         seen = f"; see {path}" if path else ""
         raise UserError(f"{where}: no usable examples{seen}")
-    settings = TokenizeSettings(
-        max_length=spec.get("max_length"),
-        max_prompt_length=spec.get("max_prompt_length"),
-        max_completion_length=spec.get("max_completion_length"),
-        truncation_mode=spec.get("truncation_mode", "keep_end"),
-        add_eos=spec.get("add_eos", True),
-    )
+    settings = settings_from_spec(spec)
     cache_dir = spec.get("cache_dir", DEFAULT_CACHE_DIR) or None
     tokenized = tokenize_cached(examples, tokenizer, settings, rejects, cache_dir)
     tokenized.stats["rejected"] = dict(rejects.counts)

@@ -51,10 +51,16 @@ def row_bucket(n: int, max_rows: int) -> int:
 
 
 def sequences_of(items: Sequence[dict[str, Any]], kind: str) -> tuple[list, list]:
-    """(prompts [B], completions [2B]) for paired or unpaired items, as in the module doc."""
+    """(prompts [B], completions [2B]) for paired or unpaired items, as in the module doc.
+
+    Items with a `rejected_prompt` (TRL's per-sequence keep_end) give 2B prompts, one
+    per completion; the stacked and packed layouts index prompts by `k % len(prompts)`.
+    """
     prompts = [np.asarray(it["prompt"], np.int32) for it in items]
     if kind == "paired":
         comps = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+        if "rejected_prompt" in items[0]:  # TRL keep_end: one prompt per sequence (2B)
+            prompts += [np.asarray(it["rejected_prompt"], np.int32) for it in items]
     elif kind == "unpaired":
         b = len(items)
         if b < 2:
@@ -68,8 +74,8 @@ def sequences_of(items: Sequence[dict[str, Any]], kind: str) -> tuple[list, list
 
 def sequence_lengths(prompt_lens: np.ndarray, comp_lens: np.ndarray) -> np.ndarray:
     """Full length of each of the 2B sequences."""
-    b = len(prompt_lens)
-    return np.asarray(prompt_lens)[np.arange(2 * b) % b] + np.asarray(comp_lens)
+    n, b = len(comp_lens), len(prompt_lens)  # b is n/2, or n with per-sequence prompts
+    return np.asarray(prompt_lens)[np.arange(n) % b] + np.asarray(comp_lens)
 
 
 def required_length(layout: str, prompt_lens: np.ndarray, comp_lens: np.ndarray) -> int:
@@ -78,6 +84,11 @@ def required_length(layout: str, prompt_lens: np.ndarray, comp_lens: np.ndarray)
     if layout in ("stacked", "packed"):
         return int(sequence_lengths(prompt_lens, comp_lens).max())
     if layout == "prefix_shared":
+        if b == len(comp_lens):
+            raise ValueError(
+                "the prefix_shared layout needs one prompt per pair; TRL's per-sequence"
+                " truncation_mode='keep_end' gives chosen and rejected their own prompts"
+            )
         # prompt, first completion, one copied prompt token, second completion
         return int((np.asarray(prompt_lens) + comp_lens[:b] + 1 + comp_lens[b:]).max())
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -129,7 +140,7 @@ def _put(batch: dict, row: int, start: int, prompt, comp, k: int, segment: int) 
 def build_stacked(prompts, comps, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Row k holds sequence k (N = 2B), right-padded to `length`."""
     b = len(prompts)
-    batch = _empty(2 * b, length, pad_id)
+    batch = _empty(len(comps), length, pad_id)
     for k, comp in enumerate(comps):
         _put(batch, k, 0, prompts[k % b], comp, k, 1)
     return batch

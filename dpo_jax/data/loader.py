@@ -103,9 +103,13 @@ class _StepToBatch:
         self.buckets, self.pad_id, self.pack_length = buckets, pad_id, pack_length
         self.prompt_lens = data.ragged["prompt"].lengths
         self.comp_lens = [data.ragged[k].lengths for k in data.completion_keys]
+        rp = data.ragged.get("rejected_prompt")
+        self.rejected_prompt_lens = None if rp is None else rp.lengths
 
     def _lengths(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = self.prompt_lens[idx]
+        if self.rejected_prompt_lens is not None:  # one prompt per sequence
+            p = np.concatenate([p, self.rejected_prompt_lens[idx]])
         if self.data.kind == "paired":
             c = np.concatenate([self.comp_lens[0][idx], self.comp_lens[1][idx]])
         else:

@@ -12,17 +12,26 @@ Convention (TRL 1.16, `DPOTrainer` / `KTOTrainer` dataset preparation):
   not a prefix (a merge across the boundary), the prompt's tail is left out, as
   TRL does; such examples are counted and reported in one warning.
 
-Truncation (all lengths in tokens; a shared prompt is kept for chosen and
-rejected so the prefix-shared layout stays exact):
-- `max_prompt_length`: keep the END of the prompt (the part next to the answer).
+Truncation (all lengths in tokens), applied in this order:
+- `max_prompt_length` (no TRL 1.16 equivalent; None by default): keep the END of
+  the prompt (the part next to the answer).
 - `max_completion_length`: keep the START of each completion.
-- `max_length` (prompt + longest completion): a prompt that alone needs
-  `max_length` tokens or more is a bad row ("prompt_too_long"; TRL drops these
-  silently under keep_start). Otherwise `truncation_mode="keep_start"` cuts the
-  completions' ends (exactly TRL's per-sequence keep_start); `"keep_end"` first
-  drops tokens from the prompt's start (keeping at least one), then cuts the
-  completions' ends if still too long (TRL's keep_end instead keeps each
-  sequence's last tokens independently).
+- `max_length` with `truncation_mode`:
+  - "keep_start" (TRL 1.16's default, exactly its per-sequence rule): each
+    prompt+completion keeps its first `max_length` tokens, so the completions' ends
+    are cut. A prompt that alone needs `max_length` tokens or more is a bad row
+    ("prompt_too_long"; TRL drops these silently, here it is an error naming the
+    row unless `skip_bad_rows`, which drops and records it).
+  - "keep_end" (TRL 1.16, deprecated there): each sequence independently keeps its
+    last `max_length` tokens, so chosen and rejected may keep different parts of
+    the prompt; the rejected sequence's prompt is then stored as `rejected_prompt`
+    (the prefix-shared layout cannot share it). A sequence whose prompt is cut
+    away entirely keeps its first remaining token as a one-token prompt, because
+    TRL never scores a sequence's first token either.
+  - "keep_end_prompt" (this project's prompt-aware mode; a shared prompt, so the
+    prefix-shared layout stays exact): a prompt that alone needs `max_length`
+    tokens is a bad row; otherwise drop tokens from the shared prompt's start
+    (keeping at least one), then cut the completions' ends if still too long.
 """
 
 from __future__ import annotations
@@ -43,8 +52,8 @@ from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import Example, PreferenceExample, common_prefix_length
 from dpo_jax.errors import UserError
 
-CACHE_VERSION = 2
-TRUNCATION_MODES = ("keep_start", "keep_end")
+CACHE_VERSION = 3  # 3: keep_end is TRL's per-sequence rule
+TRUNCATION_MODES = ("keep_start", "keep_end", "keep_end_prompt")
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class TokenizeSettings:
     max_length: int | None = None
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
-    truncation_mode: str = "keep_end"
+    truncation_mode: str = "keep_start"
     add_eos: bool = True
 
     def __post_init__(self):
@@ -66,6 +75,17 @@ class TokenizeSettings:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be positive, got {v}")
+
+
+def settings_from_spec(spec: Any) -> TokenizeSettings:
+    """The tokenize settings a data spec (dict or the trainer's `config.data`) asks for."""
+    return TokenizeSettings(
+        max_length=spec.get("max_length"),
+        max_prompt_length=spec.get("max_prompt_length"),
+        max_completion_length=spec.get("max_completion_length"),
+        truncation_mode=spec.get("truncation_mode", "keep_start"),
+        add_eos=spec.get("add_eos", True),
+    )
 
 
 class Ragged:
@@ -107,7 +127,8 @@ class TokenizedDataset:
     """Token ids per example, random access; `kind` is 'paired' or 'unpaired'.
 
     Paired items: {"prompt", "chosen", "rejected"} int32 arrays (+ "ref_chosen",
-    "ref_rejected" floats when precomputed). Unpaired items: {"prompt",
+    "ref_rejected" floats when precomputed; + "rejected_prompt" under TRL's
+    per-sequence keep_end, where the rejected sequence kept other prompt tokens). Unpaired items: {"prompt",
     "completion"} arrays, "label" int (+ "ref").
     """
 
@@ -150,7 +171,10 @@ class TokenizedDataset:
     def sequence_lengths(self) -> np.ndarray:
         """Longest prompt+completion length per example (what padding must fit)."""
         p = self.ragged["prompt"].lengths
-        return p + np.max([self.ragged[k].lengths for k in self.completion_keys], axis=0)
+        lens = [p + self.ragged[k].lengths for k in self.completion_keys]
+        if "rejected_prompt" in self.ragged:
+            lens[1] = self.ragged["rejected_prompt"].lengths + self.ragged["rejected"].lengths
+        return np.max(lens, axis=0)
 
     def save(self, path: str) -> None:
         """Write to one .npz file (atomically)."""
@@ -180,7 +204,7 @@ class TokenizedDataset:
                 elif parts[0] == "dense":
                     dense[parts[1]] = z[name]
         # Keep the column order stable (prompt first) regardless of npz ordering.
-        order = ["prompt", "chosen", "rejected", "completion"]
+        order = ["prompt", "chosen", "rejected", "completion", "rejected_prompt"]
         ragged = {k: ragged[k] for k in order if k in ragged}
         return cls(meta["kind"], ragged, dense, meta["stats"])
 
@@ -205,29 +229,65 @@ def split_completions(
     return list(prompt_ids[:n]), [list(f[n:]) for f in full_ids], n == len(prompt_ids)
 
 
+def keep_end_per_sequence(
+    prompt: list[int], completion: list[int], max_length: int
+) -> tuple[list[int], list[int]]:
+    """TRL 1.16 keep_end for one sequence: (prompt, completion) of its last `max_length` tokens.
+
+    When the prompt is cut away entirely, the first kept token becomes a one-token
+    prompt: TRL never scores a sequence's first token (nothing predicts it).
+    """
+    drop = max(0, len(prompt) + len(completion) - max_length)
+    p, c = prompt[drop:], completion[max(0, drop - len(prompt)) :]
+    if not p:
+        p, c = c[:1], c[1:]
+    return p, c
+
+
 def truncate(
     prompt: list[int], completions: list[list[int]], settings: TokenizeSettings
 ) -> tuple[list[int], list[list[int]]]:
-    """Apply the length limits described in the module docstring."""
+    """Apply the length limits described in the module docstring (shared-prompt modes).
+
+    For `truncation_mode="keep_end"` use `truncate_sequences`, which may give each
+    completion its own prompt.
+    """
     s = settings
     if s.max_prompt_length is not None and len(prompt) > s.max_prompt_length:
         prompt = prompt[len(prompt) - s.max_prompt_length :]
     if s.max_completion_length is not None:
         completions = [c[: s.max_completion_length] for c in completions]
-    if s.max_length is not None:
+    if s.max_length is not None and s.truncation_mode != "keep_end":
         if len(prompt) >= s.max_length:
             raise DataError(
                 f"prompt is {len(prompt)} tokens, leaving no room under max_length={s.max_length}"
-                " (set max_prompt_length to truncate prompts)",
+                " (TRL drops such rows: set data.skip_bad_rows=True to drop and record them,"
+                " or data.max_prompt_length to truncate prompts)",
                 reason="prompt_too_long",
             )
         overflow = len(prompt) + max(len(c) for c in completions) - s.max_length
-        if overflow > 0 and s.truncation_mode == "keep_end":
+        if overflow > 0 and s.truncation_mode == "keep_end_prompt":
             drop = min(overflow, len(prompt) - 1)
             prompt = prompt[drop:]
         room = s.max_length - len(prompt)
         completions = [c[:room] for c in completions]
     return prompt, completions
+
+
+def truncate_sequences(
+    prompt: list[int], completions: list[list[int]], settings: TokenizeSettings
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt per completion, completions) after every length limit, in any mode."""
+    prompt, completions = truncate(prompt, completions, settings)
+    if settings.max_length is None or settings.truncation_mode != "keep_end":
+        return [prompt] * len(completions), completions
+    pairs = [keep_end_per_sequence(prompt, c, settings.max_length) for c in completions]
+    if not all(c for _, c in pairs):
+        raise DataError(
+            f"no completion token is left under max_length={settings.max_length}",
+            reason="completion_truncated_away",
+        )
+    return [p for p, _ in pairs], [c for _, c in pairs]
 
 
 def tokenize_examples(
@@ -268,7 +328,13 @@ def tokenize_examples(
             for i, ids in zip(idx, _encode(tokenizer, texts, not chat), strict=True):
                 full_ids[k][i] = ids
 
+    # TRL's keep_end may keep different prompt tokens for the rejected sequence.
+    per_sequence_prompts = (
+        paired and settings.max_length is not None and settings.truncation_mode == "keep_end"
+    )
     cols: dict[str, list] = {k: [] for k in ("prompt", *keys)}
+    if per_sequence_prompts:
+        cols["rejected_prompt"] = []
     dense: dict[str, list] = (
         {"ref_chosen": [], "ref_rejected": []} if paired else {"label": [], "ref": []}
     )
@@ -284,11 +350,13 @@ def tokenize_examples(
                 )
             if not all(comps):
                 raise DataError("a completion tokenizes to no tokens", reason="empty_completion")
-            p, comps = truncate(p, comps, settings)
+            prompts, comps = truncate_sequences(p, comps, settings)
         except DataError as e:
             rejects.handle(e.located(ex.source or "<examples>", ex.line), dataclasses.asdict(ex))
             continue
-        cols["prompt"].append(p)
+        cols["prompt"].append(prompts[0])
+        if per_sequence_prompts:
+            cols["rejected_prompt"].append(prompts[1])
         for k, c in zip(keys, comps, strict=True):
             cols[k].append(c)
         if paired:
