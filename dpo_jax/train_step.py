@@ -12,6 +12,12 @@ Reference modes (`StepConfig.reference`):
 - "precomputed": the batch's `ref_logps` column is used; no reference forward runs.
   It holds full-sequence sums only, so LD-DPO (`ld_alpha`) is refused with it.
 - "none": reference-free losses (SimPO, ORPO, ...) get no reference log-probs.
+- "adapters_off" (LoRA): the reference is the same apply on `state.base_params` alone,
+  the policy with its adapters disabled; no second copy of the weights exists.
+
+LoRA (`dpo_jax.lora`): `state.params` holds the trainable adapters and
+`state.base_params` the frozen base; the policy forward applies both
+(`lora.apply_adapters`), so gradients and optimizer state cover the adapters only.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import logprobs, losses
+from dpo_jax import logprobs, lora, losses
 
-REFERENCE_MODES = ("frozen", "precomputed", "none")
+REFERENCE_MODES = ("frozen", "precomputed", "none", "adapters_off")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -50,6 +56,9 @@ class TrainState:
     ref_params: Any  # None unless reference == "frozen"
     rng: jax.Array  # typed PRNG key
     skipped_steps: jax.Array  # int32 scalar: steps whose update was skipped (non-finite)
+    # LoRA: the frozen base weights (`params` are then the adapters); None without LoRA.
+    # Never differentiated, no optimizer state; not checkpointed (rebuilt from model.path).
+    base_params: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,7 @@ class StepConfig:
     ref_model_sync_steps: int = 0  # TR-DPO: 0 = reference never moves
     ref_model_mixup_alpha: float = 0.6
     grad_shardings: Any = None  # param shardings, to keep the accumulator sharded
+    lora_scale: float = 0.0  # LoRA alpha / r (> 0 when state.base_params holds a base)
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCE_MODES:
@@ -80,6 +90,10 @@ class StepConfig:
             raise ValueError(
                 "TR-DPO reference syncing (ref_model_sync_steps > 0) needs reference='frozen'"
             )
+        if self.ref_model_sync_steps and self.lora_scale > 0:
+            raise ValueError("TR-DPO reference syncing cannot mix LoRA adapters into a reference")
+        if self.reference == "adapters_off" and not self.lora_scale > 0:
+            raise ValueError("reference='adapters_off' needs LoRA (lora_scale > 0)")
         check_loss_options(self.loss_name, self.loss_hyper, self.reference)
 
     @property
@@ -167,15 +181,26 @@ def sequence_logps(
     return logprobs.sequence_logps(logits, batch, n_seq, **extras)
 
 
+def policy_params(cfg: StepConfig, params: Any, base: Any) -> Any:
+    """The params the policy forward applies: `params`, or LoRA adapters on `base`."""
+    return params if base is None else lora.apply_adapters(base, params, cfg.lora_scale)
+
+
+def _reference_source(state: TrainState, cfg: StepConfig) -> Any:
+    # adapters_off: the reference forward is the base alone (the adapters disabled)
+    return state.base_params if cfg.reference == "adapters_off" else state.ref_params
+
+
 def _micro_loss(
     params: Any,
     ref: Any,
     batch: Mapping[str, jax.Array],
     cfg: StepConfig,
     n_seq: int,
+    base: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     policy = sequence_logps(
-        cfg, params, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m
+        cfg, policy_params(cfg, params, base), batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m
     )
     if losses.is_paired(cfg.loss_name):
         stats = logprobs.preference_stats(policy, ref)
@@ -193,8 +218,8 @@ def reference_logps(
 ) -> Any:
     """The reference's log-probs for one micro-batch, never differentiated.
 
-    A `[2B]` column (precomputed), a `SequenceLogps` (frozen forward; its prefix sums
-    serve LD-DPO) or None (reference-free).
+    A `[2B]` column (precomputed), a `SequenceLogps` (frozen or adapters-off forward;
+    its prefix sums serve LD-DPO) or None (reference-free).
     """
     if cfg.reference == "none":
         return None
@@ -216,19 +241,21 @@ def _scan_micro_batches(
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
     if jax.tree.leaves(batch_A)[0].shape[0] == 1:
         micro = jax.tree.map(lambda x: x[0], batch_A)
-        ref = reference_logps(cfg, state.ref_params, micro, n_seq)
+        ref = reference_logps(cfg, _reference_source(state, cfg), micro, n_seq)
         if grads:
-            (_, metrics), g = grad_fn(state.params, ref, micro, cfg, n_seq)
+            (_, metrics), g = grad_fn(state.params, ref, micro, cfg, n_seq, state.base_params)
         else:
-            g, (_, metrics) = None, _micro_loss(state.params, ref, micro, cfg, n_seq)
+            g, (_, metrics) = None, _micro_loss(
+                state.params, ref, micro, cfg, n_seq, state.base_params
+            )
         return g, jax.tree.map(lambda m: m[None], metrics)
 
     def body(acc: Any, micro: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
-        ref = reference_logps(cfg, state.ref_params, micro, n_seq)
+        ref = reference_logps(cfg, _reference_source(state, cfg), micro, n_seq)
         if not grads:
-            _, metrics = _micro_loss(state.params, ref, micro, cfg, n_seq)
+            _, metrics = _micro_loss(state.params, ref, micro, cfg, n_seq, state.base_params)
             return acc, metrics
-        (_, metrics), g = grad_fn(state.params, ref, micro, cfg, n_seq)
+        (_, metrics), g = grad_fn(state.params, ref, micro, cfg, n_seq, state.base_params)
         acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         if cfg.grad_shardings is not None:
             acc = jax.lax.with_sharding_constraint(acc, cfg.grad_shardings)
