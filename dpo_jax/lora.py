@@ -73,12 +73,17 @@ class LoraConfig:
         """The multiplier of `A B` (alpha / r, as PEFT without rsLoRA)."""
         return float(self.alpha) / int(self.rank)
 
-    def target_names(self) -> tuple[tuple[str, ...], bool]:
-        """(names, explicit): `explicit` means each name must match a module."""
-        raw = [t.strip() for t in str(self.targets).replace(";", ",").split(",") if t.strip()]
-        if raw == ["all-linear"]:
-            return ALL_LINEAR, False
-        return tuple(raw), True
+    def target_names(self) -> tuple[tuple[str, bool], ...]:
+        """(name, explicit) pairs; an explicit name must match a module of the model,
+        the names `all-linear` expands to need not (GPT-2 has no `gate`)."""
+        out: list[tuple[str, bool]] = []
+        for raw in str(self.targets).replace(";", ",").split(","):
+            raw = raw.strip()
+            if raw == "all-linear":
+                out += [(n, False) for n in ALL_LINEAR if n not in dict(out)]
+            elif raw and raw not in dict(out):
+                out.append((raw, True))
+        return tuple(out)
 
 
 def config_from(section: Mapping[str, Any] | None) -> LoraConfig | None:
@@ -99,7 +104,7 @@ def config_from(section: Mapping[str, Any] | None) -> LoraConfig | None:
             "lora.base_dtype", f"unknown dtype {base_dtype!r}", "use float32, bfloat16 or ''"
         )
     cfg = LoraConfig(rank, alpha, str(section.get("targets", "all-linear")), base_dtype)
-    names, _ = cfg.target_names()
+    names = [n for n, _ in cfg.target_names()]
     unknown = [n for n in names if n not in TARGETS]
     if unknown or not names:
         raise config_error(
@@ -144,9 +149,8 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 def target_paths(base: Any, lcfg: LoraConfig) -> list[tuple[tuple[str, ...], str, int]]:
     """(module path, target name, input axes) of every module the config adapts."""
-    names, explicit = lcfg.target_names()
     found: list[tuple[tuple[str, ...], str, int]] = []
-    for name in names:
+    for name, explicit in lcfg.target_names():
         module, leaf, n_in = TARGETS[name]
         hits = [
             (path, name, n_in)
