@@ -435,3 +435,47 @@ def load_base(model_path: str, model_config: Any) -> Any:
         model_path, dtype="float32", param_dtype="float32", scan_layers=model_config.scan_layers
     )
     return params
+
+
+def require_lora(meta: Mapping[str, Any], path: Any) -> LoraConfig:
+    """The LoRA config of a checkpoint's run (meta), or a UserError if it has none."""
+    lcfg = config_of_run(meta.get("config"))
+    if lcfg is None:
+        raise UserError(f"{path}: this run did not train LoRA adapters (lora.rank is 0)")
+    return lcfg
+
+
+def _base_path(meta: Mapping[str, Any], base: str | os.PathLike | None) -> str:
+    return str(base) if base else str((meta.get("config") or {}).get("model", {}).get("path", ""))
+
+
+def merged_checkpoint_params(
+    meta: Mapping[str, Any],
+    adapters: Any,
+    model_config: Any,
+    base: str | os.PathLike | None = None,
+    path: Any = "",
+) -> Any:
+    """Full params `W + s A B` from a LoRA checkpoint's adapters and its base model
+    (the run's `model.path`, or `base`)."""
+    lcfg = require_lora(meta, path)
+    base_params = load_base(_base_path(meta, base), model_config)
+    return jax.device_get(merge_adapters(base_params, adapters, lcfg.scale))
+
+
+def export_adapter(
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    step: int | None = None,
+    base: str | os.PathLike | None = None,
+) -> Path:
+    """`dpo-jax export --adapter`: a LoRA checkpoint -> a PEFT adapter directory."""
+    from dpo_jax import checkpoint, models
+
+    step, meta, adapters = checkpoint.load_params(path, step)
+    lcfg = require_lora(meta, path)
+    saved = meta.get("model_config")
+    if not saved:
+        raise UserError(f"{path}: step {step} has no model config; it cannot be exported")
+    model_config = models.ModelConfig.from_dict(saved)
+    return save_peft(output_dir, adapters, model_config, lcfg, _base_path(meta, base))

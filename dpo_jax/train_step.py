@@ -199,8 +199,9 @@ def _micro_loss(
     n_seq: int,
     base: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    full = policy_params(cfg, params, base)
     policy = sequence_logps(
-        cfg, policy_params(cfg, params, base), batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m
+        cfg, full, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m
     )
     if losses.is_paired(cfg.loss_name):
         stats = logprobs.preference_stats(policy, ref)
@@ -245,9 +246,8 @@ def _scan_micro_batches(
         if grads:
             (_, metrics), g = grad_fn(state.params, ref, micro, cfg, n_seq, state.base_params)
         else:
-            g, (_, metrics) = None, _micro_loss(
-                state.params, ref, micro, cfg, n_seq, state.base_params
-            )
+            g = None
+            _, metrics = _micro_loss(state.params, ref, micro, cfg, n_seq, state.base_params)
         return g, jax.tree.map(lambda m: m[None], metrics)
 
     def body(acc: Any, micro: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
