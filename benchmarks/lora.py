@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         common.emit(res, args.json, args.json_out)
         return [res]
     rows = []
-    passthrough = [a for a in (argv or []) if not a.startswith("--variants")]
+    passthrough = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("variant", "variants", "json", "json_out")
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants.split(","):
             out = os.path.join(tmp, f"{name}.json")
