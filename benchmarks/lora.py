@@ -28,6 +28,7 @@ VARIANTS: dict[str, tuple[str, int, str]] = {
     "full+frozen_ref": ("frozen", 0, ""),
     "lora16+adapters_off": ("adapters_off", 16, ""),
     "lora16_bf16base+adapters_off": ("adapters_off", 16, "bfloat16"),
+    "lora16_int8base+adapters_off": ("adapters_off", 16, "int8"),
 }
 
 LLAMA3_8B = dict(

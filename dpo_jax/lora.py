@@ -52,6 +52,8 @@ TARGETS: dict[str, tuple[str, str, int]] = {
 }
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 A_NAME, B_NAME = "lora_a", "lora_b"
+SCALE_NAME = "kernel_scale"  # int8 base: per-output-channel scale beside the int8 kernel
+BASE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 RANK_AXIS = "lora_rank"  # logical name of the rank axis; replicated (sharding.py)
 
 
@@ -86,8 +88,12 @@ class LoraConfig:
         return tuple(out)
 
 
-def config_from(section: Mapping[str, Any] | None) -> LoraConfig | None:
-    """A validated `LoraConfig` from the `lora` config section, or None when rank is 0."""
+def config_from(
+    section: Mapping[str, Any] | None, reference: Mapping[str, Any] | None = None
+) -> LoraConfig | None:
+    """A validated `LoraConfig` from the `lora` config section, or None when rank is 0.
+
+    `reference` (the `reference` section) is checked against an int8 base."""
     if not section:
         return None
     rank = int(section.get("rank", 0))
@@ -99,11 +105,19 @@ def config_from(section: Mapping[str, Any] | None) -> LoraConfig | None:
     if not alpha > 0:
         raise config_error("lora.alpha", f"must be > 0, got {alpha}", "PEFT's default is 8-32")
     base_dtype = str(section.get("base_dtype", "") or "")
-    if base_dtype and base_dtype not in ("float32", "bfloat16", "float16"):
+    if base_dtype and base_dtype not in BASE_DTYPES:
         raise config_error(
-            "lora.base_dtype", f"unknown dtype {base_dtype!r}", "use float32, bfloat16 or ''"
+            "lora.base_dtype", f"unknown dtype {base_dtype!r}", f"use one of {BASE_DTYPES} or ''"
         )
     cfg = LoraConfig(rank, alpha, str(section.get("targets", "all-linear")), base_dtype)
+    mode = str((reference or {}).get("mode", "auto"))
+    if base_dtype == "int8" and mode not in ("auto", "adapters_off", "none"):
+        raise config_error(
+            "lora.base_dtype",
+            f"an int8 base is scored by its own forward; reference.mode={mode!r} would "
+            "score a different (float) model",
+            "use reference.mode=adapters_off",
+        )
     names = [n for n, _ in cfg.target_names()]
     unknown = [n for n in names if n not in TARGETS]
     if unknown or not names:
@@ -246,7 +260,7 @@ def delta(a: jax.Array, b: jax.Array, scale: float, stacked: bool) -> jax.Array:
 
 def merge_adapters(base: Any, adapters: Any, scale: float) -> Any:
     """Base params with every adapted weight replaced by `W + scale * A B` (its dtype)."""
-    out = _copy(base)
+    out = dequantize_base(base)  # an int8 base merges into the weights it stands for
     for path, node in _modules(adapters):
         if A_NAME not in node:
             continue
@@ -258,11 +272,70 @@ def merge_adapters(base: Any, adapters: Any, scale: float) -> Any:
     return out
 
 
+def dequantize_base(params: Any) -> Any:
+    """`params` with every int8 kernel (and its scale) replaced by its float32 weight."""
+    out = _copy(params)
+    for path, node in _modules(out):
+        if SCALE_NAME in node:
+            n_in = node["kernel"].ndim - node[SCALE_NAME].ndim
+            node["kernel"] = dequantize(node["kernel"], node.pop(SCALE_NAME), n_in, _scanned(path))
+    return out
+
+
 def cast_base(base: Any, lcfg: LoraConfig) -> Any:
-    """The frozen base in `lcfg.base_dtype` (unchanged when it is "")."""
+    """The frozen base in `lcfg.base_dtype` (unchanged when it is "").
+
+    "int8" quantises every linear `kernel` (see `quantize_int8`); embeddings, norms and
+    biases keep their dtype.
+    """
     if not lcfg.base_dtype:
         return base
+    if lcfg.base_dtype == "int8":
+        out = _copy(base)
+        for path, node in _modules(out):
+            if "kernel" in node:
+                n_in = TARGETS.get(path[-1], ("", "", 1))[2]
+                node["kernel"], node[SCALE_NAME] = quantize_int8(
+                    node["kernel"], n_in, _scanned(path)
+                )
+        return out
     return jax.tree.map(lambda x: x.astype(lcfg.base_dtype), base)
+
+
+def quantize_int8(w: jax.Array, n_in: int, stacked: bool) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 with one float32 scale per output channel (and layer).
+
+    `w ~= q * scale` broadcast over the input axes; the model's `Linear` computes
+    `(x @ q) * scale`, which is exactly `x @ (q * scale)` since the scale is constant
+    along the contracted axes, so the weight is dequantised per layer inside the
+    forward and no float copy of the base is kept.
+    """
+    lead = 1 if stacked else 0
+    axes = tuple(range(lead, lead + n_in))
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=axes)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w32 / jnp.expand_dims(scale, axes)), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array, n_in: int, stacked: bool) -> jax.Array:
+    """float32 `q * scale` (the weight an int8 base stands for)."""
+    lead = 1 if stacked else 0
+    axes = tuple(range(lead, lead + n_in))
+    return q.astype(jnp.float32) * jnp.expand_dims(scale, axes)
+
+
+def base_logical_axes(model_logical: Any, base: Any) -> Any:
+    """The model's logical axes, plus the output axes of each int8 kernel's scale."""
+    out = _copy(model_logical)
+    for path, node in _modules(base):
+        if SCALE_NAME in node:
+            spec = tuple(_get(out, path)["kernel"])
+            lead = 1 if _scanned(path) else 0
+            n_in = node["kernel"].ndim - node[SCALE_NAME].ndim
+            _set(out, (*path, SCALE_NAME), PartitionSpec(*spec[:lead], *spec[lead + n_in :]))
+    return out
 
 
 # ------------------------------------------------------------------------ PEFT export
@@ -459,7 +532,10 @@ def merged_checkpoint_params(
     """Full params `W + s A B` from a LoRA checkpoint's adapters and its base model
     (the run's `model.path`, or `base`)."""
     lcfg = require_lora(meta, path)
-    base_params = load_base(_base_path(meta, base), model_config)
+    # The base as training held it (bfloat16 / int8 rounding included), then float32,
+    # so the export reproduces the trained model's logits.
+    base_params = dequantize_base(cast_base(load_base(_base_path(meta, base), model_config), lcfg))
+    base_params = jax.tree.map(lambda x: x.astype(jnp.float32), base_params)
     return jax.device_get(merge_adapters(base_params, adapters, lcfg.scale))
 
 

@@ -326,7 +326,8 @@ def build_trainer(
     logical = models.logical_axes(model_config)
     model_logical = base = None
     if lora_config is not None:
-        model_logical, base = logical, lora.cast_base(params, lora_config)
+        base = lora.cast_base(params, lora_config)
+        model_logical = lora.base_logical_axes(logical, base)
         adapter_rng = jax.random.fold_in(jax.random.key(seed), 0x10A)
         # init on the host's default device; device_put below shards them
         params = lora.init_adapters(base, lora_config, adapter_rng)
@@ -601,7 +602,7 @@ def train(
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
-    lora_config = lora.config_from(config.get("lora"))  # validated before any device work
+    lora_config = lora.config_from(config.get("lora"), config.get("reference"))  # validated before any device work
     if lora_config is not None and config.reference.ref_model_sync_steps > 0:
         raise config_error(
             "reference.ref_model_sync_steps", "TR-DPO syncing needs a full policy, not LoRA",

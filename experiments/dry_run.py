@@ -205,8 +205,8 @@ def dry_run(
     logical = models.logical_axes(model_cfg)
     model_abstract, model_logical, base = abstract, None, None
     if lora_config is not None:
-        model_logical = logical
         base = jax.eval_shape(lambda p: lora.cast_base(p, lora_config), abstract)
+        model_logical = lora.base_logical_axes(logical, base)
         abstract = jax.eval_shape(
             lambda b: lora.init_adapters(b, lora_config, jax.random.key(0)), base
         )

@@ -192,3 +192,46 @@ def test_lora_dpo_raises_held_out_reward_accuracy():
         jax.tree.leaves(result.state.base_params), jax.tree.leaves(params), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_int8_base_dequantised_per_layer_matches_merged_float_weights():
+    cfg = tiny_model_config(num_layers=2, scan_layers=True, dtype="float32")
+    base = models.init_params(cfg, jax.random.key(0))
+    lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets="all-linear", base_dtype="int8")
+    qbase = lora.cast_base(base, lcfg)
+    q = qbase["layers"]["attn"]["q"]
+    assert q["kernel"].dtype == jnp.int8 and q["kernel_scale"].shape == (2, 4, 8)
+    assert qbase["embed"]["embedding"].dtype == jnp.float32  # lookups stay float
+    # Round trip: every weight within half a quantisation step of the float one.
+    w = base["layers"]["attn"]["o"]["kernel"]
+    wq = lora.dequantize_base(qbase)["layers"]["attn"]["o"]["kernel"]
+    step = qbase["layers"]["attn"]["o"]["kernel_scale"][:, None, None, :]
+    assert float(jnp.max(jnp.abs(wq - w) / step)) <= 0.5 + 1e-4
+
+    adapters = _random_adapters(qbase, lcfg)
+    apply = jax.jit(models.Transformer(cfg).apply)
+    factored = apply({"params": lora.apply_adapters(qbase, adapters, lcfg.scale)}, IDS)
+    merged = apply({"params": lora.merge_adapters(qbase, adapters, lcfg.scale)}, IDS)
+    np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)
+    # The int8 model is close to, not equal to, the float one (quantisation error).
+    off_q = apply({"params": qbase}, IDS)
+    off_f = apply({"params": base}, IDS)
+    err = float(jnp.max(jnp.abs(off_q - off_f)))
+    assert 0 < err < 0.05 * float(jnp.max(jnp.abs(off_f)))
+    logical = lora.base_logical_axes(models.logical_axes(cfg), qbase)
+    assert tuple(logical["layers"]["attn"]["q"]["kernel_scale"]) == ("layers", "heads", "head_dim")
+    assert tuple(logical["layers"]["attn"]["o"]["kernel_scale"]) == ("layers", "embed")
+
+
+def test_int8_base_trains_from_log2_and_refuses_a_float_reference():
+    cfg, base = tiny_model(num_layers=1)
+    lcfg = lora.LoraConfig(rank=2, alpha=2.0, targets="all-linear", base_dtype="int8")
+    trainer, state = make_trainer((cfg, base), reference="adapters_off", lora_config=lcfg)
+    batch_A = train.stack_micro_batches(synthetic_batches(num=1, pairs=2, seed=0))
+    n_seq = train.batch_num_sequences(batch_A)
+    state, m0 = trainer.step(state, batch_A, n_seq)
+    assert m0["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    state, m1 = trainer.step(state, batch_A, n_seq)
+    assert np.isfinite(m1["loss"]) and float(m1["rewards/margins"]) != 0.0
+    with pytest.raises(UserError, match="lora.base_dtype.*adapters_off"):
+        lora.config_from({"rank": 2, "base_dtype": "int8"}, {"mode": "frozen"})

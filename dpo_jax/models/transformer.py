@@ -147,6 +147,10 @@ class Linear(nn.Module):
             self.param_dtype,
         )
         y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
+        if self.has_variable("params", "kernel_scale"):
+            # int8 LoRA base (dpo_jax.lora): a per-output-channel scale, constant along
+            # the contracted axes, so (x @ q) * s == x @ (q * s): dequantised per layer.
+            y = y * self.get_variable("params", "kernel_scale").astype(self.dtype)
         if self.has_variable("params", "lora_a"):
             # LoRA (dpo_jax.lora): low-rank update beside the frozen kernel, never merged
             # in the forward; `lora_b` arrives already multiplied by alpha / r.
