@@ -602,7 +602,8 @@ def train(
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
-    lora_config = lora.config_from(config.get("lora"), config.get("reference"))  # validated before any device work
+    # LoRA settings are validated before any device work
+    lora_config = lora.config_from(config.get("lora"), config.get("reference"))
     if lora_config is not None and config.reference.ref_model_sync_steps > 0:
         raise config_error(
             "reference.ref_model_sync_steps", "TR-DPO syncing needs a full policy, not LoRA",
