@@ -17,18 +17,22 @@ from tests.train_helpers import synthetic_batches
 
 # GPT-2: Conv1D layout, fused c_attn (q, k, v adapters become one rank-3r adapter), tied
 # embeddings. Llama: scanned layers, GQA, untied, adapters on embeddings and lm_head too.
+# llama-int8: an int8 base; the merged export is of the model it trained (family, targets,
+# lora.base_dtype).
 CASES = {
-    "gpt2": "all-linear",
-    "llama": "all-linear,embed,lm_head",
+    "gpt2": ("gpt2", "all-linear", ""),
+    "llama": ("llama", "all-linear,embed,lm_head", ""),
+    "llama-int8": ("llama", "all-linear", "int8"),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def lora_run(request, tmp_path_factory, tiny_hf_dir):
     """Two LoRA DPO steps from a tiny HF model (scanned layers), checkpointed."""
-    family = request.param
+    case = request.param
+    family, targets, base_dtype = CASES[case]
     src = tiny_hf_dir(family)
-    run_dir = tmp_path_factory.mktemp(f"lora_{family}") / "run"
+    run_dir = tmp_path_factory.mktemp(f"lora_{case}") / "run"
     config = tiny.get_config()
     config.model.path = str(src)
     config.model.scan_layers = True
@@ -41,9 +45,10 @@ def lora_run(request, tmp_path_factory, tiny_hf_dir):
     config.checkpoint.enabled = True
     config.lora.rank = 4
     config.lora.alpha = 8.0
-    config.lora.targets = CASES[family]
+    config.lora.targets = targets
+    config.lora.base_dtype = base_dtype
     result = train.train(config, train_data=synthetic_batches(num=2, pairs=2, seed=3))
-    return family, src, run_dir, result
+    return case, src, run_dir, result
 
 
 def _trained_logits(result, ids):
@@ -62,7 +67,7 @@ IDS = np.random.default_rng(0).integers(3, 300, size=(2, 12)).astype(np.int32)
 
 
 def test_export_merge_reloads_in_transformers_with_the_trained_logits(lora_run, tmp_path):
-    family, src, run_dir, result = lora_run
+    case, src, run_dir, result = lora_run
     out = tmp_path / "merged"
     assert cli.main(["export", "--checkpoint", str(run_dir), "--output", str(out), "--merge"]) == 0
     want, base = _trained_logits(result, IDS)
@@ -74,7 +79,9 @@ def test_export_merge_reloads_in_transformers_with_the_trained_logits(lora_run, 
 def test_export_adapter_loads_in_peft_with_the_trained_logits(lora_run, tmp_path):
     from peft import PeftModel
 
-    family, src, run_dir, result = lora_run
+    case, src, run_dir, result = lora_run
+    if CASES[case][2] == "int8":
+        pytest.skip("PEFT applies the adapter to the float base, not the int8 one trained")
     out = tmp_path / "adapter"
     assert (
         cli.main(["export", "--checkpoint", str(run_dir), "--output", str(out), "--adapter"]) == 0
@@ -82,7 +89,7 @@ def test_export_adapter_loads_in_peft_with_the_trained_logits(lora_run, tmp_path
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(src)
-    assert config["fan_in_fan_out"] == (family == "gpt2")
+    assert config["fan_in_fan_out"] == (case == "gpt2")
     model = PeftModel.from_pretrained(load_torch_model(src), str(out)).eval()
     want, base = _trained_logits(result, IDS)
     got = torch_logits(model, IDS)
