@@ -65,7 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.rank = 0  # 0 = off (full fine-tuning)
     c.lora.alpha = 16.0  # update scale alpha / rank, as PEFT
     c.lora.targets = "all-linear"  # comma list of q,k,v,o,gate,up,down,embed,lm_head
-    c.lora.base_dtype = ""  # "" keeps model.param_dtype; "bfloat16" halves the frozen base
+    # "" keeps model.param_dtype; "bfloat16" halves the frozen base; "int8" quantises its
+    # linear kernels (per-channel scales, dequantised per layer in the forward)
+    c.lora.base_dtype = ""
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | rmsprop | sgd
