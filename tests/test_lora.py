@@ -235,3 +235,49 @@ def test_int8_base_trains_from_log2_and_refuses_a_float_reference():
     assert np.isfinite(m1["loss"]) and float(m1["rewards/margins"]) != 0.0
     with pytest.raises(UserError, match="lora.base_dtype.*adapters_off"):
         lora.config_from({"rank": 2, "base_dtype": "int8"}, {"mode": "frozen"})
+
+
+def test_lora_run_resumes_adapters_and_rebuilds_the_base(tmp_path):
+    from dpo_jax import checkpoint
+    from tests.test_train_resume import _StopAfter
+    from tests.train_helpers import flat_params
+
+    cfg, params = tiny_model()
+    batches = synthetic_batches(num=4, pairs=2, seed=7)  # 4 steps x A=1
+    config = tiny.get_config()
+    config.num_steps = 4
+    config.grad_accum_steps = 1
+    config.batch_size = 2
+    config.train.tensorboard = False
+    config.lora.rank = 2
+    config.optim.learning_rate = 1e-2
+
+    def run(run_dir, ckpt):
+        config.run_dir = str(run_dir)
+        return train.train(
+            config, train_data=batches, model_config=cfg, params=params, checkpointer=ckpt
+        )
+
+    full = run(tmp_path / "full", None)
+    opts = checkpoint.CheckpointOptions(save_every=100, async_save=False, handle_sigterm=False)
+
+    def make_ckpt(run_dir):
+        return checkpoint.Checkpointer(
+            run_dir, options=opts, config=config.to_dict(), model_config=cfg,
+            metrics_path=run_dir / "metrics.jsonl",
+        )  # fmt: skip
+
+    part = tmp_path / "part"
+    run(part, _StopAfter(make_ckpt(part), step=2))
+    # The checkpoint holds the adapters and their optimizer state, not the base.
+    _, _, saved = checkpoint.load_params(part)
+    assert {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]} == {
+        "lora_a",
+        "lora_b",
+    }
+    resumed = run(part, make_ckpt(part))
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    np.testing.assert_array_equal(flat_params(resumed.state.base_params), flat_params(params))
+    np.testing.assert_allclose(
+        flat_params(resumed.state.params), flat_params(full.state.params), rtol=1e-6, atol=1e-7
+    )
