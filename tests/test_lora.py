@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,15 @@ def test_zero_init_and_shapes_and_logical_axes():
     assert tuple(logical["embed"]["lora_b"]) == ("lora_rank", "embed")
     # Through the one rule table: the rank axis stays whole; the others shard as the base.
     assert dict(sharding.LOGICAL_AXIS_RULES)["lora_rank"] is None
+    # Through the one rule table on a (data 1, fsdp 8, tensor 2) mesh: A splits its
+    # weight's input axis over fsdp, B its heads over tensor, the rank axis stays whole.
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 8, "tensor": 2})
+    P = jax.sharding.PartitionSpec
+    spec = lambda x, names: sharding.logical_to_mesh_spec(names, x.shape, mesh)
+    assert spec(q["lora_a"], lq["lora_a"]) == P(None, "fsdp")
+    assert spec(q["lora_b"], lq["lora_b"]) == P(None, None, "tensor")
+    assert spec(o["lora_a"], lo["lora_a"]) == P(None, "tensor")
+    assert spec(o["lora_b"], lo["lora_b"]) == P(None, None, "fsdp")
 
 
 def test_bad_lora_config_is_one_line_user_error():
