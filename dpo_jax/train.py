@@ -670,6 +670,9 @@ def train(
         ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
         lora_config=lora_config,
     )
+    # The state holds what training needs; drop our reference to the loaded copy (with
+    # LoRA it is not the state's (cast) base and would stay resident).
+    params = ref_params = None
     run_dir = Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
     writer = None
