@@ -116,7 +116,8 @@ def test_bad_lora_config_is_one_line_user_error():
 
 
 def test_adapters_off_reference_at_step_0_and_only_adapters_train():
-    cfg, base = tiny_model(num_layers=2)
+    cfg = tiny_model_config(num_layers=1, scan_layers=True)
+    base = models.init_params(cfg, jax.random.key(0))
     lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
     trainer, state = make_trainer((cfg, base), reference="adapters_off", lora_config=lcfg)
     assert state.ref_params is None  # no second copy of the weights
