@@ -30,6 +30,8 @@ class JaxRunConfig:
     beta: float = 0.1
     scan_layers: bool = True  # nn.scan over the blocks (one compiled block, less overhead)
     unembed_scored_only: bool = True  # unembed only positions that predict a scored token
+    lora_rank: int = 0  # > 0: LoRA on every linear layer (use reference="adapters_off")
+    lora_base_dtype: str = ""  # LoRA: dtype of the frozen base ("" = float32)
 
 
 def model_config(shape: common.ModelShape, run: JaxRunConfig) -> Any:
@@ -109,8 +111,13 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
     AdamW, constant lr, global-norm clip 1.0, no weight decay: TRL's defaults with
     ``lr_scheduler_type="constant"``.
     """
-    from dpo_jax import sharding, train
+    from dpo_jax import lora, sharding, train
 
+    lora_config = None
+    if run.lora_rank > 0:
+        lora_config = lora.LoraConfig(
+            run.lora_rank, float(run.lora_rank), "all-linear", run.lora_base_dtype
+        )
     return train.build_trainer(
         cfg,
         params,
@@ -128,6 +135,7 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
         reference=run.reference,
         logps_chunk_size=run.logps_chunk_size,
         unembed_scored_only=run.unembed_scored_only,
+        lora_config=lora_config,
     )
 
 

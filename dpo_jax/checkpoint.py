@@ -879,13 +879,15 @@ def export_hf(
     step: int | None = None,
     model_config: Any = None,
     tokenizer: Any = None,
+    base: str | os.PathLike | None = None,
 ) -> pathlib.Path:
     """Write the policy of a checkpoint as a Hugging Face directory (weights, config, tokenizer).
 
     ``path`` is a run directory, its ``checkpoints`` directory or one step directory.
-    The model config and tokenizer saved with the run are used unless given.
+    The model config and tokenizer saved with the run are used unless given. A LoRA
+    run's adapters are merged into its base model (the run's ``model.path`` or ``base``).
     """
-    from dpo_jax import models  # lazy: keeps `import dpo_jax.checkpoint` light
+    from dpo_jax import lora, models  # lazy: keeps `import dpo_jax.checkpoint` light
 
     step, meta, params = load_params(path, step)
     if model_config is None:
@@ -896,6 +898,8 @@ def export_hf(
                 "model_config= to Checkpointer); pass model_config= to export_hf"
             )
         model_config = models.ModelConfig.from_dict(saved)
+    if lora.config_of_run(meta.get("config")) is not None:
+        params = lora.merged_checkpoint_params(meta, params, model_config, base, path)
     if tokenizer is None:
         tok_dir = run_tokenizer_dir(path)
         if tok_dir is not None:
@@ -937,10 +941,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="Hugging Face directory to write")
     parser.add_argument("--step", type=int, default=None, help="step to export (default: latest)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA run: merge the adapters into the base model (the default for LoRA runs)",
+    )
+    kind.add_argument(
+        "--adapter", action="store_true", help="LoRA run: write a PEFT adapter directory instead"
+    )
+    parser.add_argument(
+        "--base", default=None, help="LoRA run: base model dir (default: its model.path)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """`dpo-jax export`: checkpoint -> Hugging Face directory."""
-    out = export_hf(args.checkpoint, args.output, step=args.step)
+    """`dpo-jax export`: checkpoint -> Hugging Face directory (or PEFT adapter)."""
+    from dpo_jax import lora
+
+    if args.adapter or args.merge:
+        _, meta, _ = load_params(args.checkpoint, args.step)  # a LoRA run, or a UserError
+        lora.require_lora(meta, args.checkpoint)
+    if args.adapter:
+        out = lora.export_adapter(args.checkpoint, args.output, step=args.step, base=args.base)
+    else:
+        out = export_hf(args.checkpoint, args.output, step=args.step, base=args.base)
     print(f"exported {args.checkpoint} to {out}")
     return 0

@@ -42,6 +42,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters: the rank axis is small, every device holds it
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),

@@ -34,9 +34,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from dpo_jax import logprobs, losses, models, optim, sharding
+from dpo_jax import logprobs, lora, losses, models, optim, sharding
 from dpo_jax.configs import validate
-from dpo_jax.errors import UserError
+from dpo_jax.errors import UserError, config_error
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
 from dpo_jax.train_step import (
     StepConfig,
@@ -167,12 +167,22 @@ def with_scored_positions(batch_A: Mapping[str, Any], process_count: int = 1) ->
 # ------------------------------------------------------------------------ setup
 
 
-def resolve_reference_mode(mode: str, loss_name: str, data_has_ref_logps: bool) -> str:
-    """The reference mode the step runs with ("frozen" | "precomputed" | "none")."""
+def resolve_reference_mode(
+    mode: str, loss_name: str, data_has_ref_logps: bool, with_lora: bool = False
+) -> str:
+    """The reference mode the step runs with ("frozen" | "precomputed" | "none" |
+    "adapters_off"); with LoRA, auto picks "adapters_off" (the reference costs nothing)."""
     if not losses.needs_reference(loss_name):
         return "none"
+    if mode == "adapters_off" and not with_lora:
+        raise config_error(
+            "reference.mode", "'adapters_off' is the LoRA policy with adapters disabled",
+            "set lora.rank > 0 or use reference.mode=frozen",
+        )  # fmt: skip
     if mode == "auto":
-        return "precomputed" if data_has_ref_logps else "frozen"
+        if data_has_ref_logps:
+            return "precomputed"
+        return "adapters_off" if with_lora else "frozen"
     if mode == "cache":
         return "precomputed"
     if mode == "none":
@@ -182,7 +192,7 @@ def resolve_reference_mode(mode: str, loss_name: str, data_has_ref_logps: bool) 
             "reference.mode='precomputed' but the training batches carry no 'ref_logps' "
             "(write them with `dpo-jax ref-logps` or use reference.mode='cache')"
         )
-    if mode not in ("frozen", "precomputed"):
+    if mode not in ("frozen", "precomputed", "adapters_off"):
         raise UserError(f"unknown reference.mode {mode!r}")
     return mode
 
@@ -193,9 +203,20 @@ def make_mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
     return sharding.make_mesh(m.data, m.fsdp, m.tensor)
 
 
-def state_shardings(state_shapes: TrainState, logical: Any, mesh: Mesh) -> TrainState:
-    """NamedShardings for every field of a (possibly abstract) TrainState."""
+def state_shardings(
+    state_shapes: TrainState, logical: Any, mesh: Mesh, model_logical: Any = None
+) -> TrainState:
+    """NamedShardings for every field of a (possibly abstract) TrainState.
+
+    With LoRA `logical` is the adapters' and `model_logical` the model's (for the
+    frozen base and a frozen reference).
+    """
     param_sh = sharding.tree_shardings(logical, state_shapes.params, mesh)
+    model_sh = param_sh
+    if model_logical is not None:
+        shapes = state_shapes.base_params
+        shapes = state_shapes.ref_params if shapes is None else shapes
+        model_sh = None if shapes is None else sharding.tree_shardings(model_logical, shapes, mesh)
     repl = sharding.replicated(mesh)
     return TrainState(
         step=repl,
@@ -203,10 +224,11 @@ def state_shardings(state_shapes: TrainState, logical: Any, mesh: Mesh) -> Train
         opt_state=sharding.opt_state_shardings(
             state_shapes.opt_state, state_shapes.params, param_sh, mesh
         ),
-        ref_params=None if state_shapes.ref_params is None else param_sh,
+        ref_params=None if state_shapes.ref_params is None else model_sh,
         rng=repl,
         skipped_steps=repl,
         loss_state=jax.tree.map(lambda _: repl, state_shapes.loss_state),
+        base_params=None if state_shapes.base_params is None else model_sh,
     )
 
 
@@ -320,19 +342,34 @@ def build_trainer(
     ref_model_sync_steps: int = 0,
     ref_model_mixup_alpha: float = 0.6,
     token_metrics: bool = True,
+    lora_config: lora.LoraConfig | None = None,
 ) -> tuple[Trainer, TrainState]:
     """A Trainer and its initial, sharded state (policy = `params`).
 
-    `ref_params` defaults to a copy of `params` when `reference == "frozen"`.
+    `ref_params` defaults to a copy of `params` when `reference == "frozen"`. With
+    `lora_config`, `params` is the frozen base (cast to `lora_config.base_dtype`) and
+    the state's `params` are fresh adapters (seeded by `seed`), the only trained leaves.
     """
     logical = models.logical_axes(model_config)
+    model_logical = base = None
+    if lora_config is not None:
+        base = lora.cast_base(params, lora_config)
+        model_logical = lora.base_logical_axes(logical, base)
+        adapter_rng = jax.random.fold_in(jax.random.key(seed), 0x10A)
+        # init on the host's default device; device_put below shards them
+        params = lora.init_adapters(base, lora_config, adapter_rng)
+        logical = lora.adapter_logical_axes(model_logical, params)
     optimizer, schedule = optim.make_optimizer(optim_config, total_steps, params, logical)
     with_ref = reference == "frozen"
     loss_state = losses.init_loss_state(loss_name)  # BCO's running shift, or None
     abstract = jax.eval_shape(
         lambda p: init_state(p, optimizer, jax.random.key(0), with_ref, loss_state), params
     )
-    shard = state_shardings(abstract, logical, mesh)
+    if base is not None:  # the reference (if frozen) and the base are model-shaped
+        base_shapes = jax.eval_shape(lambda b: b, base)
+        ref_shapes = base_shapes if with_ref else None
+        abstract = abstract.replace(base_params=base_shapes, ref_params=ref_shapes)
+    shard = state_shardings(abstract, logical, mesh, model_logical)
     step_config = StepConfig(
         apply_fn=models.Transformer(model_config).apply,
         optimizer=optimizer,
@@ -347,18 +384,23 @@ def build_trainer(
         ref_model_mixup_alpha=ref_model_mixup_alpha,
         grad_shardings=shard.params,
         token_metrics=token_metrics,
+        lora_scale=0.0 if lora_config is None else lora_config.scale,
     )
     params = jax.device_put(params, shard.params)
+    if base is not None:
+        base = jax.device_put(base, shard.base_params)
     if with_ref:
-        ref = params if ref_params is None else ref_params
-        ref_params = jax.device_put(jax.tree.map(jnp.copy, ref), shard.params)
+        ref = (params if base is None else base) if ref_params is None else ref_params
+        ref_params = jax.device_put(jax.tree.map(jnp.copy, ref), shard.ref_params)
 
-    def make_state(p: Any, r: Any) -> TrainState:
+    def make_state(p: Any, r: Any, b: Any) -> TrainState:
         s = init_state(p, optimizer, jax.random.key(seed), False, loss_state)
-        return s.replace(ref_params=r)
+        return s.replace(ref_params=r, base_params=b)
 
     with _MeshRules(mesh):
-        state = jax.jit(make_state, out_shardings=shard)(params, ref_params if with_ref else None)
+        state = jax.jit(make_state, out_shardings=shard)(
+            params, ref_params if with_ref else None, base
+        )
     return Trainer(mesh, model_config, step_config, shard), state
 
 
@@ -370,8 +412,9 @@ def checkpointable(state: TrainState, step_config: StepConfig) -> TrainState:
     and is kept.
     """
     if step_config.ref_model_sync_steps > 0:
-        return state
-    return state.replace(ref_params=None)
+        return state.replace(base_params=None)
+    # LoRA's frozen base is the loaded model too: rebuilt on resume, never saved
+    return state.replace(ref_params=None, base_params=None)
 
 
 def abstract_checkpointable(trainer: Trainer, state: TrainState) -> TrainState:
@@ -641,6 +684,13 @@ def train(
     )
     # One name or a TRL-style mix; unknown names fail before any compilation.
     loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
+    # LoRA settings are validated before any device work
+    lora_config = lora.config_from(config.get("lora"), config.get("reference"))
+    if lora_config is not None and config.reference.ref_model_sync_steps > 0:
+        raise config_error(
+            "reference.ref_model_sync_steps", "TR-DPO syncing needs a full policy, not LoRA",
+            "set it to 0 or lora.rank=0",
+        )  # fmt: skip
     hyper = (
         dict(config.loss.hyper.to_dict())
         if hasattr(config.loss.hyper, "to_dict")
@@ -678,7 +728,9 @@ def train(
     if first is None:
         raise UserError("training data is empty")
     train_iter = _chain_first(first, first_iter)
-    reference = resolve_reference_mode(config.reference.mode, loss_name, "ref_logps" in first)
+    reference = resolve_reference_mode(
+        config.reference.mode, loss_name, "ref_logps" in first, lora_config is not None
+    )
 
     trainer, state = build_trainer(
         model_config,
@@ -697,7 +749,11 @@ def train(
         ref_model_sync_steps=config.reference.ref_model_sync_steps,
         ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
         token_metrics=config.train.get("token_metrics", True),
+        lora_config=lora_config,
     )
+    # The state holds what training needs; drop our reference to the loaded copy (with
+    # LoRA it is not the state's (cast) base and would stay resident).
+    params = ref_params = None
     run_dir = Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
     writer = None
@@ -789,7 +845,9 @@ def _logged_num_tokens(run_dir: Path | None, step: int) -> int:
 
 def _reattach_reference(restored: TrainState, fresh: TrainState) -> TrainState:
     if restored.ref_params is None and fresh.ref_params is not None:
-        return restored.replace(ref_params=fresh.ref_params)
+        restored = restored.replace(ref_params=fresh.ref_params)
+    if restored.base_params is None and fresh.base_params is not None:
+        restored = restored.replace(base_params=fresh.base_params)
     return restored
 
 

@@ -12,6 +12,12 @@ Reference modes (`StepConfig.reference`):
 - "precomputed": the batch's `ref_logps` column is used; no reference forward runs.
   It holds full-sequence sums only, so LD-DPO (`ld_alpha`) is refused with it.
 - "none": reference-free losses (SimPO, ORPO, ...) get no reference log-probs.
+- "adapters_off" (LoRA): the reference is the same apply on `state.base_params` alone,
+  the policy with its adapters disabled; no second copy of the weights exists.
+
+LoRA (`dpo_jax.lora`): `state.params` holds the trainable adapters and
+`state.base_params` the frozen base; the policy forward applies both
+(`lora.apply_adapters`), so gradients and optimizer state cover the adapters only.
 """
 
 from __future__ import annotations
@@ -25,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import logprobs, losses
+from dpo_jax import logprobs, lora, losses
 from dpo_jax.errors import UserError
 
-REFERENCE_MODES = ("frozen", "precomputed", "none")
+REFERENCE_MODES = ("frozen", "precomputed", "none", "adapters_off")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -54,6 +60,9 @@ class TrainState:
     # Running statistics of stateful losses, {loss name: state} (BCO's reward shift,
     # `losses.init_loss_state`); None when the loss keeps none. Checkpointed with the rest.
     loss_state: Any = None
+    # LoRA: the frozen base weights (`params` are then the adapters); None without LoRA.
+    # Never differentiated, no optimizer state; not checkpointed (rebuilt from model.path).
+    base_params: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +86,7 @@ class StepConfig:
     # TRL's entropy, logits/chosen, logits/rejected, mean_token_accuracy (paired losses):
     # per-sequence sums from the scoring path, no gradient.
     token_metrics: bool = True
+    lora_scale: float = 0.0  # LoRA alpha / r (> 0 when state.base_params holds a base)
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCE_MODES:
@@ -87,6 +97,10 @@ class StepConfig:
             raise UserError(
                 "TR-DPO reference syncing (ref_model_sync_steps > 0) needs reference='frozen'"
             )
+        if self.ref_model_sync_steps and self.lora_scale > 0:
+            raise UserError("TR-DPO reference syncing cannot mix LoRA adapters into a reference")
+        if self.reference == "adapters_off" and not self.lora_scale > 0:
+            raise UserError("reference='adapters_off' needs LoRA (lora_scale > 0)")
         check_loss_options(self.loss_name, self.loss_hyper, self.reference)
 
     @property
@@ -188,6 +202,16 @@ def sequence_logps(
     return logprobs.sequence_logps(logits, batch, n_seq, **extras)
 
 
+def policy_params(cfg: StepConfig, params: Any, base: Any) -> Any:
+    """The params the policy forward applies: `params`, or LoRA adapters on `base`."""
+    return params if base is None else lora.apply_adapters(base, params, cfg.lora_scale)
+
+
+def _reference_source(state: TrainState, cfg: StepConfig) -> Any:
+    # adapters_off: the reference forward is the base alone (the adapters disabled)
+    return state.base_params if cfg.reference == "adapters_off" else state.ref_params
+
+
 def _micro_loss(
     params: Any,
     ref: Any,
@@ -196,12 +220,17 @@ def _micro_loss(
     n_seq: int,
     loss_state: Any = None,
     update: bool = True,
+    base: Any = None,
 ) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
-    """Mean loss of one micro-batch; aux = (metrics, loss state after this micro-batch)."""
+    """Mean loss of one micro-batch; aux = (metrics, loss state after this micro-batch).
+
+    With LoRA, `params` are the adapters and `base` the frozen weights they sit beside.
+    """
     paired = losses.is_paired(cfg.loss_name)
     with_metrics = cfg.token_metrics and paired
+    full = policy_params(cfg, params, base)
     policy = sequence_logps(
-        cfg, params, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m,
+        cfg, full, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m,
         with_metrics=with_metrics,
     )  # fmt: skip
     if paired:
@@ -224,8 +253,8 @@ def reference_logps(
 ) -> Any:
     """The reference's log-probs for one micro-batch, never differentiated.
 
-    A `[2B]` column (precomputed), a `SequenceLogps` (frozen forward; its prefix sums
-    serve LD-DPO) or None (reference-free).
+    A `[2B]` column (precomputed), a `SequenceLogps` (frozen or adapters-off forward;
+    its prefix sums serve LD-DPO) or None (reference-free).
     """
     if cfg.reference == "none":
         return None
@@ -253,22 +282,23 @@ def _scan_micro_batches(
         state = state.replace(loss_state=losses.init_loss_state(cfg.loss_name))
     if jax.tree.leaves(batch_A)[0].shape[0] == 1:
         micro = jax.tree.map(lambda x: x[0], batch_A)
-        ref = reference_logps(cfg, state.ref_params, micro, n_seq)
+        ref = reference_logps(cfg, _reference_source(state, cfg), micro, n_seq)
         args = (state.params, ref, micro, cfg, n_seq, state.loss_state)
         if grads:
-            (_, (metrics, loss_state)), g = grad_fn(*args)
+            (_, (metrics, loss_state)), g = grad_fn(*args, base=state.base_params)
         else:
-            g, (_, (metrics, loss_state)) = None, _micro_loss(*args, update=False)
+            g = None
+            _, (metrics, loss_state) = _micro_loss(*args, update=False, base=state.base_params)
         return g, jax.tree.map(lambda m: m[None], metrics), loss_state
 
     def body(carry: Any, micro: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         acc, loss_state = carry
-        ref = reference_logps(cfg, state.ref_params, micro, n_seq)
+        ref = reference_logps(cfg, _reference_source(state, cfg), micro, n_seq)
         args = (state.params, ref, micro, cfg, n_seq, loss_state)
         if not grads:
-            _, (metrics, loss_state) = _micro_loss(*args, update=False)
+            _, (metrics, loss_state) = _micro_loss(*args, update=False, base=state.base_params)
             return (acc, loss_state), metrics
-        (_, (metrics, loss_state)), g = grad_fn(*args)
+        (_, (metrics, loss_state)), g = grad_fn(*args, base=state.base_params)
         acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         if cfg.grad_shardings is not None:
             acc = jax.lax.with_sharding_constraint(acc, cfg.grad_shardings)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from dpo_jax import losses, models, optim, sharding, train, train_step
+from dpo_jax import lora, losses, models, optim, sharding, train, train_step
 
 # What a real-scale run is built from: the same fields for every experiment.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -193,11 +193,24 @@ def dry_run(
     total_steps: int,
     reference: str = "frozen",
     logps_chunk_size: int = 0,
+    lora_config: lora.LoraConfig | None = None,
 ) -> DryRunReport:
-    """Lower and compile one train step for `mesh_shape` with abstract state and batch."""
+    """Lower and compile one train step for `mesh_shape` with abstract state and batch.
+
+    With `lora_config` the state holds the frozen base (in `lora_config.base_dtype`)
+    and trains adapters only, as `train.build_trainer` builds it.
+    """
     mesh = sharding.make_mesh(*mesh_shape)
     abstract = nn.meta.unbox(models.abstract_params(model_cfg))
     logical = models.logical_axes(model_cfg)
+    model_abstract, model_logical, base = abstract, None, None
+    if lora_config is not None:
+        base = jax.eval_shape(lambda p: lora.cast_base(p, lora_config), abstract)
+        model_logical = lora.base_logical_axes(logical, base)
+        abstract = jax.eval_shape(
+            lambda b: lora.init_adapters(b, lora_config, jax.random.key(0)), base
+        )
+        logical = lora.adapter_logical_axes(model_logical, abstract)
     optimizer, schedule = optim.make_optimizer(optim_config, total_steps, abstract, logical)
     if not losses.needs_reference(loss_name):
         reference = "none"
@@ -205,7 +218,9 @@ def dry_run(
     state_shapes = jax.eval_shape(
         lambda p: train_step.init_state(p, optimizer, jax.random.key(0), with_ref), abstract
     )
-    state_sh = train.state_shardings(state_shapes, logical, mesh)
+    if base is not None:
+        state_shapes = state_shapes.replace(base_params=base, ref_params=base if with_ref else None)
+    state_sh = train.state_shardings(state_shapes, logical, mesh, model_logical)
     step_cfg = train_step.StepConfig(
         apply_fn=models.Transformer(model_cfg).apply,
         optimizer=optimizer,
@@ -215,6 +230,7 @@ def dry_run(
         reference=reference,
         logps_chunk_size=logps_chunk_size,
         grad_shardings=state_sh.params,
+        lora_scale=0.0 if lora_config is None else lora_config.scale,
     )
     dp = sharding.data_parallel_size(mesh)
     plan = BatchPlan(plan_pairs, micro_batches, seq_len, dp)
@@ -252,7 +268,7 @@ def dry_run(
             - memory.get("alias_size", 0)
             + memory.get("temp_size", 0)
         )
-    leaves = jax.tree.leaves(abstract)
+    leaves = jax.tree.leaves(model_abstract)
     return DryRunReport(
         param_count=int(sum(np.prod(x.shape) for x in leaves)),
         param_bytes=int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)),

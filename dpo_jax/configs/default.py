@@ -63,13 +63,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # auto: "none" for reference-free losses, "precomputed" when the data carries
     # ref_chosen_logps/ref_rejected_logps, else "frozen".
     # cache: compute the reference log-probs in a first pass, cache them in the run dir.
-    c.reference.mode = "auto"  # auto | frozen | precomputed | cache | none
+    # adapters_off (LoRA): the policy with its adapters disabled; auto picks it with LoRA.
+    c.reference.mode = "auto"  # auto | frozen | precomputed | cache | none | adapters_off
     c.reference.path = ""  # a different reference checkpoint ("" = the initial policy)
     # Use precomputed ref columns that carry no `ref_logps_fingerprint` (from TRL or an
     # older dpo-jax); by default they are refused (docs/CONTRACTS.md, reference columns).
     c.reference.trust_precomputed = False
     c.reference.ref_model_sync_steps = 0  # TR-DPO: >0 soft-updates the reference
     c.reference.ref_model_mixup_alpha = 0.6
+
+    # LoRA (dpo_jax/lora.py): train low-rank adapters beside the frozen base weights.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = off (full fine-tuning)
+    c.lora.alpha = 16.0  # update scale alpha / rank, as PEFT
+    c.lora.targets = "all-linear"  # comma list of q,k,v,o,gate,up,down,embed,lm_head
+    # "" keeps model.param_dtype; "bfloat16" halves the frozen base; "int8" quantises its
+    # linear kernels (per-channel scales, dequantised per layer in the forward)
+    c.lora.base_dtype = ""
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | rmsprop | sgd

@@ -147,6 +147,16 @@ class Linear(nn.Module):
             self.param_dtype,
         )
         y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
+        if self.has_variable("params", "kernel_scale"):
+            # int8 LoRA base (dpo_jax.lora): a per-output-channel scale, constant along
+            # the contracted axes, so (x @ q) * s == x @ (q * s): dequantised per layer.
+            y = y * self.get_variable("params", "kernel_scale").astype(self.dtype)
+        if self.has_variable("params", "lora_a"):
+            # LoRA (dpo_jax.lora): low-rank update beside the frozen kernel, never merged
+            # in the forward; `lora_b` arrives already multiplied by alpha / r.
+            a = self.get_variable("params", "lora_a").astype(self.dtype)
+            b = self.get_variable("params", "lora_b").astype(self.dtype)
+            y = y + jnp.tensordot(jnp.tensordot(x.astype(self.dtype), a, self.n_in), b, 1)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -233,16 +243,25 @@ class Embed(nn.Module):
 
     def __call__(self, ids: Array) -> Array:
         """Looks up rows of the table (out-of-range ids are clipped)."""
-        return jnp.take(self.embedding, ids, axis=0, mode="clip").astype(self.dtype)
+        out = jnp.take(self.embedding, ids, axis=0, mode="clip").astype(self.dtype)
+        if self.has_variable("params", "lora_a"):  # LoRA on the table (dpo_jax.lora)
+            a = jnp.take(self.get_variable("params", "lora_a"), ids, axis=0, mode="clip")
+            b = self.get_variable("params", "lora_b").astype(self.dtype)
+            out = out + a.astype(self.dtype) @ b
+        return out
 
     def attend(self, x_NxLxD: Array, out_dtype: Any) -> Array:
         """x @ table.T, accumulated and returned in `out_dtype`."""
-        return jnp.einsum(
-            "nld,vd->nlv",
-            x_NxLxD.astype(self.dtype),
-            self.embedding.astype(self.dtype),
-            preferred_element_type=out_dtype,
-        ).astype(out_dtype)
+        x = x_NxLxD.astype(self.dtype)
+        out = jnp.einsum(
+            "nld,vd->nlv", x, self.embedding.astype(self.dtype), preferred_element_type=out_dtype
+        )
+        if self.has_variable("params", "lora_a"):  # tied LoRA table: x (A B)^T = (x B^T) A^T
+            a = self.get_variable("params", "lora_a").astype(self.dtype)
+            b = self.get_variable("params", "lora_b").astype(self.dtype)
+            xb = jnp.einsum("nld,rd->nlr", x, b)
+            out = out + jnp.einsum("nlr,vr->nlv", xb, a, preferred_element_type=out_dtype)
+        return out.astype(out_dtype)
 
 
 def _attention_impl(cfg: ModelConfig) -> str | None:
