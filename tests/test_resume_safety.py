@@ -240,6 +240,22 @@ def _nan_batches(num: int, nan_from: int) -> list[dict]:
     return batches
 
 
+def test_skip_cap_rule(caplog):
+    """More than MIN_SKIPS_BEFORE_STOP skips and more than the fraction of steps: stop."""
+    assert train.MIN_SKIPS_BEFORE_STOP == 10
+    with caplog.at_level(logging.WARNING, logger="dpo_jax.train"):
+        train.check_skipped(3, {"skipped_steps": 1, "loss": float("nan")}, 0.1)  # 1 of 3
+        train.check_skipped(100, {"skipped_steps": 10}, 0.1)  # at the minimum count
+        train.check_skipped(200, {"skipped_steps": 20}, 0.1)  # at the fraction
+        with pytest.raises(train.NonFiniteLossError, match="21 of 200 steps skipped"):
+            train.check_skipped(200, {"skipped_steps": 21}, 0.1)
+        with pytest.raises(train.NonFiniteLossError, match="11 of 11 steps skipped"):
+            train.check_skipped(11, {"skipped_steps": 11}, 0.5)
+    assert caplog.text.count("update skipped") == 5
+    assert "step 3: non-finite loss or gradient (loss=nan" in caplog.text
+
+
+@pytest.mark.heavy
 def test_nan_skip_warns_every_skip_and_stops_past_the_cap(tmp_path, caplog):
     cfg, params = tiny_model()
     config = _loop_config(tmp_path, nan_policy="skip", max_skipped_fraction=0.1)
@@ -295,11 +311,11 @@ def test_sigterm_during_setup_checkpoints_at_the_first_step(tmp_path):
 def test_refused_resume_leaves_config_json_metrics_and_events_alone(tmp_path):
     cfg, params = tiny_model()
     config = _loop_config(tmp_path, tensorboard=True)
-    config.num_steps = 2
+    config.num_steps = 1
     config.checkpoint.enabled = True
     config.checkpoint.async_save = False
     config.checkpoint.save_every = 1
-    batches = _nan_batches(2, 99)
+    batches = _nan_batches(1, 99)
     train.train(config, train_data=batches, model_config=cfg, params=params)
     before = {
         p.relative_to(tmp_path): p.read_bytes()
@@ -466,18 +482,22 @@ def test_data_edited_in_place_with_the_same_token_lengths_is_refused(cli_run, ca
     data.write_text(text)
     argv = [a for a in base[3:] if not a.startswith(("--config.data.train", "--config.run_dir"))]
     argv += [f"--config.data.train={data}", f"--config.run_dir={root / 'edited_run'}"]
-    assert cli.console_main([*argv, "--config.num_steps=2"]) == 0
-    # Swap one completion word for another of the same token length.
+    assert cli.console_main(argv) == 0
+    # Change one letter of one chosen completion, keeping its token length (the old
+    # length-only fingerprint could not tell the two files apart).
     tok = AutoTokenizer.from_pretrained(root / "model")
-    words = ["fine", "good", "great"]
-    old = next(w for w in words if f" I am {w}." in text)
+    old = next(w for w in ("fine", "good", "great") if f" I am {w}." in text)
+    n_old = len(tok(f" I am {old}.")["input_ids"])
     new = next(
-        w for w in words
-        if w != old and len(tok(f" I am {w}.")["input_ids"]) == len(tok(f" I am {old}.")["input_ids"])
-    )  # fmt: skip
+        cand
+        for i in range(len(old))
+        for c in "abcdefghijklmnopqrstuvwxyz"
+        if (cand := old[:i] + c + old[i + 1 :]) != old
+        and len(tok(f" I am {cand}.")["input_ids"]) == n_old
+    )
     data.write_text(text.replace(f" I am {old}.", f" I am {new}.", 1))
     capsys.readouterr()
-    assert cli.console_main([*argv, "--config.num_steps=4"]) == 2
+    assert cli.console_main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "refusing to resume: the training data or its batching differs" in err
