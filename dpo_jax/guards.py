@@ -115,7 +115,8 @@ def disk_full_error(run_dir: str | os.PathLike, error: BaseException) -> DiskFul
         free = shutil.disk_usage(run_dir).free
     except OSError:
         free = 0
-    cause = next((str(e) for e in _chain(error) if str(e)), type(error).__name__)
+    text = " ".join(str(e) for e in _chain(error))
+    cause = next((t for t in _DISK_FULL_TEXT if t in text), type(error).__name__)
     last = (
         f"the last committed checkpoint, step {steps[-1]}, is intact"
         if steps
@@ -123,7 +124,7 @@ def disk_full_error(run_dir: str | os.PathLike, error: BaseException) -> DiskFul
     )
     need_text = f"; one checkpoint needs about {_gib(need)}" if need else ""
     return DiskFullError(
-        f"{run_dir}: disk full while writing the run ({cause.splitlines()[0][:200]}); "
+        f"{run_dir}: disk full while writing the run ({cause}); "
         f"{_gib(free)} free{need_text}; {last}: free space (or lower checkpoint.keep_last) "
         "and rerun the same command to resume"
     )

@@ -501,3 +501,38 @@ def test_data_edited_in_place_with_the_same_token_lengths_is_refused(cli_run, ca
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "refusing to resume: the training data or its batching differs" in err
+
+
+@pytest.mark.heavy
+def test_really_full_disk_on_a_tmpfs_is_one_line_and_resumes_after_freeing_space(tmp_path):
+    """A 3 MiB tmpfs (needs root and Linux; skipped otherwise) fills up mid-run."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        cfg, params = tiny_model()
+        config = _loop_config(mount_point / "run", tensorboard=True)
+        config.num_steps = 40
+        config.checkpoint.enabled = True
+        config.checkpoint.save_every = 1
+        config.checkpoint.keep_last = 0  # keep all: the disk must fill up
+        batches = _nan_batches(40, 99)
+        with pytest.raises(guards.DiskFullError) as e:
+            train.train(config, train_data=batches, model_config=cfg, params=params)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{mount_point / 'run'}: disk full")
+        last = int(msg.split("the last committed checkpoint, step ")[1].split(",")[0])
+        assert 0 < last < 40
+        assert checkpoint.step_problem(mount_point / "run" / "checkpoints" / str(last)) is None
+        subprocess.run(["mount", "-o", "remount,size=40m", str(mount_point)], check=True)
+        result = train.train(config, train_data=batches, model_config=cfg, params=params)
+        assert int(result.state.step) == 40
+        assert [r["step"] for r in read_jsonl(mount_point / "run" / "metrics.jsonl")] == list(
+            range(1, 41)
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
