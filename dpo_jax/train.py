@@ -678,19 +678,19 @@ def _train(
     if checkpointer is not None:
         try:
             restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
+            if restored is not None:
+                state = _reattach_reference(restored.state, state)
+                start_step = int(restored.step)
+                if hasattr(train_data, "set_state") and restored.data_state is not None:
+                    train_data.set_state(restored.data_state)  # refuses other data
+                    train_iter = iter(train_data)
+                else:  # a plain iterable: skip what the restored steps consumed
+                    skip = start_step * config.grad_accum_steps
+                    train_iter = itertools.islice(iter(train_data), skip, None)
+                log.info("resumed from step %d", start_step)
         except BaseException as error:  # a refused resume: release Orbax and SIGTERM
             _close_all(checkpointer, failed=error)
             raise
-        if restored is not None:
-            state = _reattach_reference(restored.state, state)
-            start_step = int(restored.step)
-            if hasattr(train_data, "set_state") and restored.data_state is not None:
-                train_data.set_state(restored.data_state)
-                train_iter = iter(train_data)
-            else:  # a plain iterable: skip what the restored steps consumed
-                skip = start_step * config.grad_accum_steps
-                train_iter = itertools.islice(iter(train_data), skip, None)
-            log.info("resumed from step %d", start_step)
     # Only once the resume was accepted: a refused one leaves config.json, the metrics
     # and the TensorBoard files of the run as they were.
     writer = None
