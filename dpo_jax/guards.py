@@ -41,8 +41,16 @@ class EarlySigterm:
         self.received = threading.Event()
         self._enabled = enabled
         self._previous: Any = None
+        self._handed_over = False
 
     def _handler(self, signum: int, frame: Any) -> None:
+        if self._handed_over or self.received.is_set():
+            # A second SIGTERM (or the checkpointer's "now" after its own first one)
+            # means "stop now": hand the signal to whoever had it before us.
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, previous)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         log.warning(
             "SIGTERM received during setup: the run will checkpoint and stop at its first step"
         )
@@ -65,9 +73,12 @@ class EarlySigterm:
             self._previous = None
 
     def hand_over(self, checkpointer: Any) -> None:
-        """Pass a SIGTERM received so far on to the checkpointer (its `request_stop`)."""
+        """Pass a SIGTERM received so far on to the checkpointer (its `request_stop`); from
+        now on the checkpointer's handler runs first and a SIGTERM reaching this one is
+        its "second SIGTERM: stop now"."""
         if self.received.is_set() and hasattr(checkpointer, "request_stop"):
             checkpointer.request_stop()
+        self._handed_over = True
 
 
 def _chain(error: BaseException | None) -> list[BaseException]:

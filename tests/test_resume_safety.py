@@ -305,6 +305,28 @@ def test_sigterm_during_setup_checkpoints_at_the_first_step(tmp_path):
     assert checkpoint.Checkpointer(tmp_path, config=None).all_steps() == [1]
 
 
+def test_early_sigterm_hands_over_and_a_later_one_goes_to_the_previous_handler():
+    got: list[str] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: got.append("previous"))
+
+    class Ckpt:
+        def request_stop(self):
+            got.append("request_stop")
+
+    try:
+        with guards.EarlySigterm() as early:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert early.received.is_set() and got == []
+            early.hand_over(Ckpt())
+            assert got == ["request_stop"]
+            # What the checkpointer's "second SIGTERM: now" reaches: the handler before.
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == ["request_stop", "previous"]
+        assert signal.getsignal(signal.SIGTERM) is not early._handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ------------------------------------------------------------ 4. refused resume writes nothing
 
 
