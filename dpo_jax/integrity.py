@@ -114,6 +114,7 @@ def mismatches(saved: Mapping[str, str], tree: Any) -> tuple[list[str], list[str
     bad, unverified = [], []
     for path, value in sorted(saved.items()):
         now = current.get(path)
+        value = str(value)
         if now is None or now.split(":")[0] != value.split(":")[0]:
             unverified.append(path)
         elif now != value:

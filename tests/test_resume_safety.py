@@ -492,6 +492,26 @@ def test_cli_checksum_mismatch_falls_back_and_reruns_to_the_same_numbers(cli_run
 # ------------------------------------------------------------ 3. data edited in place
 
 
+def test_data_fingerprint_covers_token_ids_not_only_lengths():
+    from dpo_jax.data.loader import make_train_iterator
+    from dpo_jax.data.tokenize import Ragged, TokenizedDataset
+
+    def dataset(chosen_first: list[int]) -> TokenizedDataset:
+        ragged = {
+            "prompt": Ragged.from_lists([[5, 6], [7]]),
+            "chosen": Ragged.from_lists([chosen_first, [9]]),
+            "rejected": Ragged.from_lists([[10], [11, 12]]),
+        }
+        return TokenizedDataset("paired", ragged, {})
+
+    a, b = dataset([8, 8]), dataset([8, 13])  # same lengths, one token id differs
+    np.testing.assert_array_equal(a.sequence_lengths(), b.sequence_lengths())
+    state = make_train_iterator(a, 1, process_index=0, process_count=1).get_state()
+    make_train_iterator(a, 1, process_index=0, process_count=1).set_state(state)
+    with pytest.raises(errors.UserError, match="different data/batching setup"):
+        make_train_iterator(b, 1, process_index=0, process_count=1).set_state(state)
+
+
 @pytest.mark.heavy
 def test_data_edited_in_place_with_the_same_token_lengths_is_refused(cli_run, capsys):
     from transformers import AutoTokenizer
@@ -522,7 +542,7 @@ def test_data_edited_in_place_with_the_same_token_lengths_is_refused(cli_run, ca
     assert cli.console_main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert "refusing to resume: the training data or its batching differs" in err
+    assert "refusing to resume: the checkpointed data iterator belongs to a different" in err
 
 
 @pytest.mark.heavy

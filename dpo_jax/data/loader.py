@@ -159,9 +159,10 @@ class TrainIterator:
         """Resume exactly after the batch where `get_state` was called."""
         if state.get("fingerprint") != self._fingerprint:
             raise UserError(
-                "refusing to resume: the training data or its batching differs from the "
-                f"checkpointed run's (data fingerprint {state.get('fingerprint')!r}, now "
-                f"{self._fingerprint!r}); restore the original data.train file, or use a new run_dir"
+                "refusing to resume: the checkpointed data iterator belongs to a different "
+                "data/batching setup (the training data's tokens, or how it is batched, "
+                f"changed: fingerprint {state.get('fingerprint')!r}, now {self._fingerprint!r}); "
+                "restore the original data.train file, or use a new run_dir"
             )
         self._it.set_state(state["grain"])
 
