@@ -5,9 +5,10 @@ with the items ``state`` (params, optimizer state, step, PRNG key), ``data`` (th
 loader's JSON state) and ``meta`` (run config, model config, extra counters)),
 ``tokenizer/`` (saved once, for export) and whatever the train loop writes.
 
-Resume trusts only finished steps: a step directory without Orbax's commit marker,
-or one that fails to read, is moved aside to ``<step>.skipped-<reason>`` and
-reported, and the previous step is used. The file-system layout is Orbax's own, so
+Resume trusts only finished, intact steps: a step directory without Orbax's commit
+marker, one that fails to read, or one whose arrays no longer match the fingerprints
+saved with them (``dpo_jax.integrity``) is moved aside to ``<step>.skipped-<reason>``
+and reported, and the previous step is used. The file-system layout is Orbax's own, so
 Orbax tools read these checkpoints too.
 """
 
