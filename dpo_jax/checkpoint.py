@@ -5,9 +5,10 @@ with the items ``state`` (params, optimizer state, step, PRNG key), ``data`` (th
 loader's JSON state) and ``meta`` (run config, model config, extra counters)),
 ``tokenizer/`` (saved once, for export) and whatever the train loop writes.
 
-Resume trusts only finished steps: a step directory without Orbax's commit marker,
-or one that fails to read, is moved aside to ``<step>.skipped-<reason>`` and
-reported, and the previous step is used. The file-system layout is Orbax's own, so
+Resume trusts only finished, intact steps: a step directory without Orbax's commit
+marker, one that fails to read, or one whose arrays no longer match the fingerprints
+saved with them (``dpo_jax.integrity``) is moved aside to ``<step>.skipped-<reason>``
+and reported, and the previous step is used. The file-system layout is Orbax's own, so
 Orbax tools read these checkpoints too.
 """
 
@@ -33,68 +34,66 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dpo_jax import integrity
 from dpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 TOKENIZER_SUBDIR = "tokenizer"
-# Orbax writes this file into a step directory when the step is complete, on every
-# file system (on local disks it also renames a temporary directory atomically).
-COMMIT_MARKER = "commit_success.txt"
+# Orbax's commit marker: written into a step directory when the step is complete, on
+# every file system (on local disks Orbax also renames a temporary directory
+# atomically). Completeness is asked through Orbax's public API (`_is_committed`);
+# the name is kept for messages and tests.
+COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE
+# The one private Orbax name this module relies on: the step metadata file, whose
+# presence tells a step directory from a run or checkpoints directory in
+# `resolve_checkpoint`. Read it only through `ocp.metadata.get_step_metadata`.
+# tests/test_checkpoint.py::test_orbax_private_names_still_hold fails if Orbax renames it.
 STEP_METADATA = "_CHECKPOINT_METADATA"
 ITEM_NAMES = ("state", "data", "meta")
-FORMAT_VERSION = 1
+# 2: `meta` holds per-array fingerprints of `state` (dpo_jax.integrity), verified on restore.
+FORMAT_VERSION = 2
 
-# Config keys whose change does not change the math of a run (where to write, how
-# often to log or save). Everything else -- model, loss and its hyper-parameters,
-# batch size, data, seed, optimizer, schedule, number of steps -- must match on
-# resume unless force_resume. Patterns are fnmatch'ed against the dotted key path
-# and against each of its segments.
+# Config keys (whole dotted paths of configs/default.py) whose change does not change
+# the math of a run: where to write, how often to log, evaluate or save, how the same
+# computation is laid out on devices. Every other key -- model, loss and its
+# hyper-parameters, batch size, data, seed, optimizer, schedule, number of steps, and
+# any key added later -- must match on resume unless checkpoint.force_resume.
+# tests/test_resume_safety.py walks every key of get_config() against this list.
 NON_MATH_KEYS: tuple[str, ...] = (
-    "checkpoint",
-    "checkpoint_*",
-    "*_checkpoint",
-    "force_resume",
-    "mesh",  # restore reshards onto any mesh
-    "multihost",
-    "nan_policy",  # switching stop -> skip after a NaN stop is the point of resuming
-    "logps_chunk_size",  # same math, less memory
-    "unembed_scored_only",  # same math, less work
-    "remat",
-    "progress",
-    "tensorboard",
-    "eval",
-    "num_eval_examples",
     "run_dir",
-    "output_dir",
-    "workdir",
-    "name",
-    "run_name",
-    "notes",
-    "log_every",
-    "log_*",
-    "logging",
-    "metrics_path",
-    "eval_every",
-    "eval_*",
-    "sample_every",
-    "export",
-    "export_*",
-    "wandb*",
-    "tensorboard*",
-    "profile*",
-    "num_workers",
-    "worker_*",
-    "prefetch*",
-    "progress*",
-    "verbose",
-    "debug",
+    "checkpoint.enabled",
+    "checkpoint.save_every",
+    "checkpoint.keep_last",
+    "checkpoint.keep_every",
+    "checkpoint.force_resume",
+    "checkpoint.async_save",
+    "checkpoint.export_hf",
+    "mesh.data",  # restore reshards onto any mesh
+    "mesh.fsdp",
+    "mesh.tensor",
+    "mesh.multihost",
+    "model.remat",  # same math, less memory
+    "data.eval",  # held-out data is only evaluated, never trained on
+    "data.num_eval_examples",
+    "train.log_every",
+    "train.eval_every",
+    "train.nan_policy",  # switching stop -> skip after a NaN stop is the point of resuming
+    "train.max_skipped_fraction",  # when to give up, not what a step computes
+    "train.logps_chunk_size",  # same math, less memory
+    "train.unembed_scored_only",  # same math, less work
+    "train.progress",
+    "train.tensorboard",
+    "train.token_metrics",  # TRL's entropy/logits/accuracy metrics: logged, never trained on
+    # accepting unfingerprinted reference columns changes no number (the data fingerprint
+    # still refuses other data); switching it on after a refusal is the point of resuming
+    "reference.trust_precomputed",
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be used."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint exists but cannot be used (a user error: the console exits 2)."""
 
 
 class ConfigMismatchError(CheckpointError):
@@ -110,7 +109,8 @@ class CheckpointOptions:
     keep_every: additionally never delete steps divisible by M (None: off).
     async_save: write in a background thread; the train step goes on meanwhile.
     force_resume: resume even when math-changing config keys differ (they are logged).
-    ignore_config_keys: more fnmatch patterns whose differences never block resume.
+    ignore_config_keys: more keys whose differences never block resume: whole dotted
+        keys, or fnmatch patterns matched against the whole dotted key (``"lora.*"``).
     handle_sigterm: install a SIGTERM handler that sets ``Checkpointer.preempted``.
     """
 
@@ -220,11 +220,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _is_ignored(path: str, patterns: Iterable[str]) -> bool:
-    segments = path.split(".")
-    for pat in patterns:
-        if fnmatch.fnmatchcase(path, pat) or any(fnmatch.fnmatchcase(s, pat) for s in segments):
-            return True
-    return False
+    # Whole dotted keys only: "name" must not hide "loss.name" or "optim.name".
+    return any(path == pat or fnmatch.fnmatchcase(path, pat) for pat in patterns)
 
 
 _MISSING = "<absent>"
@@ -253,6 +250,9 @@ def truncate_jsonl(path: str | os.PathLike, step: int, key: str = "step") -> int
     Called on resume so the metrics file reads as if the run had never been killed.
     When the dropped lines are a tail (the normal case) the file is truncated in
     place, so a writer that already holds it open in append mode keeps working.
+    A line in the middle that is not JSON (an editor, another writer, disk damage) is
+    moved to ``<path>.bad-lines`` with a warning naming its line: the file is a log of
+    the run, not its state, so it must not block a resume, and nothing is lost.
     Returns how many lines were dropped. A missing file is fine (returns 0).
     """
     path = as_path(path)
@@ -260,19 +260,29 @@ def truncate_jsonl(path: str | os.PathLike, step: int, key: str = "step") -> int
         return 0
     lines = path.read_bytes().splitlines(keepends=True)
     keep: list[bool] = []
+    bad: list[bytes] = []
     for i, line in enumerate(lines):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            keep.append(False)
             if i == len(lines) - 1:  # torn by a kill mid-write
-                keep.append(False)
                 continue
-            raise CheckpointError(f"{path}:{i + 1}: not a JSON line ({e.msg})") from e
+            bad.append(line if line.endswith(b"\n") else line + b"\n")
+            log.warning(
+                "%s:%d: not a JSON line (%s); moved to %s.bad-lines",
+                path, i + 1, getattr(e, "msg", e), path.name,
+            )  # fmt: skip
+            continue
         late = isinstance(row, dict) and isinstance(row.get(key), int) and row[key] > step
         keep.append(not late)
     dropped = keep.count(False)
     if not dropped:
         return 0
+    if bad:
+        side = path.with_name(path.name + ".bad-lines")
+        old = side.read_bytes() if side.exists() else b""
+        side.write_bytes(old + b"".join(bad))
     kept = [line for line, k in zip(lines, keep, strict=True) if k]
     prefix = sum(keep[: len(kept)]) == len(kept)
     if prefix and "://" not in os.fspath(path):
@@ -345,20 +355,28 @@ def _unfinished_tmp_dirs(directory: epath.Path) -> list[epath.Path]:
     """Orbax's in-flight temporary step directories left behind by a kill."""
     if not directory.is_dir():
         return []
-    return [p for p in directory.iterdir() if p.is_dir() and ".orbax-checkpoint-tmp" in p.name]
+    return [p for p in directory.iterdir() if p.is_dir() and ocp.step.is_path_temporary(p)]
+
+
+def _is_committed(step_dir: epath.Path) -> bool:
+    """Whether Orbax finished this step (its commit marker is there), by Orbax's own test."""
+    return bool(
+        ocp.step.is_path_finalized(
+            step_dir, temporary_path_cls=ocp.path.atomicity.CommitFileTemporaryPath
+        )
+    )
 
 
 def step_problem(step_dir: epath.Path) -> str | None:
     """Why a step directory cannot be trusted, or None when it looks complete."""
-    if not (step_dir / COMMIT_MARKER).is_file():
+    if not _is_committed(step_dir):
         return f"no commit marker ({COMMIT_MARKER})"
-    meta_file = step_dir / STEP_METADATA
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable {STEP_METADATA}: {e}"
-    if not meta.get("commit_timestamp_nsecs"):
-        return f"{STEP_METADATA} has no commit timestamp"
+        meta = ocp.metadata.get_step_metadata(step_dir)
+    except Exception as e:  # noqa: BLE001 -- garbage bytes, bad JSON, wrong types: do not trust
+        return f"unreadable step metadata ({type(e).__name__}: {str(e)[:200]})"
+    if not getattr(meta, "commit_timestamp_nsecs", None):
+        return "step metadata has no commit timestamp"
     for item in ITEM_NAMES:
         if not (step_dir / item).is_dir():
             return f"item '{item}' missing"
@@ -565,6 +583,7 @@ class Checkpointer:
         # Our own rule, not Orbax's should_save (which also saves the first step it sees).
         if not force and step % self.options.save_every != 0:
             return False
+        saved_state = _keys_to_data(state)
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -572,9 +591,11 @@ class Checkpointer:
             "model_config": self.model_config,
             "extra": to_jsonable(dict(extra or {})),
             "time": time.time(),
+            # Checked on restore: damage inside the array files falls back to an older step.
+            "fingerprints": integrity.fingerprints(saved_state),
         }
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_keys_to_data(state)),
+            state=ocp.args.StandardSave(saved_state),
             data=ocp.args.JsonSave(_encode_data_state(data_state)),
             meta=ocp.args.JsonSave(meta),
         )
@@ -643,15 +664,33 @@ class Checkpointer:
         )
         if not diffs:
             return
-        lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
+        lines = "; ".join(f"{k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
         where = self.directory / str(step)
         if self.options.force_resume:
-            log.warning("force_resume: resuming %s despite config changes:\n%s", where, lines)
+            log.warning("force_resume: resuming %s despite config changes: %s", where, lines)
             return
         raise ConfigMismatchError(
-            f"{where}: the config differs from the checkpointed run in ways that change the "
-            f"math:\n{lines}\nUse a new run directory, or set force_resume to resume anyway."
+            f"{where}: refusing to resume, the config changes the math of the checkpointed "
+            f"run ({lines}); use a new run_dir, or set checkpoint.force_resume=true to resume "
+            "anyway"
         )
+
+    def _verify(self, step: int, meta: Mapping[str, Any], state: Any) -> str | None:
+        """Why the restored arrays differ from what was saved, or None when they match."""
+        saved = meta.get("fingerprints")
+        if not isinstance(saved, Mapping):
+            log.warning(
+                "%s: no array fingerprints (written by an older dpo_jax); restored unverified",
+                self.directory / str(step),
+            )
+            return None
+        bad, unverified = integrity.mismatches(saved, state)
+        if unverified:
+            log.info("%d arrays restored in another dtype were not verified", len(unverified))
+        if not bad:
+            return None
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        return f"checksum mismatch in {len(bad)} saved array(s) ({shown}): damaged on disk"
 
     def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         tree_meta = self._manager.item_metadata(step)["state"]
@@ -706,12 +745,17 @@ class Checkpointer:
                         data=ocp.args.JsonRestore(),
                     ),
                 )
-                state = _data_to_keys(restored["state"], abstract)
-                jax.block_until_ready(state)
+                jax.block_until_ready(restored["state"])
             except Exception as e:  # noqa: BLE001
                 self._skip(step, f"unreadable state: {type(e).__name__}: {str(e)[:500]}", "corrupt")
                 moved_any = True
                 continue
+            damage = self._verify(step, meta, restored["state"])
+            if damage is not None:
+                self._skip(step, damage, "checksum")
+                moved_any = True
+                continue
+            state = _data_to_keys(restored["state"], abstract)
             data_state = _decode_data_state(restored["data"])
             log.info("resumed from %s", self.directory / str(step))
             self._last_step = step
@@ -738,11 +782,7 @@ class Checkpointer:
             )
 
 
-def _path_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
+_path_name = integrity.path_name
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -772,9 +812,11 @@ def _check_structure(
         if tuple(saved[k]) != tuple(target[k])
     ]
     if problems:
+        shown = "; ".join(p.strip() for p in problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise CheckpointError(
             f"{where}: the saved state does not fit the state this run builds "
-            f"(a different model or optimizer?):\n" + "\n".join(problems[:50])
+            f"(a different model or optimizer?): {shown}{more}"
         )
 
 

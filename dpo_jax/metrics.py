@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
 EVAL_PREFIX = "eval/"
 
 
@@ -33,22 +34,96 @@ def to_python(value: Any) -> Any:
     return float(arr)
 
 
+def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+class EventFile:
+    """One TensorBoard event file, written synchronously (no writer thread, no atexit hook).
+
+    TensorBoard has no way to delete points, so on opening, the directory's event files
+    are replaced by one new file holding `rows` (the run's metrics.jsonl, already trimmed
+    to the restored step by the checkpointer): a resumed run shows one curve, not the
+    killed run's extra steps on top of the rerun's.
+    """
+
+    def __init__(self, directory: Path, rows: list[Mapping[str, Any]]):
+        from tensorboardX.event_file_writer import EventsWriter  # lazy: import stays light
+
+        directory.mkdir(parents=True, exist_ok=True)
+        stale = [p for p in directory.iterdir() if p.name.startswith("events.out.tfevents.")]
+        # A unique suffix: the old file may carry the same timestamp and host name.
+        self._writer = EventsWriter(str(directory / "events"), f".{os.getpid()}.{time.time_ns()}")
+        for row in rows:
+            self.write(int(row["step"]), row, flush=False)
+        self._writer.flush()
+        # Only now that the replacement is on disk (a kill in between leaves both files,
+        # and the next resume cleans up again).
+        for p in stale:
+            p.unlink(missing_ok=True)
+
+    def write(self, step: int, row: Mapping[str, Any], flush: bool = True) -> None:
+        """One event at `step` with every numeric field of `row`."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=v) for k, v in _scalars(row).items()]
+        if not values:
+            return
+        self._writer.write_event(
+            Event(wall_time=time.time(), step=int(step), summary=Summary(value=values))
+        )
+        if flush:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self._writer.close()
+
+
+def read_events(directory: str | os.PathLike) -> list[tuple[int, str, float]]:
+    """``(step, tag, value)`` of every scalar in a directory's event files, file by file."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for path in sorted(Path(directory).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            record = data[pos + 12 : pos + 12 + length]
+            pos += 12 + length + 4  # length, its CRC, the record, its CRC
+            event = Event.FromString(record)
+            out += [(int(event.step), v.tag, float(v.simple_value)) for v in event.summary.value]
+    return out
+
+
 class MetricsWriter:
-    """Appends metric dicts to `run_dir/metrics.jsonl` and TensorBoard event files."""
+    """Appends metric dicts to `run_dir/metrics.jsonl` and a TensorBoard event file.
+
+    Open it after a resume's checkpoint restore: the event file is rebuilt from the
+    (trimmed) metrics.jsonl, see `EventFile`.
+    """
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: bool = True):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.path = self.run_dir / METRICS_FILENAME
         self._tb = None
+        self._closed = False
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with the run
         if tensorboard:
-            from tensorboardX import SummaryWriter  # lazy: keeps `import dpo_jax.metrics` light
-
-            self._tb = SummaryWriter(logdir=str(self.run_dir / "tensorboard"))
+            rows = _readable_rows(self.path)
+            self._tb = EventFile(self.run_dir / TENSORBOARD_SUBDIR, rows)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with the run
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Record `metrics` at `step`; returns the JSON-able row that was written."""
@@ -60,18 +135,34 @@ class MetricsWriter:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, int(step))
+            self._tb.write(int(step), row)
         return row
 
     def close(self) -> None:
         """Flush and close the files."""
-        if not self.enabled:
+        if not self.enabled or self._closed:
             return
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        self._closed = True
+        try:
+            self._file.close()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _readable_rows(path: Path) -> list[dict[str, Any]]:
+    # For the TensorBoard rebuild only: a line that is not a JSON object with a step
+    # (torn, edited) is left to checkpoint.truncate_jsonl to report, not fatal here.
+    rows = []
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from dpo_jax import logprobs, lora, losses, models, optim, sharding
+from dpo_jax import guards, logprobs, lora, losses, models, optim, sharding
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
@@ -436,6 +436,29 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """
 
 
+# Under nan_policy='skip', never stop for fewer skipped steps than this, so one bad
+# batch early in a run (1 of 5 steps) does not end it.
+MIN_SKIPS_BEFORE_STOP = 10
+
+
+def check_skipped(step: int, row: Mapping[str, Any], max_fraction: float) -> None:
+    """Warn about a skipped (non-finite) step; raise once too many were skipped.
+
+    `row["skipped_steps"]` counts every skip of the run, resumed parts included.
+    """
+    skipped = int(row.get("skipped_steps", 0))
+    log.warning(
+        "step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped "
+        "(%d skipped so far)", step, row.get("loss"), row.get("grad_norm"), skipped,
+    )  # fmt: skip
+    if skipped > MIN_SKIPS_BEFORE_STOP and skipped > max_fraction * step:
+        raise NonFiniteLossError(
+            f"step {step}: {skipped} of {step} steps skipped for non-finite loss or gradient, "
+            f"more than train.max_skipped_fraction={max_fraction}; the run is diverging "
+            "(lower optim.learning_rate, or check the data), or raise the fraction"
+        )
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What `train` returns: the final state and the metric rows it logged."""
@@ -506,6 +529,7 @@ def run_loop(
     data_state: Callable[[], Any] | None = None,
     start_step: int = 0,
     num_tokens_start: int = 0,
+    max_skipped_fraction: float = 0.1,
 ) -> tuple[TrainState, list[dict], list[dict]]:
     """Drive `trainer.step` for steps `start_step+1 .. num_steps`; log, evaluate, save.
 
@@ -514,6 +538,9 @@ def run_loop(
     raises NonFiniteLossError naming it (the state still holds the last good params).
     `num_tokens` is cumulative as in TRL, from `num_tokens_start` (tokens seen before
     `start_step`).
+    Under nan_policy='skip' every skipped step is warned about, and once more than
+    `max_skipped_fraction` of the steps so far (and more than `MIN_SKIPS_BEFORE_STOP`)
+    were skipped the run stops the same way.
     """
     history: list[dict] = []
     eval_history: list[dict] = []
@@ -536,6 +563,8 @@ def run_loop(
                     f"grad_norm={row.get('grad_norm')}); the update was not applied. "
                     "Set train.nan_policy='skip' to skip such steps instead."
                 )
+            if row.get("nonfinite"):
+                check_skipped(step, row, max_skipped_fraction)
             row["tokens_per_second"] = rate
             row["num_tokens"] = tokens
             if steps_per_epoch:
@@ -691,6 +720,32 @@ def train(
             "reference.ref_model_sync_steps", "TR-DPO syncing needs a full policy, not LoRA",
             "set it to 0 or lora.rank=0",
         )  # fmt: skip
+    sharding.maybe_initialize_distributed(config.mesh.multihost)
+    # SIGTERM from here on checkpoints at the first step boundary (it used to kill the
+    # run without a save while it loaded, compiled or restored).
+    with guards.EarlySigterm(enabled=bool(config.checkpoint.enabled or checkpointer)) as sigterm:
+        return _train(
+            config, sigterm, loss_name, lora_config, train_data=train_data,
+            eval_data=eval_data, model_config=model_config, params=params,
+            ref_params=ref_params, checkpointer=checkpointer, mesh=mesh,
+        )  # fmt: skip
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    sigterm: guards.EarlySigterm,
+    loss_name: losses.LossSpec,
+    lora_config: lora.LoraConfig | None,
+    *,
+    train_data: Any,
+    eval_data: Any,
+    model_config: models.ModelConfig | None,
+    params: Any,
+    ref_params: Any,
+    checkpointer: Any,
+    mesh: Mesh | None,
+) -> TrainResult:
+    """`train` after validation, inside the early-SIGTERM guard."""
     hyper = (
         dict(config.loss.hyper.to_dict())
         if hasattr(config.loss.hyper, "to_dict")
@@ -700,7 +755,6 @@ def train(
     losses.check_options(loss_name, hyper)
     for message in losses.trl_differences(loss_name, hyper):
         log.warning("differs from TRL: %s", message)
-    sharding.maybe_initialize_distributed(config.mesh.multihost)
     mesh = mesh or make_mesh_from_config(config)
     if model_config is None or params is None:
         model_config, params = _model_from_config(config)
@@ -756,33 +810,43 @@ def train(
     params = ref_params = None
     run_dir = Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
+
+    if checkpointer is None and config.checkpoint.enabled:
+        checkpointer = make_checkpointer(config, model_config, run_dir)
+    if checkpointer is not None:
+        sigterm.hand_over(checkpointer)
+    start_step = num_tokens_start = 0
+    if checkpointer is not None:
+        try:
+            restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
+            if restored is not None:
+                state = _reattach_reference(restored.state, state)
+                start_step = int(restored.step)
+                if hasattr(train_data, "set_state") and restored.data_state is not None:
+                    train_data.set_state(restored.data_state)  # refuses other data
+                    train_iter = iter(train_data)
+                else:  # a plain iterable: skip what the restored steps consumed
+                    skip = start_step * config.grad_accum_steps
+                    train_iter = itertools.islice(iter(train_data), skip, None)
+                log.info("resumed from step %d", start_step)
+                num_tokens_start = _logged_num_tokens(run_dir, start_step)
+        except BaseException as error:  # a refused resume: release Orbax and SIGTERM
+            _close_all(checkpointer, failed=error)
+            raise
+    # Only once the resume was accepted: a refused one leaves config.json, the metrics
+    # and the TensorBoard files of the run as they were.
     writer = None
     if run_dir is not None:
         if is_main:
             save_config(config, run_dir)
         writer = MetricsWriter(run_dir, tensorboard=config.train.tensorboard, enabled=is_main)
 
-    if checkpointer is None and config.checkpoint.enabled:
-        checkpointer = make_checkpointer(config, model_config, run_dir)
-    start_step = num_tokens_start = 0
-    if checkpointer is not None:
-        restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
-        if restored is not None:
-            state = _reattach_reference(restored.state, state)
-            start_step = int(restored.step)
-            if hasattr(train_data, "set_state") and restored.data_state is not None:
-                train_data.set_state(restored.data_state)
-                train_iter = iter(train_data)
-            else:  # a plain iterable: skip what the restored steps consumed
-                skip = start_step * config.grad_accum_steps
-                train_iter = itertools.islice(iter(train_data), skip, None)
-            log.info("resumed from step %d", start_step)
-            num_tokens_start = _logged_num_tokens(run_dir, start_step)
-
     eval_fn = None
     if eval_data is not None:
         eval_fn = eval_data if callable(eval_data) else (lambda: eval_data)
     progress = Progress(num_steps, start_step, enabled=config.train.progress and is_main)
+    quiet = guards.QuietDiskFull()
+    logging.getLogger("absl").addFilter(quiet)
     try:
         state, history, eval_history = run_loop(
             trainer,
@@ -801,18 +865,42 @@ def train(
             data_state=getattr(train_data, "get_state", None),
             start_step=start_step,
             num_tokens_start=num_tokens_start,
+            max_skipped_fraction=config.train.get("max_skipped_fraction", 0.1),
         )
+        _close_all(progress, writer, checkpointer)
+    except BaseException as error:
+        # Close what is open without letting a second failure (a full disk fails every
+        # write) hide the first; a full disk becomes one line naming the run directory.
+        _close_all(progress, writer, checkpointer, failed=error)
+        if run_dir is not None and guards.is_disk_full(error):
+            raise guards.disk_full_error(run_dir, error) from error
+        raise
     finally:
-        progress.close()
-        if writer is not None:
-            writer.close()
-        if checkpointer is not None:
-            checkpointer.close()
+        logging.getLogger("absl").removeFilter(quiet)
     if config.checkpoint.export_hf and run_dir is not None and is_main:
         from dpo_jax import checkpoint
 
         checkpoint.export_hf(run_dir, run_dir / "hf")
     return TrainResult(state, history, eval_history, run_dir, trainer)
+
+
+def _close_all(*closeables: Any, failed: BaseException | None = None) -> None:
+    """Close each of `closeables` (None skipped). After `failed`, errors while closing are
+    logged in one line and dropped; otherwise the first is raised after all were closed."""
+    first: BaseException | None = None
+    for c in closeables:
+        if c is None:
+            continue
+        try:
+            c.close()
+        except Exception as e:  # noqa: BLE001 -- keep closing the others
+            if failed is not None:
+                log.warning("while stopping after %s: %s.close() failed: %s",
+                            type(failed).__name__, type(c).__name__, e)  # fmt: skip
+            elif first is None:
+                first = e
+    if first is not None:
+        raise first
 
 
 def make_checkpointer(

@@ -178,3 +178,18 @@ def test_vs_trl_main_agrees_with_trl_on_the_same_weights():
     assert abs(trl["step1_loss"] - math.log(2)) > 1e-3
     assert math.isclose(trl["step1_loss"], ours["step1_loss"], rel_tol=1e-3)
     assert res["speedup_tokens_per_s"] > 0
+
+
+def test_checkpoint_fingerprint_main_times_every_array_of_the_state():
+    import jax
+
+    from benchmarks import checkpoint_fingerprint
+
+    res = checkpoint_fingerprint.main(["--model", "micro", "--steps", "1", "--save"])
+    tree = checkpoint_fingerprint.checkpoint_state(
+        checkpoint_fingerprint.common.MODEL_SHAPES["micro"]
+    )
+    leaves = jax.tree.leaves(tree)
+    assert res["arrays"] == len(leaves)
+    assert res["state_bytes"] == sum(x.size * x.dtype.itemsize for x in leaves)
+    assert res["fingerprint_s"] > 0 and res["save_s"] > 0

@@ -22,7 +22,7 @@ CONFIG = {
     "optimizer": {"name": "adamw", "lr": 1e-3},
     "batch_size": 4,
     "seed": 0,
-    "log_every": 1,
+    "train": {"log_every": 1},
     "checkpoint": {"save_every": 2},
 }
 
@@ -189,7 +189,7 @@ def test_changed_math_config_refuses_with_list_of_differences(tmp_path):
     changed["optimizer"]["lr"] = 2e-3
     changed["loss"]["beta"] = 0.5
     changed["batch_size"] = 8
-    changed["log_every"] = 10  # not math: never blocks
+    changed["train"]["log_every"] = 10  # not math: never blocks
     changed["checkpoint"]["save_every"] = 5  # not math
     with (
         new_ckpt(tmp_path, config=changed) as ckpt,
@@ -210,7 +210,9 @@ def test_changed_math_config_refuses_with_list_of_differences(tmp_path):
 
 def test_non_math_changes_resume(tmp_path):
     states = _save_steps(tmp_path, [2])
-    changed = dict(CONFIG, log_every=7, run_dir="/elsewhere", checkpoint={"save_every": 9})
+    changed = dict(
+        CONFIG, train={"log_every": 7}, run_dir="/elsewhere", checkpoint={"save_every": 9}
+    )
     with new_ckpt(tmp_path, config=changed) as ckpt:
         assert ckpt.restore_or_none(abstract_of(states[2])).step == 2
 
@@ -269,11 +271,17 @@ def test_truncate_jsonl_drops_later_steps_and_torn_line(tmp_path):
     assert checkpoint.truncate_jsonl(tmp_path / "absent.jsonl", 4) == 0
 
 
-def test_truncate_jsonl_names_file_and_line_of_bad_row(tmp_path):
+def test_truncate_jsonl_moves_a_garbage_middle_line_aside_naming_it(tmp_path, caplog):
+    """A metrics line that is not JSON must not block a resume, nor vanish: it is moved to
+    metrics.jsonl.bad-lines with a warning naming file and line."""
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(checkpoint.CheckpointError, match=r"metrics.jsonl:2: not a JSON line"):
-        checkpoint.truncate_jsonl(path, 1)
+    path.write_bytes(b'{"step": 1}\nnot json\n{"step": 2}\n\xf1\xff\n{"step": 3}\n')
+    with caplog.at_level(logging.WARNING, logger="dpo_jax.checkpoint"):
+        assert checkpoint.truncate_jsonl(path, 2) == 3  # two bad lines + step 3
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert (tmp_path / "metrics.jsonl.bad-lines").read_bytes() == b"not json\n\xf1\xff\n"
+    assert "metrics.jsonl:2: not a JSON line" in caplog.text
+    assert "metrics.jsonl:4: not a JSON line" in caplog.text
 
 
 def test_options_validation():

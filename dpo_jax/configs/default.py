@@ -105,6 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 0  # 0 = only at the end (when data.eval is set)
     c.train.nan_policy = "stop"  # stop | skip
+    # skip: stop like "stop" once more than this fraction of the steps so far (and more
+    # than train.MIN_SKIPS_BEFORE_STOP steps) were skipped.
+    c.train.max_skipped_fraction = 0.1
     c.train.logps_chunk_size = 0  # > 0: chunked unembedding, no [N, L, V] logits
     c.train.unembed_scored_only = True  # unembed only positions that predict a scored token
     # TRL's entropy, logits/chosen, logits/rejected, mean_token_accuracy (paired losses)

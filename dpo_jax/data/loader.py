@@ -163,11 +163,28 @@ class TrainIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume exactly after the batch where `get_state` was called."""
         if state.get("fingerprint") != self._fingerprint:
-            raise ValueError(
-                "data iterator state belongs to a different data/batching setup"
-                f" (saved {state.get('fingerprint')!r}, now {self._fingerprint!r})"
+            raise UserError(
+                "refusing to resume: the checkpointed data iterator belongs to a different "
+                "data/batching setup (the training data's tokens, or how it is batched, "
+                f"changed: fingerprint {state.get('fingerprint')!r}, now {self._fingerprint!r}); "
+                "restore the original data.train file, or use a new run_dir"
             )
         self._it.set_state(state["grain"])
+
+
+def content_fingerprint(tokenized: TokenizedDataset) -> str:
+    """Hash of every token id (and reference value, label) of a tokenized dataset, in order."""
+    h = hashlib.sha256(tokenized.kind.encode())
+    for key in sorted(tokenized.ragged):
+        r = tokenized.ragged[key]
+        h.update(key.encode())
+        start, stop = int(r.offsets[0]), int(r.offsets[-1])
+        h.update(np.ascontiguousarray(r.values[start:stop]).tobytes())
+        h.update(np.ascontiguousarray(r.offsets - start).tobytes())
+    for key in sorted(tokenized.dense):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(tokenized.dense[key]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def make_train_iterator(
@@ -214,6 +231,8 @@ def make_train_iterator(
         "layout": layout,
         "buckets": list(buckets) if buckets is not None else None,
         "lengths": hashlib.sha256(tokenized.sequence_lengths().tobytes()).hexdigest()[:16],
+        # The token ids themselves: text edited in place with the same lengths is other data.
+        "content": content_fingerprint(tokenized),
     }
     # Host count is left out on purpose: the plan is global, so a run may resume
     # on a different number of hosts.
