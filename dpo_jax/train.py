@@ -53,7 +53,7 @@ Batch = dict[str, np.ndarray]
 # Keys of a host micro-batch that the jitted step reads; others (the loader's `step`)
 # stay on the host.
 BATCH_KEYS = (
-    "input_ids", "positions", "segment_ids", "attn_mask", "sequence_index", "ref_logps", "labels",
+    "input_ids", "positions", "segment_ids", "branch_ids", "sequence_index", "ref_logps", "labels",
 )  # fmt: skip
 
 
@@ -63,8 +63,8 @@ BATCH_KEYS = (
 def stack_micro_batches(micro_batches: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Batch:
     """Stack `A` host micro-batches on a new leading axis (padding lengths to the max).
 
-    Padding uses segment 0 / sequence_index -1 (and a self-attending diagonal in
-    `attn_mask`), so it changes no number; see `dpo_jax.data.stack_micro_batches`.
+    Padding uses segment 0 / sequence_index -1 (branch 0), so it changes no number;
+    see `dpo_jax.data.stack_micro_batches`.
     """
     from dpo_jax import data
 
@@ -532,6 +532,7 @@ def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelC
     overrides: dict[str, Any] = {"scan_layers": bool(config.model.scan_layers)}
     if config.model.remat:
         overrides["remat"] = config.model.remat
+    overrides["attention_impl"] = config.model.get("attention", "auto")
     return hf.load_hf(
         path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides
     )

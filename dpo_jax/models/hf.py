@@ -69,6 +69,7 @@ _RUNTIME_FIELDS = {
     "remat",
     "scan_layers",
     "attention_impl",
+    "attention_block",
     "init_std",
 }
 
