@@ -50,6 +50,7 @@ IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
 # and row; from 1k on they dominate the step's scratch memory.
 BLOCKWISE_MIN_LENGTH = 1024
 DEFAULT_BLOCK = 512
+SPLASH_BLOCK_MIN = 128  # splash tiles L in blocks of 128..512 tokens
 
 
 class MaskRule(NamedTuple):
@@ -388,7 +389,7 @@ def _splash(
         # Segments of stacked/packed rows have consecutive positions, so index distance
         # equals position distance within a segment.
         one = sa.LocalMask((length, length), (window - 1, 0), offset=0)
-    blk = min(512, length)
+    blk = next(b for b in (512, 256, SPLASH_BLOCK_MIN) if length % b == 0)
     sizes = sa.BlockSizes(
         block_q=blk, block_kv=blk, block_kv_compute=blk,
         block_q_dkv=blk, block_kv_dkv=blk, block_kv_dkv_compute=blk,
@@ -448,6 +449,8 @@ def choose(
             reason = f"splash attention needs a TPU, backend is {backend}"
         elif has_branches:
             reason = "prefix-shared rows (branch_ids) are not expressible as splash segment ids"
+        elif length % SPLASH_BLOCK_MIN:
+            reason = f"splash needs a length that is a multiple of {SPLASH_BLOCK_MIN}, got {length}"
     if reason is not None:
         _log_choice(requested, "blockwise", reason)
         return "blockwise"
