@@ -229,6 +229,8 @@ def test_single_segment_rows_check():
     assert bool(A._single_segment_rows(stacked))
     assert not bool(A._single_segment_rows(packed))
     assert not bool(A._single_segment_rows(holes))
+    shifted = A.make_rule(jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]]), pos + 1)
+    assert bool(A._single_segment_rows(shifted)) and not bool(A._single_segment_rows(shifted, 4))
 
 
 def test_dispatch(caplog):
@@ -322,14 +324,15 @@ def test_32k_prefix_shared_dpo_step_on_cpu():
     m = {k: float(v) for k, v in metrics.items()}
     assert np.isfinite(m["loss"]) and m["loss"] == pytest.approx(np.log(2.0), abs=1e-4)
 
-    # Stacked rows of prompt + completion (24k tokens each), scored one at a time.
+    # The stacked rows of prompt + completion (24k tokens each), same blockwise path.
     model = models.Transformer(cfg)
-    stacked = data.build_batch(items, "paired", "stacked", length=3 * length // 4)
-    for k in range(2):
-        row = {key: jnp.asarray(v[k : k + 1]) for key, v in stacked.items()}
-        row["sequence_index"] = jnp.where(row["sequence_index"] >= 0, 0, -1)
-        logits = model.apply({"params": params}, row["input_ids"], positions=row["positions"],
-                             segment_ids=row["segment_ids"])  # fmt: skip
-        want = float(logprobs.sequence_logps(logits, row, 1).logps_S[0])
-        got = m["logps/chosen" if k == 0 else "logps/rejected"]
-        assert got == pytest.approx(want, rel=1e-5)
+    stacked = {
+        k: jnp.asarray(v)
+        for k, v in data.build_batch(items, "paired", "stacked", length=3 * length // 4).items()
+    }
+    logits = jax.jit(model.apply)(
+        {"params": params}, stacked["input_ids"], stacked["positions"], stacked["segment_ids"]
+    )
+    want = np.asarray(logprobs.sequence_logps(logits, stacked, 2).logps_S)
+    got = np.array([m["logps/chosen"], m["logps/rejected"]])
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -350,10 +350,14 @@ def _log_choice(requested: str, chosen: str, reason: str) -> None:
     logger.warning("attention_impl=%s: using %s (%s)", requested, chosen, reason)
 
 
-def _single_segment_rows(rule: MaskRule) -> Array:
-    """True when every row is one segment (id 1) from row 0, then padding (cuDNN's layout)."""
+def _single_segment_rows(rule: MaskRule, window: int | None = None) -> Array:
+    """True when every row is one segment (id 1) from row 0, then padding (cuDNN's layout);
+    with a window, also positions equal to row indices (cuDNN windows by index)."""
     seg = rule.segment
-    return jnp.all(seg[:, 1:] <= seg[:, :-1]) & jnp.all((seg <= 1) & (seg >= 0))
+    ok = jnp.all(seg[:, 1:] <= seg[:, :-1]) & jnp.all((seg <= 1) & (seg >= 0))
+    if window is not None:
+        ok &= jnp.all((seg == 0) | (rule.position == rule.index))
+    return ok
 
 
 def _cudnn(q: Array, k: Array, v: Array, rule: MaskRule, window: int | None) -> Array:
@@ -495,7 +499,7 @@ def attend(
         return _splash(q_NxLxHxD, k_NxLxKxD, v_NxLxKxD, rule, window, softcap, splash_interpret)
     # cuDNN: exact only for one segment per row from row 0; other batches go blockwise.
     return jax.lax.cond(
-        _single_segment_rows(rule),
+        _single_segment_rows(rule, window),
         lambda q, k, v: _cudnn(q, k, v, rule, window),
         lambda q, k, v: blockwise(q, k, v),
         q_NxLxHxD, k_NxLxKxD, v_NxLxKxD,
