@@ -522,6 +522,20 @@ def save_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
     (run_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
 
+def _attention_choice(config: ml_collections.ConfigDict) -> str:
+    """`model.attention`, checked against the backends of `dpo_jax.models.attention`."""
+    from dpo_jax import errors
+    from dpo_jax.models import attention
+
+    choice = config.model.get("attention", "auto")
+    if choice not in attention.IMPLS:
+        raise errors.config_error(
+            "model.attention", f"{choice!r} is not an attention backend",
+            f"choose one of {', '.join(attention.IMPLS)}",
+        )  # fmt: skip
+    return choice
+
+
 def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelConfig, Any]:
     from dpo_jax.models import hf  # lazy: safetensors I/O only when loading a checkpoint
 
@@ -532,7 +546,7 @@ def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelC
     overrides: dict[str, Any] = {"scan_layers": bool(config.model.scan_layers)}
     if config.model.remat:
         overrides["remat"] = config.model.remat
-    overrides["attention_impl"] = config.model.get("attention", "auto")
+    overrides["attention_impl"] = _attention_choice(config)
     return hf.load_hf(
         path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides
     )

@@ -336,3 +336,15 @@ def test_32k_prefix_shared_dpo_step_on_cpu():
     want = np.asarray(logprobs.sequence_logps(logits, stacked, 2).logps_S)
     got = np.array([m["logps/chosen"], m["logps/rejected"]])
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_model_attention_config_key():
+    """`model.attention` reaches the model config; a wrong value is a one-line UserError."""
+    from dpo_jax import errors, train
+    from dpo_jax.configs import default
+
+    config = default.get_config()
+    assert train._attention_choice(config) == "auto"
+    config.model.attention = "flash"
+    with pytest.raises(errors.UserError, match="model.attention"):
+        train._attention_choice(config)
