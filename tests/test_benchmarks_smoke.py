@@ -176,3 +176,15 @@ def test_vs_trl_main_agrees_with_trl_on_the_same_weights():
     assert abs(trl["step1_loss"] - math.log(2)) > 1e-3
     assert math.isclose(trl["step1_loss"], ours["step1_loss"], rel_tol=1e-3)
     assert res["speedup_tokens_per_s"] > 0
+
+
+def test_long_context_rows_hold_exactly_l_tokens():
+    """benchmarks/long_context.py: every layout's rows are full (L real tokens, no padding)."""
+    from benchmarks import long_context
+    from dpo_jax import data
+
+    for layout, rows in (("stacked", 2), ("packed", 4), ("prefix_shared", 1)):
+        items = long_context.items_for(layout, 256, vocab=128)
+        batch = data.build_batch(items, "paired", layout, length=256)
+        assert batch["input_ids"].shape == (rows, 256), layout
+        assert (batch["segment_ids"] != 0).all(), layout
