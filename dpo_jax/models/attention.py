@@ -44,10 +44,10 @@ Array = jax.Array
 logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
-# On CPU, `auto` uses the dense path below this many tokens per row: at 2k the
-# blockwise step is within the measured noise of the dense one (benchmarks/README.md)
-# while the dense path's [N, H, L, L] float32 probabilities already cost 16 MiB per head
-# and row; from 1k on they dominate the step's scratch memory.
+# On CPU, `auto` uses the dense path below this many tokens per row. At 2k tokens the
+# blockwise train step measured 0.15-0.37x the dense one (benchmarks/README.md, "Long
+# context"), and the dense path's float32 [N, H, L, L] probabilities dominate the step's
+# scratch from about 1k on; below it a row is one or two blocks and the dense mask is small.
 BLOCKWISE_MIN_LENGTH = 1024
 DEFAULT_BLOCK = 512
 SPLASH_BLOCK_MIN = 128  # splash tiles L in blocks of 128..512 tokens
