@@ -1,13 +1,14 @@
-"""Does the cuDNN attention path give the XLA path's numbers? (run it on a GPU)
+"""Do the cuDNN and blockwise attention paths give the XLA path's numbers? (GPU or CPU)
 
     python -m benchmarks.attention_check [--json-out FILE]
 
-A small Llama-shaped model in bfloat16 scores packed rows (two segments and right
-padding per row) three ways: XLA attention in float32 (the reference), XLA attention in
-bfloat16, and ``attention_impl="cudnn"`` in bfloat16. Reports the largest difference of
-per-sequence log-probs and of their parameter gradients from the float32 reference, so
-the cuDNN error can be read against bfloat16's own. Off GPU, "cudnn" falls back to XLA
-and the two bfloat16 rows agree exactly.
+A small Llama-shaped model scores packed rows (two segments and right padding per row)
+and stacked rows (one right-padded sequence per row) several ways: XLA attention in
+float32 (the reference), then XLA, blockwise and ``attention_impl="cudnn"`` in bfloat16.
+Reports the largest difference of per-sequence log-probs and of their parameter
+gradients from the float32 reference, so each error can be read against bfloat16's own.
+cuDNN serves only the stacked rows (packed rows take its run-time fallback to blockwise);
+off GPU, "cudnn" falls back to blockwise with a logged reason.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def packed_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str,
         seq[r, 2 * first // 3 : first] = 2 * r
         seq[r, first + 2 * second // 3 : first + second] = 2 * r + 1
     return {"input_ids": ids, "segment_ids": seg, "positions": pos, "sequence_index": seq}
+
+
+def stacked_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of one right-padded sequence each (the layout cuDNN serves), 2 scored spans."""
+    batch = packed_batch(rows, length, vocab, seed)
+    seg = batch["segment_ids"]
+    used = (seg != 0).sum(1)
+    batch["segment_ids"] = (seg != 0).astype(np.int32)
+    batch["positions"] = np.where(seg != 0, np.arange(length)[None], 0).astype(np.int32)
+    for r in range(rows):
+        assert (seg[r, : used[r]] != 0).all()  # packed rows have no holes
+    return batch
 
 
 def logps_and_grads(cfg: Any, params: Any, batch: dict, n_seq: int) -> tuple[np.ndarray, Any]:
@@ -91,24 +104,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_position_embeddings=args.length,
         param_dtype="float32",
         dtype="float32",
+        attention_impl="xla",
+        attention_block=64,  # several blocks at the default length
     )
     params = models.init_params(base, jax.random.key(0))
-    batch = packed_batch(args.rows, args.length, 1024)
     n_seq = 2 * args.rows
-    ref_logps, ref_grads = logps_and_grads(base, params, batch, n_seq)
     rows = []
-    for dtype, impl in (("bfloat16", "xla"), ("bfloat16", "cudnn")):
-        cfg = base.replace(dtype=dtype, attention_impl=impl)
-        logps, grads = logps_and_grads(cfg, params, batch, n_seq)
-        rows.append(
-            {
-                "dtype": dtype,
-                "attention": impl,
-                "max_logp_abs_err": float(np.max(np.abs(logps - ref_logps))),
-                "max_logp_rel_err": float(np.max(np.abs(logps - ref_logps) / np.abs(ref_logps))),
-                "max_grad_rel_err": max_tree_diff(grads, ref_grads),
-            }
-        )
+    for layout, make in (("packed", packed_batch), ("stacked", stacked_batch)):
+        batch = make(args.rows, args.length, 1024)
+        ref_logps, ref_grads = logps_and_grads(base, params, batch, n_seq)
+        for dtype, impl in (("float32", "blockwise"), ("bfloat16", "xla"),
+                          ("bfloat16", "blockwise"), ("bfloat16", "cudnn")):  # fmt: skip
+            cfg = base.replace(dtype=dtype, attention_impl=impl)
+            logps, grads = logps_and_grads(cfg, params, batch, n_seq)
+            rows.append(
+                {
+                    "layout": layout,
+                    "dtype": dtype,
+                    "attention": impl,
+                    "max_logp_abs_err": float(np.max(np.abs(logps - ref_logps))),
+                    "max_logp_rel_err": float(
+                        np.max(np.abs(logps - ref_logps) / np.abs(ref_logps))
+                    ),
+                    "max_grad_rel_err": max_tree_diff(grads, ref_grads),
+                }
+            )
     result = {
         "benchmark": "attention_check",
         "backend": jax.default_backend(),

@@ -27,3 +27,8 @@ $PY -m benchmarks.logprobs_memory --shape tiny --vocab 128256 --pairs 2 --prompt
 $PY -m benchmarks.padding --shape tiny --pairs 8 --max-length 128 --batches 6 \
   --json-out "$OUT/padding_tiny.json"
 uptime
+# Long context (issue 20): AOT scratch memory at 2k/8k/32k tokens per row, then CPU step time at 2k.
+$PY -m benchmarks.long_context --shape tiny --lengths 2048,8192,32768 \
+  --json-out "$OUT/long_context_memory.json"
+$PY -m benchmarks.long_context --shape tiny --lengths 2048 --time-length 2048 --steps 3 \
+  --rounds 2 --json-out "$OUT/long_context_time_2k.json"

@@ -75,6 +75,7 @@ NON_MATH_KEYS: tuple[str, ...] = (
     "mesh.tensor",
     "mesh.multihost",
     "model.remat",  # same math, less memory
+    "model.attention",  # same math, another kernel (blockwise/cuDNN/splash; float rounding only)
     "data.eval",  # held-out data is only evaluated, never trained on
     "data.num_eval_examples",
     "train.log_every",

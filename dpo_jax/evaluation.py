@@ -247,7 +247,7 @@ def _sequence_logps_fn(cfg: Any) -> Any:
 
     @functools.partial(jax.jit, static_argnums=(2,))
     def fn(params: Any, batch: dict[str, Any], num_sequences: int) -> Any:
-        kwargs = {k: batch[k] for k in ("positions", "segment_ids", "attn_mask") if k in batch}
+        kwargs = {k: batch[k] for k in ("positions", "segment_ids", "branch_ids") if k in batch}
         logits = model.apply({"params": params}, batch["input_ids"], **kwargs)
         seq = logprobs.sequence_logps(logits, batch, num_sequences)
         return seq.logps_S.astype(jnp.float32)
@@ -255,7 +255,7 @@ def _sequence_logps_fn(cfg: Any) -> Any:
     return fn
 
 
-_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "sequence_index", "attn_mask")
+_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "sequence_index", "branch_ids")
 
 
 def sequence_logps(cfg: Any, params: Any, batch: Any) -> np.ndarray:

@@ -39,7 +39,7 @@ SequenceFn = Callable[[dict[str, np.ndarray], int], np.ndarray]
 def make_logps_fn(model_config: models.ModelConfig, params: Any) -> SequenceFn:
     """`fn(host_batch, num_sequences) -> logps_S` (numpy float32), jitted per shape."""
     model = models.Transformer(model_config)
-    keys = ("input_ids", "positions", "segment_ids", "sequence_index", "attn_mask")
+    keys = ("input_ids", "positions", "segment_ids", "sequence_index", "branch_ids")
 
     def logps(p: Any, batch: dict[str, jax.Array], n_seq: int) -> jax.Array:
         logits = model.apply(
@@ -47,7 +47,7 @@ def make_logps_fn(model_config: models.ModelConfig, params: Any) -> SequenceFn:
             batch["input_ids"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
-            attn_mask=batch.get("attn_mask"),
+            branch_ids=batch.get("branch_ids"),
         )
         return logprobs.sequence_logps(logits, batch, n_seq).logps_S
 

@@ -76,8 +76,8 @@ def sequence_rewards(
         "positions": jnp.asarray(batch["positions"]),
         "segment_ids": jnp.asarray(batch["segment_ids"]),
     }
-    if "attn_mask" in batch:
-        kwargs["attn_mask"] = jnp.asarray(batch["attn_mask"])
+    if "branch_ids" in batch:
+        kwargs["branch_ids"] = jnp.asarray(batch["branch_ids"])
     hidden_NxLxD = model.apply(
         {"params": params["backbone"]},
         jnp.asarray(batch["input_ids"]),
@@ -173,7 +173,7 @@ class RewardModelTrainer:
         return np.asarray(c), np.asarray(r)
 
 
-_MODEL_KEYS = ("input_ids", "positions", "segment_ids", "sequence_index", "attn_mask", "margin")
+_MODEL_KEYS = ("input_ids", "positions", "segment_ids", "sequence_index", "branch_ids", "margin")
 
 
 def _device_batch(batch: Batch) -> dict[str, jax.Array]:

@@ -55,7 +55,7 @@ Batch = dict[str, np.ndarray]
 # Keys of a host micro-batch that the jitted step reads; others (the loader's `step`)
 # stay on the host.
 BATCH_KEYS = (
-    "input_ids", "positions", "segment_ids", "attn_mask", "sequence_index", "ref_logps", "labels",
+    "input_ids", "positions", "segment_ids", "branch_ids", "sequence_index", "ref_logps", "labels",
 )  # fmt: skip
 
 
@@ -65,8 +65,8 @@ BATCH_KEYS = (
 def stack_micro_batches(micro_batches: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Batch:
     """Stack `A` host micro-batches on a new leading axis (padding lengths to the max).
 
-    Padding uses segment 0 / sequence_index -1 (and a self-attending diagonal in
-    `attn_mask`), so it changes no number; see `dpo_jax.data.stack_micro_batches`.
+    Padding uses segment 0 / sequence_index -1 (branch 0), so it changes no number;
+    see `dpo_jax.data.stack_micro_batches`.
     """
     from dpo_jax import data
 
@@ -637,6 +637,20 @@ def save_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
     (run_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
 
+def _attention_choice(config: ml_collections.ConfigDict) -> str:
+    """`model.attention`, checked against the backends of `dpo_jax.models.attention`."""
+    from dpo_jax import errors
+    from dpo_jax.models import attention
+
+    choice = config.model.get("attention", "auto")
+    if choice not in attention.IMPLS:
+        raise errors.config_error(
+            "model.attention", f"{choice!r} is not an attention backend",
+            f"choose one of {', '.join(attention.IMPLS)}",
+        )  # fmt: skip
+    return choice
+
+
 def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelConfig, Any]:
     from dpo_jax.models import hf  # lazy: safetensors I/O only when loading a checkpoint
 
@@ -647,6 +661,7 @@ def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelC
     overrides: dict[str, Any] = {"scan_layers": bool(config.model.scan_layers)}
     if config.model.remat:
         overrides["remat"] = config.model.remat
+    overrides["attention_impl"] = _attention_choice(config)
     return hf.load_hf(
         path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, **overrides
     )

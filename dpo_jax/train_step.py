@@ -184,8 +184,8 @@ def sequence_logps(
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
     )
-    if "attn_mask" in batch:
-        inputs["attn_mask"] = batch["attn_mask"]
+    if "branch_ids" in batch:
+        inputs["branch_ids"] = batch["branch_ids"]
     variables = {"params": params}
     unembed = lambda h: cfg.apply_fn(variables, h, method="logits")
     if "scored_positions" in batch:

@@ -193,3 +193,15 @@ def test_checkpoint_fingerprint_main_times_every_array_of_the_state():
     assert res["arrays"] == len(leaves)
     assert res["state_bytes"] == sum(x.size * x.dtype.itemsize for x in leaves)
     assert res["fingerprint_s"] > 0 and res["save_s"] > 0
+
+
+def test_long_context_rows_hold_exactly_l_tokens():
+    """benchmarks/long_context.py: every layout's rows are full (L real tokens, no padding)."""
+    from benchmarks import long_context
+    from dpo_jax import data
+
+    for layout, rows in (("stacked", 2), ("packed", 4), ("prefix_shared", 1)):
+        items = long_context.items_for(layout, 256, vocab=128)
+        batch = data.build_batch(items, "paired", layout, length=256)
+        assert batch["input_ids"].shape == (rows, 256), layout
+        assert (batch["segment_ids"] != 0).all(), layout

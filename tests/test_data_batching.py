@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from dpo_jax.data.batching import (
     pack_plan,
     stack_micro_batches,
 )
+from dpo_jax.models import attention
 
 A = np.asarray
 
@@ -92,15 +94,24 @@ def test_prefix_shared_layout_by_hand():
         [-1, -1, 0, 0, -1, 2, -1, -1],
         [-1, 1, -1, 3, 3, 3, -1, -1],
     ]
-    visible = [
-        [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 4], [0, 4, 5], [6], [7]],
-        [[0], [0, 1], [2], [2, 3], [2, 3, 4], [2, 3, 4, 5], [6], [7]],
+    visible = [  # padding (columns 6, 7) sees nothing
+        [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 4], [0, 4, 5], [], []],
+        [[0], [0, 1], [2], [2, 3], [2, 3, 4], [2, 3, 4, 5], [], []],
     ]
-    mask = b["attn_mask"]
-    assert mask.shape == (2, 8, 8) and mask.dtype == bool
+    assert "attn_mask" not in b and b["branch_ids"].shape == (2, 8)
+    mask = _rule_mask(b)
     for r in range(2):
         for i in range(8):
             assert np.flatnonzero(mask[r, i]).tolist() == visible[r][i], (r, i)
+
+
+def _rule_mask(b):
+    """Dense [N, L, L] mask of a batch's O(L) attention rule (models.attention)."""
+    rule = attention.make_rule(
+        jnp.asarray(b["segment_ids"]), jnp.asarray(b["positions"]),
+        None if "branch_ids" not in b else jnp.asarray(b["branch_ids"]),
+    )  # fmt: skip
+    return np.asarray(attention.dense_mask(rule))[:, 0]
 
 
 def _context(ids, pos, mask_row):
@@ -121,6 +132,7 @@ def test_prefix_shared_contexts_equal_stacked_contexts():
         )
     st = build_batch(items, "paired", "stacked")
     ps = build_batch(items, "paired", "prefix_shared")
+    ps_mask = _rule_mask(ps)
     L = st["input_ids"].shape[1]
     causal = np.tril(np.ones((L, L), bool))
     for k in range(8):
@@ -135,9 +147,7 @@ def test_prefix_shared_contexts_equal_stacked_contexts():
             seg = st["segment_ids"][r_st]
             st_vis = causal[a - 1] & (seg == seg[a - 1])
             ctx_st = _context(st["input_ids"][r_st], st["positions"][r_st], st_vis)
-            ctx_ps = _context(
-                ps["input_ids"][r_ps], ps["positions"][r_ps], ps["attn_mask"][r_ps, c - 1]
-            )
+            ctx_ps = _context(ps["input_ids"][r_ps], ps["positions"][r_ps], ps_mask[r_ps, c - 1])
             assert ctx_st == ctx_ps
 
 
@@ -180,9 +190,13 @@ def test_stack_micro_batches_pads_to_common_shape():
     b1 = build_batch(_pairs(), "paired", "prefix_shared", length=8)
     b2 = build_batch(_pairs()[:1] * 2, "paired", "prefix_shared", length=6)
     s = stack_micro_batches([b1, b2])
-    assert s["input_ids"].shape == (2, 2, 8) and s["attn_mask"].shape == (2, 2, 8, 8)
+    assert s["input_ids"].shape == (2, 2, 8) and s["branch_ids"].shape == (2, 2, 8)
     np.testing.assert_array_equal(s["input_ids"][0], b1["input_ids"])
     np.testing.assert_array_equal(s["input_ids"][1, :, :6], b2["input_ids"])
     assert (s["input_ids"][1, :, 6:] == 0).all() and (s["sequence_index"][1, :, 6:] == -1).all()
-    np.testing.assert_array_equal(s["attn_mask"][1, :, :6, :6], b2["attn_mask"])
-    assert s["attn_mask"][1, :, 6:, :].sum() == 2 * 2  # padding sees only itself
+    np.testing.assert_array_equal(s["branch_ids"][1, :, :6], b2["branch_ids"])
+    assert (s["branch_ids"][1, :, 6:] == 0).all() and (s["segment_ids"][1, :, 6:] == 0).all()
+    np.testing.assert_array_equal(
+        _rule_mask(s_row := {k: v[1] for k, v in s.items()})[:, :6, :6], _rule_mask(b2)
+    )
+    assert not _rule_mask(s_row)[:, 6:, :].any()  # padding sees nothing

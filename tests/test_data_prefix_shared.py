@@ -30,7 +30,7 @@ def _logps(model, params, batch, num_sequences):
 
     @jax.jit
     def f(params, arrays):
-        kw = {k: arrays[k] for k in ("positions", "segment_ids", "attn_mask") if k in arrays}
+        kw = {k: arrays[k] for k in ("positions", "segment_ids", "branch_ids") if k in arrays}
         logits = model.apply({"params": params}, arrays["input_ids"], **kw)
         return logits, logprobs.sequence_logps(logits, arrays, num_sequences).logps_S
 

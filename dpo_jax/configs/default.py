@@ -25,6 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # nn.scan over the blocks: one compiled block (fast compile) and, on XLA:CPU, no
     # backward fusion across layers (benchmarks/README.md); params stacked per layer.
     c.model.scan_layers = True
+    # Attention backend: auto | xla | blockwise | cudnn | splash (dpo_jax.models.attention).
+    # auto: cuDNN on GPU, splash on TPU, on CPU dense below 1024 tokens and blockwise above;
+    # a backend that cannot serve a batch falls back to blockwise with a logged reason.
+    c.model.attention = "auto"
     c.tokenizer = ""  # default: model.path
 
     c.data = ml_collections.ConfigDict()

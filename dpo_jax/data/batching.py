@@ -9,7 +9,8 @@ and `2B` completions, where completion `k` continues prompt `k mod B`.
   (`[c[-1]] + c[:-1]`).
 
 A batch is a dict of numpy arrays: input_ids, positions, segment_ids,
-sequence_index [N, L] int32; attn_mask [N, L, L] bool (prefix_shared only);
+sequence_index [N, L] int32; branch_ids [N, L] int32 (prefix_shared only; see
+`dpo_jax.models.attention` for the mask rule these describe);
 ref_logps [2B] float32 (paired, when precomputed; not for unpaired data, whose
 KL rows depend on how batches are drawn); labels [B] int32 (unpaired).
 The log-prob of a token marked `k` in sequence_index comes from the logits at
@@ -169,14 +170,17 @@ def build_prefix_shared(prompts, comps, length: int, pad_id: int = 0) -> dict[st
 
     The copy sits at the last prompt position so the first token of the second
     completion is predicted from the same context as in the stacked layout.
-    attn_mask (causal by row index, True = may attend): prompt tokens see the
-    prompt; the first completion sees the prompt and itself; the copy and the
-    second completion see the prompt minus its last token (the copy replaces
-    it), the copy and themselves. Padding attends only to itself.
+    branch_ids (O(L), the attention rule in `dpo_jax.models.attention`): 0 on
+    the prompt minus its last token (seen by both branches), 1 on the last
+    prompt token and the first completion, 2 on the copy and the second
+    completion. So, causally, prompt tokens see the prompt; the first
+    completion sees the prompt and itself; the copy and the second completion
+    see the prompt minus its last token (the copy replaces it), the copy and
+    themselves. Padding (segment 0) sees nothing.
     """
     b = len(prompts)
     batch = _empty(b, length, pad_id)
-    mask = np.zeros((b, length, length), bool)
+    branch = np.zeros((b, length), np.int32)
     for i in range(b):
         p, c1, c2 = prompts[i], comps[i], comps[b + i]
         np_, n1, n2 = len(p), len(c1), len(c2)
@@ -189,12 +193,9 @@ def build_prefix_shared(prompts, comps, length: int, pad_id: int = 0) -> dict[st
         batch["segment_ids"][i, :end] = 1
         batch["sequence_index"][i, s1:sc] = i
         batch["sequence_index"][i, s2:end] = b + i
-        # Which earlier columns each token may see (causality applied below).
-        mask[i, :sc, :sc] = True  # prompt + first completion: plain causal
-        mask[i, sc:end, : np_ - 1] = True  # second branch: prompt without its last token
-        mask[i, sc:end, sc:end] = True  # second branch: copy + second completion
-        mask[i, np.arange(end, length), np.arange(end, length)] = True
-    batch["attn_mask"] = mask & np.tril(np.ones((length, length), bool))[None]
+        branch[i, np_ - 1 : sc] = 1  # last prompt token + first completion
+        branch[i, sc:end] = 2  # copy + second completion
+    batch["branch_ids"] = branch
     return batch
 
 
@@ -247,16 +248,15 @@ def pad_batch(batch: dict[str, np.ndarray], length: int, num_rows: int, pad_id: 
     if length < cur or num_rows < n:
         raise ValueError(f"cannot shrink a batch from ({n}, {cur}) to ({num_rows}, {length})")
     out = dict(batch)
-    fills = {"input_ids": pad_id, "positions": 0, "segment_ids": 0, "sequence_index": -1}
+    fills = {
+        "input_ids": pad_id, "positions": 0, "segment_ids": 0, "sequence_index": -1,
+        "branch_ids": 0,
+    }  # fmt: skip
     for key, fill in fills.items():
-        out[key] = np.pad(batch[key], ((0, num_rows - n), (0, length - cur)), constant_values=fill)
-    if "attn_mask" in batch:
-        m = np.pad(batch["attn_mask"], ((0, num_rows - n), (0, length - cur), (0, length - cur)))
-        idx = np.arange(length)
-        pad_cols = idx >= cur
-        m[:, idx[pad_cols], idx[pad_cols]] = True
-        m[n:, idx, idx] = True
-        out["attn_mask"] = m
+        if key in batch:
+            out[key] = np.pad(
+                batch[key], ((0, num_rows - n), (0, length - cur)), constant_values=fill
+            )
     return out
 
 

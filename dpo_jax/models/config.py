@@ -20,13 +20,13 @@ NormType = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu_new", "gelu", "silu", "relu"]
 PositionEmbedding = Literal["learned", "rope"]
 RematPolicy = Literal["none", "block", "dots_saveable"]
-AttentionImpl = Literal["xla", "cudnn", "auto"]
+AttentionImpl = Literal["auto", "xla", "blockwise", "cudnn", "splash"]
 
 _NORMS = ("layernorm", "rmsnorm")
 _ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
 _POSITIONS = ("learned", "rope")
 _REMATS = ("none", "block", "dots_saveable")
-_ATTN_IMPLS = ("xla", "cudnn", "auto")
+_ATTN_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
 _ROPE_TYPES = ("linear", "llama3")
 
 
@@ -116,7 +116,11 @@ class ModelConfig:
     logits_fp32: bool = True  # unembedding accumulates and returns float32 logits
     remat: RematPolicy = "none"
     scan_layers: bool = False
-    attention_impl: AttentionImpl = "xla"
+    # Attention backend (dpo_jax.models.attention): auto picks cudnn on GPU, splash on TPU,
+    # and on CPU xla below 1024 tokens per row, blockwise from there.
+    attention_impl: AttentionImpl = "auto"
+    attention_block: int = 512  # blockwise attention: query/key block size (tokens)
+    attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     init_std: float = 0.02
 
     # Token ids carried through Hugging Face import/export (None = unknown).
@@ -175,6 +179,14 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window must be > 0, got {self.sliding_window}")
+        if self.attention_block < 16 or self.attention_block & (self.attention_block - 1):
+            raise ValueError(
+                f"ModelConfig.attention_block must be a power of two >= 16, got {self.attention_block}"
+            )
+        if self.attn_logit_softcap is not None and self.attn_logit_softcap <= 0:
+            raise ValueError(
+                f"ModelConfig.attn_logit_softcap must be > 0, got {self.attn_logit_softcap}"
+            )
 
     @property
     def rotary_dim(self) -> int:

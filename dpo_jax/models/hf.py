@@ -70,6 +70,7 @@ _RUNTIME_FIELDS = {
     "remat",
     "scan_layers",
     "attention_impl",
+    "attention_block",
     "init_std",
 }
 

@@ -9,14 +9,16 @@ Full-sequence forward (training, scoring)::
     logits_NxLxV = model.apply({"params": params}, input_ids_NxL,
                                positions=positions_NxL,      # default arange(L)
                                segment_ids=segment_ids_NxL,  # default ones; 0 = padding
-                               attn_mask=attn_mask_NxLxL)    # optional, ANDed with causal
+                               branch_ids=branch_ids_NxL)    # optional; prefix-shared rows
     hidden_NxLxD = model.apply(..., return_hidden=True)      # after the final norm
     logits = model.apply({"params": params}, hidden, method="logits")
 
 A token attends to keys of the same non-zero segment at an earlier or equal
-row index (and, with `sliding_window`, fewer than `sliding_window` positions
-back). Padding rows (segment 0) attend to nothing; their outputs are finite
-and meaningless.
+row index whose branch is 0 or its own (and, with `sliding_window`, fewer than
+`sliding_window` positions back); see `dpo_jax.models.attention` for the rule
+and the backends (`cfg.attention_impl`). No L x L array is part of the call.
+Padding rows (segment 0) attend to nothing; their outputs are finite and
+meaningless.
 
 KV-cache decoding (used by `dpo_jax.sampling`)::
 
@@ -48,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.models import attention as attn_lib
 from dpo_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -264,17 +267,13 @@ class Embed(nn.Module):
         return out.astype(out_dtype)
 
 
-def _attention_impl(cfg: ModelConfig) -> str | None:
-    """`implementation` for jax.nn.dot_product_attention.
+def _decode_impl(cfg: ModelConfig) -> str | None:
+    """`implementation` of jax.nn.dot_product_attention for KV-cache decoding.
 
-    "auto" lets JAX choose; "cudnn" (bf16/fp16 on NVIDIA GPUs) falls back to
-    JAX's choice off GPU so one config runs in CPU tests too.
+    Decoding attends T new tokens to S cache slots with a small dense [N, 1, T, S]
+    mask. "auto"/"cudnn" let JAX choose (cuDNN on GPUs where it can); the others use XLA.
     """
-    if cfg.attention_impl == "auto":
-        return None
-    if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
-        return None
-    return cfg.attention_impl
+    return None if cfg.attention_impl in ("auto", "cudnn") else "xla"
 
 
 class Attention(nn.Module):
@@ -287,10 +286,10 @@ class Attention(nn.Module):
         self,
         x_NxLxD: Array,
         rope: tuple[Array, Array] | None,
-        mask_Nx1xLxL: Array | None,
+        rule: attn_lib.MaskRule | None,
         kv_mask_NxS: Array | None,
     ) -> Array:
-        """Self-attention. `kv_mask_NxS` given means decode mode (KV cache)."""
+        """Self-attention. `kv_mask_NxS` given means decode mode (KV cache), else `rule`."""
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         lin = dict(dtype=dt, param_dtype=pdt, init_std=cfg.init_std)
@@ -312,16 +311,25 @@ class Attention(nn.Module):
             key = apply_rope(key, *rope)
         q = _constrain(q, (BATCH, LENGTH, HEADS_A, None))
 
+        key, value = key.astype(q.dtype), value.astype(q.dtype)
         if kv_mask_NxS is not None:
-            key, value, mask_Nx1xLxL = self._update_cache(key, value, kv_mask_NxS)
-
-        out = jax.nn.dot_product_attention(
-            q,
-            key.astype(q.dtype),
-            value.astype(q.dtype),
-            mask=mask_Nx1xLxL,
-            implementation=_attention_impl(cfg),
-        )
+            key, value, mask_Nx1xTxS = self._update_cache(key, value, kv_mask_NxS)
+            if cfg.attn_logit_softcap is None:
+                out = jax.nn.dot_product_attention(
+                    q, key, value, mask=mask_Nx1xTxS, implementation=_decode_impl(cfg)
+                )
+            else:
+                out = attn_lib.dense_attention(
+                    q, key, value, mask_Nx1xTxS, softcap=cfg.attn_logit_softcap
+                )
+        else:
+            out = attn_lib.attend(
+                q, key, value, rule,
+                impl=cfg.attention_impl,
+                window=cfg.sliding_window,
+                softcap=cfg.attn_logit_softcap,
+                block=cfg.attention_block,
+            )  # fmt: skip
         out = _constrain(out, (BATCH, LENGTH, HEADS_A, None))
         return Linear(
             (cfg.hidden_size,),
@@ -407,13 +415,13 @@ class Block(nn.Module):
         self,
         x_NxLxD: Array,
         rope: tuple[Array, Array] | None,
-        mask_Nx1xLxL: Array | None,
+        rule: attn_lib.MaskRule | None,
         kv_mask_NxS: Array | None,
     ) -> tuple[Array, None]:
         """One transformer layer."""
         cfg = self.cfg
         attn_in = _residual_norm(cfg, name="attn_norm")(x_NxLxD)
-        attn = Attention(cfg, name="attn")(attn_in, rope, mask_Nx1xLxL, kv_mask_NxS)
+        attn = Attention(cfg, name="attn")(attn_in, rope, rule, kv_mask_NxS)
         mlp_norm = _residual_norm(cfg, name="mlp_norm")
         if cfg.parallel_residual:
             x = x_NxLxD + attn + Mlp(cfg, name="mlp")(mlp_norm(x_NxLxD))
@@ -441,24 +449,11 @@ def attention_mask(
     cfg: ModelConfig,
     segment_ids_NxL: Array,
     positions_NxL: Array,
-    attn_mask_NxLxL: Array | None,
+    branch_ids_NxL: Array | None = None,
 ) -> Array:
-    """Bool [N, 1, L, L]: same non-zero segment, causal by row index, extra mask, window."""
-    n, length = segment_ids_NxL.shape
-    seg_q, seg_k = segment_ids_NxL[:, :, None], segment_ids_NxL[:, None, :]
-    idx = jnp.arange(length)
-    mask = (seg_q == seg_k) & (seg_q != 0) & (idx[:, None] >= idx[None, :])[None]
-    if attn_mask_NxLxL is not None:
-        if attn_mask_NxLxL.shape != (n, length, length):
-            raise ValueError(
-                f"attn_mask has shape {attn_mask_NxLxL.shape}, expected {(n, length, length)}"
-            )
-        mask &= attn_mask_NxLxL.astype(bool)
-    if cfg.sliding_window is not None:
-        # Positions (not row indices) so prefix-shared rows measure true distance.
-        dist = positions_NxL[:, :, None] - positions_NxL[:, None, :]
-        mask &= dist < cfg.sliding_window
-    return mask[:, None]
+    """Bool [N, 1, L, L] of the attention rule (for inspection and tests; no path needs it)."""
+    rule = attn_lib.make_rule(segment_ids_NxL, positions_NxL, branch_ids_NxL)
+    return attn_lib.dense_mask(rule, cfg.sliding_window)
 
 
 class Transformer(nn.Module):
@@ -504,7 +499,7 @@ class Transformer(nn.Module):
         input_ids: Array,
         positions: Array | None = None,
         segment_ids: Array | None = None,
-        attn_mask: Array | None = None,
+        branch_ids: Array | None = None,
         *,
         kv_mask: Array | None = None,
         decode: bool = False,
@@ -522,9 +517,9 @@ class Transformer(nn.Module):
         if positions.shape != (n, length):
             raise ValueError(f"positions has shape {positions.shape}, expected {(n, length)}")
         if decode:
-            if segment_ids is not None or attn_mask is not None:
-                raise ValueError("decode=True takes kv_mask, not segment_ids/attn_mask")
-            mask = None
+            if segment_ids is not None or branch_ids is not None:
+                raise ValueError("decode=True takes kv_mask, not segment_ids/branch_ids")
+            rule = None
             if kv_mask is None:
                 # Cache length is unknown here; an all-valid mask of it is built per layer.
                 kv_mask = jnp.ones((n, 0), bool)
@@ -533,7 +528,10 @@ class Transformer(nn.Module):
                 raise ValueError("kv_mask is only used with decode=True")
             if segment_ids is None:
                 segment_ids = jnp.ones((n, length), jnp.int32)
-            mask = attention_mask(cfg, segment_ids, positions, attn_mask)
+            for name, arr in (("segment_ids", segment_ids), ("branch_ids", branch_ids)):
+                if arr is not None and arr.shape != (n, length):
+                    raise ValueError(f"{name} has shape {arr.shape}, expected {(n, length)}")
+            rule = attn_lib.make_rule(segment_ids, positions, branch_ids)
 
         x = self.embed(input_ids)
         if cfg.embed_scale:
@@ -547,10 +545,10 @@ class Transformer(nn.Module):
         x = _constrain(x, (BATCH, LENGTH, EMBED_A))
 
         if cfg.scan_layers:
-            x, _ = self.layers(x, rope, mask, kv_mask)
+            x, _ = self.layers(x, rope, rule, kv_mask)
         else:
             for blk in self.layers:
-                x, _ = blk(x, rope, mask, kv_mask)
+                x, _ = blk(x, rope, rule, kv_mask)
         x = self.final_norm(x)
         if return_hidden:
             return x
