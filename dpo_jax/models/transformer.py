@@ -80,12 +80,16 @@ def _activation(name: str) -> Callable[[Array], Array]:
     }[name]
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """RoPE inverse frequencies [rotary_dim/2] in float32, with optional scaling."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """RoPE inverse frequencies [rotary_dim/2] in float32, with optional scaling.
+
+    `local=True`: the sliding layers' base `rope_local_theta`, unscaled (Gemma 3).
+    """
     dim = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     inv = inv.astype(np.float32)
-    rs = cfg.rope_scaling
+    rs = None if local else cfg.rope_scaling
     if rs is None:
         return inv
     if rs.rope_type == "linear":
@@ -102,9 +106,11 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_sin_cos(cfg: ModelConfig, positions_NxL: Array) -> tuple[Array, Array]:
+def rope_sin_cos(
+    cfg: ModelConfig, positions_NxL: Array, local: bool = False
+) -> tuple[Array, Array]:
     """sin and cos [N, L, rotary_dim/2] (float32) for the given positions."""
-    inv = jnp.asarray(rope_inv_freq(cfg))
+    inv = jnp.asarray(rope_inv_freq(cfg, local))
     angles = positions_NxL.astype(jnp.float32)[..., None] * inv
     return jnp.sin(angles), jnp.cos(angles)
 
@@ -277,9 +283,13 @@ def _decode_impl(cfg: ModelConfig) -> str | None:
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention with optional RoPE and KV cache."""
+    """Multi-head / grouped-query self-attention with optional RoPE and KV cache.
+
+    `window`: this layer's sliding window (None = full causal attention).
+    """
 
     cfg: ModelConfig
+    window: int | None = None
 
     @nn.compact
     def __call__(
@@ -304,11 +314,16 @@ class Attention(nn.Module):
             (k, d), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, name="v", **lin
         )(x_NxLxD)
         if cfg.qk_norm:
-            q = Norm("rmsnorm", cfg.norm_eps, dt, pdt, name="q_norm")(q)
-            key = Norm("rmsnorm", cfg.norm_eps, dt, pdt, name="k_norm")(key)
+            off = cfg.norm_scale_offset  # Gemma 3: (1 + w) like its other norms
+            q = Norm("rmsnorm", cfg.norm_eps, dt, pdt, off, name="q_norm")(q)
+            key = Norm("rmsnorm", cfg.norm_eps, dt, pdt, off, name="k_norm")(key)
         if rope is not None:
             q = apply_rope(q, *rope)
             key = apply_rope(key, *rope)
+        if cfg.query_pre_attn_scalar is not None:
+            # Scores use query_pre_attn_scalar**-0.5, not head_dim**-0.5: rescale q so every
+            # backend (which divides by sqrt(head_dim)) computes the family's scores.
+            q = q * jnp.asarray(math.sqrt(d / cfg.query_pre_attn_scalar), q.dtype)
         q = _constrain(q, (BATCH, LENGTH, HEADS_A, None))
 
         key, value = key.astype(q.dtype), value.astype(q.dtype)
@@ -326,7 +341,7 @@ class Attention(nn.Module):
             out = attn_lib.attend(
                 q, key, value, rule,
                 impl=cfg.attention_impl,
-                window=cfg.sliding_window,
+                window=self.window,
                 softcap=cfg.attn_logit_softcap,
                 block=cfg.attention_block,
             )  # fmt: skip
@@ -370,9 +385,9 @@ class Attention(nn.Module):
         q_slot_T = i + jnp.arange(t)
         k_slot_S = jnp.arange(s)
         allowed_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
-        if self.cfg.sliding_window is not None:
+        if self.window is not None:
             # Slots of one row are consecutive positions, so slot distance = position distance.
-            allowed_TxS &= (q_slot_T[:, None] - k_slot_S[None, :]) < self.cfg.sliding_window
+            allowed_TxS &= (q_slot_T[:, None] - k_slot_S[None, :]) < self.window
         mask = allowed_TxS[None, None] & kv_mask_NxS.astype(bool)[:, None, None, :]
         return keys, values, mask
 
@@ -402,33 +417,81 @@ class Mlp(nn.Module):
         return Linear((cfg.hidden_size,), ("mlp", "embed"), name="down", **lin)(up)
 
 
+Ropes = tuple[tuple[Array, Array] | None, tuple[Array, Array] | None]  # (global, local)
+
+
 class Block(nn.Module):
     """Pre-norm decoder block, sequential or parallel (NeoX) residual.
 
-    Returns `(x, None)` so the same class works inside `nn.scan`.
+    `layer` is the layer index (or its index in the scanned group: the layer
+    types repeat with `cfg.layer_period`); it selects the window and RoPE base.
+    With `cfg.post_norms` (Gemma 2/3) the attention and MLP outputs are normed
+    too before the residual add. Returns `(x, None)` so it works inside `nn.scan`.
+    """
+
+    cfg: ModelConfig
+    layer: int = 0
+
+    @nn.compact
+    def __call__(
+        self,
+        x_NxLxD: Array,
+        ropes: Ropes,
+        rule: attn_lib.MaskRule | None,
+        kv_mask_NxS: Array | None,
+    ) -> tuple[Array, None]:
+        """One transformer layer."""
+        cfg = self.cfg
+        rope = ropes[1] if cfg.layer_is_local(self.layer) else ropes[0]
+        attn_in = _residual_norm(cfg, name="attn_norm")(x_NxLxD)
+        window = cfg.layer_window(self.layer)
+        attn = Attention(cfg, window, name="attn")(attn_in, rope, rule, kv_mask_NxS)
+        if cfg.post_norms:
+            attn = _residual_norm(cfg, name="post_attn_norm")(attn)
+        mlp_norm = _residual_norm(cfg, name="mlp_norm")
+        if cfg.parallel_residual:
+            x = x_NxLxD + attn + Mlp(cfg, name="mlp")(mlp_norm(x_NxLxD))
+        else:
+            x = x_NxLxD + attn
+            mlp = Mlp(cfg, name="mlp")(mlp_norm(x))
+            if cfg.post_norms:
+                mlp = _residual_norm(cfg, name="post_mlp_norm")(mlp)
+            x = x + mlp
+        return _constrain(x, (BATCH, LENGTH, EMBED_A)), None
+
+
+class BlockGroup(nn.Module):
+    """`cfg.layer_period` consecutive blocks (e.g. Gemma 2's local + global pair).
+
+    `nn.scan` needs identical bodies; layers whose window or RoPE differ are
+    identical as groups, so a model with per-layer types scans over groups.
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(
-        self,
-        x_NxLxD: Array,
-        rope: tuple[Array, Array] | None,
-        rule: attn_lib.MaskRule | None,
-        kv_mask_NxS: Array | None,
+        self, x_NxLxD: Array, ropes: Ropes, rule: attn_lib.MaskRule | None, kv: Array | None
     ) -> tuple[Array, None]:
-        """One transformer layer."""
-        cfg = self.cfg
-        attn_in = _residual_norm(cfg, name="attn_norm")(x_NxLxD)
-        attn = Attention(cfg, name="attn")(attn_in, rope, rule, kv_mask_NxS)
-        mlp_norm = _residual_norm(cfg, name="mlp_norm")
-        if cfg.parallel_residual:
-            x = x_NxLxD + attn + Mlp(cfg, name="mlp")(mlp_norm(x_NxLxD))
-        else:
-            x = x_NxLxD + attn
-            x = x + Mlp(cfg, name="mlp")(mlp_norm(x))
-        return _constrain(x, (BATCH, LENGTH, EMBED_A)), None
+        """The group's blocks in order."""
+        block = _block_class(self.cfg, in_group=True)
+        for j in range(self.cfg.layer_period):
+            x_NxLxD, _ = block(self.cfg, j, name=f"block_{j}")(x_NxLxD, ropes, rule, kv)
+        return x_NxLxD, None
+
+
+def layer_location(cfg: ModelConfig, layer: int) -> tuple[tuple[str, ...], int | None]:
+    """Params path of layer `layer`'s block and its index on the stacked (scanned) axis.
+
+    Unscanned: ("layers_i",), None. Scanned: ("layers",), i; scanned with a group of
+    p > 1 layers: ("layers", "block_{i % p}"), i // p.
+    """
+    if not cfg.scan_layers:
+        return (f"layers_{layer}",), None
+    p = cfg.layer_period
+    if p == 1:
+        return ("layers",), layer
+    return ("layers", f"block_{layer % p}"), layer // p
 
 
 _REMAT_POLICIES = {
@@ -437,12 +500,16 @@ _REMAT_POLICIES = {
 }
 
 
-def _block_class(cfg: ModelConfig) -> type[nn.Module]:
-    """Block, wrapped in nn.remat when the config asks for rematerialisation."""
+def _block_class(cfg: ModelConfig, in_group: bool = False) -> type[nn.Module]:
+    """The scanned/looped unit (Block, or BlockGroup when scanning a layer period > 1),
+    wrapped in nn.remat when the config asks for rematerialisation."""
+    cls: type[nn.Module] = Block
+    if cfg.scan_layers and cfg.layer_period > 1 and not in_group:
+        return BlockGroup  # its blocks are remat-wrapped one by one
     if cfg.remat == "none":
-        return Block
+        return cls
     # prevent_cse is only needed outside scan (scan already blocks CSE).
-    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    return nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 def attention_mask(
@@ -478,12 +545,12 @@ class Transformer(nn.Module):
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                length=cfg.num_layers // cfg.layer_period,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
         else:
             # A list attribute named `layers` gives submodules layers_0, layers_1, ...
-            self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+            self.layers = [block(cfg, i) for i in range(cfg.num_layers)]
         self.final_norm = _residual_norm(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(
@@ -537,18 +604,19 @@ class Transformer(nn.Module):
         if cfg.embed_scale:
             # HF rounds sqrt(D) to the compute dtype before multiplying.
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
-        rope = None
+        ropes: Ropes = (None, None)
         if cfg.position_embedding == "learned":
             x = x + self.pos_embed(positions)
         else:
-            rope = rope_sin_cos(cfg, positions)
+            local = rope_sin_cos(cfg, positions, local=True) if cfg.rope_local_theta else None
+            ropes = (rope_sin_cos(cfg, positions), local)
         x = _constrain(x, (BATCH, LENGTH, EMBED_A))
 
         if cfg.scan_layers:
-            x, _ = self.layers(x, rope, rule, kv_mask)
+            x, _ = self.layers(x, ropes, rule, kv_mask)
         else:
             for blk in self.layers:
-                x, _ = blk(x, rope, rule, kv_mask)
+                x, _ = blk(x, ropes, rule, kv_mask)
         x = self.final_norm(x)
         if return_hidden:
             return x
@@ -562,6 +630,9 @@ class Transformer(nn.Module):
             logits = self.embed.attend(hidden_NxLxD, out_dtype)
         else:
             logits = self.lm_head(hidden_NxLxD).astype(out_dtype)
+        if cfg.final_logit_softcap is not None:
+            cap = jnp.asarray(cfg.final_logit_softcap, logits.dtype)
+            logits = cap * jnp.tanh(logits / cap)
         return _constrain(logits, (BATCH, LENGTH, VOCAB_A))
 
 
