@@ -185,6 +185,18 @@ FIXTURES: dict[str, Any] = {
         # Six layers: the default 5 local : 1 global pattern.
         **{**_llama_sizes(c), "num_hidden_layers": 6},
     ),
+    "phi3": lambda tf, c, ids: tf.Phi3Config(
+        num_key_value_heads=2,  # fused qkv_proj with GQA: q, k, v row blocks differ in size
+        rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+            # Long factors are used once any position + 1 exceeds 4: every test row.
+            original_max_position_embeddings=4,
+            short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[1.0, 2.0, 4.0, 8.0],
+        ),
+        original_max_position_embeddings=4, tie_word_embeddings=False,
+        # Phi-3's default token ids (32000) lie outside the tiny vocabulary.
+        **_llama_sizes({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **c}),
+    ),
 }  # fmt: skip
 
 

@@ -27,7 +27,7 @@ _ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
 _POSITIONS = ("learned", "rope")
 _REMATS = ("none", "block", "dots_saveable")
 _ATTN_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
-_ROPE_TYPES = ("linear", "llama3")
+_ROPE_TYPES = ("linear", "llama3", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -39,6 +39,10 @@ class RopeScaling:
     `rope_type="llama3"` (Llama 3.1+) divides only the low frequencies by
     `factor` and interpolates smoothly between `high_freq_factor` and
     `low_freq_factor` wavelengths of `original_max_position_embeddings`.
+    `rope_type="longrope"` (Phi-3 LongRoPE, "su") divides inverse frequency i by
+    `short_factor[i]`, or by `long_factor[i]` when the batch's largest position + 1
+    exceeds `original_max_position_embeddings`, and multiplies sin/cos by
+    `attention_factor`.
     """
 
     rope_type: str = "llama3"
@@ -46,8 +50,16 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("short_factor", "long_factor"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        if self.rope_type == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise ValueError("RopeScaling: longrope needs short_factor and long_factor")
         if self.rope_type not in _ROPE_TYPES:
             raise ValueError(
                 f"RopeScaling.rope_type={self.rope_type!r} is not supported; "

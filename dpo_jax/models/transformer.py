@@ -94,6 +94,8 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
         return inv
     if rs.rope_type == "linear":
         return (inv / rs.factor).astype(np.float32)
+    if rs.rope_type == "longrope":  # the short factors; rope_sin_cos picks long ones when due
+        return (inv / np.asarray(rs.short_factor, np.float32)).astype(np.float32)
     # llama3: keep high frequencies, divide low ones by `factor`, interpolate between.
     old_len = rs.original_max_position_embeddings
     low_wavelen = old_len / rs.low_freq_factor
@@ -111,7 +113,17 @@ def rope_sin_cos(
 ) -> tuple[Array, Array]:
     """sin and cos [N, L, rotary_dim/2] (float32) for the given positions."""
     inv = jnp.asarray(rope_inv_freq(cfg, local))
+    rs = None if local else cfg.rope_scaling
+    if rs is not None and rs.rope_type == "longrope":
+        # As transformers: long factors for the whole call once any position + 1 exceeds
+        # the original context (a KV-cache sampler keeps the keys it cached before).
+        unscaled = rope_inv_freq(cfg.replace(rope_scaling=None))
+        long = jnp.asarray(unscaled / np.asarray(rs.long_factor, np.float32))
+        use_long = jnp.max(positions_NxL) + 1 > rs.original_max_position_embeddings
+        inv = jnp.where(use_long, long, inv)
     angles = positions_NxL.astype(jnp.float32)[..., None] * inv
+    if rs is not None and rs.rope_type == "longrope" and rs.attention_factor != 1.0:
+        return jnp.sin(angles) * rs.attention_factor, jnp.cos(angles) * rs.attention_factor
     return jnp.sin(angles), jnp.cos(angles)
 
 

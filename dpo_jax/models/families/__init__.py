@@ -9,7 +9,7 @@ from __future__ import annotations
 # Registration order is the order error messages and tests list the families in.
 # isort: off
 from dpo_jax.models.families import gpt2, gpt_neox, llama, mistral, qwen2, qwen3  # noqa: F401
-from dpo_jax.models.families import gemma, gemma2, gemma3  # noqa: F401
+from dpo_jax.models.families import gemma, gemma2, gemma3, phi3  # noqa: F401
 
 # isort: on
 from dpo_jax.models.families.base import REGISTRY, Family, Tensor, register

@@ -121,12 +121,35 @@ def rope_from_hf(d: dict[str, Any], default_pct: float = 1.0) -> dict[str, Any]:
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
+    elif rope_type in ("longrope", "su"):
+        scaling = _longrope_from_hf(d, params)
     elif rope_type != "default":
         raise ValueError(
             f"config.json: rope_type {rope_type!r} is not supported "
-            "(supported: 'default', 'linear', 'llama3')"
+            "(supported: 'default', 'linear', 'llama3', 'longrope')"
         )
     return dict(rope_theta=float(theta), rotary_pct=float(pct), rope_scaling=scaling)
+
+
+def _longrope_from_hf(d: dict[str, Any], params: dict[str, Any]) -> RopeScaling:
+    """LongRoPE with its attention factor resolved as transformers does."""
+    original = int(
+        params.get("original_max_position_embeddings")
+        or d.get("original_max_position_embeddings")
+        or d["max_position_embeddings"]
+    )
+    factor = params.get("factor") or d["max_position_embeddings"] / original
+    attn = params.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(
+        rope_type="longrope",
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        short_factor=tuple(params["short_factor"]),
+        long_factor=tuple(params["long_factor"]),
+        attention_factor=float(attn),
+    )
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -135,6 +158,13 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     rs = cfg.rope_scaling
     if rs is not None:
         params.update(rope_type=rs.rope_type, factor=rs.factor)
+        if rs.rope_type == "longrope":
+            params.update(
+                short_factor=list(rs.short_factor or ()),
+                long_factor=list(rs.long_factor or ()),
+                attention_factor=rs.attention_factor,
+                original_max_position_embeddings=rs.original_max_position_embeddings,
+            )
         if rs.rope_type == "llama3":
             params.update(
                 low_freq_factor=rs.low_freq_factor,
