@@ -49,6 +49,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         model_type="gpt_neox", vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=8,
         max_position_embeddings=2048, rotary_pct=0.25,
     ),
+    "gemma-2-2b": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, num_layers=26, num_heads=8,
+        num_kv_heads=4, head_dim=256, intermediate_size=9216, max_position_embeddings=8192,
+        query_pre_attn_scalar=256.0, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        sliding_window=4096,
+        layer_types=("sliding_attention", "full_attention") * 13,  # scanned as 13 pairs
+    ),
     "gpt-j-6b": dict(
         model_type="gptj", vocab_size=50400, hidden_size=4096, num_layers=28, num_heads=16,
         max_position_embeddings=2048,

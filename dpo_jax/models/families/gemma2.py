@@ -50,12 +50,17 @@ def gemma2_options_from_hf(d: dict[str, Any], default_every: int) -> dict[str, A
     )
 
 
+def _int_if_whole(x: float | None) -> float | int | None:
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
 def gemma2_options_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json keys of `gemma2_options_from_hf`."""
     return dict(
         hidden_activation=gemma_hidden_act(cfg),
         attention_bias=cfg.qkv_bias,
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+        # transformers types it int (strictly validated); ours is a float.
+        query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
         attn_logit_softcapping=cfg.attn_logit_softcap,
         final_logit_softcapping=cfg.final_logit_softcap,
         sliding_window=cfg.sliding_window,
