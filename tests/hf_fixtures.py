@@ -232,8 +232,9 @@ def make_tiny_hf_model(
     rotary_pct 0.25, untied), llama (GQA, llama3 rope scaling, untied), mistral
     (GQA with one kv head, sliding window 6, untied), qwen2 (qkv bias, tied),
     qwen3 (q/k norm, head_dim 24 != 64/4, tied), gemma (sqrt(D) embedding
-    scale, (1 + w) RMSNorm, one kv head, head_dim 32, tied). The tokenizer, if given, is
-    saved alongside. Returns `Path(out_dir)`.
+    scale, (1 + w) RMSNorm, one kv head, head_dim 32, tied); for gemma2,
+    gemma3_text, phi3 and qwen2's window on layer 1 see `FIXTURES`. The tokenizer,
+    if given, is saved alongside. Returns `Path(out_dir)`.
     """
     import torch
     import transformers as tf

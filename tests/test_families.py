@@ -103,3 +103,27 @@ def test_gemma2_2b_preset_has_the_checkpoint_parameter_count():
         tm = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config())
     assert models.param_count(cfg) == tm.num_parameters() == 2_614_341_888
     assert jax.tree.leaves(models.abstract_params(cfg))  # builds the scanned-pairs layout too
+
+
+@pytest.mark.parametrize(
+    "family,ablation",
+    [
+        ("gemma2", dict(attn_logit_softcap=None)),
+        ("gemma2", dict(final_logit_softcap=None)),
+        ("gemma2", dict(query_pre_attn_scalar=None)),
+        ("gemma2", dict(layer_types=None)),  # every layer windowed
+        ("gemma3_text", dict(rope_local_theta=None)),
+        ("gemma3_text", dict(sliding_window=None, layer_types=None)),
+        ("qwen2", dict(sliding_window=None, layer_types=None)),
+    ],
+)
+def test_new_family_feature_matters(tiny_hf_dir, family, ablation):
+    """Negative control: switching a feature off breaks parity, so parity tests it."""
+    hf_dir = tiny_hf_dir(family)
+    cfg, params = load_hf(hf_dir)
+    ids = np.random.default_rng(2).integers(0, 320, size=(2, 16)).astype(np.int32)
+    ref = torch_logits(load_torch_model(hf_dir), ids)
+    ok = np.asarray(models.Transformer(cfg).apply({"params": params}, ids))
+    np.testing.assert_allclose(ok, ref, atol=1e-4, rtol=0)
+    bad = np.asarray(models.Transformer(cfg.replace(**ablation)).apply({"params": params}, ids))
+    assert np.abs(bad - ref).max() > 1e-2

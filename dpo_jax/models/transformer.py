@@ -1,8 +1,9 @@
 """One Flax Linen decoder-only transformer for every supported family.
 
-`Transformer(cfg)` covers GPT-2, GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2,
-Qwen3 and Gemma 1; `ModelConfig` switches select norms, activations, position embeddings,
-residual layout, biases, q/k norm and tied embeddings.
+`Transformer(cfg)` covers every family in `dpo_jax.models.families` (GPT-2,
+GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3); `ModelConfig`
+switches select norms, activations, position embeddings, residual layout, biases, q/k
+norm, post-norms, per-layer windows and RoPE bases, soft-caps and tied embeddings.
 
 Full-sequence forward (training, scoring)::
 
