@@ -153,8 +153,9 @@ FIXTURES: dict[str, Any] = {
     ),
     "qwen2": lambda tf, c, ids: tf.Qwen2Config(
         num_key_value_heads=2, rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=True,
-        # Layer 0 full, layer 1 windowed (transformers: layers >= max_window_layers slide).
-        use_sliding_window=True, sliding_window=5, max_window_layers=1,
+        # Every layer windowed (layers >= max_window_layers slide); test_families also
+        # checks max_window_layers=1 (layer 0 full) with `make_tiny_hf_model(hf_config=)`.
+        use_sliding_window=True, sliding_window=5, max_window_layers=0,
         **_llama_sizes(c),
     ),
     "qwen3": lambda tf, c, ids: tf.Qwen3Config(
@@ -225,6 +226,7 @@ def make_tiny_hf_model(
     seed: int = 0,
     weight_std: float = 0.2,
     torch_dtype: Any = None,
+    hf_config: Any = None,
 ) -> Path:
     """Saves a seeded random tiny HF causal LM of `family` into `out_dir`.
 
@@ -233,7 +235,8 @@ def make_tiny_hf_model(
     (GQA with one kv head, sliding window 6, untied), qwen2 (qkv bias, tied),
     qwen3 (q/k norm, head_dim 24 != 64/4, tied), gemma (sqrt(D) embedding
     scale, (1 + w) RMSNorm, one kv head, head_dim 32, tied); for gemma2,
-    gemma3_text, phi3 and qwen2's window on layer 1 see `FIXTURES`. The tokenizer,
+    gemma3_text, phi3 and qwen2's window see `FIXTURES`; `hf_config` replaces the
+    fixture's config (same random init). The tokenizer,
     if given, is saved alongside. Returns `Path(out_dir)`.
     """
     import torch
@@ -241,7 +244,7 @@ def make_tiny_hf_model(
 
     if tokenizer is not None and len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size={vocab_size}")
-    config = _hf_config(family, vocab_size, tokenizer)
+    config = hf_config if hf_config is not None else _hf_config(family, vocab_size, tokenizer)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from dpo_jax.models.transformer import layer_location
 from tests.hf_fixtures import FAMILIES, FIXTURES, load_torch_model, torch_logits
 from tests.test_sampling import test_greedy_matches_transformers_generate as _greedy_parity
 
-NEW_FAMILIES = ("gemma2", "gemma3_text", "phi3", "qwen2")
+NEW_FAMILIES = ("gemma2", "gemma3_text", "phi3")
 
 
 def test_every_registered_family_has_a_fixture():
@@ -62,6 +62,30 @@ def test_qwen2_window_follows_transformers_semantics():
     every = config_from_hf({**base, "use_sliding_window": True, "max_window_layers": 0})
     assert every.layer_types is None and every.sliding_window == 8  # the Mistral form
     assert config_from_hf(models.config_to_hf(on)) == on
+
+
+def test_qwen2_window_from_max_window_layers_matches_transformers(tmp_path, tokenizer):
+    """Layer 0 full, layer 1 windowed: logits (right padding) and greedy generation."""
+    import transformers as tf
+
+    hf_cfg = tf.Qwen2Config(
+        vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    hf_dir = make_tiny_hf_model("qwen2", tmp_path / "q", tokenizer=tokenizer, hf_config=hf_cfg)
+    cfg, params = load_hf(hf_dir)
+    assert cfg.layer_types == ("full_attention", "sliding_attention")
+    ids = np.random.default_rng(4).integers(0, 320, size=(2, 16)).astype(np.int32)
+    real = np.arange(16)[None] < np.array([[16], [11]])
+    ref = torch_logits(load_torch_model(hf_dir), ids, real.astype(np.int64))
+    for scan in (False, True):
+        c, p = load_hf(hf_dir, scan_layers=scan)
+        out = np.asarray(models.Transformer(c).apply({"params": p}, ids, segment_ids=real))
+        np.testing.assert_allclose(out[real], ref[real], atol=1e-4, rtol=0)
+    _greedy_parity("qwen2", lambda _family: hf_dir, tokenizer)
 
 
 def test_gemma2_scans_local_global_pairs(tiny_hf_dir, tmp_path):
@@ -114,7 +138,7 @@ def test_gemma2_2b_preset_has_the_checkpoint_parameter_count():
         ("gemma2", dict(layer_types=None)),  # every layer windowed
         ("gemma3_text", dict(rope_local_theta=None)),
         ("gemma3_text", dict(sliding_window=None, layer_types=None)),
-        ("qwen2", dict(sliding_window=None, layer_types=None)),
+        ("qwen2", dict(sliding_window=None)),
     ],
 )
 def test_new_family_feature_matters(tiny_hf_dir, family, ablation):

@@ -25,7 +25,9 @@ from dpo_jax.models.families.gemma import FAMILY as GEMMA
 from dpo_jax.models.families.gemma import gemma_act, gemma_hidden_act
 
 
-def gemma2_options_from_hf(d: dict[str, Any], default_every: int) -> dict[str, Any]:
+def gemma2_options_from_hf(
+    d: dict[str, Any], default_every: int, default_caps: tuple[float | None, float | None]
+) -> dict[str, Any]:
     """Switches Gemma 2 and 3 read alike; layer i is global when (i + 1) % default_every == 0
     unless config.json lists `layer_types` (or Gemma 3's `sliding_window_pattern`)."""
     if d.get("use_bidirectional_attention"):
@@ -43,9 +45,10 @@ def gemma2_options_from_hf(d: dict[str, Any], default_every: int) -> dict[str, A
         tie_word_embeddings=d.get("tie_word_embeddings", True),
         qkv_bias=bias,
         attn_out_bias=bias,
-        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
-        attn_logit_softcap=d.get("attn_logit_softcapping"),
-        final_logit_softcap=d.get("final_logit_softcapping"),
+        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or 256),
+        # Absent keys take transformers' defaults; an explicit null turns a cap off.
+        attn_logit_softcap=d.get("attn_logit_softcapping", default_caps[0]),
+        final_logit_softcap=d.get("final_logit_softcapping", default_caps[1]),
         **layer_types_from_hf(types, d.get("sliding_window", 4096)),
     )
 
@@ -70,7 +73,7 @@ def gemma2_options_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def _from_hf(d: dict[str, Any]) -> dict[str, Any]:
     base = llama_like_from_hf(d, default_head_dim=256, act=gemma_act(d))
-    return dict(**base, **gemma2_options_from_hf(d, default_every=2))
+    return dict(**base, **gemma2_options_from_hf(d, default_every=2, default_caps=(50.0, 30.0)))
 
 
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -102,7 +105,13 @@ FAMILY = register(
     Family(
         model_type="gemma2",
         architecture="Gemma2ForCausalLM",
-        switches={**GEMMA.switches, "post_norms": True},
+        switches={
+            **GEMMA.switches,
+            "post_norms": True,
+            "query_pre_attn_scalar": 256.0,
+            "attn_logit_softcap": 50.0,
+            "final_logit_softcap": 30.0,
+        },
         from_hf=_from_hf,
         to_hf=_to_hf,
         tensor_map=gemma2_tensor_map,

@@ -51,7 +51,11 @@ def _ropes_from_hf(d: dict[str, Any]) -> dict[str, Any]:
 def _from_hf(d: dict[str, Any]) -> dict[str, Any]:
     base = llama_like_from_hf({**d, "rope_parameters": None, "rope_scaling": None},
                               default_head_dim=256, act=gemma_act(d))  # fmt: skip
-    return {**base, **_ropes_from_hf(d), **gemma2_options_from_hf(d, default_every=6)}
+    return {
+        **base,
+        **_ropes_from_hf(d),
+        **gemma2_options_from_hf(d, default_every=6, default_caps=(None, None)),
+    }
 
 
 def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -71,7 +75,9 @@ FAMILY = register(
             "qk_norm": True,
             "rope_theta": 1_000_000.0,
             "rope_local_theta": 10_000.0,
-        },  # fmt: skip
+            "attn_logit_softcap": None,
+            "final_logit_softcap": None,
+        },
         from_hf=_from_hf,
         to_hf=_to_hf,
         tensor_map=gemma2_tensor_map,
