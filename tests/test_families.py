@@ -12,7 +12,13 @@ import pytest
 from dpo_jax import models
 from dpo_jax.models import config_from_hf, families, load_hf, save_hf
 from dpo_jax.models.transformer import layer_location
-from tests.hf_fixtures import FAMILIES, FIXTURES, load_torch_model, torch_logits
+from tests.hf_fixtures import (
+    FAMILIES,
+    FIXTURES,
+    load_torch_model,
+    make_tiny_hf_model,
+    torch_logits,
+)
 from tests.test_sampling import test_greedy_matches_transformers_generate as _greedy_parity
 
 NEW_FAMILIES = ("gemma2", "gemma3_text", "phi3")
@@ -83,7 +89,9 @@ def test_qwen2_window_from_max_window_layers_matches_transformers(tmp_path, toke
     ref = torch_logits(load_torch_model(hf_dir), ids, real.astype(np.int64))
     for scan in (False, True):
         c, p = load_hf(hf_dir, scan_layers=scan)
-        out = np.asarray(models.Transformer(c).apply({"params": p}, ids, segment_ids=real))
+        out = np.asarray(
+            models.Transformer(c).apply({"params": p}, ids, segment_ids=real.astype(np.int32))
+        )
         np.testing.assert_allclose(out[real], ref[real], atol=1e-4, rtol=0)
     _greedy_parity("qwen2", lambda _family: hf_dir, tokenizer)
 
