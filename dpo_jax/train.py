@@ -335,7 +335,16 @@ def build_trainer(
     `ref_params` defaults to a copy of `params` when `reference == "frozen"`. With
     `lora_config`, `params` is the frozen base (cast to `lora_config.base_dtype`) and
     the state's `params` are fresh adapters (seeded by `seed`), the only trained leaves.
+    On a mesh with a tensor axis > 1 the vocabulary is padded (`models.pad_vocab`): the
+    Trainer's `model_config` records it, and the state's params are padded.
     """
+    tensor = int(mesh.shape["tensor"])
+    if tensor > 1:  # the vocab dim then divides the tensor axis and is really sharded
+        model_config, params = models.pad_vocab(model_config, params, tensor)
+        if ref_params is not None:
+            ref_params = models.vocab.resize_vocab(
+                ref_params, model_config, model_config.embed_vocab_size
+            )
     logical = models.logical_axes(model_config)
     model_logical = base = None
     if lora_config is not None:
@@ -810,6 +819,7 @@ def _train(
         lora_config=lora_config,
         rules=sharding.validate_rules(config.mesh.get("rules", sharding.LOGICAL_AXIS_RULES)),
     )
+    model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None

@@ -122,6 +122,10 @@ class ModelConfig:
     attention_block: int = 512  # blockwise attention: query/key block size (tokens)
     attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     init_std: float = 0.02
+    # Embedding/unembedding rows (>= vocab_size; 0 = vocab_size): rows past vocab_size are
+    # padding so the vocab dim divides the tensor axis (dpo_jax.models.vocab); their
+    # logits are masked, exports strip them. Token ids always live in [0, vocab_size).
+    padded_vocab_size: int = 0
 
     # Token ids carried through Hugging Face import/export (None = unknown).
     bos_token_id: int | None = None
@@ -187,6 +191,11 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.attn_logit_softcap must be > 0, got {self.attn_logit_softcap}"
             )
+
+    @property
+    def embed_vocab_size(self) -> int:
+        """Rows of the embedding and unembedding: the padded vocabulary, if padded."""
+        return max(self.vocab_size, self.padded_vocab_size)
 
     @property
     def rotary_dim(self) -> int:

@@ -35,6 +35,7 @@ import numpy as np
 from dpo_jax.errors import UserError
 from dpo_jax.models.config import ModelConfig, RopeScaling
 from dpo_jax.models.transformer import abstract_params
+from dpo_jax.models.vocab import strip_vocab
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")
 
@@ -781,8 +782,9 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = jnp.dtype(hf_dtype or cfg.param_dtype).name
     np_dtype = np.dtype(jnp.dtype(dtype_name))
+    # An export holds the real vocabulary only (the padding rows are ours).
+    cfg, params = strip_vocab(cfg, nn.meta.unbox(params))
     hf_cfg = config_to_hf(cfg, hf_dtype=dtype_name)
-    params = nn.meta.unbox(params)
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = total = 0
