@@ -101,9 +101,9 @@ def test_params_are_sharded_as_the_rules_say(sharded_runs):
     specs, _ = sharded_runs
     s = specs["2x2x2"]["params"]
     shapes = specs["2x2x2"]["shard_shapes"]
-    # embedding [vocab=64, embed=32]: vocab over tensor (2), embed over fsdp (2)
+    # embedding [vocab=64 padded to 256, embed=32]: vocab over tensor (2), embed over fsdp (2)
     assert s["['embed']['embedding']"] == ["tensor", "fsdp"]
-    assert shapes["['embed']['embedding']"] == [32, 16]
+    assert shapes["['embed']['embedding']"] == [128, 16]
     # MLP up [embed, mlp]: fsdp x tensor; down [mlp, embed]: tensor x fsdp
     assert s["['layers_0']['mlp']['up']['kernel']"] == ["fsdp", "tensor"]
     assert shapes["['layers_0']['mlp']['up']['kernel']"] == [16, 32]

@@ -156,3 +156,40 @@ def test_vocab_is_really_sharded(sharded_specs, mesh):
     np.testing.assert_allclose(
         s["exported_embed"], sharded_specs["1dev"]["exported_embed"], rtol=1e-4, atol=1e-6
     )
+
+
+def test_lora_exports_of_a_padded_vocab_strip_it(tmp_path):
+    """Adapters on the embedding and lm_head of a padded model: the merged export and the
+    PEFT adapter both hold the real vocabulary and reproduce our (padded) logits."""
+    from peft import PeftModel
+
+    from dpo_jax import lora
+
+    src = make_tiny_hf_model("llama", tmp_path / "src", vocab_size=97)
+    cfg, params = models.load_hf(src)
+    pcfg, pbase = models.pad_vocab(cfg, params, 2)
+    lcfg = lora.LoraConfig(4, 8.0, "q,v,embed,lm_head")
+    adapters = lora.init_adapters(pbase, lcfg, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            x + 0.3 * rng.normal(size=x.shape).astype(np.float32)
+            if "lora_b" in jax.tree_util.keystr(p)
+            else x
+        ),
+        adapters,
+    )
+    assert adapters["lm_head"]["lora_b"].shape[-1] == 256
+    ids = np.random.default_rng(0).integers(0, 97, size=(2, 9)).astype(np.int32)
+    full = lora.apply_adapters(pbase, adapters, lcfg.scale)
+    want = np.asarray(models.Transformer(pcfg).apply({"params": full}, ids))[..., :97]
+
+    merged = lora.merge_adapters(lora.load_base(str(src), pcfg), adapters, lcfg.scale)
+    out = models.save_hf(tmp_path / "merged", pcfg, jax.device_get(merged))
+    got = torch_logits(load_torch_model(out), ids)
+    assert got.shape[-1] == 97
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    adir = lora.save_peft(tmp_path / "adapter", adapters, pcfg, lcfg, str(src))
+    model = PeftModel.from_pretrained(load_torch_model(src), str(adir)).eval()
+    np.testing.assert_allclose(torch_logits(model, ids), want, rtol=1e-4, atol=1e-4)
