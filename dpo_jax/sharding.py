@@ -169,13 +169,16 @@ def logical_to_mesh_spec(
     mesh: Mesh,
     rules: Rules = LOGICAL_AXIS_RULES,
     name: str = "array",
+    warned: set | None = None,
 ) -> PartitionSpec:
     """Mesh PartitionSpec for one array from its logical names (Flax's rule resolution).
 
     Flax's `nn.logical_to_mesh_axes` picks the mesh axes (a mesh axis is used at most
-    once per array, first dimension wins). A dimension whose size is not divisible by
+    once per array; the earlier rule of the table wins). A dimension whose size is not divisible by
     its mesh axes is then left whole rather than failing, with a WARNING naming `name`,
     the dimension, the mesh axes and their size: the run still works, only less sharded.
+    `warned` (one set per tree) keeps the same case (logical name, size, mesh axes) of
+    the params, their optimizer moments and the reference from warning more than once.
     """
     logical = tuple(logical_spec)
     missing = [n for n in logical if n is not None and n not in dict(rules)]
@@ -186,7 +189,13 @@ def logical_to_mesh_spec(
     for dim, axes in enumerate(mesh_axes):
         axes = tuple(a for a in _axes_tuple(axes) if a in mesh.shape and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in axes)
+        case = (logical[dim], None if shape is None else shape[dim], axes)
         if shape is not None and axes and shape[dim] % size:
+            if warned is not None and case in warned:
+                out.append(None)
+                continue
+            if warned is not None:
+                warned.add(case)
             log.warning(
                 "%s: dim %d (%s) of size %d is not divisible by mesh axes %s of size %d; "
                 "that dim is replicated instead of sharded",
@@ -224,9 +233,11 @@ def boxed_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RUL
     values = nn.meta.unbox(boxed_tree)
     flat, treedef = jax.tree_util.tree_flatten_with_path(values)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    warned: set = set()
     out = [
         NamedSharding(
-            mesh, logical_to_mesh_spec(spec, leaf.shape, mesh, rules, jax.tree_util.keystr(path))
+            mesh,
+            logical_to_mesh_spec(spec, leaf.shape, mesh, rules, jax.tree_util.keystr(path), warned),
         )
         for (path, leaf), spec in zip(flat, spec_leaves, strict=True)
     ]

@@ -136,6 +136,15 @@ def test_unshardable_dim_warns_and_says_why(caplog):
     with caplog.at_level("WARNING", logger="dpo_jax.sharding"):
         sharding.logical_to_mesh_spec(P("embed", "kv_heads"), (32, 4), mesh)
     assert not caplog.records  # everything divides: silent
+    # the same case in one tree (a param, its Adam moments, the reference) warns once
+    warned: set = set()
+    with caplog.at_level("WARNING", logger="dpo_jax.sharding"):
+        for name in ("k", "mu.k", "nu.k"):
+            spec = sharding.logical_to_mesh_spec(
+                P("embed", "kv_heads"), (32, 2), mesh, name=name, warned=warned
+            )
+            assert spec == P("fsdp")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["k"]
 
 
 def test_rules_table_is_validated_and_overrides_the_default():
