@@ -19,7 +19,7 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import models, sharding, train  # noqa: E402
+from dpo_jax import cli, models, sharding, train  # noqa: E402
 from dpo_jax.configs import tiny  # noqa: E402
 from tests.train_helpers import synthetic_batches, tiny_model_config  # noqa: E402
 
@@ -45,6 +45,11 @@ def main(out_dir: str) -> None:
             mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         else:
             mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        # the (2, 2, 2) run checkpoints, and `dpo-jax export` writes the real vocabulary
+        ckpt = name == "2x2x2"
+        config.run_dir = os.path.join(out_dir, name) if ckpt else ""
+        config.checkpoint.enabled = ckpt
+        config.train.tensorboard = False
         res = train.train(config, train_data=batches, model_config=cfg, params=params0, mesh=mesh)
         mcfg = res.trainer.model_config
         embed = res.state.params["embed"]["embedding"]
@@ -62,6 +67,15 @@ def main(out_dir: str) -> None:
             "losses": [r["loss"] for r in res.history],
             "exported_embed": np.asarray(exported["embed"]["embedding"]).tolist(),
         }
+        if ckpt:
+            from safetensors.numpy import load_file
+
+            out = os.path.join(out_dir, "export")
+            assert cli.main(["export", "--checkpoint", config.run_dir, "--output", out]) == 0
+            with open(os.path.join(out, "config.json")) as f:
+                specs[name]["cli_vocab"] = json.load(f)["vocab_size"]
+            tensors = load_file(os.path.join(out, "model.safetensors"))
+            specs[name]["cli_embed"] = tensors["model.embed_tokens.weight"].tolist()
     with open(os.path.join(out_dir, "specs.json"), "w") as f:
         json.dump(specs, f)
 
