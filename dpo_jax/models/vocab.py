@@ -1,4 +1,4 @@
-"""Vocabulary padding: one rule, applied at load, stripped at export.
+"""Vocabulary padding: one rule, applied where the mesh is known, stripped at export.
 
 A vocabulary that does not divide the tensor-parallel axis (GPT-2's 50257 on 2 devices)
 could only be replicated. Instead the embedding and unembedding get extra rows up to a
@@ -6,7 +6,8 @@ multiple of `tensor * VOCAB_ALIGN` (`pad_vocab`), recorded as
 `ModelConfig.padded_vocab_size`; `ModelConfig.vocab_size` stays the real size that token
 ids live in. `Transformer.logits` masks the padded columns to `PADDED_LOGIT`, so they
 take no probability mass in any log-prob or sampling path; `strip_vocab` removes the
-rows again before export.
+rows again before export. `train.build_trainer` pads when the tensor axis is > 1; the
+loaders (`load_hf`, `init_params`) return the real vocabulary.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def _slice(x: Any, axis: int, rows: int) -> Any:
 def pad_vocab(cfg: ModelConfig, params: Any, tensor: int) -> tuple[ModelConfig, Any]:
     """`(cfg, params)` with the vocabulary padded for a tensor axis of size `tensor`.
 
-    Padding rows are zeros (their logits are masked anyway). Already padded params are
-    re-padded from their real rows, so the result depends only on `tensor`.
+    Padding rows are zeros (their logits are masked anyway); already padded params are
+    cut or padded to the new size, so the result depends only on `tensor`.
     """
     rows = padded_size(cfg.vocab_size, tensor)
     new_cfg = dataclasses.replace(cfg, padded_vocab_size=rows)
