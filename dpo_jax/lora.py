@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.models import families
 from dpo_jax.models.transformer import layer_location
+from dpo_jax.models.vocab import resize_vocab
 
 # Target name -> (module name in the params tree, leaf it adapts, number of input axes).
 # `o` contracts (heads, head_dim); embeddings are looked up along their first axis.
@@ -430,6 +431,11 @@ def peft_state_dict(
                 "which a PEFT embedding adapter does not; use export --merge instead"
             )
         a, b = np.asarray(node[A_NAME]), np.asarray(node[B_NAME])
+        # a padded vocabulary (models.pad_vocab) is ours: PEFT gets the real rows only
+        if target == "embed":
+            a = a[..., : model_config.vocab_size, :]
+        elif target == "lm_head":
+            b = b[..., : model_config.vocab_size]
         name = f"base_model.model.{top[target]}"
         if target == "embed":  # PEFT: delta = (B_emb A_emb)^T, A_emb (r, V), B_emb (D, r)
             tensors[f"{name}.lora_embedding_A"] = np.ascontiguousarray(a.T, np.float32)
@@ -498,7 +504,9 @@ def load_base(model_path: str, model_config: Any) -> Any:
     _, params = hf.load_hf(
         model_path, dtype="float32", param_dtype="float32", scan_layers=model_config.scan_layers
     )
-    return params
+    # padded as in training (vocab padded on a tensor axis), so adapters of the embedding
+    # or lm_head merge row for row; save_hf strips the padding again
+    return resize_vocab(params, model_config, model_config.embed_vocab_size)
 
 
 def require_lora(meta: Mapping[str, Any], path: Any) -> LoraConfig:

@@ -142,6 +142,10 @@ class ModelConfig:
     attention_block: int = 512  # blockwise attention: query/key block size (tokens)
     attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     init_std: float = 0.02
+    # Embedding/unembedding rows (>= vocab_size; 0 = vocab_size): rows past vocab_size are
+    # padding so the vocab dim divides the tensor axis (dpo_jax.models.vocab); their
+    # logits are masked, exports strip them. Token ids always live in [0, vocab_size).
+    padded_vocab_size: int = 0
 
     # Token ids carried through Hugging Face import/export (None = unknown).
     bos_token_id: int | None = None
@@ -246,6 +250,11 @@ class ModelConfig:
             for p in range(1, n + 1)
             if n % p == 0 and all(types[i] == types[i % p] for i in range(n))
         )
+
+    @property
+    def embed_vocab_size(self) -> int:
+        """Rows of the embedding and unembedding: the padded vocabulary, if padded."""
+        return max(self.vocab_size, self.padded_vocab_size)
 
     @property
     def rotary_dim(self) -> int:

@@ -37,6 +37,7 @@ from dpo_jax.models import families
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.families.base import LAYER, Tensor
 from dpo_jax.models.transformer import abstract_params, layer_location
+from dpo_jax.models.vocab import strip_vocab
 
 SUPPORTED_MODEL_TYPES = families.names()
 
@@ -355,8 +356,9 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = jnp.dtype(hf_dtype or cfg.param_dtype).name
     np_dtype = np.dtype(jnp.dtype(dtype_name))
+    # An export holds the real vocabulary only (the padding rows are ours).
+    cfg, params = strip_vocab(cfg, nn.meta.unbox(params))
     hf_cfg = config_to_hf(cfg, hf_dtype=dtype_name)
-    params = nn.meta.unbox(params)
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = total = 0

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.models import attention as attn_lib
+from dpo_jax.models import vocab as vocab_lib
 from dpo_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -545,7 +546,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.embed = Embed(
-            cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), dt, pdt, cfg.init_std
+            cfg.embed_vocab_size, cfg.hidden_size, ("vocab", "embed"), dt, pdt, cfg.init_std
         )
         if cfg.position_embedding == "learned":
             self.pos_embed = Embed(
@@ -567,7 +568,7 @@ class Transformer(nn.Module):
         self.final_norm = _residual_norm(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(
-                (cfg.vocab_size,),
+                (cfg.embed_vocab_size,),
                 ("embed", "vocab"),
                 dtype=dt,
                 param_dtype=pdt,
@@ -636,7 +637,10 @@ class Transformer(nn.Module):
         return self.logits(x)
 
     def logits(self, hidden_NxLxD: Array) -> Array:
-        """Unembedding (tied or untied): hidden [N, L, D] -> logits [N, L, V]."""
+        """Unembedding (tied or untied): hidden [N, L, D] -> logits [N, L, V].
+
+        V is `cfg.embed_vocab_size`; columns past `cfg.vocab_size` are padding, masked to
+        `vocab.PADDED_LOGIT`."""
         cfg = self.cfg
         out_dtype = jnp.float32 if cfg.logits_fp32 else jnp.dtype(cfg.dtype)
         if cfg.tie_word_embeddings:
@@ -646,6 +650,9 @@ class Transformer(nn.Module):
         if cfg.final_logit_softcap is not None:
             cap = jnp.asarray(cfg.final_logit_softcap, logits.dtype)
             logits = cap * jnp.tanh(logits / cap)
+        # Padding ids (vocab padded to divide the tensor axis) get no probability mass,
+        # here once for every caller (log-probs, sampling, metrics).
+        logits = vocab_lib.mask_padded_logits(cfg, logits)
         return _constrain(logits, (BATCH, LENGTH, VOCAB_A))
 
 
