@@ -1126,7 +1126,11 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax train`."""
     from dpo_jax import configs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: importing orbax logs through absl, which already called basicConfig() with
+    # the WARNING default, and INFO lines ("resumed from step N") would be lost.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
     config = configs.load(args.config, getattr(args, "config_overrides", []))
     t0 = time.perf_counter()
     result = train(config)

@@ -222,12 +222,18 @@ def dry_run(
     if not losses.needs_reference(loss_name):
         reference = "none"
     with_ref = reference == "frozen"
-    state_shapes = jax.eval_shape(
-        lambda p: train_step.init_state(p, optimizer, jax.random.key(0), with_ref), abstract
+    # Boxed with their logical names, as `train.build_trainer` builds the state.
+    boxed = sharding.box(logical, abstract)
+    boxed_state = jax.eval_shape(
+        lambda p: train_step.init_state(p, optimizer, jax.random.key(0), with_ref), boxed
     )
     if base is not None:
-        state_shapes = state_shapes.replace(base_params=base, ref_params=base if with_ref else None)
-    state_sh = train.state_shardings(state_shapes, logical, mesh, model_logical)
+        boxed_base = sharding.box(model_logical, base)
+        boxed_state = boxed_state.replace(
+            base_params=boxed_base, ref_params=boxed_base if with_ref else None
+        )
+    state_sh = train.state_shardings(boxed_state, mesh)
+    state_shapes = nn.meta.unbox(boxed_state)
     step_cfg = train_step.StepConfig(
         apply_fn=models.Transformer(model_cfg).apply,
         optimizer=optimizer,
