@@ -74,6 +74,7 @@ NON_MATH_KEYS: tuple[str, ...] = (
     "mesh.fsdp",
     "mesh.tensor",
     "mesh.multihost",
+    "mesh.rules",  # restore reshards onto any layout
     "model.remat",  # same math, less memory
     "model.attention",  # same math, another kernel (blockwise/cuDNN/splash; float rounding only)
     "data.eval",  # held-out data is only evaluated, never trained on

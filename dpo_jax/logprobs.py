@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax import losses
+from dpo_jax.models import vocab as vocab_lib
 
 Array = jax.Array
 
@@ -98,7 +99,9 @@ def _next_token_terms(
         lse = jax.lax.stop_gradient(lse_NxL)
         # H = -sum_v p_v log p_v = lse - sum_v p_v z_v
         extras["entropy"] = lse - jnp.sum(jnp.exp(z - lse[..., None]) * z, axis=-1)
-        extras["mean_logit"] = jnp.mean(z, axis=-1)
+        # over the real vocabulary: padding columns (masked by the model) do not count
+        real = ~vocab_lib.is_padded_logit(z)
+        extras["mean_logit"] = jnp.sum(jnp.where(real, z, 0.0), axis=-1) / jnp.sum(real, axis=-1)
         extras["top1"] = (jnp.argmax(z, axis=-1) == next_ids_NxL).astype(jnp.float32)
     return target_NxL - lse_NxL, extras
 

@@ -36,6 +36,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from dpo_jax.errors import UserError, config_error
+from dpo_jax.models import families
+from dpo_jax.models.transformer import layer_location
+from dpo_jax.models.vocab import resize_vocab
 
 # Target name -> (module name in the params tree, leaf it adapts, number of input axes).
 # `o` contracts (heads, head_dim); embeddings are looked up along their first axis.
@@ -340,29 +343,17 @@ def base_logical_axes(model_logical: Any, base: Any) -> Any:
 
 # ------------------------------------------------------------------------ PEFT export
 
-# family -> target -> (HF module path under the layer, "linear" | "conv1d")
-_LLAMA_MODULES = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}  # fmt: skip
-_GPT2_MODULES = {
-    "q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn",
-    "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj",
-}  # fmt: skip
-_LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
-
 
 def _peft_layout(model_type: str) -> tuple[str, dict[str, str], dict[str, str]]:
     """(layer prefix, target -> module, top-level target -> module) of a family."""
-    if model_type == "gpt2":
-        return "transformer.h", _GPT2_MODULES, {"embed": "transformer.wte"}
-    if model_type in _LLAMA_FAMILIES:
-        return "model.layers", _LLAMA_MODULES, {"embed": "model.embed_tokens", "lm_head": "lm_head"}
-    raise UserError(
-        f"export --adapter: no PEFT module map for model_type {model_type!r} (supported: gpt2, "
-        f"{', '.join(_LLAMA_FAMILIES)}); use export --merge instead"
-    )
+    fam = families.REGISTRY.get(model_type)
+    if fam is None or fam.peft_layout is None:
+        have = [n for n, f in families.REGISTRY.items() if f.peft_layout is not None]
+        raise UserError(
+            f"export --adapter: no PEFT module map for model_type {model_type!r} (supported: "
+            f"{', '.join(have)}); use export --merge instead"
+        )
+    return fam.peft_layout
 
 
 def _layer_slices(adapters: Any, model_config: Any) -> list[tuple[int, dict]]:
@@ -370,10 +361,11 @@ def _layer_slices(adapters: Any, model_config: Any) -> list[tuple[int, dict]]:
     layers = []
     for i in range(model_config.num_layers):
         per: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        if model_config.scan_layers:
-            block, pick = adapters.get("layers", {}), (lambda x, i=i: np.asarray(x[i]))
-        else:
-            block, pick = adapters.get(f"layers_{i}", {}), np.asarray
+        prefix, idx = layer_location(model_config, i)
+        block = adapters
+        for key in prefix:
+            block = block.get(key, {})
+        pick = np.asarray if idx is None else (lambda x, idx=idx: np.asarray(x[idx]))
         for path, node in _modules(block):
             if A_NAME in node:
                 per[path[-1]] = (pick(node[A_NAME]), pick(node[B_NAME]))
@@ -439,6 +431,11 @@ def peft_state_dict(
                 "which a PEFT embedding adapter does not; use export --merge instead"
             )
         a, b = np.asarray(node[A_NAME]), np.asarray(node[B_NAME])
+        # a padded vocabulary (models.pad_vocab) is ours: PEFT gets the real rows only
+        if target == "embed":
+            a = a[..., : model_config.vocab_size, :]
+        elif target == "lm_head":
+            b = b[..., : model_config.vocab_size]
         name = f"base_model.model.{top[target]}"
         if target == "embed":  # PEFT: delta = (B_emb A_emb)^T, A_emb (r, V), B_emb (D, r)
             tensors[f"{name}.lora_embedding_A"] = np.ascontiguousarray(a.T, np.float32)
@@ -507,7 +504,9 @@ def load_base(model_path: str, model_config: Any) -> Any:
     _, params = hf.load_hf(
         model_path, dtype="float32", param_dtype="float32", scan_layers=model_config.scan_layers
     )
-    return params
+    # padded as in training (vocab padded on a tensor axis), so adapters of the embedding
+    # or lm_head merge row for row; save_hf strips the padding again
+    return resize_vocab(params, model_config, model_config.embed_vocab_size)
 
 
 def require_lora(meta: Mapping[str, Any], path: Any) -> LoraConfig:

@@ -292,8 +292,10 @@ def _generate_core(
     # Unembed only the last prompt slot (always a real token with left padding): the
     # full [N, P, V] prefill logits would dominate memory at large vocabularies.
     logits_Nx1xV = model.apply({"params": params}, hidden_NxPxD[:, -1:], method="logits")
-    logits_NxV = logits_Nx1xV[:, 0].astype(jnp.float32)
-    vocab = logits_NxV.shape[-1]
+    # Only the real vocabulary: padding ids (masked by the model) are never drawn, and the
+    # random draws have the same shape as for the unpadded model (same key, same tokens).
+    vocab = cfg.vocab_size
+    logits_NxV = logits_Nx1xV[:, 0, :vocab].astype(jnp.float32)
 
     state = dict(
         t=jnp.zeros((), jnp.int32),
@@ -349,7 +351,7 @@ def _generate_core(
             mutable=["cache"],
         )
         new["cache"] = mutated["cache"]
-        new["logits"] = step_logits[:, 0].astype(jnp.float32)
+        new["logits"] = step_logits[:, 0, :vocab].astype(jnp.float32)
         new["t"] = t + 1
         return new
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpo_jax.errors import UserError
+from dpo_jax.errors import UserError, config_error
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,40 @@ def maybe_initialize_distributed(multihost: str | bool = "auto") -> bool:
     return True
 
 
-def _mesh_axes_for(logical_name: str | None, rules: Sequence[tuple[str, Any]]) -> Any:
-    if logical_name is None:
-        return None
-    for name, axes in rules:
-        if name == logical_name:
-            return axes
-    raise KeyError(f"logical axis {logical_name!r} has no rule in LOGICAL_AXIS_RULES")
+Rules = Sequence[tuple[str, Any]]
+
+
+def validate_rules(rules: Any, key: str = "mesh.rules") -> tuple[tuple[str, Any], ...]:
+    """`rules` as a tuple of `(logical name, mesh axes)` pairs, or a UserError naming `key`.
+
+    Mesh axes are None, one of MESH_AXES, or a sequence of them; a logical name appears
+    once. The model's and LoRA's logical names must all have a rule (checked at use).
+    """
+    hint = "a sequence of (logical_name, None | mesh axis | (mesh axes...)) pairs"
+    if isinstance(rules, str | bytes) or not isinstance(rules, Sequence):
+        raise config_error(key, f"must be a table of rules, got {rules!r}", hint)
+    out: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    for i, rule in enumerate(rules):
+        if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2:
+            raise config_error(f"{key}[{i}]", f"must be a (name, axes) pair, got {rule!r}", hint)
+        name, axes = rule
+        if not isinstance(name, str) or not name:
+            raise config_error(f"{key}[{i}]", f"logical name must be a string, got {name!r}")
+        if name in seen:
+            raise config_error(f"{key}[{i}]", f"logical name {name!r} appears twice")
+        seen.add(name)
+        if axes is not None:
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            bad = [a for a in axes if a not in MESH_AXES]
+            if bad:
+                raise config_error(
+                    f"{key}[{i}]", f"{name!r} maps to unknown mesh axes {bad}",
+                    f"mesh axes are {MESH_AXES} or None",
+                )  # fmt: skip
+            axes = axes[0] if len(axes) == 1 else axes
+        out.append((name, axes))
+    return tuple(out)
 
 
 def _axes_tuple(axes: Any) -> tuple[str, ...]:
@@ -139,87 +167,96 @@ def logical_to_mesh_spec(
     logical_spec: PartitionSpec | Sequence[str | None],
     shape: Sequence[int] | None,
     mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+    rules: Rules = LOGICAL_AXIS_RULES,
+    name: str = "array",
+    warned: set | None = None,
 ) -> PartitionSpec:
-    """Mesh PartitionSpec for one array from its logical names.
+    """Mesh PartitionSpec for one array from its logical names (Flax's rule resolution).
 
-    A mesh axis is used at most once per array (first dimension wins), and a dimension
-    whose size is not divisible by its mesh axes is left whole rather than failing: tiny
-    models (or 2 kv-heads on a tensor axis of 4) then still run, only less sharded.
+    Flax's `nn.logical_to_mesh_axes` picks the mesh axes (a mesh axis is used at most
+    once per array; the earlier rule of the table wins). A dimension whose size is not divisible by
+    its mesh axes is then left whole rather than failing, with a WARNING naming `name`,
+    the dimension, the mesh axes and their size: the run still works, only less sharded.
+    `warned` (one set per tree) keeps the same case (logical name, size, mesh axes) of
+    the params, their optimizer moments and the reference from warning more than once.
     """
-    used: set[str] = set()
+    logical = tuple(logical_spec)
+    missing = [n for n in logical if n is not None and n not in dict(rules)]
+    if missing:
+        raise KeyError(f"logical axes {missing} of {name} have no rule in the rules table")
+    mesh_axes = tuple(nn.logical_to_mesh_axes(logical, rules))
     out: list[Any] = []
-    for dim, name in enumerate(tuple(logical_spec)):
-        axes = tuple(
-            a for a in _axes_tuple(_mesh_axes_for(name, rules)) if a not in used and a in mesh.shape
-        )
+    for dim, axes in enumerate(mesh_axes):
+        axes = tuple(a for a in _axes_tuple(axes) if a in mesh.shape and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in axes)
+        case = (logical[dim], None if shape is None else shape[dim], axes)
         if shape is not None and axes and shape[dim] % size:
-            log.debug("dim %d (%s) of size %d not divisible by %s", dim, name, shape[dim], axes)
+            if warned is not None and case in warned:
+                out.append(None)
+                continue
+            if warned is not None:
+                warned.add(case)
+            log.warning(
+                "%s: dim %d (%s) of size %d is not divisible by mesh axes %s of size %d; "
+                "that dim is replicated instead of sharded",
+                name, dim, logical[dim], shape[dim], axes, size,
+            )  # fmt: skip
             axes = ()
-        axes = tuple(a for a in axes if mesh.shape[a] > 1)
-        used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     while out and out[-1] is None:
         out.pop()
     return PartitionSpec(*out)
 
 
+def box(logical_tree: Any, tree: Any) -> Any:
+    """`tree` with every leaf boxed as `nn.LogicallyPartitioned` with its logical names.
+
+    Optax states built from boxed params keep the boxes on their params-shaped moments,
+    so `nn.get_partition_spec` then names every optimizer-state axis too.
+    """
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    return jax.tree.map(
+        lambda spec, leaf: nn.LogicallyPartitioned(leaf, tuple(spec)),
+        logical_tree,
+        tree,
+        is_leaf=is_spec,
+    )
+
+
+def boxed_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for a (possibly abstract) tree whose leaves may be logically boxed.
+
+    Boxed leaves take the mesh axes of their logical names (`nn.get_partition_spec`, then
+    the rules table); unboxed leaves (step counts, scalars) are replicated.
+    """
+    specs = nn.get_partition_spec(boxed_tree)
+    values = nn.meta.unbox(boxed_tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(values)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    warned: set = set()
+    out = [
+        NamedSharding(
+            mesh,
+            logical_to_mesh_spec(spec, leaf.shape, mesh, rules, jax.tree_util.keystr(path), warned),
+        )
+        for (path, leaf), spec in zip(flat, spec_leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
 def tree_shardings(
-    logical_tree: Any,
-    shapes_tree: Any,
-    mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+    logical_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES
 ) -> Any:
     """NamedShardings for a pytree given its logical PartitionSpecs and its shapes.
 
     `shapes_tree` may hold arrays or ShapeDtypeStructs (anything with `.shape`).
     """
-    is_spec = lambda x: isinstance(x, PartitionSpec)
-    return jax.tree.map(
-        lambda spec, leaf: NamedSharding(mesh, logical_to_mesh_spec(spec, leaf.shape, mesh, rules)),
-        logical_tree,
-        shapes_tree,
-        is_leaf=is_spec,
-    )
+    return boxed_shardings(box(logical_tree, shapes_tree), mesh, rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     """The sharding of an array every device holds whole."""
     return NamedSharding(mesh, PartitionSpec())
-
-
-def opt_state_shardings(
-    opt_state_shapes: Any, params_shapes: Any, param_shardings: Any, mesh: Mesh
-) -> Any:
-    """Shardings for an optax state: moment trees mirror the params, the rest is replicated.
-
-    Optax states are nests of NamedTuples whose params-shaped members (mu, nu, ...) have
-    exactly the params' tree structure; those take the params' shardings, scalars (counts)
-    and anything else are replicated.
-    """
-    params_def = jax.tree.structure(params_shapes)
-
-    def visit(node: Any) -> Any:
-        if jax.tree.structure(node) == params_def and params_def.num_leaves > 0:
-            same_shapes = all(
-                getattr(a, "shape", None) == b.shape
-                for a, b in zip(jax.tree.leaves(node), jax.tree.leaves(params_shapes), strict=True)
-            )
-            if same_shapes:
-                return param_shardings
-        if isinstance(node, tuple | list):
-            children = [visit(c) for c in node]
-            if hasattr(node, "_fields"):  # NamedTuple
-                return type(node)(*children)
-            return type(node)(children)
-        if isinstance(node, dict):
-            return {k: visit(v) for k, v in node.items()}
-        if node is None:
-            return None
-        return jax.tree.map(lambda _: replicated(mesh), node)
-
-    return visit(opt_state_shapes)
 
 
 def batch_spec(ndim: int, micro_axis: bool = True) -> PartitionSpec:

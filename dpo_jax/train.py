@@ -204,32 +204,16 @@ def make_mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
 
 
 def state_shardings(
-    state_shapes: TrainState, logical: Any, mesh: Mesh, model_logical: Any = None
+    boxed_state_shapes: TrainState, mesh: Mesh, rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES
 ) -> TrainState:
-    """NamedShardings for every field of a (possibly abstract) TrainState.
+    """NamedShardings for every field of an abstract TrainState built from boxed params.
 
-    With LoRA `logical` is the adapters' and `model_logical` the model's (for the
-    frozen base and a frozen reference).
+    Params (adapters with LoRA), the frozen base and reference carry their logical names
+    as `nn.LogicallyPartitioned` boxes, and so do the optimizer moments optax built from
+    them; `sharding.boxed_shardings` maps those names through `rules`, and replicates
+    every unboxed leaf (step, counts, rng, loss state).
     """
-    param_sh = sharding.tree_shardings(logical, state_shapes.params, mesh)
-    model_sh = param_sh
-    if model_logical is not None:
-        shapes = state_shapes.base_params
-        shapes = state_shapes.ref_params if shapes is None else shapes
-        model_sh = None if shapes is None else sharding.tree_shardings(model_logical, shapes, mesh)
-    repl = sharding.replicated(mesh)
-    return TrainState(
-        step=repl,
-        params=param_sh,
-        opt_state=sharding.opt_state_shardings(
-            state_shapes.opt_state, state_shapes.params, param_sh, mesh
-        ),
-        ref_params=None if state_shapes.ref_params is None else model_sh,
-        rng=repl,
-        skipped_steps=repl,
-        loss_state=jax.tree.map(lambda _: repl, state_shapes.loss_state),
-        base_params=None if state_shapes.base_params is None else model_sh,
-    )
+    return sharding.boxed_shardings(boxed_state_shapes, mesh, rules)
 
 
 @dataclasses.dataclass
@@ -244,12 +228,13 @@ class Trainer:
     model_config: models.ModelConfig
     step_config: StepConfig
     shardings: TrainState
+    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES  # the config's mesh.rules
     _train_fns: dict = dataclasses.field(default_factory=dict)
     _eval_fns: dict = dataclasses.field(default_factory=dict)
 
     def _context(self):
         # Linen's activation constraints resolve logical names through these rules.
-        return _MeshRules(self.mesh)
+        return _MeshRules(self.mesh, self.rules)
 
     def place_batch(self, batch_A: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Put a host `[A, ...]` batch on the mesh (this host's slice when multi-host)."""
@@ -309,11 +294,11 @@ class Trainer:
 
 
 class _MeshRules:
-    """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(LOGICAL_AXIS_RULES)` as one context."""
+    """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)` as one context."""
 
-    def __init__(self, mesh: Mesh):
+    def __init__(self, mesh: Mesh, rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES):
         self._mesh_ctx = jax.set_mesh(mesh)
-        self._rules_ctx = nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
+        self._rules_ctx = nn.logical_axis_rules(rules)
 
     def __enter__(self) -> None:
         self._mesh_ctx.__enter__()
@@ -343,13 +328,23 @@ def build_trainer(
     ref_model_mixup_alpha: float = 0.6,
     token_metrics: bool = True,
     lora_config: lora.LoraConfig | None = None,
+    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
 ) -> tuple[Trainer, TrainState]:
     """A Trainer and its initial, sharded state (policy = `params`).
 
     `ref_params` defaults to a copy of `params` when `reference == "frozen"`. With
     `lora_config`, `params` is the frozen base (cast to `lora_config.base_dtype`) and
     the state's `params` are fresh adapters (seeded by `seed`), the only trained leaves.
+    On a mesh with a tensor axis > 1 the vocabulary is padded (`models.pad_vocab`): the
+    Trainer's `model_config` records it, and the state's params are padded.
     """
+    tensor = int(mesh.shape["tensor"])
+    if tensor > 1:  # the vocab dim then divides the tensor axis and is really sharded
+        model_config, params = models.pad_vocab(model_config, params, tensor)
+        if ref_params is not None:
+            ref_params = models.vocab.resize_vocab(
+                ref_params, model_config, model_config.embed_vocab_size
+            )
     logical = models.logical_axes(model_config)
     model_logical = base = None
     if lora_config is not None:
@@ -362,14 +357,17 @@ def build_trainer(
     optimizer, schedule = optim.make_optimizer(optim_config, total_steps, params, logical)
     with_ref = reference == "frozen"
     loss_state = losses.init_loss_state(loss_name)  # BCO's running shift, or None
+    # Boxed with their logical names, so the optimizer state optax builds from them
+    # carries the same names and one rules table shards all of it.
+    boxed = sharding.box(logical, jax.eval_shape(lambda p: p, params))
     abstract = jax.eval_shape(
-        lambda p: init_state(p, optimizer, jax.random.key(0), with_ref, loss_state), params
+        lambda p: init_state(p, optimizer, jax.random.key(0), with_ref, loss_state), boxed
     )
     if base is not None:  # the reference (if frozen) and the base are model-shaped
-        base_shapes = jax.eval_shape(lambda b: b, base)
+        base_shapes = sharding.box(model_logical, jax.eval_shape(lambda b: b, base))
         ref_shapes = base_shapes if with_ref else None
         abstract = abstract.replace(base_params=base_shapes, ref_params=ref_shapes)
-    shard = state_shardings(abstract, logical, mesh, model_logical)
+    shard = state_shardings(abstract, mesh, rules)
     step_config = StepConfig(
         apply_fn=models.Transformer(model_config).apply,
         optimizer=optimizer,
@@ -397,11 +395,11 @@ def build_trainer(
         s = init_state(p, optimizer, jax.random.key(seed), False, loss_state)
         return s.replace(ref_params=r, base_params=b)
 
-    with _MeshRules(mesh):
+    with _MeshRules(mesh, rules):
         state = jax.jit(make_state, out_shardings=shard)(
             params, ref_params if with_ref else None, base
         )
-    return Trainer(mesh, model_config, step_config, shard), state
+    return Trainer(mesh, model_config, step_config, shard, rules), state
 
 
 def checkpointable(state: TrainState, step_config: StepConfig) -> TrainState:
@@ -819,7 +817,9 @@ def _train(
         ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
         token_metrics=config.train.get("token_metrics", True),
         lora_config=lora_config,
+        rules=sharding.validate_rules(config.mesh.get("rules", sharding.LOGICAL_AXIS_RULES)),
     )
+    model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None

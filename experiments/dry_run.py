@@ -49,6 +49,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         model_type="gpt_neox", vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=8,
         max_position_embeddings=2048, rotary_pct=0.25,
     ),
+    "gemma-2-2b": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, num_layers=26, num_heads=8,
+        num_kv_heads=4, head_dim=256, intermediate_size=9216, max_position_embeddings=8192,
+        query_pre_attn_scalar=256.0, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        sliding_window=4096,
+        layer_types=("sliding_attention", "full_attention") * 13,  # scanned as 13 pairs
+    ),
     "gpt-j-6b": dict(
         model_type="gptj", vocab_size=50400, hidden_size=4096, num_layers=28, num_heads=16,
         max_position_embeddings=2048,
@@ -215,12 +222,18 @@ def dry_run(
     if not losses.needs_reference(loss_name):
         reference = "none"
     with_ref = reference == "frozen"
-    state_shapes = jax.eval_shape(
-        lambda p: train_step.init_state(p, optimizer, jax.random.key(0), with_ref), abstract
+    # Boxed with their logical names, as `train.build_trainer` builds the state.
+    boxed = sharding.box(logical, abstract)
+    boxed_state = jax.eval_shape(
+        lambda p: train_step.init_state(p, optimizer, jax.random.key(0), with_ref), boxed
     )
     if base is not None:
-        state_shapes = state_shapes.replace(base_params=base, ref_params=base if with_ref else None)
-    state_sh = train.state_shardings(state_shapes, logical, mesh, model_logical)
+        boxed_base = sharding.box(model_logical, base)
+        boxed_state = boxed_state.replace(
+            base_params=boxed_base, ref_params=boxed_base if with_ref else None
+        )
+    state_sh = train.state_shardings(boxed_state, mesh)
+    state_shapes = nn.meta.unbox(boxed_state)
     step_cfg = train_step.StepConfig(
         apply_fn=models.Transformer(model_cfg).apply,
         optimizer=optimizer,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")
+from dpo_jax.models import families as _families
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -46,6 +46,9 @@ DEFAULT_TEXTS = (
     "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ' \" ( ) [ ] { }",
     "User: write a short poem about the sea.\nAssistant: Waves fold into foam.",
 )
+
+# Every registered family (the parity tests parametrize over this); each needs a FIXTURES entry.
+FAMILIES = _families.names()
 
 # Tokenizer vocabulary is about 300; models get a few spare rows, like real ones.
 TOKENIZER_VOCAB = 320
@@ -97,6 +100,107 @@ def train_tokenizer(
     return fast
 
 
+# Shared by the fixtures below.
+_ROPE_LLAMA3 = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    # Small so that tiny head dims have high, medium and low frequencies.
+    original_max_position_embeddings=32,
+)
+_DEFAULT_ROPE = dict(rope_type="default", rope_theta=10000.0)
+
+
+def _llama_sizes(common: dict[str, Any]) -> dict[str, Any]:
+    """Sizes the Llama-like fixtures share; each adds only what makes it distinctive."""
+    return dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, **common
+    )
+
+
+def _gpt2(tf: Any, common: dict[str, Any], ids: dict[str, Any]) -> Any:
+    return tf.GPT2Config(
+        vocab_size=common["vocab_size"], n_positions=128, n_embd=64, n_layer=2, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+    )  # fmt: skip
+
+
+def _gpt_neox(tf: Any, common: dict[str, Any], ids: dict[str, Any]) -> Any:
+    return tf.GPTNeoXConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        use_parallel_residual=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25),
+        tie_word_embeddings=False, **common,
+    )  # fmt: skip
+
+
+# One entry per registered family (dpo_jax.models.families): model_type -> config builder
+# (transformers module, common kwargs, token ids) -> a tiny transformers config that
+# exercises the family's distinctive features.
+FIXTURES: dict[str, Any] = {
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "llama": lambda tf, c, ids: tf.LlamaConfig(
+        num_key_value_heads=2, rope_parameters=_ROPE_LLAMA3, tie_word_embeddings=False,
+        **_llama_sizes(c),
+    ),
+    "mistral": lambda tf, c, ids: tf.MistralConfig(
+        num_key_value_heads=1,
+        sliding_window=6,  # shorter than test sequences, so the window matters
+        rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=False, **_llama_sizes(c),
+    ),
+    "qwen2": lambda tf, c, ids: tf.Qwen2Config(
+        num_key_value_heads=2, rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=True,
+        # Every layer windowed (layers >= max_window_layers slide); test_families also
+        # checks max_window_layers=1 (layer 0 full) with `make_tiny_hf_model(hf_config=)`.
+        use_sliding_window=True, sliding_window=5, max_window_layers=0,
+        **_llama_sizes(c),
+    ),
+    "qwen3": lambda tf, c, ids: tf.Qwen3Config(
+        num_key_value_heads=2,
+        head_dim=24,  # explicit, != hidden / heads
+        rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=True, **_llama_sizes(c),
+    ),
+    "gemma": lambda tf, c, ids: tf.GemmaConfig(
+        num_key_value_heads=1, head_dim=32, hidden_act="gelu_pytorch_tanh",
+        rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=True, **_llama_sizes(c),
+    ),
+    "gemma2": lambda tf, c, ids: tf.Gemma2Config(
+        num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh",
+        rope_parameters=_DEFAULT_ROPE, tie_word_embeddings=True,
+        query_pre_attn_scalar=24,  # != head_dim, so the score scale matters
+        # Caps small enough that tanh bends the tiny model's scores and logits.
+        attn_logit_softcapping=4.0, final_logit_softcapping=3.0,
+        sliding_window=4,  # layers 0, 2 slide; 1, 3 are global: two scanned groups
+        **{**_llama_sizes(c), "num_hidden_layers": 4},
+    ),
+    "gemma3_text": lambda tf, c, ids: tf.Gemma3TextConfig(
+        num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh",
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=10000.0),
+            "sliding_attention": dict(rope_type="default", rope_theta=100.0),
+        },
+        tie_word_embeddings=True, query_pre_attn_scalar=24, sliding_window=4,
+        # Six layers: the default 5 local : 1 global pattern.
+        **{**_llama_sizes(c), "num_hidden_layers": 6},
+    ),
+    "phi3": lambda tf, c, ids: tf.Phi3Config(
+        num_key_value_heads=2,  # fused qkv_proj with GQA: q, k, v row blocks differ in size
+        rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+            # Long factors are used once any position + 1 exceeds 4: every test row.
+            original_max_position_embeddings=4,
+            short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[1.0, 2.0, 4.0, 8.0],
+        ),
+        original_max_position_embeddings=4, tie_word_embeddings=False,
+        # Phi-3's default token ids (32000) lie outside the tiny vocabulary.
+        **_llama_sizes({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **c}),
+    ),
+}  # fmt: skip
+
+
 def _hf_config(family: str, vocab_size: int, tokenizer: Any) -> Any:
     """A tiny `transformers` config exercising the family's distinctive features."""
     import transformers as tf
@@ -108,92 +212,10 @@ def _hf_config(family: str, vocab_size: int, tokenizer: Any) -> Any:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+    if family not in FIXTURES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     common = dict(vocab_size=vocab_size, max_position_embeddings=128, **ids)
-    rope_llama3 = dict(
-        rope_type="llama3",
-        rope_theta=10000.0,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        # Small so that tiny head dims have high, medium and low frequencies.
-        original_max_position_embeddings=32,
-    )
-    if family == "gpt2":
-        return tf.GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=128,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **ids,
-        )
-    if family == "gpt_neox":
-        return tf.GPTNeoXConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            use_parallel_residual=True,
-            rope_parameters=dict(
-                rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25
-            ),
-            tie_word_embeddings=False,
-            **common,
-        )
-    # The Llama-like families share these sizes; each adds only what makes it distinctive.
-    llama_sizes = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        **common,
-    )
-    default_rope = dict(rope_type="default", rope_theta=10000.0)
-    llama_like = {
-        "llama": (
-            tf.LlamaConfig,
-            dict(num_key_value_heads=2, rope_parameters=rope_llama3, tie_word_embeddings=False),
-        ),
-        "mistral": (
-            tf.MistralConfig,
-            dict(
-                num_key_value_heads=1,
-                sliding_window=6,  # shorter than test sequences, so the window matters
-                rope_parameters=default_rope,
-                tie_word_embeddings=False,
-            ),
-        ),
-        "qwen2": (
-            tf.Qwen2Config,
-            dict(num_key_value_heads=2, rope_parameters=default_rope, tie_word_embeddings=True),
-        ),
-        "qwen3": (
-            tf.Qwen3Config,
-            dict(
-                num_key_value_heads=2,
-                head_dim=24,  # explicit, != hidden / heads
-                rope_parameters=default_rope,
-                tie_word_embeddings=True,
-            ),
-        ),
-        "gemma": (
-            tf.GemmaConfig,
-            dict(
-                num_key_value_heads=1,
-                head_dim=32,
-                hidden_act="gelu_pytorch_tanh",
-                rope_parameters=default_rope,
-                tie_word_embeddings=True,
-            ),
-        ),
-    }
-    if family in llama_like:
-        config_class, distinctive = llama_like[family]
-        return config_class(**distinctive, **llama_sizes)
-    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    return FIXTURES[family](tf, common, ids)
 
 
 def make_tiny_hf_model(
@@ -204,6 +226,7 @@ def make_tiny_hf_model(
     seed: int = 0,
     weight_std: float = 0.2,
     torch_dtype: Any = None,
+    hf_config: Any = None,
 ) -> Path:
     """Saves a seeded random tiny HF causal LM of `family` into `out_dir`.
 
@@ -211,15 +234,17 @@ def make_tiny_hf_model(
     rotary_pct 0.25, untied), llama (GQA, llama3 rope scaling, untied), mistral
     (GQA with one kv head, sliding window 6, untied), qwen2 (qkv bias, tied),
     qwen3 (q/k norm, head_dim 24 != 64/4, tied), gemma (sqrt(D) embedding
-    scale, (1 + w) RMSNorm, one kv head, head_dim 32, tied). The tokenizer, if given, is
-    saved alongside. Returns `Path(out_dir)`.
+    scale, (1 + w) RMSNorm, one kv head, head_dim 32, tied); for gemma2,
+    gemma3_text, phi3 and qwen2's window see `FIXTURES`; `hf_config` replaces the
+    fixture's config (same random init). The tokenizer,
+    if given, is saved alongside. Returns `Path(out_dir)`.
     """
     import torch
     import transformers as tf
 
     if tokenizer is not None and len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size={vocab_size}")
-    config = _hf_config(family, vocab_size, tokenizer)
+    config = hf_config if hf_config is not None else _hf_config(family, vocab_size, tokenizer)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)

@@ -42,9 +42,11 @@ def main(out_dir: str) -> None:
         else:
             mesh = sharding.make_mesh(*shape)
         res = train.train(config, train_data=batches, model_config=cfg, params=params0, mesh=mesh)
+        # the tensor axis pads the vocabulary (64 -> 256); compare the real rows
+        _, real = models.strip_vocab(res.trainer.model_config, jax.device_get(res.state.params))
         flat = {
-            jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
-            for p, x in jax.tree_util.tree_leaves_with_path(res.state.params)
+            jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(real)
         }
         mu = res.state.opt_state
         specs[name] = {

@@ -38,7 +38,8 @@ def _child(run_dir: str) -> None:
         opt = jax.jit(tx.init)(p)
         grads = jax.tree.map(lambda x: jnp.full_like(x, 0.25), p)
         _, opt = tx.update(grads, opt, p)
-        o_sh = sharding.opt_state_shardings(opt, p, p_sh, mesh)
+        # optimizer state from boxed params keeps the logical names: one rules table
+        o_sh = sharding.boxed_shardings(jax.eval_shape(tx.init, sharding.box(logical, p)), mesh)
         opt = jax.device_put(opt, o_sh)
         rep = sharding.replicated(mesh)
         state = {

@@ -101,9 +101,9 @@ def test_params_are_sharded_as_the_rules_say(sharded_runs):
     specs, _ = sharded_runs
     s = specs["2x2x2"]["params"]
     shapes = specs["2x2x2"]["shard_shapes"]
-    # embedding [vocab=64, embed=32]: vocab over tensor (2), embed over fsdp (2)
+    # embedding [vocab=64 padded to 256, embed=32]: vocab over tensor (2), embed over fsdp (2)
     assert s["['embed']['embedding']"] == ["tensor", "fsdp"]
-    assert shapes["['embed']['embedding']"] == [32, 16]
+    assert shapes["['embed']['embedding']"] == [128, 16]
     # MLP up [embed, mlp]: fsdp x tensor; down [mlp, embed]: tensor x fsdp
     assert s["['layers_0']['mlp']['up']['kernel']"] == ["fsdp", "tensor"]
     assert shapes["['layers_0']['mlp']['up']['kernel']"] == [16, 32]
@@ -119,3 +119,94 @@ def test_params_are_sharded_as_the_rules_say(sharded_runs):
     # Adam moments follow the params' shardings (mu/nu of [embed, mlp] kernels)
     assert "P('fsdp', 'tensor')" in specs["2x2x2"]["opt_specs"]
     assert "P('tensor', 'fsdp')" in specs["2x2x2"]["opt_specs"]
+
+
+def test_unshardable_dim_warns_and_says_why(caplog):
+    mesh = _FakeMesh(1, 2, 4)
+    with caplog.at_level("WARNING", logger="dpo_jax.sharding"):
+        spec = sharding.logical_to_mesh_spec(
+            P("embed", "kv_heads", "head_dim"), (32, 2, 8), mesh, name="['attn']['k']"
+        )
+    assert spec == P("fsdp")  # kv_heads (2) does not divide tensor (4): left whole
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    msg = record.getMessage()
+    assert "['attn']['k']" in msg and "dim 1 (kv_heads) of size 2" in msg
+    assert "('tensor',) of size 4" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dpo_jax.sharding"):
+        sharding.logical_to_mesh_spec(P("embed", "kv_heads"), (32, 4), mesh)
+    assert not caplog.records  # everything divides: silent
+    # the same case in one tree (a param, its Adam moments, the reference) warns once
+    warned: set = set()
+    with caplog.at_level("WARNING", logger="dpo_jax.sharding"):
+        for name in ("k", "mu.k", "nu.k"):
+            spec = sharding.logical_to_mesh_spec(
+                P("embed", "kv_heads"), (32, 2), mesh, name=name, warned=warned
+            )
+            assert spec == P("fsdp")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["k"]
+
+
+def test_rules_table_is_validated_and_overrides_the_default():
+    from dpo_jax.configs import default, validate
+    from dpo_jax.errors import UserError
+
+    rules = sharding.validate_rules([["vocab", None], ["embed", ["fsdp", "tensor"]]])
+    assert rules == (("vocab", None), ("embed", ("fsdp", "tensor")))
+    # a user table replaces the default one: embed over fsdp x tensor, vocab whole
+    mesh = _FakeMesh(1, 2, 2)
+    assert sharding.logical_to_mesh_spec(P("vocab", "embed"), (8, 8), mesh, rules) == P(
+        None, ("fsdp", "tensor")
+    )
+    with pytest.raises(UserError, match=r"'mesh.rules\[1\]'.*unknown mesh axes \['model'\]"):
+        sharding.validate_rules([("vocab", "tensor"), ("embed", "model")])
+    with pytest.raises(UserError, match=r"'mesh.rules\[1\]'.*appears twice"):
+        sharding.validate_rules([("vocab", "tensor"), ("vocab", None)])
+    with pytest.raises(UserError, match="'mesh.rules'"):
+        sharding.validate_rules("vocab=tensor")
+    config = default.get_config()
+    assert sharding.validate_rules(config.mesh.rules) == sharding.LOGICAL_AXIS_RULES
+    config.mesh.rules = (("vocab", "tensr"),)
+    with pytest.raises(UserError, match=r"mesh.rules\[0\]"):
+        validate.validate(config)
+    with pytest.raises(KeyError, match="embed"):  # a name missing from the table fails loudly
+        sharding.logical_to_mesh_spec(P("embed"), (8,), mesh, (("vocab", "tensor"),))
+
+
+@pytest.mark.parametrize("name", ["adamw", "rmsprop", "sgd"])
+def test_optimizer_state_keeps_the_params_logical_names(name):
+    """No structure walk: optax built from boxed params boxes its moments the same way."""
+    from flax import linen as nn
+
+    from dpo_jax import models, optim
+
+    cfg = models.ModelConfig(
+        model_type="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+        num_kv_heads=2, intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    params = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    logical = models.logical_axes(cfg)
+    optim_cfg = dict(name=name, weight_decay=0.1, momentum=0.9, max_grad_norm=1.0)
+    tx, _ = optim.make_optimizer(optim_cfg, 10, params, logical)
+    opt = jax.eval_shape(tx.init, sharding.box(logical, params))
+    specs = nn.get_partition_spec(opt)
+    is_spec = lambda x: isinstance(x, P)
+    flat_logical = jax.tree.leaves(logical, is_leaf=is_spec)
+    n_param_leaves = len(flat_logical)
+    # every params-shaped moment carries exactly the params' logical names, in order
+    moments = [
+        node
+        for node in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, dict))
+        if isinstance(node, dict)
+    ]
+    assert moments, "no params-shaped moment found"
+    for tree in moments:
+        assert jax.tree.leaves(tree, is_leaf=is_spec) == flat_logical
+    unboxed = [
+        x for x in jax.tree.leaves(opt, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        if not isinstance(x, nn.Partitioned)
+    ]  # fmt: skip
+    assert all(x.shape == () for x in unboxed)  # only counts are left unnamed -> replicated
+    assert len(jax.tree.leaves(specs, is_leaf=is_spec)) == n_param_leaves * len(moments) + len(
+        unboxed
+    )

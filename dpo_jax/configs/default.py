@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from dpo_jax.sharding import LOGICAL_AXIS_RULES
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The full config tree with defaults."""
@@ -104,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.multihost = "auto"  # auto | true | false: jax.distributed.initialize()
+    # (logical axis, mesh axes) pairs: shards params, optimizer state, reference, activations
+    c.mesh.rules = LOGICAL_AXIS_RULES
 
     c.train = ml_collections.ConfigDict()
     c.train.log_every = 10

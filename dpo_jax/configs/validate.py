@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dpo_jax import losses
+from dpo_jax import losses, sharding
 from dpo_jax.data.tokenize import TRUNCATION_MODES
 from dpo_jax.errors import UserError, config_error
 
@@ -270,6 +270,9 @@ def validate(config: Any) -> None:
                 axis, f"-1, but {rest} is -1 already", "at most one axis takes the rest"
             )
         rest = axis if v == -1 else rest
+    rules = value("mesh.rules")
+    if rules is not _MISSING:
+        sharding.validate_rules(rules)
 
     check("train.nan_policy", _check_choice, NAN_POLICIES)
     check("train.log_every", _check_int, 1)

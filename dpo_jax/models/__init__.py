@@ -22,6 +22,7 @@ from dpo_jax.models.transformer import (
     logical_axes,
     param_count,
 )
+from dpo_jax.models.vocab import pad_vocab, strip_vocab
 
 __all__ = [
     "FAMILY_SWITCHES",
@@ -38,6 +39,8 @@ __all__ = [
     "init_params",
     "load_hf",
     "logical_axes",
+    "pad_vocab",
     "param_count",
     "save_hf",
+    "strip_vocab",
 ]

@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass with per-family switches.
 
-A single `ModelConfig` describes every supported decoder-only family (GPT-2,
-GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 1). The `Transformer` module
+A single `ModelConfig` describes every supported decoder-only family (one module
+each in `dpo_jax.models.families`). The `Transformer` module
 reads only these switches, never `model_type`; `model_type` matters only for
 Hugging Face import/export (`dpo_jax.models.hf`).
 
@@ -27,7 +27,8 @@ _ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
 _POSITIONS = ("learned", "rope")
 _REMATS = ("none", "block", "dots_saveable")
 _ATTN_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
-_ROPE_TYPES = ("linear", "llama3")
+_ROPE_TYPES = ("linear", "llama3", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,10 @@ class RopeScaling:
     `rope_type="llama3"` (Llama 3.1+) divides only the low frequencies by
     `factor` and interpolates smoothly between `high_freq_factor` and
     `low_freq_factor` wavelengths of `original_max_position_embeddings`.
+    `rope_type="longrope"` (Phi-3 LongRoPE, "su") divides inverse frequency i by
+    `short_factor[i]`, or by `long_factor[i]` when the batch's largest position + 1
+    exceeds `original_max_position_embeddings`, and multiplies sin/cos by
+    `attention_factor`.
     """
 
     rope_type: str = "llama3"
@@ -45,8 +50,16 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("short_factor", "long_factor"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        if self.rope_type == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise ValueError("RopeScaling: longrope needs short_factor and long_factor")
         if self.rope_type not in _ROPE_TYPES:
             raise ValueError(
                 f"RopeScaling.rope_type={self.rope_type!r} is not supported; "
@@ -101,6 +114,10 @@ class ModelConfig:
     rotary_pct: float = 1.0  # fraction of head_dim that is rotated (NeoX partial rotary)
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # Mistral: a token sees at most this many positions back
+    # Per-layer attention kind, HF names "full_attention" / "sliding_attention" (Gemma 2/3,
+    # Qwen2 use_sliding_window). None: every layer uses `sliding_window` (Mistral).
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of sliding layers (no scaling)
 
     parallel_residual: bool = False  # NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     qkv_bias: bool = False
@@ -110,6 +127,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     embed_scale: bool = False  # Gemma: token embeddings times sqrt(hidden_size)
     norm_scale_offset: float = 0.0  # Gemma: RMSNorm multiplies by (offset + scale)
+    post_norms: bool = False  # Gemma 2/3: norms on the attention and MLP outputs too
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: scores scaled by this**-0.5
+    final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
 
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -122,6 +142,10 @@ class ModelConfig:
     attention_block: int = 512  # blockwise attention: query/key block size (tokens)
     attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     init_std: float = 0.02
+    # Embedding/unembedding rows (>= vocab_size; 0 = vocab_size): rows past vocab_size are
+    # padding so the vocab dim divides the tensor axis (dpo_jax.models.vocab); their
+    # logits are masked, exports strip them. Token ids always live in [0, vocab_size).
+    padded_vocab_size: int = 0
 
     # Token ids carried through Hugging Face import/export (None = unknown).
     bos_token_id: int | None = None
@@ -147,6 +171,8 @@ class ModelConfig:
             set_("rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.layer_types, list):
+            set_("layer_types", tuple(self.layer_types))
         self._validate()
 
     def _validate(self) -> None:
@@ -183,10 +209,52 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.attention_block must be a power of two >= 16, got {self.attention_block}"
             )
-        if self.attn_logit_softcap is not None and self.attn_logit_softcap <= 0:
-            raise ValueError(
-                f"ModelConfig.attn_logit_softcap must be > 0, got {self.attn_logit_softcap}"
-            )
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(
+                    f"ModelConfig.layer_types has {len(self.layer_types)} entries, "
+                    f"num_layers={self.num_layers}"
+                )
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"ModelConfig.layer_types: {bad} not in {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("ModelConfig.layer_types has sliding layers but no sliding_window")
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window of layer `layer` (None = full causal attention)."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def layer_is_local(self, layer: int) -> bool:
+        """Whether layer `layer` uses the local RoPE base (`rope_local_theta`)."""
+        return (
+            self.rope_local_theta is not None
+            and self.layer_types is not None
+            and self.layer_types[layer] == "sliding_attention"
+        )
+
+    @property
+    def layer_period(self) -> int:
+        """Smallest p dividing num_layers with layer p+i like layer i (the scanned group)."""
+        types = self.layer_types
+        if types is None:
+            return 1
+        n = self.num_layers
+        return next(
+            p
+            for p in range(1, n + 1)
+            if n % p == 0 and all(types[i] == types[i % p] for i in range(n))
+        )
+
+    @property
+    def embed_vocab_size(self) -> int:
+        """Rows of the embedding and unembedding: the padded vocabulary, if padded."""
+        return max(self.vocab_size, self.padded_vocab_size)
 
     @property
     def rotary_dim(self) -> int:
@@ -200,8 +268,9 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (inverse of `ModelConfig.from_dict`)."""
         d = dataclasses.asdict(self)
-        if isinstance(d["eos_token_id"], tuple):
-            d["eos_token_id"] = list(d["eos_token_id"])
+        for k in ("eos_token_id", "layer_types"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
         return d
 
     @classmethod
@@ -215,11 +284,10 @@ class ModelConfig:
     @classmethod
     def for_family(cls, model_type: str, **overrides: Any) -> ModelConfig:
         """Family switches of `model_type` (see FAMILY_SWITCHES) plus overrides."""
-        if model_type not in FAMILY_SWITCHES:
-            raise ValueError(
-                f"unknown model_type {model_type!r}; supported: {sorted(FAMILY_SWITCHES)}"
-            )
-        return cls(**{"model_type": model_type, **FAMILY_SWITCHES[model_type], **overrides})
+        switches = _family_switches()
+        if model_type not in switches:
+            raise ValueError(f"unknown model_type {model_type!r}; supported: {sorted(switches)}")
+        return cls(**{"model_type": model_type, **switches[model_type], **overrides})
 
     @classmethod
     def tiny(cls, model_type: str = "llama", **overrides: Any) -> ModelConfig:
@@ -229,7 +297,7 @@ class ModelConfig:
             hidden_size=64,
             num_layers=2,
             num_heads=4,
-            num_kv_heads=2 if FAMILY_SWITCHES.get(model_type, {}).get("gated_mlp") else None,
+            num_kv_heads=2 if _family_switches().get(model_type, {}).get("gated_mlp") else None,
             intermediate_size=128,
             max_position_embeddings=128,
         )
@@ -241,49 +309,16 @@ class ModelConfig:
         return gpt2_small(**overrides)
 
 
-# The Llama-like families are Llama's switches plus their own differences.
-_LLAMA_SWITCHES: dict[str, Any] = dict(
-    norm_type="rmsnorm", norm_eps=1e-6, activation="silu", gated_mlp=True
-)
+# Per-family architecture switches (sizes come from the checkpoint or the caller), filled
+# by each family module in `dpo_jax.models.families` when it registers itself.
+FAMILY_SWITCHES: dict[str, dict[str, Any]] = {}
 
-# Per-family architecture switches (sizes come from the checkpoint or the caller).
-FAMILY_SWITCHES: dict[str, dict[str, Any]] = {
-    "gpt2": dict(
-        norm_type="layernorm",
-        norm_eps=1e-5,
-        activation="gelu_new",
-        gated_mlp=False,
-        position_embedding="learned",
-        qkv_bias=True,
-        attn_out_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=True,
-    ),
-    "gpt_neox": dict(
-        norm_type="layernorm",
-        norm_eps=1e-5,
-        activation="gelu",
-        gated_mlp=False,
-        position_embedding="rope",
-        rotary_pct=0.25,
-        parallel_residual=True,
-        qkv_bias=True,
-        attn_out_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=False,
-    ),
-    "llama": dict(_LLAMA_SWITCHES),  # copies: the table is public and must not alias
-    "mistral": dict(_LLAMA_SWITCHES),
-    "qwen2": {**_LLAMA_SWITCHES, "qkv_bias": True, "rope_theta": 1000000.0},
-    "gemma": {
-        **_LLAMA_SWITCHES,
-        "activation": "gelu_new",
-        "tie_word_embeddings": True,
-        "embed_scale": True,
-        "norm_scale_offset": 1.0,
-    },
-    "qwen3": {**_LLAMA_SWITCHES, "qk_norm": True, "rope_theta": 1000000.0},
-}
+
+def _family_switches() -> dict[str, dict[str, Any]]:
+    """FAMILY_SWITCHES after every family module has registered."""
+    import dpo_jax.models.families  # noqa: F401 - registers the families
+
+    return FAMILY_SWITCHES
 
 
 def gpt2_small(**overrides: Any) -> ModelConfig:

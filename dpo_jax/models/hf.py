@@ -5,8 +5,9 @@
 
 Import reads `config.json` and `*.safetensors` (a single file, or shards listed
 in `model.safetensors.index.json`) with `safetensors` in numpy mode, one tensor
-at a time, so host memory holds about one copy of the weights. Layout facts
-handled per family:
+at a time, so host memory holds about one copy of the weights. Everything
+family-specific (config.json keys, tensor names and layouts) lives in one
+module per family under `dpo_jax.models.families`; for example:
 
 - `nn.Linear` weights are (out, in): transposed into `x @ kernel` form, then
   reshaped to (D, heads, head_dim) / (heads, head_dim, D).
@@ -20,10 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,31 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.errors import UserError
-from dpo_jax.models.config import ModelConfig, RopeScaling
-from dpo_jax.models.transformer import abstract_params
+from dpo_jax.models import families
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.families.base import LAYER, Tensor
+from dpo_jax.models.transformer import abstract_params, layer_location
+from dpo_jax.models.vocab import strip_vocab
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")
-
-_ARCHITECTURES = {
-    "gpt2": "GPT2LMHeadModel",
-    "gpt_neox": "GPTNeoXForCausalLM",
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-}
-
-# HF activation names -> ours ("gelu_pytorch_tanh" is the same tanh formula as gelu_new).
-_ACT_FROM_HF = {
-    "gelu_new": "gelu_new",
-    "gelu_pytorch_tanh": "gelu_new",
-    "gelu_fast": "gelu_new",
-    "gelu": "gelu",
-    "silu": "silu",
-    "swish": "silu",
-    "relu": "relu",
-}
+SUPPORTED_MODEL_TYPES = families.names()
 
 # Non-weight buffers some checkpoints carry; ignored on import.
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "attention.bias", ".masked_bias", "inv_freq")
@@ -78,46 +60,6 @@ _RUNTIME_FIELDS = {
 # ----------------------------------------------------------------------------- config
 
 
-def _rope_from_hf(d: dict[str, Any], default_pct: float = 1.0) -> dict[str, Any]:
-    """rope_theta / rotary_pct / rope_scaling from old- or new-style HF keys."""
-    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
-        raise ValueError(
-            "config.json: per-layer-type rope_parameters are not supported "
-            f"(got keys {sorted(params)})"
-        )
-    theta = params.get("rope_theta", d.get("rope_theta", d.get("rotary_emb_base", 10000.0)))
-    pct = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
-    if pct is None:
-        pct = d.get("rotary_pct", default_pct)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    scaling = None
-    if rope_type == "linear":
-        scaling = RopeScaling(rope_type="linear", factor=float(params["factor"]))
-    elif rope_type == "llama3":
-        scaling = RopeScaling(
-            rope_type="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    elif rope_type != "default":
-        raise ValueError(
-            f"config.json: rope_type {rope_type!r} is not supported "
-            "(supported: 'default', 'linear', 'llama3')"
-        )
-    return dict(rope_theta=float(theta), rotary_pct=float(pct), rope_scaling=scaling)
-
-
-def _activation_from_hf(name: str) -> str:
-    if name not in _ACT_FROM_HF:
-        raise ValueError(
-            f"config.json: activation {name!r} is not supported (supported: {sorted(_ACT_FROM_HF)})"
-        )
-    return _ACT_FROM_HF[name]
-
-
 def _token_ids(d: dict[str, Any]) -> dict[str, Any]:
     eos = d.get("eos_token_id")
     return dict(
@@ -127,135 +69,23 @@ def _token_ids(d: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _no_sliding_window(d: dict[str, Any], model_type: str) -> None:
-    if d.get("use_sliding_window"):
-        raise ValueError(
-            f"config.json: {model_type} with use_sliding_window=true is not supported "
-            "(per-layer windows)"
-        )
-
-
 def config_from_hf(d: dict[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict; `overrides` win (e.g. dtype)."""
     model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"config.json: unknown model_type {model_type!r}; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if model_type == "gpt2":
-        if d.get("scale_attn_by_inverse_layer_idx") or d.get("scale_attn_weights") is False:
-            raise ValueError(
-                "config.json: gpt2 with scale_attn_by_inverse_layer_idx=true or "
-                "scale_attn_weights=false is not supported"
-            )
-        hidden = d.get("n_embd", 768)
-        kw: dict[str, Any] = dict(
-            vocab_size=d.get("vocab_size", 50257),
-            hidden_size=hidden,
-            num_layers=d.get("n_layer", 12),
-            num_heads=d.get("n_head", 12),
-            intermediate_size=d.get("n_inner") or 4 * hidden,
-            max_position_embeddings=d.get("n_positions", 1024),
-            norm_eps=d.get("layer_norm_epsilon", 1e-5),
-            activation=_activation_from_hf(d.get("activation_function", "gelu_new")),
-            tie_word_embeddings=d.get("tie_word_embeddings", True),
-        )
-    elif model_type == "gpt_neox":
-        attn_bias = d.get("attention_bias", True)
-        kw = dict(
-            vocab_size=d.get("vocab_size", 50432),
-            hidden_size=d["hidden_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            intermediate_size=d["intermediate_size"],
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            norm_eps=d.get("layer_norm_eps", 1e-5),
-            activation=_activation_from_hf(d.get("hidden_act", "gelu")),
-            parallel_residual=d.get("use_parallel_residual", True),
-            qkv_bias=attn_bias,
-            attn_out_bias=attn_bias,
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            **_rope_from_hf(d, default_pct=0.25),
-        )
-    else:
-        heads = d["num_attention_heads"]
-        default_head_dim = {"qwen3": 128, "gemma": 256}.get(model_type, d["hidden_size"] // heads)
-        act = d.get("hidden_act", "silu")
-        if model_type == "gemma":
-            # Gemma's "gelu" means the tanh approximation (HF converts it the same way).
-            act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-            act = "gelu_pytorch_tanh" if act == "gelu" else act
-        kw = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or default_head_dim,
-            intermediate_size=d["intermediate_size"],
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            norm_eps=d.get("rms_norm_eps", 1e-6),
-            activation=_activation_from_hf(act),
-            tie_word_embeddings=d.get("tie_word_embeddings", model_type == "gemma"),
-            **_rope_from_hf(d),
-        )
-        if model_type in ("llama", "qwen3", "gemma"):
-            kw["qkv_bias"] = kw["attn_out_bias"] = bool(d.get("attention_bias", False))
-        if model_type == "llama":
-            kw["mlp_bias"] = bool(d.get("mlp_bias", False))
-        if model_type == "mistral":
-            kw["sliding_window"] = d.get("sliding_window", 4096)
-        if model_type in ("qwen2", "qwen3"):
-            _no_sliding_window(d, model_type)
+    try:
+        family = families.get(model_type)
+    except ValueError as e:
+        raise ValueError(f"config.json: {e}") from None
+    kw = family.from_hf(d)
     return ModelConfig.for_family(model_type, **{**kw, **_token_ids(d), **overrides})
-
-
-def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    rs = cfg.rope_scaling
-    if rs is not None:
-        params.update(rope_type=rs.rope_type, factor=rs.factor)
-        if rs.rope_type == "llama3":
-            params.update(
-                low_freq_factor=rs.low_freq_factor,
-                high_freq_factor=rs.high_freq_factor,
-                original_max_position_embeddings=rs.original_max_position_embeddings,
-            )
-    if cfg.rotary_pct != 1.0:
-        params["partial_rotary_factor"] = cfg.rotary_pct
-    return params
-
-
-def _act_to_hf(cfg: ModelConfig) -> str:
-    if cfg.model_type == "gemma" and cfg.activation == "gelu_new":
-        return "gelu_pytorch_tanh"  # same function; the name Gemma checkpoints use
-    return cfg.activation  # our names are valid HF ACT2FN keys
-
-
-def _shared_hf_keys(cfg: ModelConfig) -> dict[str, Any]:
-    """config.json keys GPT-NeoX and the Llama-like families name alike (GPT-2: n_*)."""
-    return dict(
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        hidden_act=_act_to_hf(cfg),
-        attention_dropout=0.0,
-    )
 
 
 def config_to_hf(cfg: ModelConfig, hf_dtype: str | None = None) -> dict[str, Any]:
     """Hugging Face config.json dict for `cfg` (raises if the family cannot express it)."""
-    mt = cfg.model_type
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unknown model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family = families.get(cfg.model_type)
     d: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[mt]],
-        "model_type": mt,
+        "architectures": [family.architecture],
+        "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "dtype": hf_dtype or cfg.param_dtype,
@@ -264,50 +94,7 @@ def config_to_hf(cfg: ModelConfig, hf_dtype: str | None = None) -> dict[str, Any
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(cfg, k)
         d[k] = list(v) if isinstance(v, tuple) else v
-    if mt == "gpt2":
-        d.update(
-            n_embd=cfg.hidden_size,
-            n_layer=cfg.num_layers,
-            n_head=cfg.num_heads,
-            n_inner=cfg.intermediate_size,
-            n_positions=cfg.max_position_embeddings,
-            layer_norm_epsilon=cfg.norm_eps,
-            activation_function=_act_to_hf(cfg),
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    elif mt == "gpt_neox":
-        rope = _rope_to_hf(cfg)
-        rope.setdefault("partial_rotary_factor", cfg.rotary_pct)
-        d.update(
-            **_shared_hf_keys(cfg),
-            layer_norm_eps=cfg.norm_eps,
-            use_parallel_residual=cfg.parallel_residual,
-            attention_bias=cfg.qkv_bias,
-            rope_parameters=rope,
-            # Old-style keys too, for readers that predate rope_parameters.
-            rotary_pct=cfg.rotary_pct,
-            rotary_emb_base=cfg.rope_theta,
-            hidden_dropout=0.0,
-        )
-    else:
-        d.update(
-            **_shared_hf_keys(cfg),
-            num_key_value_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
-            rms_norm_eps=cfg.norm_eps,
-            rope_parameters=_rope_to_hf(cfg),
-            rope_theta=cfg.rope_theta,
-        )
-        if mt in ("llama", "qwen3", "gemma"):
-            d["attention_bias"] = cfg.qkv_bias
-        if mt == "llama":
-            d["mlp_bias"] = cfg.mlp_bias
-        if mt == "mistral":
-            d["sliding_window"] = cfg.sliding_window
-        if mt in ("qwen2", "qwen3"):
-            d.update(use_sliding_window=False, sliding_window=None)
+    d.update(family.to_hf(cfg))
     _check_round_trip(cfg, d)
     return d
 
@@ -330,231 +117,19 @@ def _check_round_trip(cfg: ModelConfig, d: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- tensor maps
 
 Path_ = tuple[str, ...]
-ToFlax = Callable[[np.ndarray], tuple[np.ndarray, ...]]
-ToHf = Callable[..., np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-    """One HF tensor <-> one or more Flax leaves (paths start with "LAYER" in a block)."""
-
-    hf_name: str
-    paths: tuple[Path_, ...]
-    layer: int | None
-    to_flax: ToFlax
-    to_hf: ToHf
-
-
-def _linear(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[ToFlax, ToHf]:
-    """nn.Linear weight (out, in) <-> kernel (*in_shape, *out_shape)."""
-    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-    return (
-        lambda w: (w.T.reshape(*in_shape, *out_shape),),
-        lambda k: k.reshape(n_in, n_out).T,
-    )
-
-
-def _conv1d(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[ToFlax, ToHf]:
-    """GPT-2 Conv1D weight (in, out) <-> kernel (*in_shape, *out_shape)."""
-    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-    return (lambda w: (w.reshape(*in_shape, *out_shape),), lambda k: k.reshape(n_in, n_out))
-
-
-def _reshape(shape: tuple[int, ...]) -> tuple[ToFlax, ToHf]:
-    """Same data, different shape (biases, norms, embeddings)."""
-    return (lambda w: (w.reshape(shape),), lambda k: k.reshape(-1) if len(shape) > 1 else k)
-
-
-def _same() -> tuple[ToFlax, ToHf]:
-    return (lambda w: (w,), lambda k: k)
-
-
-def _gpt2_fused_qkv(cfg: ModelConfig, bias: bool) -> tuple[ToFlax, ToHf]:
-    """c_attn: (D, 3D) [q | k | v] along the output axis (bias: (3D,))."""
-    h, dh, dm = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-    lead = () if bias else (dm,)
-
-    def to_flax(w: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(p.reshape(*lead, h, dh) for p in np.split(w, 3, axis=-1))
-
-    def to_hf(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return np.concatenate([x.reshape(*lead, h * dh) for x in (q, k, v)], axis=-1)
-
-    return to_flax, to_hf
-
-
-def _neox_fused_qkv(cfg: ModelConfig, bias: bool) -> tuple[ToFlax, ToHf]:
-    """query_key_value: (3D, D) with output rows ordered (head, {q,k,v}, head_dim)."""
-    h, dh, dm = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-
-    def to_flax(w: np.ndarray) -> tuple[np.ndarray, ...]:
-        w = w.reshape(h, 3, dh) if bias else w.T.reshape(dm, h, 3, dh)
-        return tuple(np.take(w, j, axis=-2) for j in range(3))
-
-    def to_hf(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        w = np.stack([q, k, v], axis=-2)
-        return w.reshape(3 * h * dh) if bias else w.reshape(dm, 3 * h * dh).T
-
-    return to_flax, to_hf
-
-
-def _t(hf: str, paths: Path_ | tuple[Path_, ...], fns: tuple[ToFlax, ToHf], layer: int | None):
-    if paths and isinstance(paths[0], str):
-        paths = (paths,)
-    return _Tensor(hf, tuple(paths), layer, fns[0], fns[1])  # type: ignore[arg-type]
-
-
-def _norm_tensors(cfg: ModelConfig, hf: str, path: Path_, layer: int | None) -> list[_Tensor]:
-    out = [_t(f"{hf}.weight", (*path, "scale"), _same(), layer)]
-    if cfg.norm_type == "layernorm":
-        out.append(_t(f"{hf}.bias", (*path, "bias"), _same(), layer))
-    return out
-
-
-def _tensor_map(cfg: ModelConfig) -> list[_Tensor]:
+def _tensor_map(cfg: ModelConfig) -> list[Tensor]:
     """Every HF tensor of the family with its Flax destination(s) and converters."""
-    mt, dm, h, k, dh = (
-        cfg.model_type,
-        cfg.hidden_size,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-    )
-    f = cfg.intermediate_size
-    L = "LAYER"
-    ts: list[_Tensor] = []
-    if mt == "gpt2":
-        p = "transformer"
-        ts += [
-            _t(f"{p}.wte.weight", ("embed", "embedding"), _same(), None),
-            _t(f"{p}.wpe.weight", ("pos_embed", "embedding"), _same(), None),
-        ]
-        for i in range(cfg.num_layers):
-            b = f"{p}.h.{i}"
-            qkv = tuple((L, "attn", n, "kernel") for n in "qkv")
-            qkv_b = tuple((L, "attn", n, "bias") for n in "qkv")
-            ts += _norm_tensors(cfg, f"{b}.ln_1", (L, "attn_norm"), i)
-            ts += _norm_tensors(cfg, f"{b}.ln_2", (L, "mlp_norm"), i)
-            ts += [
-                _t(f"{b}.attn.c_attn.weight", qkv, _gpt2_fused_qkv(cfg, False), i),
-                _t(f"{b}.attn.c_attn.bias", qkv_b, _gpt2_fused_qkv(cfg, True), i),
-                _t(
-                    f"{b}.attn.c_proj.weight",
-                    (L, "attn", "o", "kernel"),
-                    _conv1d((h, dh), (dm,)),
-                    i,
-                ),
-                _t(f"{b}.attn.c_proj.bias", (L, "attn", "o", "bias"), _same(), i),
-                _t(f"{b}.mlp.c_fc.weight", (L, "mlp", "up", "kernel"), _same(), i),
-                _t(f"{b}.mlp.c_fc.bias", (L, "mlp", "up", "bias"), _same(), i),
-                _t(f"{b}.mlp.c_proj.weight", (L, "mlp", "down", "kernel"), _same(), i),
-                _t(f"{b}.mlp.c_proj.bias", (L, "mlp", "down", "bias"), _same(), i),
-            ]
-        ts += _norm_tensors(cfg, f"{p}.ln_f", ("final_norm",), None)
-        return ts
-
-    if mt == "gpt_neox":
-        p = "gpt_neox"
-        ts.append(_t(f"{p}.embed_in.weight", ("embed", "embedding"), _same(), None))
-        for i in range(cfg.num_layers):
-            b = f"{p}.layers.{i}"
-            ts += _norm_tensors(cfg, f"{b}.input_layernorm", (L, "attn_norm"), i)
-            ts += _norm_tensors(cfg, f"{b}.post_attention_layernorm", (L, "mlp_norm"), i)
-            qkv = tuple((L, "attn", n, "kernel") for n in "qkv")
-            ts.append(
-                _t(f"{b}.attention.query_key_value.weight", qkv, _neox_fused_qkv(cfg, False), i)
-            )
-            if cfg.qkv_bias:
-                qkv_b = tuple((L, "attn", n, "bias") for n in "qkv")
-                ts.append(
-                    _t(f"{b}.attention.query_key_value.bias", qkv_b, _neox_fused_qkv(cfg, True), i)
-                )
-            ts.append(
-                _t(
-                    f"{b}.attention.dense.weight",
-                    (L, "attn", "o", "kernel"),
-                    _linear((h, dh), (dm,)),
-                    i,
-                )
-            )
-            if cfg.attn_out_bias:
-                ts.append(_t(f"{b}.attention.dense.bias", (L, "attn", "o", "bias"), _same(), i))
-            ts += [
-                _t(
-                    f"{b}.mlp.dense_h_to_4h.weight",
-                    (L, "mlp", "up", "kernel"),
-                    _linear((dm,), (f,)),
-                    i,
-                ),
-                _t(f"{b}.mlp.dense_h_to_4h.bias", (L, "mlp", "up", "bias"), _same(), i),
-                _t(
-                    f"{b}.mlp.dense_4h_to_h.weight",
-                    (L, "mlp", "down", "kernel"),
-                    _linear((f,), (dm,)),
-                    i,
-                ),
-                _t(f"{b}.mlp.dense_4h_to_h.bias", (L, "mlp", "down", "bias"), _same(), i),
-            ]
-        ts += _norm_tensors(cfg, f"{p}.final_layer_norm", ("final_norm",), None)
-        if not cfg.tie_word_embeddings:
-            ts.append(
-                _t(
-                    "embed_out.weight",
-                    ("lm_head", "kernel"),
-                    _linear((dm,), (cfg.vocab_size,)),
-                    None,
-                )
-            )
-        return ts
-
-    # Llama-style families.
-    p = "model"
-    ts.append(_t(f"{p}.embed_tokens.weight", ("embed", "embedding"), _same(), None))
-    for i in range(cfg.num_layers):
-        b = f"{p}.layers.{i}"
-        a = f"{b}.self_attn"
-        ts += _norm_tensors(cfg, f"{b}.input_layernorm", (L, "attn_norm"), i)
-        ts += _norm_tensors(cfg, f"{b}.post_attention_layernorm", (L, "mlp_norm"), i)
-        for name, heads in (("q", h), ("k", k), ("v", k)):
-            ts.append(
-                _t(
-                    f"{a}.{name}_proj.weight",
-                    (L, "attn", name, "kernel"),
-                    _linear((dm,), (heads, dh)),
-                    i,
-                )
-            )
-            if cfg.qkv_bias:
-                ts.append(
-                    _t(f"{a}.{name}_proj.bias", (L, "attn", name, "bias"), _reshape((heads, dh)), i)
-                )
-        ts.append(_t(f"{a}.o_proj.weight", (L, "attn", "o", "kernel"), _linear((h, dh), (dm,)), i))
-        if cfg.attn_out_bias:
-            ts.append(_t(f"{a}.o_proj.bias", (L, "attn", "o", "bias"), _same(), i))
-        if cfg.qk_norm:
-            ts.append(_t(f"{a}.q_norm.weight", (L, "attn", "q_norm", "scale"), _same(), i))
-            ts.append(_t(f"{a}.k_norm.weight", (L, "attn", "k_norm", "scale"), _same(), i))
-        for name, shp in (("gate", ((dm,), (f,))), ("up", ((dm,), (f,))), ("down", ((f,), (dm,)))):
-            ts.append(
-                _t(f"{b}.mlp.{name}_proj.weight", (L, "mlp", name, "kernel"), _linear(*shp), i)
-            )
-            if cfg.mlp_bias:
-                ts.append(_t(f"{b}.mlp.{name}_proj.bias", (L, "mlp", name, "bias"), _same(), i))
-    ts += _norm_tensors(cfg, f"{p}.norm", ("final_norm",), None)
-    if not cfg.tie_word_embeddings:
-        ts.append(
-            _t("lm_head.weight", ("lm_head", "kernel"), _linear((dm,), (cfg.vocab_size,)), None)
-        )
-    return ts
+    return families.get(cfg.model_type).tensor_map(cfg)
 
 
 def _resolve(cfg: ModelConfig, path: Path_, layer: int | None) -> tuple[Path_, int | None]:
     """Flax path of a leaf and the index along its stacked layer axis (if scanned)."""
-    if path[0] != "LAYER":
+    if path[0] != LAYER:
         return path, None
-    if cfg.scan_layers:
-        return ("layers", *path[1:]), layer
-    return (f"layers_{layer}", *path[1:]), None
+    prefix, idx = layer_location(cfg, layer)
+    return (*prefix, *path[1:]), idx
 
 
 # ----------------------------------------------------------------------------- reading
@@ -781,8 +356,9 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = jnp.dtype(hf_dtype or cfg.param_dtype).name
     np_dtype = np.dtype(jnp.dtype(dtype_name))
+    # An export holds the real vocabulary only (the padding rows are ours).
+    cfg, params = strip_vocab(cfg, nn.meta.unbox(params))
     hf_cfg = config_to_hf(cfg, hf_dtype=dtype_name)
-    params = nn.meta.unbox(params)
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = total = 0

@@ -1,8 +1,9 @@
 """One Flax Linen decoder-only transformer for every supported family.
 
-`Transformer(cfg)` covers GPT-2, GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2,
-Qwen3 and Gemma 1; `ModelConfig` switches select norms, activations, position embeddings,
-residual layout, biases, q/k norm and tied embeddings.
+`Transformer(cfg)` covers every family in `dpo_jax.models.families` (GPT-2,
+GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3); `ModelConfig`
+switches select norms, activations, position embeddings, residual layout, biases, q/k
+norm, post-norms, per-layer windows and RoPE bases, soft-caps and tied embeddings.
 
 Full-sequence forward (training, scoring)::
 
@@ -51,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.models import attention as attn_lib
+from dpo_jax.models import vocab as vocab_lib
 from dpo_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -80,16 +82,22 @@ def _activation(name: str) -> Callable[[Array], Array]:
     }[name]
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """RoPE inverse frequencies [rotary_dim/2] in float32, with optional scaling."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """RoPE inverse frequencies [rotary_dim/2] in float32, with optional scaling.
+
+    `local=True`: the sliding layers' base `rope_local_theta`, unscaled (Gemma 3).
+    """
     dim = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     inv = inv.astype(np.float32)
-    rs = cfg.rope_scaling
+    rs = None if local else cfg.rope_scaling
     if rs is None:
         return inv
     if rs.rope_type == "linear":
         return (inv / rs.factor).astype(np.float32)
+    if rs.rope_type == "longrope":  # the short factors; rope_sin_cos picks long ones when due
+        return (inv / np.asarray(rs.short_factor, np.float32)).astype(np.float32)
     # llama3: keep high frequencies, divide low ones by `factor`, interpolate between.
     old_len = rs.original_max_position_embeddings
     low_wavelen = old_len / rs.low_freq_factor
@@ -102,10 +110,22 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_sin_cos(cfg: ModelConfig, positions_NxL: Array) -> tuple[Array, Array]:
+def rope_sin_cos(
+    cfg: ModelConfig, positions_NxL: Array, local: bool = False
+) -> tuple[Array, Array]:
     """sin and cos [N, L, rotary_dim/2] (float32) for the given positions."""
-    inv = jnp.asarray(rope_inv_freq(cfg))
+    inv = jnp.asarray(rope_inv_freq(cfg, local))
+    rs = None if local else cfg.rope_scaling
+    if rs is not None and rs.rope_type == "longrope":
+        # As transformers: long factors for the whole call once any position + 1 exceeds
+        # the original context (a KV-cache sampler keeps the keys it cached before).
+        unscaled = rope_inv_freq(cfg.replace(rope_scaling=None))
+        long = jnp.asarray(unscaled / np.asarray(rs.long_factor, np.float32))
+        use_long = jnp.max(positions_NxL) + 1 > rs.original_max_position_embeddings
+        inv = jnp.where(use_long, long, inv)
     angles = positions_NxL.astype(jnp.float32)[..., None] * inv
+    if rs is not None and rs.rope_type == "longrope" and rs.attention_factor != 1.0:
+        return jnp.sin(angles) * rs.attention_factor, jnp.cos(angles) * rs.attention_factor
     return jnp.sin(angles), jnp.cos(angles)
 
 
@@ -277,9 +297,13 @@ def _decode_impl(cfg: ModelConfig) -> str | None:
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention with optional RoPE and KV cache."""
+    """Multi-head / grouped-query self-attention with optional RoPE and KV cache.
+
+    `window`: this layer's sliding window (None = full causal attention).
+    """
 
     cfg: ModelConfig
+    window: int | None = None
 
     @nn.compact
     def __call__(
@@ -304,11 +328,16 @@ class Attention(nn.Module):
             (k, d), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, name="v", **lin
         )(x_NxLxD)
         if cfg.qk_norm:
-            q = Norm("rmsnorm", cfg.norm_eps, dt, pdt, name="q_norm")(q)
-            key = Norm("rmsnorm", cfg.norm_eps, dt, pdt, name="k_norm")(key)
+            off = cfg.norm_scale_offset  # Gemma 3: (1 + w) like its other norms
+            q = Norm("rmsnorm", cfg.norm_eps, dt, pdt, off, name="q_norm")(q)
+            key = Norm("rmsnorm", cfg.norm_eps, dt, pdt, off, name="k_norm")(key)
         if rope is not None:
             q = apply_rope(q, *rope)
             key = apply_rope(key, *rope)
+        if cfg.query_pre_attn_scalar is not None:
+            # Scores use query_pre_attn_scalar**-0.5, not head_dim**-0.5: rescale q so every
+            # backend (which divides by sqrt(head_dim)) computes the family's scores.
+            q = q * jnp.asarray(math.sqrt(d / cfg.query_pre_attn_scalar), q.dtype)
         q = _constrain(q, (BATCH, LENGTH, HEADS_A, None))
 
         key, value = key.astype(q.dtype), value.astype(q.dtype)
@@ -326,7 +355,7 @@ class Attention(nn.Module):
             out = attn_lib.attend(
                 q, key, value, rule,
                 impl=cfg.attention_impl,
-                window=cfg.sliding_window,
+                window=self.window,
                 softcap=cfg.attn_logit_softcap,
                 block=cfg.attention_block,
             )  # fmt: skip
@@ -370,9 +399,9 @@ class Attention(nn.Module):
         q_slot_T = i + jnp.arange(t)
         k_slot_S = jnp.arange(s)
         allowed_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
-        if self.cfg.sliding_window is not None:
+        if self.window is not None:
             # Slots of one row are consecutive positions, so slot distance = position distance.
-            allowed_TxS &= (q_slot_T[:, None] - k_slot_S[None, :]) < self.cfg.sliding_window
+            allowed_TxS &= (q_slot_T[:, None] - k_slot_S[None, :]) < self.window
         mask = allowed_TxS[None, None] & kv_mask_NxS.astype(bool)[:, None, None, :]
         return keys, values, mask
 
@@ -402,33 +431,81 @@ class Mlp(nn.Module):
         return Linear((cfg.hidden_size,), ("mlp", "embed"), name="down", **lin)(up)
 
 
+Ropes = tuple[tuple[Array, Array] | None, tuple[Array, Array] | None]  # (global, local)
+
+
 class Block(nn.Module):
     """Pre-norm decoder block, sequential or parallel (NeoX) residual.
 
-    Returns `(x, None)` so the same class works inside `nn.scan`.
+    `layer` is the layer index (or its index in the scanned group: the layer
+    types repeat with `cfg.layer_period`); it selects the window and RoPE base.
+    With `cfg.post_norms` (Gemma 2/3) the attention and MLP outputs are normed
+    too before the residual add. Returns `(x, None)` so it works inside `nn.scan`.
+    """
+
+    cfg: ModelConfig
+    layer: int = 0
+
+    @nn.compact
+    def __call__(
+        self,
+        x_NxLxD: Array,
+        ropes: Ropes,
+        rule: attn_lib.MaskRule | None,
+        kv_mask_NxS: Array | None,
+    ) -> tuple[Array, None]:
+        """One transformer layer."""
+        cfg = self.cfg
+        rope = ropes[1] if cfg.layer_is_local(self.layer) else ropes[0]
+        attn_in = _residual_norm(cfg, name="attn_norm")(x_NxLxD)
+        window = cfg.layer_window(self.layer)
+        attn = Attention(cfg, window, name="attn")(attn_in, rope, rule, kv_mask_NxS)
+        if cfg.post_norms:
+            attn = _residual_norm(cfg, name="post_attn_norm")(attn)
+        mlp_norm = _residual_norm(cfg, name="mlp_norm")
+        if cfg.parallel_residual:
+            x = x_NxLxD + attn + Mlp(cfg, name="mlp")(mlp_norm(x_NxLxD))
+        else:
+            x = x_NxLxD + attn
+            mlp = Mlp(cfg, name="mlp")(mlp_norm(x))
+            if cfg.post_norms:
+                mlp = _residual_norm(cfg, name="post_mlp_norm")(mlp)
+            x = x + mlp
+        return _constrain(x, (BATCH, LENGTH, EMBED_A)), None
+
+
+class BlockGroup(nn.Module):
+    """`cfg.layer_period` consecutive blocks (e.g. Gemma 2's local + global pair).
+
+    `nn.scan` needs identical bodies; layers whose window or RoPE differ are
+    identical as groups, so a model with per-layer types scans over groups.
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(
-        self,
-        x_NxLxD: Array,
-        rope: tuple[Array, Array] | None,
-        rule: attn_lib.MaskRule | None,
-        kv_mask_NxS: Array | None,
+        self, x_NxLxD: Array, ropes: Ropes, rule: attn_lib.MaskRule | None, kv: Array | None
     ) -> tuple[Array, None]:
-        """One transformer layer."""
-        cfg = self.cfg
-        attn_in = _residual_norm(cfg, name="attn_norm")(x_NxLxD)
-        attn = Attention(cfg, name="attn")(attn_in, rope, rule, kv_mask_NxS)
-        mlp_norm = _residual_norm(cfg, name="mlp_norm")
-        if cfg.parallel_residual:
-            x = x_NxLxD + attn + Mlp(cfg, name="mlp")(mlp_norm(x_NxLxD))
-        else:
-            x = x_NxLxD + attn
-            x = x + Mlp(cfg, name="mlp")(mlp_norm(x))
-        return _constrain(x, (BATCH, LENGTH, EMBED_A)), None
+        """The group's blocks in order."""
+        block = _block_class(self.cfg, in_group=True)
+        for j in range(self.cfg.layer_period):
+            x_NxLxD, _ = block(self.cfg, j, name=f"block_{j}")(x_NxLxD, ropes, rule, kv)
+        return x_NxLxD, None
+
+
+def layer_location(cfg: ModelConfig, layer: int) -> tuple[tuple[str, ...], int | None]:
+    """Params path of layer `layer`'s block and its index on the stacked (scanned) axis.
+
+    Unscanned: ("layers_i",), None. Scanned: ("layers",), i; scanned with a group of
+    p > 1 layers: ("layers", "block_{i % p}"), i // p.
+    """
+    if not cfg.scan_layers:
+        return (f"layers_{layer}",), None
+    p = cfg.layer_period
+    if p == 1:
+        return ("layers",), layer
+    return ("layers", f"block_{layer % p}"), layer // p
 
 
 _REMAT_POLICIES = {
@@ -437,12 +514,16 @@ _REMAT_POLICIES = {
 }
 
 
-def _block_class(cfg: ModelConfig) -> type[nn.Module]:
-    """Block, wrapped in nn.remat when the config asks for rematerialisation."""
+def _block_class(cfg: ModelConfig, in_group: bool = False) -> type[nn.Module]:
+    """The scanned/looped unit (Block, or BlockGroup when scanning a layer period > 1),
+    wrapped in nn.remat when the config asks for rematerialisation."""
+    cls: type[nn.Module] = Block
+    if cfg.scan_layers and cfg.layer_period > 1 and not in_group:
+        return BlockGroup  # its blocks are remat-wrapped one by one
     if cfg.remat == "none":
-        return Block
+        return cls
     # prevent_cse is only needed outside scan (scan already blocks CSE).
-    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    return nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 def attention_mask(
@@ -465,7 +546,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.embed = Embed(
-            cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), dt, pdt, cfg.init_std
+            cfg.embed_vocab_size, cfg.hidden_size, ("vocab", "embed"), dt, pdt, cfg.init_std
         )
         if cfg.position_embedding == "learned":
             self.pos_embed = Embed(
@@ -478,16 +559,16 @@ class Transformer(nn.Module):
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                length=cfg.num_layers // cfg.layer_period,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
         else:
             # A list attribute named `layers` gives submodules layers_0, layers_1, ...
-            self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+            self.layers = [block(cfg, i) for i in range(cfg.num_layers)]
         self.final_norm = _residual_norm(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(
-                (cfg.vocab_size,),
+                (cfg.embed_vocab_size,),
                 ("embed", "vocab"),
                 dtype=dt,
                 param_dtype=pdt,
@@ -537,31 +618,41 @@ class Transformer(nn.Module):
         if cfg.embed_scale:
             # HF rounds sqrt(D) to the compute dtype before multiplying.
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
-        rope = None
+        ropes: Ropes = (None, None)
         if cfg.position_embedding == "learned":
             x = x + self.pos_embed(positions)
         else:
-            rope = rope_sin_cos(cfg, positions)
+            local = rope_sin_cos(cfg, positions, local=True) if cfg.rope_local_theta else None
+            ropes = (rope_sin_cos(cfg, positions), local)
         x = _constrain(x, (BATCH, LENGTH, EMBED_A))
 
         if cfg.scan_layers:
-            x, _ = self.layers(x, rope, rule, kv_mask)
+            x, _ = self.layers(x, ropes, rule, kv_mask)
         else:
             for blk in self.layers:
-                x, _ = blk(x, rope, rule, kv_mask)
+                x, _ = blk(x, ropes, rule, kv_mask)
         x = self.final_norm(x)
         if return_hidden:
             return x
         return self.logits(x)
 
     def logits(self, hidden_NxLxD: Array) -> Array:
-        """Unembedding (tied or untied): hidden [N, L, D] -> logits [N, L, V]."""
+        """Unembedding (tied or untied): hidden [N, L, D] -> logits [N, L, V].
+
+        V is `cfg.embed_vocab_size`; columns past `cfg.vocab_size` are padding, masked to
+        `vocab.PADDED_LOGIT`."""
         cfg = self.cfg
         out_dtype = jnp.float32 if cfg.logits_fp32 else jnp.dtype(cfg.dtype)
         if cfg.tie_word_embeddings:
             logits = self.embed.attend(hidden_NxLxD, out_dtype)
         else:
             logits = self.lm_head(hidden_NxLxD).astype(out_dtype)
+        if cfg.final_logit_softcap is not None:
+            cap = jnp.asarray(cfg.final_logit_softcap, logits.dtype)
+            logits = cap * jnp.tanh(logits / cap)
+        # Padding ids (vocab padded to divide the tensor axis) get no probability mass,
+        # here once for every caller (log-probs, sampling, metrics).
+        logits = vocab_lib.mask_padded_logits(cfg, logits)
         return _constrain(logits, (BATCH, LENGTH, VOCAB_A))
 
 
