@@ -165,16 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=None, help="sets data.format (default auto)")
     parser.add_argument("--tokenizer", default=None, help="sets tokenizer (default: model.path)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
-    original = parser.parse_known_args
-
-    def parse_known_args(args: Any = None, namespace: Any = None):
-        # argparse rejects unknown `--config.a.b=v` flags, so pull them out first.
-        rest, overrides = configs.split_overrides(list(args or []))
-        ns, extra = original(rest, namespace)
-        ns.config_overrides = overrides
-        return ns, extra
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    configs.accept_overrides(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

@@ -1110,16 +1110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="config file (dpo_jax/configs/default.py[:ARG]); override fields with --config.KEY=VALUE",
     )
-    original = parser.parse_known_args
-
-    def parse_known_args(args: Sequence[str] | None = None, namespace: Any = None):
-        # argparse rejects unknown `--config.a.b=v` flags, so pull them out first.
-        rest, overrides = configs.split_overrides(list(args or []))
-        ns, extra = original(rest, namespace)
-        ns.config_overrides = overrides
-        return ns, extra
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    configs.accept_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:

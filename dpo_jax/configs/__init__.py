@@ -111,6 +111,20 @@ def _did_you_mean(name: str, known: Sequence[str]) -> str:
     return f"did you mean {close[0]!r}? {listed}" if close else listed
 
 
+def accept_overrides(parser: Any) -> None:
+    """Let `parser` take `--config.KEY=VALUE` flags: they are pulled out before argparse
+    (which rejects unknown flags) and left on the namespace as `config_overrides`."""
+    original = parser.parse_known_args
+
+    def parse_known_args(args: Sequence[str] | None = None, namespace: Any = None):
+        rest, overrides = split_overrides(list(args or []))
+        ns, extra = original(rest, namespace)
+        ns.config_overrides = overrides
+        return ns, extra
+
+    parser.parse_known_args = parse_known_args
+
+
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Separate `--config.k=v` / `--config.k v` overrides from the other arguments."""
     rest: list[str] = []
