@@ -192,9 +192,7 @@ def reward_model_loss(inp: ObjectiveInput) -> tuple[Array, dict[str, Any], Any]:
     rewards_S = head_rewards(inp.head, inp.policy.last_hidden_SxD)
     margin = inp.batch.get("margin")
     coef = inp.cfg.objective_hyper.get("center_rewards_coefficient") or 0.0
-    loss, metrics = bradley_terry_loss(
-        rewards_S, margin_B=margin, center_rewards_coefficient=coef
-    )
+    loss, metrics = bradley_terry_loss(rewards_S, margin_B=margin, center_rewards_coefficient=coef)
     return loss, metrics, inp.loss_state
 
 
@@ -203,11 +201,17 @@ OBJECTIVES: dict[str, Objective] = {
         "preference", preference_loss, needs=_preference_needs, uses_reference=True
     ),
     "sft": Objective(
-        "sft", sft_loss, needs=lambda cfg: frozenset({"logps"}), batch_context=count_targets,
-        weight_metric="num_target_tokens", derive=_sft_derive,
+        "sft",
+        sft_loss,
+        needs=lambda cfg: frozenset({"logps"}),
+        batch_context=count_targets,
+        weight_metric="num_target_tokens",
+        derive=_sft_derive,
     ),  # fmt: skip
     "reward_model": Objective(
-        "reward_model", reward_model_loss, needs=lambda cfg: frozenset({"last_hidden"}),
+        "reward_model",
+        reward_model_loss,
+        needs=lambda cfg: frozenset({"last_hidden"}),
         head=Head(init_reward_head, reward_head_axes),
     ),  # fmt: skip
 }

@@ -118,7 +118,9 @@ def score(
                 hidden, unembed, batch, n_seq, chunk_size=chunk_size, **flags
             )
         elif chunk_size > 0:
-            out = logprobs.sequence_logps_chunked(hidden, unembed, batch, n_seq, chunk_size, **flags)
+            out = logprobs.sequence_logps_chunked(
+                hidden, unembed, batch, n_seq, chunk_size, **flags
+            )
         else:
             out = logprobs.sequence_logps(unembed(hidden), batch, n_seq, **flags)
     if "last_hidden" in needs:

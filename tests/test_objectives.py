@@ -146,9 +146,11 @@ def test_reward_model_rewards_and_bradley_terry_loss_by_hand():
     # by hand: the hidden state at each sequence's last marked token
     hidden = np.asarray(
         models.Transformer(cfg).apply(
-            {"params": params}, jnp.asarray(batch["input_ids"]),
+            {"params": params},
+            jnp.asarray(batch["input_ids"]),
             positions=jnp.asarray(batch["positions"]),
-            segment_ids=jnp.asarray(batch["segment_ids"]), return_hidden=True,
+            segment_ids=jnp.asarray(batch["segment_ids"]),
+            return_hidden=True,
         )  # fmt: skip
     )
     expected = []
@@ -265,3 +267,106 @@ def test_objective_resumes_bit_exactly(tmp_path, objective):
     )
     rows = read_jsonl(part / "metrics.jsonl")
     assert [r["loss"] for r in rows] == [r["loss"] for r in full.history]
+
+
+# ------------------------------------------------------------------ the command line
+
+
+@pytest.fixture(scope="module")
+def sft_files(tmp_path_factory):
+    import json
+
+    from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("sft")
+    tok = train_tokenizer(chat_template=True)
+    model_dir = make_tiny_hf_model("gpt2", root / "model", tokenizer=tok)
+    rows = {
+        "text": [{"text": f"The sky is blue {i} and the grass is green."} for i in range(8)],
+        "completion": [
+            {"prompt": f"Question {i}: how are you?", "completion": " I am fine."} for i in range(8)
+        ],
+        "messages": [
+            {
+                "messages": [
+                    {"role": "user", "content": f"hi {i}"},
+                    {"role": "assistant", "content": "hello there"},
+                ]
+            }
+            for i in range(8)
+        ],  # fmt: skip
+    }
+    for name, rs in rows.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    return root, model_dir, tok, rows
+
+
+def _hf_sft_loss(model_dir, seqs: list[tuple[list[int], list[int]]]) -> float:
+    """transformers' labels loss of (context, targets) sequences, right-padded."""
+    import torch
+
+    from tests.hf_fixtures import load_torch_model
+
+    length = max(len(p) + len(t) for p, t in seqs)
+    ids = torch.zeros((len(seqs), length), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for k, (p, t) in enumerate(seqs):
+        ids[k, : len(p) + len(t)] = torch.as_tensor(p + t)
+        mask[k, : len(p) + len(t)] = 1
+        labels[k, len(p) : len(p) + len(t)] = torch.as_tensor(t)
+    with torch.no_grad():
+        model = load_torch_model(model_dir)
+        return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+
+@pytest.mark.parametrize("fmt", ["text", "completion", "messages"])
+def test_cli_sft_first_step_loss_is_transformers_loss(sft_files, fmt):
+    """`dpo-jax train --config.objective.name=sft`: TRL's SFT rows, tokenized as TRL does
+    (EOS appended to plain text, completion-only targets for prompt-completion rows), give
+    at step 1 the loss transformers computes on the same first 4 rows."""
+    from dpo_jax import cli
+
+    root, model_dir, tok, rows = sft_files
+    run = root / f"run_{fmt}"
+    args = [
+        "train", "--config", "dpo_jax/configs/tiny.py", "--config.objective.name=sft",
+        f"--config.model.path={model_dir}", f"--config.data.train={root / f'{fmt}.jsonl'}",
+        f"--config.run_dir={run}", "--config.data.shuffle=False", "--config.num_steps=2",
+        "--config.train.tensorboard=False",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    first = read_jsonl(run / "metrics.jsonl")[0]
+    eos = tok.eos_token
+    seqs = []
+    for r in rows[fmt][:4]:
+        if fmt == "text":
+            full = tok(r["text"] + eos)["input_ids"]
+            seqs.append((full[:1], full[1:]))
+        elif fmt == "completion":
+            p = tok(r["prompt"])["input_ids"]
+            full = tok(r["prompt"] + r["completion"] + eos)["input_ids"]
+            seqs.append((p, full[len(p) :]))
+        else:
+            full = tok(tok.apply_chat_template(r["messages"], tokenize=False),
+                       add_special_tokens=False)["input_ids"]  # fmt: skip
+            seqs.append((full[:1], full[1:]))
+    np.testing.assert_allclose(first["loss"], _hf_sft_loss(model_dir, seqs), rtol=1e-5)
+    assert first["num_target_tokens"] == sum(len(t) for _, t in seqs)
+
+
+def test_cli_sft_bad_row_names_file_and_line(sft_files, tmp_path):
+    from dpo_jax.errors import UserError
+
+    root, model_dir, _, _ = sft_files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    config = sft_config(1, 1, 1)
+    config.model.path, config.data.train = str(model_dir), str(bad)
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: .*'text' must be a string"):
+        train.train(config)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    config.data.train = str(pairs)
+    with pytest.raises(UserError, match=r"pairs\.jsonl:1: objective needs SFT rows"):
+        train.train(config)

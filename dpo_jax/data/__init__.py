@@ -33,6 +33,7 @@ from dpo_jax.data.sources import Row, read_sources
 from dpo_jax.data.tokenize import (
     TokenizedDataset,
     TokenizeSettings,
+    sequence_dataset,
     settings_from_spec,
     tokenize_cached,
     tokenize_examples,
@@ -63,6 +64,7 @@ __all__ = [
     "paired_to_unpaired",
     "parse_rows",
     "read_sources",
+    "sequence_dataset",
     "stack_micro_batches",
     "tokenize_cached",
     "tokenize_examples",
@@ -117,11 +119,15 @@ def _check_kind(examples: list, sft: bool) -> None:
     the first row of the wrong kind)."""
     for ex in examples:
         if isinstance(ex, SFTExample) != sft:
-            want = "SFT rows ({'text'}, {'prompt', 'completion'} or {'messages'})" if sft else (
-                "preference rows"
+            want = (
+                "SFT rows ({'text'}, {'prompt', 'completion'} or {'messages'})"
+                if sft
+                else ("preference rows")
             )
             hint = "" if sft else "; set objective.name='sft' to fine-tune on them"
-            raise UserError(f"{ex.source}:{ex.line}: objective needs {want}, got {type(ex).__name__}{hint}")
+            raise UserError(
+                f"{ex.source}:{ex.line}: objective needs {want}, got {type(ex).__name__}{hint}"
+            )
 
 
 def load_preference_data(

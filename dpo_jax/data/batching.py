@@ -149,6 +149,30 @@ def build_stacked(prompts, comps, length: int, pad_id: int = 0) -> dict[str, np.
     return batch
 
 
+def context_and_targets(
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    max_length: int | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Single sequences as (context, targets) int32 arrays: an empty prompt makes the
+    first target token the context (nothing predicts it); `max_length` keeps each
+    sequence's first tokens."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} target lists")
+    ps, ts = [], []
+    for k, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        p, t = list(p), list(t)
+        if not p:
+            p, t = t[:1], t[1:]
+        if max_length is not None:
+            p, t = p[:max_length], t[: max(0, max_length - len(p))]
+        if not p or not t:
+            raise ValueError(f"sequence {k} has no target token after its first token")
+        ps.append(np.asarray(p, np.int32))
+        ts.append(np.asarray(t, np.int32))
+    return ps, ts
+
+
 def build_sequences(
     prompts: Sequence[Sequence[int]],
     targets: Sequence[Sequence[int]],
@@ -162,19 +186,7 @@ def build_sequences(
     An empty prompt makes the first target token the context (nothing predicts it);
     sequences longer than `length` keep their first `length` tokens.
     """
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} target lists")
-    ps, ts = [], []
-    for k, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-        p, t = list(p), list(t)
-        if not p:
-            p, t = t[:1], t[1:]
-        if length is not None:
-            p, t = p[:length], t[: max(0, length - len(p))]
-        if not p or not t:
-            raise ValueError(f"sequence {k} has no target token after its first token")
-        ps.append(np.asarray(p, np.int32))
-        ts.append(np.asarray(t, np.int32))
+    ps, ts = context_and_targets(prompts, targets, length)
     if length is None:
         length = bucket_length(max(len(p) + len(t) for p, t in zip(ps, ts, strict=True)), buckets)
     return build_stacked(ps, ts, length, pad_id)

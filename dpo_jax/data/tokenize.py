@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from dpo_jax.data.batching import context_and_targets
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import Example, PreferenceExample, SFTExample, common_prefix_length
 from dpo_jax.errors import UserError
@@ -211,6 +212,18 @@ class TokenizedDataset:
         order = ["prompt", "chosen", "rejected", "completion", "rejected_prompt"]
         ragged = {k: ragged[k] for k in order if k in ragged}
         return cls(meta["kind"], ragged, dense, meta["stats"])
+
+
+def sequence_dataset(
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    max_length: int | None = None,
+) -> TokenizedDataset:
+    """An 'sft' dataset from token lists (context, targets), for `make_train_iterator`
+    (`batching.context_and_targets` says how they are cut)."""
+    ps, ts = context_and_targets(prompts, targets, max_length)
+    ragged = {"prompt": Ragged.from_lists(ps), "completion": Ragged.from_lists(ts)}
+    return TokenizedDataset("sft", ragged, {}, {"num_examples": len(ps)})
 
 
 # ----------------------------------------------------------------------------- core
