@@ -953,7 +953,14 @@ def export_hf(
     elif isinstance(tokenizer, str | os.PathLike):
         tokenizer = _load_tokenizer(as_path(tokenizer))
     output_dir = pathlib.Path(output_dir)
+    head = None
+    if isinstance(params, Mapping) and set(params) == {"model", "head"}:
+        # an objective with a head (reward model): the HF directory holds the model, and
+        # head.npz beside it the head (objectives.HEAD)
+        params, head = params["model"], params["head"]
     models.save_hf(output_dir, model_config, params, tokenizer=tokenizer)
+    if head is not None:
+        np.savez(output_dir / "head.npz", **{k: np.asarray(v) for k, v in head.items()})
     log.info("exported step %d of %s to %s", step, path, output_dir)
     return output_dir
 

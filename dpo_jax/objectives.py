@@ -231,12 +231,22 @@ def split_params(objective: Objective, params: Any) -> tuple[Any, Any]:
     return params[MODEL], params[HEAD]
 
 
-def with_head(objective: Objective, model_config: Any, params: Any, rng: Array) -> Any:
-    """The trained params of `objective`: the model's, or `{"model", "head"}` with a fresh
-    head (kept when `params` already carry one, e.g. a trained reward model)."""
-    if objective.head is None or (isinstance(params, Mapping) and HEAD in params):
+def with_head(objective: Objective, model_config: Any, params: Any, head: Any, rng: Array) -> Any:
+    """The trained params of `objective`: the model's, or `{"model", "head"}` with `head`
+    (a fresh one from `rng` when None)."""
+    if objective.head is None:
         return params
-    return {MODEL: params, HEAD: objective.head.init(model_config, rng)}
+    if head is None:
+        head = objective.head.init(model_config, rng)
+    return {MODEL: params, HEAD: head}
+
+
+def split_head(objective: Objective, params: Any) -> tuple[Any, Any]:
+    """(model params, head or None) of params that may already carry a head (a trained
+    reward model passed back in)."""
+    if objective.head is not None and isinstance(params, Mapping) and HEAD in params:
+        return params[MODEL], params[HEAD]
+    return params, None
 
 
 def logical_axes(objective: Objective, model_config: Any, model_axes: Any) -> Any:

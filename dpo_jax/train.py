@@ -334,7 +334,7 @@ def build_trainer(
 
     `objective` (`objectives.OBJECTIVES`) is what the step minimises; one with a head
     trains `{"model": params, "head": ...}` (a fresh head seeded by `seed`, unless
-    `params` already hold one).
+    `params` already are `{"model", "head"}`).
 
     `ref_params` defaults to a copy of `params` when `reference == "frozen"`. With
     `lora_config`, `params` is the frozen base (cast to `lora_config.base_dtype`) and
@@ -342,6 +342,8 @@ def build_trainer(
     On a mesh with a tensor axis > 1 the vocabulary is padded (`models.pad_vocab`): the
     Trainer's `model_config` records it, and the state's params are padded.
     """
+    obj = objectives.get(objective)
+    params, head = objectives.split_head(obj, params)  # a trained head passed back in
     tensor = int(mesh.shape["tensor"])
     if tensor > 1:  # the vocab dim then divides the tensor axis and is really sharded
         model_config, params = models.pad_vocab(model_config, params, tensor)
@@ -349,11 +351,10 @@ def build_trainer(
             ref_params = models.vocab.resize_vocab(
                 ref_params, model_config, model_config.embed_vocab_size
             )
-    obj = objectives.get(objective)
     logical = models.logical_axes(model_config)
     if obj.head is not None:
         head_rng = jax.random.fold_in(jax.random.key(seed), 0x4EAD)
-        params = objectives.with_head(obj, model_config, params, head_rng)
+        params = objectives.with_head(obj, model_config, params, head, head_rng)
         logical = objectives.logical_axes(obj, model_config, logical)
     model_logical = base = None
     if lora_config is not None:
