@@ -7,8 +7,9 @@ accumulation, NaN policy, checkpoints, resume, metrics) is the Trainer's, shared
 
 - `"preference"`: any `losses` loss, paired or unpaired (today's DPO family).
 - `"sft"`: token NLL, `-sum(log p of target tokens) / number of target tokens` over the
-  whole optimizer batch (all micro-batches together), as HF Trainer / TRL SFTTrainer
-  with `average_tokens_across_devices`; micro-batching does not change the loss.
+  whole optimizer batch (all micro-batches together), as HF Trainer's loss with
+  `num_items_in_batch` (the target count over every gradient-accumulation micro-batch);
+  micro-batching does not change the loss (TRL's per-micro-batch mean would).
   Batches are single sequences (`data.batching.build_sequences`): row k = sequence k,
   `sequence_index` marks the target tokens, N = rows.
 - `"reward_model"`: Bradley-Terry on preference batches (chosen `k`, rejected `B + k`);
