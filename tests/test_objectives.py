@@ -137,22 +137,23 @@ def test_reward_model_rewards_and_bradley_terry_loss_by_hand():
     cfg, params = tiny_model()
     batch = synthetic_batches(num=1, pairs=3, seed=4)[0]
     head = objectives.init_reward_head(cfg, jax.random.key(2))
-    seq = scoring.score(
-        models.Transformer(cfg).apply, params, {k: jnp.asarray(v) for k, v in batch.items()},
-        6, needs={"last_hidden"},
+    apply_fn = models.Transformer(cfg).apply
+    seq = jax.jit(lambda p, b: scoring.score(apply_fn, p, b, 6, needs={"last_hidden"}))(
+        params, {k: jnp.asarray(v) for k, v in batch.items()}
     )  # fmt: skip
     assert seq.logps_S is None  # no unembedding was asked for
     rewards = np.asarray(objectives.head_rewards(head, seq.last_hidden_SxD))
     # by hand: the hidden state at each sequence's last marked token
-    hidden = np.asarray(
-        models.Transformer(cfg).apply(
-            {"params": params},
-            jnp.asarray(batch["input_ids"]),
-            positions=jnp.asarray(batch["positions"]),
-            segment_ids=jnp.asarray(batch["segment_ids"]),
+    forward = jax.jit(
+        lambda p, b: apply_fn(
+            {"params": p},
+            b["input_ids"],
+            positions=b["positions"],
+            segment_ids=b["segment_ids"],
             return_hidden=True,
         )  # fmt: skip
     )
+    hidden = np.asarray(forward(params, {k: jnp.asarray(v) for k, v in batch.items()}))
     expected = []
     for k in range(6):
         rows, cols = np.nonzero(batch["sequence_index"] == k)
