@@ -83,6 +83,9 @@ class Objective:
     # Metrics derived from the batch means (after the micro-batch mean and after the
     # held-out weighting), e.g. perplexity = exp(loss).
     derive: Callable[[dict[str, Any]], dict[str, Any]] = lambda m: m
+    # Batches hold chosen/rejected (or example/KL) halves, 2B sequences; False: single
+    # sequences (multi-host batches are then numbered host after host).
+    paired: bool = True
 
 
 # ------------------------------------------------------------------------ preference
@@ -208,6 +211,7 @@ OBJECTIVES: dict[str, Objective] = {
         batch_context=count_targets,
         weight_metric="num_target_tokens",
         derive=_sft_derive,
+        paired=False,
     ),  # fmt: skip
     "reward_model": Objective(
         "reward_model",

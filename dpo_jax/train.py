@@ -119,7 +119,11 @@ def _global_count(n: int) -> int:
 
 
 def globalize_host_batch(
-    batch_A: Mapping[str, Any], n_seq: int, process_index: int, process_count: int
+    batch_A: Mapping[str, Any],
+    n_seq: int,
+    process_index: int,
+    process_count: int,
+    paired: bool = True,
 ) -> tuple[dict[str, Any], int]:
     """Renumber one host's slice so the hosts' slices form one global batch.
 
@@ -130,9 +134,15 @@ def globalize_host_batch(
     `B + h b + (k - b)`. `ref_logps` `[A, 2b]` becomes `[A, 2, b]`: stitched along the
     last axis it is `[A, 2, B]`, whose flattening is chosen-then-rejected again.
     `labels` `[A, b]` already concatenate in pair order. Returns (batch, global 2B).
+    Single sequences (`paired=False`, SFT) are numbered host after host: `h n + k`.
     """
     if process_count == 1:
         return dict(batch_A), n_seq
+    if not paired:
+        si = np.asarray(batch_A["sequence_index"])
+        out = dict(batch_A, sequence_index=np.where(si >= 0, process_index * n_seq + si, -1))
+        out["sequence_index"] = out["sequence_index"].astype(np.int32)
+        return out, n_seq * process_count
     b = n_seq // 2
     big_b = b * process_count
     out = dict(batch_A)
@@ -279,8 +289,9 @@ class Trainer:
         inspect the step ahead of time.
         """
         batch_A, n_seq = globalize_host_batch(
-            batch_A, n_seq, jax.process_index(), jax.process_count()
-        )
+            batch_A, n_seq, jax.process_index(), jax.process_count(),
+            paired=self.step_config.objective_fn.paired,
+        )  # fmt: skip
         if self.step_config.unembed_scored_only and "scored_positions" not in batch_A:
             batch_A = with_scored_positions(batch_A, jax.process_count())
         return batch_A, n_seq

@@ -459,3 +459,11 @@ def test_one_default_per_setting():
     assert float(schedule(0)) == pytest.approx(d.optim.learning_rate)
     with pytest.raises(Exception, match="optim.leraning_rate"):
         optim.make_optimizer({"leraning_rate": 1.0}, total_steps=10)
+
+
+def test_multi_host_sft_batches_are_numbered_host_after_host():
+    si = np.asarray([[[-1, 0, 0], [-1, 1, -1], [-1, -1, -1]]], np.int32)  # [A=1, N=3, L=3]
+    batch = {"sequence_index": si}
+    out, n = train.globalize_host_batch(batch, 3, process_index=1, process_count=2, paired=False)
+    assert n == 6
+    np.testing.assert_array_equal(out["sequence_index"], [[[-1, 3, 3], [-1, 4, -1], [-1] * 3]])
