@@ -467,3 +467,16 @@ def test_multi_host_sft_batches_are_numbered_host_after_host():
     out, n = train.globalize_host_batch(batch, 3, process_index=1, process_count=2, paired=False)
     assert n == 6
     np.testing.assert_array_equal(out["sequence_index"], [[[-1, 3, 3], [-1, 4, -1], [-1] * 3]])
+
+
+def test_sft_formats_are_detected_without_taking_preference_rows():
+    from dpo_jax.data import detect_format
+
+    assert detect_format({"text": "a"}) == "sft_text"
+    assert detect_format({"messages": []}) == "sft_messages"
+    assert detect_format({"prompt": "a", "completion": "b"}) == "sft_completion"
+    assert detect_format({"prompt": "a", "completion": "b", "label": True}) == "unpaired"
+    # UltraFeedback rows carry `messages` beside chosen/rejected: still preference rows
+    assert detect_format({"prompt": "a", "chosen": [], "rejected": [], "messages": []}) == (
+        "ultrafeedback"
+    )

@@ -533,12 +533,6 @@ def detect_format(row: Mapping[str, Any]) -> str:
     keys = set(row)
     if {"completion", "label"} <= keys:
         return "unpaired"
-    if "text" in keys and not {"chosen", "rejected"} & keys:
-        return "sft_text"
-    if "messages" in keys:
-        return "sft_messages"
-    if {"prompt", "completion"} <= keys:
-        return "sft_completion"
     if {"info", "summaries", "choice"} <= keys:
         return "tldr"
     if {"human_ref_A", "human_ref_B"} <= keys:
@@ -558,6 +552,14 @@ def detect_format(row: Mapping[str, Any]) -> str:
         ):
             return "hh"
         return "implicit"
+    # SFT rows last: preference rows may carry these columns too (UltraFeedback's messages)
+    if not {"chosen", "rejected"} & keys:
+        if "text" in keys:
+            return "sft_text"
+        if "messages" in keys:
+            return "sft_messages"
+        if {"prompt", "completion"} <= keys:
+            return "sft_completion"
     raise DataError(
         f"cannot detect the data format from fields {sorted(keys)}; set format= one of {sorted(PARSERS)}",
         reason="unknown_format",
