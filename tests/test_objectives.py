@@ -231,7 +231,9 @@ class _StopAfter:
         self.inner.close()
 
 
-@pytest.mark.parametrize("objective", ["sft", "reward_model"])
+@pytest.mark.parametrize(
+    "objective", ["sft", pytest.param("reward_model", marks=pytest.mark.heavy)]
+)
 def test_objective_resumes_bit_exactly(tmp_path, objective):
     cfg, params = tiny_model()
     if objective == "sft":
@@ -321,7 +323,10 @@ def _hf_sft_loss(model_dir, seqs: list[tuple[list[int], list[int]]]) -> float:
         return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
-@pytest.mark.parametrize("fmt", ["text", "completion", "messages"])
+@pytest.mark.parametrize(
+    "fmt", ["text", pytest.param("completion", marks=pytest.mark.heavy),
+            pytest.param("messages", marks=pytest.mark.heavy)],
+)  # fmt: skip
 def test_cli_sft_first_step_loss_is_transformers_loss(sft_files, fmt):
     """`dpo-jax train --config.objective.name=sft`: TRL's SFT rows, tokenized as TRL does
     (EOS appended to plain text, completion-only targets for prompt-completion rows), give
@@ -373,6 +378,7 @@ def test_cli_sft_bad_row_names_file_and_line(sft_files, tmp_path):
         train.train(config)
 
 
+@pytest.mark.heavy
 def test_cli_reward_model_checkpoint_scores_like_its_logged_eval(sft_files, tmp_path):
     """`dpo-jax train --config.objective.name=reward_model` on DPO's preference rows: the
     head is checkpointed with the model, and scoring the checkpoint's params through
