@@ -486,3 +486,27 @@ def test_sft_formats_are_detected_without_taking_preference_rows():
     assert detect_format({"prompt": "a", "chosen": [], "rejected": [], "messages": []}) == (
         "ultrafeedback"
     )
+
+
+def test_margin_column_reaches_reward_model_batches(tmp_path):
+    """TRL RewardTrainer's optional `margin` column: parsed, tokenized and batched as a
+    `[B]` array the Bradley-Terry objective subtracts; on some rows only it is refused."""
+    import json
+
+    from dpo_jax.errors import UserError
+    from tests.data_helpers import tiny_tokenizer
+
+    rows = [
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "margin": 1.5},
+        {"prompt": "Paris is in", "chosen": " France.", "rejected": " Spain.", "margin": 0.25},
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = tiny_tokenizer()
+    ds = data.load_preference_data({"path": str(path), "cache_dir": ""}, tok)
+    batch = data.build_batch([ds[0], ds[1]], "paired")
+    np.testing.assert_array_equal(batch["margin"], [1.5, 0.25])
+    del rows[1]["margin"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="'margin' column is present on some rows only"):
+        data.load_preference_data({"path": str(path), "cache_dir": ""}, tok)

@@ -53,6 +53,7 @@ HH_HUMAN = "\n\nHuman:"
 REF_CHOSEN_COLUMN = "ref_chosen_logps"
 REF_REJECTED_COLUMN = "ref_rejected_logps"
 REF_UNPAIRED_COLUMN = "ref_logps"
+MARGIN_COLUMN = "margin"  # TRL RewardTrainer: r_chosen - r_rejected must exceed it
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class PreferenceExample:
     chat: bool = False
     ref_chosen_logp: float | None = None
     ref_rejected_logp: float | None = None
+    # TRL RewardTrainer's optional `margin` column (reward model objective only)
+    margin: float | None = None
     # Where the row came from, so later stages (tokenization) can name it.
     source: str = field(default="", compare=False)
     line: int | None = field(default=None, compare=False)
@@ -150,6 +153,18 @@ def _ref(row: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def _number(row: Mapping[str, Any], key: str) -> float | None:
+    """An optional finite number column (None when absent or null)."""
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(
+            f"field {key!r} must be a finite number, got {value!r}", reason="not_a_number"
+        )
+    return float(value)
+
+
 def _pair(row: Mapping[str, Any], prompt: str, chosen: str, rejected: str, chat: bool = False):
     _check_completions(chosen, rejected)
     return PreferenceExample(
@@ -159,6 +174,7 @@ def _pair(row: Mapping[str, Any], prompt: str, chosen: str, rejected: str, chat:
         chat,
         _ref(row, REF_CHOSEN_COLUMN),
         _ref(row, REF_REJECTED_COLUMN),
+        _number(row, MARGIN_COLUMN),
     )
 
 
