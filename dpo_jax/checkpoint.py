@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dpo_jax import integrity
+from dpo_jax import integrity, paths
 from dpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -158,12 +158,7 @@ class SkippedStep(NamedTuple):
 # ---------------------------------------------------------------- paths
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """Local paths made absolute; gs:// and other remote paths (what Orbax takes) kept."""
-    text = os.fspath(path)
-    if "://" in text:
-        return epath.Path(text)
-    return epath.Path(os.path.abspath(text))
+as_path = paths.as_path  # local paths made absolute; gs:// kept (what Orbax takes)
 
 
 def _copy_tree_files(source: epath.Path, target: epath.Path, keep: Callable[[str], bool]) -> None:
@@ -284,19 +279,17 @@ def truncate_jsonl(path: str | os.PathLike, step: int, key: str = "step") -> int
     if bad:
         side = path.with_name(path.name + ".bad-lines")
         old = side.read_bytes() if side.exists() else b""
-        side.write_bytes(old + b"".join(bad))
+        paths.write_atomic(side, old + b"".join(bad))
     kept = [line for line, k in zip(lines, keep, strict=True) if k]
     prefix = sum(keep[: len(kept)]) == len(kept)
-    if prefix and "://" not in os.fspath(path):
+    if prefix and not paths.is_url(path):
         with open(os.fspath(path), "r+b") as f:
             f.truncate(sum(len(line) for line in kept))
             if kept and not kept[-1].endswith(b"\n"):
                 f.seek(0, os.SEEK_END)
                 f.write(b"\n")
-    else:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(k if k.endswith(b"\n") else k + b"\n" for k in kept))
-        tmp.replace(path)  # atomic: a kill leaves the old or the new file
+    else:  # a kill leaves the old or the new file
+        paths.write_atomic(path, b"".join(k if k.endswith(b"\n") else k + b"\n" for k in kept))
     return dropped
 
 
@@ -924,7 +917,7 @@ def export_hf(
     model_config: Any = None,
     tokenizer: Any = None,
     base: str | os.PathLike | None = None,
-) -> pathlib.Path:
+) -> pathlib.Path | epath.Path:
     """Write the policy of a checkpoint as a Hugging Face directory (weights, config, tokenizer).
 
     ``path`` is a run directory, its ``checkpoints`` directory or one step directory.
@@ -952,10 +945,10 @@ def export_hf(
             log.warning("%s: no saved tokenizer found; exporting weights and config only", path)
     elif isinstance(tokenizer, str | os.PathLike):
         tokenizer = _load_tokenizer(as_path(tokenizer))
-    output_dir = pathlib.Path(output_dir)
-    models.save_hf(output_dir, model_config, params, tokenizer=tokenizer)
+    with paths.staged_dir(output_dir) as local:  # save_hf writes local files
+        models.save_hf(pathlib.Path(local), model_config, params, tokenizer=tokenizer)
     log.info("exported step %d of %s to %s", step, path, output_dir)
-    return output_dir
+    return paths.as_path(output_dir) if paths.is_url(output_dir) else pathlib.Path(output_dir)
 
 
 def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:

@@ -24,7 +24,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -34,7 +33,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from dpo_jax import guards, logprobs, lora, losses, models, optim, sharding
+from dpo_jax import guards, logprobs, lora, losses, models, optim, paths, sharding
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
@@ -464,7 +463,7 @@ class TrainResult:
     state: TrainState
     history: list[dict[str, Any]]
     eval_history: list[dict[str, Any]]
-    run_dir: Path | None
+    run_dir: paths.Path | None
     trainer: Trainer
 
 
@@ -629,10 +628,13 @@ def run_loop(
 # ------------------------------------------------------------------------ config-driven
 
 
-def save_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
+def save_config(config: ml_collections.ConfigDict, run_dir: paths.PathLike) -> None:
     """Write the run's config as JSON next to its metrics."""
+    run_dir = paths.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    paths.write_atomic(
+        run_dir / CONFIG_FILENAME, json.dumps(config.to_dict(), indent=2, default=str)
+    )
 
 
 def _attention_choice(config: ml_collections.ConfigDict) -> str:
@@ -823,7 +825,7 @@ def _train(
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None
-    run_dir = Path(config.run_dir) if config.run_dir else None
+    run_dir = paths.Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
 
     if checkpointer is None and config.checkpoint.enabled:
@@ -919,7 +921,7 @@ def _close_all(*closeables: Any, failed: BaseException | None = None) -> None:
 
 
 def make_checkpointer(
-    config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: Path | None
+    config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: paths.Path | None
 ) -> Any:
     """The Orbax checkpointer `config.checkpoint` asks for (saves under run_dir/checkpoints)."""
     from dpo_jax import checkpoint
@@ -933,7 +935,7 @@ def make_checkpointer(
     )
 
 
-def _logged_num_tokens(run_dir: Path | None, step: int) -> int:
+def _logged_num_tokens(run_dir: paths.Path | None, step: int) -> int:
     """`num_tokens` of the metrics row of `step` (a resumed run keeps counting from it)."""
     from dpo_jax.metrics import read_jsonl
 
