@@ -79,6 +79,7 @@ NON_MATH_KEYS: tuple[str, ...] = (
     "model.attention",  # same math, another kernel (blockwise/cuDNN/splash; float rounding only)
     "data.eval",  # held-out data is only evaluated, never trained on
     "data.num_eval_examples",
+    "data.cache_dir",  # where tokenized data is cached, not what it holds (the key hashes it)
     "train.log_every",
     "train.eval_every",
     "train.nan_policy",  # switching stop -> skip after a NaN stop is the point of resuming

@@ -971,6 +971,7 @@ def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> di
         truncation_mode=d.truncation_mode,
         skip_bad_rows=d.skip_bad_rows,
         unpaired=not paired,
+        cache_dir=d.cache_dir,
     )
 
 
