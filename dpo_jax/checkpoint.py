@@ -341,10 +341,18 @@ def _decode_data_state(data_state: Any) -> Any:
 
 
 def _step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
-    """Directories named by an integer step (what Orbax lists as steps)."""
+    """Directories named by an integer step (what Orbax lists as steps).
+
+    In a bucket a step directory without Orbax's commit marker is Orbax's in-flight
+    temporary (there is no rename there): left to `_unfinished_tmp_dirs`.
+    """
     if not directory.is_dir():
         return {}
-    return {int(p.name): p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()}
+    return {
+        int(p.name): p
+        for p in directory.iterdir()
+        if p.is_dir() and p.name.isdigit() and not ocp.step.is_path_temporary(p)
+    }
 
 
 def _unfinished_tmp_dirs(directory: epath.Path) -> list[epath.Path]:

@@ -61,7 +61,9 @@ class EventFile:
 
         directory = paths.as_path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        stale = [p for p in directory.iterdir() if p.name.startswith("events.out.tfevents.")]
+        # (In a bucket an empty directory does not exist, so it cannot be listed.)
+        listed = directory.iterdir() if directory.is_dir() else []
+        stale = [p for p in listed if p.name.startswith("events.out.tfevents.")]
         # TensorBoard's file name; a unique suffix: the old file may carry the same
         # timestamp and host name.
         name = (

@@ -80,13 +80,14 @@ def glob(pattern: PathLike) -> list[str]:
     text = os.fspath(pattern)
     if not is_url(text):
         return sorted(globlib.glob(os.path.expanduser(text), recursive=True))
-    scheme, rest = text.split("://", 1)
-    parts = rest.split("/")
-    first = next((i for i, p in enumerate(parts) if any(c in p for c in _MAGIC)), None)
-    if first is None:
+    if not any(c in text for c in _MAGIC):
         return [text] if epath.Path(text).exists() else []
-    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
-    return sorted(os.fspath(p) for p in base.glob("/".join(parts[first:])))
+    # fsspec directly: epath refuses `**` on buckets.
+    import fsspec
+
+    scheme = text.split("://", 1)[0]
+    fs, _ = fsspec.core.url_to_fs(text)
+    return sorted(f"{scheme}://{p}" for p in fs.glob(text))
 
 
 def free_bytes(path: PathLike) -> int | None:

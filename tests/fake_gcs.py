@@ -37,6 +37,17 @@ class BucketFS(MemoryFileSystem):
     store: dict[str, Any] = {}  # not MemoryFileSystem's global store
     pseudo_dirs = [""]
 
+    # Like GCS (and gcsfs), directories are only prefixes of objects: making one stores
+    # nothing, an empty one does not exist, and listing a missing one is an error.
+    def mkdir(self, path: Any, create_parents: bool = True, **kwargs: Any) -> None:
+        pass
+
+    def makedirs(self, path: Any, exist_ok: bool = False) -> None:
+        pass
+
+    def rmdir(self, path: Any) -> None:
+        pass
+
     @classmethod
     def _strip_protocol(cls, path: Any) -> str:
         path = fsspec.utils.stringify_path(path)
