@@ -23,7 +23,6 @@ import logging
 import os
 import pathlib
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -560,9 +559,8 @@ class Checkpointer:
         if isinstance(tokenizer, str | os.PathLike):
             _copy_tree_files(as_path(tokenizer), tmp, _is_tokenizer_file)
         else:
-            with tempfile.TemporaryDirectory() as local:  # save_pretrained writes locally
+            with paths.staged_dir(tmp) as local:  # save_pretrained writes locally
                 tokenizer.save_pretrained(local)
-                _copy_tree_files(epath.Path(local), tmp, lambda _: True)
         tmp.rename(target)
 
     def maybe_save(
@@ -973,8 +971,7 @@ def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
 def _load_tokenizer(directory: epath.Path) -> Any:
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as local:  # transformers reads local files only
-        _copy_tree_files(directory, epath.Path(local), lambda _: True)
+    with paths.local_copy(directory) as local:  # transformers reads local files only
         return AutoTokenizer.from_pretrained(local)
 
 
