@@ -225,6 +225,26 @@ def timings(phases: Iterable[Phase], run_dir: str | epath.Path) -> dict[str, flo
     return out
 
 
+class Preempted(Exception):
+    """A training phase stopped before its last step (SIGTERM: the Trainer saved a
+    checkpoint and returned). The phase gets no marker; rerunning resumes it."""
+
+
+def train_phase(config: ml_collections.ConfigDict, **kwargs: Any) -> Any:
+    """`dpo_jax.train.train(config, **kwargs)` for a phase (`config` from
+    :func:`train_config`); raises `Preempted` when it stopped early, so no marker is
+    written for a half-trained phase."""
+    from dpo_jax import train
+
+    result = train.train(config, **kwargs)
+    if not kwargs.get("dry_run") and int(jax.device_get(result.state.step)) < config.num_steps:
+        raise Preempted(
+            f"{config.run_dir}: stopped at step {int(jax.device_get(result.state.step))} of "
+            f"{config.num_steps} (SIGTERM; checkpoint saved): rerun the same command to resume"
+        )
+    return result
+
+
 def train_config(
     config: ml_collections.ConfigDict, ctx: Context, **overrides: Any
 ) -> ml_collections.ConfigDict:

@@ -673,7 +673,7 @@ def train_method_phase(method: Method):
             load_pairs(ctx), config, task.pad_id, row_length(ctx.config),
             ctx.config.pairs.max_new_tokens,
         )  # fmt: skip
-        return train.train(
+        return phases.train_phase(
             config, train_data=data, model=(task.model_config, task.sft_params),
             eval_hook=eval_hook,
         )  # fmt: skip
@@ -688,7 +688,9 @@ def train_method_phase(method: Method):
         data = method_batches(
             dummy, config, 0, row_length(ctx.config), ctx.config.pairs.max_new_tokens
         )
-        return train.train(config, train_data=data, model=(cfg, abstract), dry_run=True).lowered
+        return phases.train_phase(
+            config, train_data=data, model=(cfg, abstract), dry_run=True
+        ).lowered
 
     return run, dry
 
@@ -872,7 +874,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         dry_run(args.config)
         return 0
-    run(args.config)
+    try:
+        run(args.config)
+    except phases.Preempted as stop:
+        print(stop, file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     return 0
 
 
