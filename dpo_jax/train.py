@@ -930,8 +930,10 @@ def _train(
                     train_data.set_state(restored.data_state)  # refuses other data
                     train_iter = iter(train_data)
                 else:  # a plain iterable: skip what the restored steps consumed
+                    # (from train_iter, which starts at the first batch: a generator's
+                    # iter() would continue after the one already taken)
                     skip = start_step * config.grad_accum_steps
-                    train_iter = itertools.islice(iter(train_data), skip, None)
+                    train_iter = itertools.islice(train_iter, skip, None)
                 log.info("resumed from step %d", start_step)
                 num_tokens_start = _logged_num_tokens(run_dir, start_step)
         except BaseException as error:  # a refused resume: release Orbax and SIGTERM
