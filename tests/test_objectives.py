@@ -386,7 +386,6 @@ def test_cli_reward_model_checkpoint_scores_like_its_logged_eval(sft_files, tmp_
     import json
 
     from dpo_jax import cli, reward_model
-    from dpo_jax.models import hf
 
     root, model_dir, tok, _ = sft_files
     rng = np.random.default_rng(0)
@@ -407,9 +406,9 @@ def test_cli_reward_model_checkpoint_scores_like_its_logged_eval(sft_files, tmp_
     ]  # fmt: skip
     assert cli.main(args) == 0
     logged = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/accuracy" in r][-1]
-    _, _, params = checkpoint.load_params(run)
+    _, meta, params = checkpoint.load_params(run)
     assert set(params) == {"model", "head"}
-    cfg, _ = hf.load_hf(model_dir, dtype="float32")
+    cfg = models.ModelConfig.from_dict(meta["model_config"])  # the run's layout (scanned)
     config = tiny.get_config()
     config.data.train = str(tmp_path / "pairs.jsonl")
     spec = train._data_spec(config, config.data.train, True)
