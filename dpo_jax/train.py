@@ -24,7 +24,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -32,9 +31,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
-from dpo_jax import guards, logprobs, lora, losses, models, optim, sharding
+from dpo_jax import (
+    guards,
+    logprobs,
+    lora,
+    losses,
+    models,
+    objectives,
+    optim,
+    paths,
+    scoring,
+    sharding,
+)
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
@@ -44,6 +55,7 @@ from dpo_jax.train_step import (
     check_loss_options,
     eval_step,
     init_state,
+    step_settings,
     train_step,
 )
 
@@ -54,10 +66,8 @@ Batch = dict[str, np.ndarray]
 
 # Keys of a host micro-batch that the jitted step reads; others (the loader's `step`)
 # stay on the host.
-BATCH_KEYS = (
-    "input_ids", "positions", "segment_ids", "branch_ids", "sequence_index", "ref_logps", "labels",
-    "scored_positions",  # optional: a caller that pins K (one compiled shape) supplies it
-)  # fmt: skip
+# `scored_positions` is optional: a caller that pins K (one compiled shape) supplies it.
+BATCH_KEYS = (*scoring.MODEL_KEYS, *scoring.OBJECTIVE_KEYS, "scored_positions")
 
 
 # ------------------------------------------------------------------------ batches
@@ -337,27 +347,26 @@ def build_trainer(
     params: Any,
     *,
     mesh: Mesh,
-    loss_name: str | losses.LossSpec,
-    loss_hyper: Mapping[str, Any],
     optim_config: Mapping[str, Any],
     total_steps: int,
     reference: str,
     seed: int = 0,
     ref_params: Any = None,
-    nan_policy: str = "stop",
-    logps_chunk_size: int = 0,
-    unembed_scored_only: bool = True,
-    ref_model_sync_steps: int = 0,
-    ref_model_mixup_alpha: float = 0.6,
-    token_metrics: bool = True,
     lora_config: lora.LoraConfig | None = None,
     rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
+    **step_settings: Any,
 ) -> tuple[Trainer, TrainState]:
     """A Trainer and its initial, sharded state (policy = `params`).
 
+    `step_settings` are `StepConfig` fields (`loss_name`, `loss_hyper`, `nan_policy`,
+    `objective`, ...; `train` passes `step_settings(config)`); one left out
+    takes configs/default.py's value. The objective (`objectives.OBJECTIVES`) is what
+    the step minimises; one with a head trains `{"model": params, "head": ...}` (a fresh
+    head seeded by `seed`, unless `params` already are `{"model", "head"}`).
     `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. `models.abstract_params`
     unboxed): the state is then abstract too (ShapeDtypeStructs with the run's
     shardings) and nothing is allocated -- what a dry run lowers (`Trainer.lower`).
+
     `ref_params` defaults to a copy of `params` when `reference == "frozen"`. With
     `lora_config`, `params` is the frozen base (cast to `lora_config.base_dtype`) and
     the state's `params` are fresh adapters (seeded by `seed`), the only trained leaves.
@@ -369,6 +378,16 @@ def build_trainer(
         isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)
     )
     run = (lambda f, *a: jax.eval_shape(f, *a)) if shapes_only else (lambda f, *a: f(*a))
+    # Built (and validated) once, before any device work; the optimizer, schedule,
+    # model and shardings are filled in below.
+    step_config = StepConfig(
+        apply_fn=models.Transformer(model_config).apply, optimizer=optax.identity(),
+        schedule=optax.constant_schedule(0.0), reference=reference,
+        lora_scale=0.0 if lora_config is None else lora_config.scale, **step_settings,
+    )  # fmt: skip
+    obj = step_config.objective_fn
+    loss_name = step_config.loss_name
+    params, head = objectives.split_head(obj, params)  # a trained head passed back in
     tensor = int(mesh.shape["tensor"])
     if tensor > 1:  # the vocab dim then divides the tensor axis and is really sharded
         padded: list[models.ModelConfig] = []
@@ -381,6 +400,10 @@ def build_trainer(
                 ref_params, model_config, model_config.embed_vocab_size
             )
     logical = models.logical_axes(model_config)
+    if obj.head is not None:
+        head_rng = jax.random.fold_in(jax.random.key(seed), 0x4EAD)
+        params = run(lambda p: objectives.with_head(obj, model_config, p, head, head_rng), params)
+        logical = objectives.logical_axes(obj, model_config, logical)
     model_logical = base = None
     if lora_config is not None:
         base = run(lambda p: lora.cast_base(p, lora_config), params)
@@ -391,7 +414,8 @@ def build_trainer(
         logical = lora.adapter_logical_axes(model_logical, params)
     optimizer, schedule = optim.make_optimizer(optim_config, total_steps, params, logical)
     with_ref = reference == "frozen"
-    loss_state = losses.init_loss_state(loss_name)  # BCO's running shift, or None
+    # BCO's running shift, or None
+    loss_state = losses.init_loss_state(loss_name) if obj.name == "preference" else None
     # Boxed with their logical names, so the optimizer state optax builds from them
     # carries the same names and one rules table shards all of it.
     boxed = sharding.box(logical, jax.eval_shape(lambda p: p, params))
@@ -402,23 +426,13 @@ def build_trainer(
         base_shapes = sharding.box(model_logical, jax.eval_shape(lambda b: b, base))
         ref_shapes = base_shapes if with_ref else None
         abstract = abstract.replace(base_params=base_shapes, ref_params=ref_shapes)
+    elif obj.head is not None and with_ref:  # a reference is the model, never a head
+        abstract = abstract.replace(ref_params=objectives.split_params(obj, boxed)[0])
     shard = state_shardings(abstract, mesh, rules)
-    step_config = StepConfig(
-        apply_fn=models.Transformer(model_config).apply,
-        optimizer=optimizer,
-        schedule=schedule,
-        loss_name=loss_name,
-        loss_hyper=dict(loss_hyper),
-        reference=reference,
-        nan_policy=nan_policy,
-        logps_chunk_size=logps_chunk_size,
-        unembed_scored_only=unembed_scored_only,
-        ref_model_sync_steps=ref_model_sync_steps,
-        ref_model_mixup_alpha=ref_model_mixup_alpha,
-        grad_shardings=shard.params,
-        token_metrics=token_metrics,
-        lora_scale=0.0 if lora_config is None else lora_config.scale,
-    )
+    step_config = dataclasses.replace(
+        step_config, apply_fn=models.Transformer(model_config).apply, optimizer=optimizer,
+        schedule=schedule, grad_shardings=shard.params,
+    )  # fmt: skip
     if shapes_only:
         state_shapes = nn.meta.unbox(abstract)
         return Trainer(mesh, model_config, step_config, shard, rules), jax.tree.map(
@@ -429,6 +443,8 @@ def build_trainer(
         base = jax.device_put(base, shard.base_params)
     if with_ref:
         ref = (params if base is None else base) if ref_params is None else ref_params
+        if ref_params is None and base is None:
+            ref = objectives.split_params(obj, ref)[0]
         ref_params = jax.device_put(jax.tree.map(jnp.copy, ref), shard.ref_params)
 
     def make_state(p: Any, r: Any, b: Any) -> TrainState:
@@ -504,7 +520,7 @@ class TrainResult:
     state: TrainState
     history: list[dict[str, Any]]
     eval_history: list[dict[str, Any]]
-    run_dir: Path | None
+    run_dir: paths.Path | None
     trainer: Trainer
     lowered: jax.stages.Lowered | None = None  # train(dry_run=True): the first step's program
 
@@ -526,9 +542,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out loss/metrics, keys prefixed `eval/`.
 
-    Batches are weighted by their number of examples, so a smaller remainder batch
-    counts for what it holds: the result is the mean over examples.
+    Batches are weighted by their number of examples (SFT: target tokens, the
+    objective's `weight_metric`), so a smaller remainder batch counts for what it
+    holds: the result is the mean over examples (tokens).
     """
+    obj = trainer.step_config.objective_fn
     total: dict[str, float] = {}
     counted: dict[str, Any] = {}  # subset means add sums and counts (losses.CountedMean)
     weight = 0.0
@@ -536,7 +554,7 @@ def evaluate(
         batch_A = stack_micro_batches([mb])
         n_seq = batch_num_sequences(batch_A, layout)
         metrics = jax.device_get(trainer.evaluate(state, batch_A, n_seq))
-        w = n_seq / 2
+        w = float(metrics[obj.weight_metric]) if obj.weight_metric else n_seq / 2
         for k, v in metrics.items():
             if losses.is_counted(v):
                 counted[k] = v if k not in counted else counted[k] + v
@@ -546,6 +564,9 @@ def evaluate(
     if not weight:
         raise UserError("evaluation data is empty")
     out = {k: v / weight for k, v in total.items()}
+    if obj.weight_metric:  # a sum over the batches, not a mean
+        out[obj.weight_metric] = weight
+    out = {k: to_python(v) for k, v in obj.derive(out).items()}
     out.update(losses.finalize_metrics(counted))
     return {f"eval/{k}": v for k, v in out.items()}
 
@@ -676,10 +697,13 @@ def run_loop(
 # ------------------------------------------------------------------------ config-driven
 
 
-def save_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
+def save_config(config: ml_collections.ConfigDict, run_dir: paths.PathLike) -> None:
     """Write the run's config as JSON next to its metrics."""
+    run_dir = paths.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    paths.write_atomic(
+        run_dir / CONFIG_FILENAME, json.dumps(config.to_dict(), indent=2, default=str)
+    )
 
 
 def _attention_choice(config: ml_collections.ConfigDict) -> str:
@@ -687,7 +711,7 @@ def _attention_choice(config: ml_collections.ConfigDict) -> str:
     from dpo_jax import errors
     from dpo_jax.models import attention
 
-    choice = config.model.get("attention", "auto")
+    choice = config.model.attention
     if choice not in attention.IMPLS:
         raise errors.config_error(
             "model.attention", f"{choice!r} is not an attention backend",
@@ -785,9 +809,9 @@ def train(
         config, model=model_config is None or params is None, data=train_data is None
     )
     # One name or a TRL-style mix; unknown names fail before any compilation.
-    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
+    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.weights)
     # LoRA settings are validated before any device work
-    lora_config = lora.config_from(config.get("lora"), config.get("reference"))
+    lora_config = lora.config_from(config.lora, config.reference)
     if lora_config is not None and config.reference.ref_model_sync_steps > 0:
         raise config_error(
             "reference.ref_model_sync_steps", "TR-DPO syncing needs a full policy, not LoRA",
@@ -823,24 +847,23 @@ def _train(
     dry_run: bool = False,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
-    hyper = (
-        dict(config.loss.hyper.to_dict())
-        if hasattr(config.loss.hyper, "to_dict")
-        else dict(config.loss.hyper)
-    )
-    hyper = {k: v for k, v in hyper.items() if v is not None}  # None: the loss's default
-    losses.check_options(loss_name, hyper)
-    for message in losses.trl_differences(loss_name, hyper):
-        log.warning("differs from TRL: %s", message)
+    settings = step_settings(config)  # the step's settings, read once
+    hyper = settings["loss_hyper"]
+    preference = settings["objective"] == "preference"
+    if preference:
+        losses.check_options(loss_name, hyper)
+        for message in losses.trl_differences(loss_name, hyper):
+            log.warning("differs from TRL: %s", message)
     mesh = mesh or make_mesh_from_config(config)
     if model_config is None or params is None:
         model_config, params = _model_from_config(config)
-    if config.reference.mode in ("precomputed", "cache"):
+    if preference and config.reference.mode in ("precomputed", "cache"):
         # before the (possibly long) reference cache pass; auto is checked once resolved
         early = resolve_reference_mode(config.reference.mode, loss_name, True)
         check_loss_options(loss_name, hyper, early)
 
-    if ref_params is None and config.reference.path and losses.needs_reference(loss_name):
+    needs_ref = preference and losses.needs_reference(loss_name)
+    if ref_params is None and config.reference.path and needs_ref:
         ref_params = _reference_from_config(config, model_config)
     if train_data is None:
         train_data, eval_data, steps_per_epoch = load_data(
@@ -859,29 +882,24 @@ def _train(
     if first is None:
         raise UserError("training data is empty")
     train_iter = _chain_first(first, first_iter)
-    reference = resolve_reference_mode(
-        config.reference.mode, loss_name, "ref_logps" in first, lora_config is not None
-    )
+    reference = "none"  # SFT and the reward model read no reference model
+    if preference:
+        reference = resolve_reference_mode(
+            config.reference.mode, loss_name, "ref_logps" in first, lora_config is not None
+        )
 
     trainer, state = build_trainer(
         model_config,
         params,
         mesh=mesh,
-        loss_name=loss_name,
-        loss_hyper=hyper,
         optim_config=config.optim.to_dict(),
         total_steps=num_steps,
         reference=reference,
         seed=config.seed,
         ref_params=ref_params,
-        nan_policy=config.train.nan_policy,
-        logps_chunk_size=config.train.logps_chunk_size,
-        unembed_scored_only=config.train.get("unembed_scored_only", True),
-        ref_model_sync_steps=config.reference.ref_model_sync_steps,
-        ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
-        token_metrics=config.train.get("token_metrics", True),
         lora_config=lora_config,
-        rules=sharding.validate_rules(config.mesh.get("rules", sharding.LOGICAL_AXIS_RULES)),
+        rules=sharding.validate_rules(config.mesh.rules),
+        **settings,
     )
     if dry_run:  # the first step's batch, grouped and counted as run_loop does
         batch_A = _group(train_iter, config.grad_accum_steps)
@@ -894,7 +912,7 @@ def _train(
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None
-    run_dir = Path(config.run_dir) if config.run_dir else None
+    run_dir = paths.Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
 
     if checkpointer is None and config.checkpoint.enabled:
@@ -953,7 +971,7 @@ def _train(
             data_state=getattr(train_data, "get_state", None),
             start_step=start_step,
             num_tokens_start=num_tokens_start,
-            max_skipped_fraction=config.train.get("max_skipped_fraction", 0.1),
+            max_skipped_fraction=config.train.max_skipped_fraction,
             eval_hook=eval_hook,
         )
         _close_all(progress, writer, checkpointer)
@@ -993,7 +1011,7 @@ def _close_all(*closeables: Any, failed: BaseException | None = None) -> None:
 
 
 def make_checkpointer(
-    config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: Path | None
+    config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: paths.Path | None
 ) -> Any:
     """The Orbax checkpointer `config.checkpoint` asks for (saves under run_dir/checkpoints)."""
     from dpo_jax import checkpoint
@@ -1007,7 +1025,7 @@ def make_checkpointer(
     )
 
 
-def _logged_num_tokens(run_dir: Path | None, step: int) -> int:
+def _logged_num_tokens(run_dir: paths.Path | None, step: int) -> int:
     """`num_tokens` of the metrics row of `step` (a resumed run keeps counting from it)."""
     from dpo_jax.metrics import read_jsonl
 
@@ -1035,20 +1053,23 @@ def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 
 def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> dict[str, Any]:
     d = config.data
+    sft = config.objective.name == "sft"
     return dict(
+        sft=sft,
         path=path,
         format=d.format,
         max_length=d.max_length,
         max_prompt_length=d.max_prompt_length,
         truncation_mode=d.truncation_mode,
         skip_bad_rows=d.skip_bad_rows,
-        unpaired=not paired,
+        unpaired=not paired and not sft,
+        cache_dir=d.cache_dir,
     )
 
 
 def _check_unpaired_weights(config: ml_collections.ConfigDict, labels: np.ndarray) -> None:
     """KTO's [1, 4/3] rule on the training set's label counts (warns outside it)."""
-    names = losses.loss_names(losses.parse_loss_spec(config.loss.name, config.loss.get("weights")))
+    names = losses.loss_names(losses.parse_loss_spec(config.loss.name, config.loss.weights))
     fn = losses.get(names[0])
     params = inspect.signature(fn).parameters
     if "desirable_weight" not in params and "undesirable_weight" not in params:
@@ -1096,8 +1117,9 @@ def load_data(
 
     from dpo_jax import data, reference
 
-    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
-    paired = losses.is_paired(loss_name)
+    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.weights)
+    preference = config.objective.name == "preference"
+    paired = losses.is_paired(loss_name) or not preference
     if not config.data.train:
         raise UserError("config.data.train is empty: point it at the training data")
     if config.batch_size % config.grad_accum_steps:
@@ -1122,7 +1144,7 @@ def load_data(
     )
     if not paired:
         _check_unpaired_weights(config, train_set.dense["label"])
-    needs_ref = losses.needs_reference(loss_name)
+    needs_ref = preference and losses.needs_reference(loss_name)
     has_ref = "ref_chosen" in train_set.dense
     if needs_ref and has_ref and config.reference.mode != "frozen":
         _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.train, paired))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from dpo_jax.data import DEFAULT_CACHE_DIR
 from dpo_jax.sharding import LOGICAL_AXIS_RULES
 
 
@@ -48,12 +49,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.layout = "stacked"  # stacked | packed | prefix_shared
     c.data.shuffle = True
     c.data.skip_bad_rows = False
+    c.data.cache_dir = DEFAULT_CACHE_DIR  # tokenized-data cache: a dir or gs://...; "" = off
     c.data.num_eval_examples = -1  # -1 = the whole eval split
 
     c.batch_size = 64  # preference pairs per optimizer update, all hosts together
     c.grad_accum_steps = 1  # micro-batches per update (A); batch_size % A == 0
     c.num_steps = -1  # -1: num_epochs over the training set
     c.num_epochs = 1.0
+
+    # What the Trainer minimises (dpo_jax/objectives.py): "preference" (loss.* below, any
+    # paired or unpaired loss), "sft" (token NLL over data.train's SFT rows: {"text"},
+    # {"prompt", "completion"} or {"messages"}), "reward_model" (Bradley-Terry on pairs,
+    # a scalar head on the last token's hidden state).
+    c.objective = ml_collections.ConfigDict()
+    c.objective.name = "preference"
+    # reward_model: TRL's center_rewards_coefficient * mean((r_c + r_r)^2); 0 = off
+    c.objective.center_rewards_coefficient = 0.0
 
     c.loss = ml_collections.ConfigDict()
     # One name in dpo_jax.losses.names() or a mix, TRL's loss_type list: a list, or on the
@@ -89,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | rmsprop | sgd
-    c.optim.learning_rate = 5e-7
+    c.optim.learning_rate = 1e-6  # TRL DPOConfig's default
     c.optim.warmup_steps = 0
     c.optim.schedule = "linear"  # constant | linear | cosine
     c.optim.final_lr_fraction = 0.0

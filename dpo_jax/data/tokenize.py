@@ -39,8 +39,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +46,10 @@ from typing import Any
 
 import numpy as np
 
+from dpo_jax import paths
+from dpo_jax.data.batching import context_and_targets
 from dpo_jax.data.errors import DataError, RejectLog
-from dpo_jax.data.formats import Example, PreferenceExample, common_prefix_length
+from dpo_jax.data.formats import Example, PreferenceExample, SFTExample, common_prefix_length
 from dpo_jax.errors import UserError
 
 CACHE_VERSION = 3  # 3: keep_end is TRL's per-sequence rule
@@ -123,13 +123,17 @@ class Ragged:
         return Ragged(self.values[: self.offsets[n]], self.offsets[: n + 1])
 
 
+KINDS = ("paired", "unpaired", "sft")
+
+
 class TokenizedDataset:
-    """Token ids per example, random access; `kind` is 'paired' or 'unpaired'.
+    """Token ids per example, random access; `kind` is 'paired', 'unpaired' or 'sft'.
 
     Paired items: {"prompt", "chosen", "rejected"} int32 arrays (+ "ref_chosen",
     "ref_rejected" floats when precomputed; + "rejected_prompt" under TRL's
     per-sequence keep_end, where the rejected sequence kept other prompt tokens). Unpaired items: {"prompt",
-    "completion"} arrays, "label" int (+ "ref").
+    "completion"} arrays, "label" int (+ "ref"). SFT items: {"prompt", "completion"}
+    (the completion holds the targets).
     """
 
     def __init__(
@@ -139,8 +143,8 @@ class TokenizedDataset:
         dense: dict[str, np.ndarray],
         stats: dict[str, Any] | None = None,
     ):
-        if kind not in ("paired", "unpaired"):
-            raise ValueError(f"kind must be 'paired' or 'unpaired', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.ragged = ragged
         self.dense = dense
@@ -176,7 +180,7 @@ class TokenizedDataset:
             lens[1] = self.ragged["rejected_prompt"].lengths + self.ragged["rejected"].lengths
         return np.max(lens, axis=0)
 
-    def save(self, path: str) -> None:
+    def save(self, path: paths.PathLike) -> None:
         """Write to one .npz file (atomically)."""
         arrays: dict[str, np.ndarray] = {}
         for k, r in self.ragged.items():
@@ -187,26 +191,36 @@ class TokenizedDataset:
         arrays["meta"] = np.frombuffer(
             json.dumps({"kind": self.kind, "stats": self.stats}).encode(), np.uint8
         )
-        tmp = f"{path}.tmp.{uuid.uuid4().hex}.npz"  # unique even across hosts on shared disks
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        paths.write_npz(path, arrays)  # atomic, unique temp name even across hosts
 
     @classmethod
-    def load(cls, path: str) -> TokenizedDataset:
+    def load(cls, path: paths.PathLike) -> TokenizedDataset:
         """Read a file written by `save`."""
-        with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            ragged, dense = {}, {}
-            for name in z.files:
-                parts = name.split("/")
-                if parts[0] == "ragged" and parts[2] == "values":
-                    ragged[parts[1]] = Ragged(z[name], z[f"ragged/{parts[1]}/offsets"])
-                elif parts[0] == "dense":
-                    dense[parts[1]] = z[name]
+        z = paths.read_npz(path)
+        meta = json.loads(bytes(z["meta"]).decode())
+        ragged, dense = {}, {}
+        for name in z:
+            parts = name.split("/")
+            if parts[0] == "ragged" and parts[2] == "values":
+                ragged[parts[1]] = Ragged(z[name], z[f"ragged/{parts[1]}/offsets"])
+            elif parts[0] == "dense":
+                dense[parts[1]] = z[name]
         # Keep the column order stable (prompt first) regardless of npz ordering.
         order = ["prompt", "chosen", "rejected", "completion", "rejected_prompt"]
         ragged = {k: ragged[k] for k in order if k in ragged}
         return cls(meta["kind"], ragged, dense, meta["stats"])
+
+
+def sequence_dataset(
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    max_length: int | None = None,
+) -> TokenizedDataset:
+    """An 'sft' dataset from token lists (context, targets), for `make_train_iterator`
+    (`batching.context_and_targets` says how they are cut)."""
+    ps, ts = context_and_targets(prompts, targets, max_length)
+    ragged = {"prompt": Ragged.from_lists(ps), "completion": Ragged.from_lists(ts)}
+    return TokenizedDataset("sft", ragged, {}, {"num_examples": len(ps)})
 
 
 # ----------------------------------------------------------------------------- core
@@ -301,6 +315,7 @@ def tokenize_examples(
     if not examples:
         raise ValueError("no examples to tokenize")
     paired = isinstance(examples[0], PreferenceExample)
+    sft = isinstance(examples[0], SFTExample)
     keys = ("chosen", "rejected") if paired else ("completion",)
     eos = tokenizer.eos_token if settings.add_eos else None
     if settings.add_eos and not eos:
@@ -338,11 +353,17 @@ def tokenize_examples(
     dense: dict[str, list] = (
         {"ref_chosen": [], "ref_rejected": []} if paired else {"label": [], "ref": []}
     )
+    if sft:
+        dense = {}
     mismatches = 0
     for i, ex in enumerate(examples):
         p, comps, ok = split_completions(prompt_ids[i], [full_ids[k][i] for k in keys])
         mismatches += not ok
         try:
+            if sft and not p and comps[0]:
+                # Language modelling: the first token has no context, so it is the prompt
+                # (TRL never scores a sequence's first token either).
+                p, comps = comps[0][:1], [comps[0][1:]]
             if not p:
                 raise DataError(
                     "prompt tokenizes to no tokens, so the first completion token has no context",
@@ -362,7 +383,7 @@ def tokenize_examples(
         if paired:
             dense["ref_chosen"].append(ex.ref_chosen_logp)
             dense["ref_rejected"].append(ex.ref_rejected_logp)
-        else:
+        elif not sft:
             dense["label"].append(int(ex.label))
             dense["ref"].append(ex.ref_logp)
 
@@ -385,7 +406,7 @@ def tokenize_examples(
             )
     stats = {"num_examples": len(cols["prompt"]), "prefix_mismatches": mismatches}
     return TokenizedDataset(
-        "paired" if paired else "unpaired",
+        "paired" if paired else "sft" if sft else "unpaired",
         {k: Ragged.from_lists(v) for k, v in cols.items()},
         dense_arrays,
         stats,
@@ -451,8 +472,8 @@ def tokenize_cached(
     if cache_dir is None:
         return tokenize_examples(examples, tokenizer, settings, rejects)
     key = cache_key(tokenizer, examples, settings)
-    path = os.path.join(cache_dir, f"tokenized-{key}.npz")
-    if os.path.exists(path):
+    path = paths.Path(cache_dir) / f"tokenized-{key}.npz"
+    if path.exists():
         ds = TokenizedDataset.load(path)
         for rec in ds.stats.get("rejects", []):
             rejects.handle(
@@ -472,7 +493,7 @@ def tokenize_cached(
             rec["row"],
         )
     ds.stats["rejects"] = local.rejects
-    os.makedirs(cache_dir, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ds.save(path)
     ds.stats["from_cache"] = False
     return ds
