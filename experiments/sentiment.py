@@ -98,9 +98,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             prefix_max_len=8,
         )
     )
+    # SFT through the Trainer (objective.name="sft"; mesh, model and checkpoint.* as the
+    # preference runs). save_every: a resumed SFT redoes at most that many steps.
     c.sft = ml_collections.ConfigDict(
-        dict(num_steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48)
-    )
+        dict(num_steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48,
+             save_every=200)
+    )  # fmt: skip
     # Preference pairs: K samples per prefix, all K*(K-1)/2 pairs labelled by the reward.
     c.pairs = ml_collections.ConfigDict(
         dict(
@@ -151,7 +154,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         # each compiles once.
         c.corpus.update(num_reviews=400, tokenizer_vocab_size=384)
         c.model.update(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=48)
-        c.sft.update(num_steps=30, batch_size=16, max_len=40)
+        c.sft.update(num_steps=30, batch_size=16, max_len=40, save_every=10)
         c.pairs.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
         c.methods = (
             "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1.0",
@@ -167,7 +170,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             path="checkpoints/gpt2-large", dtype="bfloat16", remat="block", scan_layers=True
         )
         # One SFT epoch over the 25,000 training reviews, as in the paper.
-        c.sft.update(num_steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512)
+        c.sft.update(
+            num_steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512, save_every=100
+        )
         c.pairs.update(num_prefixes=25000, max_new_tokens=64, batch_size=512)
         c.reward = "hf:checkpoints/siebert-sentiment-roberta-large-english"
         c.update(num_steps=5000, batch_size=64, grad_accum_steps=1)
@@ -481,15 +486,29 @@ def load_task(ctx: Context) -> Task:
     )  # fmt: skip
 
 
-def sft_phase(ctx: Context) -> None:
+def sft_config(ctx: Context) -> ml_collections.ConfigDict:
+    """The `dpo-jax train` config of the SFT run (`objective.name="sft"`)."""
+    c = ctx.config
+    return phases.train_config(
+        c, ctx, **pipeline.sft_overrides(c.sft), **{"checkpoint.save_every": c.sft.save_every}
+    )
+
+
+def sft_batches(ctx: Context, config: ml_collections.ConfigDict, pad_id: int, seqs: Any):
+    """The SFT run's micro-batches (every token after BOS is a target)."""
+    return pipeline.SFTBatches(
+        seqs, [1] * len(seqs), config.batch_size, ctx.config.sft.max_len, pad_id, config.seed
+    )
+
+
+def sft_phase(ctx: Context) -> train.TrainResult | None:
     """The SFT policy: the configured checkpoint or a fresh GPT-2 shape, fine-tuned on the
-    SFT sequences (skipped with sft.num_steps=0)."""
+    SFT sequences through the Trainer (checkpointed here; skipped with sft.num_steps=0)."""
     from transformers import AutoTokenizer
 
     config = ctx.config
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     m = config.model
     if m.path:
         cfg, params = models.load_hf(
@@ -499,18 +518,28 @@ def sft_phase(ctx: Context) -> None:
         cfg = model_config(config, len(tokenizer))
         params = models.init_params(cfg, jax.random.key(config.seed))
     print(f"SFT model: {models.param_count(cfg) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    result = None
     if config.sft.num_steps > 0:
+        run_config = sft_config(ctx)
         seqs = _read_json(ctx.input("tokenizer") / "tokens.json")["sft"]
-        s = config.sft
-        sft_config = dict(
-            steps=s.num_steps, batch_size=s.batch_size, learning_rate=s.learning_rate,
-            warmup_steps=s.warmup_steps, max_len=s.max_len,
-        )  # fmt: skip
-        params = pipeline.train_sft(
-            models.Transformer(cfg), params, seqs, [1] * len(seqs), sft_config, pad_id,
-            config.seed, Path(ctx.dir), config.train.progress,
-        )  # fmt: skip
+        result = phases.train_phase(
+            run_config, train_data=sft_batches(ctx, run_config, pad_id, seqs), model=(cfg, params)
+        )
+        params = result.state.params
     save_params(ctx.dir / "params.msgpack", params)
+    return result
+
+
+def sft_dry(ctx: Context) -> Any:
+    """The SFT run's program, with abstract params and batches of the run's shapes."""
+    if ctx.config.sft.num_steps <= 0:
+        return None
+    config = sft_config(ctx)
+    cfg = model_config(ctx.config, _dry_vocab_size(ctx))
+    abstract = nn_unbox(models.abstract_params(cfg))
+    dummy = [[0, 0]] * config.batch_size
+    data = sft_batches(ctx, config, 0, dummy)
+    return phases.train_phase(config, train_data=data, model=(cfg, abstract), dry_run=True).lowered
 
 
 def label_phase(ctx: Context) -> None:
@@ -804,7 +833,7 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         Phase("corpus", corpus_phase,
               reads=("corpus", "pairs.num_prefixes", "eval.num_prefixes", "seed")),
         Phase("tokenizer", tokenizer_phase, after=("corpus",), reads=("tokenizer", "corpus")),
-        Phase("sft", sft_phase, after=("tokenizer",), reads=(*policy, "sft")),
+        Phase("sft", sft_phase, after=("tokenizer",), reads=(*policy, "sft"), dry=sft_dry),
         Phase("pairs", label_phase, after=("tokenizer", "sft"), reads=("pairs", "reward", "eval.batch_size")),
         Phase("reference", reference_phase, after=("tokenizer", "sft", "pairs"),
               reads=("eval.batch_size", "eval.max_new_tokens")),
