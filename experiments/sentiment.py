@@ -47,7 +47,6 @@ program its run executes (abstract params) and prints its per-device memory.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import sys
@@ -58,10 +57,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import serialization
 
-from dpo_jax import evaluation, models, rewards, train
+from dpo_jax import evaluation, models, paths, rewards, train
 from dpo_jax.configs import default, validate
 from experiments import common, phases, pipeline, synthetic_reviews
 from experiments.phases import Context, Phase
@@ -374,27 +372,35 @@ def row_length(config: ml_collections.ConfigDict) -> int:
     return config.corpus.prefix_max_len + 1 + longest
 
 
-def _write_json(path: epath.Path, value: Any) -> None:
-    path.write_text(json.dumps(value))
+def _write_json(path: paths.Path, value: Any) -> None:
+    paths.write_atomic(path, json.dumps(value))
 
 
-def _read_json(path: epath.Path) -> Any:
+def _read_json(path: paths.Path) -> Any:
     return json.loads(path.read_text())
 
 
-def save_params(path: epath.Path, params: Any) -> None:
+def save_params(path: paths.Path, params: Any) -> None:
     """Params as msgpack (process 0 writes; every process's arrays are gathered)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
-        path.write_bytes(serialization.to_bytes(jax.device_get(params)))
+        paths.write_atomic(path, serialization.to_bytes(jax.device_get(params)))
 
 
-def load_params(path: epath.Path) -> Any:
+def load_params(path: paths.Path) -> Any:
     """Params written by `save_params` (a plain nested dict of numpy arrays)."""
     return serialization.msgpack_restore(path.read_bytes())
+
+
+def load_tokenizer(directory: paths.Path) -> Any:
+    """The tokenizer a `tokenizer` phase saved (local or in a bucket)."""
+    from transformers import AutoTokenizer
+
+    with paths.local_copy(directory) as local:
+        return AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
 def corpus_phase(ctx: Context) -> None:
@@ -430,7 +436,8 @@ def tokenizer_phase(ctx: Context) -> None:
         eval=cut(texts["eval"], config.seed + 2),
     )
     if ctx.is_main:
-        tokenizer.save_pretrained(str(ctx.dir))
+        with paths.staged_dir(ctx.dir) as local:
+            tokenizer.save_pretrained(local)
         _write_json(ctx.dir / "tokens.json", tokens)
 
 
@@ -466,10 +473,9 @@ class Task:
 
 def load_task(ctx: Context) -> Task:
     """Tokenizer, tokens, SFT policy, reward and scorer from the finished phases."""
-    from transformers import AutoTokenizer
 
     config = ctx.config
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
+    tokenizer = load_tokenizer(ctx.input("tokenizer"))
     cfg = model_config(config, len(tokenizer))
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -504,10 +510,9 @@ def sft_batches(ctx: Context, config: ml_collections.ConfigDict, pad_id: int, se
 def sft_phase(ctx: Context) -> train.TrainResult | None:
     """The SFT policy: the configured checkpoint or a fresh GPT-2 shape, fine-tuned on the
     SFT sequences through the Trainer (checkpointed here; skipped with sft.num_steps=0)."""
-    from transformers import AutoTokenizer
 
     config = ctx.config
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
+    tokenizer = load_tokenizer(ctx.input("tokenizer"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     m = config.model
     if m.path:
@@ -571,13 +576,15 @@ def label_phase(ctx: Context) -> None:
         chosen=[comps[p * k + i] for p, i, _ in triples],
         rejected=[comps[p * k + j] for p, _, j in triples],
     ))  # fmt: skip
-    with (ctx.dir / "pairs.jsonl").open("w") as f:
-        for p, i, j in triples:
-            f.write(json.dumps(dict(
-                prefix=task.tokenizer.decode(prefixes[p], skip_special_tokens=True),
-                chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
-                chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
-            )) + "\n")  # fmt: skip
+    lines = [
+        json.dumps(dict(
+            prefix=task.tokenizer.decode(prefixes[p], skip_special_tokens=True),
+            chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
+            chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
+        )) + "\n"
+        for p, i, j in triples
+    ]  # fmt: skip
+    paths.write_atomic(ctx.dir / "pairs.jsonl", "".join(lines))
 
 
 def reference_phase(ctx: Context) -> None:
@@ -589,15 +596,13 @@ def reference_phase(ctx: Context) -> None:
         rejected=task.scorer(task.sft_params, t["prompts"], t["rejected"]),
     )
     if ctx.is_main:
-        buf = io.BytesIO()
-        np.savez(buf, **ref)
-        (ctx.dir / "ref_logps.npz").write_bytes(buf.getvalue())
+        paths.write_npz(ctx.dir / "ref_logps.npz", ref)
 
 
 def load_pairs(ctx: Context) -> pipeline.PairData:
     """The labelled pairs with their reference log-probs."""
     t = _read_json(ctx.input("pairs") / "tokens.json")
-    ref = np.load(io.BytesIO((ctx.input("reference") / "ref_logps.npz").read_bytes()))
+    ref = paths.read_npz(ctx.input("reference") / "ref_logps.npz")
     return pipeline.PairData(
         t["prompts"], t["chosen"], t["rejected"], ref["chosen"], ref["rejected"]
     )
@@ -642,14 +647,14 @@ def evaluate(task: Task, params: Any) -> Evaluation:
     )  # fmt: skip
 
 
-def write_samples(path: epath.Path, method: str, ev: Evaluation) -> None:
+def write_samples(path: paths.Path, method: str, ev: Evaluation) -> None:
     """The evaluation samples (text, reward, log-probs) of one policy as JSONL."""
-    with path.open("w") as f:
-        for text, r, lp, lr in zip(
-            ev.texts, ev.rewards, ev.policy_logps, ev.ref_logps, strict=True
-        ):
-            f.write(json.dumps(dict(method=method, text=text, reward=float(r),
-                                    policy_logp=float(lp), ref_logp=float(lr))) + "\n")  # fmt: skip
+    lines = [
+        json.dumps(dict(method=method, text=text, reward=float(r), policy_logp=float(lp),
+                        ref_logp=float(lr))) + "\n"
+        for text, r, lp, lr in zip(ev.texts, ev.rewards, ev.policy_logps, ev.ref_logps, strict=True)
+    ]  # fmt: skip
+    paths.write_atomic(path, "".join(lines))
 
 
 def evaluate_sft_phase(ctx: Context) -> None:
@@ -736,9 +741,7 @@ def _dry_vocab_size(ctx: Context) -> int:
     directory, else `corpus.tokenizer_vocab_size` (a BPE trained on enough text has it)."""
     tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
     if tok.exists():
-        from transformers import AutoTokenizer
-
-        return len(AutoTokenizer.from_pretrained(str(tok.parent), local_files_only=True))
+        return len(load_tokenizer(tok.parent))
     return int(ctx.config.corpus.tokenizer_vocab_size)
 
 
@@ -858,7 +861,7 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         plot_frontier(rows, run_dir / "frontier.png", f"sentiment ({config.preset}): reward vs KL")
         times = phases.timings(graph, run_dir)
         times["total_s"] = sum(times.values())
-        (run_dir / "timings.json").write_text(json.dumps(times, indent=2))
+        paths.write_atomic(run_dir / "timings.json", json.dumps(times, indent=2))
         print(common.format_table([r for r in rows if r["final"]], RESULT_COLUMNS[:-1]))
         print(headline(rows))
         print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")

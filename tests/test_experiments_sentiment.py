@@ -177,6 +177,30 @@ def test_dry_run_compiles_the_program_the_run_executed(killed_and_rerun):
     assert lowered["methods/preferred_ft"].as_text() != executed.as_text()
 
 
+@pytest.mark.heavy  # seven starts of the smoke experiment: minutes
+def test_kills_at_random_moments_in_every_phase_then_rerun_give_the_same_table(smoke_run, tmp_path):
+    """SIGKILL and SIGTERM (alternating) at a random moment after each of several phases
+    began, each time rerunning the same command; the last run finishes, and results.csv
+    is bit-identical to the uninterrupted run's."""
+    run_dir = smoke_run[0]
+    rng = np.random.default_rng()
+    seed = int(rng.integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    targets = ["tokenizer", "sft", "pairs", "evaluate_sft", "methods/dpo_beta=0.1",
+               "methods/preferred_ft", "methods/unlikelihood_unlikelihood_alpha=1"]  # fmt: skip
+    for i, target in enumerate(targets):
+        proc = _start(tmp_path)
+        _wait_for(proc, tmp_path / target)  # the phase began (or began in an earlier start)
+        time.sleep(float(rng.uniform(0.0, 2.0)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGKILL)
+        proc.wait()
+    proc = _start(tmp_path)
+    assert proc.wait() == 0, proc.stderr.read()
+    same = (tmp_path / "results.csv").read_bytes() == (run_dir / "results.csv").read_bytes()
+    assert same, f"results.csv differs (kill moments drawn with seed {seed})"
+
+
 def test_reward_and_kl_agree_with_a_second_computation(smoke_run):
     run_dir, config, rows = smoke_run
     vader = SentimentIntensityAnalyzer()
