@@ -168,11 +168,8 @@ def test_dry_run_compiles_the_program_the_run_executed(killed_and_rerun):
     dry_config = sentiment.get_config("smoke")
     dry_config.update(workdir=str(workdir), dry_run_devices=1)
     lowered = sentiment.dry_run(dry_config)
-    assert set(lowered) == {
-        name,
-        "methods/preferred_ft",
-        "methods/unlikelihood_unlikelihood_alpha=1",
-    }
+    trained = {"sft", name, "methods/preferred_ft", "methods/unlikelihood_unlikelihood_alpha=1"}
+    assert set(lowered) == trained
     assert lowered[name].as_text() == executed.as_text()
     assert lowered["methods/preferred_ft"].as_text() != executed.as_text()
 
