@@ -28,15 +28,56 @@ from dpo_jax.data import batching
 from experiments import common
 
 
-def apply_fn(model: Any) -> Callable[..., jax.Array]:
-    """`(params, ids, positions=, segment_ids=) -> logits` of a Transformer module."""
+def sft_overrides(sft: Mapping[str, Any]) -> dict[str, Any]:
+    """The `dpo-jax train` settings of an SFT run (dotted keys, `phases.train_config`):
+    token NLL (`objective.name="sft"`), AdamW with cosine decay, from `sft`'s num_steps,
+    batch_size, learning_rate, warmup_steps."""
+    return {
+        "objective.name": "sft", "num_steps": int(sft["num_steps"]),
+        "batch_size": int(sft["batch_size"]), "grad_accum_steps": 1, "optim.name": "adamw",
+        "optim.learning_rate": float(sft["learning_rate"]),
+        "optim.warmup_steps": int(sft["warmup_steps"]), "optim.schedule": "cosine",
+        "optim.weight_decay": 0.01, "optim.max_grad_norm": 1.0, "train.log_every": 25,
+        "train.eval_every": 0, "train.token_metrics": False,
+    }  # fmt: skip
 
-    def fn(params, input_ids, positions=None, segment_ids=None):
-        return model.apply(
-            {"params": params}, input_ids, positions=positions, segment_ids=segment_ids
+
+class SFTBatches:
+    """SFT micro-batches (`data.make_train_iterator` over `data.sequence_dataset`: tokens
+    at index >= target_starts[i] of sequence i are targets, rows padded to `max_len`)
+    with `scored_positions` pinned to `max_len - 1`, so every step runs one program and a
+    dry run lowers that program. Resumable: `get_state`/`set_state` are the loader's."""
+
+    def __init__(
+        self,
+        sequences: Sequence[Sequence[int]],
+        target_starts: Sequence[int],
+        batch_size: int,
+        max_len: int,
+        pad_id: int,
+        seed: int,
+    ):
+        from dpo_jax import data
+
+        cut = [max(t, 1) for t in target_starts]  # the first token is context, always
+        prompts = [list(q)[:t] for q, t in zip(sequences, cut, strict=True)]
+        targets = [list(q)[t:] for q, t in zip(sequences, cut, strict=True)]
+        dataset = data.sequence_dataset(prompts, targets, max_len)
+        self.max_len = max_len
+        self._loader = data.make_train_iterator(
+            dataset, batch_size, buckets=(max_len,), seed=seed, pad_id=pad_id
         )
 
-    return fn
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for batch in self._loader:
+            positions = logprobs.scored_positions(batch["sequence_index"], self.max_len - 1)
+            yield {**batch, "scored_positions": positions}
+
+    def get_state(self) -> Any:
+        return self._loader.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._loader.set_state(state)
 
 
 def train_sft(
@@ -51,32 +92,26 @@ def train_sft(
     progress: bool = True,
     desc: str = "SFT",
 ) -> Any:
-    """Supervised fine-tuning: tokens at index >= target_starts[i] of sequence i are targets.
-
-    `sft_config`: steps, batch_size, max_len, learning_rate, warmup_steps (AdamW, cosine).
-    Runs `dpo_jax.train.train` with `objective.name="sft"` (the one Trainer).
-    """
+    """SFT through the Trainer for the offline experiments (TL;DR, HH) until they are
+    phase graphs (sentiment's `sft` phase is one): `sft_config` has steps, batch_size,
+    max_len, learning_rate, warmup_steps; metrics in `log_dir`."""
     del desc
-    from dpo_jax import data
-    from dpo_jax import train as trainer
+    from dpo_jax import train
     from dpo_jax.configs import default
 
-    s = sft_config
     c = default.get_config()
-    c.objective.name = "sft"
     c.run_dir, c.seed = str(log_dir), seed
-    c.batch_size, c.num_steps = s["batch_size"], s["steps"]
-    c.optim.update(learning_rate=s["learning_rate"], warmup_steps=s["warmup_steps"],
-                   schedule="cosine", weight_decay=0.01, max_grad_norm=1.0)  # fmt: skip
-    c.train.update(log_every=25, progress=progress, tensorboard=False, token_metrics=False)
-    prompts = [list(q)[: max(t, 1)] for q, t in zip(sequences, target_starts, strict=True)]
-    targets = [list(q)[max(t, 1) :] for q, t in zip(sequences, target_starts, strict=True)]
-    dataset = data.sequence_dataset(prompts, targets, s["max_len"])
-    batches = data.make_train_iterator(
-        dataset, s["batch_size"], buckets=(s["max_len"],), seed=seed, pad_id=pad_id
+    for key, value in sft_overrides(dict(sft_config, num_steps=sft_config["steps"])).items():
+        *parents, leaf = key.split(".")
+        node = c
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    c.train.update(progress=progress, tensorboard=False)
+    batches = SFTBatches(
+        sequences, target_starts, c.batch_size, sft_config["max_len"], pad_id, seed
     )
-    result = trainer.train(c, train_data=batches, model_config=model.cfg, params=params)
-    return result.state.params
+    return train.train(c, train_data=batches, model=(model.cfg, params)).state.params
 
 
 def sample(
@@ -133,18 +168,10 @@ class Scorer:
     pad_id: int
 
     @functools.cached_property
-    def _fn(self) -> Callable[[Any, dict[str, np.ndarray]], jax.Array]:
-        rows, model = self.rows, self.model
+    def _fn(self) -> Callable[[Any, Mapping[str, Any], int], Any]:
+        from dpo_jax import scoring
 
-        @jax.jit
-        def score(params, batch):
-            logits = model.apply(
-                {"params": params}, batch["input_ids"], positions=batch["positions"],
-                segment_ids=batch["segment_ids"],
-            )  # fmt: skip
-            return logprobs.sequence_logps(logits, batch, rows).logps_S
-
-        return score
+        return scoring.host_scorer(self.model.apply)
 
     def __call__(
         self, params: Any, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
@@ -162,7 +189,11 @@ class Scorer:
             # first half, the first `rows` rows are exactly the stacked layout of these.
             batch = batching.build_stacked(p, c, self.length, self.pad_id)
             batch = {k: v[: self.rows] for k, v in batch.items()}
-            out.append(np.asarray(self._fn(params, batch))[:real])
+            # One K for every call (the longest completion), so one compiled program.
+            batch["scored_positions"] = logprobs.scored_positions(
+                batch["sequence_index"], self.length - 1
+            )
+            out.append(np.asarray(self._fn(params, batch, self.rows).logps_S)[:real])
         return np.concatenate(out).astype(np.float64)
 
 

@@ -47,7 +47,6 @@ program its run executes (abstract params) and prints its per-device memory.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import sys
@@ -58,10 +57,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import serialization
 
-from dpo_jax import evaluation, models, rewards, train
+from dpo_jax import evaluation, models, paths, rewards, train
 from dpo_jax.configs import default, validate
 from experiments import common, phases, pipeline, synthetic_reviews
 from experiments.phases import Context, Phase
@@ -98,9 +96,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             prefix_max_len=8,
         )
     )
+    # SFT through the Trainer (objective.name="sft"; mesh, model and checkpoint.* as the
+    # preference runs). save_every: a resumed SFT redoes at most that many steps.
     c.sft = ml_collections.ConfigDict(
-        dict(num_steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48)
-    )
+        dict(num_steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48,
+             save_every=200)
+    )  # fmt: skip
     # Preference pairs: K samples per prefix, all K*(K-1)/2 pairs labelled by the reward.
     c.pairs = ml_collections.ConfigDict(
         dict(
@@ -151,7 +152,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         # each compiles once.
         c.corpus.update(num_reviews=400, tokenizer_vocab_size=384)
         c.model.update(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=48)
-        c.sft.update(num_steps=30, batch_size=16, max_len=40)
+        c.sft.update(num_steps=30, batch_size=16, max_len=40, save_every=10)
         c.pairs.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
         c.methods = (
             "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1.0",
@@ -167,7 +168,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             path="checkpoints/gpt2-large", dtype="bfloat16", remat="block", scan_layers=True
         )
         # One SFT epoch over the 25,000 training reviews, as in the paper.
-        c.sft.update(num_steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512)
+        c.sft.update(
+            num_steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512, save_every=100
+        )
         c.pairs.update(num_prefixes=25000, max_new_tokens=64, batch_size=512)
         c.reward = "hf:checkpoints/siebert-sentiment-roberta-large-english"
         c.update(num_steps=5000, batch_size=64, grad_accum_steps=1)
@@ -369,27 +372,35 @@ def row_length(config: ml_collections.ConfigDict) -> int:
     return config.corpus.prefix_max_len + 1 + longest
 
 
-def _write_json(path: epath.Path, value: Any) -> None:
-    path.write_text(json.dumps(value))
+def _write_json(path: paths.Path, value: Any) -> None:
+    paths.write_atomic(path, json.dumps(value))
 
 
-def _read_json(path: epath.Path) -> Any:
+def _read_json(path: paths.Path) -> Any:
     return json.loads(path.read_text())
 
 
-def save_params(path: epath.Path, params: Any) -> None:
+def save_params(path: paths.Path, params: Any) -> None:
     """Params as msgpack (process 0 writes; every process's arrays are gathered)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
-        path.write_bytes(serialization.to_bytes(jax.device_get(params)))
+        paths.write_atomic(path, serialization.to_bytes(jax.device_get(params)))
 
 
-def load_params(path: epath.Path) -> Any:
+def load_params(path: paths.Path) -> Any:
     """Params written by `save_params` (a plain nested dict of numpy arrays)."""
     return serialization.msgpack_restore(path.read_bytes())
+
+
+def load_tokenizer(directory: paths.Path) -> Any:
+    """The tokenizer a `tokenizer` phase saved (local or in a bucket)."""
+    from transformers import AutoTokenizer
+
+    with paths.local_copy(directory) as local:
+        return AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
 def corpus_phase(ctx: Context) -> None:
@@ -425,7 +436,8 @@ def tokenizer_phase(ctx: Context) -> None:
         eval=cut(texts["eval"], config.seed + 2),
     )
     if ctx.is_main:
-        tokenizer.save_pretrained(str(ctx.dir))
+        with paths.staged_dir(ctx.dir) as local:
+            tokenizer.save_pretrained(local)
         _write_json(ctx.dir / "tokens.json", tokens)
 
 
@@ -461,10 +473,9 @@ class Task:
 
 def load_task(ctx: Context) -> Task:
     """Tokenizer, tokens, SFT policy, reward and scorer from the finished phases."""
-    from transformers import AutoTokenizer
 
     config = ctx.config
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
+    tokenizer = load_tokenizer(ctx.input("tokenizer"))
     cfg = model_config(config, len(tokenizer))
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -481,15 +492,28 @@ def load_task(ctx: Context) -> Task:
     )  # fmt: skip
 
 
-def sft_phase(ctx: Context) -> None:
+def sft_config(ctx: Context) -> ml_collections.ConfigDict:
+    """The `dpo-jax train` config of the SFT run (`objective.name="sft"`)."""
+    c = ctx.config
+    return phases.train_config(
+        c, ctx, **pipeline.sft_overrides(c.sft), **{"checkpoint.save_every": c.sft.save_every}
+    )
+
+
+def sft_batches(ctx: Context, config: ml_collections.ConfigDict, pad_id: int, seqs: Any):
+    """The SFT run's micro-batches (every token after BOS is a target)."""
+    return pipeline.SFTBatches(
+        seqs, [1] * len(seqs), config.batch_size, ctx.config.sft.max_len, pad_id, config.seed
+    )
+
+
+def sft_phase(ctx: Context) -> train.TrainResult | None:
     """The SFT policy: the configured checkpoint or a fresh GPT-2 shape, fine-tuned on the
-    SFT sequences (skipped with sft.num_steps=0)."""
-    from transformers import AutoTokenizer
+    SFT sequences through the Trainer (checkpointed here; skipped with sft.num_steps=0)."""
 
     config = ctx.config
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    tokenizer = load_tokenizer(ctx.input("tokenizer"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     m = config.model
     if m.path:
         cfg, params = models.load_hf(
@@ -499,18 +523,28 @@ def sft_phase(ctx: Context) -> None:
         cfg = model_config(config, len(tokenizer))
         params = models.init_params(cfg, jax.random.key(config.seed))
     print(f"SFT model: {models.param_count(cfg) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    result = None
     if config.sft.num_steps > 0:
+        run_config = sft_config(ctx)
         seqs = _read_json(ctx.input("tokenizer") / "tokens.json")["sft"]
-        s = config.sft
-        sft_config = dict(
-            steps=s.num_steps, batch_size=s.batch_size, learning_rate=s.learning_rate,
-            warmup_steps=s.warmup_steps, max_len=s.max_len,
-        )  # fmt: skip
-        params = pipeline.train_sft(
-            models.Transformer(cfg), params, seqs, [1] * len(seqs), sft_config, pad_id,
-            config.seed, Path(ctx.dir), config.train.progress,
-        )  # fmt: skip
+        result = phases.train_phase(
+            run_config, train_data=sft_batches(ctx, run_config, pad_id, seqs), model=(cfg, params)
+        )
+        params = result.state.params
     save_params(ctx.dir / "params.msgpack", params)
+    return result
+
+
+def sft_dry(ctx: Context) -> Any:
+    """The SFT run's program, with abstract params and batches of the run's shapes."""
+    if ctx.config.sft.num_steps <= 0:
+        return None
+    config = sft_config(ctx)
+    cfg = model_config(ctx.config, _dry_vocab_size(ctx))
+    abstract = nn_unbox(models.abstract_params(cfg))
+    dummy = [[0, 0]] * config.batch_size
+    data = sft_batches(ctx, config, 0, dummy)
+    return phases.train_phase(config, train_data=data, model=(cfg, abstract), dry_run=True).lowered
 
 
 def label_phase(ctx: Context) -> None:
@@ -542,13 +576,15 @@ def label_phase(ctx: Context) -> None:
         chosen=[comps[p * k + i] for p, i, _ in triples],
         rejected=[comps[p * k + j] for p, _, j in triples],
     ))  # fmt: skip
-    with (ctx.dir / "pairs.jsonl").open("w") as f:
-        for p, i, j in triples:
-            f.write(json.dumps(dict(
-                prefix=task.tokenizer.decode(prefixes[p], skip_special_tokens=True),
-                chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
-                chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
-            )) + "\n")  # fmt: skip
+    lines = [
+        json.dumps(dict(
+            prefix=task.tokenizer.decode(prefixes[p], skip_special_tokens=True),
+            chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
+            chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
+        )) + "\n"
+        for p, i, j in triples
+    ]  # fmt: skip
+    paths.write_atomic(ctx.dir / "pairs.jsonl", "".join(lines))
 
 
 def reference_phase(ctx: Context) -> None:
@@ -560,15 +596,13 @@ def reference_phase(ctx: Context) -> None:
         rejected=task.scorer(task.sft_params, t["prompts"], t["rejected"]),
     )
     if ctx.is_main:
-        buf = io.BytesIO()
-        np.savez(buf, **ref)
-        (ctx.dir / "ref_logps.npz").write_bytes(buf.getvalue())
+        paths.write_npz(ctx.dir / "ref_logps.npz", ref)
 
 
 def load_pairs(ctx: Context) -> pipeline.PairData:
     """The labelled pairs with their reference log-probs."""
     t = _read_json(ctx.input("pairs") / "tokens.json")
-    ref = np.load(io.BytesIO((ctx.input("reference") / "ref_logps.npz").read_bytes()))
+    ref = paths.read_npz(ctx.input("reference") / "ref_logps.npz")
     return pipeline.PairData(
         t["prompts"], t["chosen"], t["rejected"], ref["chosen"], ref["rejected"]
     )
@@ -613,14 +647,14 @@ def evaluate(task: Task, params: Any) -> Evaluation:
     )  # fmt: skip
 
 
-def write_samples(path: epath.Path, method: str, ev: Evaluation) -> None:
+def write_samples(path: paths.Path, method: str, ev: Evaluation) -> None:
     """The evaluation samples (text, reward, log-probs) of one policy as JSONL."""
-    with path.open("w") as f:
-        for text, r, lp, lr in zip(
-            ev.texts, ev.rewards, ev.policy_logps, ev.ref_logps, strict=True
-        ):
-            f.write(json.dumps(dict(method=method, text=text, reward=float(r),
-                                    policy_logp=float(lp), ref_logp=float(lr))) + "\n")  # fmt: skip
+    lines = [
+        json.dumps(dict(method=method, text=text, reward=float(r), policy_logp=float(lp),
+                        ref_logp=float(lr))) + "\n"
+        for text, r, lp, lr in zip(ev.texts, ev.rewards, ev.policy_logps, ev.ref_logps, strict=True)
+    ]  # fmt: skip
+    paths.write_atomic(path, "".join(lines))
 
 
 def evaluate_sft_phase(ctx: Context) -> None:
@@ -707,9 +741,7 @@ def _dry_vocab_size(ctx: Context) -> int:
     directory, else `corpus.tokenizer_vocab_size` (a BPE trained on enough text has it)."""
     tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
     if tok.exists():
-        from transformers import AutoTokenizer
-
-        return len(AutoTokenizer.from_pretrained(str(tok.parent), local_files_only=True))
+        return len(load_tokenizer(tok.parent))
     return int(ctx.config.corpus.tokenizer_vocab_size)
 
 
@@ -804,7 +836,7 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         Phase("corpus", corpus_phase,
               reads=("corpus", "pairs.num_prefixes", "eval.num_prefixes", "seed")),
         Phase("tokenizer", tokenizer_phase, after=("corpus",), reads=("tokenizer", "corpus")),
-        Phase("sft", sft_phase, after=("tokenizer",), reads=(*policy, "sft")),
+        Phase("sft", sft_phase, after=("tokenizer",), reads=(*policy, "sft"), dry=sft_dry),
         Phase("pairs", label_phase, after=("tokenizer", "sft"), reads=("pairs", "reward", "eval.batch_size")),
         Phase("reference", reference_phase, after=("tokenizer", "sft", "pairs"),
               reads=("eval.batch_size", "eval.max_new_tokens")),
@@ -829,7 +861,7 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         plot_frontier(rows, run_dir / "frontier.png", f"sentiment ({config.preset}): reward vs KL")
         times = phases.timings(graph, run_dir)
         times["total_s"] = sum(times.values())
-        (run_dir / "timings.json").write_text(json.dumps(times, indent=2))
+        paths.write_atomic(run_dir / "timings.json", json.dumps(times, indent=2))
         print(common.format_table([r for r in rows if r["final"]], RESULT_COLUMNS[:-1]))
         print(headline(rows))
         print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")
