@@ -364,6 +364,54 @@ def sequence_logps_scored(
     )
 
 
+def token_logps_from_hidden(
+    hidden_NxLxD: Array,
+    unembed_fn: Callable[[Array], Array],
+    batch: Mapping[str, Array],
+    *,
+    chunk_size: int = 0,
+    with_entropy: bool = False,
+) -> tuple[Array, Array | None]:
+    """Per-token log-probs `[N, L]` aligned with the tokens (entry t: log p(token t)), 0
+    where `sequence_index < 0`; and, with `with_entropy`, the next-token entropy of the
+    distribution each scored token was drawn from (same alignment, no gradient).
+
+    The per-token statistics of RL objectives (PPO's ratios). Unembeds only the batch's
+    `scored_positions` when it has them (else every position), in chunks when asked; the
+    values are those `sequence_logps` sums.
+    """
+    input_ids = jnp.asarray(batch["input_ids"])
+    sequence_index = jnp.asarray(batch["sequence_index"])
+    _check_hidden(hidden_NxLxD, input_ids)
+    N, L = input_ids.shape
+    scored_NxL = sequence_index >= 0
+    if "scored_positions" not in batch:
+        next_NxL, extras = _unembedded_terms(
+            hidden_NxLxD, _next_token_ids(input_ids), unembed_fn, int(chunk_size), False,
+            with_entropy,
+        )  # fmt: skip
+        logp = jnp.where(scored_NxL, _shift_right(next_NxL), 0.0)
+        ent = jnp.where(scored_NxL, _shift_right(extras["entropy"]), 0.0) if with_entropy else None
+        return logp, ent
+    pos_NxK = jnp.asarray(batch["scored_positions"])
+    valid_NxK = pos_NxK >= 0
+    t_NxK = jnp.where(valid_NxK, pos_NxK, 0)
+    h_NxKxD = jnp.take_along_axis(hidden_NxLxD, t_NxK[..., None], axis=1)
+    next_ids_NxK = jnp.take_along_axis(input_ids, t_NxK + 1, axis=1)
+    logp_NxK, extras = _unembedded_terms(
+        h_NxKxD, next_ids_NxK, unembed_fn, int(chunk_size), False, with_entropy
+    )
+    # Scatter back to the scored tokens (t + 1); padded entries go out of range and drop.
+    rows_NxK = jnp.broadcast_to(jnp.arange(N)[:, None], pos_NxK.shape)
+    cols_NxK = jnp.where(valid_NxK, t_NxK + 1, L)
+
+    def scatter(x_NxK: Array) -> Array:
+        out = jnp.zeros((N, L), jnp.float32).at[rows_NxK, cols_NxK].set(x_NxK, mode="drop")
+        return jnp.where(scored_NxL, out, 0.0)
+
+    return scatter(logp_NxK), scatter(extras["entropy"]) if with_entropy else None
+
+
 # --------------------------------------------------------------------------------------
 # From sequences to loss inputs
 # --------------------------------------------------------------------------------------

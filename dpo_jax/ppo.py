@@ -156,7 +156,7 @@ def policy_loss(
     """Clipped surrogate `mean_t max(-A r_t, -A clip(r_t, 1-eps, 1+eps))`, `r = p / p_old`.
 
     Metrics (no gradient): `policy/clipfrac` (share of tokens where the clipped term is
-    the larger), `policy/approxkl` (`0.5 mean (log r)^2`, as TRL), `policy/ratio`.
+    the larger), `policy/approxkl` (`0.5 mean (log r)^2`, as TRL), `val/ratio` (TRL's names).
     """
     log_ratio = logps_SxT.astype(jnp.float32) - old_logps_SxT.astype(jnp.float32)
     ratio = jnp.exp(jnp.where(mask_SxT, log_ratio, 0.0))
@@ -168,7 +168,7 @@ def policy_loss(
     metrics = {
         "policy/clipfrac": masked_mean((sg(clipped) > sg(unclipped)).astype(jnp.float32), mask_SxT),
         "policy/approxkl": 0.5 * masked_mean(jnp.square(sg(log_ratio)), mask_SxT),
-        "policy/ratio": masked_mean(sg(ratio), mask_SxT),
+        "val/ratio": masked_mean(sg(ratio), mask_SxT),
     }
     return loss, metrics
 
@@ -182,7 +182,7 @@ def value_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """Clipped value loss `0.5 mean_t max((V - R)^2, (V_old + clip(V - V_old, +-eps) - R)^2)`.
 
-    Metrics: `value/clipfrac`, `value/mean` (no gradient).
+    Metrics: `val/clipfrac`, `val/mean` (no gradient).
     """
     v = values_SxT.astype(jnp.float32)
     old = old_values_SxT.astype(jnp.float32)
@@ -193,8 +193,8 @@ def value_loss(
     loss = 0.5 * masked_mean(jnp.maximum(loss1, loss2), mask_SxT)
     sg = jax.lax.stop_gradient
     metrics = {
-        "value/clipfrac": masked_mean((sg(loss2) > sg(loss1)).astype(jnp.float32), mask_SxT),
-        "value/mean": masked_mean(sg(v), mask_SxT),
+        "val/clipfrac": masked_mean((sg(loss2) > sg(loss1)).astype(jnp.float32), mask_SxT),
+        "val/mean": masked_mean(sg(v), mask_SxT),
     }
     return loss, metrics
 
@@ -250,3 +250,42 @@ def update_kl_coef(
         return coef
     error = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -max_error, max_error)
     return coef * (1.0 + error * n_steps / horizon)
+
+
+# ------------------------------------------------------------ the "ppo" objective
+
+
+def token_values(head: Mapping[str, Array], hidden_NxLxD: Array) -> Array:
+    """`[N, L]` float32 values aligned with the tokens: entry t is the value of the state
+    that emits token t, the linear head on the hidden state at position t - 1 (the one
+    whose logits score token t); entry 0 is 0."""
+    h = hidden_NxLxD.astype(jnp.float32)
+    v_NxL = h @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
+    return jnp.concatenate([jnp.zeros_like(v_NxL[:, :1]), v_NxL[:, :-1]], axis=1)
+
+
+# Per-token columns of a PPO batch, `[N, L]` float32 aligned with `input_ids` (0 off the
+# completion tokens): the rollout's old log-probs and values, advantages and returns.
+BATCH_COLUMNS = ("old_logps", "old_values", "advantages", "returns")
+# Keyword hyper-parameters the objective reads from the step's `loss_hyper`.
+LOSS_HYPER = ("clip", "value_clip", "vf_coef")
+
+
+def objective_loss(inp: object) -> tuple[Array, dict[str, Array], object]:
+    """The `"ppo"` objective of the one train step (`objectives.ObjectiveInput` in).
+
+    Reads only per-token statistics of the policy's scoring pass (`token_logps`,
+    `token_entropy`, and the final hidden states for the value head) and the PPO batch
+    columns; `loss.hyper` holds `clip`, `value_clip`, `vf_coef` (`PPOConfig.loss_hyper`).
+    """
+    policy, batch = inp.policy, inp.batch
+    hyper = inp.cfg.loss_hyper
+    mask = batch["sequence_index"] >= 0
+    stats = {"logps": policy.token_logps_NxL, "values": token_values(inp.head, policy.hidden_NxLxD)}
+    if policy.token_entropy_NxL is not None:
+        stats["entropy"] = policy.token_entropy_NxL
+    loss, metrics = ppo_loss(
+        stats, batch, mask, clip=hyper["clip"], value_clip=hyper["value_clip"],
+        vf_coef=hyper["vf_coef"],
+    )  # fmt: skip
+    return loss, metrics, inp.loss_state

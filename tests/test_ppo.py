@@ -113,7 +113,7 @@ def test_policy_loss_hand_values():
     # max(-A r, -A clip(r)): max(-1.5,-1.2)=-1.2, max(-0.5,-0.8)=-0.5, max(1.0,1.6)=1.6, max(3,2.4)=3
     np.testing.assert_allclose(float(loss), (-1.2 - 0.5 + 1.6 + 3.0) / 4, rtol=1e-6)
     np.testing.assert_allclose(float(m["policy/clipfrac"]), 0.5, rtol=1e-6)
-    np.testing.assert_allclose(float(m["policy/ratio"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(m["val/ratio"]), 1.0, rtol=1e-6)
     want_kl = 0.5 * np.mean(np.log([1.5, 0.5, 0.5, 1.5]) ** 2)
     np.testing.assert_allclose(float(m["policy/approxkl"]), want_kl, rtol=1e-6)
     # the gradient flows only through unclipped tokens: d/dlogp of -A r = -A r
@@ -131,7 +131,7 @@ def test_value_loss_hand_values():
     # token 1: clipped v 1.1: max(1.21, 1.21) = 1.21 (tie: not counted as clipped)
     # token 2: clipped v 0.8: max((0-1)^2, (0.8-1)^2) = 1.0
     np.testing.assert_allclose(float(loss), 0.5 * (0.64 + 1.21 + 1.0) / 3, rtol=1e-6)
-    np.testing.assert_allclose(float(m["value/clipfrac"]), 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(float(m["val/clipfrac"]), 1 / 3, rtol=1e-6)
 
 
 def test_ppo_loss_combines_with_vf_coef():
@@ -174,3 +174,100 @@ def test_kl_controller_hand_values():
     # jittable, with a traced KL
     jitted = jax.jit(lambda c, k: ppo.update_kl_coef(c, k, 64, target=6.0, horizon=10000))
     np.testing.assert_allclose(float(jitted(0.2, 9.0)), float(up), rtol=1e-7)
+
+
+# ------------------------------------------------------------ per-token scoring, rollouts
+
+
+def _tiny_rows():
+    from dpo_jax.data import batching
+    from tests import train_helpers as th
+
+    cfg, params = th.tiny_model()
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 60, size=n).astype(np.int32) for n in (3, 5, 2)]
+    comps = [rng.integers(3, 60, size=n).astype(np.int32) for n in (4, 1, 6)]
+    rows = batching.build_stacked(prompts, comps, 16)
+    return cfg, params, rows
+
+
+def test_token_logps_from_hidden_all_paths_match_full_logits():
+    from dpo_jax import logprobs, models, train
+
+    cfg, params, rows = _tiny_rows()
+    model = models.Transformer(cfg)
+    v = {"params": params}
+    inputs = dict(positions=rows["positions"], segment_ids=rows["segment_ids"])
+    logits = model.apply(v, rows["input_ids"], **inputs)
+    hidden = model.apply(v, rows["input_ids"], return_hidden=True, **inputs)
+    want = np.where(rows["sequence_index"] >= 0, logprobs.token_logps(logits, rows["input_ids"]), 0)
+    # the per-sequence sums of the one scoring path
+    sums = logprobs.sequence_logps(logits, rows, 4)  # 3 sequences + an empty 4th
+
+    def unembed(h):
+        return model.apply(v, h, method="logits")
+
+    scored = train.with_scored_positions({k: x[None] for k, x in rows.items()})
+    scored = {k: x[0] for k, x in scored.items()}
+    for batch, chunk in ((rows, 0), (scored, 0), (scored, 2)):
+        fn = jax.jit(
+            lambda h, b, c=chunk: logprobs.token_logps_from_hidden(
+                h, unembed, b, chunk_size=c, with_entropy=True
+            )
+        )
+        got, ent = fn(hidden, batch)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+        si = rows["sequence_index"]
+        seq = [np.asarray(got)[si == k].sum() for k in range(3)]
+        np.testing.assert_allclose(seq, np.asarray(sums.logps_S)[:3], rtol=1e-5)
+        p = jax.nn.softmax(np.asarray(logits, np.float64), -1)
+        h_next = -(p * np.log(p)).sum(-1)  # entropy at the predicting position
+        want_ent = np.zeros_like(want)
+        want_ent[:, 1:] = h_next[:, :-1]
+        want_ent = np.where(si >= 0, want_ent, 0)
+        np.testing.assert_allclose(np.asarray(ent), want_ent, rtol=1e-4, atol=1e-5)
+
+
+def test_token_values_align_with_tokens():
+    rng = np.random.default_rng(6)
+    hidden = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    head = {"kernel": rng.normal(size=(3,)).astype(np.float32), "bias": np.float32(0.5)}
+    v = np.asarray(ppo.token_values(head, hidden))
+    assert np.all(v[:, 0] == 0)
+    np.testing.assert_allclose(v[:, 1:], hidden[:, :-1] @ head["kernel"] + 0.5, rtol=1e-6)
+
+
+def test_rollout_rows_and_token_placement_round_trip():
+    from dpo_jax import ppo_loop, sampling
+
+    prompt_ids = np.array([[0, 0, 7, 8], [5, 6, 7, 8], [0, 0, 0, 9]], np.int32)
+    tokens = np.array([[11, 12, 1], [13, 0, 0], [14, 15, 16]], np.int32)
+    samples = sampling.SampleOutput(
+        prompt_ids=prompt_ids, prompt_lengths=np.array([2, 4, 1], np.int32), tokens=tokens,
+        lengths=np.array([3, 1, 3], np.int32), logps=np.zeros((3, 3), np.float32),
+        sampling_logps=np.zeros((3, 3), np.float32), finished=np.array([True, False, False]),
+        prompt_index=np.arange(3, dtype=np.int32), config=sampling.SamplingConfig(),
+    )  # fmt: skip
+    rows, mask = ppo_loop.rollout_rows(samples, pad_id=0)
+    assert rows["input_ids"].shape == (3, 7)
+    np.testing.assert_array_equal(rows["input_ids"][0], [7, 8, 11, 12, 1, 0, 0])
+    np.testing.assert_array_equal(rows["sequence_index"][0], [-1, -1, 0, 0, 0, -1, -1])
+    np.testing.assert_array_equal(rows["input_ids"][1], [5, 6, 7, 8, 13, 0, 0])
+    np.testing.assert_array_equal(rows["sequence_index"][2], [-1, 2, 2, 2, -1, -1, -1])
+    np.testing.assert_array_equal(rows["positions"][2], [0, 1, 2, 3, 0, 0, 0])
+    x = np.arange(9, dtype=np.float32).reshape(3, 3) + 1
+    on_tokens = ppo_loop.to_tokens(x, mask, rows["sequence_index"])
+    np.testing.assert_array_equal(on_tokens[0], [0, 0, 1, 2, 3, 0, 0])
+    np.testing.assert_array_equal(on_tokens[1], [0, 0, 0, 0, 4, 0, 0])
+    back = ppo_loop.from_tokens(on_tokens, mask, rows["sequence_index"])
+    np.testing.assert_array_equal(back, np.where(mask, x, 0))
+
+
+def test_prompt_indices_are_epoch_permutations_and_pure():
+    from dpo_jax import ppo_loop
+
+    got = [ppo_loop.prompt_indices(10, 4, r, seed=3) for r in range(5)]  # 20 draws, 2 passes
+    flat = np.concatenate(got)
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert not np.array_equal(flat[:10], flat[10:20])  # a fresh order per pass
+    np.testing.assert_array_equal(ppo_loop.prompt_indices(10, 4, 3, seed=3), got[3])
