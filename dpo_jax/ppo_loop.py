@@ -469,19 +469,18 @@ def run(
             writer.write(step, row)
         log.info("ppo rollout %d/%d (step %d): %s", r, cfg.num_rollouts, step, _brief(row))
         if checkpointer is not None:
-            crossed = (
-                save_every > 0 and step // save_every > (step - cfg.steps_per_rollout) // save_every
+            data = {"rollout": r, "kl_coef": coef}
+            cstate = checkpointable(state, trainer.step_config)
+            crossed = save_every > 0 and (
+                step // save_every > (step - cfg.steps_per_rollout) // save_every
             )
-            last = r == cfg.num_rollouts
-            preempted = bool(getattr(checkpointer, "preempted", False))
-            if crossed or last or preempted:
-                checkpointer.maybe_save(
-                    step, checkpointable(state, trainer.step_config),
-                    {"rollout": r, "kl_coef": coef}, force=True,
-                )  # fmt: skip
-            if preempted and not last:
-                log.warning("preempted: saved rollout %d (step %d) and stopped", r, step)
-                break
+            if crossed or r == cfg.num_rollouts:
+                checkpointer.maybe_save(step, cstate, data, force=True)
+            if getattr(checkpointer, "preempted", False):
+                checkpointer.maybe_save(step, cstate, data, force=True)  # no-op if saved
+                if r < cfg.num_rollouts:
+                    log.warning("preempted: saved rollout %d (step %d) and stopped", r, step)
+                    break
     return PPOResult(state, history, coef, r)
 
 
