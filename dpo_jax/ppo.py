@@ -267,8 +267,8 @@ def token_values(head: Mapping[str, Array], hidden_NxLxD: Array) -> Array:
 # Per-token columns of a PPO batch, `[N, L]` float32 aligned with `input_ids` (0 off the
 # completion tokens): the rollout's old log-probs and values, advantages and returns.
 BATCH_COLUMNS = ("old_logps", "old_values", "advantages", "returns")
-# Keyword hyper-parameters the objective reads from the step's `loss_hyper`.
-LOSS_HYPER = ("clip", "value_clip", "vf_coef")
+# Hyper-parameters the objective reads from the step's `objective_hyper`.
+OBJECTIVE_HYPER = ("clip", "value_clip", "vf_coef")
 
 
 def objective_loss(inp: object) -> tuple[Array, dict[str, Array], object]:
@@ -276,10 +276,11 @@ def objective_loss(inp: object) -> tuple[Array, dict[str, Array], object]:
 
     Reads only per-token statistics of the policy's scoring pass (`token_logps`,
     `token_entropy`, and the final hidden states for the value head) and the PPO batch
-    columns; `loss.hyper` holds `clip`, `value_clip`, `vf_coef` (`PPOConfig.loss_hyper`).
+    columns; the step's `objective_hyper` holds `clip`, `value_clip`, `vf_coef`
+    (`ppo_loop.PPOConfig.objective_hyper`).
     """
     policy, batch = inp.policy, inp.batch
-    hyper = inp.cfg.loss_hyper
+    hyper = inp.cfg.objective_hyper
     mask = batch["sequence_index"] >= 0
     stats = {"logps": policy.token_logps_NxL, "values": token_values(inp.head, policy.hidden_NxLxD)}
     if policy.token_entropy_NxL is not None:

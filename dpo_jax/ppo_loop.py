@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpo_jax import ppo, sampling
+from dpo_jax import logprobs, ppo, sampling
 from dpo_jax.errors import UserError, config_error
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,9 @@ class PPOConfig:
         return self.num_rollouts * self.steps_per_rollout
 
     @property
-    def loss_hyper(self) -> dict[str, float]:
-        """What the step's objective reads (`StepConfig.loss_hyper`)."""
-        return {k: float(getattr(self, k)) for k in ppo.LOSS_HYPER}
+    def objective_hyper(self) -> dict[str, float]:
+        """What the step's objective reads (`StepConfig.objective_hyper`)."""
+        return {k: float(getattr(self, k)) for k in ppo.OBJECTIVE_HYPER}
 
     def sampling(self, eos_token_ids: Sequence[int], pad_token_id: int) -> sampling.SamplingConfig:
         """Rollout decoding: the policy's own distribution (temperature 1, no truncation),
@@ -302,6 +302,8 @@ def collect_rollout(
         cfg.sampling(eos_token_ids, pad_token_id), mesh=trainer.mesh,
     )  # fmt: skip
     rows, mask = rollout_rows(samples, pad_token_id)
+    if trainer.step_config.unembed_scored_only:  # one K for the phase: max_new_tokens
+        rows["scored_positions"] = logprobs.scored_positions(rows["sequence_index"], mask.shape[1])
     scores = np.asarray(reward(samples), np.float32).reshape(-1)
     if scores.shape[0] != mask.shape[0]:
         raise UserError(f"ppo reward: {scores.shape[0]} scores for {mask.shape[0]} completions")
@@ -460,6 +462,7 @@ def run(
         r += 1
         step = int(jax.device_get(state.step))
         row["rollout"] = r
+        row["step"] = step
         if eval_hook is not None and (
             (eval_every and r % eval_every == 0) or r == cfg.num_rollouts
         ):
@@ -494,3 +497,64 @@ def resume_point(data_state: Mapping[str, Any] | None, cfg: PPOConfig) -> tuple[
 def _brief(row: Mapping[str, Any]) -> str:
     keys = ("objective/scores", "objective/kl", "objective/kl_coef", "loss_avg")
     return ", ".join(f"{k}={row[k]:.4g}" for k in keys if k in row and math.isfinite(row[k]))
+
+
+# ------------------------------------------------------------ as a phase of `train`
+
+
+def check_inputs(prompts: Any, reward: Any) -> None:
+    """What `train(config, train_data=prompts, reward=...)` needs for objective "ppo"."""
+    if prompts is None or reward is None:
+        raise config_error(
+            "objective.name", "'ppo' generates its own batches: it needs the prompts "
+            "(train(config, train_data=[token ids per prompt], ...)) and a reward "
+            "(reward=fn(samples) -> scores)", "pass both, see docs/PPO.md",
+        )  # fmt: skip
+
+
+def reference_params(trainer: Any, state: Any, ref_params: Any = None) -> Any:
+    """The rollouts' frozen reference, sharded like the policy: a copy of the initial
+    policy (`state.params["model"]`), or `ref_params` (e.g. `reference.path`) with the
+    vocabulary padded as the Trainer padded the policy's."""
+    from dpo_jax import models, objectives
+
+    shardings = trainer.shardings.params[objectives.MODEL]
+    if ref_params is None:
+        return jax.tree.map(jnp.copy, state.params[objectives.MODEL])
+    cfg = trainer.model_config
+    if cfg.embed_vocab_size != cfg.vocab_size:
+        ref_params = models.vocab.resize_vocab(ref_params, cfg, cfg.embed_vocab_size)
+    return jax.device_put(ref_params, shardings)
+
+
+def _special_ids(model_config: Any) -> tuple[tuple[int, ...], int]:
+    eos = model_config.eos_token_id
+    eos_ids = () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(eos)
+    pad = model_config.pad_token_id
+    return eos_ids, int(pad if pad is not None else (eos_ids[0] if eos_ids else 0))
+
+
+def phase_loop(
+    cfg: PPOConfig,
+    config: ml_collections.ConfigDict,
+    ref_params: Any,
+    prompts: Sequence[Sequence[int]],
+    reward: RolloutReward,
+    restored_data_state: Mapping[str, Any] | None,
+) -> Callable[..., tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]]:
+    """A loop with `train.run_loop`'s signature that runs the PPO phase instead, so
+    `train` sets up (mesh, state, checkpoints, resume, metrics) once for every objective."""
+    start, coef = resume_point(restored_data_state, cfg)
+
+    def loop(trainer: Any, state: Any, _batches: Any, *, writer: Any = None,
+             checkpointer: Any = None, **_run_loop_kwargs: Any) -> tuple[Any, list, list]:  # fmt: skip
+        eos_ids, pad_id = _special_ids(trainer.model_config)
+        result = run(
+            trainer, state, ref_params=ref_params, prompts=list(prompts), reward=reward,
+            cfg=cfg, seed=int(config.seed), eos_token_ids=eos_ids, pad_token_id=pad_id,
+            start_rollout=start, kl_coef=coef, checkpointer=checkpointer,
+            save_every=int(config.checkpoint.save_every), writer=writer,
+        )  # fmt: skip
+        return result.state, result.history, []
+
+    return loop
