@@ -63,6 +63,11 @@ class SequenceLogps:
     last_hidden_SxD: Array | None = None
     # All final hidden states `[N, L, D]` (per-token heads); None unless requested.
     hidden_NxLxD: Array | None = None
+    # Per-token log-probs `[N, L]` aligned with the tokens (0 off the scored tokens), and
+    # the entropy of the distribution each scored token was drawn from (no gradient):
+    # RL objectives' per-token statistics (`token_logps_from_hidden`). None unless requested.
+    token_logps_NxL: Array | None = None
+    token_entropy_NxL: Array | None = None
 
 
 # --------------------------------------------------------------------------------------

@@ -731,12 +731,17 @@ def train(
     ref_params: Any = None,
     checkpointer: Any = None,
     mesh: Mesh | None = None,
+    reward: Any = None,
 ) -> TrainResult:
     """Train a policy as `config` says; returns the final state and metric history.
 
     `train_data`/`eval_data` (iterables of host micro-batches) and `model_config` +
     `params` override what the config would load, for notebooks and tests. With
     `train_data` given, `config.num_steps` must be set.
+
+    `objective.name="ppo"` (`dpo_jax.ppo_loop`): `train_data` is the prompt pool (token
+    ids per prompt), `reward(samples) -> [S]` scores a rollout, `config.ppo` sets the
+    phase (its length replaces `num_steps`); `history` holds one row per rollout.
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
@@ -761,7 +766,7 @@ def train(
         return _train(
             config, sigterm, loss_name, lora_config, train_data=train_data,
             eval_data=eval_data, model_config=model_config, params=params,
-            ref_params=ref_params, checkpointer=checkpointer, mesh=mesh,
+            ref_params=ref_params, checkpointer=checkpointer, mesh=mesh, reward=reward,
         )  # fmt: skip
 
 
@@ -778,8 +783,11 @@ def _train(
     ref_params: Any,
     checkpointer: Any,
     mesh: Mesh | None,
+    reward: Any = None,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
+    from dpo_jax import ppo_loop
+
     hyper = (
         dict(config.loss.hyper.to_dict())
         if hasattr(config.loss.hyper, "to_dict")
@@ -801,6 +809,10 @@ def _train(
         check_loss_options(loss_name, hyper, early)
 
     needs_ref = preference and losses.needs_reference(loss_name)
+    ppo_cfg = ppo_loop.PPOConfig.from_config(config) if objective == "ppo" else None
+    if ppo_cfg is not None:  # rollouts need prompts and a reward; the reference is theirs
+        ppo_loop.check_inputs(train_data, reward)
+        needs_ref = True
     if ref_params is None and config.reference.path and needs_ref:
         ref_params = _reference_from_config(config, model_config)
     if train_data is None:
@@ -809,7 +821,7 @@ def _train(
         )
     else:
         steps_per_epoch = None
-    num_steps = int(config.num_steps)
+    num_steps = int(config.num_steps) if ppo_cfg is None else ppo_cfg.num_steps
     if num_steps <= 0:
         if not steps_per_epoch:
             raise UserError("config.num_steps must be > 0 when the data length is unknown")
@@ -846,9 +858,13 @@ def _train(
         lora_config=lora_config,
         rules=sharding.validate_rules(config.mesh.get("rules", sharding.LOGICAL_AXIS_RULES)),
         objective=objective,
-        objective_hyper={k: v for k, v in config.objective.items() if k != "name"},
+        objective_hyper=ppo_cfg.objective_hyper
+        if ppo_cfg is not None
+        else {k: v for k, v in config.objective.items() if k != "name"},
     )
     model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
+    if ppo_cfg is not None:  # the rollouts' frozen reference (never checkpointed)
+        ppo_ref = ppo_loop.reference_params(trainer, state, ref_params)
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None
@@ -860,6 +876,7 @@ def _train(
     if checkpointer is not None:
         sigterm.hand_over(checkpointer)
     start_step = num_tokens_start = 0
+    restored = None
     if checkpointer is not None:
         try:
             restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
@@ -892,7 +909,11 @@ def _train(
     quiet = guards.QuietDiskFull()
     logging.getLogger("absl").addFilter(quiet)
     try:
-        state, history, eval_history = run_loop(
+        loop = run_loop
+        if ppo_cfg is not None:  # rollouts, then PPO epochs of the same trainer.step
+            restored_data = restored.data_state if restored is not None else None
+            loop = ppo_loop.phase_loop(ppo_cfg, config, ppo_ref, train_data, reward, restored_data)
+        state, history, eval_history = loop(
             trainer,
             state,
             train_iter,

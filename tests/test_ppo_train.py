@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dpo_jax import models, ppo_loop
+from dpo_jax import models
 from dpo_jax.configs import default
 from tests import train_helpers as th
 
@@ -125,7 +125,7 @@ def test_ppo_reaches_the_kl_regularised_optimum():
 def test_ppo_resume_after_stop_is_bit_identical(tmp_path):
     """Stop after the second rollout (as SIGTERM does), rerun: the resumed run ends with
     the uninterrupted run's params, KL coefficient (adaptive controller) and metrics."""
-    from dpo_jax import checkpoint, train
+    from dpo_jax import checkpoint
 
     prompts = _prompts()
     kw = dict(num_rollouts=4, num_epochs=1, num_mini_batches=2, target_kl=0.5, kl_horizon=100.0)
