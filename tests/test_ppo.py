@@ -271,3 +271,26 @@ def test_prompt_indices_are_epoch_permutations_and_pure():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
     assert not np.array_equal(flat[:10], flat[10:20])  # a fresh order per pass
     np.testing.assert_array_equal(ppo_loop.prompt_indices(10, 4, 3, seed=3), got[3])
+
+
+def test_ppo_config_mistakes_name_the_key():
+    from dpo_jax import ppo_loop
+    from dpo_jax.configs import default, validate
+
+    c = default.get_config()
+    c.objective.name = "ppo"
+    validate.validate(c)  # the defaults are valid
+    cfg = ppo_loop.PPOConfig.from_config(c)
+    assert cfg.num_steps == 100 * 4 * 1 and cfg.objective_hyper["vf_coef"] == 0.1
+    for key, value, match in (
+        ("samples_per_prompt", 5, "ppo.rollout_batch_size"),
+        ("num_mini_batches", 3, "ppo.rollout_batch_size"),
+        ("kl_estimator", "k2", "ppo.kl_estimator"),
+        ("target_kl", -1.0, "ppo.target_kl"),
+        ("num_epochs", 0, "ppo.num_epochs"),
+    ):
+        bad = default.get_config()
+        bad.objective.name = "ppo"
+        bad.ppo[key] = value
+        with pytest.raises(UserError, match=match):
+            validate.validate(bad)
