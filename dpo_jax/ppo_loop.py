@@ -418,7 +418,9 @@ def run(
     `start_rollout` (None: `cfg.kl_coef`). The checkpointer saves at the end of a rollout
     whose updates crossed a multiple of `save_every` steps, at a SIGTERM, and at the end,
     with data state `{"rollout": next rollout, "kl_coef": ...}` (`resume_point`).
-    `eval_hook(step, params)` runs every `eval_every` rollouts and at the end.
+    `eval_hook(step, params) -> {name: value}` runs at the end of a rollout whose updates
+    crossed a multiple of `eval_every` steps, and at the end; its values join that
+    rollout's metrics row.
     """
     from dpo_jax.train import checkpointable
 
@@ -464,7 +466,7 @@ def run(
         row["rollout"] = r
         row["step"] = step
         if eval_hook is not None and (
-            (eval_every and r % eval_every == 0) or r == cfg.num_rollouts
+            _crossed(step, cfg.steps_per_rollout, eval_every) or r == cfg.num_rollouts
         ):
             row.update(eval_hook(step, state.params))
         history.append(row)
@@ -474,10 +476,7 @@ def run(
         if checkpointer is not None:
             data = {"rollout": r, "kl_coef": coef}
             cstate = checkpointable(state, trainer.step_config)
-            crossed = save_every > 0 and (
-                step // save_every > (step - cfg.steps_per_rollout) // save_every
-            )
-            if crossed or r == cfg.num_rollouts:
+            if _crossed(step, cfg.steps_per_rollout, save_every) or r == cfg.num_rollouts:
                 checkpointer.maybe_save(step, cstate, data, force=True)
             if getattr(checkpointer, "preempted", False):
                 checkpointer.maybe_save(step, cstate, data, force=True)  # no-op if saved
@@ -485,6 +484,11 @@ def run(
                     log.warning("preempted: saved rollout %d (step %d) and stopped", r, step)
                     break
     return PPOResult(state, history, coef, r)
+
+
+def _crossed(step: int, steps: int, every: int) -> bool:
+    """Whether the `steps` updates ending at `step` passed a multiple of `every` (> 0)."""
+    return every > 0 and step // every > (step - steps) // every
 
 
 def resume_point(data_state: Mapping[str, Any] | None, cfg: PPOConfig) -> tuple[int, float]:
@@ -547,14 +551,31 @@ def phase_loop(
     start, coef = resume_point(restored_data_state, cfg)
 
     def loop(trainer: Any, state: Any, _batches: Any, *, writer: Any = None,
-             checkpointer: Any = None, **_run_loop_kwargs: Any) -> tuple[Any, list, list]:  # fmt: skip
+             checkpointer: Any = None, eval_hook: Any = None,
+             **_run_loop_kwargs: Any) -> tuple[Any, list, list]:  # fmt: skip
         eos_ids, pad_id = _special_ids(trainer.model_config)
         result = run(
             trainer, state, ref_params=ref_params, prompts=list(prompts), reward=reward,
             cfg=cfg, seed=int(config.seed), eos_token_ids=eos_ids, pad_token_id=pad_id,
             start_rollout=start, kl_coef=coef, checkpointer=checkpointer,
-            save_every=int(config.checkpoint.save_every), writer=writer,
+            save_every=int(config.checkpoint.save_every), writer=writer, eval_hook=eval_hook,
+            eval_every=int(config.train.eval_every),
         )  # fmt: skip
         return result.state, result.history, []
 
     return loop
+
+
+def example_step_batch(cfg: PPOConfig, prompts: Sequence[Sequence[int]], trainer: Any) -> dict:
+    """A host `[A, n, L]` batch shaped as the phase's PPO updates (the longest prompt's
+    bucket), for `train(..., dry_run=True)` to lower the step the run executes."""
+    from dpo_jax.data import batching
+
+    width = sampling.bucket_length(max(len(p) for p in prompts), sampling.DEFAULT_PROMPT_BUCKETS)
+    n = cfg.rollout_batch_size // (cfg.num_mini_batches * cfg.grad_accum_steps)
+    m = cfg.max_new_tokens
+    rows = batching.build_stacked([[1] * width] * n, [[1] * m] * n, width + m)
+    if trainer.step_config.unembed_scored_only:
+        rows["scored_positions"] = logprobs.scored_positions(rows["sequence_index"], m)
+    rows.update({k: np.zeros(rows["input_ids"].shape, np.float32) for k in ppo.BATCH_COLUMNS})
+    return {k: np.stack([v] * cfg.grad_accum_steps) for k, v in rows.items()}
