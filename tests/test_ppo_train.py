@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dpo_jax import models
+from dpo_jax import models, ppo_loop
 from dpo_jax.configs import default
 from tests import train_helpers as th
 
@@ -155,3 +155,23 @@ def test_ppo_resume_after_stop_is_bit_identical(tmp_path):
     )
     assert resumed.history[-1] == full.history[-1]
     assert resumed.history[-1]["objective/kl_coef"] != 0.25  # the controller moved
+
+
+def test_ppo_dry_run_lowers_the_step_the_run_executes():
+    """`train(..., dry_run=True)` lowers the PPO update for a batch shaped as the run's:
+    the same program as the step lowered on a real rollout's first mini-batch."""
+    from dpo_jax import train
+
+    cfg, params = th.tiny_model()
+    prompts = _prompts()
+    config = _config()
+    dry = train.train(config, train_data=prompts, reward=_reward, model=(cfg, params), dry_run=True)
+    pc = ppo_loop.PPOConfig.from_config(config)
+    state = dry.state
+    roll = ppo_loop.collect_rollout(
+        dry.trainer, state, ppo_loop.reference_params(dry.trainer, state), prompts[:8],
+        _reward, pc, jax.random.key(0), pc.kl_coef,
+    )  # fmt: skip
+    batch_A = next(ppo_loop.mini_batches(pc, roll.batch, 0, 0, seed=0))
+    n = pc.rollout_batch_size // pc.num_mini_batches
+    assert dry.lowered.as_text() == dry.trainer.lower(state, batch_A, n).as_text()
