@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from dpo_jax import paths
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.models import families
 from dpo_jax.models.transformer import layer_location
@@ -99,21 +100,24 @@ def config_from(
     `reference` (the `reference` section) is checked against an int8 base."""
     if not section:
         return None
-    rank = int(section.get("rank", 0))
+    from dpo_jax import configs
+
+    section = configs.complete_section("lora", section)  # defaults: configs/default.py
+    rank = int(section["rank"])
     if rank == 0:
         return None
     if rank < 0:
         raise config_error("lora.rank", f"must be >= 0, got {rank}", "0 turns LoRA off")
-    alpha = float(section.get("alpha", rank))
+    alpha = float(section["alpha"])
     if not alpha > 0:
         raise config_error("lora.alpha", f"must be > 0, got {alpha}", "PEFT's default is 8-32")
-    base_dtype = str(section.get("base_dtype", "") or "")
+    base_dtype = str(section["base_dtype"] or "")
     if base_dtype and base_dtype not in BASE_DTYPES:
         raise config_error(
             "lora.base_dtype", f"unknown dtype {base_dtype!r}", f"use one of {BASE_DTYPES} or ''"
         )
-    cfg = LoraConfig(rank, alpha, str(section.get("targets", "all-linear")), base_dtype)
-    mode = str((reference or {}).get("mode", "auto"))
+    cfg = LoraConfig(rank, alpha, str(section["targets"]), base_dtype)
+    mode = str(reference["mode"]) if reference else "auto"  # no reference section: no check
     if base_dtype == "int8" and mode not in ("auto", "adapters_off", "none"):
         raise config_error(
             "lora.base_dtype",
@@ -469,17 +473,17 @@ def save_peft(
     model_config: Any,
     lcfg: LoraConfig,
     base_model_name_or_path: str = "",
-) -> Path:
+) -> Path | paths.Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` for `peft` to load."""
     from safetensors.numpy import save_file
 
     tensors, config = peft_state_dict(adapters, model_config, lcfg)
     config["base_model_name_or_path"] = str(base_model_name_or_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return out
+    with paths.staged_dir(out_dir) as local:  # safetensors writes local files
+        out = Path(local)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return paths.as_path(out_dir) if paths.is_url(out_dir) else Path(out_dir)
 
 
 # ------------------------------------------------------------------------ checkpoints

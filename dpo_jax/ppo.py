@@ -210,9 +210,9 @@ def ppo_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """`policy_loss + vf_coef * value_loss` from per-token statistics and the PPO batch.
 
-    `stats`: the scoring pass's per-token `logps` and `values` (and optionally
-    `entropy`), aligned with `mask`; `batch`: the rollout's `old_logps`, `advantages`,
-    `returns` and `old_values` in the same alignment.
+    `stats`: the scoring pass's per-token `logps` and `values`, aligned with `mask`;
+    `batch`: the rollout's `old_logps`, `advantages`, `returns` and `old_values` in the
+    same alignment.
     """
     pg, pg_metrics = policy_loss(
         stats["logps"], batch["old_logps"], batch["advantages"], mask, clip
@@ -222,8 +222,6 @@ def ppo_loss(
     )
     loss = pg + vf_coef * vf
     metrics = {"loss": loss, "loss/policy": pg, "loss/value": vf, **pg_metrics, **vf_metrics}
-    if "entropy" in stats:
-        metrics["policy/entropy"] = masked_mean(jax.lax.stop_gradient(stats["entropy"]), mask)
     return loss, metrics
 
 
@@ -274,19 +272,21 @@ OBJECTIVE_HYPER = ("clip", "value_clip", "vf_coef")
 def objective_loss(inp: object) -> tuple[Array, dict[str, Array], object]:
     """The `"ppo"` objective of the one train step (`objectives.ObjectiveInput` in).
 
-    Reads only per-token statistics of the policy's scoring pass (`token_logps`,
-    `token_entropy`, and the final hidden states for the value head) and the PPO batch
-    columns; the step's `objective_hyper` holds `clip`, `value_clip`, `vf_coef`
-    (`ppo_loop.PPOConfig.objective_hyper`).
+    Reads only statistics of the policy's scoring pass: per-token log-probs
+    (`token_logps_NxL`), the final hidden states under the value head, and the
+    per-sequence entropy sums for the `policy/entropy` metric; plus the PPO batch
+    columns. The step's `objective_hyper` holds `clip`, `value_clip`, `vf_coef`
+    (`config.ppo`, `train_step.step_settings`).
     """
     policy, batch = inp.policy, inp.batch
     hyper = inp.cfg.objective_hyper
     mask = batch["sequence_index"] >= 0
     stats = {"logps": policy.token_logps_NxL, "values": token_values(inp.head, policy.hidden_NxLxD)}
-    if policy.token_entropy_NxL is not None:
-        stats["entropy"] = policy.token_entropy_NxL
     loss, metrics = ppo_loss(
         stats, batch, mask, clip=hyper["clip"], value_clip=hyper["value_clip"],
         vf_coef=hyper["vf_coef"],
     )  # fmt: skip
+    if policy.entropy_sums_S is not None:  # mean next-token entropy over completion tokens
+        tokens = jnp.maximum(jnp.sum(policy.lengths_S), 1.0)
+        metrics["policy/entropy"] = jnp.sum(policy.entropy_sums_S) / tokens
     return loss, metrics, inp.loss_state

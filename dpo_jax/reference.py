@@ -23,39 +23,29 @@ import json
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from dpo_jax import data, logprobs, models
+from dpo_jax import data, models, paths, scoring
 from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN
 from dpo_jax.errors import UserError
+from dpo_jax.paths import Path  # local or gs:// (etils.epath)
 
 SequenceFn = Callable[[dict[str, np.ndarray], int], np.ndarray]
 
 
 def make_logps_fn(model_config: models.ModelConfig, params: Any) -> SequenceFn:
-    """`fn(host_batch, num_sequences) -> logps_S` (numpy float32), jitted per shape."""
-    model = models.Transformer(model_config)
-    keys = ("input_ids", "positions", "segment_ids", "sequence_index", "branch_ids")
+    """`fn(host_batch, num_sequences) -> logps_S` (numpy float32), jitted per shape.
 
-    def logps(p: Any, batch: dict[str, jax.Array], n_seq: int) -> jax.Array:
-        logits = model.apply(
-            {"params": p},
-            batch["input_ids"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            branch_ids=batch.get("branch_ids"),
-        )
-        return logprobs.sequence_logps(logits, batch, n_seq).logps_S
-
-    jitted = jax.jit(logps, static_argnums=(2,))
+    Scores through `scoring.host_scorer`: the train step's own scoring pass (scored
+    unembedding), so a precomputed column holds the numbers the step would compute.
+    """
+    scorer = scoring.host_scorer(models.Transformer(model_config).apply)
 
     def fn(batch: dict[str, np.ndarray], n_seq: int) -> np.ndarray:
-        arrays = {k: np.asarray(v) for k, v in batch.items() if k in keys}
-        return np.asarray(jax.device_get(jitted(params, arrays, n_seq)), np.float32)
+        return np.asarray(jax.device_get(scorer(params, batch, n_seq).logps_S), np.float32)
 
     return fn
 
@@ -129,12 +119,12 @@ def cached_ref_logps(
     """First-pass reference log-probs for the training set, cached in the run dir."""
     path = Path(run_dir) / f"ref_logps_{_dataset_fingerprint(tokenized, ref_params)}.npz"
     if path.exists():
-        cached = np.load(path)
+        cached = paths.read_npz(path)
         return attach_ref_logps(tokenized, cached["chosen"], cached["rejected"])
     fn = make_logps_fn(model_config, ref_params)
     chosen, rejected = dataset_ref_logps(fn, tokenized, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, chosen=chosen, rejected=rejected)
+    paths.write_npz(path, {"chosen": chosen, "rejected": rejected})
     return attach_ref_logps(tokenized, chosen, rejected)
 
 
@@ -267,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     base = ref_fingerprint.base_fingerprint(spec, tokenizer, model_dir, str(args.dtype))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for i, c, r in zip(kept, chosen, rejected, strict=True):
             row = rows[i]
             if not (math.isfinite(c) and math.isfinite(r)):

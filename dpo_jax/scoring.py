@@ -13,10 +13,9 @@ threading flags:
 | `"wpo"` | `wpo_weights_S` | WPO (`loss.hyper.use_weighting`) |
 | `"log1m"` | `log1m_sums_S` | unlikelihood losses |
 | `"token_metrics"` | `entropy_sums_S`, `mean_logit_sums_S`, `top1_counts_S` | TRL's token metrics |
+| `"token_logps"` | `token_logps_NxL` (per-token log-probs at the tokens, 0 unscored) | per-token objectives (PPO) |
 | `"last_hidden"` | `last_hidden_SxD` (final hidden state at each sequence's last token) | scalar heads (reward model) |
 | `"hidden"` | `hidden_NxLxD` (every final hidden state) | per-token heads (a value head) |
-| `"token_logps"` | `token_logps_NxL` (per-token log-probs, aligned with the tokens) | PPO |
-| `"token_entropy"` | `token_entropy_NxL` (per-token next-token entropy, no gradient) | PPO's metrics |
 
 The unembedding follows the batch: a batch with `scored_positions` (the Trainer adds
 them) unembeds only the positions that predict a scored token; `chunk_size > 0`
@@ -40,12 +39,8 @@ import numpy as np
 from dpo_jax import logprobs, ppo
 from dpo_jax.logprobs import SequenceLogps
 
-NEEDS = (
-    "logps", "wpo", "log1m", "token_metrics", "last_hidden", "hidden", "token_logps",
-    "token_entropy",
-)  # fmt: skip
-_TOKEN_NEEDS = frozenset(("token_logps", "token_entropy"))
-_LOGP_NEEDS = frozenset(("logps", "wpo", "log1m", "token_metrics"))
+NEEDS = ("logps", "wpo", "log1m", "token_metrics", "token_logps", "last_hidden", "hidden")
+_LOGP_NEEDS = frozenset(("logps", "wpo", "log1m", "token_metrics", "token_logps"))
 
 # The keys of a host batch that a model forward and its scoring read (plus
 # `scored_positions`, added per step); `step` stays on the host, and the objectives'
@@ -108,10 +103,13 @@ def score(
     inputs = model_inputs(batch)
     ids = batch["input_ids"]
     flags = dict(
-        with_wpo="wpo" in needs, with_log1m="log1m" in needs, with_metrics="token_metrics" in needs
+        with_wpo="wpo" in needs,
+        with_log1m="log1m" in needs,
+        with_metrics="token_metrics" in needs,
+        with_token_logps="token_logps" in needs,
     )
     want_logps = bool(needs & _LOGP_NEEDS)
-    want_hidden = bool(needs & {"last_hidden", "hidden", *_TOKEN_NEEDS})
+    want_hidden = bool(needs & {"last_hidden", "hidden"})
     unembed = lambda h: apply_fn(variables, h, method="logits")
     if want_logps and not want_hidden and "scored_positions" not in batch and chunk_size <= 0:
         logits = apply_fn(variables, ids, **inputs)  # the model's own fused forward
@@ -133,11 +131,6 @@ def score(
         out = out.replace(last_hidden_SxD=last_hidden(hidden, batch["sequence_index"], n_seq))
     if "hidden" in needs:
         out = out.replace(hidden_NxLxD=hidden)
-    if needs & _TOKEN_NEEDS:
-        token_logps, token_entropy = logprobs.token_logps_from_hidden(
-            hidden, unembed, batch, chunk_size=chunk_size, with_entropy="token_entropy" in needs
-        )
-        out = out.replace(token_logps_NxL=token_logps, token_entropy_NxL=token_entropy)
     return out
 
 

@@ -179,55 +179,6 @@ def test_kl_controller_hand_values():
 # ------------------------------------------------------------ per-token scoring, rollouts
 
 
-def _tiny_rows():
-    from dpo_jax.data import batching
-    from tests import train_helpers as th
-
-    cfg, params = th.tiny_model()
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(3, 60, size=n).astype(np.int32) for n in (3, 5, 2)]
-    comps = [rng.integers(3, 60, size=n).astype(np.int32) for n in (4, 1, 6)]
-    rows = batching.build_stacked(prompts, comps, 16)
-    return cfg, params, rows
-
-
-def test_token_logps_from_hidden_all_paths_match_full_logits():
-    from dpo_jax import logprobs, models, train
-
-    cfg, params, rows = _tiny_rows()
-    model = models.Transformer(cfg)
-    v = {"params": params}
-    inputs = dict(positions=rows["positions"], segment_ids=rows["segment_ids"])
-    logits = model.apply(v, rows["input_ids"], **inputs)
-    hidden = model.apply(v, rows["input_ids"], return_hidden=True, **inputs)
-    want = np.where(rows["sequence_index"] >= 0, logprobs.token_logps(logits, rows["input_ids"]), 0)
-    # the per-sequence sums of the one scoring path
-    sums = logprobs.sequence_logps(logits, rows, 4)  # 3 sequences + an empty 4th
-
-    def unembed(h):
-        return model.apply(v, h, method="logits")
-
-    scored = train.with_scored_positions({k: x[None] for k, x in rows.items()})
-    scored = {k: x[0] for k, x in scored.items()}
-    for batch, chunk in ((rows, 0), (scored, 0), (scored, 2)):
-        fn = jax.jit(
-            lambda h, b, c=chunk: logprobs.token_logps_from_hidden(
-                h, unembed, b, chunk_size=c, with_entropy=True
-            )
-        )
-        got, ent = fn(hidden, batch)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-        si = rows["sequence_index"]
-        seq = [np.asarray(got)[si == k].sum() for k in range(3)]
-        np.testing.assert_allclose(seq, np.asarray(sums.logps_S)[:3], rtol=1e-5)
-        p = jax.nn.softmax(np.asarray(logits, np.float64), -1)
-        h_next = -(p * np.log(p)).sum(-1)  # entropy at the predicting position
-        want_ent = np.zeros_like(want)
-        want_ent[:, 1:] = h_next[:, :-1]
-        want_ent = np.where(si >= 0, want_ent, 0)
-        np.testing.assert_allclose(np.asarray(ent), want_ent, rtol=1e-4, atol=1e-5)
-
-
 def test_token_values_align_with_tokens():
     rng = np.random.default_rng(6)
     hidden = rng.normal(size=(2, 5, 3)).astype(np.float32)

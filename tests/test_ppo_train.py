@@ -175,3 +175,13 @@ def test_ppo_dry_run_lowers_the_step_the_run_executes():
     batch_A = next(ppo_loop.mini_batches(pc, roll.batch, 0, 0, seed=0))
     n = pc.rollout_batch_size // pc.num_mini_batches
     assert dry.lowered.as_text() == dry.trainer.lower(state, batch_A, n).as_text()
+    # The rollout's old log-probs and values are the step's own statistics, on the same
+    # tokens: before any update every ratio is 1 and the values are the old ones.
+    m = jax.device_get(dry.trainer.evaluate(state, batch_A, n))
+    np.testing.assert_allclose(m["val/ratio"], 1.0, atol=1e-6)
+    assert m["policy/approxkl"] < 1e-10 and m["policy/clipfrac"] == 0.0
+    mask = batch_A["sequence_index"] >= 0
+    np.testing.assert_allclose(m["val/mean"], batch_A["old_values"][mask].mean(), rtol=1e-5)
+    # returns = advantages (before whitening) + values: the value loss is against them
+    want_vf = 0.5 * np.mean((batch_A["old_values"] - batch_A["returns"])[mask] ** 2)
+    np.testing.assert_allclose(m["loss/value"], want_vf, rtol=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from dpo_jax.data import DEFAULT_CACHE_DIR
 from dpo_jax.sharding import LOGICAL_AXIS_RULES
 
 
@@ -48,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.layout = "stacked"  # stacked | packed | prefix_shared
     c.data.shuffle = True
     c.data.skip_bad_rows = False
+    c.data.cache_dir = DEFAULT_CACHE_DIR  # tokenized-data cache: a dir or gs://...; "" = off
     c.data.num_eval_examples = -1  # -1 = the whole eval split
 
     c.batch_size = 64  # preference pairs per optimizer update, all hosts together
@@ -98,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | rmsprop | sgd
-    c.optim.learning_rate = 5e-7
+    c.optim.learning_rate = 1e-6  # TRL DPOConfig's default
     c.optim.warmup_steps = 0
     c.optim.schedule = "linear"  # constant | linear | cosine
     c.optim.final_lr_fraction = 0.0
