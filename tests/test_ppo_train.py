@@ -58,13 +58,15 @@ def _config(run_dir: str = "", **ppo_kw) -> ml_collections.ConfigDict:
 
 
 def _next_token_probs(cfg: models.ModelConfig, params, prompts) -> np.ndarray:
-    """`[prompts, V]` next-token distribution after each prompt, by a plain forward."""
-    model = models.Transformer(cfg)
-    out = []
-    for p in prompts:
-        logits = model.apply({"params": params}, np.asarray([p], np.int32))
-        out.append(np.asarray(jax.nn.softmax(logits[0, -1, : cfg.vocab_size]), np.float64))
-    return np.stack(out)
+    """`[prompts, V]` next-token distribution after each prompt, by one plain forward
+    (prompts right-padded: causal attention keeps the padding out of earlier positions)."""
+    lengths = np.array([len(p) for p in prompts])
+    ids = np.zeros((len(prompts), lengths.max()), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    logits = models.Transformer(cfg).apply({"params": params}, ids)
+    last = np.asarray(logits, np.float64)[np.arange(len(prompts)), lengths - 1, : cfg.vocab_size]
+    return np.asarray(jax.nn.softmax(last, axis=-1))
 
 
 def _optimum(pi_ref: np.ndarray, beta: float) -> np.ndarray:
