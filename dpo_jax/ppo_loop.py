@@ -121,37 +121,36 @@ class PPOConfig:
 # ------------------------------------------------------------------------ rewards
 
 
+def _prompt_ids(samples: sampling.SampleOutput, k: int) -> list[int]:
+    n = int(samples.prompt_lengths[k])
+    return samples.prompt_ids[k, samples.prompt_ids.shape[1] - n :].tolist()
+
+
 def reward_from_texts(
     reward_fn: Callable[[Sequence[str]], np.ndarray], tokenizer: Any, with_prompt: bool = False
 ) -> RolloutReward:
     """A text reward (`rewards.RewardFn`: VADER, a classifier, a `LearnedReward`) on the
-    decoded completions (EOS dropped), or on prompt + completion with `with_prompt`."""
+    decoded completions, or on prompt + completion decoded together with `with_prompt`
+    (special tokens, the EOS among them, dropped)."""
 
     def reward(samples: sampling.SampleOutput) -> np.ndarray:
-        texts = tokenizer.batch_decode(samples.completion_ids(), skip_special_tokens=True)
+        comps = samples.completion_ids()
         if with_prompt:
-            prompts = [
-                tokenizer.decode(row[len(row) - n :], skip_special_tokens=True)
-                for row, n in zip(samples.prompt_ids, samples.prompt_lengths, strict=True)
-            ]
-            texts = [p + t for p, t in zip(prompts, texts, strict=True)]
+            comps = [_prompt_ids(samples, k) + c for k, c in enumerate(comps)]
+        texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
         return np.asarray(reward_fn(texts), np.float32)
 
     return reward
 
 
-def reward_from_ids(learned: Any, eos_token_id: int | None) -> RolloutReward:
-    """A learned reward model (`reward_model.LearnedReward`, same tokenizer as the policy)
-    on the token ids of prompt + completion, ending in the EOS its head was trained on
-    (appended to completions that did not emit one)."""
+def reward_from_ids(learned: Any) -> RolloutReward:
+    """A learned reward model (`reward_model.LearnedReward`, the policy's tokenizer) on the
+    token ids of prompt + completion, the EOS kept when one was emitted: the sequences
+    of sampled pairs it was trained on (its head reads the last token)."""
 
     def reward(samples: sampling.SampleOutput) -> np.ndarray:
-        ids = []
-        for k, comp in enumerate(samples.completion_ids(keep_eos=True)):
-            n = int(samples.prompt_lengths[k])
-            prompt = samples.prompt_ids[k, samples.prompt_ids.shape[1] - n :].tolist()
-            tail = [] if samples.finished[k] or eos_token_id is None else [int(eos_token_id)]
-            ids.append(prompt + comp + tail)
+        comps = samples.completion_ids(keep_eos=True)
+        ids = [_prompt_ids(samples, k) + c for k, c in enumerate(comps)]
         return np.asarray(learned.score_ids(ids), np.float32)
 
     return reward

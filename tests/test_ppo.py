@@ -214,6 +214,41 @@ def test_rollout_rows_and_token_placement_round_trip():
     np.testing.assert_array_equal(back, np.where(mask, x, 0))
 
 
+def test_rollout_rewards_see_prompt_and_completion():
+    from dpo_jax import ppo_loop, sampling
+
+    samples = sampling.SampleOutput(
+        prompt_ids=np.array([[0, 7, 8], [5, 6, 9]], np.int32),
+        prompt_lengths=np.array([2, 3], np.int32),
+        tokens=np.array([[11, 1, 0], [12, 13, 14]], np.int32),
+        lengths=np.array([2, 3], np.int32), logps=np.zeros((2, 3), np.float32),
+        sampling_logps=np.zeros((2, 3), np.float32), finished=np.array([True, False]),
+        prompt_index=np.arange(2, dtype=np.int32),
+        config=sampling.SamplingConfig(eos_token_ids=(1,)),
+    )  # fmt: skip
+
+    class Tok:
+        def batch_decode(self, ids, skip_special_tokens):
+            return [" ".join(map(str, x)) for x in ids]
+
+    got = []
+    fn = ppo_loop.reward_from_texts(lambda texts: got.extend(texts) or [1.0, 2.0], Tok(), True)
+    np.testing.assert_array_equal(fn(samples), [1.0, 2.0])
+    assert got == ["7 8 11", "5 6 9 12 13 14"]  # EOS (1) dropped, prompt padding dropped
+    got.clear()
+    ppo_loop.reward_from_texts(lambda texts: got.extend(texts) or [0, 0], Tok())(samples)
+    assert got == ["11", "12 13 14"]
+
+    class Learned:
+        def score_ids(self, ids):
+            got.append(ids)
+            return np.array([len(x) for x in ids], np.float32)
+
+    got.clear()
+    np.testing.assert_array_equal(ppo_loop.reward_from_ids(Learned())(samples), [4, 6])
+    assert got[0] == [[7, 8, 11, 1], [5, 6, 9, 12, 13, 14]]  # the emitted EOS is kept
+
+
 def test_prompt_indices_are_epoch_permutations_and_pure():
     from dpo_jax import ppo_loop
 
