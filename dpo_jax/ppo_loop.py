@@ -219,8 +219,8 @@ def token_stats(
     chunk_size: int = 0,
 ) -> dict[str, jax.Array]:
     """The rollout's scoring pass: per-token policy log-probs and values (the step's own
-    `scoring.score` and value head, so the first update's ratios are exactly 1) and the
-    reference's per-token log-probs. All `[N, L]`, aligned with the tokens."""
+    `scoring.score` and value head, so the first update's ratios are 1 up to float
+    rounding) and the reference's per-token log-probs. All `[N, L]`, token-aligned."""
     from dpo_jax import objectives, scoring
 
     policy = scoring.score(
@@ -316,8 +316,8 @@ def collect_rollout(
         )
     )  # fmt: skip
     batch = dict(rows)
-    batch["old_logps"] = stats["logps"]
-    batch["old_values"] = stats["values"]
+    batch["old_logps"] = to_tokens(comp["logps"], mask, rows["sequence_index"])
+    batch["old_values"] = to_tokens(comp["values"], mask, rows["sequence_index"])
     batch["advantages"] = to_tokens(out["advantages"], mask, rows["sequence_index"])
     batch["returns"] = to_tokens(out["returns"], mask, rows["sequence_index"])
     kl = np.asarray(out["kl_S"], np.float64)
