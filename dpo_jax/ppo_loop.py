@@ -498,7 +498,7 @@ def resume_point(data_state: Mapping[str, Any] | None, cfg: PPOConfig) -> tuple[
 
 
 def _brief(row: Mapping[str, Any]) -> str:
-    keys = ("objective/scores", "objective/kl", "objective/kl_coef", "loss_avg")
+    keys = ("objective/scores", "objective/kl", "objective/kl_coef", "loss")
     return ", ".join(f"{k}={row[k]:.4g}" for k in keys if k in row and math.isfinite(row[k]))
 
 

@@ -187,3 +187,33 @@ def test_ppo_dry_run_lowers_the_step_the_run_executes():
     # returns = advantages (before whitening) + values: the value loss is against them
     want_vf = 0.5 * np.mean((batch_A["old_values"] - batch_A["returns"])[mask] ** 2)
     np.testing.assert_allclose(m["loss/value"], want_vf, rtol=1e-4)
+
+
+@pytest.mark.heavy
+def test_ppo_sharded_on_8_devices_matches_one_device(tmp_path):
+    """data 2 x fsdp 2 x tensor 2 (vocabulary padded and sharded): the same rollouts
+    (sampled with the same key from the same policy) and the same updates as on one
+    device, up to float reduction order."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ppo_sharded.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.ppo_sharded_run", str(out)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = json.loads(out.read_text())
+    one, eight = runs["1dev"], runs["2x2x2"]
+    assert "tensor" in eight["embed_spec"][0]  # the vocabulary really is sharded
+    for a, b in zip(one["history"], eight["history"], strict=True):
+        assert a["objective/scores"] == b["objective/scores"]  # the same samples
+        for key in ("objective/kl", "loss", "loss/value_avg", "grad_norm"):
+            np.testing.assert_allclose(b[key], a[key], rtol=2e-3, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(eight["head"], one["head"], rtol=1e-3, atol=1e-5)
