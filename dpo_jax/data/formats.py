@@ -24,6 +24,9 @@ Formats:
   answer pair ordered by score as in the DPO code; HTML stripped.
 - `tldr`: OpenAI summarize-from-feedback comparisons {"info": {"post", "title",
   "subreddit"}, "summaries": [{"text"}, {"text"}], "choice"}.
+- `tldr_sft`: the TL;DR SFT split (summarize-from-feedback `tldr_3_filtered`):
+  {"id", "subreddit", "title", "post", "summary"}, one human-written summary per
+  post, as an `UnpairedExample` labelled desirable (a demonstration for SFT).
 - `unpaired`: {"prompt", "completion", "label"} rows for KTO-style losses
   (completion may also be a message list with a message-list prompt).
 """
@@ -319,6 +322,14 @@ def parse_tldr(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
     return [_pair(row, tldr_prompt(info), texts[choice], texts[1 - choice])]
 
 
+def parse_tldr_sft(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
+    """TL;DR SFT rows: the post's prompt and its human-written `summary` (a demonstration)."""
+    summary = " " + _text(row, "summary").strip()
+    if not summary.strip():
+        raise DataError("empty summary", reason="empty_completion")
+    return [UnpairedExample(tldr_prompt(row), summary, True)]
+
+
 # ----------------------------------------------------------------------------- chat
 
 
@@ -469,6 +480,7 @@ PARSERS: dict[str, Parser] = {
     "shp": parse_shp,
     "stack_exchange": parse_stack_exchange,
     "tldr": parse_tldr,
+    "tldr_sft": parse_tldr_sft,
     "unpaired": parse_unpaired,
 }
 
@@ -480,6 +492,8 @@ def detect_format(row: Mapping[str, Any]) -> str:
         return "unpaired"
     if {"info", "summaries", "choice"} <= keys:
         return "tldr"
+    if {"post", "summary"} <= keys:
+        return "tldr_sft"
     if {"human_ref_A", "human_ref_B"} <= keys:
         return "shp"
     if {"question", "answers"} <= keys:
