@@ -39,13 +39,15 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class SequenceLogps:
-    """Per-sequence sums over completion tokens; `S` = number of sequences (2B)."""
+    """Per-sequence sums over completion tokens; `S` = number of sequences (2B paired,
+    N rows for single sequences). Fields a scoring pass was not asked for
+    (`scoring.score(needs=...)`) are None."""
 
-    logps_S: Array  # sum of log p over the completion
-    lengths_S: Array  # completion token count (float32)
+    logps_S: Array | None = None  # sum of log p over the completion
+    lengths_S: Array | None = None  # completion token count (float32)
     # LD-DPO: sum over the first min(len_k, len_partner) tokens; the partner of k < B is
-    # k + B and vice versa (chosen/rejected in paired layouts).
-    prefix_logps_S: Array
+    # k + B and vice versa (chosen/rejected in paired layouts). None when S is odd.
+    prefix_logps_S: Array | None = None
     # WPO: exp(mean_t[log p_t - log sum_v p_v^2]), no gradient; None unless requested.
     wpo_weights_S: Array | None = None
     # Unlikelihood: sum of log(1 - p_t) over the completion; None unless requested.
@@ -56,6 +58,11 @@ class SequenceLogps:
     entropy_sums_S: Array | None = None
     mean_logit_sums_S: Array | None = None
     top1_counts_S: Array | None = None
+    # Final hidden state (after the last norm) at the last token of each sequence, for a
+    # scalar head (reward model, value head); `[S, D]`, model dtype. None unless requested.
+    last_hidden_SxD: Array | None = None
+    # All final hidden states `[N, L, D]` (per-token heads); None unless requested.
+    hidden_NxLxD: Array | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -142,8 +149,8 @@ def reduce_token_logps(
     tokens) adds their per-sequence sums (TRL's entropy / logits / accuracy metrics).
     """
     S = int(num_sequences)
-    if S <= 0 or S % 2:
-        raise ValueError(f"num_sequences must be a positive even number (2B), got {S}")
+    if S <= 0:
+        raise ValueError(f"num_sequences must be positive, got {S}")
     scored = sequence_index_NxL >= 0
     # Unscored tokens go to an extra segment S that is dropped.
     seg = jnp.where(scored, sequence_index_NxL, S).reshape(-1).astype(jnp.int32)
@@ -155,11 +162,13 @@ def reduce_token_logps(
     lengths_S = seg_sum(scored.reshape(-1).astype(jnp.float32))
     logps_S = seg_sum(tok)
 
-    B = S // 2
-    shared_B = jnp.minimum(lengths_S[:B], lengths_S[B:])
-    shared_S1 = jnp.concatenate([shared_B, shared_B, jnp.zeros((1,), jnp.float32)])
-    in_prefix = _rank_within_sequence(seg, S + 1) < shared_S1[seg]
-    prefix_logps_S = seg_sum(jnp.where(in_prefix, tok, 0.0))
+    prefix_logps_S = None
+    if S % 2 == 0:  # paired: sequence k's partner is k +- B
+        B = S // 2
+        shared_B = jnp.minimum(lengths_S[:B], lengths_S[B:])
+        shared_S1 = jnp.concatenate([shared_B, shared_B, jnp.zeros((1,), jnp.float32)])
+        in_prefix = _rank_within_sequence(seg, S + 1) < shared_S1[seg]
+        prefix_logps_S = seg_sum(jnp.where(in_prefix, tok, 0.0))
 
     wpo_weights_S = None
     if log_sum_p2_NxL is not None:
@@ -485,8 +494,8 @@ def _check_logits(logits_NxLxV: Array, input_ids_NxL: Array) -> None:
 
 
 def _batch_arrays(batch: Mapping[str, Array], num_sequences: int) -> tuple[Array, Array]:
-    if int(num_sequences) <= 0 or int(num_sequences) % 2:
-        raise ValueError(f"num_sequences must be a positive even number (2B), got {num_sequences}")
+    if int(num_sequences) <= 0:
+        raise ValueError(f"num_sequences must be positive, got {num_sequences}")
     for key in ("input_ids", "sequence_index"):
         if key not in batch:
             raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}); see docs/CONTRACTS.md")

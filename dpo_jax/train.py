@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from dpo_jax import guards, logprobs, lora, losses, models, optim, sharding
+from dpo_jax import guards, logprobs, lora, losses, models, objectives, optim, scoring, sharding
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
@@ -54,9 +54,7 @@ Batch = dict[str, np.ndarray]
 
 # Keys of a host micro-batch that the jitted step reads; others (the loader's `step`)
 # stay on the host.
-BATCH_KEYS = (
-    "input_ids", "positions", "segment_ids", "branch_ids", "sequence_index", "ref_logps", "labels",
-)  # fmt: skip
+BATCH_KEYS = (*scoring.MODEL_KEYS, *scoring.OBJECTIVE_KEYS)
 
 
 # ------------------------------------------------------------------------ batches
@@ -329,8 +327,14 @@ def build_trainer(
     token_metrics: bool = True,
     lora_config: lora.LoraConfig | None = None,
     rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
+    objective: str = "preference",
+    objective_hyper: Mapping[str, Any] | None = None,
 ) -> tuple[Trainer, TrainState]:
     """A Trainer and its initial, sharded state (policy = `params`).
+
+    `objective` (`objectives.OBJECTIVES`) is what the step minimises; one with a head
+    trains `{"model": params, "head": ...}` (a fresh head seeded by `seed`, unless
+    `params` already hold one).
 
     `ref_params` defaults to a copy of `params` when `reference == "frozen"`. With
     `lora_config`, `params` is the frozen base (cast to `lora_config.base_dtype`) and
@@ -345,7 +349,12 @@ def build_trainer(
             ref_params = models.vocab.resize_vocab(
                 ref_params, model_config, model_config.embed_vocab_size
             )
+    obj = objectives.get(objective)
     logical = models.logical_axes(model_config)
+    if obj.head is not None:
+        head_rng = jax.random.fold_in(jax.random.key(seed), 0x4EAD)
+        params = objectives.with_head(obj, model_config, params, head_rng)
+        logical = objectives.logical_axes(obj, model_config, logical)
     model_logical = base = None
     if lora_config is not None:
         base = lora.cast_base(params, lora_config)
@@ -356,7 +365,8 @@ def build_trainer(
         logical = lora.adapter_logical_axes(model_logical, params)
     optimizer, schedule = optim.make_optimizer(optim_config, total_steps, params, logical)
     with_ref = reference == "frozen"
-    loss_state = losses.init_loss_state(loss_name)  # BCO's running shift, or None
+    # BCO's running shift, or None
+    loss_state = losses.init_loss_state(loss_name) if obj.name == "preference" else None
     # Boxed with their logical names, so the optimizer state optax builds from them
     # carries the same names and one rules table shards all of it.
     boxed = sharding.box(logical, jax.eval_shape(lambda p: p, params))
@@ -367,6 +377,8 @@ def build_trainer(
         base_shapes = sharding.box(model_logical, jax.eval_shape(lambda b: b, base))
         ref_shapes = base_shapes if with_ref else None
         abstract = abstract.replace(base_params=base_shapes, ref_params=ref_shapes)
+    elif obj.head is not None and with_ref:  # a reference is the model, never a head
+        abstract = abstract.replace(ref_params=objectives.split_params(obj, boxed)[0])
     shard = state_shardings(abstract, mesh, rules)
     step_config = StepConfig(
         apply_fn=models.Transformer(model_config).apply,
@@ -383,12 +395,16 @@ def build_trainer(
         grad_shardings=shard.params,
         token_metrics=token_metrics,
         lora_scale=0.0 if lora_config is None else lora_config.scale,
+        objective=objective,
+        objective_hyper=dict(objective_hyper or {}),
     )
     params = jax.device_put(params, shard.params)
     if base is not None:
         base = jax.device_put(base, shard.base_params)
     if with_ref:
         ref = (params if base is None else base) if ref_params is None else ref_params
+        if ref_params is None and base is None:
+            ref = objectives.split_params(obj, ref)[0]
         ref_params = jax.device_put(jax.tree.map(jnp.copy, ref), shard.ref_params)
 
     def make_state(p: Any, r: Any, b: Any) -> TrainState:
@@ -485,9 +501,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out loss/metrics, keys prefixed `eval/`.
 
-    Batches are weighted by their number of examples, so a smaller remainder batch
-    counts for what it holds: the result is the mean over examples.
+    Batches are weighted by their number of examples (SFT: target tokens, the
+    objective's `weight_metric`), so a smaller remainder batch counts for what it
+    holds: the result is the mean over examples (tokens).
     """
+    obj = trainer.step_config.objective_fn
     total: dict[str, float] = {}
     counted: dict[str, Any] = {}  # subset means add sums and counts (losses.CountedMean)
     weight = 0.0
@@ -495,7 +513,7 @@ def evaluate(
         batch_A = stack_micro_batches([mb])
         n_seq = batch_num_sequences(batch_A, layout)
         metrics = jax.device_get(trainer.evaluate(state, batch_A, n_seq))
-        w = n_seq / 2
+        w = float(metrics[obj.weight_metric]) if obj.weight_metric else n_seq / 2
         for k, v in metrics.items():
             if losses.is_counted(v):
                 counted[k] = v if k not in counted else counted[k] + v
@@ -505,6 +523,9 @@ def evaluate(
     if not weight:
         raise UserError("evaluation data is empty")
     out = {k: v / weight for k, v in total.items()}
+    if obj.weight_metric:  # a sum over the batches, not a mean
+        out[obj.weight_metric] = weight
+    out = {k: to_python(v) for k, v in obj.derive(out).items()}
     out.update(losses.finalize_metrics(counted))
     return {f"eval/{k}": v for k, v in out.items()}
 
@@ -765,18 +786,22 @@ def _train(
         else dict(config.loss.hyper)
     )
     hyper = {k: v for k, v in hyper.items() if v is not None}  # None: the loss's default
-    losses.check_options(loss_name, hyper)
-    for message in losses.trl_differences(loss_name, hyper):
-        log.warning("differs from TRL: %s", message)
+    objective = config.objective.name
+    preference = objective == "preference"
+    if preference:
+        losses.check_options(loss_name, hyper)
+        for message in losses.trl_differences(loss_name, hyper):
+            log.warning("differs from TRL: %s", message)
     mesh = mesh or make_mesh_from_config(config)
     if model_config is None or params is None:
         model_config, params = _model_from_config(config)
-    if config.reference.mode in ("precomputed", "cache"):
+    if preference and config.reference.mode in ("precomputed", "cache"):
         # before the (possibly long) reference cache pass; auto is checked once resolved
         early = resolve_reference_mode(config.reference.mode, loss_name, True)
         check_loss_options(loss_name, hyper, early)
 
-    if ref_params is None and config.reference.path and losses.needs_reference(loss_name):
+    needs_ref = preference and losses.needs_reference(loss_name)
+    if ref_params is None and config.reference.path and needs_ref:
         ref_params = _reference_from_config(config, model_config)
     if train_data is None:
         train_data, eval_data, steps_per_epoch = load_data(
@@ -795,9 +820,11 @@ def _train(
     if first is None:
         raise UserError("training data is empty")
     train_iter = _chain_first(first, first_iter)
-    reference = resolve_reference_mode(
-        config.reference.mode, loss_name, "ref_logps" in first, lora_config is not None
-    )
+    reference = "none"  # SFT and the reward model read no reference model
+    if preference:
+        reference = resolve_reference_mode(
+            config.reference.mode, loss_name, "ref_logps" in first, lora_config is not None
+        )
 
     trainer, state = build_trainer(
         model_config,
@@ -818,6 +845,8 @@ def _train(
         token_metrics=config.train.get("token_metrics", True),
         lora_config=lora_config,
         rules=sharding.validate_rules(config.mesh.get("rules", sharding.LOGICAL_AXIS_RULES)),
+        objective=objective,
+        objective_hyper={k: v for k, v in config.objective.items() if k != "name"},
     )
     model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
     # The state holds what training needs; drop our reference to the loaded copy (with
@@ -961,14 +990,16 @@ def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 
 def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> dict[str, Any]:
     d = config.data
+    sft = config.objective.name == "sft"
     return dict(
+        sft=sft,
         path=path,
         format=d.format,
         max_length=d.max_length,
         max_prompt_length=d.max_prompt_length,
         truncation_mode=d.truncation_mode,
         skip_bad_rows=d.skip_bad_rows,
-        unpaired=not paired,
+        unpaired=not paired and not sft,
     )
 
 
@@ -1023,7 +1054,8 @@ def load_data(
     from dpo_jax import data, reference
 
     loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
-    paired = losses.is_paired(loss_name)
+    preference = config.objective.name == "preference"
+    paired = losses.is_paired(loss_name) or not preference
     if not config.data.train:
         raise UserError("config.data.train is empty: point it at the training data")
     if config.batch_size % config.grad_accum_steps:
@@ -1048,7 +1080,7 @@ def load_data(
     )
     if not paired:
         _check_unpaired_weights(config, train_set.dense["label"])
-    needs_ref = losses.needs_reference(loss_name)
+    needs_ref = preference and losses.needs_reference(loss_name)
     has_ref = "ref_chosen" in train_set.dense
     if needs_ref and has_ref and config.reference.mode != "frozen":
         _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.train, paired))

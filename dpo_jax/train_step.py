@@ -1,9 +1,10 @@
-"""The pure, jitted preference train step and its state.
+"""The pure, jitted train step of every objective, and its state.
 
 `train_step(state, batch) -> (state, metrics)`: the batch carries a leading micro-batch
-axis `A`; a `lax.scan` runs one policy forward per micro-batch over the stacked
-chosen/rejected rows, gets per-sequence log-probs, builds `PreferenceStats` with the
-reference log-probs, applies the configured loss, and accumulates gradients. One Optax
+axis `A`; a `lax.scan` runs one policy scoring pass per micro-batch
+(`scoring.score`, with the extras the objective needs), hands it with the reference's
+log-probs to the objective (`objectives`: a preference loss, SFT's token NLL, the
+Bradley-Terry reward model), and accumulates gradients. One Optax
 update follows, then optional TR-DPO reference syncing. No Python side effects inside.
 
 Reference modes (`StepConfig.reference`):
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import logprobs, lora, losses
+from dpo_jax import lora, losses, objectives, scoring
 from dpo_jax.errors import UserError
 
 REFERENCE_MODES = ("frozen", "precomputed", "none", "adapters_off")
@@ -87,8 +88,20 @@ class StepConfig:
     # per-sequence sums from the scoring path, no gradient.
     token_metrics: bool = True
     lora_scale: float = 0.0  # LoRA alpha / r (> 0 when state.base_params holds a base)
+    # `objectives.OBJECTIVES` name: what the step minimises (preference, sft, reward_model)
+    objective: str = "preference"
+    # The objective's own settings (`config.objective` less its name), e.g. the reward
+    # model's center_rewards_coefficient.
+    objective_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        obj = objectives.get(self.objective)
+        if not obj.uses_reference and self.reference != "none":
+            raise UserError(
+                f"objective {self.objective!r} uses no reference model; reference={self.reference!r}"
+            )
+        if obj.head is not None and self.lora_scale > 0:
+            raise UserError(f"objective {self.objective!r} trains a head; LoRA is not supported")
         if self.reference not in REFERENCE_MODES:
             raise UserError(f"reference mode {self.reference!r} not in {REFERENCE_MODES}")
         if self.nan_policy not in NAN_POLICIES:
@@ -101,17 +114,28 @@ class StepConfig:
             raise UserError("TR-DPO reference syncing cannot mix LoRA adapters into a reference")
         if self.reference == "adapters_off" and not self.lora_scale > 0:
             raise UserError("reference='adapters_off' needs LoRA (lora_scale > 0)")
-        check_loss_options(self.loss_name, self.loss_hyper, self.reference)
+        if self.objective == "preference":
+            check_loss_options(self.loss_name, self.loss_hyper, self.reference)
+
+    @property
+    def objective_fn(self) -> objectives.Objective:
+        """The registered objective this step minimises."""
+        return objectives.get(self.objective)
+
+    @property
+    def policy_needs(self) -> frozenset[str]:
+        """What the policy's scoring pass returns (`scoring.NEEDS`), as the objective says."""
+        return self.objective_fn.needs(self)
 
     @property
     def with_wpo(self) -> bool:
-        """WPO (`use_weighting`): the policy forward also yields per-sequence weights."""
-        return bool(self.loss_hyper.get("use_weighting", False))
+        """WPO (`use_weighting`): the policy pass also yields per-sequence weights."""
+        return "wpo" in self.policy_needs
 
     @property
     def with_log1m(self) -> bool:
-        """Unlikelihood: the policy forward also sums log(1 - p_t) per sequence."""
-        return losses.needs_log1m(self.loss_name)
+        """Unlikelihood: the policy pass also sums log(1 - p_t) per sequence."""
+        return "log1m" in self.policy_needs
 
 
 def check_loss_options(
@@ -163,45 +187,6 @@ def init_state(
     )
 
 
-def sequence_logps(
-    cfg: StepConfig,
-    params: Any,
-    batch: Mapping[str, jax.Array],
-    n_seq: int,
-    with_wpo: bool = False,
-    with_log1m: bool = False,
-    with_metrics: bool = False,
-) -> Any:
-    """Per-sequence log-probs of one micro-batch under `params` (one forward).
-
-    `with_wpo` adds the WPO weights (the policy's only: WPO never weights by the reference);
-    `with_log1m` the sums of log(1 - p_t) (unlikelihood, also the policy's only). A batch
-    with `scored_positions` (added by the Trainer when `unembed_scored_only`) unembeds
-    only the scored positions; otherwise every position is unembedded.
-    """
-    extras = dict(with_wpo=with_wpo, with_log1m=with_log1m, with_metrics=with_metrics)
-    inputs = dict(
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
-    )
-    if "branch_ids" in batch:
-        inputs["branch_ids"] = batch["branch_ids"]
-    variables = {"params": params}
-    unembed = lambda h: cfg.apply_fn(variables, h, method="logits")
-    if "scored_positions" in batch:
-        hidden = cfg.apply_fn(variables, batch["input_ids"], return_hidden=True, **inputs)
-        return logprobs.sequence_logps_scored(
-            hidden, unembed, batch, n_seq, chunk_size=cfg.logps_chunk_size, **extras
-        )
-    if cfg.logps_chunk_size > 0:
-        hidden = cfg.apply_fn(variables, batch["input_ids"], return_hidden=True, **inputs)
-        return logprobs.sequence_logps_chunked(
-            hidden, unembed, batch, n_seq, cfg.logps_chunk_size, **extras
-        )
-    logits = cfg.apply_fn(variables, batch["input_ids"], **inputs)
-    return logprobs.sequence_logps(logits, batch, n_seq, **extras)
-
-
 def policy_params(cfg: StepConfig, params: Any, base: Any) -> Any:
     """The params the policy forward applies: `params`, or LoRA adapters on `base`."""
     return params if base is None else lora.apply_adapters(base, params, cfg.lora_scale)
@@ -221,29 +206,25 @@ def _micro_loss(
     loss_state: Any = None,
     update: bool = True,
     base: Any = None,
+    context: Any = None,
+    num_micro: int = 1,
 ) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
-    """Mean loss of one micro-batch; aux = (metrics, loss state after this micro-batch).
+    """The objective's loss of one micro-batch; aux = (metrics, loss state after it).
 
-    With LoRA, `params` are the adapters and `base` the frozen weights they sit beside.
+    With LoRA, `params` are the adapters and `base` the frozen weights they sit beside;
+    with a head (`objectives.Head`), `params` are `{"model", "head"}`.
     """
-    paired = losses.is_paired(cfg.loss_name)
-    with_metrics = cfg.token_metrics and paired
-    full = policy_params(cfg, params, base)
-    policy = sequence_logps(
-        cfg, full, batch, n_seq, with_wpo=cfg.with_wpo, with_log1m=cfg.with_log1m,
-        with_metrics=with_metrics,
-    )  # fmt: skip
-    if paired:
-        stats = logprobs.preference_stats(policy, ref)
-    else:
-        stats = logprobs.unpaired_stats(policy, ref, batch["labels"])
-    per_example, metrics, loss_state = losses.compute_loss_with_state(
-        stats, cfg.loss_name, loss_state, update=update, **dict(cfg.loss_hyper)
+    obj = cfg.objective_fn
+    model_params, head = objectives.split_params(obj, params)
+    full = policy_params(cfg, model_params, base)
+    policy = scoring.score(
+        cfg.apply_fn, full, batch, n_seq, needs=cfg.policy_needs, chunk_size=cfg.logps_chunk_size
     )
-    loss = jnp.mean(per_example)
+    inp = objectives.ObjectiveInput(
+        cfg, policy, ref, batch, head, loss_state, update, context, num_micro
+    )
+    loss, metrics, loss_state = obj.loss(inp)
     metrics = dict(metrics)
-    if with_metrics:
-        metrics.update(logprobs.token_metrics(policy))
     metrics["loss"] = loss
     return loss, (metrics, loss_state)
 
@@ -262,7 +243,10 @@ def reference_logps(
         # multi-host batches carry [2, B] (see train.globalize_host_batch); flat is [2B]
         ref = batch["ref_logps"].reshape(-1)
         return jax.lax.stop_gradient(ref.astype(jnp.float32))
-    seq = sequence_logps(cfg, jax.lax.stop_gradient(ref_params), batch, n_seq)
+    seq = scoring.score(
+        cfg.apply_fn, jax.lax.stop_gradient(ref_params), batch, n_seq,
+        chunk_size=cfg.logps_chunk_size,
+    )  # fmt: skip
     return jax.lax.stop_gradient(seq)
 
 
@@ -278,17 +262,23 @@ def _scan_micro_batches(
     With one micro-batch the gradient is taken directly: no scan, no float32 accumulator.
     """
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
-    if state.loss_state is None:  # a state built without `init_state(..., loss_state=)`
+    obj = cfg.objective_fn
+    if state.loss_state is None and obj.name == "preference":
+        # a state built without `init_state(..., loss_state=)`
         state = state.replace(loss_state=losses.init_loss_state(cfg.loss_name))
-    if jax.tree.leaves(batch_A)[0].shape[0] == 1:
+    num_micro = jax.tree.leaves(batch_A)[0].shape[0]
+    # Statistics of the whole step's batch (SFT: its target-token count), before the scan
+    context = obj.batch_context(batch_A) if obj.batch_context is not None else None
+    kw = dict(base=state.base_params, context=context, num_micro=num_micro)
+    if num_micro == 1:
         micro = jax.tree.map(lambda x: x[0], batch_A)
         ref = reference_logps(cfg, _reference_source(state, cfg), micro, n_seq)
         args = (state.params, ref, micro, cfg, n_seq, state.loss_state)
         if grads:
-            (_, (metrics, loss_state)), g = grad_fn(*args, base=state.base_params)
+            (_, (metrics, loss_state)), g = grad_fn(*args, **kw)
         else:
             g = None
-            _, (metrics, loss_state) = _micro_loss(*args, update=False, base=state.base_params)
+            _, (metrics, loss_state) = _micro_loss(*args, update=False, **kw)
         return g, jax.tree.map(lambda m: m[None], metrics), loss_state
 
     def body(carry: Any, micro: Mapping[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
@@ -296,9 +286,9 @@ def _scan_micro_batches(
         ref = reference_logps(cfg, _reference_source(state, cfg), micro, n_seq)
         args = (state.params, ref, micro, cfg, n_seq, loss_state)
         if not grads:
-            _, (metrics, loss_state) = _micro_loss(*args, update=False, base=state.base_params)
+            _, (metrics, loss_state) = _micro_loss(*args, update=False, **kw)
             return (acc, loss_state), metrics
-        (_, (metrics, loss_state)), g = grad_fn(*args, base=state.base_params)
+        (_, (metrics, loss_state)), g = grad_fn(*args, **kw)
         acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         if cfg.grad_shardings is not None:
             acc = jax.lax.with_sharding_constraint(acc, cfg.grad_shardings)
@@ -331,7 +321,7 @@ def train_step(
     grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, state.params)
     if cfg.grad_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, cfg.grad_shardings)
-    metrics = _mean_over_micro(metrics_A)
+    metrics = cfg.objective_fn.derive(_mean_over_micro(metrics_A))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
@@ -385,4 +375,4 @@ def eval_step(
 ) -> dict[str, jax.Array]:
     """Loss and metrics of `A` micro-batches without an update (held-out evaluation)."""
     _, metrics_A, _ = _scan_micro_batches(state, batch_A, cfg, n_seq, grads=False)
-    return _mean_over_micro(metrics_A)
+    return cfg.objective_fn.derive(_mean_over_micro(metrics_A))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpo_jax import logprobs, losses, optim, sampling, sft, train_step
+from dpo_jax import logprobs, losses, optim, sampling, train_step
 from dpo_jax import metrics as dpo_metrics
 from dpo_jax.data import batching
 
@@ -53,29 +53,29 @@ def train_sft(
     """Supervised fine-tuning: tokens at index >= target_starts[i] of sequence i are targets.
 
     `sft_config`: steps, batch_size, max_len, learning_rate, warmup_steps (AdamW, cosine).
+    Runs `dpo_jax.train.train` with `objective.name="sft"` (the one Trainer).
     """
+    del desc
+    from dpo_jax import data
+    from dpo_jax import train as trainer
+    from dpo_jax.configs import default
+
     s = sft_config
-    optimizer, _ = optim.make_optimizer(
-        dict(name="adamw", learning_rate=s["learning_rate"], warmup_steps=s["warmup_steps"],
-             schedule="cosine", weight_decay=0.01, max_grad_norm=1.0),
-        s["steps"],
-        params,
-    )  # fmt: skip
-    state = sft.init_state(params, optimizer)
-    step_fn = sft.make_sft_step(apply_fn(model), optimizer)
-    batches = sft.iterate_sft_batches(
-        sequences, target_starts, s["batch_size"], s["max_len"], pad_id, seed
+    c = default.get_config()
+    c.objective.name = "sft"
+    c.run_dir, c.seed = str(log_dir), seed
+    c.batch_size, c.num_steps = s["batch_size"], s["steps"]
+    c.optim.update(learning_rate=s["learning_rate"], warmup_steps=s["warmup_steps"],
+                   schedule="cosine", weight_decay=0.01, max_grad_norm=1.0)  # fmt: skip
+    c.train.update(log_every=25, progress=progress, tensorboard=False, token_metrics=False)
+    prompts = [list(q)[: max(t, 1)] for q, t in zip(sequences, target_starts, strict=True)]
+    targets = [list(q)[max(t, 1) :] for q, t in zip(sequences, target_starts, strict=True)]
+    dataset = data.sequence_dataset(prompts, targets, s["max_len"])
+    batches = data.make_train_iterator(
+        dataset, s["batch_size"], buckets=(s["max_len"],), seed=seed, pad_id=pad_id
     )
-    writer = dpo_metrics.MetricsWriter(log_dir)
-    bar = tqdm(range(1, s["steps"] + 1), desc=desc, disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        state, m = step_fn(state, next(batches))
-        if step % 25 == 0 or step == s["steps"]:
-            m = jax.device_get(m)
-            writer.write(step, m)
-            bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-    writer.close()
-    return state.params
+    result = trainer.train(c, train_data=batches, model_config=model.cfg, params=params)
+    return result.state.params
 
 
 def sample(

@@ -55,6 +55,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_steps = -1  # -1: num_epochs over the training set
     c.num_epochs = 1.0
 
+    # What the Trainer minimises (dpo_jax/objectives.py): "preference" (loss.* below, any
+    # paired or unpaired loss), "sft" (token NLL over data.train's SFT rows: {"text"},
+    # {"prompt", "completion"} or {"messages"}), "reward_model" (Bradley-Terry on pairs,
+    # a scalar head on the last token's hidden state).
+    c.objective = ml_collections.ConfigDict()
+    c.objective.name = "preference"
+    # reward_model: TRL's center_rewards_coefficient * mean((r_c + r_r)^2); 0 = off
+    c.objective.center_rewards_coefficient = 0.0
+
     c.loss = ml_collections.ConfigDict()
     # One name in dpo_jax.losses.names() or a mix, TRL's loss_type list: a list, or on the
     # command line "['sigmoid','sft']" / "sigmoid,sft" (losses.parse_loss_spec). Typed

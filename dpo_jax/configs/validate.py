@@ -197,6 +197,43 @@ def _hyper_dict(config: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the config
 
 
+def _validate_objective(value: Any) -> None:
+    """`objective.*`, and the settings an objective other than "preference" cannot use."""
+    from dpo_jax import objectives
+
+    name = value("objective.name")
+    if name is _MISSING:
+        return
+    _check_choice("objective.name", name, tuple(objectives.OBJECTIVES))
+    coef = value("objective.center_rewards_coefficient")
+    if coef is not _MISSING:
+        _check_number("objective.center_rewards_coefficient", coef, 0.0, True, math.inf, False)
+    if name == "preference":
+        return
+    if name == "sft" and value("data.layout") == "prefix_shared":
+        raise config_error(
+            "data.layout", "'prefix_shared' shares a prompt between two completions; SFT rows "
+            "are single sequences", "use data.layout=stacked or packed",
+        )  # fmt: skip
+    lora_rank = value("lora.rank")
+    if objectives.get(name).head is not None and lora_rank not in (_MISSING, 0, None):
+        raise config_error(
+            "lora.rank", f"objective {name!r} trains a head beside the model, not LoRA adapters",
+            "set lora.rank=0",
+        )  # fmt: skip
+    mode = value("reference.mode")
+    if mode not in (_MISSING, "auto", "none"):
+        raise config_error(
+            "reference.mode", f"{mode!r}, but objective {name!r} uses no reference model",
+            "leave it at auto",
+        )  # fmt: skip
+    if value("reference.ref_model_sync_steps") not in (_MISSING, 0):
+        raise config_error(
+            "reference.ref_model_sync_steps", f"objective {name!r} has no reference to sync",
+            "set it to 0",
+        )  # fmt: skip
+
+
 def validate(config: Any) -> None:
     """Raise `UserError` (via `config_error`) for the first bad value of `config`.
 
@@ -255,6 +292,8 @@ def validate(config: Any) -> None:
     check("data.truncation_mode", _check_choice, TRUNCATION_MODES)
     check("data.layout", _check_choice, LAYOUTS)
     check("data.format", _check_choice, ("auto", *PARSERS))
+
+    _validate_objective(value)
 
     check("reference.mode", _check_choice, REFERENCE_MODES)
     check("reference.ref_model_sync_steps", _check_int, 0)

@@ -14,6 +14,7 @@ from dpo_jax.data.batching import (
     LAYOUTS,
     bucket_length,
     build_batch,
+    build_sequences,
     pad_batch,
     stack_micro_batches,
 )
@@ -21,6 +22,7 @@ from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import (
     PARSERS,
     PreferenceExample,
+    SFTExample,
     UnpairedExample,
     detect_format,
     paired_to_unpaired,
@@ -31,6 +33,7 @@ from dpo_jax.data.sources import Row, read_sources
 from dpo_jax.data.tokenize import (
     TokenizedDataset,
     TokenizeSettings,
+    sequence_dataset,
     settings_from_spec,
     tokenize_cached,
     tokenize_examples,
@@ -44,12 +47,14 @@ __all__ = [
     "PreferenceExample",
     "RejectLog",
     "Row",
+    "SFTExample",
     "TokenizeSettings",
     "TokenizedDataset",
     "TrainIterator",
     "UnpairedExample",
     "bucket_length",
     "build_batch",
+    "build_sequences",
     "detect_format",
     "eval_batches",
     "load_examples",
@@ -59,6 +64,7 @@ __all__ = [
     "paired_to_unpaired",
     "parse_rows",
     "read_sources",
+    "sequence_dataset",
     "stack_micro_batches",
     "tokenize_cached",
     "tokenize_examples",
@@ -99,12 +105,29 @@ def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog, split: str | No
     examples = parse_rows(
         read_sources(sources, rejects), spec.get("format", "auto"), tokenizer, rejects
     )
+    _check_kind(examples, bool(spec.get("sft", False)))
     if spec.get("unpaired", False) and examples and isinstance(examples[0], PreferenceExample):
         examples = paired_to_unpaired(examples)
     limit = spec.get("limit")
     if limit is not None:
         examples = examples[: int(limit)]
     return examples
+
+
+def _check_kind(examples: list, sft: bool) -> None:
+    """SFT runs read SFT rows only, preference runs preference rows only (one line naming
+    the first row of the wrong kind)."""
+    for ex in examples:
+        if isinstance(ex, SFTExample) != sft:
+            want = (
+                "SFT rows ({'text'}, {'prompt', 'completion'} or {'messages'})"
+                if sft
+                else ("preference rows")
+            )
+            hint = "" if sft else "; set objective.name='sft' to fine-tune on them"
+            raise UserError(
+                f"{ex.source}:{ex.line}: objective needs {want}, got {type(ex).__name__}{hint}"
+            )
 
 
 def load_preference_data(
@@ -125,6 +148,8 @@ def load_preference_data(
         either, `spec[split]` is used (e.g. `split="train"` reads `data.train`).
       format: "auto" (detected per row) or one of `PARSERS` (explicit, implicit,
         conversational, ultrafeedback, hh, shp, stack_exchange, tldr, unpaired).
+      sft: read SFT rows (`objective.name="sft"`; `formats.SFT_FORMATS`) into an 'sft'
+        dataset; other rows are refused, as SFT rows are without it.
       unpaired: convert pairs to unpaired rows (chosen desirable, rejected not);
         the `unpaired` argument, when given, overrides it (the trainer passes
         `not losses.is_paired(loss)`).

@@ -62,6 +62,8 @@ def sequences_of(items: Sequence[dict[str, Any]], kind: str) -> tuple[list, list
         comps = [it["chosen"] for it in items] + [it["rejected"] for it in items]
         if "rejected_prompt" in items[0]:  # TRL keep_end: one prompt per sequence (2B)
             prompts += [np.asarray(it["rejected_prompt"], np.int32) for it in items]
+    elif kind == "sft":  # single sequences: completion k continues prompt k
+        comps = [it["completion"] for it in items]
     elif kind == "unpaired":
         b = len(items)
         if b < 2:
@@ -69,7 +71,7 @@ def sequences_of(items: Sequence[dict[str, Any]], kind: str) -> tuple[list, list
         own = [it["completion"] for it in items]
         comps = own + [own[(i - 1) % b] for i in range(b)]
     else:
-        raise ValueError(f"kind must be 'paired' or 'unpaired', got {kind!r}")
+        raise ValueError(f"kind must be 'paired', 'unpaired' or 'sft', got {kind!r}")
     return prompts, [np.asarray(c, np.int32) for c in comps]
 
 
@@ -145,6 +147,49 @@ def build_stacked(prompts, comps, length: int, pad_id: int = 0) -> dict[str, np.
     for k, comp in enumerate(comps):
         _put(batch, k, 0, prompts[k % b], comp, k, 1)
     return batch
+
+
+def context_and_targets(
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    max_length: int | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Single sequences as (context, targets) int32 arrays: an empty prompt makes the
+    first target token the context (nothing predicts it); `max_length` keeps each
+    sequence's first tokens."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} target lists")
+    ps, ts = [], []
+    for k, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        p, t = list(p), list(t)
+        if not p:
+            p, t = t[:1], t[1:]
+        if max_length is not None:
+            p, t = p[:max_length], t[: max(0, max_length - len(p))]
+        if not p or not t:
+            raise ValueError(f"sequence {k} has no target token after its first token")
+        ps.append(np.asarray(p, np.int32))
+        ts.append(np.asarray(t, np.int32))
+    return ps, ts
+
+
+def build_sequences(
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    length: int | None = None,
+    pad_id: int = 0,
+    buckets: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """An SFT batch of single sequences: row k = prompt k + targets k, the targets marked
+    as sequence k (N = rows), right-padded to `length` (default: the bucket of the longest).
+
+    An empty prompt makes the first target token the context (nothing predicts it);
+    sequences longer than `length` keep their first `length` tokens.
+    """
+    ps, ts = context_and_targets(prompts, targets, length)
+    if length is None:
+        length = bucket_length(max(len(p) + len(t) for p, t in zip(ps, ts, strict=True)), buckets)
+    return build_stacked(ps, ts, length, pad_id)
 
 
 def build_packed(

@@ -29,6 +29,13 @@ Formats:
   post, as an `UnpairedExample` labelled desirable (a demonstration for SFT).
 - `unpaired`: {"prompt", "completion", "label"} rows for KTO-style losses
   (completion may also be a message list with a message-list prompt).
+
+SFT formats (TRL's SFT dataset types, `SFTExample`; `objective.name="sft"`):
+- `sft_text`: {"text": str}, language modelling (every token after the first is a target);
+- `sft_completion`: {"prompt", "completion"} (strings, or message lists), prompt-completion:
+  only the completion is a target;
+- `sft_messages`: {"messages": [...]}, a conversation rendered with the chat template,
+  language modelling on all of it (TRL's default `assistant_only_loss=False`).
 """
 
 from __future__ import annotations
@@ -83,7 +90,18 @@ class UnpairedExample:
     line: int | None = field(default=None, compare=False)
 
 
-Example = PreferenceExample | UnpairedExample
+@dataclass(frozen=True)
+class SFTExample:
+    """A supervised sequence: `prompt` (context, may be empty) and `completion` (targets)."""
+
+    prompt: str
+    completion: str
+    chat: bool = False
+    source: str = field(default="", compare=False)
+    line: int | None = field(default=None, compare=False)
+
+
+Example = PreferenceExample | UnpairedExample | SFTExample
 Parser = Callable[[Mapping[str, Any], Any], list[Example]]
 
 
@@ -448,6 +466,39 @@ def parse_unpaired(row: Mapping[str, Any], tokenizer: Any = None) -> list[Exampl
     return [UnpairedExample(prompt, completion, bool(label), chat, _ref(row, REF_UNPAIRED_COLUMN))]
 
 
+def parse_sft_text(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
+    """{"text": str}: language modelling on the whole text."""
+    text = _text(row, "text")
+    if not text.strip():
+        raise DataError("empty text", reason="empty_completion")
+    return [SFTExample("", text)]
+
+
+def parse_sft_completion(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
+    """{"prompt", "completion"} (strings or message lists): targets are the completion."""
+    if isinstance(row.get("completion"), list):
+        prompt_msgs = _messages(_field(row, "prompt"), "prompt")
+        comp_msgs = _messages(_field(row, "completion"), "completion")
+        if not "".join(m["content"] for m in comp_msgs).strip():
+            raise DataError("empty completion", reason="empty_completion")
+        prompt, completion = render_chat(tokenizer, prompt_msgs, comp_msgs)
+        return [SFTExample(prompt, completion, True)]
+    prompt, completion = _text(row, "prompt"), _text(row, "completion")
+    if not completion.strip():
+        raise DataError("empty completion", reason="empty_completion")
+    return [SFTExample(prompt, completion)]
+
+
+def parse_sft_messages(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
+    """{"messages": [...]}: the rendered conversation, every token a target."""
+    msgs = _messages(_field(row, "messages"), "messages")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "conversational rows need a tokenizer with a chat_template", reason="no_chat_template"
+        )
+    return [SFTExample("", tokenizer.apply_chat_template(msgs, tokenize=False), True)]
+
+
 def paired_to_unpaired(examples: Iterable[PreferenceExample]) -> list[UnpairedExample]:
     """Each pair -> (prompt, chosen, desirable) then (prompt, rejected, undesirable).
 
@@ -482,7 +533,11 @@ PARSERS: dict[str, Parser] = {
     "tldr": parse_tldr,
     "tldr_sft": parse_tldr_sft,
     "unpaired": parse_unpaired,
+    "sft_text": parse_sft_text,
+    "sft_completion": parse_sft_completion,
+    "sft_messages": parse_sft_messages,
 }
+SFT_FORMATS = ("sft_text", "sft_completion", "sft_messages")
 
 
 def detect_format(row: Mapping[str, Any]) -> str:
@@ -490,6 +545,12 @@ def detect_format(row: Mapping[str, Any]) -> str:
     keys = set(row)
     if {"completion", "label"} <= keys:
         return "unpaired"
+    if "text" in keys and not {"chosen", "rejected"} & keys:
+        return "sft_text"
+    if "messages" in keys:
+        return "sft_messages"
+    if {"prompt", "completion"} <= keys:
+        return "sft_completion"
     if {"info", "summaries", "choice"} <= keys:
         return "tldr"
     if {"post", "summary"} <= keys:
@@ -556,5 +617,7 @@ def parse_rows(
             rejects.handle(e, row.data)
     kinds = {type(ex) for ex in out}
     if len(kinds) > 1:
-        raise UserError("the data mixes paired and unpaired rows; use one kind per dataset")
+        raise UserError(
+            "the data mixes kinds of rows (paired, unpaired, SFT); use one kind per dataset"
+        )
     return out

@@ -112,6 +112,8 @@ class _StepToBatch:
             p = np.concatenate([p, self.rejected_prompt_lens[idx]])
         if self.data.kind == "paired":
             c = np.concatenate([self.comp_lens[0][idx], self.comp_lens[1][idx]])
+        elif self.data.kind == "sft":
+            c = self.comp_lens[0][idx]
         else:
             own = self.comp_lens[0][idx]
             c = np.concatenate([own, np.roll(own, 1)])  # KL row i: completion i-1

@@ -48,8 +48,9 @@ from typing import Any
 
 import numpy as np
 
+from dpo_jax.data.batching import context_and_targets
 from dpo_jax.data.errors import DataError, RejectLog
-from dpo_jax.data.formats import Example, PreferenceExample, common_prefix_length
+from dpo_jax.data.formats import Example, PreferenceExample, SFTExample, common_prefix_length
 from dpo_jax.errors import UserError
 
 CACHE_VERSION = 3  # 3: keep_end is TRL's per-sequence rule
@@ -123,13 +124,17 @@ class Ragged:
         return Ragged(self.values[: self.offsets[n]], self.offsets[: n + 1])
 
 
+KINDS = ("paired", "unpaired", "sft")
+
+
 class TokenizedDataset:
-    """Token ids per example, random access; `kind` is 'paired' or 'unpaired'.
+    """Token ids per example, random access; `kind` is 'paired', 'unpaired' or 'sft'.
 
     Paired items: {"prompt", "chosen", "rejected"} int32 arrays (+ "ref_chosen",
     "ref_rejected" floats when precomputed; + "rejected_prompt" under TRL's
     per-sequence keep_end, where the rejected sequence kept other prompt tokens). Unpaired items: {"prompt",
-    "completion"} arrays, "label" int (+ "ref").
+    "completion"} arrays, "label" int (+ "ref"). SFT items: {"prompt", "completion"}
+    (the completion holds the targets).
     """
 
     def __init__(
@@ -139,8 +144,8 @@ class TokenizedDataset:
         dense: dict[str, np.ndarray],
         stats: dict[str, Any] | None = None,
     ):
-        if kind not in ("paired", "unpaired"):
-            raise ValueError(f"kind must be 'paired' or 'unpaired', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.ragged = ragged
         self.dense = dense
@@ -207,6 +212,18 @@ class TokenizedDataset:
         order = ["prompt", "chosen", "rejected", "completion", "rejected_prompt"]
         ragged = {k: ragged[k] for k in order if k in ragged}
         return cls(meta["kind"], ragged, dense, meta["stats"])
+
+
+def sequence_dataset(
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    max_length: int | None = None,
+) -> TokenizedDataset:
+    """An 'sft' dataset from token lists (context, targets), for `make_train_iterator`
+    (`batching.context_and_targets` says how they are cut)."""
+    ps, ts = context_and_targets(prompts, targets, max_length)
+    ragged = {"prompt": Ragged.from_lists(ps), "completion": Ragged.from_lists(ts)}
+    return TokenizedDataset("sft", ragged, {}, {"num_examples": len(ps)})
 
 
 # ----------------------------------------------------------------------------- core
@@ -301,6 +318,7 @@ def tokenize_examples(
     if not examples:
         raise ValueError("no examples to tokenize")
     paired = isinstance(examples[0], PreferenceExample)
+    sft = isinstance(examples[0], SFTExample)
     keys = ("chosen", "rejected") if paired else ("completion",)
     eos = tokenizer.eos_token if settings.add_eos else None
     if settings.add_eos and not eos:
@@ -338,11 +356,17 @@ def tokenize_examples(
     dense: dict[str, list] = (
         {"ref_chosen": [], "ref_rejected": []} if paired else {"label": [], "ref": []}
     )
+    if sft:
+        dense = {}
     mismatches = 0
     for i, ex in enumerate(examples):
         p, comps, ok = split_completions(prompt_ids[i], [full_ids[k][i] for k in keys])
         mismatches += not ok
         try:
+            if sft and not p and comps[0]:
+                # Language modelling: the first token has no context, so it is the prompt
+                # (TRL never scores a sequence's first token either).
+                p, comps = comps[0][:1], [comps[0][1:]]
             if not p:
                 raise DataError(
                     "prompt tokenizes to no tokens, so the first completion token has no context",
@@ -362,7 +386,7 @@ def tokenize_examples(
         if paired:
             dense["ref_chosen"].append(ex.ref_chosen_logp)
             dense["ref_rejected"].append(ex.ref_rejected_logp)
-        else:
+        elif not sft:
             dense["label"].append(int(ex.label))
             dense["ref"].append(ex.ref_logp)
 
@@ -385,7 +409,7 @@ def tokenize_examples(
             )
     stats = {"num_examples": len(cols["prompt"]), "prefix_mismatches": mismatches}
     return TokenizedDataset(
-        "paired" if paired else "unpaired",
+        "paired" if paired else "sft" if sft else "unpaired",
         {k: Ragged.from_lists(v) for k, v in cols.items()},
         dense_arrays,
         stats,
