@@ -43,8 +43,7 @@ import numpy as np
 
 from dpo_jax import data, evaluation, models
 from dpo_jax import errors as dpo_errors
-from dpo_jax import metrics as dpo_metrics
-from dpo_jax.data import batching
+from dpo_jax.data.formats import SFT_FORMATS
 from dpo_jax.data.tokenize import settings_from_spec, tokenize_examples
 from experiments import common, pipeline
 
@@ -212,8 +211,8 @@ class Run:
             dict(spec, path=str(paths["train"]), format=d.format), None, data.RejectLog()
         )
         demos = (
-            data.load_examples(dict(spec, path=str(paths["sft"]), format="auto"), None,
-                               data.RejectLog())
+            data.load_examples(dict(spec, path=str(paths["sft"]), format="auto", sft=True),
+                               None, data.RejectLog())
             if "sft" in paths else []
         )  # fmt: skip
         self.tokenizer = self._tokenizer(comparisons, demos)
@@ -221,7 +220,7 @@ class Run:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_id = tok.eos_token_id
         settings = settings_from_spec(spec)
-        pairs = tokenize_examples(comparisons, tok, settings)
+        self.pairs = pairs = tokenize_examples(comparisons, tok, settings)
         items = [pairs[i] for i in range(len(pairs))]
         self.prompts = [it["prompt"].tolist() for it in items]
         self.chosen = [it["chosen"].tolist() for it in items]
@@ -233,9 +232,9 @@ class Run:
                 [sft[i]["prompt"].tolist() for i in range(len(sft))],
                 [sft[i]["completion"].tolist() for i in range(len(sft))],
             )
-        test = data.load_examples(
-            dict(spec, path=str(paths["test"]), format=task.test_format), None, data.RejectLog()
-        )
+        test_spec = dict(spec, path=str(paths["test"]), format=task.test_format,
+                         sft=task.test_format in SFT_FORMATS)  # fmt: skip
+        test = data.load_examples(test_spec, None, data.RejectLog())
         # The evaluation set: the test prompts and the references the win rate is against.
         self.test_prompt_texts = [e.prompt for e in test]
         self.reference_texts = [getattr(e, task.reference) for e in test]
@@ -361,37 +360,30 @@ def _sampling_policy(method: str) -> Callable[[Run], Policy]:
 
 
 def learned_reward(run: Run) -> Any:
-    """A Bradley-Terry reward model on the pairs, from the reference policy's backbone
-    (`dpo_jax.reward_model`), as a scorer of token-id sequences."""
+    """A Bradley-Terry reward model trained on the pairs by the Trainer
+    (`objective.name="reward_model"`) from the reference policy, as a scorer of token-id
+    sequences (`reward_model.LearnedReward`)."""
     from dpo_jax import reward_model
+    from dpo_jax import train as trainer
+    from dpo_jax.configs import default
 
     c, rm = run.config, run.config.reward_model
-    params = reward_model.init_reward_params(
-        run.model_cfg, run.params(c.reference), jax.random.key(c.seed + 1)
+    t = default.get_config()
+    t.objective.name = "reward_model"
+    t.run_dir, t.seed = str(run.run_dir / "reward_model"), c.seed + 1
+    t.batch_size, t.num_steps = rm.batch_size, rm.steps
+    t.optim.update(learning_rate=rm.learning_rate, warmup_steps=0, schedule="constant")
+    t.train.update(log_every=25, progress=c.progress, tensorboard=False, token_metrics=False)
+    batches = data.make_train_iterator(
+        run.pairs, rm.batch_size, buckets=(run.row_length,), seed=c.seed + 1, pad_id=run.pad_id
     )
-    rng = np.random.default_rng(c.seed + 1)
-
-    def batches():
-        while True:
-            idx = rng.permutation(len(run.prompts))
-            for s in range(0, len(idx) - rm.batch_size + 1, rm.batch_size):
-                part = idx[s : s + rm.batch_size]
-                yield batching.build_stacked(
-                    [run.prompts[i] for i in part],
-                    [run.chosen[i] for i in part] + [run.rejected[i] for i in part],
-                    run.row_length, run.pad_id,
-                )  # fmt: skip
-
-    writer = dpo_metrics.MetricsWriter(run.run_dir / "reward_model")
-    params, _ = reward_model.train_reward_model(
-        run.model_cfg, params, batches(), rm.steps, learning_rate=rm.learning_rate,
-        callback=lambda step, m: writer.write(step, m) if step % 25 == 0 or step == rm.steps
-        else None,
-    )  # fmt: skip
-    writer.close()
+    base = jax.tree.map(jnp.copy, run.params(c.reference))  # the step donates its params
+    params = trainer.train(t, train_data=batches, model_config=run.model_cfg, params=base)
+    params = params.state.params  # {"model": backbone, "head": {"kernel", "bias"}}
     return reward_model.LearnedReward(
-        run.model_cfg, params, run.tokenizer, batch_size=c.eval.batch_size
-    )
+        run.model_cfg, {"backbone": params["model"], "head": params["head"]}, run.tokenizer,
+        batch_size=c.eval.batch_size,
+    )  # fmt: skip
 
 
 def best_of_n_policy(run: Run) -> Policy:

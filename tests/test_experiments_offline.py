@@ -41,7 +41,7 @@ def test_tldr_sft_rows_are_the_upstream_tldr_3_filtered_format():
         assert not row["summary"].startswith(" ")  # upstream summaries have no leading space
         assert detect_format(row) == "tldr_sft"
         (ex,) = parse_tldr_sft(row)
-        assert ex.label is True and ex.completion == " " + row["summary"]
+        assert ex.completion == " " + row["summary"]
         assert ex.prompt == (
             f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {row['post']}"
             "\n\nTL;DR:"
@@ -173,7 +173,7 @@ def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     assert len(_SEEN_REFERENCES) == len(rows)  # every win rate went through the check
     # The references are the test split's human summaries, as the parser reads them.
     test_file = run_dir / "data" / "tldr_3_filtered" / "test.jsonl"
-    examples = data.load_examples({"path": str(test_file)}, None, data.RejectLog())
+    examples = data.load_examples({"path": str(test_file), "sft": True}, None, data.RejectLog())
     human = [e.completion for e in examples]
     samples = read_jsonl(run_dir / "samples.jsonl")
     for r in rows:

@@ -24,9 +24,6 @@ Formats:
   answer pair ordered by score as in the DPO code; HTML stripped.
 - `tldr`: OpenAI summarize-from-feedback comparisons {"info": {"post", "title",
   "subreddit"}, "summaries": [{"text"}, {"text"}], "choice"}.
-- `tldr_sft`: the TL;DR SFT split (summarize-from-feedback `tldr_3_filtered`):
-  {"id", "subreddit", "title", "post", "summary"}, one human-written summary per
-  post, as an `UnpairedExample` labelled desirable (a demonstration for SFT).
 - `unpaired`: {"prompt", "completion", "label"} rows for KTO-style losses
   (completion may also be a message list with a message-list prompt).
 
@@ -36,6 +33,9 @@ SFT formats (TRL's SFT dataset types, `SFTExample`; `objective.name="sft"`):
   only the completion is a target;
 - `sft_messages`: {"messages": [...]}, a conversation rendered with the chat template,
   language modelling on all of it (TRL's default `assistant_only_loss=False`).
+- `tldr_sft`: the TL;DR SFT split (summarize-from-feedback `tldr_3_filtered`):
+  {"id", "subreddit", "title", "post", "summary"}; the post's TL;DR prompt, and its
+  human-written summary as the completion.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def parse_tldr_sft(row: Mapping[str, Any], tokenizer: Any = None) -> list[Exampl
     summary = " " + _text(row, "summary").strip()
     if not summary.strip():
         raise DataError("empty summary", reason="empty_completion")
-    return [UnpairedExample(tldr_prompt(row), summary, True)]
+    return [SFTExample(tldr_prompt(row), summary)]
 
 
 # ----------------------------------------------------------------------------- chat
@@ -537,7 +537,7 @@ PARSERS: dict[str, Parser] = {
     "sft_completion": parse_sft_completion,
     "sft_messages": parse_sft_messages,
 }
-SFT_FORMATS = ("sft_text", "sft_completion", "sft_messages")
+SFT_FORMATS = ("sft_text", "sft_completion", "sft_messages", "tldr_sft")
 
 
 def detect_format(row: Mapping[str, Any]) -> str:
