@@ -54,7 +54,8 @@ Batch = dict[str, np.ndarray]
 
 # Keys of a host micro-batch that the jitted step reads; others (the loader's `step`)
 # stay on the host.
-BATCH_KEYS = (*scoring.MODEL_KEYS, *scoring.OBJECTIVE_KEYS)
+# `scored_positions` is optional: a caller that pins K (one compiled shape) supplies it.
+BATCH_KEYS = (*scoring.MODEL_KEYS, *scoring.OBJECTIVE_KEYS, "scored_positions")
 
 
 # ------------------------------------------------------------------------ batches
@@ -283,12 +284,34 @@ class Trainer:
             batch_A = with_scored_positions(batch_A, jax.process_count())
         return batch_A, n_seq
 
+    def lower(
+        self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int, train: bool = True
+    ) -> jax.stages.Lowered:
+        """The program `step` (or `evaluate`) runs on this batch, lowered, not executed.
+
+        The same jitted function, shardings and batch shapes as the run (`_compiled`'s
+        table); `state` may be abstract (`jax.ShapeDtypeStruct`s with shardings, what
+        `build_trainer` returns for abstract params). `.compile().memory_analysis()` is
+        the dry run's per-device memory; `.as_text()` compares two programs.
+        """
+        batch_A, n_seq = self.prepare_batch(batch_A, n_seq)
+        table, step_fn = (self._train_fns, train_step) if train else (self._eval_fns, eval_step)
+        fn = self._compiled(table, step_fn, batch_A, n_seq, train)
+        with self._context():
+            return fn.lower(state, self.place_batch(batch_A))
+
     def _run(self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int, train: bool) -> Any:
         batch_A, n_seq = self.prepare_batch(batch_A, n_seq)
         table, step_fn = (self._train_fns, train_step) if train else (self._eval_fns, eval_step)
         fn = self._compiled(table, step_fn, batch_A, n_seq, train)
         with self._context():
             return fn(state, self.place_batch(batch_A))
+
+
+def _keep_first(out: list, pair: tuple[Any, Any]) -> Any:
+    """Append `pair[0]` to `out`, return `pair[1]` (a config out of a traced function)."""
+    out.append(pair[0])
+    return pair[1]
 
 
 class _MeshRules:
@@ -335,16 +358,27 @@ def build_trainer(
     `objective` (`objectives.OBJECTIVES`) is what the step minimises; one with a head
     trains `{"model": params, "head": ...}` (a fresh head seeded by `seed`, unless
     `params` already hold one).
-
+    `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. `models.abstract_params`
+    unboxed): the state is then abstract too (ShapeDtypeStructs with the run's
+    shardings) and nothing is allocated -- what a dry run lowers (`Trainer.lower`).
     `ref_params` defaults to a copy of `params` when `reference == "frozen"`. With
     `lora_config`, `params` is the frozen base (cast to `lora_config.base_dtype`) and
     the state's `params` are fresh adapters (seeded by `seed`), the only trained leaves.
     On a mesh with a tensor axis > 1 the vocabulary is padded (`models.pad_vocab`): the
     Trainer's `model_config` records it, and the state's params are padded.
     """
+    # Abstract params (a dry run): the same construction, traced, so nothing is allocated.
+    shapes_only = bool(jax.tree.leaves(params)) and all(
+        isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)
+    )
+    run = (lambda f, *a: jax.eval_shape(f, *a)) if shapes_only else (lambda f, *a: f(*a))
     tensor = int(mesh.shape["tensor"])
     if tensor > 1:  # the vocab dim then divides the tensor axis and is really sharded
-        model_config, params = models.pad_vocab(model_config, params, tensor)
+        padded: list[models.ModelConfig] = []
+        params = run(
+            lambda p: _keep_first(padded, models.pad_vocab(model_config, p, tensor)), params
+        )
+        model_config = padded[0]
         if ref_params is not None:
             ref_params = models.vocab.resize_vocab(
                 ref_params, model_config, model_config.embed_vocab_size
@@ -357,11 +391,11 @@ def build_trainer(
         logical = objectives.logical_axes(obj, model_config, logical)
     model_logical = base = None
     if lora_config is not None:
-        base = lora.cast_base(params, lora_config)
+        base = run(lambda p: lora.cast_base(p, lora_config), params)
         model_logical = lora.base_logical_axes(logical, base)
         adapter_rng = jax.random.fold_in(jax.random.key(seed), 0x10A)
         # init on the host's default device; device_put below shards them
-        params = lora.init_adapters(base, lora_config, adapter_rng)
+        params = run(lambda b: lora.init_adapters(b, lora_config, adapter_rng), base)
         logical = lora.adapter_logical_axes(model_logical, params)
     optimizer, schedule = optim.make_optimizer(optim_config, total_steps, params, logical)
     with_ref = reference == "frozen"
@@ -398,6 +432,11 @@ def build_trainer(
         objective=objective,
         objective_hyper=dict(objective_hyper or {}),
     )
+    if shapes_only:
+        state_shapes = nn.meta.unbox(abstract)
+        return Trainer(mesh, model_config, step_config, shard, rules), jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state_shapes, shard
+        )
     params = jax.device_put(params, shard.params)
     if base is not None:
         base = jax.device_put(base, shard.base_params)
@@ -482,6 +521,7 @@ class TrainResult:
     eval_history: list[dict[str, Any]]
     run_dir: Path | None
     trainer: Trainer
+    lowered: jax.stages.Lowered | None = None  # train(dry_run=True): the first step's program
 
 
 def _group(iterator: Iterator[Mapping[str, Any]], size: int) -> Batch | None:
@@ -549,6 +589,7 @@ def run_loop(
     start_step: int = 0,
     num_tokens_start: int = 0,
     max_skipped_fraction: float = 0.1,
+    eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
 ) -> tuple[TrainState, list[dict], list[dict]]:
     """Drive `trainer.step` for steps `start_step+1 .. num_steps`; log, evaluate, save.
 
@@ -560,6 +601,9 @@ def run_loop(
     Under nan_policy='skip' every skipped step is warned about, and once more than
     `max_skipped_fraction` of the steps so far (and more than `MIN_SKIPS_BEFORE_STOP`)
     were skipped the run stops the same way.
+    `eval_hook(step, params)` runs with `eval_batches` (every `eval_every` steps and at
+    the end); its metrics join that step's eval row, written before the step's
+    checkpoint, so a resumed run keeps the rows of the steps before the kill.
     """
     history: list[dict] = []
     eval_history: list[dict] = []
@@ -597,14 +641,16 @@ def run_loop(
         pending.clear()
 
     def run_eval(step: int) -> None:
-        if eval_batches is None:
+        if eval_batches is None and eval_hook is None:
             return
-        row = evaluate(trainer, state, eval_batches(), layout)
+        row = {} if eval_batches is None else evaluate(trainer, state, eval_batches(), layout)
+        if eval_hook is not None:
+            row.update({k: to_python(v) for k, v in eval_hook(step, state.params).items()})
         row["step"] = step
         eval_history.append(row)
         if writer is not None:
             writer.write(step, row)
-        if progress is not None:
+        if progress is not None and eval_batches is not None:
             progress.write(
                 f"step {step}: eval loss {row.get('eval/loss', float('nan')):.4f} "
                 f"acc {row.get('eval/rewards/accuracies', float('nan')):.3f}"
@@ -731,13 +777,26 @@ def train(
     ref_params: Any = None,
     checkpointer: Any = None,
     mesh: Mesh | None = None,
+    model: tuple[models.ModelConfig, Any] | None = None,
+    eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
+    dry_run: bool = False,
 ) -> TrainResult:
     """Train a policy as `config` says; returns the final state and metric history.
 
-    `train_data`/`eval_data` (iterables of host micro-batches) and `model_config` +
-    `params` override what the config would load, for notebooks and tests. With
-    `train_data` given, `config.num_steps` must be set.
+    `train_data`/`eval_data` (iterables of host micro-batches) and `model=(ModelConfig,
+    params)` (or `model_config` + `params`) override what the config would load, for
+    experiments, notebooks and tests; `params` must be reproducible for a resume. With
+    `train_data` given, `config.num_steps` must be set. `eval_hook(step, params) ->
+    {name: float}` runs every `train.eval_every` steps and at the last step, its metrics
+    in that step's `metrics.jsonl` row (see `run_loop`).
+
+    `dry_run=True` builds the same Trainer from the same config and data (params may be
+    abstract: `jax.ShapeDtypeStruct` leaves), runs nothing and writes nothing, and
+    returns the result with `lowered`: the program of the first training step,
+    lowered (`Trainer.lower`) -- exactly what the run would execute.
     """
+    if model is not None:
+        model_config, params = model
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
     # Every mistake in the config surfaces here, before any device work or file write.
@@ -757,11 +816,13 @@ def train(
     sharding.maybe_initialize_distributed(config.mesh.multihost)
     # SIGTERM from here on checkpoints at the first step boundary (it used to kill the
     # run without a save while it loaded, compiled or restored).
-    with guards.EarlySigterm(enabled=bool(config.checkpoint.enabled or checkpointer)) as sigterm:
+    sigterm_save = bool(config.checkpoint.enabled or checkpointer) and not dry_run
+    with guards.EarlySigterm(enabled=sigterm_save) as sigterm:
         return _train(
             config, sigterm, loss_name, lora_config, train_data=train_data,
             eval_data=eval_data, model_config=model_config, params=params,
             ref_params=ref_params, checkpointer=checkpointer, mesh=mesh,
+            eval_hook=eval_hook, dry_run=dry_run,
         )  # fmt: skip
 
 
@@ -778,6 +839,8 @@ def _train(
     ref_params: Any,
     checkpointer: Any,
     mesh: Mesh | None,
+    eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
+    dry_run: bool = False,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
     hyper = (
@@ -848,6 +911,13 @@ def _train(
         objective=objective,
         objective_hyper={k: v for k, v in config.objective.items() if k != "name"},
     )
+    if dry_run:  # the first step's batch, grouped and counted as run_loop does
+        batch_A = _group(train_iter, config.grad_accum_steps)
+        if batch_A is None:
+            raise UserError(f"fewer than grad_accum_steps={config.grad_accum_steps} batches")
+        n_seq = batch_num_sequences(batch_A, config.data.layout)
+        lowered = trainer.lower(state, batch_A, n_seq)
+        return TrainResult(state, [], [], None, trainer, lowered)
     model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
@@ -910,6 +980,7 @@ def _train(
             start_step=start_step,
             num_tokens_start=num_tokens_start,
             max_skipped_fraction=config.train.get("max_skipped_fraction", 0.1),
+            eval_hook=eval_hook,
         )
         _close_all(progress, writer, checkpointer)
     except BaseException as error:
