@@ -251,9 +251,6 @@ class Run:
         )
         self.model_cfg, self.init_params = self._model()
         self.model = models.Transformer(self.model_cfg)
-        self.scorer = pipeline.Scorer(
-            self.model, rows=config.eval.batch_size, length=self.row_length, pad_id=self.pad_id
-        )
         print(f"policy: {models.param_count(self.model_cfg) / 1e6:.2f}M parameters; "
               f"{len(self.prompts)} train pairs, {len(self.demos[0])} demonstrations, "
               f"{len(self.test_prompts)} test prompts; row length {self.row_length}")  # fmt: skip
@@ -303,16 +300,53 @@ class Run:
             temperature=temperature, rows=c.batch_size, eos_id=self.eos_id, pad_id=self.pad_id,
         )  # fmt: skip
 
-    def train_sft(self, prompts: list[list[int]], completions: list[list[int]], name: str) -> Any:
-        """SFT from the initial policy on (prompt, completion) token sequences."""
+    def train(
+        self, name: str, objective: str, batches: Any, steps: int, batch_size: int,
+        optim: Mapping[str, Any], params: Any, **loss: Any,
+    ) -> Any:  # fmt: skip
+        """One training run on the one Trainer (`dpo_jax.train.train`) from `params`;
+        metrics under `run_dir/<name>/`. Returns the trained params."""
+        from dpo_jax import train as trainer
+        from dpo_jax.configs import default
+
         c = self.config
-        seqs = [p + x for p, x in zip(prompts, completions, strict=True)]
-        starts = [len(p) if c.sft.completion_only else 1 for p in prompts]
-        init = jax.tree.map(jnp.copy, self.init_params)  # the SFT step donates its params
-        return pipeline.train_sft(
-            self.model, init, seqs, starts, c.sft, self.pad_id, c.seed,
-            self.run_dir / name, c.progress, desc=name,
-        )  # fmt: skip
+        t = default.get_config()
+        t.objective.name = objective
+        t.run_dir, t.seed = str(self.run_dir / name), c.seed
+        t.batch_size, t.num_steps = batch_size, steps
+        t.model.update(dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+        t.mesh.data, t.mesh.fsdp, t.mesh.tensor = c.train.mesh
+        t.optim.update(**optim)
+        t.train.update(log_every=25, progress=c.progress, tensorboard=False, token_metrics=False)
+        if "loss_name" in loss:
+            t.loss.name, t.loss.hyper.beta = loss["loss_name"], loss["beta"]
+            t.reference.mode = "frozen"  # the initial policy, frozen
+        # The step donates its params: train a copy (the caller's policy stays valid).
+        params = jax.tree.map(jnp.copy, params)
+        return trainer.train(t, train_data=batches, model=(self.model_cfg, params)).state.params
+
+    def train_sft(self, prompts: list[list[int]], completions: list[list[int]], name: str) -> Any:
+        """SFT (token NLL) from the initial policy on (prompt, completion) token lists: the
+        completion tokens are the targets (`sft.completion_only`), else every token."""
+        c = self.config
+        if not c.sft.completion_only:  # language modelling on prompt + completion
+            seqs = [p + x for p, x in zip(prompts, completions, strict=True)]
+            prompts, completions = [q[:1] for q in seqs], [q[1:] for q in seqs]
+        dataset = data.sequence_dataset(prompts, completions, c.sft.max_len)
+        batches = data.make_train_iterator(
+            dataset, c.sft.batch_size, buckets=(c.sft.max_len,), seed=c.seed, pad_id=self.pad_id
+        )
+        optim = dict(learning_rate=c.sft.learning_rate, warmup_steps=c.sft.warmup_steps,
+                     schedule="cosine", weight_decay=0.01, max_grad_norm=1.0)  # fmt: skip
+        return self.train(
+            name, "sft", batches, c.sft.steps, c.sft.batch_size, optim, self.init_params
+        )
+
+    def pair_batches(self, batch_size: int, seed: int) -> Any:
+        """Shuffled micro-batches of the preference pairs, one row length."""
+        return data.make_train_iterator(
+            self.pairs, batch_size, buckets=(self.row_length,), seed=seed, pad_id=self.pad_id
+        )
 
 
 def _sft(run: Run) -> Any:
@@ -329,14 +363,12 @@ def _preferred_ft(run: Run) -> Any:
 
 
 def _dpo(run: Run) -> Any:
-    c = run.config
-    ref = run.params(c.reference)
-    pairs = pipeline.pair_data(run.scorer, ref, run.prompts, run.chosen, run.rejected)
-    label = f"dpo:{c.loss}:beta={c.beta:g}"
-    return pipeline.train_preference(
-        run.model, ref, pairs, loss_name=c.loss, loss_hyper={"beta": c.beta},
-        train_config=c.train, row_length=run.row_length, pad_id=run.pad_id, seed=c.seed,
-        eval_fn=None, log_dir=run.run_dir / "dpo", desc=label, progress=c.progress,
+    c, tr = run.config, run.config.train
+    optim = dict(name=tr.optimizer, learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps,
+                 schedule=tr.schedule, max_grad_norm=tr.max_grad_norm)  # fmt: skip
+    return run.train(
+        "dpo", "preference", run.pair_batches(tr.batch_size, c.seed), tr.steps, tr.batch_size,
+        optim, run.params(c.reference), loss_name=c.loss, beta=c.beta,
     )  # fmt: skip
 
 
@@ -364,22 +396,18 @@ def learned_reward(run: Run) -> Any:
     (`objective.name="reward_model"`) from the reference policy, as a scorer of token-id
     sequences (`reward_model.LearnedReward`)."""
     from dpo_jax import reward_model
-    from dpo_jax import train as trainer
-    from dpo_jax.configs import default
 
     c, rm = run.config, run.config.reward_model
-    t = default.get_config()
-    t.objective.name = "reward_model"
-    t.run_dir, t.seed = str(run.run_dir / "reward_model"), c.seed + 1
-    t.batch_size, t.num_steps = rm.batch_size, rm.steps
-    t.optim.update(learning_rate=rm.learning_rate, warmup_steps=0, schedule="constant")
-    t.train.update(log_every=25, progress=c.progress, tensorboard=False, token_metrics=False)
-    batches = data.make_train_iterator(
-        run.pairs, rm.batch_size, buckets=(run.row_length,), seed=c.seed + 1, pad_id=run.pad_id
-    )
-    base = jax.tree.map(jnp.copy, run.params(c.reference))  # the step donates its params
-    params = trainer.train(t, train_data=batches, model_config=run.model_cfg, params=base)
-    params = params.state.params  # {"model": backbone, "head": {"kernel", "bias"}}
+    optim = dict(learning_rate=rm.learning_rate, warmup_steps=0, schedule="constant")
+    params = run.train(
+        "reward_model",
+        "reward_model",
+        run.pair_batches(rm.batch_size, c.seed + 1),
+        rm.steps,
+        rm.batch_size,
+        optim,
+        run.params(c.reference),
+    )  # {"model": backbone, "head": {"kernel", "bias"}}
     return reward_model.LearnedReward(
         run.model_cfg, {"backbone": params["model"], "head": params["head"]}, run.tokenizer,
         batch_size=c.eval.batch_size,
