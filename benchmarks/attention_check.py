@@ -57,16 +57,13 @@ def logps_and_grads(cfg: Any, params: Any, batch: dict, n_seq: int) -> tuple[np.
     import jax
     import jax.numpy as jnp
 
-    from dpo_jax import models
-    from dpo_jax import train_step as ts
+    from dpo_jax import models, scoring
 
-    step_cfg = ts.StepConfig(
-        apply_fn=models.Transformer(cfg).apply, optimizer=None, schedule=None, loss_name="sigmoid"
-    )
+    apply_fn = models.Transformer(cfg).apply
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def total(p: Any) -> tuple[jax.Array, jax.Array]:
-        logps = ts.sequence_logps(step_cfg, p, jb, n_seq).logps_S
+        logps = scoring.score(apply_fn, p, jb, n_seq).logps_S
         return jnp.sum(logps), logps
 
     (_, logps), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(params)

@@ -250,15 +250,9 @@ def precompute_ref_logps(
     import jax
     import jax.numpy as jnp
 
-    from dpo_jax import models
-    from dpo_jax import train_step as ts
+    from dpo_jax import models, scoring
 
-    step_cfg = ts.StepConfig(
-        apply_fn=models.Transformer(cfg).apply,
-        optimizer=None,
-        schedule=None,
-        loss_name="sigmoid",
-        logps_chunk_size=run.logps_chunk_size,
-    )
-    fn = jax.jit(lambda p, b: ts.sequence_logps(step_cfg, p, b, n_seq).logps_S)
+    apply_fn = models.Transformer(cfg).apply
+    chunk = run.logps_chunk_size
+    fn = jax.jit(lambda p, b: scoring.score(apply_fn, p, b, n_seq, chunk_size=chunk).logps_S)
     return np.asarray(fn(params, {k: jnp.asarray(v) for k, v in batch.items()}), np.float32)

@@ -102,6 +102,18 @@ class ConfigMismatchError(CheckpointError):
     """Resuming would silently change the math of the run."""
 
 
+def _positive_or_none(value: Any) -> int | None:
+    return None if value is None or int(value) <= 0 else int(value)
+
+
+def _default(key: str) -> Any:
+    """`configs/default.py`'s `checkpoint.KEY`, as `CheckpointOptions` holds it."""
+    from dpo_jax import configs
+
+    value = configs.complete_section("checkpoint")[key]
+    return _positive_or_none(value) if key in ("keep_last", "keep_every") else value
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointOptions:
     """How often to save and what to keep.
@@ -116,11 +128,12 @@ class CheckpointOptions:
     handle_sigterm: install a SIGTERM handler that sets ``Checkpointer.preempted``.
     """
 
-    save_every: int = 100
-    keep_last: int | None = 3
-    keep_every: int | None = None
-    async_save: bool = True
-    force_resume: bool = False
+    # defaults: configs/default.py's `checkpoint` section (the only default of each)
+    save_every: int = dataclasses.field(default_factory=lambda: _default("save_every"))
+    keep_last: int | None = dataclasses.field(default_factory=lambda: _default("keep_last"))
+    keep_every: int | None = dataclasses.field(default_factory=lambda: _default("keep_every"))
+    async_save: bool = dataclasses.field(default_factory=lambda: _default("async_save"))
+    force_resume: bool = dataclasses.field(default_factory=lambda: _default("force_resume"))
     ignore_config_keys: tuple[str, ...] = ()
     handle_sigterm: bool = True
 
@@ -511,20 +524,18 @@ class Checkpointer:
         """A Checkpointer for ``config.run_dir`` with options from ``config.checkpoint``.
 
         Reads ``save_every``, ``keep_last`` (<= 0: keep all), ``keep_every``
-        (<= 0: off), ``async_save`` and ``force_resume`` where present.
+        (<= 0: off), ``async_save`` and ``force_resume``; a missing key takes
+        ``configs/default.py``'s value.
         """
-        section = config.get("checkpoint", None) or {}
-        get = section.get
+        from dpo_jax import configs
 
-        def positive_or_none(value: Any) -> int | None:
-            return None if value is None or int(value) <= 0 else int(value)
-
+        c = configs.complete_section("checkpoint", config.get("checkpoint", None))
         options = CheckpointOptions(
-            save_every=int(get("save_every", 100)),
-            keep_last=positive_or_none(get("keep_last", 3)),
-            keep_every=positive_or_none(get("keep_every", None)),
-            async_save=bool(get("async_save", True)),
-            force_resume=bool(get("force_resume", False)),
+            save_every=int(c["save_every"]),
+            keep_last=_positive_or_none(c["keep_last"]),
+            keep_every=_positive_or_none(c["keep_every"]),
+            async_save=bool(c["async_save"]),
+            force_resume=bool(c["force_resume"]),
         )
         if not config.get("run_dir", None):
             raise ValueError("checkpointing needs config.run_dir")
@@ -953,7 +964,14 @@ def export_hf(
     elif isinstance(tokenizer, str | os.PathLike):
         tokenizer = _load_tokenizer(as_path(tokenizer))
     output_dir = pathlib.Path(output_dir)
+    head = None
+    if isinstance(params, Mapping) and set(params) == {"model", "head"}:
+        # an objective with a head (reward model): the HF directory holds the model, and
+        # head.npz beside it the head (objectives.HEAD)
+        params, head = params["model"], params["head"]
     models.save_hf(output_dir, model_config, params, tokenizer=tokenizer)
+    if head is not None:
+        np.savez(output_dir / "head.npz", **{k: np.asarray(v) for k, v in head.items()})
     log.info("exported step %d of %s to %s", step, path, output_dir)
     return output_dir
 

@@ -248,33 +248,17 @@ def _pairs_in(batch: Any) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _sequence_logps_fn(cfg: Any) -> Any:
-    """Jitted per-sequence summed log-probs of one batch under some params."""
-    import jax
-    import jax.numpy as jnp
+def _scorer(cfg: Any) -> Any:
+    """The host scorer (`scoring.host_scorer`) of one model config, built once."""
+    from dpo_jax import models, scoring
 
-    from dpo_jax import logprobs, models
-
-    model = models.Transformer(cfg)
-
-    @functools.partial(jax.jit, static_argnums=(2,))
-    def fn(params: Any, batch: dict[str, Any], num_sequences: int) -> Any:
-        kwargs = {k: batch[k] for k in ("positions", "segment_ids", "branch_ids") if k in batch}
-        logits = model.apply({"params": params}, batch["input_ids"], **kwargs)
-        seq = logprobs.sequence_logps(logits, batch, num_sequences)
-        return seq.logps_S.astype(jnp.float32)
-
-    return fn
-
-
-_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "sequence_index", "branch_ids")
+    return scoring.host_scorer(models.Transformer(cfg).apply)
 
 
 def sequence_logps(cfg: Any, params: Any, batch: Any) -> np.ndarray:
     """Summed completion log-probs ``[2B]`` of a paired data batch under ``params``."""
     num_pairs = _pairs_in(batch)
-    arrays = {k: np.asarray(batch[k]) for k in _BATCH_KEYS if k in batch}
-    return np.asarray(_sequence_logps_fn(cfg)(params, arrays, 2 * num_pairs), np.float64)
+    return np.asarray(_scorer(cfg)(params, batch, 2 * num_pairs).logps_S, np.float64)
 
 
 def evaluate_preferences(

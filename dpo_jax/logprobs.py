@@ -63,6 +63,9 @@ class SequenceLogps:
     last_hidden_SxD: Array | None = None
     # All final hidden states `[N, L, D]` (per-token heads); None unless requested.
     hidden_NxLxD: Array | None = None
+    # Per-token log-probs `[N, L]` float32 aligned with the tokens (entry t: log p of
+    # token t), 0 where `sequence_index` < 0; differentiable. None unless requested.
+    token_logps_NxL: Array | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -199,15 +202,24 @@ def sequence_logps(
     with_wpo: bool = False,
     with_log1m: bool = False,
     with_metrics: bool = False,
+    with_token_logps: bool = False,
 ) -> SequenceLogps:
     """Per-sequence log-prob sums, lengths and extras (WPO weights, log(1-p) sums, TRL's
-    token metrics) from logits."""
+    token metrics, per-token log-probs) from logits."""
     input_ids, sequence_index = _batch_arrays(batch, num_sequences)
     _check_logits(logits_NxLxV, input_ids)
     next_NxL, extras = _next_token_terms(
         logits_NxLxV, _next_token_ids(input_ids), with_wpo, with_metrics
     )
-    return _reduce_shifted(next_NxL, extras, sequence_index, num_sequences, with_log1m)
+    out = _reduce_shifted(next_NxL, extras, sequence_index, num_sequences, with_log1m)
+    return _with_token_logps(out, next_NxL, sequence_index) if with_token_logps else out
+
+
+def _with_token_logps(out: SequenceLogps, next_NxL: Array, sequence_index: Array) -> SequenceLogps:
+    """`out` plus `token_logps_NxL` from per-position terms (still at the predicting
+    position)."""
+    token_NxL = jnp.where(sequence_index >= 0, _shift_right(next_NxL), 0.0)
+    return out.replace(token_logps_NxL=token_NxL.astype(jnp.float32))
 
 
 def _reduce_shifted(
@@ -283,6 +295,7 @@ def sequence_logps_chunked(
     with_wpo: bool = False,
     with_log1m: bool = False,
     with_metrics: bool = False,
+    with_token_logps: bool = False,
 ) -> SequenceLogps:
     """`sequence_logps` from hidden states, unembedding `chunk_size` positions at a time.
 
@@ -298,7 +311,8 @@ def sequence_logps_chunked(
         hidden_NxLxD, _next_token_ids(input_ids), unembed_fn, int(chunk_size), with_wpo,
         with_metrics,
     )  # fmt: skip
-    return _reduce_shifted(logp_NxL, extras, sequence_index, num_sequences, with_log1m)
+    out = _reduce_shifted(logp_NxL, extras, sequence_index, num_sequences, with_log1m)
+    return _with_token_logps(out, logp_NxL, sequence_index) if with_token_logps else out
 
 
 def scored_positions(
@@ -343,6 +357,7 @@ def sequence_logps_scored(
     with_wpo: bool = False,
     with_log1m: bool = False,
     with_metrics: bool = False,
+    with_token_logps: bool = False,
 ) -> SequenceLogps:
     """`sequence_logps` unembedding only the positions in `batch["scored_positions"]`.
 
@@ -368,9 +383,15 @@ def sequence_logps_scored(
         h_NxKxD, next_ids_NxK, unembed_fn, int(chunk_size), with_wpo, with_metrics
     )
     terms = {k: extras[k] for k in TOKEN_METRIC_TERMS if k in extras}
-    return reduce_token_logps(
+    out = reduce_token_logps(
         logp_NxK, seq_NxK, num_sequences, extras.get("log_sum_p2"), with_log1m, terms or None
     )
+    if with_token_logps:  # back to token positions: position t predicts token t + 1
+        rows_NxK = jnp.broadcast_to(jnp.arange(pos_NxK.shape[0])[:, None], pos_NxK.shape)
+        scored_NxK = jnp.where(seq_NxK >= 0, logp_NxK, 0.0).astype(jnp.float32)
+        token_NxL = jnp.zeros(input_ids.shape, jnp.float32).at[rows_NxK, t_NxK + 1].add(scored_NxK)
+        out = out.replace(token_logps_NxL=token_NxL)
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -99,21 +99,24 @@ def config_from(
     `reference` (the `reference` section) is checked against an int8 base."""
     if not section:
         return None
-    rank = int(section.get("rank", 0))
+    from dpo_jax import configs
+
+    section = configs.complete_section("lora", section)  # defaults: configs/default.py
+    rank = int(section["rank"])
     if rank == 0:
         return None
     if rank < 0:
         raise config_error("lora.rank", f"must be >= 0, got {rank}", "0 turns LoRA off")
-    alpha = float(section.get("alpha", rank))
+    alpha = float(section["alpha"])
     if not alpha > 0:
         raise config_error("lora.alpha", f"must be > 0, got {alpha}", "PEFT's default is 8-32")
-    base_dtype = str(section.get("base_dtype", "") or "")
+    base_dtype = str(section["base_dtype"] or "")
     if base_dtype and base_dtype not in BASE_DTYPES:
         raise config_error(
             "lora.base_dtype", f"unknown dtype {base_dtype!r}", f"use one of {BASE_DTYPES} or ''"
         )
-    cfg = LoraConfig(rank, alpha, str(section.get("targets", "all-linear")), base_dtype)
-    mode = str((reference or {}).get("mode", "auto"))
+    cfg = LoraConfig(rank, alpha, str(section["targets"]), base_dtype)
+    mode = str(reference["mode"]) if reference else "auto"  # no reference section: no check
     if base_dtype == "int8" and mode not in ("auto", "adapters_off", "none"):
         raise config_error(
             "lora.base_dtype",

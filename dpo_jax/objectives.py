@@ -7,8 +7,9 @@ accumulation, NaN policy, checkpoints, resume, metrics) is the Trainer's, shared
 
 - `"preference"`: any `losses` loss, paired or unpaired (today's DPO family).
 - `"sft"`: token NLL, `-sum(log p of target tokens) / number of target tokens` over the
-  whole optimizer batch (all micro-batches together), as HF Trainer / TRL SFTTrainer
-  with `average_tokens_across_devices`; micro-batching does not change the loss.
+  whole optimizer batch (all micro-batches together), as HF Trainer's loss with
+  `num_items_in_batch` (the target count over every gradient-accumulation micro-batch);
+  micro-batching does not change the loss (TRL's per-micro-batch mean would).
   Batches are single sequences (`data.batching.build_sequences`): row k = sequence k,
   `sequence_index` marks the target tokens, N = rows.
 - `"reward_model"`: Bradley-Terry on preference batches (chosen `k`, rejected `B + k`);
@@ -231,12 +232,22 @@ def split_params(objective: Objective, params: Any) -> tuple[Any, Any]:
     return params[MODEL], params[HEAD]
 
 
-def with_head(objective: Objective, model_config: Any, params: Any, rng: Array) -> Any:
-    """The trained params of `objective`: the model's, or `{"model", "head"}` with a fresh
-    head (kept when `params` already carry one, e.g. a trained reward model)."""
-    if objective.head is None or (isinstance(params, Mapping) and HEAD in params):
+def with_head(objective: Objective, model_config: Any, params: Any, head: Any, rng: Array) -> Any:
+    """The trained params of `objective`: the model's, or `{"model", "head"}` with `head`
+    (a fresh one from `rng` when None)."""
+    if objective.head is None:
         return params
-    return {MODEL: params, HEAD: objective.head.init(model_config, rng)}
+    if head is None:
+        head = objective.head.init(model_config, rng)
+    return {MODEL: params, HEAD: head}
+
+
+def split_head(objective: Objective, params: Any) -> tuple[Any, Any]:
+    """(model params, head or None) of params that may already carry a head (a trained
+    reward model passed back in)."""
+    if objective.head is not None and isinstance(params, Mapping) and HEAD in params:
+        return params[MODEL], params[HEAD]
+    return params, None
 
 
 def logical_axes(objective: Objective, model_config: Any, model_axes: Any) -> Any:

@@ -100,37 +100,41 @@ def make_optimizer(
     `config` keys (ml_collections ConfigDict or dict): name (adamw | rmsprop | sgd),
     learning_rate, warmup_steps, schedule, final_lr_fraction, weight_decay,
     max_grad_norm (<= 0 disables clipping), b1, b2, eps (adamw), decay, eps, momentum
-    (rmsprop). `params`/`logical_axes` feed the weight-decay mask.
+    (rmsprop); a key it lacks takes `configs/default.py`'s `optim` value (the only
+    default), a key that section lacks is refused. `params`/`logical_axes` feed the
+    weight-decay mask.
 
     RMSprop follows torch.optim.RMSprop (what the DPO paper ran): eps outside the square
     root, smoothing 0.99, L2 weight decay added to the gradient.
     """
-    get = lambda k, d: config.get(k, d)
-    name = get("name", "adamw")
+    from dpo_jax import configs
+
+    c = configs.complete_section("optim", config)  # defaults: configs/default.py only
+    name = c["name"]
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
     schedule = make_schedule(
-        float(get("learning_rate", 1e-6)),
+        float(c["learning_rate"]),
         total_steps,
-        int(get("warmup_steps", 0)),
-        get("schedule", "linear"),
-        float(get("final_lr_fraction", 0.0)),
+        int(c["warmup_steps"]),
+        c["schedule"],
+        float(c["final_lr_fraction"]),
     )
-    weight_decay = float(get("weight_decay", 0.0))
+    weight_decay = float(c["weight_decay"])
     mask: Any = None
     if params is not None:
         mask = weight_decay_mask(params, logical_axes)
     parts: list[optax.GradientTransformation] = []
-    max_grad_norm = float(get("max_grad_norm", 1.0))
+    max_grad_norm = float(c["max_grad_norm"])
     if max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(max_grad_norm))
     if name == "adamw":
         parts.append(
             optax.adamw(
                 schedule,
-                b1=float(get("b1", 0.9)),
-                b2=float(get("b2", 0.999)),
-                eps=float(get("eps", 1e-8)),
+                b1=float(c["b1"]),
+                b2=float(c["b2"]),
+                eps=float(c["eps"]),
                 weight_decay=weight_decay,
                 mask=mask,
             )
@@ -138,12 +142,12 @@ def make_optimizer(
     elif name == "rmsprop":
         if weight_decay:
             parts.append(optax.add_decayed_weights(weight_decay, mask))
-        momentum = float(get("momentum", 0.0))
+        momentum = float(c["momentum"])
         parts.append(
             optax.rmsprop(
                 schedule,
-                decay=float(get("decay", 0.99)),
-                eps=float(get("eps", 1e-8)),
+                decay=float(c["decay"]),
+                eps=float(c["eps"]),
                 eps_in_sqrt=False,
                 momentum=momentum or None,
             )
@@ -151,5 +155,5 @@ def make_optimizer(
     else:
         if weight_decay:
             parts.append(optax.add_decayed_weights(weight_decay, mask))
-        parts.append(optax.sgd(schedule, momentum=float(get("momentum", 0.0)) or None))
+        parts.append(optax.sgd(schedule, momentum=float(c["momentum"]) or None))
     return optax.chain(*parts), schedule

@@ -68,17 +68,18 @@ def base_fingerprint(
 ) -> dict[str, Any]:
     """Every compared field except `format` (resolved per source), from a data spec
     (`train._data_spec`) and the tokenizer and reference checkpoint it is scored with."""
-    from dpo_jax.data.tokenize import tokenizer_fingerprint
+    from dpo_jax.data.tokenize import settings_from_spec, tokenizer_fingerprint
 
     template = getattr(tokenizer, "chat_template", None)
+    s = settings_from_spec(spec)  # the tokenizer settings' own defaults, not restated here
     return {
         "tokenizer": tokenizer_fingerprint(tokenizer)[:16],
         "chat_template": _short(template) if isinstance(template, str) else None,
-        "add_eos": bool(spec.get("add_eos", True)),
-        "max_length": spec.get("max_length"),
-        "max_prompt_length": spec.get("max_prompt_length"),
-        "max_completion_length": spec.get("max_completion_length"),
-        "truncation_mode": spec.get("truncation_mode", "keep_start"),
+        "add_eos": bool(s.add_eos),
+        "max_length": s.max_length,
+        "max_prompt_length": s.max_prompt_length,
+        "max_completion_length": s.max_completion_length,
+        "truncation_mode": s.truncation_mode,
         "model": model_identity(model_dir) if model_dir else None,
         "dtype": dtype,
     }
@@ -162,7 +163,7 @@ def check_data(config: Any, tokenizer: Any, spec: Mapping[str, Any]) -> int:
     sources = [path] if isinstance(path, str | Mapping) else list(path)
     rows = data.read_sources(sources, data.RejectLog(skip_bad_rows=True))
     return check_rows(
-        rows, spec.get("format", "auto"), base,
-        trust_unfingerprinted=bool(config.reference.get("trust_precomputed", False)),
+        rows, spec["format"], base,
+        trust_unfingerprinted=bool(config.reference.trust_precomputed),
         ref_columns=(REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN),
     )  # fmt: skip

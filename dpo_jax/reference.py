@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax import data, logprobs, models
+from dpo_jax import data, models, scoring
 from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN
 from dpo_jax.errors import UserError
 
@@ -37,25 +37,15 @@ SequenceFn = Callable[[dict[str, np.ndarray], int], np.ndarray]
 
 
 def make_logps_fn(model_config: models.ModelConfig, params: Any) -> SequenceFn:
-    """`fn(host_batch, num_sequences) -> logps_S` (numpy float32), jitted per shape."""
-    model = models.Transformer(model_config)
-    keys = ("input_ids", "positions", "segment_ids", "sequence_index", "branch_ids")
+    """`fn(host_batch, num_sequences) -> logps_S` (numpy float32), jitted per shape.
 
-    def logps(p: Any, batch: dict[str, jax.Array], n_seq: int) -> jax.Array:
-        logits = model.apply(
-            {"params": p},
-            batch["input_ids"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            branch_ids=batch.get("branch_ids"),
-        )
-        return logprobs.sequence_logps(logits, batch, n_seq).logps_S
-
-    jitted = jax.jit(logps, static_argnums=(2,))
+    Scores through `scoring.host_scorer`: the train step's own scoring pass (scored
+    unembedding), so a precomputed column holds the numbers the step would compute.
+    """
+    scorer = scoring.host_scorer(models.Transformer(model_config).apply)
 
     def fn(batch: dict[str, np.ndarray], n_seq: int) -> np.ndarray:
-        arrays = {k: np.asarray(v) for k, v in batch.items() if k in keys}
-        return np.asarray(jax.device_get(jitted(params, arrays, n_seq)), np.float32)
+        return np.asarray(jax.device_get(scorer(params, batch, n_seq).logps_S), np.float32)
 
     return fn
 

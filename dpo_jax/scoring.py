@@ -13,6 +13,7 @@ threading flags:
 | `"wpo"` | `wpo_weights_S` | WPO (`loss.hyper.use_weighting`) |
 | `"log1m"` | `log1m_sums_S` | unlikelihood losses |
 | `"token_metrics"` | `entropy_sums_S`, `mean_logit_sums_S`, `top1_counts_S` | TRL's token metrics |
+| `"token_logps"` | `token_logps_NxL` (per-token log-probs at the tokens, 0 unscored) | per-token objectives (PPO) |
 | `"last_hidden"` | `last_hidden_SxD` (final hidden state at each sequence's last token) | scalar heads (reward model) |
 | `"hidden"` | `hidden_NxLxD` (every final hidden state) | per-token heads (a value head) |
 
@@ -38,8 +39,8 @@ import numpy as np
 from dpo_jax import logprobs
 from dpo_jax.logprobs import SequenceLogps
 
-NEEDS = ("logps", "wpo", "log1m", "token_metrics", "last_hidden", "hidden")
-_LOGP_NEEDS = frozenset(("logps", "wpo", "log1m", "token_metrics"))
+NEEDS = ("logps", "wpo", "log1m", "token_metrics", "token_logps", "last_hidden", "hidden")
+_LOGP_NEEDS = frozenset(("logps", "wpo", "log1m", "token_metrics", "token_logps"))
 
 # The keys of a host batch that a model forward and its scoring read (plus
 # `scored_positions`, added per step); `step` stays on the host, and the objectives'
@@ -102,7 +103,10 @@ def score(
     inputs = model_inputs(batch)
     ids = batch["input_ids"]
     flags = dict(
-        with_wpo="wpo" in needs, with_log1m="log1m" in needs, with_metrics="token_metrics" in needs
+        with_wpo="wpo" in needs,
+        with_log1m="log1m" in needs,
+        with_metrics="token_metrics" in needs,
+        with_token_logps="token_logps" in needs,
     )
     want_logps = bool(needs & _LOGP_NEEDS)
     want_hidden = bool(needs & {"last_hidden", "hidden"})

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
 from dpo_jax import guards, logprobs, lora, losses, models, objectives, optim, scoring, sharding
@@ -44,6 +45,7 @@ from dpo_jax.train_step import (
     check_loss_options,
     eval_step,
     init_state,
+    step_settings,
     train_step,
 )
 
@@ -335,32 +337,26 @@ def build_trainer(
     params: Any,
     *,
     mesh: Mesh,
-    loss_name: str | losses.LossSpec,
-    loss_hyper: Mapping[str, Any],
     optim_config: Mapping[str, Any],
     total_steps: int,
     reference: str,
     seed: int = 0,
     ref_params: Any = None,
-    nan_policy: str = "stop",
-    logps_chunk_size: int = 0,
-    unembed_scored_only: bool = True,
-    ref_model_sync_steps: int = 0,
-    ref_model_mixup_alpha: float = 0.6,
-    token_metrics: bool = True,
     lora_config: lora.LoraConfig | None = None,
     rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
-    objective: str = "preference",
-    objective_hyper: Mapping[str, Any] | None = None,
+    **step_settings: Any,
 ) -> tuple[Trainer, TrainState]:
     """A Trainer and its initial, sharded state (policy = `params`).
 
-    `objective` (`objectives.OBJECTIVES`) is what the step minimises; one with a head
-    trains `{"model": params, "head": ...}` (a fresh head seeded by `seed`, unless
-    `params` already hold one).
+    `step_settings` are `StepConfig` fields (`loss_name`, `loss_hyper`, `nan_policy`,
+    `objective`, ...; `train` passes `step_settings(config)`); one left out
+    takes configs/default.py's value. The objective (`objectives.OBJECTIVES`) is what
+    the step minimises; one with a head trains `{"model": params, "head": ...}` (a fresh
+    head seeded by `seed`, unless `params` already are `{"model", "head"}`).
     `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. `models.abstract_params`
     unboxed): the state is then abstract too (ShapeDtypeStructs with the run's
     shardings) and nothing is allocated -- what a dry run lowers (`Trainer.lower`).
+
     `ref_params` defaults to a copy of `params` when `reference == "frozen"`. With
     `lora_config`, `params` is the frozen base (cast to `lora_config.base_dtype`) and
     the state's `params` are fresh adapters (seeded by `seed`), the only trained leaves.
@@ -372,6 +368,16 @@ def build_trainer(
         isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)
     )
     run = (lambda f, *a: jax.eval_shape(f, *a)) if shapes_only else (lambda f, *a: f(*a))
+    # Built (and validated) once, before any device work; the optimizer, schedule,
+    # model and shardings are filled in below.
+    step_config = StepConfig(
+        apply_fn=models.Transformer(model_config).apply, optimizer=optax.identity(),
+        schedule=optax.constant_schedule(0.0), reference=reference,
+        lora_scale=0.0 if lora_config is None else lora_config.scale, **step_settings,
+    )  # fmt: skip
+    obj = step_config.objective_fn
+    loss_name = step_config.loss_name
+    params, head = objectives.split_head(obj, params)  # a trained head passed back in
     tensor = int(mesh.shape["tensor"])
     if tensor > 1:  # the vocab dim then divides the tensor axis and is really sharded
         padded: list[models.ModelConfig] = []
@@ -383,11 +389,10 @@ def build_trainer(
             ref_params = models.vocab.resize_vocab(
                 ref_params, model_config, model_config.embed_vocab_size
             )
-    obj = objectives.get(objective)
     logical = models.logical_axes(model_config)
     if obj.head is not None:
         head_rng = jax.random.fold_in(jax.random.key(seed), 0x4EAD)
-        params = objectives.with_head(obj, model_config, params, head_rng)
+        params = run(lambda p: objectives.with_head(obj, model_config, p, head, head_rng), params)
         logical = objectives.logical_axes(obj, model_config, logical)
     model_logical = base = None
     if lora_config is not None:
@@ -414,24 +419,10 @@ def build_trainer(
     elif obj.head is not None and with_ref:  # a reference is the model, never a head
         abstract = abstract.replace(ref_params=objectives.split_params(obj, boxed)[0])
     shard = state_shardings(abstract, mesh, rules)
-    step_config = StepConfig(
-        apply_fn=models.Transformer(model_config).apply,
-        optimizer=optimizer,
-        schedule=schedule,
-        loss_name=loss_name,
-        loss_hyper=dict(loss_hyper),
-        reference=reference,
-        nan_policy=nan_policy,
-        logps_chunk_size=logps_chunk_size,
-        unembed_scored_only=unembed_scored_only,
-        ref_model_sync_steps=ref_model_sync_steps,
-        ref_model_mixup_alpha=ref_model_mixup_alpha,
-        grad_shardings=shard.params,
-        token_metrics=token_metrics,
-        lora_scale=0.0 if lora_config is None else lora_config.scale,
-        objective=objective,
-        objective_hyper=dict(objective_hyper or {}),
-    )
+    step_config = dataclasses.replace(
+        step_config, apply_fn=models.Transformer(model_config).apply, optimizer=optimizer,
+        schedule=schedule, grad_shardings=shard.params,
+    )  # fmt: skip
     if shapes_only:
         state_shapes = nn.meta.unbox(abstract)
         return Trainer(mesh, model_config, step_config, shard, rules), jax.tree.map(
@@ -707,7 +698,7 @@ def _attention_choice(config: ml_collections.ConfigDict) -> str:
     from dpo_jax import errors
     from dpo_jax.models import attention
 
-    choice = config.model.get("attention", "auto")
+    choice = config.model.attention
     if choice not in attention.IMPLS:
         raise errors.config_error(
             "model.attention", f"{choice!r} is not an attention backend",
@@ -805,9 +796,9 @@ def train(
         config, model=model_config is None or params is None, data=train_data is None
     )
     # One name or a TRL-style mix; unknown names fail before any compilation.
-    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
+    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.weights)
     # LoRA settings are validated before any device work
-    lora_config = lora.config_from(config.get("lora"), config.get("reference"))
+    lora_config = lora.config_from(config.lora, config.reference)
     if lora_config is not None and config.reference.ref_model_sync_steps > 0:
         raise config_error(
             "reference.ref_model_sync_steps", "TR-DPO syncing needs a full policy, not LoRA",
@@ -843,14 +834,9 @@ def _train(
     dry_run: bool = False,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
-    hyper = (
-        dict(config.loss.hyper.to_dict())
-        if hasattr(config.loss.hyper, "to_dict")
-        else dict(config.loss.hyper)
-    )
-    hyper = {k: v for k, v in hyper.items() if v is not None}  # None: the loss's default
-    objective = config.objective.name
-    preference = objective == "preference"
+    settings = step_settings(config)  # the step's settings, read once
+    hyper = settings["loss_hyper"]
+    preference = settings["objective"] == "preference"
     if preference:
         losses.check_options(loss_name, hyper)
         for message in losses.trl_differences(loss_name, hyper):
@@ -893,23 +879,14 @@ def _train(
         model_config,
         params,
         mesh=mesh,
-        loss_name=loss_name,
-        loss_hyper=hyper,
         optim_config=config.optim.to_dict(),
         total_steps=num_steps,
         reference=reference,
         seed=config.seed,
         ref_params=ref_params,
-        nan_policy=config.train.nan_policy,
-        logps_chunk_size=config.train.logps_chunk_size,
-        unembed_scored_only=config.train.get("unembed_scored_only", True),
-        ref_model_sync_steps=config.reference.ref_model_sync_steps,
-        ref_model_mixup_alpha=config.reference.ref_model_mixup_alpha,
-        token_metrics=config.train.get("token_metrics", True),
         lora_config=lora_config,
-        rules=sharding.validate_rules(config.mesh.get("rules", sharding.LOGICAL_AXIS_RULES)),
-        objective=objective,
-        objective_hyper={k: v for k, v in config.objective.items() if k != "name"},
+        rules=sharding.validate_rules(config.mesh.rules),
+        **settings,
     )
     if dry_run:  # the first step's batch, grouped and counted as run_loop does
         batch_A = _group(train_iter, config.grad_accum_steps)
@@ -979,7 +956,7 @@ def _train(
             data_state=getattr(train_data, "get_state", None),
             start_step=start_step,
             num_tokens_start=num_tokens_start,
-            max_skipped_fraction=config.train.get("max_skipped_fraction", 0.1),
+            max_skipped_fraction=config.train.max_skipped_fraction,
             eval_hook=eval_hook,
         )
         _close_all(progress, writer, checkpointer)
@@ -1076,7 +1053,7 @@ def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> di
 
 def _check_unpaired_weights(config: ml_collections.ConfigDict, labels: np.ndarray) -> None:
     """KTO's [1, 4/3] rule on the training set's label counts (warns outside it)."""
-    names = losses.loss_names(losses.parse_loss_spec(config.loss.name, config.loss.get("weights")))
+    names = losses.loss_names(losses.parse_loss_spec(config.loss.name, config.loss.weights))
     fn = losses.get(names[0])
     params = inspect.signature(fn).parameters
     if "desirable_weight" not in params and "undesirable_weight" not in params:
@@ -1124,7 +1101,7 @@ def load_data(
 
     from dpo_jax import data, reference
 
-    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
+    loss_name = losses.parse_loss_spec(config.loss.name, config.loss.weights)
     preference = config.objective.name == "preference"
     paired = losses.is_paired(loss_name) or not preference
     if not config.data.train:

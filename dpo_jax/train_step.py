@@ -66,33 +66,94 @@ class TrainState:
     base_params: Any = None
 
 
+# StepConfig fields a run config sets, and their dotted keys in configs/default.py
+# (`StepConfig.from_config`); `loss_name`, `loss_hyper` and `objective_hyper` come from
+# the `loss` and `objective` sections as a whole.
+CONFIG_KEYS: dict[str, str] = {
+    "nan_policy": "train.nan_policy",
+    "logps_chunk_size": "train.logps_chunk_size",
+    "unembed_scored_only": "train.unembed_scored_only",
+    "token_metrics": "train.token_metrics",
+    "ref_model_sync_steps": "reference.ref_model_sync_steps",
+    "ref_model_mixup_alpha": "reference.ref_model_mixup_alpha",
+    "objective": "objective.name",
+}
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _default_of(field: str) -> Any:
+    """A dataclass field whose default is configs/default.py's value (the only default)."""
+
+    def factory() -> Any:
+        from dpo_jax.configs import default
+
+        return step_settings(default.get_config())[field]
+
+    return dataclasses.field(default_factory=factory)
+
+
+def step_settings(config: Any) -> dict[str, Any]:
+    """The `StepConfig` fields a (complete) run config sets: `CONFIG_KEYS`, the loss
+    (`loss.name` + `loss.weights`), its hyper-parameters (None = the loss's default,
+    left out) and the objective's settings (`objective` less its name)."""
+    hyper = config.loss.hyper
+    hyper = hyper.to_dict() if hasattr(hyper, "to_dict") else dict(hyper)
+    objective = config.objective
+    objective = objective.to_dict() if hasattr(objective, "to_dict") else dict(objective)
+    out = {field: _lookup(config, key) for field, key in CONFIG_KEYS.items()}
+    out.update(
+        loss_name=losses.parse_loss_spec(config.loss.name, config.loss.weights),
+        loss_hyper={k: v for k, v in hyper.items() if v is not None},
+        objective_hyper={k: v for k, v in objective.items() if k != "name"},
+    )
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static (hashable-by-identity) settings the step is traced with."""
+    """Static (hashable-by-identity) settings the step is traced with.
+
+    Built once per run by `from_config` (the Trainer) or, from Python, with the fields
+    a caller sets; a field left out takes configs/default.py's value.
+    """
 
     apply_fn: Callable[..., Any]  # model.apply
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     loss_name: str | losses.LossSpec  # a name or a `losses.parse_loss_spec` mix
+    # keyword arguments of the loss; {} = the loss function's own defaults
     loss_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    reference: str = "frozen"
-    nan_policy: str = "stop"
-    logps_chunk_size: int = 0  # > 0: never materialise [N, L, V] logits (chunked unembedding)
+    reference: str = "frozen"  # resolved per run (`train.resolve_reference_mode`)
+    nan_policy: str = _default_of("nan_policy")
+    # > 0: never materialise [N, L, V] logits (chunked unembedding)
+    logps_chunk_size: int = _default_of("logps_chunk_size")
     # The Trainer adds `scored_positions` to host batches, so the step unembeds only the
     # positions that predict a scored token (same numbers, less work).
-    unembed_scored_only: bool = True
-    ref_model_sync_steps: int = 0  # TR-DPO: 0 = reference never moves
-    ref_model_mixup_alpha: float = 0.6
+    unembed_scored_only: bool = _default_of("unembed_scored_only")
+    ref_model_sync_steps: int = _default_of("ref_model_sync_steps")  # TR-DPO: 0 = never
+    ref_model_mixup_alpha: float = _default_of("ref_model_mixup_alpha")
     grad_shardings: Any = None  # param shardings, to keep the accumulator sharded
     # TRL's entropy, logits/chosen, logits/rejected, mean_token_accuracy (paired losses):
     # per-sequence sums from the scoring path, no gradient.
-    token_metrics: bool = True
+    token_metrics: bool = _default_of("token_metrics")
     lora_scale: float = 0.0  # LoRA alpha / r (> 0 when state.base_params holds a base)
     # `objectives.OBJECTIVES` name: what the step minimises (preference, sft, reward_model)
-    objective: str = "preference"
+    objective: str = _default_of("objective")
     # The objective's own settings (`config.objective` less its name), e.g. the reward
     # model's center_rewards_coefficient.
-    objective_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    objective_hyper: Mapping[str, Any] = _default_of("objective_hyper")
+
+    @classmethod
+    def from_config(cls, config: Any, **runtime: Any) -> StepConfig:
+        """The step settings of a run config (`step_settings`), plus what only the
+        Trainer knows (`runtime`: apply_fn, optimizer, schedule, reference,
+        grad_shardings, lora_scale)."""
+        return cls(**step_settings(config), **runtime)
 
     def __post_init__(self) -> None:
         obj = objectives.get(self.objective)

@@ -28,7 +28,7 @@ from dpo_jax.data import batching
 
 
 def apply_fn(model: Any) -> Callable[..., jax.Array]:
-    """`(params, ids, positions=, segment_ids=) -> logits`, the signature dpo_jax.sft uses."""
+    """`(params, ids, positions=, segment_ids=) -> logits` of a Transformer module."""
 
     def fn(params, input_ids, positions=None, segment_ids=None):
         return model.apply(

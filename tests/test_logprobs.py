@@ -313,5 +313,10 @@ def test_bad_batches_are_named():
         logprobs.sequence_logps(logits, dict(batch, sequence_index=first), S)
     with pytest.raises(ValueError, match="logits have shape"):
         logprobs.sequence_logps(logits[:, :-1], batch, S)
-    with pytest.raises(ValueError, match="even"):
-        logprobs.sequence_logps(logits, batch, 3)
+    with pytest.raises(ValueError, match="positive"):
+        logprobs.sequence_logps(logits, batch, 0)
+    # an odd count is single sequences (SFT rows): no chosen/rejected partner, no prefix
+    single = dict(
+        batch, sequence_index=np.where(batch["sequence_index"] > 2, -1, batch["sequence_index"])
+    )
+    assert logprobs.sequence_logps(logits, single, 3).prefix_logps_S is None

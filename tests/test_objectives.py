@@ -137,22 +137,23 @@ def test_reward_model_rewards_and_bradley_terry_loss_by_hand():
     cfg, params = tiny_model()
     batch = synthetic_batches(num=1, pairs=3, seed=4)[0]
     head = objectives.init_reward_head(cfg, jax.random.key(2))
-    seq = scoring.score(
-        models.Transformer(cfg).apply, params, {k: jnp.asarray(v) for k, v in batch.items()},
-        6, needs={"last_hidden"},
+    apply_fn = models.Transformer(cfg).apply
+    seq = jax.jit(lambda p, b: scoring.score(apply_fn, p, b, 6, needs={"last_hidden"}))(
+        params, {k: jnp.asarray(v) for k, v in batch.items()}
     )  # fmt: skip
     assert seq.logps_S is None  # no unembedding was asked for
     rewards = np.asarray(objectives.head_rewards(head, seq.last_hidden_SxD))
     # by hand: the hidden state at each sequence's last marked token
-    hidden = np.asarray(
-        models.Transformer(cfg).apply(
-            {"params": params},
-            jnp.asarray(batch["input_ids"]),
-            positions=jnp.asarray(batch["positions"]),
-            segment_ids=jnp.asarray(batch["segment_ids"]),
+    forward = jax.jit(
+        lambda p, b: apply_fn(
+            {"params": p},
+            b["input_ids"],
+            positions=b["positions"],
+            segment_ids=b["segment_ids"],
             return_hidden=True,
         )  # fmt: skip
     )
+    hidden = np.asarray(forward(params, {k: jnp.asarray(v) for k, v in batch.items()}))
     expected = []
     for k in range(6):
         rows, cols = np.nonzero(batch["sequence_index"] == k)
@@ -370,3 +371,91 @@ def test_cli_sft_bad_row_names_file_and_line(sft_files, tmp_path):
     config.data.train = str(pairs)
     with pytest.raises(UserError, match=r"pairs\.jsonl:1: objective needs SFT rows"):
         train.train(config)
+
+
+def test_cli_reward_model_checkpoint_scores_like_its_logged_eval(sft_files, tmp_path):
+    """`dpo-jax train --config.objective.name=reward_model` on DPO's preference rows: the
+    head is checkpointed with the model, and scoring the checkpoint's params through
+    `reward_model.evaluate_reward_model` (the host scorer) gives the logged eval metrics."""
+    import json
+
+    from dpo_jax import cli, reward_model
+    from dpo_jax.models import hf
+
+    root, model_dir, tok, _ = sft_files
+    rng = np.random.default_rng(0)
+    good, bad = ["fine", "good", "great", "happy"], ["no", "bad", "lazy", "dog"]
+    rows = [
+        {"prompt": f"Question {i}: how are you?", "chosen": f" I am {rng.choice(good)}.",
+         "rejected": f" The {rng.choice(bad)}."}
+        for i in range(12)
+    ]  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "rm"
+    args = [
+        "train", "--config", "dpo_jax/configs/tiny.py", "--config.objective.name=reward_model",
+        f"--config.model.path={model_dir}", f"--config.data.train={tmp_path / 'pairs.jsonl'}",
+        f"--config.data.eval={tmp_path / 'pairs.jsonl'}", f"--config.run_dir={run}",
+        "--config.num_steps=2", "--config.train.tensorboard=False",
+        "--config.checkpoint.enabled=True", "--config.checkpoint.async_save=False",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    logged = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/accuracy" in r][-1]
+    _, _, params = checkpoint.load_params(run)
+    assert set(params) == {"model", "head"}
+    cfg, _ = hf.load_hf(model_dir, dtype="float32")
+    config = tiny.get_config()
+    config.data.train = str(tmp_path / "pairs.jsonl")
+    spec = train._data_spec(config, config.data.train, True)
+    held_out = data.eval_batches(data.load_preference_data(spec, tok), 2)
+    got = reward_model.evaluate_reward_model(cfg, params, held_out)
+    np.testing.assert_allclose(got["accuracy"], logged["eval/accuracy"], atol=1e-6)
+    np.testing.assert_allclose(got["margin"], logged["eval/margin"], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ config validation
+
+
+@pytest.mark.parametrize(
+    ("objective", "key", "value", "match"),
+    [
+        ("sft", "reference.mode", "cache", "objective 'sft' uses no reference model"),
+        ("reward_model", "lora.rank", 4, "trains a head beside the model"),
+        ("sft", "data.layout", "prefix_shared", "single sequences"),
+        ("reward_model", "objective.center_rewards_coefficient", -1.0, "center_rewards"),
+        ("rl", None, None, "objective.name"),
+    ],
+)
+def test_objective_config_mistakes_are_one_line_config_errors(objective, key, value, match):
+    from dpo_jax.configs import validate
+    from dpo_jax.errors import UserError
+
+    config = tiny.get_config()
+    config.objective.name = objective
+    if key is not None:
+        section, name = key.rsplit(".", 1)
+        config[section][name] = value
+    with pytest.raises(UserError, match=match) as e:
+        validate.validate(config)
+    assert "\n" not in str(e.value)
+
+
+def test_one_default_per_setting():
+    """Every optimizer / checkpoint / step setting left out takes configs/default.py's
+    value: the library restates none of them."""
+    from dpo_jax import train_step
+    from dpo_jax.configs import default
+
+    d = default.get_config()
+    assert d.optim.learning_rate == 1e-6  # TRL DPOConfig's default
+    opts = checkpoint.CheckpointOptions()
+    assert opts.save_every == d.checkpoint.save_every and opts.keep_last == d.checkpoint.keep_last
+    step = train_step.StepConfig(apply_fn=None, optimizer=None, schedule=None, loss_name="sigmoid")
+    for field, key in train_step.CONFIG_KEYS.items():
+        section, name = key.split(".")
+        assert getattr(step, field) == d[section][name], field
+    # a partial optimizer section is completed from default.py, not from optim.py
+    _, schedule = optim.make_optimizer({"schedule": "constant"}, total_steps=10)
+    assert float(schedule(0)) == pytest.approx(d.optim.learning_rate)
+    with pytest.raises(Exception, match="optim.leraning_rate"):
+        optim.make_optimizer({"leraning_rate": 1.0}, total_steps=10)

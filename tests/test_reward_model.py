@@ -1,5 +1,6 @@
-"""Learned reward model: last-token readout on every layout, Bradley--Terry training on
-synthetic pairs with a known scoring rule, and the text RewardFn wrapper."""
+"""Learned reward model: last-token readout on every layout, Bradley--Terry training
+through the one Trainer on synthetic pairs with a known scoring rule, and the text
+RewardFn wrapper."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import data, models, reward_model
+from dpo_jax import data, models, objectives, reward_model, scoring, train
+from dpo_jax.configs import tiny
 
 VOCAB, EOS, GOOD = 64, 1, range(2, 14)  # reward rule: number of "good" tokens
 
@@ -53,7 +55,7 @@ def _direct_reward(cfg, params, seq: np.ndarray) -> float:
     which cannot change earlier positions), head on the last real token's hidden state."""
     ids = np.zeros((1, 32), np.int32)
     ids[0, : len(seq)] = seq
-    hidden = _hidden(cfg, params["backbone"], jnp.asarray(ids))[0, len(seq) - 1]
+    hidden = _hidden(cfg, params["model"], jnp.asarray(ids))[0, len(seq) - 1]
     return float(hidden @ params["head"]["kernel"] + params["head"]["bias"])
 
 
@@ -63,12 +65,10 @@ _rewards_jit = jax.jit(reward_model.sequence_rewards, static_argnums=(0, 3))
 def test_last_token_index_by_hand():
     seq = np.array([[-1, 0, 0, -1], [-1, -1, 1, 1], [2, 2, 3, -1]])
     np.testing.assert_array_equal(
-        np.asarray(reward_model.last_token_index(jnp.asarray(seq), 4)), [2, 7, 9, 10]
+        np.asarray(scoring.last_token_index(jnp.asarray(seq), 4)), [2, 7, 9, 10]
     )
     # a sequence with no tokens is reported as -1
-    np.testing.assert_array_equal(
-        np.asarray(reward_model.last_token_index(jnp.asarray(seq), 5))[4], -1
-    )
+    np.testing.assert_array_equal(np.asarray(scoring.last_token_index(jnp.asarray(seq), 5))[4], -1)
 
 
 @pytest.mark.parametrize("layout", ["stacked", "packed", "prefix_shared"])
@@ -86,19 +86,20 @@ def test_sequence_rewards_read_last_token_in_every_layout(layout):
 
 def test_bradley_terry_loss_hand_computed():
     r = jnp.asarray([2.0, 0.0, 1.0, 1.0])  # chosen [2, 0], rejected [1, 1]
-    loss, m = reward_model.bradley_terry_loss(r)
+    loss, m = objectives.bradley_terry_loss(r)
     want = -(np.log(1 / (1 + np.exp(-1.0))) + np.log(1 / (1 + np.exp(1.0)))) / 2
     assert float(loss) == pytest.approx(want, rel=1e-6)
     assert float(m["accuracy"]) == 0.5 and float(m["margin"]) == 0.0
-    loss_c, _ = reward_model.bradley_terry_loss(r, center_rewards_coefficient=0.1)
+    loss_c, _ = objectives.bradley_terry_loss(r, center_rewards_coefficient=0.1)
     assert float(loss_c) == pytest.approx(want + 0.1 * (9 + 1) / 2, rel=1e-6)
-    loss_m, _ = reward_model.bradley_terry_loss(r, margin_B=jnp.asarray([1.0, -1.0]))
+    loss_m, _ = objectives.bradley_terry_loss(r, margin_B=jnp.asarray([1.0, -1.0]))
     assert float(loss_m) == pytest.approx(-2 * np.log(0.5) / 2, rel=1e-6)
 
 
 def test_training_learns_known_scoring_rule():
-    """Train on pairs ranked by 'number of good tokens'; held-out accuracy must go from
-    chance to >= 0.9 within 250 steps of 16 pairs."""
+    """Train on pairs ranked by 'number of good tokens' (`train.train` with the
+    reward_model objective); held-out accuracy must go from chance to >= 0.9 within 250
+    steps of 16 pairs, and the Trainer's eval step agrees with `evaluate_reward_model`."""
     cfg, params = _cfg_params()
     train_items, eval_items = _pairs(1024, seed=0), _pairs(256, seed=1)
 
@@ -113,25 +114,26 @@ def test_training_learns_known_scoring_rule():
         for i in range(0, 256, 64)
     ]
     before = reward_model.evaluate_reward_model(cfg, params, held_out)
-    trained, history = reward_model.train_reward_model(
-        cfg,
-        params,
-        batches(),
-        num_steps=250,
-        learning_rate=3e-3,
-        eval_batches=held_out,
-        log_every=0,
+    config = tiny.get_config()
+    config.objective.name = "reward_model"
+    config.num_steps, config.batch_size, config.grad_accum_steps = 250, 16, 1
+    config.optim.update(learning_rate=3e-3, max_grad_norm=0.0, schedule="constant")
+    config.train.update(log_every=50, tensorboard=False)
+    config.run_dir = ""
+    result = train.train(
+        config, train_data=batches(), eval_data=held_out, model_config=cfg, params=params
     )
-    after = history[-1]
+    history, after = result.history, result.eval_history[-1]
     assert before["accuracy"] < 0.7
     print("reward model held-out accuracy", before["accuracy"], "->", after["eval/accuracy"])
     assert after["eval/accuracy"] >= 0.9, after
     assert after["eval/margin"] > 0
     assert history[-1]["loss"] < history[0]["loss"]
-    # the caller's params survive (the step donates its own copy)
+    # the caller's params survive (the Trainer places its own copy)
     assert np.isfinite(np.asarray(params["head"]["kernel"])).all()
-    again = reward_model.evaluate_reward_model(cfg, trained, held_out)
+    again = reward_model.evaluate_reward_model(cfg, result.state.params, held_out)
     assert again["accuracy"] == pytest.approx(after["eval/accuracy"])
+    assert again["margin"] == pytest.approx(after["eval/margin"], rel=1e-4)
 
 
 def test_learned_reward_on_texts(tokenizer):

@@ -152,3 +152,20 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections
     for key, value in overrides:
         apply_override(config, key, value)
     return config
+
+
+def complete_section(name: str, given: Any = None) -> dict[str, Any]:
+    """`configs/default.py`'s section `name` with the keys of `given` (a dict or
+    ConfigDict, possibly partial) over it: the one place a missing setting gets its
+    default. A key the section does not have is refused (a typo never does nothing)."""
+    from dpo_jax.configs import default
+
+    out = default.get_config()[name].to_dict()
+    given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
+    unknown = sorted(set(given) - set(out))
+    if unknown:
+        raise config_error(
+            f"{name}.{unknown[0]}", "no such config key", _did_you_mean(unknown[0], list(out))
+        )
+    out.update(given)
+    return out

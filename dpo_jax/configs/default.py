@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # adamw | rmsprop | sgd
-    c.optim.learning_rate = 5e-7
+    c.optim.learning_rate = 1e-6  # TRL DPOConfig's default
     c.optim.warmup_steps = 0
     c.optim.schedule = "linear"  # constant | linear | cosine
     c.optim.final_lr_fraction = 0.0

@@ -272,7 +272,7 @@ def validate(config: Any) -> None:
     check("optim.schedule", _check_choice, optim.SCHEDULES)
     check(
         "optim.learning_rate", _check_number, 0.0, False, math.inf, False,
-        "try 5e-7 (TRL's default) to 1e-5",
+        "try 1e-6 (TRL's default) to 1e-5",
     )  # fmt: skip
     check("optim.warmup_steps", _check_int, 0)
     check("optim.final_lr_fraction", _check_number, 0.0, True, 1.0, True)
