@@ -408,10 +408,7 @@ def learned_reward(run: Run) -> Any:
         optim,
         run.params(c.reference),
     )  # {"model": backbone, "head": {"kernel", "bias"}}
-    return reward_model.LearnedReward(
-        run.model_cfg, {"backbone": params["model"], "head": params["head"]}, run.tokenizer,
-        batch_size=c.eval.batch_size,
-    )  # fmt: skip
+    return reward_model.LearnedReward(run.model_cfg, params, run.tokenizer, c.eval.batch_size)
 
 
 def best_of_n_policy(run: Run) -> Policy:
