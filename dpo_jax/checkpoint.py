@@ -23,7 +23,6 @@ import logging
 import os
 import pathlib
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -34,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dpo_jax import integrity
+from dpo_jax import integrity, paths
 from dpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,7 @@ NON_MATH_KEYS: tuple[str, ...] = (
     "model.attention",  # same math, another kernel (blockwise/cuDNN/splash; float rounding only)
     "data.eval",  # held-out data is only evaluated, never trained on
     "data.num_eval_examples",
+    "data.cache_dir",  # where tokenized data is cached, not what it holds (the key hashes it)
     "train.log_every",
     "train.eval_every",
     "train.nan_policy",  # switching stop -> skip after a NaN stop is the point of resuming
@@ -171,12 +171,7 @@ class SkippedStep(NamedTuple):
 # ---------------------------------------------------------------- paths
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """Local paths made absolute; gs:// and other remote paths (what Orbax takes) kept."""
-    text = os.fspath(path)
-    if "://" in text:
-        return epath.Path(text)
-    return epath.Path(os.path.abspath(text))
+as_path = paths.as_path  # local paths made absolute; gs:// kept (what Orbax takes)
 
 
 def _copy_tree_files(source: epath.Path, target: epath.Path, keep: Callable[[str], bool]) -> None:
@@ -297,19 +292,17 @@ def truncate_jsonl(path: str | os.PathLike, step: int, key: str = "step") -> int
     if bad:
         side = path.with_name(path.name + ".bad-lines")
         old = side.read_bytes() if side.exists() else b""
-        side.write_bytes(old + b"".join(bad))
+        paths.write_atomic(side, old + b"".join(bad))
     kept = [line for line, k in zip(lines, keep, strict=True) if k]
     prefix = sum(keep[: len(kept)]) == len(kept)
-    if prefix and "://" not in os.fspath(path):
+    if prefix and not paths.is_url(path):
         with open(os.fspath(path), "r+b") as f:
             f.truncate(sum(len(line) for line in kept))
             if kept and not kept[-1].endswith(b"\n"):
                 f.seek(0, os.SEEK_END)
                 f.write(b"\n")
-    else:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(k if k.endswith(b"\n") else k + b"\n" for k in kept))
-        tmp.replace(path)  # atomic: a kill leaves the old or the new file
+    else:  # a kill leaves the old or the new file
+        paths.write_atomic(path, b"".join(k if k.endswith(b"\n") else k + b"\n" for k in kept))
     return dropped
 
 
@@ -360,10 +353,18 @@ def _decode_data_state(data_state: Any) -> Any:
 
 
 def _step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
-    """Directories named by an integer step (what Orbax lists as steps)."""
+    """Directories named by an integer step (what Orbax lists as steps).
+
+    In a bucket a step directory without Orbax's commit marker is Orbax's in-flight
+    temporary (there is no rename there): left to `_unfinished_tmp_dirs`.
+    """
     if not directory.is_dir():
         return {}
-    return {int(p.name): p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()}
+    return {
+        int(p.name): p
+        for p in directory.iterdir()
+        if p.is_dir() and p.name.isdigit() and not ocp.step.is_path_temporary(p)
+    }
 
 
 def _unfinished_tmp_dirs(directory: epath.Path) -> list[epath.Path]:
@@ -569,9 +570,8 @@ class Checkpointer:
         if isinstance(tokenizer, str | os.PathLike):
             _copy_tree_files(as_path(tokenizer), tmp, _is_tokenizer_file)
         else:
-            with tempfile.TemporaryDirectory() as local:  # save_pretrained writes locally
+            with paths.staged_dir(tmp) as local:  # save_pretrained writes locally
                 tokenizer.save_pretrained(local)
-                _copy_tree_files(epath.Path(local), tmp, lambda _: True)
         tmp.rename(target)
 
     def maybe_save(
@@ -935,7 +935,7 @@ def export_hf(
     model_config: Any = None,
     tokenizer: Any = None,
     base: str | os.PathLike | None = None,
-) -> pathlib.Path:
+) -> pathlib.Path | epath.Path:
     """Write the policy of a checkpoint as a Hugging Face directory (weights, config, tokenizer).
 
     ``path`` is a run directory, its ``checkpoints`` directory or one step directory.
@@ -963,17 +963,19 @@ def export_hf(
             log.warning("%s: no saved tokenizer found; exporting weights and config only", path)
     elif isinstance(tokenizer, str | os.PathLike):
         tokenizer = _load_tokenizer(as_path(tokenizer))
-    output_dir = pathlib.Path(output_dir)
     head = None
     if isinstance(params, Mapping) and set(params) == {"model", "head"}:
         # an objective with a head (reward model): the HF directory holds the model, and
         # head.npz beside it the head (objectives.HEAD)
         params, head = params["model"], params["head"]
-    models.save_hf(output_dir, model_config, params, tokenizer=tokenizer)
-    if head is not None:
-        np.savez(output_dir / "head.npz", **{k: np.asarray(v) for k, v in head.items()})
+    with paths.staged_dir(output_dir) as local:  # save_hf writes local files
+        models.save_hf(pathlib.Path(local), model_config, params, tokenizer=tokenizer)
+        if head is not None:
+            np.savez(
+                pathlib.Path(local) / "head.npz", **{k: np.asarray(v) for k, v in head.items()}
+            )
     log.info("exported step %d of %s to %s", step, path, output_dir)
-    return output_dir
+    return paths.as_path(output_dir) if paths.is_url(output_dir) else pathlib.Path(output_dir)
 
 
 def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
@@ -989,8 +991,7 @@ def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
 def _load_tokenizer(directory: epath.Path) -> Any:
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as local:  # transformers reads local files only
-        _copy_tree_files(directory, epath.Path(local), lambda _: True)
+    with paths.local_copy(directory) as local:  # transformers reads local files only
         return AutoTokenizer.from_pretrained(local)
 
 

@@ -9,16 +9,14 @@ that failed for lack of space (ENOSPC, Orbax/TensorStore RESOURCE_EXHAUSTED) int
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
-import shutil
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
+from dpo_jax import paths
 from dpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -99,33 +97,21 @@ def is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(root, name))
-    return total
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
 def disk_full_error(run_dir: str | os.PathLike, error: BaseException) -> DiskFullError:
     """One line: the run directory, the free space, what one checkpoint needs, what to do."""
-    run_dir = Path(run_dir)
+    run_dir = paths.Path(run_dir)
     checkpoints = run_dir / "checkpoints"
     steps = sorted(
         (int(p.name) for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit())
         if checkpoints.is_dir()
         else []
     )
-    need = _tree_bytes(checkpoints / str(steps[-1])) if steps else 0
-    try:
-        free = shutil.disk_usage(run_dir).free
-    except OSError:
-        free = 0
+    need = paths.tree_bytes(checkpoints / str(steps[-1])) if steps else 0
+    free = paths.free_bytes(run_dir)  # None in a bucket: no free space to report
     text = " ".join(str(e) for e in _chain(error))
     cause = next((t for t in _DISK_FULL_TEXT if t in text), type(error).__name__)
     last = (
@@ -134,9 +120,10 @@ def disk_full_error(run_dir: str | os.PathLike, error: BaseException) -> DiskFul
         else "no checkpoint was committed"
     )
     need_text = f"; one checkpoint needs about {_gib(need)}" if need else ""
+    free_text = f"{_gib(free)} free" if free is not None else "storage quota or bucket full"
     return DiskFullError(
         f"{run_dir}: disk full while writing the run ({cause}); "
-        f"{_gib(free)} free{need_text}; {last}: free space (or lower checkpoint.keep_last) "
+        f"{free_text}{need_text}; {last}: free space (or lower checkpoint.keep_last) "
         "and rerun the same command to resume"
     )
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from dpo_jax import paths
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.models import families
 from dpo_jax.models.transformer import layer_location
@@ -472,17 +473,17 @@ def save_peft(
     model_config: Any,
     lcfg: LoraConfig,
     base_model_name_or_path: str = "",
-) -> Path:
+) -> Path | paths.Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` for `peft` to load."""
     from safetensors.numpy import save_file
 
     tensors, config = peft_state_dict(adapters, model_config, lcfg)
     config["base_model_name_or_path"] = str(base_model_name_or_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return out
+    with paths.staged_dir(out_dir) as local:  # safetensors writes local files
+        out = Path(local)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return paths.as_path(out_dir) if paths.is_url(out_dir) else Path(out_dir)
 
 
 # ------------------------------------------------------------------------ checkpoints

@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import struct
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from dpo_jax import paths
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -43,7 +47,8 @@ def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 class EventFile:
-    """One TensorBoard event file, written synchronously (no writer thread, no atexit hook).
+    """One TensorBoard event file, written synchronously (no writer thread, no atexit hook)
+    through `dpo_jax.paths`, so it may live in a bucket.
 
     TensorBoard has no way to delete points, so on opening, the directory's event files
     are replaced by one new file holding `rows` (the run's metrics.jsonl, already trimmed
@@ -51,20 +56,43 @@ class EventFile:
     killed run's extra steps on top of the rerun's.
     """
 
-    def __init__(self, directory: Path, rows: list[Mapping[str, Any]]):
-        from tensorboardX.event_file_writer import EventsWriter  # lazy: import stays light
+    def __init__(self, directory: paths.PathLike, rows: list[Mapping[str, Any]]):
+        from tensorboardX.proto.event_pb2 import Event  # lazy: import stays light
 
+        directory = paths.as_path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        stale = [p for p in directory.iterdir() if p.name.startswith("events.out.tfevents.")]
-        # A unique suffix: the old file may carry the same timestamp and host name.
-        self._writer = EventsWriter(str(directory / "events"), f".{os.getpid()}.{time.time_ns()}")
+        # (In a bucket an empty directory does not exist, so it cannot be listed.)
+        listed = directory.iterdir() if directory.is_dir() else []
+        stale = [p for p in listed if p.name.startswith("events.out.tfevents.")]
+        # TensorBoard's file name; a unique suffix: the old file may carry the same
+        # timestamp and host name.
+        name = (
+            f"events.out.tfevents.{str(time.time())[:10]}.{socket.gethostname()}"
+            f".{os.getpid()}.{time.time_ns()}"
+        )
+        self._file = paths.AppendFile(directory / name)
+        self._record(Event(wall_time=time.time(), file_version="brain.Event:2"))
         for row in rows:
             self.write(int(row["step"]), row, flush=False)
-        self._writer.flush()
-        # Only now that the replacement is on disk (a kill in between leaves both files,
+        self._file.flush()
+        # Only now that the replacement is written (a kill in between leaves both files,
         # and the next resume cleans up again).
         for p in stale:
             p.unlink(missing_ok=True)
+
+    def _record(self, event: Any) -> None:
+        # A TFRecord: length, its masked CRC-32C, the serialized event, its masked CRC-32C.
+        from tensorboardX.record_writer import masked_crc32c
+
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(
+            header
+            + struct.pack("<I", masked_crc32c(header))
+            + data
+            + struct.pack("<I", masked_crc32c(data)),
+            flush=False,
+        )
 
     def write(self, step: int, row: Mapping[str, Any], flush: bool = True) -> None:
         """One event at `step` with every numeric field of `row`."""
@@ -74,25 +102,21 @@ class EventFile:
         values = [Summary.Value(tag=k, simple_value=v) for k, v in _scalars(row).items()]
         if not values:
             return
-        self._writer.write_event(
-            Event(wall_time=time.time(), step=int(step), summary=Summary(value=values))
-        )
+        self._record(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
         if flush:
-            self._writer.flush()
+            self._file.flush()
 
     def close(self) -> None:
         """Flush and close the file."""
-        self._writer.close()
+        self._file.close()
 
 
-def read_events(directory: str | os.PathLike) -> list[tuple[int, str, float]]:
+def read_events(directory: paths.PathLike) -> list[tuple[int, str, float]]:
     """``(step, tag, value)`` of every scalar in a directory's event files, file by file."""
-    import struct
-
     from tensorboardX.proto.event_pb2 import Event
 
     out = []
-    for path in sorted(Path(directory).glob("events.out.tfevents.*")):
+    for path in sorted(paths.as_path(directory).glob("events.out.tfevents.*")):
         data = path.read_bytes()
         pos = 0
         while pos + 12 <= len(data):
@@ -111,8 +135,8 @@ class MetricsWriter:
     (trimmed) metrics.jsonl, see `EventFile`.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: bool = True):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: paths.PathLike, tensorboard: bool = True, enabled: bool = True):
+        self.run_dir = paths.as_path(run_dir)
         self.enabled = enabled
         self.path = self.run_dir / METRICS_FILENAME
         self._tb = None
@@ -123,7 +147,7 @@ class MetricsWriter:
         if tensorboard:
             rows = _readable_rows(self.path)
             self._tb = EventFile(self.run_dir / TENSORBOARD_SUBDIR, rows)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with the run
+        self._file = paths.AppendFile(self.path)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Record `metrics` at `step`; returns the JSON-able row that was written."""
@@ -133,7 +157,6 @@ class MetricsWriter:
             return row
         # json.dumps writes NaN/Infinity, which Python's json reads back.
         self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
         if self._tb is not None:
             self._tb.write(int(step), row)
         return row
@@ -150,7 +173,7 @@ class MetricsWriter:
                 self._tb.close()
 
 
-def _readable_rows(path: Path) -> list[dict[str, Any]]:
+def _readable_rows(path: epath.Path) -> list[dict[str, Any]]:
     # For the TensorBoard rebuild only: a line that is not a JSON object with a step
     # (torn, edited) is left to checkpoint.truncate_jsonl to report, not fatal here.
     rows = []
@@ -165,9 +188,9 @@ def _readable_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_jsonl(path: paths.PathLike) -> list[dict[str, Any]]:
     """All rows of a metrics JSONL file."""
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open("r", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -21,10 +21,11 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
+from dpo_jax import paths
 from dpo_jax.errors import UserError
+from dpo_jax.paths import Path  # local or gs:// (etils.epath)
 
 FINGERPRINT_COLUMN = "ref_logps_fingerprint"
 # Fields compared between a column and a training run; `dtype` is recorded only.
@@ -52,9 +53,9 @@ def model_identity(model_dir: str | os.PathLike) -> str:
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
     for path in files:
-        size = path.stat().st_size
+        size = paths.size(path)
         h.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             h.update(f.read(min(header_len, size)))
             for i in range(_CHUNKS):

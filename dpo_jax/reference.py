@@ -23,15 +23,15 @@ import json
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from dpo_jax import data, models, scoring
+from dpo_jax import data, models, paths, scoring
 from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN
 from dpo_jax.errors import UserError
+from dpo_jax.paths import Path  # local or gs:// (etils.epath)
 
 SequenceFn = Callable[[dict[str, np.ndarray], int], np.ndarray]
 
@@ -119,12 +119,12 @@ def cached_ref_logps(
     """First-pass reference log-probs for the training set, cached in the run dir."""
     path = Path(run_dir) / f"ref_logps_{_dataset_fingerprint(tokenized, ref_params)}.npz"
     if path.exists():
-        cached = np.load(path)
+        cached = paths.read_npz(path)
         return attach_ref_logps(tokenized, cached["chosen"], cached["rejected"])
     fn = make_logps_fn(model_config, ref_params)
     chosen, rejected = dataset_ref_logps(fn, tokenized, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, chosen=chosen, rejected=rejected)
+    paths.write_npz(path, {"chosen": chosen, "rejected": rejected})
     return attach_ref_logps(tokenized, chosen, rejected)
 
 
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     base = ref_fingerprint.base_fingerprint(spec, tokenizer, model_dir, str(args.dtype))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for i, c, r in zip(kept, chosen, rejected, strict=True):
             row = rows[i]
             if not (math.isfinite(c) and math.isfinite(r)):

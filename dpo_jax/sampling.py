@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import paths
 from dpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -656,7 +657,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_prompts(path: str) -> list[str]:
     """Prompts from a JSONL file with a ``prompt`` field per line, or a plain text file."""
     prompts: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with paths.Path(path).open("r", encoding="utf-8") as f:
         lines = f.read().splitlines()
     as_jsonl = path.endswith((".jsonl", ".json")) or (lines and lines[0].lstrip().startswith("{"))
     for lineno, line in enumerate(lines, start=1):
@@ -742,7 +743,7 @@ def run(args: argparse.Namespace) -> int:
     from dpo_jax import models
 
     model = models.Transformer(cfg)
-    with open(args.output, "w", encoding="utf-8") as f:
+    with paths.Path(args.output).open("w", encoding="utf-8") as f:
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start : start + args.batch_size]
             # A short last chunk is filled with copies so every call has one shape

@@ -24,7 +24,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -35,7 +34,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dpo_jax import guards, logprobs, lora, losses, models, objectives, optim, scoring, sharding
+from dpo_jax import (
+    guards,
+    logprobs,
+    lora,
+    losses,
+    models,
+    objectives,
+    optim,
+    paths,
+    scoring,
+    sharding,
+)
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
@@ -510,7 +520,7 @@ class TrainResult:
     state: TrainState
     history: list[dict[str, Any]]
     eval_history: list[dict[str, Any]]
-    run_dir: Path | None
+    run_dir: paths.Path | None
     trainer: Trainer
     lowered: jax.stages.Lowered | None = None  # train(dry_run=True): the first step's program
 
@@ -687,10 +697,13 @@ def run_loop(
 # ------------------------------------------------------------------------ config-driven
 
 
-def save_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
+def save_config(config: ml_collections.ConfigDict, run_dir: paths.PathLike) -> None:
     """Write the run's config as JSON next to its metrics."""
+    run_dir = paths.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILENAME).write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    paths.write_atomic(
+        run_dir / CONFIG_FILENAME, json.dumps(config.to_dict(), indent=2, default=str)
+    )
 
 
 def _attention_choice(config: ml_collections.ConfigDict) -> str:
@@ -899,7 +912,7 @@ def _train(
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None
-    run_dir = Path(config.run_dir) if config.run_dir else None
+    run_dir = paths.Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
 
     if checkpointer is None and config.checkpoint.enabled:
@@ -917,8 +930,10 @@ def _train(
                     train_data.set_state(restored.data_state)  # refuses other data
                     train_iter = iter(train_data)
                 else:  # a plain iterable: skip what the restored steps consumed
+                    # (from train_iter, which starts at the first batch: a generator's
+                    # iter() would continue after the one already taken)
                     skip = start_step * config.grad_accum_steps
-                    train_iter = itertools.islice(iter(train_data), skip, None)
+                    train_iter = itertools.islice(train_iter, skip, None)
                 log.info("resumed from step %d", start_step)
                 num_tokens_start = _logged_num_tokens(run_dir, start_step)
         except BaseException as error:  # a refused resume: release Orbax and SIGTERM
@@ -996,7 +1011,7 @@ def _close_all(*closeables: Any, failed: BaseException | None = None) -> None:
 
 
 def make_checkpointer(
-    config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: Path | None
+    config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: paths.Path | None
 ) -> Any:
     """The Orbax checkpointer `config.checkpoint` asks for (saves under run_dir/checkpoints)."""
     from dpo_jax import checkpoint
@@ -1010,7 +1025,7 @@ def make_checkpointer(
     )
 
 
-def _logged_num_tokens(run_dir: Path | None, step: int) -> int:
+def _logged_num_tokens(run_dir: paths.Path | None, step: int) -> int:
     """`num_tokens` of the metrics row of `step` (a resumed run keeps counting from it)."""
     from dpo_jax.metrics import read_jsonl
 
@@ -1048,6 +1063,7 @@ def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> di
         truncation_mode=d.truncation_mode,
         skip_bad_rows=d.skip_bad_rows,
         unpaired=not paired and not sft,
+        cache_dir=d.cache_dir,
     )
 
 

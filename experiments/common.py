@@ -17,16 +17,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import io
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from dpo_jax import configs
+from dpo_jax import configs, paths
 
 # --------------------------------------------------------------------- command line
 
@@ -88,34 +88,39 @@ def save_figure(fig: Any, ax: Any, title: str, path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    paths.write_atomic(path, png.getvalue())  # local or gs://
     agg_pyplot().close(fig)
 
 
 # ---------------------------------------------------------------------- run directory
 
 
-def make_run_dir(config: ml_collections.ConfigDict, experiment: str) -> Path:
+def make_run_dir(config: ml_collections.ConfigDict, experiment: str) -> paths.Path:
     """``config.workdir`` or ``runs/EXPERIMENT/TIMESTAMP``, created, with config.json in it."""
     workdir = config.get("workdir") or ""
     if not workdir:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         workdir = os.path.join("runs", experiment, stamp)
-    run_dir = Path(workdir)
+    run_dir = paths.Path(workdir)  # local or gs://
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_atomic(
+        run_dir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True)
+    )
     return run_dir
 
 
 def write_csv(
     path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
 ) -> None:
-    """Rows as CSV with exactly `columns` (missing values are empty)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
+    """Rows as CSV with exactly `columns` (missing values are empty), written atomically."""
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in columns})
+    paths.write_atomic(path, f.getvalue())  # local or gs://
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

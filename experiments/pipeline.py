@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpo_jax import logprobs, losses, optim, sampling, train_step
-from dpo_jax import metrics as dpo_metrics
+from dpo_jax import logprobs, sampling
 from dpo_jax.data import batching
 
 
@@ -193,8 +191,15 @@ class PairData:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def batch(self, idx: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
-        """Stacked `[2B, L]` batch of pairs `idx` (chosen rows, then rejected) + ref_logps."""
+    def batch(
+        self, idx: np.ndarray, length: int, pad_id: int, num_positions: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Stacked `[2B, L]` batch of pairs `idx` (chosen rows, then rejected) + ref_logps.
+
+        `num_positions` pins the scored positions' `K` (`logprobs.scored_positions`;
+        completions of at most that many tokens), so every step compiles one program
+        and a dry run lowers that same program.
+        """
         batch = batching.build_stacked(
             [self.prompts[i] for i in idx],
             [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx],
@@ -204,7 +209,45 @@ class PairData:
         batch["ref_logps"] = np.concatenate([self.ref_chosen[idx], self.ref_rejected[idx]]).astype(
             np.float32
         )
+        if num_positions is not None:
+            batch["scored_positions"] = logprobs.scored_positions(
+                batch["sequence_index"], num_positions
+            )
         return batch
+
+
+def pair_batches(
+    pairs: PairData,
+    micro_pairs: int,
+    length: int,
+    pad_id: int,
+    seed: int,
+    *,
+    num_positions: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless host micro-batches of `micro_pairs` pairs (all processes together): a
+    seeded permutation of the pairs, drawn afresh when fewer than a micro-batch remain.
+
+    Deterministic, so `train.train` resumes it by skipping what the restored steps
+    consumed. Process `p` of `P` gets its `micro_pairs / P` pairs of each micro-batch.
+    """
+    if len(pairs) < micro_pairs:
+        raise ValueError(f"{len(pairs)} pairs are fewer than one micro-batch of {micro_pairs}")
+    if micro_pairs % process_count:
+        raise ValueError(
+            f"{micro_pairs} pairs per micro-batch do not split over {process_count} processes"
+        )
+    per = micro_pairs // process_count
+    rng = np.random.default_rng(seed)
+    order, cursor = rng.permutation(len(pairs)), 0
+    while True:
+        if cursor + micro_pairs > len(order):
+            order, cursor = rng.permutation(len(pairs)), 0
+        idx = order[cursor : cursor + micro_pairs][process_index * per : (process_index + 1) * per]
+        cursor += micro_pairs
+        yield pairs.batch(idx, length, pad_id, num_positions)
 
 
 def pair_data(
@@ -244,55 +287,32 @@ def train_preference(
     desc: str,
     progress: bool = True,
 ) -> Any:
-    """Train `init_params` on the pairs with one registered loss; returns the final params.
+    """Train `init_params` on the pairs with one registered loss through the one
+    Trainer (`dpo_jax.train.train`, metrics in `log_dir`); returns the final params.
 
-    `train_config`: steps, batch_size (pairs), optimizer, learning_rate, warmup_steps,
-    schedule, max_grad_norm, eval_every. `eval_fn(step, params)` runs every eval_every
-    steps and at the last step; its metrics are logged next to the training metrics.
+    For the offline experiments (TL;DR, HH) until they are phase graphs: maps their
+    `train` section (steps, batch_size, optimizer, learning_rate, warmup_steps, schedule,
+    max_grad_norm, eval_every, micro_batches) onto a `dpo-jax train` config.
     """
+    from dpo_jax import train
+    from dpo_jax.configs import default
+
     tr = train_config
-    if loss_name not in losses.names():
-        raise ValueError(f"no loss {loss_name!r} in dpo_jax.losses (have {losses.names()})")
-    reference = "precomputed" if losses.needs_reference(loss_name) else "none"
-    optimizer, schedule = optim.make_optimizer(
-        dict(name=tr["optimizer"], learning_rate=tr["learning_rate"],
-             warmup_steps=tr["warmup_steps"], schedule=tr["schedule"],
-             max_grad_norm=tr["max_grad_norm"]),
-        tr["steps"],
-        init_params,
+    config = default.get_config()
+    config.run_dir = str(log_dir)
+    config.seed = seed
+    config.loss.name = loss_name
+    config.loss.hyper = dict(loss_hyper)
+    config.num_steps = int(tr["steps"])
+    config.batch_size = int(tr["batch_size"])
+    config.grad_accum_steps = int(tr.get("micro_batches", 1))
+    config.optim.update(
+        name=tr["optimizer"], learning_rate=tr["learning_rate"], warmup_steps=tr["warmup_steps"],
+        schedule=tr["schedule"], max_grad_norm=tr["max_grad_norm"],
     )  # fmt: skip
-    step_cfg = train_step.StepConfig(
-        apply_fn=model.apply, optimizer=optimizer, schedule=schedule,
-        loss_name=loss_name, loss_hyper=dict(loss_hyper), reference=reference,
-    )  # fmt: skip
-    b = int(tr["batch_size"])
-    if len(pairs) < b:
-        raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {b}")
-    step_fn = jax.jit(
-        functools.partial(train_step.train_step, cfg=step_cfg, n_seq=2 * b), donate_argnums=0
-    )
-    params = jax.tree.map(jnp.copy, init_params)  # the step donates its input state
-    state = train_step.init_state(params, optimizer, jax.random.key(seed), False)
-    rng = np.random.default_rng(seed)
-    order, cursor = rng.permutation(len(pairs)), 0
-    writer = dpo_metrics.MetricsWriter(log_dir)
-    bar = tqdm(range(1, tr["steps"] + 1), desc=desc, disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        if cursor + b > len(order):
-            order, cursor = rng.permutation(len(pairs)), 0
-        batch = pairs.batch(order[cursor : cursor + b], row_length, pad_id)
-        cursor += b
-        state, m = step_fn(state, {k: v[None] for k, v in batch.items()})
-        if step % tr["eval_every"] == 0 or step == tr["steps"]:
-            m = dict(jax.device_get(m))
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"{desc}: non-finite loss at step {step}")
-            if eval_fn is not None:
-                m.update(eval_fn(step, state.params))
-            writer.write(step, m)
-            bar.set_postfix({k: f"{float(v):.3g}" for k, v in m.items() if k in _SHOWN})
-    writer.close()
-    return state.params
-
-
-_SHOWN = ("loss", "rewards/accuracies", "eval/reward", "eval/kl", "eval/win_rate")
+    config.train.update(eval_every=int(tr["eval_every"]), log_every=int(tr["eval_every"]),
+                        progress=progress, tensorboard=True)  # fmt: skip
+    micro = config.batch_size // config.grad_accum_steps
+    data = pair_batches(pairs, micro, row_length, pad_id, seed)
+    result = train.train(config, train_data=data, model=(model.cfg, init_params), eval_hook=eval_fn)
+    return jax.device_get(result.state.params)

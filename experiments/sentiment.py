@@ -28,8 +28,18 @@ Presets (``--preset=NAME``):
 * ``smoke`` - the same pipeline shrunk to seconds, for tests.
 * ``imdb_gpt2_large`` - the paper's real setting (TFDS ``imdb_reviews``, prefixes of 2-8
   tokens, ``gpt2-large`` from a local HF directory, the siebert RoBERTa classifier as
-  reward, RMSprop lr 1e-6, batch 64). Meant for a TPU slice; ``--dry_run`` builds it with
-  abstract shapes and AOT-compiles the train step for the configured mesh.
+  reward, RMSprop lr 1e-6, batch 64). Meant for a TPU slice.
+
+The experiment is a phase graph (`experiments.phases`): corpus -> tokenizer -> sft ->
+pairs -> reference -> evaluate_sft -> methods/<label> (one `dpo_jax.train.train` run per
+method, checkpointed, its evaluation the `eval_hook`) -> report. Rerunning the same
+command (same ``--config.workdir``) skips finished phases and resumes an unfinished
+training phase from its last checkpoint; ``results.csv`` is assembled only from phase
+outputs. The config is a `dpo-jax train` config (`dpo_jax.configs.default`: the
+preference runs' ``optim.*``, ``batch_size``, ``num_steps``, ``mesh.*``,
+``checkpoint.*``, ...) plus the experiment's sections (``corpus``, ``sft``, ``pairs``,
+``methods``, ``eval``, ``reward``). ``--dry_run`` compiles, for each training phase, the
+program its run executes (abstract params) and prints its per-device memory.
 
     python -m experiments.sentiment [--preset=NAME] [--config.key=value ...] [--dry_run]
 """
@@ -37,10 +47,10 @@ Presets (``--preset=NAME``):
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,9 +58,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
+from flax import serialization
 
-from dpo_jax import evaluation, models, rewards
-from experiments import common, pipeline, synthetic_reviews
+from dpo_jax import evaluation, models, rewards, train
+from dpo_jax.configs import default, validate
+from experiments import common, phases, pipeline, synthetic_reviews
+from experiments.phases import Context, Phase
 
 PRESETS = ("default", "frontier", "smoke", "imdb_gpt2_large")
 
@@ -58,42 +72,34 @@ PRESETS = ("default", "frontier", "smoke", "imdb_gpt2_large")
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    """The experiment's config; `preset` is one of PRESETS."""
+    """The experiment's config: `dpo-jax train`'s tree (the preference runs) plus the
+    experiment's sections; `preset` is one of PRESETS."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    c = ml_collections.ConfigDict()
+    c = default.get_config()
     c.preset = preset
-    c.seed = 0
-    c.workdir = ""  # empty: runs/sentiment/TIMESTAMP
-    c.progress = True
-
+    c.workdir = ""  # the experiment's run directory; empty: runs/sentiment/TIMESTAMP
+    c.run_dir = ""  # unused: each training phase runs in workdir/<phase name>
+    # The SFT policy: a local HF checkpoint (model.path), or this GPT-2 shape from scratch.
+    c.model.update(path="", dtype="float32", param_dtype="float32", remat="none")
+    c.model.scan_layers = False
+    c.model.hidden_size = 128
+    c.model.num_layers = 3
+    c.model.num_heads = 4
+    c.model.max_position_embeddings = 64
+    c.tokenizer = ""  # a local HF tokenizer dir (real configs); empty: train a BPE on the corpus
     # Data. "synthetic": the seeded grammar; "tfds:imdb_reviews": the paper's data.
-    c.data = ml_collections.ConfigDict(
+    c.corpus = ml_collections.ConfigDict(
         dict(
             source="synthetic",
             num_reviews=20000,  # SFT corpus (synthetic) / max train reviews (IMDb)
             tokenizer_vocab_size=768,
-            tokenizer_dir="",  # a local HF tokenizer dir (real configs); empty = train one
             prefix_min_len=2,  # the paper: prefixes of 2-8 tokens
             prefix_max_len=8,
         )
     )
-    # SFT policy: from scratch (model_dir empty) or a local HF checkpoint.
-    c.model = ml_collections.ConfigDict(
-        dict(
-            model_dir="",
-            hidden_size=128,
-            num_layers=3,
-            num_heads=4,
-            max_position_embeddings=64,
-            dtype="float32",  # compute dtype
-            param_dtype="float32",
-            remat="none",
-            scan_layers=False,
-        )
-    )
     c.sft = ml_collections.ConfigDict(
-        dict(steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48)
+        dict(num_steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48)
     )
     # Preference pairs: K samples per prefix, all K*(K-1)/2 pairs labelled by the reward.
     c.pairs = ml_collections.ConfigDict(
@@ -106,7 +112,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         )
     )
     c.reward = "vader"  # "vader" or "hf:/local/classifier/dir" (siebert for the real config)
-    # Each method fine-tunes the SFT policy on the pairs with one loss.
+    # Each method fine-tunes the SFT policy on the pairs with one loss (a `dpo-jax train`
+    # run with the settings below and the method's loss.name / loss.hyper).
     c.methods = (
         "dpo:beta=0.05",
         "dpo:beta=0.1",
@@ -114,20 +121,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         "dpo:beta=5.0",
         "preferred_ft",
     )
-    c.train = ml_collections.ConfigDict(
-        dict(
-            steps=150,
-            batch_size=32,  # pairs per step
-            optimizer="adamw",
-            learning_rate=1e-4,
-            warmup_steps=20,
-            schedule="constant",
-            max_grad_norm=10.0,
-            eval_every=30,
-            mesh=(-1, 1, 1),  # (data, fsdp, tensor)
-            micro_batches=1,  # gradient accumulation inside the step
-        )
+    c.num_steps = 150
+    c.batch_size = 32  # pairs per step
+    c.optim.update(
+        name="adamw", learning_rate=1e-4, warmup_steps=20, schedule="constant", max_grad_norm=10.0
     )
+    c.train.update(eval_every=30, log_every=30)
+    # Checkpoints every evaluation: a resumed method redoes at most eval_every steps and
+    # no evaluation. Saving 0.7M parameters + Adam moments synchronously takes a few
+    # tens of ms, cheaper than a background thread on 2 cores; keep only the newest.
+    c.checkpoint.update(enabled=True, save_every=30, keep_last=1, async_save=False)
     c.dry_run_devices = 8  # simulated CPU devices for --dry_run
     c.eval = ml_collections.ConfigDict(
         dict(num_prefixes=256, max_new_tokens=24, batch_size=256, seed=1234)
@@ -146,31 +149,32 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     elif preset == "smoke":
         # Every sampler/scorer call has 64 rows (16 prompts x 4, or 64 prompts x 1), so
         # each compiles once.
-        c.data.update(num_reviews=400, tokenizer_vocab_size=384)
+        c.corpus.update(num_reviews=400, tokenizer_vocab_size=384)
         c.model.update(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=48)
-        c.sft.update(steps=30, batch_size=16, max_len=40)
+        c.sft.update(num_steps=30, batch_size=16, max_len=40)
         c.pairs.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
         c.methods = (
             "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1.0",
         )  # fmt: skip
-        c.train.update(steps=4, batch_size=8, eval_every=2)
+        c.update(num_steps=4, batch_size=8)
+        c.train.update(eval_every=2, log_every=2, progress=False)
+        c.checkpoint.save_every = 2
         c.eval.update(num_prefixes=64, max_new_tokens=8, batch_size=64)
-        c.progress = False
     elif preset == "imdb_gpt2_large":
-        c.data.update(
-            source="tfds:imdb_reviews", num_reviews=25000, tokenizer_dir="checkpoints/gpt2-large"
-        )
+        c.corpus.update(source="tfds:imdb_reviews", num_reviews=25000)
+        c.tokenizer = "checkpoints/gpt2-large"
         c.model.update(
-            model_dir="checkpoints/gpt2-large", dtype="bfloat16", remat="block", scan_layers=True
+            path="checkpoints/gpt2-large", dtype="bfloat16", remat="block", scan_layers=True
         )
         # One SFT epoch over the 25,000 training reviews, as in the paper.
-        c.sft.update(steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512)
+        c.sft.update(num_steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512)
         c.pairs.update(num_prefixes=25000, max_new_tokens=64, batch_size=512)
         c.reward = "hf:checkpoints/siebert-sentiment-roberta-large-english"
-        c.train.update(
-            steps=5000, batch_size=64, optimizer="rmsprop", learning_rate=1e-6,
-            warmup_steps=150, max_grad_norm=10.0, eval_every=500, mesh=(1, -1, 1), micro_batches=1,
-        )  # fmt: skip
+        c.update(num_steps=5000, batch_size=64, grad_accum_steps=1)
+        c.optim.update(name="rmsprop", learning_rate=1e-6, warmup_steps=150, max_grad_norm=10.0)
+        c.train.update(eval_every=500, log_every=10)
+        c.mesh.update(data=1, fsdp=-1, tensor=1)
+        c.checkpoint.update(save_every=500, keep_last=2, async_save=True)
         c.eval.update(num_prefixes=1024, max_new_tokens=64, batch_size=512)
     return c
 
@@ -305,34 +309,15 @@ RESULT_COLUMNS = (
 )
 
 
-# ---------------------------------------------------------------------------- pipeline
-
-
-@dataclasses.dataclass
-class Task:
-    """Everything the methods share once the SFT policy and the pairs exist."""
-
-    config: ml_collections.ConfigDict
-    tokenizer: Any
-    model: Any
-    sft_params: Any
-    pad_id: int
-    eos_id: int
-    reward_fn: Any
-    pairs: pipeline.PairData
-    eval_prefixes: list[list[int]]
-    scorer: pipeline.Scorer  # one compiled shape for the pairs' reference and every eval
-    run_dir: Path
-
-    @property
-    def row_length(self) -> int:
-        """Length of a prompt + completion row (prompts are <= prefix_max_len + BOS)."""
-        return self.config.data.prefix_max_len + 1 + self.config.pairs.max_new_tokens
+# ---------------------------------------------------------------------------- phases
+# Each phase reads the outputs of the phases it comes after (files under the run
+# directory), never another phase's memory, so a rerun after a kill computes what an
+# uninterrupted run computes.
 
 
 def load_corpus(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], list[str]]:
     """(SFT texts, texts whose prefixes make the pairs, texts whose prefixes are evaluated)."""
-    d = config.data
+    d = config.corpus
     n_pairs, n_eval = config.pairs.num_prefixes, config.eval.num_prefixes
     if d.source == "synthetic":
         texts = synthetic_reviews.generate_corpus(d.num_reviews + n_pairs + n_eval, config.seed)
@@ -341,11 +326,11 @@ def load_corpus(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]
         import tensorflow_datasets as tfds
 
         # The paper: SFT and pair prefixes from the train split, evaluation on test prefixes.
-        train = [r["text"].decode() for r in tfds.data_source("imdb_reviews", split="train")]
+        train_split = [r["text"].decode() for r in tfds.data_source("imdb_reviews", split="train")]
         test = [r["text"].decode() for r in tfds.data_source("imdb_reviews", split="test")]
-        return train[: d.num_reviews], train[:n_pairs], test[:n_eval]
+        return train_split[: d.num_reviews], train_split[:n_pairs], test[:n_eval]
     raise ValueError(
-        f"config.data.source={d.source!r}: expected 'synthetic' or 'tfds:imdb_reviews'"
+        f"config.corpus.source={d.source!r}: expected 'synthetic' or 'tfds:imdb_reviews'"
     )
 
 
@@ -358,114 +343,235 @@ def make_reward_fn(spec: str):
     raise ValueError(f"config.reward={spec!r}: expected 'vader' or 'hf:/local/dir'")
 
 
-def make_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int, eos_id: int):
-    """(ModelConfig, params) of the SFT model: a local HF checkpoint or a fresh GPT-2 shape."""
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> models.ModelConfig:
+    """The policy's ModelConfig: `model.path`'s config.json (or a built-in shape of that
+    name, for dry runs), else the from-scratch GPT-2 shape of `config.model`."""
+    from experiments import dry_run
+
     m = config.model
-    if m.model_dir:
-        return models.load_hf(
-            m.model_dir, m.dtype, m.param_dtype, remat=m.remat, scan_layers=m.scan_layers
-        )
-    cfg = models.ModelConfig.for_family(
-        "gpt2",
-        vocab_size=vocab_size,
-        hidden_size=m.hidden_size,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        max_position_embeddings=m.max_position_embeddings,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        remat=m.remat,
-        scan_layers=m.scan_layers,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-    )
-    return cfg, models.init_params(cfg, jax.random.key(config.seed))
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers)
+    if m.remat:
+        kw["remat"] = m.remat
+    if m.path:
+        return dry_run.model_config_for(m.path, **kw)
+    # The trained BPE's one special token (id 0) is BOS, EOS and padding (GPT-2's
+    # convention, common.train_bpe_tokenizer); the sampler takes them from the tokenizer.
+    return models.ModelConfig.for_family(
+        "gpt2", vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_heads=m.num_heads, max_position_embeddings=m.max_position_embeddings,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw,
+    )  # fmt: skip
 
 
-def build_task(config: ml_collections.ConfigDict, run_dir: Path, timings: dict[str, float]) -> Task:
-    """Corpus -> tokenizer -> SFT policy -> sampled completions -> labelled pairs."""
-    t0 = time.perf_counter()
-    sft_texts, pair_texts, eval_texts = load_corpus(config)
-    if config.data.tokenizer_dir:
+def row_length(config: ml_collections.ConfigDict) -> int:
+    """Length of a prompt + completion row (prompts are <= prefix_max_len + BOS)."""
+    longest = max(config.pairs.max_new_tokens, config.eval.max_new_tokens)
+    return config.corpus.prefix_max_len + 1 + longest
+
+
+def _write_json(path: epath.Path, value: Any) -> None:
+    path.write_text(json.dumps(value))
+
+
+def _read_json(path: epath.Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def save_params(path: epath.Path, params: Any) -> None:
+    """Params as msgpack (process 0 writes; every process's arrays are gathered)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        path.write_bytes(serialization.to_bytes(jax.device_get(params)))
+
+
+def load_params(path: epath.Path) -> Any:
+    """Params written by `save_params` (a plain nested dict of numpy arrays)."""
+    return serialization.msgpack_restore(path.read_bytes())
+
+
+def corpus_phase(ctx: Context) -> None:
+    """The texts of the three splits."""
+    sft, pairs, evals = load_corpus(ctx.config)
+    if ctx.is_main:
+        _write_json(ctx.dir / "texts.json", dict(sft=sft, pairs=pairs, eval=evals))
+
+
+def tokenizer_phase(ctx: Context) -> None:
+    """A BPE trained on the SFT texts (or the configured one), and every split tokenized:
+    SFT sequences, BOS + a 2-8 token prefix of each pair / evaluation text."""
+    config = ctx.config
+    texts = _read_json(ctx.input("corpus") / "texts.json")
+    if config.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, local_files_only=True)
     else:
-        tokenizer = common.train_bpe_tokenizer(
-            sft_texts, config.data.tokenizer_vocab_size, run_dir / "tokenizer"
-        )
+        tokenizer = common.train_bpe_tokenizer(texts["sft"], config.corpus.tokenizer_vocab_size)
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    encode = lambda texts: [[eos_id] + ids for ids in tokenizer(texts)["input_ids"]]
-    sft_seqs = [ids + [eos_id] for ids in encode(sft_texts)]
-    # Prefixes: BOS + 2-8 tokens of a held-out review (the paper's IMDb prefixes).
-    d = config.data
-    cut = lambda texts, seed: [
+    encode = lambda xs: [[eos_id] + ids for ids in tokenizer(xs)["input_ids"]]
+    d = config.corpus
+    cut = lambda xs, seed: [
         [eos_id] + p
         for p in synthetic_reviews.extract_prefixes(
-            [ids[1:] for ids in encode(texts)], d.prefix_min_len, d.prefix_max_len, seed
+            [ids[1:] for ids in encode(xs)], d.prefix_min_len, d.prefix_max_len, seed
         )
     ]
-    pair_prefixes = cut(pair_texts, config.seed + 1)
-    eval_prefixes = cut(eval_texts, config.seed + 2)
-    timings["data_and_tokenizer_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    model_cfg, params = make_model(config, len(tokenizer), pad_id, eos_id)
-    model = models.Transformer(model_cfg)
-    print(
-        f"SFT model: {models.param_count(model_cfg) / 1e6:.2f}M parameters, vocab {len(tokenizer)}"
+    tokens = dict(
+        sft=[ids + [eos_id] for ids in encode(texts["sft"])],
+        pairs=cut(texts["pairs"], config.seed + 1),
+        eval=cut(texts["eval"], config.seed + 2),
     )
-    if config.sft.steps > 0:  # from scratch, or fine-tuning a checkpoint on the corpus
-        params = pipeline.train_sft(
-            model, params, sft_seqs, [1] * len(sft_seqs), config.sft, pad_id, config.seed,
-            run_dir / "sft", config.progress,
-        )  # fmt: skip
-    timings["sft_s"] = time.perf_counter() - t0
+    if ctx.is_main:
+        tokenizer.save_pretrained(str(ctx.dir))
+        _write_json(ctx.dir / "tokens.json", tokens)
 
-    t0 = time.perf_counter()
+
+@dataclasses.dataclass
+class Task:
+    """What the phases after SFT share, loaded from the phase outputs."""
+
+    config: ml_collections.ConfigDict
+    tokenizer: Any
+    model_config: models.ModelConfig
+    sft_params: Any
+    tokens: dict[str, list[list[int]]]
+    reward_fn: Any
+    scorer: pipeline.Scorer  # one compiled shape for the pairs' reference and every eval
+
+    @property
+    def model(self) -> models.Transformer:
+        return models.Transformer(self.model_config)
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.eos_id if pad is None else pad
+
+    @property
+    def eval_prefixes(self) -> list[list[int]]:
+        return self.tokens["eval"]
+
+
+def load_task(ctx: Context) -> Task:
+    """Tokenizer, tokens, SFT policy, reward and scorer from the finished phases."""
+    from transformers import AutoTokenizer
+
+    config = ctx.config
+    tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
+    cfg = model_config(config, len(tokenizer))
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    return Task(
+        config=config, tokenizer=tokenizer, model_config=cfg,
+        sft_params=load_params(ctx.input("sft") / "params.msgpack"),
+        tokens=_read_json(ctx.input("tokenizer") / "tokens.json"),
+        reward_fn=make_reward_fn(config.reward),
+        scorer=pipeline.Scorer(
+            models.Transformer(cfg), rows=config.eval.batch_size, length=row_length(config),
+            pad_id=pad_id,
+        ),
+    )  # fmt: skip
+
+
+def sft_phase(ctx: Context) -> None:
+    """The SFT policy: the configured checkpoint or a fresh GPT-2 shape, fine-tuned on the
+    SFT sequences (skipped with sft.num_steps=0)."""
+    from transformers import AutoTokenizer
+
+    config = ctx.config
+    tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    m = config.model
+    if m.path:
+        cfg, params = models.load_hf(
+            m.path, m.dtype, m.param_dtype, remat=m.remat, scan_layers=m.scan_layers
+        )
+    else:
+        cfg = model_config(config, len(tokenizer))
+        params = models.init_params(cfg, jax.random.key(config.seed))
+    print(f"SFT model: {models.param_count(cfg) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    if config.sft.num_steps > 0:
+        seqs = _read_json(ctx.input("tokenizer") / "tokens.json")["sft"]
+        s = config.sft
+        sft_config = dict(
+            steps=s.num_steps, batch_size=s.batch_size, learning_rate=s.learning_rate,
+            warmup_steps=s.warmup_steps, max_len=s.max_len,
+        )  # fmt: skip
+        params = pipeline.train_sft(
+            models.Transformer(cfg), params, seqs, [1] * len(seqs), sft_config, pad_id,
+            config.seed, Path(ctx.dir), config.train.progress,
+        )  # fmt: skip
+    save_params(ctx.dir / "params.msgpack", params)
+
+
+def label_phase(ctx: Context) -> None:
+    """K samples per pair prefix from the SFT policy, labelled by the reward."""
+    config = ctx.config
+    task = load_task(ctx)
+    prefixes = task.tokens["pairs"]
     pr, k = config.pairs, config.pairs.samples_per_prefix
     comps, _ = pipeline.sample(
-        model, params, pair_prefixes, jax.random.key(config.seed + 7), n=k,
+        task.model, task.sft_params, prefixes, jax.random.key(config.seed + 7), n=k,
         max_new_tokens=pr.max_new_tokens, temperature=pr.temperature, rows=pr.batch_size,
-        eos_id=eos_id, pad_id=pad_id, desc="sample pairs", progress=config.progress,
+        eos_id=task.eos_id, pad_id=task.pad_id, desc="sample pairs",
+        progress=config.train.progress,
     )  # fmt: skip
-    reward_fn = make_reward_fn(config.reward)
-    texts = pipeline.decode_texts(tokenizer, [p for p in pair_prefixes for _ in range(k)], comps)
-    rewards_PxK = np.asarray(reward_fn(texts)).reshape(-1, k)
+    texts = pipeline.decode_texts(task.tokenizer, [p for p in prefixes for _ in range(k)], comps)
+    rewards_PxK = np.asarray(task.reward_fn(texts)).reshape(-1, k)
     triples = label_pairs(rewards_PxK)
     if not triples:
         raise RuntimeError("every sampled completion got the same reward: no preference pairs")
-    scorer = pipeline.Scorer(
-        model, rows=config.eval.batch_size, length=d.prefix_max_len + 1 + pr.max_new_tokens,
-        pad_id=pad_id,
-    )  # fmt: skip
-    pairs = pipeline.pair_data(
-        scorer,
-        params,
-        [pair_prefixes[p] for p, _, _ in triples],
-        [comps[p * k + i] for p, i, _ in triples],
-        [comps[p * k + j] for p, _, j in triples],
-    )
-    timings["pairs_s"] = time.perf_counter() - t0
-    ties = len(pair_prefixes) * k * (k - 1) // 2 - len(triples)
+    ties = len(prefixes) * k * (k - 1) // 2 - len(triples)
     print(
-        f"pairs: {len(triples)} from {len(pair_prefixes)} prefixes x {k} samples "
+        f"pairs: {len(triples)} from {len(prefixes)} prefixes x {k} samples "
         f"(mean sample reward {rewards_PxK.mean():.3f}; {ties} tied pairs dropped)"
     )
-    with open(run_dir / "pairs.jsonl", "w") as f:
+    if not ctx.is_main:
+        return
+    _write_json(ctx.dir / "tokens.json", dict(
+        prompts=[prefixes[p] for p, _, _ in triples],
+        chosen=[comps[p * k + i] for p, i, _ in triples],
+        rejected=[comps[p * k + j] for p, _, j in triples],
+    ))  # fmt: skip
+    with (ctx.dir / "pairs.jsonl").open("w") as f:
         for p, i, j in triples:
             f.write(json.dumps(dict(
-                prefix=tokenizer.decode(pair_prefixes[p], skip_special_tokens=True),
+                prefix=task.tokenizer.decode(prefixes[p], skip_special_tokens=True),
                 chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
                 chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
             )) + "\n")  # fmt: skip
-    return Task(
-        config=config, tokenizer=tokenizer, model=model, sft_params=params, pad_id=pad_id,
-        eos_id=eos_id, reward_fn=reward_fn, pairs=pairs, eval_prefixes=eval_prefixes,
-        scorer=scorer, run_dir=run_dir,
-    )  # fmt: skip
+
+
+def reference_phase(ctx: Context) -> None:
+    """The pairs' log-probs under the SFT policy (the DPO paper's reference), once."""
+    task = load_task(ctx)
+    t = _read_json(ctx.input("pairs") / "tokens.json")
+    ref = dict(
+        chosen=task.scorer(task.sft_params, t["prompts"], t["chosen"]),
+        rejected=task.scorer(task.sft_params, t["prompts"], t["rejected"]),
+    )
+    if ctx.is_main:
+        buf = io.BytesIO()
+        np.savez(buf, **ref)
+        (ctx.dir / "ref_logps.npz").write_bytes(buf.getvalue())
+
+
+def load_pairs(ctx: Context) -> pipeline.PairData:
+    """The labelled pairs with their reference log-probs."""
+    t = _read_json(ctx.input("pairs") / "tokens.json")
+    ref = np.load(io.BytesIO((ctx.input("reference") / "ref_logps.npz").read_bytes()))
+    return pipeline.PairData(
+        t["prompts"], t["chosen"], t["rejected"], ref["chosen"], ref["rejected"]
+    )
 
 
 @dataclasses.dataclass
@@ -478,6 +584,13 @@ class Evaluation:
     rewards: np.ndarray
     policy_logps: np.ndarray
     ref_logps: np.ndarray
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers of a results.csv row, as `eval/` metrics."""
+        return {
+            **self.reward.as_metrics("eval/reward"), **self.kl.as_metrics("eval/kl"),
+            "eval/num_samples": self.reward.n,
+        }  # fmt: skip
 
 
 def evaluate(task: Task, params: Any) -> Evaluation:
@@ -500,17 +613,9 @@ def evaluate(task: Task, params: Any) -> Evaluation:
     )  # fmt: skip
 
 
-def result_row(method: str, step: int, ev: Evaluation, final: bool) -> dict[str, Any]:
-    """A row of results.csv."""
-    return dict(
-        method=method, step=step, reward=ev.reward.mean, reward_stderr=ev.reward.stderr,
-        kl=ev.kl.mean, kl_stderr=ev.kl.stderr, num_samples=ev.reward.n, final=int(final),
-    )  # fmt: skip
-
-
-def write_samples(path: Path, method: str, ev: Evaluation) -> None:
-    """Append the evaluation samples (text, reward, log-probs) of one policy to a JSONL."""
-    with open(path, "a") as f:
+def write_samples(path: epath.Path, method: str, ev: Evaluation) -> None:
+    """The evaluation samples (text, reward, log-probs) of one policy as JSONL."""
+    with path.open("w") as f:
         for text, r, lp, lr in zip(
             ev.texts, ev.rewards, ev.policy_logps, ev.ref_logps, strict=True
         ):
@@ -518,51 +623,160 @@ def write_samples(path: Path, method: str, ev: Evaluation) -> None:
                                     policy_logp=float(lp), ref_logp=float(lr))) + "\n")  # fmt: skip
 
 
-def train_method(task: Task, method: Method, sft_eval: Evaluation) -> list[dict[str, Any]]:
-    """Fine-tune the SFT policy with one loss on the pairs; evaluate every eval_every steps."""
-    c = task.config
-    rows = [result_row(method.label, 0, sft_eval, final=False)]
+def evaluate_sft_phase(ctx: Context) -> None:
+    """The SFT policy's evaluation (every method's step 0)."""
+    task = load_task(ctx)
+    ev = evaluate(task, task.sft_params)
+    if ctx.is_main:
+        write_samples(ctx.dir / "samples.jsonl", "sft", ev)
+        _write_json(ctx.dir / "metrics.json", ev.metrics())
 
-    def eval_fn(step: int, params: Any) -> dict[str, float]:
-        ev = evaluate(task, params)
-        rows.append(result_row(method.label, step, ev, final=step == c.train.steps))
-        if step == c.train.steps:
-            write_samples(task.run_dir / "samples.jsonl", method.label, ev)
-        return {**ev.reward.as_metrics("eval/reward"), **ev.kl.as_metrics("eval/kl")}
 
-    pipeline.train_preference(
-        task.model, task.sft_params, task.pairs, loss_name=method.loss_name,
-        loss_hyper=method.loss_hyper, train_config=c.train, row_length=task.row_length,
-        pad_id=task.pad_id, seed=c.seed + 1000 * method.seed, eval_fn=eval_fn,
-        log_dir=task.run_dir / "methods" / method.label.replace(":", "_"), desc=method.label,
-        progress=c.progress,
+def method_config(ctx: Context, method: Method) -> ml_collections.ConfigDict:
+    """The `dpo-jax train` config of one method's run."""
+    return phases.train_config(
+        ctx.config, ctx, **{"loss.name": method.loss_name, "loss.hyper": method.loss_hyper,
+                            "seed": ctx.config.seed + 1000 * method.seed},
     )  # fmt: skip
-    return rows
 
 
-def best_of_n(task: Task, method: Method) -> list[dict[str, Any]]:
-    """Best-of-N from the SFT policy, selected by the ground-truth reward.
+def method_batches(
+    pairs: pipeline.PairData,
+    config: ml_collections.ConfigDict,
+    pad_id: int,
+    length: int,
+    num_positions: int,
+):
+    """This process's host micro-batches of a method's run (its `seed`'s pair order)."""
+    return pipeline.pair_batches(
+        pairs, config.batch_size // config.grad_accum_steps, length, pad_id, config.seed,
+        num_positions=num_positions, process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )  # fmt: skip
+
+
+def train_method_phase(method: Method):
+    """The phase that fine-tunes the SFT policy with one loss on the pairs; its
+    evaluation (sample, reward, KL) is the Trainer's eval_hook."""
+
+    def run(ctx: Context) -> train.TrainResult:
+        task = load_task(ctx)
+        config = method_config(ctx, method)
+
+        def eval_hook(step: int, params: Any) -> dict[str, float]:
+            ev = evaluate(task, params)
+            if step == config.num_steps and ctx.is_main:
+                write_samples(ctx.dir / "samples.jsonl", method.label, ev)
+            return ev.metrics()
+
+        data = method_batches(
+            load_pairs(ctx), config, task.pad_id, row_length(ctx.config),
+            ctx.config.pairs.max_new_tokens,
+        )  # fmt: skip
+        return phases.train_phase(
+            config, train_data=data, model=(task.model_config, task.sft_params),
+            eval_hook=eval_hook,
+        )  # fmt: skip
+
+    def dry(ctx: Context) -> Any:
+        config = method_config(ctx, method)
+        vocab = _dry_vocab_size(ctx)
+        cfg = model_config(ctx.config, vocab)
+        abstract = nn_unbox(models.abstract_params(cfg))
+        b = config.batch_size // config.grad_accum_steps
+        dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
+        data = method_batches(
+            dummy, config, 0, row_length(ctx.config), ctx.config.pairs.max_new_tokens
+        )
+        return phases.train_phase(
+            config, train_data=data, model=(cfg, abstract), dry_run=True
+        ).lowered
+
+    return run, dry
+
+
+def nn_unbox(tree: Any) -> Any:
+    """Plain ShapeDtypeStructs of boxed (LogicallyPartitioned) abstract params."""
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def _dry_vocab_size(ctx: Context) -> int:
+    """The vocabulary a from-scratch policy would get: the tokenizer of an existing run
+    directory, else `corpus.tokenizer_vocab_size` (a BPE trained on enough text has it)."""
+    tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
+    if tok.exists():
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(str(tok.parent), local_files_only=True))
+    return int(ctx.config.corpus.tokenizer_vocab_size)
+
+
+def best_of_n_phase(method: Method):
+    """Best-of-N from the SFT policy, selected by the ground-truth reward (no training).
 
     This is an ORACLE selector (the paper selects with a reward model learnt from the
     pairs), so the point is an upper bound for best-of-N at this N. Its KL is the
     analytic bound log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024).
     """
-    n, t, e = int(method.loss_hyper["n"]), task, task.config.eval
-    comps, _ = pipeline.sample(
-        t.model, t.sft_params, t.eval_prefixes, jax.random.key(e.seed + n), n=n,
-        max_new_tokens=e.max_new_tokens, temperature=1.0, rows=t.scorer.rows,
-        eos_id=t.eos_id, pad_id=t.pad_id,
+
+    def run(ctx: Context) -> None:
+        task = load_task(ctx)
+        n, e = int(method.loss_hyper["n"]), ctx.config.eval
+        comps, _ = pipeline.sample(
+            task.model, task.sft_params, task.eval_prefixes, jax.random.key(e.seed + n), n=n,
+            max_new_tokens=e.max_new_tokens, temperature=1.0, rows=task.scorer.rows,
+            eos_id=task.eos_id, pad_id=task.pad_id,
+        )  # fmt: skip
+        texts = pipeline.decode_texts(
+            task.tokenizer, [p for p in task.eval_prefixes for _ in range(n)], comps
+        )
+        best = np.asarray(task.reward_fn(texts), np.float64).reshape(-1, n).max(axis=1)
+        reward = evaluation.mean_and_stderr(best)
+        if ctx.is_main:
+            _write_json(ctx.dir / "metrics.json", {
+                **reward.as_metrics("eval/reward"), "eval/kl": float(np.log(n) - (n - 1) / n),
+                "eval/kl_stderr": float("nan"), "eval/num_samples": reward.n,
+            })  # fmt: skip
+
+    return run
+
+
+def method_phase_name(method: Method) -> str:
+    return "methods/" + method.label.replace(":", "_")
+
+
+def result_row(method: str, step: int, m: dict[str, Any], final: bool) -> dict[str, Any]:
+    """A row of results.csv from an evaluation's `eval/` metrics."""
+    return dict(
+        method=method, step=step, reward=m["eval/reward"], reward_stderr=m["eval/reward_stderr"],
+        kl=m["eval/kl"], kl_stderr=m["eval/kl_stderr"], num_samples=m["eval/num_samples"],
+        final=int(final),
     )  # fmt: skip
-    texts = pipeline.decode_texts(
-        t.tokenizer, [p for p in t.eval_prefixes for _ in range(n)], comps
-    )
-    best = np.asarray(t.reward_fn(texts), np.float64).reshape(-1, n).max(axis=1)
-    reward = evaluation.mean_and_stderr(best)
-    return [
-        dict(method=method.label, step=0, reward=reward.mean, reward_stderr=reward.stderr,
-             kl=float(np.log(n) - (n - 1) / n), kl_stderr=float("nan"), num_samples=reward.n,
-             final=1)
-    ]  # fmt: skip
+
+
+def collect_rows(ctx: Context, methods: Sequence[Method]) -> list[dict[str, Any]]:
+    """results.csv's rows, from the phase outputs only: the SFT evaluation, each trained
+    method's eval rows of its metrics.jsonl (the last row per step: a rerun of a finished
+    last step repeats it with the same numbers), each best-of-N point."""
+    from dpo_jax.metrics import read_jsonl
+
+    sft = _read_json(ctx.input("evaluate_sft") / "metrics.json")
+    rows = [result_row("sft", 0, sft, final=True)]
+    num_steps = ctx.config.num_steps
+    for method in methods:
+        out = ctx.input(method_phase_name(method))
+        if method.kind == "best_of_n":
+            rows.append(result_row(method.label, 0, _read_json(out / "metrics.json"), True))
+            continue
+        by_step = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if "eval/reward" in r}
+        rows.append(result_row(method.label, 0, sft, final=False))
+        rows += [
+            result_row(method.label, step, r, final=step == num_steps)
+            for step, r in sorted(by_step.items())
+        ]
+    return rows
 
 
 def headline(rows: Sequence[dict[str, Any]]) -> str:
@@ -579,33 +793,78 @@ def headline(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def run(config: ml_collections.ConfigDict) -> Path:
-    """The whole experiment; returns the run directory."""
-    wall0 = time.perf_counter()
+def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
+    """The experiment's phase graph for `config`."""
     methods = [parse_method(s) for s in config.methods]
+    policy = ("model", "tokenizer", "seed")
+    # What a preference run's numbers depend on (not where or how often it logs/saves).
+    training = ("num_steps", "batch_size", "grad_accum_steps", "optim", "train.eval_every", "seed",
+                "eval", "reward", "pairs.max_new_tokens", "corpus.prefix_max_len")  # fmt: skip
+    graph = [
+        Phase("corpus", corpus_phase,
+              reads=("corpus", "pairs.num_prefixes", "eval.num_prefixes", "seed")),
+        Phase("tokenizer", tokenizer_phase, after=("corpus",), reads=("tokenizer", "corpus")),
+        Phase("sft", sft_phase, after=("tokenizer",), reads=(*policy, "sft")),
+        Phase("pairs", label_phase, after=("tokenizer", "sft"), reads=("pairs", "reward", "eval.batch_size")),
+        Phase("reference", reference_phase, after=("tokenizer", "sft", "pairs"),
+              reads=("eval.batch_size", "eval.max_new_tokens")),
+        Phase("evaluate_sft", evaluate_sft_phase, after=("tokenizer", "sft"),
+              reads=("eval", "reward", "pairs.max_new_tokens")),
+    ]  # fmt: skip
+    for method in methods:
+        name = method_phase_name(method)
+        if method.kind == "best_of_n":
+            graph.append(Phase(name, best_of_n_phase(method), after=("tokenizer", "sft"),
+                               reads=("eval", "reward")))  # fmt: skip
+        else:
+            run, dry = train_method_phase(method)
+            graph.append(Phase(name, run, after=("tokenizer", "sft", "pairs", "reference"),
+                               reads=training, dry=dry))  # fmt: skip
+    names = tuple(p.name for p in graph)
+
+    def report(ctx: Context) -> None:
+        rows = collect_rows(ctx, methods)
+        run_dir = ctx.run_dir
+        common.write_csv(run_dir / "results.csv", rows, RESULT_COLUMNS)
+        plot_frontier(rows, run_dir / "frontier.png", f"sentiment ({config.preset}): reward vs KL")
+        times = phases.timings(graph, run_dir)
+        times["total_s"] = sum(times.values())
+        (run_dir / "timings.json").write_text(json.dumps(times, indent=2))
+        print(common.format_table([r for r in rows if r["final"]], RESULT_COLUMNS[:-1]))
+        print(headline(rows))
+        print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")
+        print("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in times.items()))
+
+    graph.append(Phase("report", report, after=names, marker=False))
+    return graph
+
+
+def execute(config: ml_collections.ConfigDict) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) the experiment; returns the run directory and what the phases
+    that ran in this process returned (TrainResults of the methods)."""
+    validate.validate(config)  # a bad key fails before any phase starts
     run_dir = common.make_run_dir(config, "sentiment")
     print(f"run directory: {run_dir}")
-    timings: dict[str, float] = {}
-    task = build_task(config, run_dir, timings)
-    t0 = time.perf_counter()
-    sft_eval = evaluate(task, task.sft_params)
-    write_samples(run_dir / "samples.jsonl", "sft", sft_eval)
-    rows = [result_row("sft", 0, sft_eval, final=True)]
-    for method in methods:
-        if method.kind == "best_of_n":
-            rows += best_of_n(task, method)
-        else:
-            rows += train_method(task, method, sft_eval)
-    timings["methods_s"] = time.perf_counter() - t0
-    common.write_csv(run_dir / "results.csv", rows, RESULT_COLUMNS)
-    plot_frontier(rows, run_dir / "frontier.png", f"sentiment ({config.preset}): reward vs KL")
-    timings["total_s"] = time.perf_counter() - wall0
-    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    print(common.format_table([r for r in rows if r["final"]], RESULT_COLUMNS[:-1]))
-    print(headline(rows))
-    print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")
-    print("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
-    return run_dir
+    returned = phases.run_phases(build_phases(config), config, run_dir)
+    return run_dir, returned
+
+
+def run(config: ml_collections.ConfigDict) -> Path:
+    """The whole experiment (resuming what a previous run of it left); returns the run
+    directory."""
+    return execute(config)[0]
+
+
+def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`--dry_run`: each training phase's program, compiled with abstract params on
+    `dry_run_devices` simulated devices; prints its per-device memory."""
+    from experiments import dry_run as dry
+
+    dry.ensure_cpu_devices(int(config.dry_run_devices))
+    validate.validate(config)
+    print(f"dry run: {config.model.path or 'from scratch'}, {len(jax.devices())} "
+          f"{jax.devices()[0].platform} devices")  # fmt: skip
+    return phases.dry_run_phases(build_phases(config), config, config.workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -613,19 +872,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = common.parse_args(get_config, argv, PRESETS)
     if args.dry_run:
-        from experiments import dry_run
-
-        c = args.config
-        dpo = [parse_method(m) for m in c.methods if m.startswith("dpo:")]
-        dry_run.run_from_config(
-            c,
-            loss_name="sigmoid",
-            loss_hyper=dpo[0].loss_hyper if dpo else {"beta": 0.1},
-            seq_len=c.data.prefix_max_len + 1 + c.pairs.max_new_tokens,
-            reference="precomputed",
-        )
+        dry_run(args.config)
         return 0
-    run(args.config)
+    try:
+        run(args.config)
+    except phases.Preempted as stop:
+        print(stop, file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     return 0
 
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +23,8 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
 from experiments import common, sentiment
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +37,27 @@ def smoke_run(tmp_path_factory):
     return run_dir, config, rows
 
 
+def _samples(run_dir) -> list[dict]:
+    """Every policy's final evaluation samples (the SFT policy's and each method's)."""
+    out = read_jsonl(run_dir / "evaluate_sft" / "samples.jsonl")
+    for path in sorted((run_dir / "methods").glob("*/samples.jsonl")):
+        out += read_jsonl(path)
+    return out
+
+
 def test_run_dir_has_every_artifact(smoke_run):
     run_dir, config, rows = smoke_run
-    for name in ("config.json", "results.csv", "frontier.png", "samples.jsonl", "pairs.jsonl",
-                 "timings.json", "tokenizer/tokenizer.json", "sft/metrics.jsonl"):  # fmt: skip
+    for name in ("config.json", "results.csv", "frontier.png", "evaluate_sft/samples.jsonl",
+                 "pairs/pairs.jsonl", "timings.json", "tokenizer/tokenizer.json",
+                 "sft/metrics.jsonl", "sft/params.msgpack"):  # fmt: skip
         assert (run_dir / name).is_file(), name
+    # Every phase finished with its marker; the report runs every time and has none.
+    phase_names = [p.name for p in sentiment.build_phases(config)]
+    assert phase_names[-1] == "report" and not (run_dir / "report" / "DONE").exists()
+    for name in phase_names[:-1]:
+        assert (run_dir / name / "DONE").is_file(), name
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert set(timings) == set(phase_names[:-1]) | {"total_s"}
     assert (run_dir / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run_dir / "config.json").read_text())["methods"] == list(config.methods)
     with open(run_dir / "results.csv") as f:
@@ -54,25 +77,73 @@ def test_run_dir_has_every_artifact(smoke_run):
         assert np.isfinite(float(row["reward"])) and -1.0 <= float(row["reward"]) <= 1.0
         assert np.isfinite(float(row["kl"]))
         assert int(row["num_samples"]) == config.eval.num_prefixes
-    # Per-method metrics: JSONL with the loss and the periodic eval numbers.
+    # Per-method metrics (the Trainer's metrics.jsonl): training rows every log_every
+    # steps, and the eval_hook's rows (reward, KL) every eval_every steps and at the end.
     lines = read_jsonl(run_dir / "methods" / "dpo_beta=0.1" / "metrics.jsonl")
-    assert [ln["step"] for ln in lines] == [2, 4]
-    assert all(np.isfinite(ln["loss"]) and "eval/kl" in ln and "eval/reward" in ln for ln in lines)
+    train_rows = [ln for ln in lines if "loss" in ln]
+    eval_rows = [ln for ln in lines if "eval/reward" in ln]
+    assert [ln["step"] for ln in train_rows] == [1, 2, 3, 4]
+    assert [ln["step"] for ln in eval_rows] == [2, 4]
+    assert all(np.isfinite(ln["loss"]) for ln in train_rows)
+    dpo_rows = [r for r in rows if r["method"] == "dpo:beta=0.1"][1:]
+    for ln, row in zip(eval_rows, dpo_rows, strict=True):  # results.csv is those rows
+        assert float(row["reward"]) == ln["eval/reward"] and float(row["kl"]) == ln["eval/kl"]
     assert list((run_dir / "methods" / "dpo_beta=0.1" / "tensorboard").iterdir())
+    # The run checkpointed (the Trainer's Orbax checkpoints, newest kept).
+    assert (run_dir / "methods" / "dpo_beta=0.1" / "checkpoints" / "4").is_dir()
     # Unlikelihood at alpha = 1: loss = chosen NLL + unlikelihood term, both logged.
     ul_lines = read_jsonl(
         run_dir / "methods" / "unlikelihood_unlikelihood_alpha=1" / "metrics.jsonl"
     )
-    assert [ln["step"] for ln in ul_lines] == [2, 4]
+    ul_lines = [ln for ln in ul_lines if "loss" in ln]
+    assert [ln["step"] for ln in ul_lines] == [1, 2, 3, 4]
     for ln in ul_lines:
         np.testing.assert_allclose(ln["loss"], ln["nll_loss"] + ln["unlikelihood_loss"], rtol=1e-5)
         assert ln["unlikelihood_loss"] > 0
 
 
+def _start(workdir, *args: str) -> subprocess.Popen:
+    """`python -m experiments.sentiment --preset=smoke` in a subprocess."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.sentiment", "--preset=smoke",
+         f"--config.workdir={workdir}", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def _wait_for(proc: subprocess.Popen, path, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"exited {proc.returncode} before {path}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_sigkill_in_a_training_phase_then_rerun_gives_the_same_table(smoke_run, tmp_path):
+    """SIGKILL the smoke experiment once its DPO phase has checkpointed step 2, rerun the
+    same command: the phases before are skipped, DPO resumes from step 2, and results.csv
+    is bit-identical to the uninterrupted run's."""
+    run_dir, config, _ = smoke_run
+    proc = _start(tmp_path)
+    phase = tmp_path / "methods" / "dpo_beta=0.1"
+    _wait_for(proc, phase / "checkpoints" / "2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (phase / "DONE").exists() and (tmp_path / "reference" / "DONE").exists()
+    config = sentiment.get_config("smoke")
+    config.workdir = str(tmp_path)
+    _, returned = sentiment.execute(config)
+    # Only the unfinished phases ran again, and the DPO run resumed after step 2.
+    assert "sft" not in returned and "pairs" not in returned
+    steps = [r["step"] for r in returned["methods/dpo_beta=0.1"].history]
+    assert steps[0] > 2 and steps[-1] == config.num_steps
+    assert (tmp_path / "results.csv").read_bytes() == (run_dir / "results.csv").read_bytes()
+
+
 def test_reward_and_kl_agree_with_a_second_computation(smoke_run):
     run_dir, config, rows = smoke_run
     vader = SentimentIntensityAnalyzer()
-    samples = read_jsonl(run_dir / "samples.jsonl")
+    samples = _samples(run_dir)
     final = {r["method"]: r for r in rows if r["final"] == "1"}
     for method in ("sft", "dpo:beta=0.1", "preferred_ft"):
         mine = [s for s in samples if s["method"] == method]
@@ -95,7 +166,7 @@ def test_reward_and_kl_agree_with_a_second_computation(smoke_run):
 def test_pairs_are_labelled_by_vader(smoke_run):
     run_dir, config, _ = smoke_run
     vader = SentimentIntensityAnalyzer()
-    pairs = read_jsonl(run_dir / "pairs.jsonl")
+    pairs = read_jsonl(run_dir / "pairs" / "pairs.jsonl")
     k = config.pairs.samples_per_prefix
     assert 0 < len(pairs) <= config.pairs.num_prefixes * k * (k - 1) // 2
     for p in pairs:
@@ -144,16 +215,31 @@ def test_parse_method():
 def test_command_line_overrides_and_presets():
     args = common.parse_args(
         sentiment.get_config,
-        ["--preset=frontier", "--config.train.steps=7", "--config.train.learning_rate=1",
-         "--config.methods=('dpo:beta=0.5',)", "--config.progress=false"],
+        ["--preset=frontier", "--config.num_steps=7", "--config.optim.learning_rate=1",
+         "--config.methods=('dpo:beta=0.5',)", "--config.train.progress=false",
+         "--config.mesh.fsdp=2"],
         sentiment.PRESETS,
     )  # fmt: skip
     c = args.config
-    assert (c.preset, c.train.steps, c.train.learning_rate, c.methods, c.progress) == (
+    assert (c.preset, c.num_steps, c.optim.learning_rate, c.methods, c.train.progress) == (
         "frontier", 7, 1.0, ("dpo:beta=0.5",), False,
     )  # fmt: skip
+    # The experiment's config is a `dpo-jax train` config: every key of default.py is
+    # there.
+    from dpo_jax.configs import default
+
+    def keys(cfg, prefix=""):
+        for k, v in cfg.items():
+            if hasattr(v, "items"):
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k
+
+    assert set(keys(default.get_config())) <= set(keys(c))
     with pytest.raises(UserError, match="'train.stepz': no such config key"):
         common.parse_args(sentiment.get_config, ["--config.train.stepz=1"], sentiment.PRESETS)
+    with pytest.raises(UserError, match="'train.optimizer': no such config key"):
+        common.parse_args(sentiment.get_config, ["--config.train.optimizer=sgd"], sentiment.PRESETS)
     with pytest.raises(SystemExit, match="unknown preset"):
         common.parse_args(sentiment.get_config, ["--preset=nope"], sentiment.PRESETS)
     # Every preset's methods parse and name registered losses.
@@ -172,7 +258,7 @@ def test_default_main_job_dpo_beats_sft(tmp_path):
     at finite reported KL."""
     config = sentiment.get_config("default")
     config.workdir = str(tmp_path)
-    config.progress = False
+    config.train.progress = False
     run_dir = sentiment.run(config)
     with open(run_dir / "results.csv") as f:
         final = {r["method"]: r for r in csv.DictReader(f) if r["final"] == "1"}

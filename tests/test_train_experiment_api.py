@@ -68,7 +68,8 @@ def test_eval_hook_rows_survive_a_kill_and_resume(tmp_path):
         train.train(config, train_data=dies_at_step_4(), model=model, eval_hook=_hook(calls_a))
     assert calls_a == [2]
     calls_b: list[int] = []
-    resumed = train.train(config, train_data=batches, model=model, eval_hook=_hook(calls_b))
+    # A generator: the resume skips the 2 restored steps' batches of it, from its start.
+    resumed = train.train(config, train_data=iter(batches), model=model, eval_hook=_hook(calls_b))
     assert calls_b == [4]  # step 2's eval row came from the first process
     rows = [r for r in read_jsonl(tmp_path / "part" / "metrics.jsonl") if "eval/param_sum" in r]
     assert [r["step"] for r in rows] == [2, 4]

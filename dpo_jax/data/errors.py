@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo_jax import paths
 from dpo_jax.errors import UserError
 
 REJECTS_FILENAME = "rejects.jsonl"
@@ -77,11 +78,10 @@ class RejectLog:
             return None
         if self.run_dir is None:
             raise ValueError("skip_bad_rows=True needs a run_dir to write the rejects file into")
-        os.makedirs(self.run_dir, exist_ok=True)
+        paths.Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         path = os.path.join(self.run_dir, REJECTS_FILENAME)
-        with open(path, "w", encoding="utf-8") as f:
-            for rec in self.rejects:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.rejects]
+        paths.write_atomic(path, "".join(lines))
         summary = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
         print(f"[dpo_jax.data] skipped {self.total} bad rows ({summary}); see {path}")
         return path

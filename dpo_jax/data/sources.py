@@ -10,7 +10,6 @@ that a bad row can be named precisely.
 from __future__ import annotations
 
 import codecs
-import glob
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dpo_jax import paths
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.errors import UserError
 
@@ -44,11 +44,11 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
         patterns = [patterns]
     out: list[str] = []
     for pat in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        matches = paths.glob(pat)
         if not matches:
             raise FileNotFoundError(f"data path {pat!r} matches no file")
         for m in matches:
-            if os.path.isdir(m):
+            if paths.Path(m).is_dir():
                 raise DataError(
                     "is a directory, not a data file; give a file or a glob such as "
                     f"{os.path.join(m, '*.jsonl')!r}",
@@ -146,7 +146,7 @@ def read_jsonl(path: str, rejects: RejectLog) -> Iterator[Row]:
     A UTF-8 byte-order mark is skipped; a UTF-16 file or one without any row is one bad
     input as a whole.
     """
-    with open(path, "rb") as f:
+    with paths.Path(path).open("rb") as f:
         problem = utf16_problem(f.read(64))
         if problem:
             _reject(rejects, None, problem, path, 1, "utf16")
@@ -187,8 +187,7 @@ def read_json(path: str, rejects: RejectLog) -> Iterator[Row]:
     A file that is not valid JSON or UTF-8 is one bad input as a whole: it is
     reported with the line of the problem and, when skipping, yields nothing.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = paths.Path(path).read_bytes()
     problem = utf16_problem(raw[:64])
     if problem:
         _reject(rejects, None, problem, path, 1, "utf16")
@@ -243,7 +242,8 @@ def read_parquet(path: str) -> Iterator[Row]:
     """Rows of a Parquet file (record numbers are 1-based)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    with paths.Path(path).open("rb") as f:
+        table = pq.read_table(f)
     for i, rec in enumerate(table.to_pylist(), start=1):
         yield Row(rec, path, i)
 
@@ -331,9 +331,9 @@ def read_hf_dataset(
     import datasets
 
     where = f"hf:{path_or_name}" + (f"/{split}" if split else "")
-    if os.path.isdir(path_or_name) and (
-        os.path.exists(os.path.join(path_or_name, "dataset_info.json"))
-        or os.path.exists(os.path.join(path_or_name, "dataset_dict.json"))
+    saved = paths.Path(path_or_name)  # load_from_disk reads gs:// too (fsspec)
+    if saved.is_dir() and (
+        (saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists()
     ):
         ds = datasets.load_from_disk(path_or_name)
         if isinstance(ds, datasets.DatasetDict):

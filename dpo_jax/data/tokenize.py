@@ -39,8 +39,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from dpo_jax import paths
 from dpo_jax.data.batching import context_and_targets
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import Example, PreferenceExample, SFTExample, common_prefix_length
@@ -181,7 +180,7 @@ class TokenizedDataset:
             lens[1] = self.ragged["rejected_prompt"].lengths + self.ragged["rejected"].lengths
         return np.max(lens, axis=0)
 
-    def save(self, path: str) -> None:
+    def save(self, path: paths.PathLike) -> None:
         """Write to one .npz file (atomically)."""
         arrays: dict[str, np.ndarray] = {}
         for k, r in self.ragged.items():
@@ -192,22 +191,20 @@ class TokenizedDataset:
         arrays["meta"] = np.frombuffer(
             json.dumps({"kind": self.kind, "stats": self.stats}).encode(), np.uint8
         )
-        tmp = f"{path}.tmp.{uuid.uuid4().hex}.npz"  # unique even across hosts on shared disks
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        paths.write_npz(path, arrays)  # atomic, unique temp name even across hosts
 
     @classmethod
-    def load(cls, path: str) -> TokenizedDataset:
+    def load(cls, path: paths.PathLike) -> TokenizedDataset:
         """Read a file written by `save`."""
-        with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            ragged, dense = {}, {}
-            for name in z.files:
-                parts = name.split("/")
-                if parts[0] == "ragged" and parts[2] == "values":
-                    ragged[parts[1]] = Ragged(z[name], z[f"ragged/{parts[1]}/offsets"])
-                elif parts[0] == "dense":
-                    dense[parts[1]] = z[name]
+        z = paths.read_npz(path)
+        meta = json.loads(bytes(z["meta"]).decode())
+        ragged, dense = {}, {}
+        for name in z:
+            parts = name.split("/")
+            if parts[0] == "ragged" and parts[2] == "values":
+                ragged[parts[1]] = Ragged(z[name], z[f"ragged/{parts[1]}/offsets"])
+            elif parts[0] == "dense":
+                dense[parts[1]] = z[name]
         # Keep the column order stable (prompt first) regardless of npz ordering.
         order = ["prompt", "chosen", "rejected", "completion", "rejected_prompt"]
         ragged = {k: ragged[k] for k in order if k in ragged}
@@ -475,8 +472,8 @@ def tokenize_cached(
     if cache_dir is None:
         return tokenize_examples(examples, tokenizer, settings, rejects)
     key = cache_key(tokenizer, examples, settings)
-    path = os.path.join(cache_dir, f"tokenized-{key}.npz")
-    if os.path.exists(path):
+    path = paths.Path(cache_dir) / f"tokenized-{key}.npz"
+    if path.exists():
         ds = TokenizedDataset.load(path)
         for rec in ds.stats.get("rejects", []):
             rejects.handle(
@@ -496,7 +493,7 @@ def tokenize_cached(
             rec["row"],
         )
     ds.stats["rejects"] = local.rejects
-    os.makedirs(cache_dir, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ds.save(path)
     ds.stats["from_cache"] = False
     return ds

@@ -1,0 +1,338 @@
+"""Experiments as phase graphs: resumable, checkpointed, and dry-runnable.
+
+An experiment module declares its phases and hands them to :func:`run_phases`:
+
+    PHASES = [
+        Phase("corpus", make_corpus, reads=("corpus", "seed")),
+        Phase("sft", train_sft, after=("corpus",), reads=("sft", "model"), dry=dry_sft),
+        Phase("report", write_table, after=("sft",), marker=False),
+    ]
+    run_phases(PHASES, config, run_dir)
+
+Each phase writes its outputs under ``run_dir/<name>/`` (``ctx.dir``) and reads what it
+needs from the directories of the phases it comes ``after`` (``ctx.input(name)``).
+When its ``run`` returns, the phase is finished: a completion marker ``DONE`` is written
+last and atomically (a temporary file renamed over it), holding
+
+* ``fingerprint``: sha256 of the config sections the phase ``reads`` (dotted keys, JSON)
+  together with the fingerprints of the phases it comes after, so a change upstream
+  reaches every phase downstream;
+* ``seconds``: wall time of the run that finished it (``timings``).
+
+Rerunning the same command (same run directory):
+
+* a phase with a matching marker is skipped;
+* a phase with a marker computed from other settings is REFUSED with a `UserError`
+  naming the phase and the differing keys (its outputs do not answer the new config;
+  use a new ``--config.workdir``, or delete ``run_dir/<name>`` to redo that phase and
+  every phase after it);
+* a phase without a marker runs again. Its outputs must be rewritten whole (never
+  appended), and a training phase passes ``checkpoint.enabled=True`` with
+  ``run_dir=ctx.dir`` to `dpo_jax.train.train` (:func:`train_config`), so the Trainer
+  resumes it from its last checkpoint, metrics rows included.
+
+Phases with ``marker=False`` (a final table assembled from other phases' outputs) run
+every time. Since every result is a phase output and every phase is deterministic, a
+run killed at any moment (SIGKILL or SIGTERM) and rerun ends with bit-identical results.
+
+``dry_run_phases`` calls each phase's ``dry(ctx)`` instead: a training phase returns
+the program its run would execute (``train(..., dry_run=True).lowered``, abstract
+params, nothing loaded), and the dry run prints its per-device memory.
+
+Multi-process runs (``jax.distributed``): every process runs every phase (training is
+collective); only process 0 writes markers, and all processes wait for each other
+after each phase. Run-directory I/O uses `etils.epath.Path`, so ``gs://`` works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from dpo_jax.errors import UserError
+
+MARKER = "DONE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One step of an experiment.
+
+    run: ``run(ctx) -> Any``, writes its outputs under ``ctx.dir``; what it returns is
+        kept in memory for the caller of `run_phases` (a TrainResult, say), never read
+        by other phases (they read files).
+    after: names of the phases whose outputs it reads (they run first).
+    reads: dotted config keys or sections its outputs depend on (its fingerprint).
+    dry: ``dry(ctx) -> jax.stages.Lowered | None``: the program a training phase runs.
+    marker: False for a phase that runs every time (a table assembled from outputs).
+    """
+
+    name: str
+    run: Callable[[Context], Any]
+    after: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    dry: Callable[[Context], Any] | None = None
+    marker: bool = True
+
+
+@dataclasses.dataclass
+class Context:
+    """What a phase sees: the config, its directory, its inputs' directories."""
+
+    config: ml_collections.ConfigDict
+    run_dir: epath.Path
+    phase: Phase
+
+    @property
+    def dir(self) -> epath.Path:
+        """``run_dir/<phase name>/``, created."""
+        path = self.run_dir / self.phase.name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def input(self, name: str) -> epath.Path:
+        """The directory of phase `name`, which this phase must come after."""
+        if name not in self.phase.after:
+            raise ValueError(f"phase {self.phase.name!r} reads {name!r} but is not after it")
+        return self.run_dir / name
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes shared outputs (process 0)."""
+        return jax.process_index() == 0
+
+
+def _section(config: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node[part]
+    return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def fingerprint(
+    phase: Phase, config: ml_collections.ConfigDict, upstream: Mapping[str, str]
+) -> dict:
+    """What a phase's outputs are computed from: its config sections, its inputs' prints."""
+    inputs = {key: _section(config, key) for key in phase.reads}
+    after = {name: upstream[name] for name in phase.after}
+    digest = hashlib.sha256(_canonical([inputs, after]).encode()).hexdigest()
+    return {"fingerprint": digest, "inputs": json.loads(_canonical(inputs)), "after": after}
+
+
+def read_marker(phase_dir: epath.Path) -> dict | None:
+    """The marker of a finished phase, or None."""
+    path = phase_dir / MARKER
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_atomically(path: epath.Path, text: str) -> None:
+    """Write `text` to a temporary file and rename it over `path` (readers see all or none)."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old["inputs"]) | set(new["inputs"]))
+    out = [k for k in keys if _canonical(old["inputs"].get(k)) != _canonical(new["inputs"].get(k))]
+    out += [f"(phase {n})" for n in sorted(new["after"]) if old["after"].get(n) != new["after"][n]]
+    return out
+
+
+def _ordered(phases: Sequence[Phase]) -> list[Phase]:
+    """`phases` in a dependency order (declaration order where free); checks the graph."""
+    by_name = {p.name: p for p in phases}
+    if len(by_name) != len(phases):
+        raise ValueError("two phases share a name")
+    done: list[Phase] = []
+    placed: set[str] = set()
+    pending = list(phases)
+    while pending:
+        ready = [p for p in pending if all(a in placed for a in p.after)]
+        if not ready:
+            missing = {a for p in pending for a in p.after if a not in by_name}
+            raise ValueError(
+                f"phases {[p.name for p in pending]}: unknown or cyclic 'after' {missing or ''}"
+            )
+        done.append(ready[0])
+        placed.add(ready[0].name)
+        pending.remove(ready[0])
+    return done
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"phase {name}")
+
+
+def run_phases(
+    phases: Sequence[Phase],
+    config: ml_collections.ConfigDict,
+    run_dir: str | epath.Path,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the phases not finished yet under `run_dir`; returns what each one that ran
+    returned, by name (skipped phases are absent). See the module docstring."""
+    run_dir = epath.Path(run_dir)
+    prints: dict[str, str] = {}
+    returned: dict[str, Any] = {}
+    for phase in _ordered(phases):
+        ctx = Context(config, run_dir, phase)
+        current = fingerprint(phase, config, prints)
+        prints[phase.name] = current["fingerprint"]
+        marker = read_marker(run_dir / phase.name) if phase.marker else None
+        if marker is not None:
+            if marker["fingerprint"] != current["fingerprint"]:
+                raise UserError(
+                    f"{run_dir / phase.name}: phase {phase.name!r} finished with other settings "
+                    f"({', '.join(_differences(marker, current))} differ); use a new "
+                    f"--config.workdir, or delete {run_dir / phase.name} to redo it and the "
+                    "phases after it"
+                )
+            log(f"phase {phase.name}: done (skipped)")
+            continue
+        t0 = time.perf_counter()
+        returned[phase.name] = phase.run(ctx)
+        seconds = time.perf_counter() - t0
+        if phase.marker and ctx.is_main:
+            write_atomically(ctx.dir / MARKER, json.dumps(dict(current, seconds=seconds), indent=1))
+        _sync(phase.name)
+    return returned
+
+
+def timings(phases: Iterable[Phase], run_dir: str | epath.Path) -> dict[str, float]:
+    """Seconds each finished phase took (from its marker: the run that finished it)."""
+    out = {}
+    for phase in phases:
+        marker = read_marker(epath.Path(run_dir) / phase.name) if phase.marker else None
+        if marker is not None:
+            out[phase.name] = float(marker["seconds"])
+    return out
+
+
+class Preempted(Exception):
+    """A training phase stopped before its last step (SIGTERM: the Trainer saved a
+    checkpoint and returned). The phase gets no marker; rerunning resumes it."""
+
+
+def train_phase(config: ml_collections.ConfigDict, **kwargs: Any) -> Any:
+    """`dpo_jax.train.train(config, **kwargs)` for a phase (`config` from
+    :func:`train_config`); raises `Preempted` when it stopped early, so no marker is
+    written for a half-trained phase."""
+    from dpo_jax import train
+
+    result = train.train(config, **kwargs)
+    if not kwargs.get("dry_run") and int(jax.device_get(result.state.step)) < config.num_steps:
+        raise Preempted(
+            f"{config.run_dir}: stopped at step {int(jax.device_get(result.state.step))} of "
+            f"{config.num_steps} (SIGTERM; checkpoint saved): rerun the same command to resume"
+        )
+    return result
+
+
+def train_config(
+    config: ml_collections.ConfigDict, ctx: Context, **overrides: Any
+) -> ml_collections.ConfigDict:
+    """The `dpo-jax train` config of a training phase: the keys of
+    `dpo_jax.configs.default.get_config()` (not the experiment's own sections, so
+    changing those never blocks a resume), ``run_dir=ctx.dir`` and checkpoints on, then
+    `overrides` (dotted keys: ``{"loss.name": "sft", "num_steps": 10}``)."""
+    from dpo_jax.configs import default
+
+    out = default.get_config()
+    _copy_known(config, out)
+    out.run_dir = str(ctx.dir)
+    out.checkpoint.enabled = True
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node[part]
+        if isinstance(value, Mapping):
+            value = ml_collections.ConfigDict(dict(value))
+        with node.ignore_type():
+            node[leaf] = value
+    return out
+
+
+def _copy_known(src: ml_collections.ConfigDict, dst: ml_collections.ConfigDict) -> None:
+    """Copy into `dst` the values of `src` at the keys `dst` already has."""
+    for key in list(dst.keys()):
+        if key not in src:
+            continue
+        if isinstance(dst[key], ml_collections.ConfigDict) and isinstance(
+            src[key], ml_collections.ConfigDict
+        ):
+            _copy_known(src[key], dst[key])
+        else:
+            with dst.ignore_type():
+                dst[key] = src[key]
+
+
+def dry_run_phases(
+    phases: Sequence[Phase],
+    config: ml_collections.ConfigDict,
+    run_dir: str | epath.Path = "",
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Each phase's ``dry(ctx)`` (phases without one are listed and skipped): the
+    lowered programs of the training phases, by name; prints each one's per-device
+    memory from ``compiled.memory_analysis()``. Writes nothing."""
+    run_dir = epath.Path(run_dir or "/nonexistent-dry-run")
+    lowered: dict[str, Any] = {}
+    for phase in _ordered(phases):
+        if phase.dry is None:
+            log(f"phase {phase.name}: no training program")
+            continue
+        program = phase.dry(Context(config, run_dir, phase))
+        if program is None:
+            continue
+        lowered[phase.name] = program
+        memory = memory_report(program.compile())
+        log(f"phase {phase.name}: per-device memory of its train step")
+        for key, value in memory.items():
+            log(f"  {key:<22} {value / 2**30:>10.3f} GiB  ({value:,} bytes)")
+    return lowered
+
+
+MEMORY_FIELDS = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "alias_size_in_bytes",
+    "temp_size_in_bytes",
+    "generated_code_size_in_bytes",
+)
+
+
+def memory_report(compiled: Any) -> dict[str, int]:
+    """Per-device bytes of a compiled program (``compiled.memory_analysis()``) and the
+    peak estimate: arguments + temporaries + outputs that do not alias a donated input."""
+    mem = compiled.memory_analysis()
+    out = {}
+    for field in MEMORY_FIELDS:
+        if mem is not None and hasattr(mem, field):
+            out[field.removesuffix("_in_bytes")] = int(getattr(mem, field))
+    if out:
+        out["peak_estimate"] = (
+            out.get("argument_size", 0)
+            + out.get("output_size", 0)
+            - out.get("alias_size", 0)
+            + out.get("temp_size", 0)
+        )
+    return out
