@@ -33,10 +33,10 @@ import json
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from experiments import offline
 
@@ -100,16 +100,14 @@ def make_rows(num_rows: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def write_fixture(directory: Path, config: Any) -> dict[str, Path]:
+def write_fixture(directory: epath.Path, config: Any) -> dict[str, epath.Path]:
     """Write train.jsonl / test.jsonl HH rows; return their paths by role."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, n, seed in (("train", config.data.num_train, config.seed),
                            ("test", config.data.num_test, config.seed + 1)):  # fmt: skip
         path = paths[split] = directory / f"{split}.jsonl"
-        with open(path, "w") as f:
-            for row in make_rows(n, seed):
-                f.write(json.dumps(row) + "\n")
+        path.write_text("".join(json.dumps(row) + "\n" for row in make_rows(n, seed)))
     return paths
 
 
@@ -145,31 +143,35 @@ TASK = offline.Task(
 
 
 def get_config(preset: str = "mini"):
-    """The experiment config; `preset` is one of PRESETS."""
+    """The experiment config (`dpo-jax train`'s tree plus the experiment's sections);
+    `preset` is one of PRESETS."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
     c = offline.offline_config("hh")
     c.preset = preset
-    c.beta = 0.1  # the paper's HH beta
+    c.loss.hyper.beta = 0.1  # the paper's HH beta
     c.methods = ("preferred_ft", "dpo", "best_of_n")
-    c.reference = "preferred_ft"  # the paper's HH reference: SFT on the chosen responses
+    c.reference_policy = "preferred_ft"  # the paper's HH reference: SFT on the chosen responses
     c.sft.completion_only = True
     c.data.update(max_prompt_length=32, max_completion_length=32)
     c.eval.max_new_tokens = 32
     if preset == "smoke":
         offline.shrink_to_smoke(c)
     elif preset == "pythia28":
-        c.data.update(
-            train_path="data/hh/train.jsonl", test_path="data/hh/test.jsonl",
-            tokenizer_dir="checkpoints/pythia-2.8b", max_prompt_length=256,
-            max_completion_length=256,
-        )  # fmt: skip
-        c.model.update(model_dir="checkpoints/pythia-2.8b", dtype="bfloat16", remat="block",
+        c.data.update(train="data/hh/train.jsonl", test="data/hh/test.jsonl",
+                      max_prompt_length=256, max_completion_length=256)  # fmt: skip
+        c.tokenizer = "checkpoints/pythia-2.8b"
+        c.model.update(path="checkpoints/pythia-2.8b", dtype="bfloat16", remat="block",
                        scan_layers=True)  # fmt: skip
-        c.train.update(steps=5000, batch_size=64, optimizer="rmsprop", learning_rate=1e-6,
-                       warmup_steps=150, eval_every=500, mesh=(1, -1, 1), micro_batches=2)  # fmt: skip
+        c.mesh.update(data=1, fsdp=-1)
+        # Preferred-FT: one epoch over the ~160k chosen responses, at batch 64.
+        c.sft.update(num_steps=2500, batch_size=64, learning_rate=1e-5, warmup_steps=150)
+        c.update(num_steps=5000, batch_size=64, grad_accum_steps=2)
+        c.optim.update(name="rmsprop", learning_rate=1e-6, warmup_steps=150)
+        c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
         c.eval.update(batch_size=256, max_new_tokens=256)
         c.best_of_n.n = 128  # the paper's Best of 128
+        c.reward_model.update(num_steps=2500, batch_size=64, learning_rate=1e-5)
         c.judge = "llm:python:my_judges:gpt4"
     return c
 

@@ -36,10 +36,10 @@ import json
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from experiments import offline
 
@@ -182,7 +182,7 @@ def make_sft_rows(num_rows: int, seed: int, split: str) -> list[dict[str, Any]]:
     return rows
 
 
-def write_fixture(directory: Path, config: Any) -> dict[str, Path]:
+def write_fixture(directory: epath.Path, config: Any) -> dict[str, epath.Path]:
     """Write the SFT split (train/test posts with human summaries) and the training
     comparisons; return their paths by role (sft, test, train)."""
     d = config.data
@@ -195,9 +195,7 @@ def write_fixture(directory: Path, config: Any) -> dict[str, Path]:
     for role, (name, rows) in files.items():
         path = paths[role] = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return paths
 
 
@@ -230,30 +228,37 @@ TASK = offline.Task(
 
 
 def get_config(preset: str = "mini"):
-    """The experiment config; `preset` is one of PRESETS."""
+    """The experiment config (`dpo-jax train`'s tree plus the experiment's sections);
+    `preset` is one of PRESETS."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
     c = offline.offline_config("tldr")
     c.preset = preset
-    c.beta = 0.5  # the paper's TL;DR beta
+    c.loss.hyper.beta = 0.5  # the paper's TL;DR beta
     c.methods = ("sft", "preferred_ft", "dpo")
-    c.reference = "sft"
+    c.reference_policy = "sft"
     if preset == "smoke":
         offline.shrink_to_smoke(c)
     elif preset == "pythia28":
         c.data.update(
-            sft_path="data/tldr/tldr_3_filtered/train.jsonl",
-            test_path="data/tldr/tldr_3_filtered/test.jsonl",
-            train_path="data/tldr/comparisons_train.jsonl",
-            tokenizer_dir="checkpoints/pythia-2.8b", max_prompt_length=512,
-            max_completion_length=128,
+            demonstrations="data/tldr/tldr_3_filtered/train.jsonl",
+            test="data/tldr/tldr_3_filtered/test.jsonl",
+            train="data/tldr/comparisons_train.jsonl",
+            max_prompt_length=512, max_completion_length=128,
         )  # fmt: skip
-        c.model.update(model_dir="checkpoints/pythia-2.8b", dtype="bfloat16", remat="block",
+        c.tokenizer = "checkpoints/pythia-2.8b"
+        c.model.update(path="checkpoints/pythia-2.8b", dtype="bfloat16", remat="block",
                        scan_layers=True)  # fmt: skip
-        c.train.update(steps=3000, batch_size=64, optimizer="rmsprop", learning_rate=1e-6,
-                       warmup_steps=150, eval_every=500, mesh=(1, -1, 1), micro_batches=2)  # fmt: skip
+        c.mesh.update(data=1, fsdp=-1)
+        # SFT: one epoch over the ~117k posts of the TL;DR SFT split, at batch 64.
+        c.sft.update(num_steps=1800, batch_size=64, learning_rate=1e-5, warmup_steps=150,
+                     completion_only=True)  # fmt: skip
+        c.update(num_steps=3000, batch_size=64, grad_accum_steps=2)
+        c.optim.update(name="rmsprop", learning_rate=1e-6, warmup_steps=150)
+        c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
         c.eval.update(batch_size=256, max_new_tokens=128)
         c.best_of_n.n = 128
+        c.reward_model.update(num_steps=1500, batch_size=64, learning_rate=1e-5)
         c.judge = "llm:python:my_judges:gpt4"
     return c
 

@@ -90,9 +90,11 @@ def test_presets_sweep_the_papers_temperatures():
         for preset in ("mini", "pythia28"):
             assert tuple(module.get_config(preset).eval.temperatures) == (0, 0.25, 0.5, 0.75, 1)
     assert tldr.get_config("mini").methods == ("sft", "preferred_ft", "dpo")
-    assert tldr.get_config("mini").reference == "sft"
+    assert tldr.get_config("mini").reference_policy == "sft"
     c = hh.get_config("pythia28")
-    assert c.methods == ("preferred_ft", "dpo", "best_of_n") and c.reference == "preferred_ft"
+    assert (
+        c.methods == ("preferred_ft", "dpo", "best_of_n") and c.reference_policy == "preferred_ft"
+    )
     assert c.best_of_n.n == 128 and c.eval.batch_size % 128 == 0
 
 
@@ -188,6 +190,12 @@ def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
             prompts=[s["prompt"] for s in mine],
         )  # fmt: skip
         assert wr.rate == pytest.approx(float(r["win_rate"]), abs=1e-12)
+    # Rerunning the command skips every finished phase and rebuilds the same table.
+    before = (run_dir / "results.csv").read_bytes()
+    (run_dir / "results.csv").unlink()
+    _SEEN_REFERENCES.clear()
+    offline.run_offline(config, tldr.TASK)
+    assert (run_dir / "results.csv").read_bytes() == before and not _SEEN_REFERENCES
     # Greedy is deterministic and temperature 1 samples: the two sweeps differ.
     greedy = [s["completion"] for s in samples if s["method"] == "sft" and s["temperature"] == 0]
     hot = [s["completion"] for s in samples if s["method"] == "sft" and s["temperature"] == 1]
@@ -230,14 +238,14 @@ def test_hh_smoke_with_best_of_n_and_an_llm_judge(tmp_path):
 
 
 def test_judge_samples_records_the_llm_judges_order_and_reply():
+    prompts = ["\n\nHuman: q1\n\nAssistant:", "\n\nHuman: q2\n\nAssistant:"]
     run = types.SimpleNamespace(
-        test_prompt_texts=["\n\nHuman: q1\n\nAssistant:", "\n\nHuman: q2\n\nAssistant:"],
-        reference_texts=[" ref one", " ref two"],
+        tokens=dict(test_prompt_texts=prompts, references=[" ref one", " ref two"])
     )
     j = judge.LLMJudge(judge.callable_completer(lambda q: "More helpful: A"), "dialogue", seed=1)
     row, lines = offline.judge_samples(j, run, [" mine one", " mine two"])
     first = [judge.presentation_order(1, p, t, r) for p, t, r in zip(
-        run.test_prompt_texts, [" mine one", " mine two"], run.reference_texts, strict=True)]  # fmt: skip
+        prompts, [" mine one", " mine two"], [" ref one", " ref two"], strict=True)]  # fmt: skip
     assert [ln["policy_shown_first"] for ln in lines] == first
     assert row["wins"] == sum(first) and row["losses"] == 2 - sum(first)
     assert all(ln["judge_reply"] == "More helpful: A" and ln["verdict"] == "A" for ln in lines)
