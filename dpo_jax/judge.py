@@ -37,7 +37,6 @@ import dataclasses
 import hashlib
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -227,19 +226,17 @@ def hf_completer(
     max_new_tokens: int = 64,
     rows: int = 8,
     dtype: str = "float32",
-    loaded: tuple[Any, Any, Any] | None = None,
 ) -> Completer:
     """A completer running a local Hugging Face causal LM (or a dpo_jax checkpoint)
     through ``dpo_jax.sampling.generate``: greedy, ``rows`` prompts per call (the last
     chunk padded by repetition, so each prompt bucket compiles once). Judge prompts
     longer than the model's context keep their end (the answers and the instructions).
-    ``loaded``: an already loaded ``(cfg, params, tokenizer)`` instead of ``model_dir``.
     """
     import jax
 
     from dpo_jax import sampling
 
-    cfg, params, tokenizer = loaded or sampling.load_model(model_dir, dtype=dtype)
+    cfg, params, tokenizer = sampling.load_model(model_dir, dtype=dtype)
     learned = getattr(cfg, "position_embedding", None) == "learned"  # a hard context limit
     limit = cfg.max_position_embeddings - max_new_tokens if learned else None
     eos = tokenizer.eos_token_id

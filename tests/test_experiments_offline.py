@@ -118,7 +118,13 @@ def scripted_hh_api(query: str) -> str:
     return f"Comparison: one answers the question.\nMore helpful: {better}"
 
 
-def test_resolve_judge_specs():
+def test_resolve_judge_specs(tmp_path):
+    from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
+
+    c = tldr.get_config("smoke")
+    hf_dir = make_tiny_hf_model("gpt2", tmp_path / "judge", tokenizer=train_tokenizer())
+    j = offline.resolve_judge(f"llm:hf:{hf_dir}", tldr.TASK, c)
+    assert isinstance(j, judge.LLMJudge) and j.template.name == "summarization"
     c = hh.get_config("smoke")
     j = offline.resolve_judge(
         "llm:python:tests.test_experiments_offline:scripted_hh_api", hh.TASK, c
