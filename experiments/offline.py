@@ -359,12 +359,12 @@ def load(ctx: Context) -> Loaded:
 
 
 def initial_params(config: ml_collections.ConfigDict, cfg: models.ModelConfig) -> Any:
-    """The initial policy: `model.path`'s weights or a seeded fresh init."""
+    """The initial policy: `model.path`'s weights (as `model_config` reads its shape) or
+    a seeded fresh init."""
     m = config.model
     if m.path:
-        return models.load_hf(
-            m.path, m.dtype, m.param_dtype, remat=m.remat or None, scan_layers=m.scan_layers
-        )[1]
+        kw = dict(scan_layers=m.scan_layers) | ({"remat": m.remat} if m.remat else {})
+        return models.load_hf(m.path, m.dtype, m.param_dtype, **kw)[1]
     return models.init_params(cfg, jax.random.key(config.seed))
 
 

@@ -98,6 +98,25 @@ def test_presets_sweep_the_papers_temperatures():
     assert c.best_of_n.n == 128 and c.eval.batch_size % 128 == 0
 
 
+def test_a_local_checkpoint_initialises_the_policy_in_the_configured_shape(tmp_path):
+    import flax.linen as nn
+    import jax
+
+    from dpo_jax import models
+    from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
+
+    c = hh.get_config("mini")
+    c.model.path = str(
+        make_tiny_hf_model("gpt_neox", tmp_path / "neox", tokenizer=train_tokenizer())
+    )
+    c.model.remat = "block"
+    cfg = offline.model_config(c, 0, 0, 0)  # vocabulary and special tokens from config.json
+    assert cfg.model_type == "gpt_neox" and cfg.remat == "block" and not cfg.scan_layers
+    params = offline.initial_params(c, cfg)
+    want = nn.meta.unbox(models.abstract_params(cfg))
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, want)
+
+
 def test_pick_best_of_n_by_hand():
     comps = ["a0", "a1", "a2", "b0", "b1", "b2"]
     assert offline.pick_best_of_n(comps, [0.1, 0.5, 0.2, 3.0, -1.0, 3.0], 3) == ["a1", "b0"]
