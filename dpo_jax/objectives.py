@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from dpo_jax import logprobs, losses
+from dpo_jax import logprobs, losses, ppo
 from dpo_jax.logprobs import SequenceLogps
 
 Array = jax.Array
@@ -218,6 +218,13 @@ OBJECTIVES: dict[str, Objective] = {
         reward_model_loss,
         needs=lambda cfg: frozenset({"last_hidden"}),
         head=Head(init_reward_head, reward_head_axes),
+    ),  # fmt: skip
+    # PPO's update (dpo_jax/ppo.py; the rollouts are the phase's, dpo_jax/ppo_loop.py):
+    # per-token log-probs and a value head on every hidden state; the reference enters
+    # through the rollout's rewards, not the step.
+    "ppo": Objective(
+        "ppo", ppo.objective_loss, head=Head(init_reward_head, reward_head_axes),
+        needs=lambda cfg: frozenset({"token_logps", "token_metrics", "hidden"}),
     ),  # fmt: skip
 }
 

@@ -1,24 +1,25 @@
-"""AOT dry run of a real-scale experiment: build everything with abstract shapes, lower and
-compile the train step for the configured mesh, and report what it would cost.
+"""Dry runs: compile a training phase's program with abstract shapes and report what it
+would cost on the configured mesh.
 
-Nothing is allocated: parameters and optimizer state come from `jax.eval_shape`, the batch
-is `jax.ShapeDtypeStruct`s with the shardings the loop would give it, and
-`jax.jit(step, in_shardings=..., out_shardings=...).lower(...).compile()` runs XLA's
-partitioner and buffer assignment for the mesh. `compiled.memory_analysis()` then gives
-the per-device argument / output / temporary bytes, which is what decides an OOM on a TPU
+An experiment's ``--dry_run`` calls `experiments.phases.dry_run_phases`: each training
+phase builds its run's `dpo-jax train` config and host batches and calls
+`dpo_jax.train.train(..., dry_run=True)` with abstract params (`jax.ShapeDtypeStruct`s:
+nothing is loaded or allocated). That is the Trainer of the run -- the same jitted step,
+shardings and batch shapes -- lowered for its first step; `compiled.memory_analysis()`
+gives the per-device argument / output / temporary bytes, which decide an OOM on a TPU
 slice. On a laptop, simulate the slice's devices on the CPU:
 
     python -m experiments.sentiment --preset=imdb_gpt2_large --dry_run
 
-(the experiment asks for `num_devices` CPU devices before JAX starts its backend; or set
-XLA_FLAGS=--xla_force_host_platform_device_count=8 yourself).
+(the experiment asks for `dry_run_devices` CPU devices before JAX starts its backend; or
+set XLA_FLAGS=--xla_force_host_platform_device_count=8 yourself). This module holds what
+the dry runs share: simulated devices, model shapes without a checkpoint, the batch plan.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Mapping
@@ -29,9 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
-from dpo_jax import lora, losses, models, optim, sharding, train, train_step
+from dpo_jax import models, sharding, train
 
 # What a real-scale run is built from: the same fields for every experiment.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -170,165 +170,53 @@ class DryRunReport:
         return "\n".join(lines)
 
 
-def _abstract_batch(plan: BatchPlan, reference: str, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one step's `[A, 2B, L]` stacked batch with the loop's shardings."""
-    a, n, length = plan.micro_batches, 2 * plan.pairs_per_micro, plan.seq_len
-    shapes = {
-        "input_ids": np.zeros((a, n, length), np.int32),
-        "positions": np.zeros((a, n, length), np.int32),
-        "segment_ids": np.zeros((a, n, length), np.int32),
-        "sequence_index": np.zeros((a, n, length), np.int32),
-    }
-    if reference == "precomputed":
-        shapes["ref_logps"] = np.zeros((a, n), np.float32)
-    shardings = sharding.batch_sharding(shapes, mesh, micro_axis=True)
-    return {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in shapes.items()
-    }
-
-
-def dry_run(
-    model_cfg: models.ModelConfig,
-    *,
-    mesh_shape: tuple[int, int, int],
-    plan_pairs: int,
-    micro_batches: int,
-    seq_len: int,
-    loss_name: str,
-    loss_hyper: Mapping[str, Any],
-    optim_config: Mapping[str, Any],
-    total_steps: int,
-    reference: str = "frozen",
-    logps_chunk_size: int = 0,
-    lora_config: lora.LoraConfig | None = None,
+def run_from_config(
+    config: Any, *, loss_name: str, loss_hyper: Mapping[str, Any], seq_len: int, reference: str
 ) -> DryRunReport:
-    """Lower and compile one train step for `mesh_shape` with abstract state and batch.
+    """Dry-run the preference run of an offline experiment config (TL;DR, HH: the
+    ``model.model_dir`` / ``train.*`` fields of `pipeline.offline_config`) through the
+    Trainer (`train.train(dry_run=True)`), until those experiments are phase graphs.
 
-    With `lora_config` the state holds the frozen base (in `lora_config.base_dtype`)
-    and trains adapters only, as `train.build_trainer` builds it.
+    Asks for ``config.dry_run_devices`` simulated CPU devices when the backend is the CPU.
+    The scored positions are pinned to ``seq_len - 1`` (every row's most), an upper bound.
     """
-    mesh = sharding.make_mesh(*mesh_shape)
+    from dpo_jax.configs import default
+    from experiments import phases, pipeline
+
+    ensure_cpu_devices(int(config.dry_run_devices))
+    m, tr = config.model, config.train
+    model_cfg = model_config_for(
+        m.model_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+        scan_layers=m.scan_layers,
+    )  # fmt: skip
+    c = default.get_config()
+    c.run_dir = ""
+    c.loss.name = loss_name
+    c.loss.hyper = dict(loss_hyper)
+    c.reference.mode = reference
+    c.update(num_steps=int(tr.steps), batch_size=int(tr.batch_size))
+    c.grad_accum_steps = int(tr.micro_batches)
+    c.optim.update(
+        name=tr.optimizer, learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps,
+        schedule=tr.schedule, max_grad_norm=tr.max_grad_norm,
+    )  # fmt: skip
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in tr.mesh)
+    mesh = sharding.make_mesh(*tr.mesh)
+    plan = BatchPlan(c.batch_size, c.grad_accum_steps, seq_len, sharding.data_parallel_size(mesh))
+    print(f"dry run: {m.model_dir} ({model_cfg.model_type}), loss {loss_name} {dict(loss_hyper)}, "
+          f"reference {reference}, {len(jax.devices())} {jax.devices()[0].platform} devices")  # fmt: skip
+    b = plan.pairs_per_micro
+    dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
+    data = pipeline.pair_batches(dummy, b, seq_len, 0, 0, num_positions=seq_len - 1)
     abstract = nn.meta.unbox(models.abstract_params(model_cfg))
-    logical = models.logical_axes(model_cfg)
-    model_abstract, model_logical, base = abstract, None, None
-    if lora_config is not None:
-        base = jax.eval_shape(lambda p: lora.cast_base(p, lora_config), abstract)
-        model_logical = lora.base_logical_axes(logical, base)
-        abstract = jax.eval_shape(
-            lambda b: lora.init_adapters(b, lora_config, jax.random.key(0)), base
-        )
-        logical = lora.adapter_logical_axes(model_logical, abstract)
-    optimizer, schedule = optim.make_optimizer(optim_config, total_steps, abstract, logical)
-    if not losses.needs_reference(loss_name):
-        reference = "none"
-    with_ref = reference == "frozen"
-    # Boxed with their logical names, as `train.build_trainer` builds the state.
-    boxed = sharding.box(logical, abstract)
-    boxed_state = jax.eval_shape(
-        lambda p: train_step.init_state(p, optimizer, jax.random.key(0), with_ref), boxed
-    )
-    if base is not None:
-        boxed_base = sharding.box(model_logical, base)
-        boxed_state = boxed_state.replace(
-            base_params=boxed_base, ref_params=boxed_base if with_ref else None
-        )
-    state_sh = train.state_shardings(boxed_state, mesh)
-    state_shapes = nn.meta.unbox(boxed_state)
-    step_cfg = train_step.StepConfig(
-        apply_fn=models.Transformer(model_cfg).apply,
-        optimizer=optimizer,
-        schedule=schedule,
-        loss_name=loss_name,
-        loss_hyper=dict(loss_hyper),
-        reference=reference,
-        logps_chunk_size=logps_chunk_size,
-        grad_shardings=state_sh.params,
-        lora_scale=0.0 if lora_config is None else lora_config.scale,
-    )
-    dp = sharding.data_parallel_size(mesh)
-    plan = BatchPlan(plan_pairs, micro_batches, seq_len, dp)
-    batch = _abstract_batch(plan, reference, mesh)
-    state_in = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_sh
-    )
-    repl = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    fn = jax.jit(
-        functools.partial(train_step.train_step, cfg=step_cfg, n_seq=2 * plan.pairs_per_micro),
-        in_shardings=(state_sh, {k: v.sharding for k, v in batch.items()}),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
-    )
-    # Linen's activation constraints resolve logical names through the mesh + rule table.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        compiled = fn.lower(state_in, batch).compile()
-    mem = compiled.memory_analysis()
-    memory = {}
-    for field in (
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "alias_size_in_bytes",
-        "temp_size_in_bytes",
-        "generated_code_size_in_bytes",
-    ):
-        if mem is not None and hasattr(mem, field):
-            memory[field.removesuffix("_in_bytes")] = int(getattr(mem, field))
-    if memory:
-        # Donated state aliases its outputs: live memory is arguments + temporaries +
-        # outputs that are not aliases of arguments.
-        memory["peak_estimate"] = (
-            memory.get("argument_size", 0)
-            + memory.get("output_size", 0)
-            - memory.get("alias_size", 0)
-            + memory.get("temp_size", 0)
-        )
-    leaves = jax.tree.leaves(model_abstract)
-    return DryRunReport(
+    lowered = train.train(c, train_data=data, model=(model_cfg, abstract), dry_run=True).lowered
+    leaves = jax.tree.leaves(abstract)
+    report = DryRunReport(
         param_count=int(sum(np.prod(x.shape) for x in leaves)),
         param_bytes=int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)),
         mesh=dict(zip(sharding.MESH_AXES, (int(s) for s in mesh.devices.shape), strict=True)),
         plan=plan,
-        memory=memory,
-    )
-
-
-def run_from_config(
-    config: Any, *, loss_name: str, loss_hyper: Mapping[str, Any], seq_len: int, reference: str
-) -> DryRunReport:
-    """Dry-run an experiment config that follows the shared field names: ``model.model_dir``
-    (checkpoint dir or MODEL_PRESETS name), ``model.dtype/param_dtype/remat/scan_layers``,
-    ``train.mesh/batch_size/micro_batches/steps`` and the optimizer fields of ``train``.
-
-    Asks for ``config.dry_run_devices`` simulated CPU devices when the backend is the CPU.
-    """
-    ensure_cpu_devices(int(config.dry_run_devices))
-    m, tr = config.model, config.train
-    model_cfg = model_config_for(
-        m.model_dir,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        remat=m.remat,
-        scan_layers=m.scan_layers,
-    )
-    optim_config = dict(
-        name=tr.optimizer,
-        learning_rate=tr.learning_rate,
-        warmup_steps=tr.warmup_steps,
-        schedule=tr.schedule,
-        max_grad_norm=tr.max_grad_norm,
-    )
-    print(f"dry run: {m.model_dir} ({model_cfg.model_type}), loss {loss_name} {dict(loss_hyper)}, "
-          f"reference {reference}, {len(jax.devices())} {jax.devices()[0].platform} devices")  # fmt: skip
-    report = dry_run(
-        model_cfg,
-        mesh_shape=tuple(tr.mesh),
-        plan_pairs=tr.batch_size,
-        micro_batches=tr.micro_batches,
-        seq_len=seq_len,
-        loss_name=loss_name,
-        loss_hyper=loss_hyper,
-        optim_config=optim_config,
-        total_steps=tr.steps,
-        reference=reference,
+        memory=phases.memory_report(lowered.compile()),
     )
     print(report.summary())
     return report

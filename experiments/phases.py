@@ -12,7 +12,7 @@ An experiment module declares its phases and hands them to :func:`run_phases`:
 Each phase writes its outputs under ``run_dir/<name>/`` (``ctx.dir``) and reads what it
 needs from the directories of the phases it comes ``after`` (``ctx.input(name)``).
 When its ``run`` returns, the phase is finished: a completion marker ``DONE`` is written
-last and atomically (a temporary file renamed over it), holding
+last and atomically (`dpo_jax.paths.write_atomic`), holding
 
 * ``fingerprint``: sha256 of the config sections the phase ``reads`` (dotted keys, JSON)
   together with the fingerprints of the phases it comes after, so a change upstream
@@ -40,8 +40,9 @@ the program its run would execute (``train(..., dry_run=True).lowered``, abstrac
 params, nothing loaded), and the dry run prints its per-device memory.
 
 Multi-process runs (``jax.distributed``): every process runs every phase (training is
-collective); only process 0 writes markers, and all processes wait for each other
-after each phase. Run-directory I/O uses `etils.epath.Path`, so ``gs://`` works.
+collective); only process 0 writes markers and shared outputs (``ctx.is_main``), and all
+processes wait for each other after each phase. Run-directory I/O goes through
+`dpo_jax.paths`, so the run directory may be ``gs://``.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from typing import Any
 
 import jax
 import ml_collections
-from etils import epath
 
+from dpo_jax import paths
 from dpo_jax.errors import UserError
 
 MARKER = "DONE"
@@ -88,17 +89,17 @@ class Context:
     """What a phase sees: the config, its directory, its inputs' directories."""
 
     config: ml_collections.ConfigDict
-    run_dir: epath.Path
+    run_dir: paths.Path
     phase: Phase
 
     @property
-    def dir(self) -> epath.Path:
+    def dir(self) -> paths.Path:
         """``run_dir/<phase name>/``, created."""
         path = self.run_dir / self.phase.name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def input(self, name: str) -> epath.Path:
+    def input(self, name: str) -> paths.Path:
         """The directory of phase `name`, which this phase must come after."""
         if name not in self.phase.after:
             raise ValueError(f"phase {self.phase.name!r} reads {name!r} but is not after it")
@@ -131,17 +132,10 @@ def fingerprint(
     return {"fingerprint": digest, "inputs": json.loads(_canonical(inputs)), "after": after}
 
 
-def read_marker(phase_dir: epath.Path) -> dict | None:
+def read_marker(phase_dir: paths.Path) -> dict | None:
     """The marker of a finished phase, or None."""
     path = phase_dir / MARKER
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_atomically(path: epath.Path, text: str) -> None:
-    """Write `text` to a temporary file and rename it over `path` (readers see all or none)."""
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -182,13 +176,13 @@ def _sync(name: str) -> None:
 def run_phases(
     phases: Sequence[Phase],
     config: ml_collections.ConfigDict,
-    run_dir: str | epath.Path,
+    run_dir: str | paths.Path,
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the phases not finished yet under `run_dir`; returns what each one that ran
     returned, by name (skipped phases are absent). See the module docstring."""
-    run_dir = epath.Path(run_dir)
+    run_dir = paths.as_path(run_dir)
     prints: dict[str, str] = {}
     returned: dict[str, Any] = {}
     for phase in _ordered(phases):
@@ -210,16 +204,18 @@ def run_phases(
         returned[phase.name] = phase.run(ctx)
         seconds = time.perf_counter() - t0
         if phase.marker and ctx.is_main:
-            write_atomically(ctx.dir / MARKER, json.dumps(dict(current, seconds=seconds), indent=1))
+            paths.write_atomic(
+                ctx.dir / MARKER, json.dumps(dict(current, seconds=seconds), indent=1)
+            )
         _sync(phase.name)
     return returned
 
 
-def timings(phases: Iterable[Phase], run_dir: str | epath.Path) -> dict[str, float]:
+def timings(phases: Iterable[Phase], run_dir: str | paths.Path) -> dict[str, float]:
     """Seconds each finished phase took (from its marker: the run that finished it)."""
     out = {}
     for phase in phases:
-        marker = read_marker(epath.Path(run_dir) / phase.name) if phase.marker else None
+        marker = read_marker(paths.as_path(run_dir) / phase.name) if phase.marker else None
         if marker is not None:
             out[phase.name] = float(marker["seconds"])
     return out
@@ -287,14 +283,14 @@ def _copy_known(src: ml_collections.ConfigDict, dst: ml_collections.ConfigDict) 
 def dry_run_phases(
     phases: Sequence[Phase],
     config: ml_collections.ConfigDict,
-    run_dir: str | epath.Path = "",
+    run_dir: str | paths.Path = "",
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Each phase's ``dry(ctx)`` (phases without one are listed and skipped): the
     lowered programs of the training phases, by name; prints each one's per-device
     memory from ``compiled.memory_analysis()``. Writes nothing."""
-    run_dir = epath.Path(run_dir or "/nonexistent-dry-run")
+    run_dir = paths.as_path(run_dir or "/nonexistent-dry-run")
     lowered: dict[str, Any] = {}
     for phase in _ordered(phases):
         if phase.dry is None:

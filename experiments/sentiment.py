@@ -47,7 +47,6 @@ program its run executes (abstract params) and prints its per-device memory.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import sys
@@ -58,10 +57,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import serialization
 
-from dpo_jax import evaluation, models, rewards, train
+from dpo_jax import evaluation, models, paths, rewards, train
 from dpo_jax.configs import default, validate
 from experiments import common, phases, pipeline, synthetic_reviews
 from experiments.phases import Context, Phase
@@ -98,9 +96,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             prefix_max_len=8,
         )
     )
+    # SFT through the Trainer (objective.name="sft"; mesh, model and checkpoint.* as the
+    # preference runs). save_every: a resumed SFT redoes at most that many steps.
     c.sft = ml_collections.ConfigDict(
-        dict(num_steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48)
-    )
+        dict(num_steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, max_len=48,
+             save_every=200)
+    )  # fmt: skip
     # Preference pairs: K samples per prefix, all K*(K-1)/2 pairs labelled by the reward.
     c.pairs = ml_collections.ConfigDict(
         dict(
@@ -135,6 +136,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(
         dict(num_prefixes=256, max_new_tokens=24, batch_size=256, seed=1234)
     )
+    # PPO / PPO-GT methods (docs/PPO.md): rollouts of the pair prefixes, 24 new tokens
+    # as the pairs and the evaluation; the KL controller's horizon shrunk with the run
+    # (Ziegler et al.'s 10,000 episodes would barely move beta in 40 rollouts of 64).
+    c.ppo.update(
+        num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, num_epochs=4,
+        kl_coef=0.1, kl_horizon=1000.0,
+    )  # fmt: skip
+    # The learned reward of PPO and Best-of-N: Bradley-Terry on the same pairs
+    # (objective.name="reward_model" on the Trainer), from the SFT policy's weights.
+    c.reward_model = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32))
     if preset == "frontier":
         c.methods = (
             "dpo:beta=0.02", "dpo:beta=0.05", "dpo:beta=0.1", "dpo:beta=0.3",
@@ -145,13 +156,18 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             "unlikelihood:unlikelihood_alpha=0.5", "unlikelihood:unlikelihood_alpha=1.0",
             "ipo:beta=0.1", "ipo:beta=0.5", "simpo:beta=2.0:simpo_gamma=0.5",
             "cdpo:beta=0.1:label_smoothing=0.2", "rdpo:beta=0.1:rdpo_alpha=0.05",
+            # The paper's PPO targets {3, 6, 9, 12} nats span its DPO frontier; the
+            # miniature's DPO points span 0.25-26 nats, so the targets span that range.
+            "ppo:target_kl=1.0", "ppo:target_kl=3.0", "ppo:target_kl=6.0",
+            "ppo:target_kl=12.0", "ppo_gt:target_kl=3.0", "ppo_gt:target_kl=12.0",
+            "best_of_n_rm:n=4", "best_of_n_rm:n=16", "best_of_n_rm:n=64",
         )  # fmt: skip
     elif preset == "smoke":
         # Every sampler/scorer call has 64 rows (16 prompts x 4, or 64 prompts x 1), so
         # each compiles once.
         c.corpus.update(num_reviews=400, tokenizer_vocab_size=384)
         c.model.update(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=48)
-        c.sft.update(num_steps=30, batch_size=16, max_len=40)
+        c.sft.update(num_steps=30, batch_size=16, max_len=40, save_every=10)
         c.pairs.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
         c.methods = (
             "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1.0",
@@ -167,7 +183,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             path="checkpoints/gpt2-large", dtype="bfloat16", remat="block", scan_layers=True
         )
         # One SFT epoch over the 25,000 training reviews, as in the paper.
-        c.sft.update(num_steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512)
+        c.sft.update(
+            num_steps=25000 // 64, batch_size=64, learning_rate=1e-5, max_len=512, save_every=100
+        )
         c.pairs.update(num_prefixes=25000, max_new_tokens=64, batch_size=512)
         c.reward = "hf:checkpoints/siebert-sentiment-roberta-large-english"
         c.update(num_steps=5000, batch_size=64, grad_accum_steps=1)
@@ -180,6 +198,14 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------------------- methods
+
+
+# Methods that are not a preference loss: RLHF on a reward (the learned one, or the
+# ground truth for PPO-GT) and best-of-N sampling (selected by the ground truth, an
+# oracle, or by the learned reward, the paper's baseline).
+PPO_KINDS = ("ppo", "ppo_gt")
+BEST_OF_N_KINDS = ("best_of_n", "best_of_n_rm")
+LEARNED_REWARD_KINDS = ("ppo", "best_of_n_rm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +254,8 @@ def parse_method(spec: str) -> Method:
             hyper.append((key, number))
     if kind == "dpo" and "beta" not in dict(hyper):
         raise ValueError(f"method {spec!r}: dpo needs beta=...")
-    if kind == "best_of_n" and "n" not in dict(hyper):
-        raise ValueError(f"method {spec!r}: best_of_n needs n=...")
+    if kind in BEST_OF_N_KINDS and "n" not in dict(hyper):
+        raise ValueError(f"method {spec!r}: {kind} needs n=...")
     return Method(kind=kind, hyper=tuple(hyper), seed=seed)
 
 
@@ -269,6 +295,9 @@ FAMILY_NAMES = {
     "simpo": "SimPO",
     "preferred_ft": "Preferred-FT",
     "best_of_n": "Best-of-N (oracle)",
+    "best_of_n_rm": "Best-of-N",
+    "ppo": "PPO",
+    "ppo_gt": "PPO-GT",
     "unlikelihood": "Unlikelihood",
 }
 
@@ -369,27 +398,35 @@ def row_length(config: ml_collections.ConfigDict) -> int:
     return config.corpus.prefix_max_len + 1 + longest
 
 
-def _write_json(path: epath.Path, value: Any) -> None:
-    path.write_text(json.dumps(value))
+def _write_json(path: paths.Path, value: Any) -> None:
+    paths.write_atomic(path, json.dumps(value))
 
 
-def _read_json(path: epath.Path) -> Any:
+def _read_json(path: paths.Path) -> Any:
     return json.loads(path.read_text())
 
 
-def save_params(path: epath.Path, params: Any) -> None:
+def save_params(path: paths.Path, params: Any) -> None:
     """Params as msgpack (process 0 writes; every process's arrays are gathered)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
-        path.write_bytes(serialization.to_bytes(jax.device_get(params)))
+        paths.write_atomic(path, serialization.to_bytes(jax.device_get(params)))
 
 
-def load_params(path: epath.Path) -> Any:
+def load_params(path: paths.Path) -> Any:
     """Params written by `save_params` (a plain nested dict of numpy arrays)."""
     return serialization.msgpack_restore(path.read_bytes())
+
+
+def load_tokenizer(directory: paths.Path) -> Any:
+    """The tokenizer a `tokenizer` phase saved (local or in a bucket)."""
+    from transformers import AutoTokenizer
+
+    with paths.local_copy(directory) as local:
+        return AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
 def corpus_phase(ctx: Context) -> None:
@@ -425,7 +462,8 @@ def tokenizer_phase(ctx: Context) -> None:
         eval=cut(texts["eval"], config.seed + 2),
     )
     if ctx.is_main:
-        tokenizer.save_pretrained(str(ctx.dir))
+        with paths.staged_dir(ctx.dir) as local:
+            tokenizer.save_pretrained(local)
         _write_json(ctx.dir / "tokens.json", tokens)
 
 
@@ -461,10 +499,9 @@ class Task:
 
 def load_task(ctx: Context) -> Task:
     """Tokenizer, tokens, SFT policy, reward and scorer from the finished phases."""
-    from transformers import AutoTokenizer
 
     config = ctx.config
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
+    tokenizer = load_tokenizer(ctx.input("tokenizer"))
     cfg = model_config(config, len(tokenizer))
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -481,15 +518,28 @@ def load_task(ctx: Context) -> Task:
     )  # fmt: skip
 
 
-def sft_phase(ctx: Context) -> None:
+def sft_config(ctx: Context) -> ml_collections.ConfigDict:
+    """The `dpo-jax train` config of the SFT run (`objective.name="sft"`)."""
+    c = ctx.config
+    return phases.train_config(
+        c, ctx, **pipeline.sft_overrides(c.sft), **{"checkpoint.save_every": c.sft.save_every}
+    )
+
+
+def sft_batches(ctx: Context, config: ml_collections.ConfigDict, pad_id: int, seqs: Any):
+    """The SFT run's micro-batches (every token after BOS is a target)."""
+    return pipeline.SFTBatches(
+        seqs, [1] * len(seqs), config.batch_size, ctx.config.sft.max_len, pad_id, config.seed
+    )
+
+
+def sft_phase(ctx: Context) -> train.TrainResult | None:
     """The SFT policy: the configured checkpoint or a fresh GPT-2 shape, fine-tuned on the
-    SFT sequences (skipped with sft.num_steps=0)."""
-    from transformers import AutoTokenizer
+    SFT sequences through the Trainer (checkpointed here; skipped with sft.num_steps=0)."""
 
     config = ctx.config
-    tokenizer = AutoTokenizer.from_pretrained(str(ctx.input("tokenizer")), local_files_only=True)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    tokenizer = load_tokenizer(ctx.input("tokenizer"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     m = config.model
     if m.path:
         cfg, params = models.load_hf(
@@ -499,18 +549,28 @@ def sft_phase(ctx: Context) -> None:
         cfg = model_config(config, len(tokenizer))
         params = models.init_params(cfg, jax.random.key(config.seed))
     print(f"SFT model: {models.param_count(cfg) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    result = None
     if config.sft.num_steps > 0:
+        run_config = sft_config(ctx)
         seqs = _read_json(ctx.input("tokenizer") / "tokens.json")["sft"]
-        s = config.sft
-        sft_config = dict(
-            steps=s.num_steps, batch_size=s.batch_size, learning_rate=s.learning_rate,
-            warmup_steps=s.warmup_steps, max_len=s.max_len,
-        )  # fmt: skip
-        params = pipeline.train_sft(
-            models.Transformer(cfg), params, seqs, [1] * len(seqs), sft_config, pad_id,
-            config.seed, Path(ctx.dir), config.train.progress,
-        )  # fmt: skip
+        result = phases.train_phase(
+            run_config, train_data=sft_batches(ctx, run_config, pad_id, seqs), model=(cfg, params)
+        )
+        params = result.state.params
     save_params(ctx.dir / "params.msgpack", params)
+    return result
+
+
+def sft_dry(ctx: Context) -> Any:
+    """The SFT run's program, with abstract params and batches of the run's shapes."""
+    if ctx.config.sft.num_steps <= 0:
+        return None
+    config = sft_config(ctx)
+    cfg = model_config(ctx.config, _dry_vocab_size(ctx))
+    abstract = nn_unbox(models.abstract_params(cfg))
+    dummy = [[0, 0]] * config.batch_size
+    data = sft_batches(ctx, config, 0, dummy)
+    return phases.train_phase(config, train_data=data, model=(cfg, abstract), dry_run=True).lowered
 
 
 def label_phase(ctx: Context) -> None:
@@ -542,13 +602,15 @@ def label_phase(ctx: Context) -> None:
         chosen=[comps[p * k + i] for p, i, _ in triples],
         rejected=[comps[p * k + j] for p, _, j in triples],
     ))  # fmt: skip
-    with (ctx.dir / "pairs.jsonl").open("w") as f:
-        for p, i, j in triples:
-            f.write(json.dumps(dict(
-                prefix=task.tokenizer.decode(prefixes[p], skip_special_tokens=True),
-                chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
-                chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
-            )) + "\n")  # fmt: skip
+    lines = [
+        json.dumps(dict(
+            prefix=task.tokenizer.decode(prefixes[p], skip_special_tokens=True),
+            chosen_text=texts[p * k + i], rejected_text=texts[p * k + j],
+            chosen_reward=float(rewards_PxK[p, i]), rejected_reward=float(rewards_PxK[p, j]),
+        )) + "\n"
+        for p, i, j in triples
+    ]  # fmt: skip
+    paths.write_atomic(ctx.dir / "pairs.jsonl", "".join(lines))
 
 
 def reference_phase(ctx: Context) -> None:
@@ -560,15 +622,13 @@ def reference_phase(ctx: Context) -> None:
         rejected=task.scorer(task.sft_params, t["prompts"], t["rejected"]),
     )
     if ctx.is_main:
-        buf = io.BytesIO()
-        np.savez(buf, **ref)
-        (ctx.dir / "ref_logps.npz").write_bytes(buf.getvalue())
+        paths.write_npz(ctx.dir / "ref_logps.npz", ref)
 
 
 def load_pairs(ctx: Context) -> pipeline.PairData:
     """The labelled pairs with their reference log-probs."""
     t = _read_json(ctx.input("pairs") / "tokens.json")
-    ref = np.load(io.BytesIO((ctx.input("reference") / "ref_logps.npz").read_bytes()))
+    ref = paths.read_npz(ctx.input("reference") / "ref_logps.npz")
     return pipeline.PairData(
         t["prompts"], t["chosen"], t["rejected"], ref["chosen"], ref["rejected"]
     )
@@ -613,14 +673,14 @@ def evaluate(task: Task, params: Any) -> Evaluation:
     )  # fmt: skip
 
 
-def write_samples(path: epath.Path, method: str, ev: Evaluation) -> None:
+def write_samples(path: paths.Path, method: str, ev: Evaluation) -> None:
     """The evaluation samples (text, reward, log-probs) of one policy as JSONL."""
-    with path.open("w") as f:
-        for text, r, lp, lr in zip(
-            ev.texts, ev.rewards, ev.policy_logps, ev.ref_logps, strict=True
-        ):
-            f.write(json.dumps(dict(method=method, text=text, reward=float(r),
-                                    policy_logp=float(lp), ref_logp=float(lr))) + "\n")  # fmt: skip
+    lines = [
+        json.dumps(dict(method=method, text=text, reward=float(r), policy_logp=float(lp),
+                        ref_logp=float(lr))) + "\n"
+        for text, r, lp, lr in zip(ev.texts, ev.rewards, ev.policy_logps, ev.ref_logps, strict=True)
+    ]  # fmt: skip
+    paths.write_atomic(path, "".join(lines))
 
 
 def evaluate_sft_phase(ctx: Context) -> None:
@@ -707,18 +767,115 @@ def _dry_vocab_size(ctx: Context) -> int:
     directory, else `corpus.tokenizer_vocab_size` (a BPE trained on enough text has it)."""
     tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
     if tok.exists():
-        from transformers import AutoTokenizer
-
-        return len(AutoTokenizer.from_pretrained(str(tok.parent), local_files_only=True))
+        return len(load_tokenizer(tok.parent))
     return int(ctx.config.corpus.tokenizer_vocab_size)
 
 
-def best_of_n_phase(method: Method):
-    """Best-of-N from the SFT policy, selected by the ground-truth reward (no training).
+def reward_model_phase(ctx: Context) -> train.TrainResult:
+    """The learned reward: Bradley-Terry (`objective.name="reward_model"`, a scalar head
+    on the SFT policy's weights) on the same labelled pairs as the preference methods;
+    its accuracy on those pairs goes to metrics.json."""
+    from dpo_jax import reward_model
 
-    This is an ORACLE selector (the paper selects with a reward model learnt from the
-    pairs), so the point is an upper bound for best-of-N at this N. Its KL is the
-    analytic bound log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024).
+    task = load_task(ctx)
+    r = ctx.config.reward_model
+    config = phases.train_config(
+        ctx.config, ctx, **{"objective.name": "reward_model", "num_steps": r.num_steps,
+                            "batch_size": r.batch_size, "grad_accum_steps": 1},
+    )  # fmt: skip
+    pairs = load_pairs(ctx)
+    data = method_batches(
+        pairs, config, task.pad_id, row_length(ctx.config), ctx.config.pairs.max_new_tokens
+    )
+    result = phases.train_phase(config, train_data=data, model=(task.model_config, task.sft_params))
+    params = jax.device_get(result.state.params)
+    batches = itertools.islice(
+        method_batches(pairs, config, task.pad_id, row_length(ctx.config), None),
+        max(1, len(pairs) // r.batch_size),
+    )
+    metrics = reward_model.evaluate_reward_model(task.model_config, params, batches)
+    print(f"reward model: accuracy {metrics['accuracy']:.3f} on {metrics['num_pairs']:.0f} pairs")
+    if ctx.is_main:
+        save_params(ctx.dir / "params.msgpack", params)
+        _write_json(ctx.dir / "metrics.json", metrics)
+    return result
+
+
+def learned_reward(ctx: Context, task: Task) -> Any:
+    """The reward model of the `reward_model` phase as a `reward_model.LearnedReward`."""
+    from dpo_jax import reward_model
+
+    params = load_params(ctx.input("reward_model") / "params.msgpack")
+    return reward_model.LearnedReward(
+        task.model_config, params, task.tokenizer, batch_size=task.scorer.rows
+    )
+
+
+def ppo_method_config(ctx: Context, method: Method) -> ml_collections.ConfigDict:
+    """The `dpo-jax train` config of a PPO run: objective "ppo", the method's `ppo.*`
+    hyper-parameters (e.g. target_kl), the phase's length as num_steps."""
+    from dpo_jax import ppo_loop
+
+    config = phases.train_config(
+        ctx.config, ctx, **{"objective.name": "ppo", "seed": ctx.config.seed + 1000 * method.seed}
+    )
+    config.ppo.update(ppo_hyper(config, method))
+    config.num_steps = ppo_loop.PPOConfig.from_config(config).num_steps
+    return config
+
+
+def ppo_hyper(config: ml_collections.ConfigDict, method: Method) -> dict[str, Any]:
+    """A PPO method's `ppo.*` overrides, typed as the config's (`ppo:num_rollouts=10`)."""
+    out = {}
+    for key, value in method.hyper:
+        if key not in config.ppo:
+            raise ValueError(f"method {method.label!r}: ppo has no setting {key!r}")
+        out[key] = int(value) if isinstance(config.ppo[key], int) else value
+    return out
+
+
+def ppo_num_steps(config: ml_collections.ConfigDict, method: Method) -> int:
+    """Optimizer steps of a PPO method's phase (its last evaluation's step)."""
+    from dpo_jax import ppo_loop
+
+    cfg = ppo_loop.PPOConfig.from_config(config)
+    return dataclasses.replace(cfg, **ppo_hyper(config, method)).num_steps
+
+
+def ppo_method_phase(method: Method):
+    """PPO from the SFT policy on the pair prefixes: rewards from the learned reward
+    model (`ppo`) or the ground truth (`ppo_gt`), evaluated as every method is."""
+    from dpo_jax import ppo_loop
+
+    def run(ctx: Context) -> train.TrainResult:
+        task = load_task(ctx)
+        config = ppo_method_config(ctx, method)
+        if method.kind == "ppo":
+            reward = ppo_loop.reward_from_ids(learned_reward(ctx, task))
+        else:  # the reward the pairs were labelled with (prefix + completion)
+            reward = ppo_loop.reward_from_texts(task.reward_fn, task.tokenizer, with_prompt=True)
+
+        def eval_hook(step: int, params: Any) -> dict[str, float]:
+            ev = evaluate(task, params["model"])
+            if step == config.num_steps and ctx.is_main:
+                write_samples(ctx.dir / "samples.jsonl", method.label, ev)
+            return ev.metrics()
+
+        return phases.train_phase(
+            config, train_data=task.tokens["pairs"], reward=reward,
+            model=(task.model_config, task.sft_params), eval_hook=eval_hook,
+        )  # fmt: skip
+
+    return run
+
+
+def best_of_n_phase(method: Method):
+    """Best-of-N from the SFT policy (no training), scored by the ground-truth reward.
+
+    `best_of_n` selects with the ground truth: an ORACLE, an upper bound for best-of-N
+    at this N. `best_of_n_rm` selects with the reward model learnt from the pairs (the
+    paper's baseline). Its KL is the analytic bound log N - (N - 1) / N (Stiennon et al.
+    2020; Beirami et al. 2024).
     """
 
     def run(ctx: Context) -> None:
@@ -732,7 +889,13 @@ def best_of_n_phase(method: Method):
         texts = pipeline.decode_texts(
             task.tokenizer, [p for p in task.eval_prefixes for _ in range(n)], comps
         )
-        best = np.asarray(task.reward_fn(texts), np.float64).reshape(-1, n).max(axis=1)
+        truth = np.asarray(task.reward_fn(texts), np.float64).reshape(-1, n)
+        select = truth
+        if method.kind == "best_of_n_rm":
+            prompts = [p for p in task.eval_prefixes for _ in range(n)]
+            ids = [list(p) + list(c) for p, c in zip(prompts, comps, strict=True)]
+            select = learned_reward(ctx, task).score_ids(ids).reshape(-1, n)
+        best = np.take_along_axis(truth, np.argmax(select, axis=1)[:, None], axis=1)[:, 0]
         reward = evaluation.mean_and_stderr(best)
         if ctx.is_main:
             _write_json(ctx.dir / "metrics.json", {
@@ -767,13 +930,16 @@ def collect_rows(ctx: Context, methods: Sequence[Method]) -> list[dict[str, Any]
     num_steps = ctx.config.num_steps
     for method in methods:
         out = ctx.input(method_phase_name(method))
-        if method.kind == "best_of_n":
+        if method.kind in BEST_OF_N_KINDS:
             rows.append(result_row(method.label, 0, _read_json(out / "metrics.json"), True))
             continue
         by_step = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if "eval/reward" in r}
+        last = num_steps
+        if method.kind in PPO_KINDS:  # a PPO phase's length is its rollouts' updates
+            last = ppo_num_steps(ctx.config, method)
         rows.append(result_row(method.label, 0, sft, final=False))
         rows += [
-            result_row(method.label, step, r, final=step == num_steps)
+            result_row(method.label, step, r, final=step == last)
             for step, r in sorted(by_step.items())
         ]
     return rows
@@ -804,18 +970,30 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         Phase("corpus", corpus_phase,
               reads=("corpus", "pairs.num_prefixes", "eval.num_prefixes", "seed")),
         Phase("tokenizer", tokenizer_phase, after=("corpus",), reads=("tokenizer", "corpus")),
-        Phase("sft", sft_phase, after=("tokenizer",), reads=(*policy, "sft")),
+        Phase("sft", sft_phase, after=("tokenizer",), reads=(*policy, "sft"), dry=sft_dry),
         Phase("pairs", label_phase, after=("tokenizer", "sft"), reads=("pairs", "reward", "eval.batch_size")),
         Phase("reference", reference_phase, after=("tokenizer", "sft", "pairs"),
               reads=("eval.batch_size", "eval.max_new_tokens")),
         Phase("evaluate_sft", evaluate_sft_phase, after=("tokenizer", "sft"),
               reads=("eval", "reward", "pairs.max_new_tokens")),
     ]  # fmt: skip
+    if any(m.kind in LEARNED_REWARD_KINDS for m in methods):
+        graph.append(Phase("reward_model", reward_model_phase,
+                           after=("tokenizer", "sft", "pairs", "reference"),
+                           reads=("reward_model", "optim", "seed", "pairs.max_new_tokens",
+                                  "eval.max_new_tokens", "corpus.prefix_max_len")))  # fmt: skip
     for method in methods:
         name = method_phase_name(method)
-        if method.kind == "best_of_n":
-            graph.append(Phase(name, best_of_n_phase(method), after=("tokenizer", "sft"),
+        learned = ("reward_model",) if method.kind in LEARNED_REWARD_KINDS else ()
+        if method.kind in BEST_OF_N_KINDS:
+            graph.append(Phase(name, best_of_n_phase(method), after=("tokenizer", "sft", *learned),
                                reads=("eval", "reward")))  # fmt: skip
+        elif method.kind in PPO_KINDS:
+            graph.append(Phase(name, ppo_method_phase(method),
+                               after=("tokenizer", "sft", "pairs", *learned),
+                               reads=("ppo", "optim", "train.eval_every", "seed", "eval",
+                                      "reward", "pairs.max_new_tokens",
+                                      "corpus.prefix_max_len")))  # fmt: skip
         else:
             run, dry = train_method_phase(method)
             graph.append(Phase(name, run, after=("tokenizer", "sft", "pairs", "reference"),
@@ -829,7 +1007,7 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         plot_frontier(rows, run_dir / "frontier.png", f"sentiment ({config.preset}): reward vs KL")
         times = phases.timings(graph, run_dir)
         times["total_s"] = sum(times.values())
-        (run_dir / "timings.json").write_text(json.dumps(times, indent=2))
+        paths.write_atomic(run_dir / "timings.json", json.dumps(times, indent=2))
         print(common.format_table([r for r in rows if r["final"]], RESULT_COLUMNS[:-1]))
         print(headline(rows))
         print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")

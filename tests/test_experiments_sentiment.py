@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from etils import epath
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from dpo_jax import train
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
-from experiments import common, sentiment
+from experiments import common, phases, sentiment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,25 +121,81 @@ def _wait_for(proc: subprocess.Popen, path, timeout: float = 600.0) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_in_a_training_phase_then_rerun_gives_the_same_table(smoke_run, tmp_path):
-    """SIGKILL the smoke experiment once its DPO phase has checkpointed step 2, rerun the
-    same command: the phases before are skipped, DPO resumes from step 2, and results.csv
-    is bit-identical to the uninterrupted run's."""
-    run_dir, config, _ = smoke_run
-    proc = _start(tmp_path)
-    phase = tmp_path / "methods" / "dpo_beta=0.1"
+@pytest.fixture(scope="module")
+def killed_and_rerun(tmp_path_factory):
+    """The smoke experiment SIGKILLed once its DPO phase has checkpointed step 2, then
+    rerun with the same command (in this process): (workdir, config, phase returns)."""
+    workdir = tmp_path_factory.mktemp("sentiment_killed")
+    proc = _start(workdir)
+    phase = workdir / "methods" / "dpo_beta=0.1"
     _wait_for(proc, phase / "checkpoints" / "2")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (phase / "DONE").exists() and (tmp_path / "reference" / "DONE").exists()
+    assert not (phase / "DONE").exists() and (workdir / "reference" / "DONE").exists()
     config = sentiment.get_config("smoke")
-    config.workdir = str(tmp_path)
+    config.workdir = str(workdir)
     _, returned = sentiment.execute(config)
-    # Only the unfinished phases ran again, and the DPO run resumed after step 2.
+    return workdir, config, returned
+
+
+def test_sigkill_in_a_training_phase_then_rerun_gives_the_same_table(smoke_run, killed_and_rerun):
+    """The phases before DPO are skipped, DPO resumes from step 2, and results.csv is
+    bit-identical to the uninterrupted run's."""
+    run_dir = smoke_run[0]
+    workdir, config, returned = killed_and_rerun
     assert "sft" not in returned and "pairs" not in returned
     steps = [r["step"] for r in returned["methods/dpo_beta=0.1"].history]
     assert steps[0] > 2 and steps[-1] == config.num_steps
-    assert (tmp_path / "results.csv").read_bytes() == (run_dir / "results.csv").read_bytes()
+    assert (workdir / "results.csv").read_bytes() == (run_dir / "results.csv").read_bytes()
+
+
+def test_dry_run_compiles_the_program_the_run_executed(killed_and_rerun):
+    """`--dry_run` (abstract params, nothing loaded) lowers, for a training phase, the
+    very program its run executed: same text, at the same size."""
+    workdir, config, returned = killed_and_rerun
+    name = "methods/dpo_beta=0.1"
+    result = returned[name]
+    assert len(result.trainer._train_fns) == 1  # the run executed one train program
+    phase = next(p for p in sentiment.build_phases(config) if p.name == name)
+    ctx = phases.Context(config, epath.Path(workdir), phase)
+    task = sentiment.load_task(ctx)
+    first = next(iter(sentiment.method_batches(
+        sentiment.load_pairs(ctx), sentiment.method_config(ctx, sentiment.parse_method("dpo:beta=0.1")),
+        task.pad_id, sentiment.row_length(config), config.pairs.max_new_tokens,
+    )))  # fmt: skip
+    batch_A = train.stack_micro_batches([first])
+    executed = result.trainer.lower(result.state, batch_A, train.batch_num_sequences(batch_A))
+    dry_config = sentiment.get_config("smoke")
+    dry_config.update(workdir=str(workdir), dry_run_devices=1)
+    lowered = sentiment.dry_run(dry_config)
+    trained = {"sft", name, "methods/preferred_ft", "methods/unlikelihood_unlikelihood_alpha=1"}
+    assert set(lowered) == trained
+    assert lowered[name].as_text() == executed.as_text()
+    assert lowered["methods/preferred_ft"].as_text() != executed.as_text()
+
+
+@pytest.mark.heavy  # seven starts of the smoke experiment: minutes
+def test_kills_at_random_moments_in_every_phase_then_rerun_give_the_same_table(smoke_run, tmp_path):
+    """SIGKILL and SIGTERM (alternating) at a random moment after each of several phases
+    began, each time rerunning the same command; the last run finishes, and results.csv
+    is bit-identical to the uninterrupted run's."""
+    run_dir = smoke_run[0]
+    rng = np.random.default_rng()
+    seed = int(rng.integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    targets = ["tokenizer", "sft", "pairs", "evaluate_sft", "methods/dpo_beta=0.1",
+               "methods/preferred_ft", "methods/unlikelihood_unlikelihood_alpha=1"]  # fmt: skip
+    for i, target in enumerate(targets):
+        proc = _start(tmp_path)
+        _wait_for(proc, tmp_path / target)  # the phase began (or began in an earlier start)
+        time.sleep(float(rng.uniform(0.0, 2.0)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGKILL)
+        proc.wait()
+    proc = _start(tmp_path)
+    assert proc.wait() == 0, proc.stderr.read()
+    same = (tmp_path / "results.csv").read_bytes() == (run_dir / "results.csv").read_bytes()
+    assert same, f"results.csv differs (kill moments drawn with seed {seed})"
 
 
 def test_reward_and_kl_agree_with_a_second_computation(smoke_run):
@@ -248,7 +306,8 @@ def test_command_line_overrides_and_presets():
     for preset in ("default", "frontier"):
         for spec in sentiment.get_config(preset).methods:
             m = sentiment.parse_method(spec)
-            assert m.kind == "best_of_n" or m.loss_name in losses.names(), spec
+            other = (*sentiment.BEST_OF_N_KINDS, *sentiment.PPO_KINDS)  # not a loss
+            assert m.kind in other or m.loss_name in losses.names(), spec
 
 
 @pytest.mark.heavy

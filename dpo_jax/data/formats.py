@@ -33,6 +33,9 @@ SFT formats (TRL's SFT dataset types, `SFTExample`; `objective.name="sft"`):
   only the completion is a target;
 - `sft_messages`: {"messages": [...]}, a conversation rendered with the chat template,
   language modelling on all of it (TRL's default `assistant_only_loss=False`).
+- `tldr_sft`: the TL;DR SFT split (summarize-from-feedback `tldr_3_filtered`):
+  {"id", "subreddit", "title", "post", "summary"}; the post's TL;DR prompt, and its
+  human-written summary as the completion.
 """
 
 from __future__ import annotations
@@ -353,6 +356,14 @@ def parse_tldr(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
     return [_pair(row, tldr_prompt(info), texts[choice], texts[1 - choice])]
 
 
+def parse_tldr_sft(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
+    """TL;DR SFT rows: the post's prompt and its human-written `summary` (a demonstration)."""
+    summary = " " + _text(row, "summary").strip()
+    if not summary.strip():
+        raise DataError("empty summary", reason="empty_completion")
+    return [SFTExample(tldr_prompt(row), summary)]
+
+
 # ----------------------------------------------------------------------------- chat
 
 
@@ -536,12 +547,13 @@ PARSERS: dict[str, Parser] = {
     "shp": parse_shp,
     "stack_exchange": parse_stack_exchange,
     "tldr": parse_tldr,
+    "tldr_sft": parse_tldr_sft,
     "unpaired": parse_unpaired,
     "sft_text": parse_sft_text,
     "sft_completion": parse_sft_completion,
     "sft_messages": parse_sft_messages,
 }
-SFT_FORMATS = ("sft_text", "sft_completion", "sft_messages")
+SFT_FORMATS = ("sft_text", "sft_completion", "sft_messages", "tldr_sft")
 
 
 def detect_format(row: Mapping[str, Any]) -> str:
@@ -551,6 +563,8 @@ def detect_format(row: Mapping[str, Any]) -> str:
         return "unpaired"
     if {"info", "summaries", "choice"} <= keys:
         return "tldr"
+    if {"post", "summary"} <= keys:
+        return "tldr_sft"
     if {"human_ref_A", "human_ref_B"} <= keys:
         return "shp"
     if {"question", "answers"} <= keys:
