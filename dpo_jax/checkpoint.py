@@ -363,7 +363,7 @@ def _step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
     return {
         int(p.name): p
         for p in directory.iterdir()
-        if p.is_dir() and p.name.isdigit() and not ocp.step.is_path_temporary(p)
+        if p.is_dir() and p.name.isdigit() and (not paths.is_url(p) or _is_committed(p))
     }
 
 

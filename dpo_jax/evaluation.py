@@ -130,20 +130,27 @@ def mean_reward(texts: Sequence[str], reward_fn: RewardFn) -> Estimate:
 
 
 # A pairwise judge: (prompts, candidates_a, candidates_b) -> P(a is better) in [0, 1] per pair
-# (a hard judge returns 0/1, an LLM judge may return 0.5 for a tie).
+# (a hard judge returns 0/1, an LLM judge may return 0.5 for a tie), or NaN for a
+# comparison it could not decide (an LLM reply with no parseable verdict, dpo_jax.judge).
 PairwiseJudge = Callable[[Sequence[str], Sequence[str], Sequence[str]], Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class WinRate:
-    """Win rate of policy completions over reference completions (ties count half)."""
+    """Win rate of policy completions over reference completions (ties count half).
+
+    Undecided pairs (the judge returned NaN) are left out of ``rate`` and ``stderr``
+    and counted in ``undecided``; ``wins + ties + losses + undecided`` is the number
+    of pairs.
+    """
 
     rate: float
     stderr: float
     wins: int
     ties: int
     losses: int
-    per_pair: np.ndarray  # [n] score in [0, 1] per pair
+    per_pair: np.ndarray  # [n] score in [0, 1] per pair, NaN where undecided
+    undecided: int = 0
 
     def as_metrics(self, name: str = "win_rate") -> dict[str, float]:
         """Metrics-dict form."""
@@ -167,6 +174,9 @@ def win_rate(
       judge: ``judge(prompts, a, b) -> P(a better)`` per pair. With ``swap`` the
         judge is also asked with the order reversed and the two verdicts are
         averaged, cancelling a judge's position bias (LLM judges have one).
+        A judge may return NaN for a pair it could not decide: that pair (with
+        ``swap``, either of its two verdicts) is left out of the rate and counted in
+        ``WinRate.undecided``.
     """
     policy_texts, reference_texts = list(policy_texts), list(reference_texts)
     n = len(policy_texts)
@@ -189,14 +199,16 @@ def win_rate(
             score = 0.5 * (
                 score + 1.0 - _judge_scores(judge, prompts, reference_texts, policy_texts)
             )
-    est = mean_and_stderr(score)
+    decided = ~np.isnan(score)
+    est = mean_and_stderr(score[decided]) if decided.any() else Estimate(np.nan, np.nan, 0)
     return WinRate(
         rate=est.mean,
         stderr=est.stderr,
-        wins=int((score > 0.5).sum()),
-        ties=int((score == 0.5).sum()),
-        losses=int((score < 0.5).sum()),
+        wins=int((score[decided] > 0.5).sum()),
+        ties=int((score[decided] == 0.5).sum()),
+        losses=int((score[decided] < 0.5).sum()),
         per_pair=score,
+        undecided=int((~decided).sum()),
     )
 
 
@@ -207,8 +219,8 @@ def _judge_scores(
     s = np.asarray(judge(prompts, a, b), np.float64).reshape(-1)
     if s.shape != (len(a),):
         raise ValueError(f"win_rate: judge returned {s.shape[0]} verdicts for {len(a)} pairs")
-    if np.any((s < 0) | (s > 1)) or np.isnan(s).any():
-        raise ValueError("win_rate: judge verdicts must be probabilities in [0, 1]")
+    if np.any((s < 0) | (s > 1)) or np.isinf(s).any():
+        raise ValueError("win_rate: judge verdicts must be probabilities in [0, 1] (or NaN)")
     return s
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from dpo_jax import logprobs, losses
+from dpo_jax import logprobs, losses, ppo
 from dpo_jax.logprobs import SequenceLogps
 
 Array = jax.Array
@@ -83,6 +83,9 @@ class Objective:
     # Metrics derived from the batch means (after the micro-batch mean and after the
     # held-out weighting), e.g. perplexity = exp(loss).
     derive: Callable[[dict[str, Any]], dict[str, Any]] = lambda m: m
+    # Batches hold chosen/rejected (or example/KL) halves, 2B sequences; False: single
+    # sequences (multi-host batches are then numbered host after host).
+    paired: bool = True
 
 
 # ------------------------------------------------------------------------ preference
@@ -208,12 +211,20 @@ OBJECTIVES: dict[str, Objective] = {
         batch_context=count_targets,
         weight_metric="num_target_tokens",
         derive=_sft_derive,
+        paired=False,
     ),  # fmt: skip
     "reward_model": Objective(
         "reward_model",
         reward_model_loss,
         needs=lambda cfg: frozenset({"last_hidden"}),
         head=Head(init_reward_head, reward_head_axes),
+    ),  # fmt: skip
+    # PPO's update (dpo_jax/ppo.py; the rollouts are the phase's, dpo_jax/ppo_loop.py):
+    # per-token log-probs and a value head on every hidden state; the reference enters
+    # through the rollout's rewards, not the step.
+    "ppo": Objective(
+        "ppo", ppo.objective_loss, head=Head(init_reward_head, reward_head_axes),
+        needs=lambda cfg: frozenset({"token_logps", "token_metrics", "hidden"}),
     ),  # fmt: skip
 }
 

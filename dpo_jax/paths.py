@@ -113,7 +113,10 @@ def tree_bytes(path: PathLike) -> int:
     if not path.exists():
         return 0
     if is_url(path):
-        return sum(size(p) for p in path.glob("**/*") if p.is_file())
+        import fsspec  # epath has no recursive listing for buckets
+
+        fs, root = fsspec.core.url_to_fs(os.fspath(path))
+        return int(fs.du(root, total=True))
     total = 0
     for root, _, files in os.walk(path):
         for name in files:

@@ -130,7 +130,11 @@ def _global_count(n: int) -> int:
 
 
 def globalize_host_batch(
-    batch_A: Mapping[str, Any], n_seq: int, process_index: int, process_count: int
+    batch_A: Mapping[str, Any],
+    n_seq: int,
+    process_index: int,
+    process_count: int,
+    paired: bool = True,
 ) -> tuple[dict[str, Any], int]:
     """Renumber one host's slice so the hosts' slices form one global batch.
 
@@ -141,9 +145,15 @@ def globalize_host_batch(
     `B + h b + (k - b)`. `ref_logps` `[A, 2b]` becomes `[A, 2, b]`: stitched along the
     last axis it is `[A, 2, B]`, whose flattening is chosen-then-rejected again.
     `labels` `[A, b]` already concatenate in pair order. Returns (batch, global 2B).
+    Single sequences (`paired=False`, SFT) are numbered host after host: `h n + k`.
     """
     if process_count == 1:
         return dict(batch_A), n_seq
+    if not paired:
+        si = np.asarray(batch_A["sequence_index"])
+        out = dict(batch_A, sequence_index=np.where(si >= 0, process_index * n_seq + si, -1))
+        out["sequence_index"] = out["sequence_index"].astype(np.int32)
+        return out, n_seq * process_count
     b = n_seq // 2
     big_b = b * process_count
     out = dict(batch_A)
@@ -290,8 +300,9 @@ class Trainer:
         inspect the step ahead of time.
         """
         batch_A, n_seq = globalize_host_batch(
-            batch_A, n_seq, jax.process_index(), jax.process_count()
-        )
+            batch_A, n_seq, jax.process_index(), jax.process_count(),
+            paired=self.step_config.objective_fn.paired,
+        )  # fmt: skip
         if self.step_config.unembed_scored_only and "scored_positions" not in batch_A:
             batch_A = with_scored_positions(batch_A, jax.process_count())
         return batch_A, n_seq
@@ -784,6 +795,7 @@ def train(
     model: tuple[models.ModelConfig, Any] | None = None,
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
     dry_run: bool = False,
+    reward: Any = None,
 ) -> TrainResult:
     """Train a policy as `config` says; returns the final state and metric history.
 
@@ -798,6 +810,10 @@ def train(
     abstract: `jax.ShapeDtypeStruct` leaves), runs nothing and writes nothing, and
     returns the result with `lowered`: the program of the first training step,
     lowered (`Trainer.lower`) -- exactly what the run would execute.
+
+    `objective.name="ppo"` (`dpo_jax.ppo_loop`): `train_data` is the prompt pool (token
+    ids per prompt), `reward(samples) -> [S]` scores a rollout, `config.ppo` sets the
+    phase (its length replaces `num_steps`); `history` holds one row per rollout.
     """
     if model is not None:
         model_config, params = model
@@ -826,7 +842,7 @@ def train(
             config, sigterm, loss_name, lora_config, train_data=train_data,
             eval_data=eval_data, model_config=model_config, params=params,
             ref_params=ref_params, checkpointer=checkpointer, mesh=mesh,
-            eval_hook=eval_hook, dry_run=dry_run,
+            eval_hook=eval_hook, dry_run=dry_run, reward=reward,
         )  # fmt: skip
 
 
@@ -845,8 +861,11 @@ def _train(
     mesh: Mesh | None,
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
     dry_run: bool = False,
+    reward: Any = None,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
+    from dpo_jax import ppo_loop
+
     settings = step_settings(config)  # the step's settings, read once
     hyper = settings["loss_hyper"]
     preference = settings["objective"] == "preference"
@@ -863,6 +882,10 @@ def _train(
         check_loss_options(loss_name, hyper, early)
 
     needs_ref = preference and losses.needs_reference(loss_name)
+    ppo_cfg = ppo_loop.PPOConfig.from_config(config) if settings["objective"] == "ppo" else None
+    if ppo_cfg is not None:  # rollouts need prompts and a reward; the reference is theirs
+        ppo_loop.check_inputs(train_data, reward)
+        needs_ref = True
     if ref_params is None and config.reference.path and needs_ref:
         ref_params = _reference_from_config(config, model_config)
     if train_data is None:
@@ -871,7 +894,7 @@ def _train(
         )
     else:
         steps_per_epoch = None
-    num_steps = int(config.num_steps)
+    num_steps = int(config.num_steps) if ppo_cfg is None else ppo_cfg.num_steps
     if num_steps <= 0:
         if not steps_per_epoch:
             raise UserError("config.num_steps must be > 0 when the data length is unknown")
@@ -902,13 +925,18 @@ def _train(
         **settings,
     )
     if dry_run:  # the first step's batch, grouped and counted as run_loop does
-        batch_A = _group(train_iter, config.grad_accum_steps)
+        batch_A = (
+            _group(train_iter, config.grad_accum_steps) if ppo_cfg is None
+            else ppo_loop.example_step_batch(ppo_cfg, train_data, trainer)  # a PPO update's
+        )  # fmt: skip
         if batch_A is None:
             raise UserError(f"fewer than grad_accum_steps={config.grad_accum_steps} batches")
         n_seq = batch_num_sequences(batch_A, config.data.layout)
         lowered = trainer.lower(state, batch_A, n_seq)
         return TrainResult(state, [], [], None, trainer, lowered)
     model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
+    if ppo_cfg is not None:  # the rollouts' frozen reference (never checkpointed)
+        ppo_ref = ppo_loop.reference_params(trainer, state, ref_params)
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None
@@ -920,6 +948,7 @@ def _train(
     if checkpointer is not None:
         sigterm.hand_over(checkpointer)
     start_step = num_tokens_start = 0
+    restored = None
     if checkpointer is not None:
         try:
             restored = checkpointer.restore_or_none(abstract_checkpointable(trainer, state))
@@ -954,7 +983,11 @@ def _train(
     quiet = guards.QuietDiskFull()
     logging.getLogger("absl").addFilter(quiet)
     try:
-        state, history, eval_history = run_loop(
+        loop = run_loop
+        if ppo_cfg is not None:  # rollouts, then PPO epochs of the same trainer.step
+            restored_data = restored.data_state if restored is not None else None
+            loop = ppo_loop.phase_loop(ppo_cfg, config, ppo_ref, train_data, reward, restored_data)
+        state, history, eval_history = loop(
             trainer,
             state,
             train_iter,

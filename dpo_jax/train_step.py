@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import lora, losses, objectives, scoring
+from dpo_jax import lora, losses, objectives, ppo, scoring
 from dpo_jax.errors import UserError
 
 REFERENCE_MODES = ("frozen", "precomputed", "none", "adapters_off")
@@ -111,6 +111,8 @@ def step_settings(config: Any) -> dict[str, Any]:
         loss_hyper={k: v for k, v in hyper.items() if v is not None},
         objective_hyper={k: v for k, v in objective.items() if k != "name"},
     )
+    if out["objective"] == "ppo":  # PPO's step settings live with the phase's, in ppo.*
+        out["objective_hyper"] = {k: float(config.ppo[k]) for k in ppo.OBJECTIVE_HYPER}
     return out
 
 

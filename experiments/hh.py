@@ -1,20 +1,28 @@
-"""Anthropic HH single-turn dialogue (DPO paper section 6.2): Pythia-2.8B, beta 0.1, the
-reference is "Preferred-FT": SFT on the chosen completions (the paper had no SFT model
-for HH); win rate of policy responses against the dataset's chosen responses.
+"""Anthropic HH single-turn dialogue (DPO paper §6.2, fig. 3): Pythia-2.8B, beta 0.1. HH
+has no SFT data, so the reference is "Preferred-FT" (SFT on the chosen responses); the
+win rate of each method's responses against the test split's chosen responses, at
+sampling temperatures 0, 0.25, 0.5, 0.75 and 1, under a judge.
+
+Methods (``config.methods``; see ``experiments.offline``): ``preferred_ft``, ``dpo``
+(from and against ``preferred_ft``) and ``best_of_n`` (the paper's Best of 128: n
+samples from ``preferred_ft``, the one a reward model learned on the same pairs scores
+highest; evaluated at temperatures > 0).
 
 Presets (``--preset=NAME``):
 
 * ``mini`` (default) - runs here: SYNTHETIC single-turn rows written by
   :func:`write_fixture` in the exact upstream format of ``Anthropic/hh-rlhf``
   (``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``), parsed by
-  ``dpo_jax.data``'s ``hh`` parser; a small GPT from scratch; the judge is
+  ``dpo_jax.data``'s ``hh`` parser; a small GPT from scratch; Best-of-4; the judge is
   :func:`helpfulness_judge` (an answer is better when it addresses the question's task
-  and is not a refusal or a brush-off). The paper's judge was GPT-4; pass
-  ``--config.judge=python:MODULE:FUNCTION`` to plug in another.
-* ``smoke`` - shrunk to seconds, for tests.
+  and is not a refusal or a brush-off). The paper's judge was GPT-4 with its appendix
+  C.2 dialogue prompt: ``--config.judge=llm:python:MODULE:FUNCTION`` (an API call) or
+  ``llm:hf:DIR`` (a local model) runs that protocol (``dpo_jax.judge``).
+* ``smoke`` - shrunk to seconds (two temperatures, Best-of-2), for tests.
 * ``pythia28`` - the paper's setting on a TPU slice (local Pythia-2.8B checkpoint, HH
-  JSONL files, RMSprop lr 1e-6, batch 64). ``--dry_run`` AOT-compiles its train step on
-  a simulated 8-device mesh and prints parameters, per-device memory and the batch plan.
+  JSONL files, RMSprop lr 1e-6, batch 64, Best of 128). ``--dry_run`` AOT-compiles its
+  train step on a simulated 8-device mesh and prints parameters, per-device memory and
+  the batch plan.
 
     python -m experiments.hh [--preset=NAME] [--config.key=value ...] [--dry_run]
 """
@@ -25,12 +33,12 @@ import json
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from experiments import pipeline
+from experiments import offline
 
 PRESETS = ("mini", "smoke", "pythia28")
 
@@ -92,18 +100,15 @@ def make_rows(num_rows: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def write_fixture(directory: Path, config: Any) -> tuple[Path, Path]:
-    """Write train.jsonl / test.jsonl HH rows; return their paths."""
+def write_fixture(directory: epath.Path, config: Any) -> dict[str, epath.Path]:
+    """Write train.jsonl / test.jsonl HH rows; return their paths by role."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths = {}
     for split, n, seed in (("train", config.data.num_train, config.seed),
                            ("test", config.data.num_test, config.seed + 1)):  # fmt: skip
-        path = directory / f"{split}.jsonl"
-        with open(path, "w") as f:
-            for row in make_rows(n, seed):
-                f.write(json.dumps(row) + "\n")
-        paths.append(path)
-    return paths[0], paths[1]
+        path = paths[split] = directory / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in make_rows(n, seed)))
+    return paths
 
 
 def _words(text: str) -> set[str]:
@@ -127,40 +132,54 @@ def helpfulness(prompt: str, answer: str) -> float:
 
 def helpfulness_judge():
     """Pairwise judge for the fixture: a wins when its helpfulness is higher (0.5 on ties)."""
-    return pipeline.score_judge(helpfulness)
+    return offline.score_judge(helpfulness)
+
+
+TASK = offline.Task(
+    name="hh", write_fixture=write_fixture, test_format="hh", reference="chosen",
+    fixture_judge=helpfulness_judge, judge_template="dialogue",
+    reference_label="test chosen responses",
+)  # fmt: skip
 
 
 def get_config(preset: str = "mini"):
-    """The experiment config; `preset` is one of PRESETS."""
+    """The experiment config (`dpo-jax train`'s tree plus the experiment's sections);
+    `preset` is one of PRESETS."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    c = pipeline.offline_config("hh")
+    c = offline.offline_config("hh")
     c.preset = preset
-    c.beta = 0.1  # the paper's HH beta
-    c.sft.completion_only = True  # Preferred-FT: fine-tune on the chosen completions
+    c.loss.hyper.beta = 0.1  # the paper's HH beta
+    c.methods = ("preferred_ft", "dpo", "best_of_n")
+    c.reference_policy = "preferred_ft"  # the paper's HH reference: SFT on the chosen responses
+    c.sft.completion_only = True
     c.data.update(max_prompt_length=32, max_completion_length=32)
     c.eval.max_new_tokens = 32
     if preset == "smoke":
-        pipeline.shrink_to_smoke(c)
+        offline.shrink_to_smoke(c)
     elif preset == "pythia28":
-        c.data.update(
-            train_path="data/hh/train.jsonl", test_path="data/hh/test.jsonl",
-            tokenizer_dir="checkpoints/pythia-2.8b", max_prompt_length=256,
-            max_completion_length=256,
-        )  # fmt: skip
-        c.model.update(model_dir="checkpoints/pythia-2.8b", dtype="bfloat16", remat="block",
+        c.data.update(train="data/hh/train.jsonl", test="data/hh/test.jsonl",
+                      max_prompt_length=256, max_completion_length=256)  # fmt: skip
+        c.tokenizer = "checkpoints/pythia-2.8b"
+        c.model.update(path="checkpoints/pythia-2.8b", dtype="bfloat16", remat="block",
                        scan_layers=True)  # fmt: skip
-        c.train.update(steps=5000, batch_size=64, optimizer="rmsprop", learning_rate=1e-6,
-                       warmup_steps=150, eval_every=500, mesh=(1, -1, 1), micro_batches=2)  # fmt: skip
-        c.eval.update(batch_size=256, max_new_tokens=256, temperature=1.0)
-        c.judge = "python:my_judges:gpt4_judge"
+        c.mesh.update(data=1, fsdp=-1)
+        # Preferred-FT: one epoch over the ~160k chosen responses, at batch 64.
+        c.sft.update(num_steps=2500, batch_size=64, learning_rate=1e-5, warmup_steps=150)
+        c.update(num_steps=5000, batch_size=64, grad_accum_steps=2)
+        c.optim.update(name="rmsprop", learning_rate=1e-6, warmup_steps=150)
+        c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
+        c.eval.update(batch_size=256, max_new_tokens=256)
+        c.best_of_n.n = 128  # the paper's Best of 128
+        c.reward_model.update(num_steps=2500, batch_size=64, learning_rate=1e-5)
+        c.judge = "llm:python:my_judges:gpt4"
     return c
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     argv = sys.argv[1:] if argv is None else argv
-    return pipeline.offline_main(argv, "hh", get_config, PRESETS, write_fixture, helpfulness_judge)
+    return offline.offline_main(argv, TASK, get_config, PRESETS)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(
         dict(num_prefixes=256, max_new_tokens=24, batch_size=256, seed=1234)
     )
+    # PPO / PPO-GT methods (docs/PPO.md): rollouts of the pair prefixes, 24 new tokens
+    # as the pairs and the evaluation; the KL controller's horizon shrunk with the run
+    # (Ziegler et al.'s 10,000 episodes would barely move beta in 40 rollouts of 64).
+    c.ppo.update(
+        num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, num_epochs=4,
+        kl_coef=0.1, kl_horizon=1000.0,
+    )  # fmt: skip
+    # The learned reward of PPO and Best-of-N: Bradley-Terry on the same pairs
+    # (objective.name="reward_model" on the Trainer), from the SFT policy's weights.
+    c.reward_model = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32))
     if preset == "frontier":
         c.methods = (
             "dpo:beta=0.02", "dpo:beta=0.05", "dpo:beta=0.1", "dpo:beta=0.3",
@@ -146,6 +156,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             "unlikelihood:unlikelihood_alpha=0.5", "unlikelihood:unlikelihood_alpha=1.0",
             "ipo:beta=0.1", "ipo:beta=0.5", "simpo:beta=2.0:simpo_gamma=0.5",
             "cdpo:beta=0.1:label_smoothing=0.2", "rdpo:beta=0.1:rdpo_alpha=0.05",
+            # The paper's PPO targets {3, 6, 9, 12} nats span its DPO frontier; the
+            # miniature's DPO points span 0.25-26 nats, so the targets span that range.
+            "ppo:target_kl=1.0", "ppo:target_kl=3.0", "ppo:target_kl=6.0",
+            "ppo:target_kl=12.0", "ppo_gt:target_kl=3.0", "ppo_gt:target_kl=12.0",
+            "best_of_n_rm:n=4", "best_of_n_rm:n=16", "best_of_n_rm:n=64",
         )  # fmt: skip
     elif preset == "smoke":
         # Every sampler/scorer call has 64 rows (16 prompts x 4, or 64 prompts x 1), so
@@ -183,6 +198,14 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------------------- methods
+
+
+# Methods that are not a preference loss: RLHF on a reward (the learned one, or the
+# ground truth for PPO-GT) and best-of-N sampling (selected by the ground truth, an
+# oracle, or by the learned reward, the paper's baseline).
+PPO_KINDS = ("ppo", "ppo_gt")
+BEST_OF_N_KINDS = ("best_of_n", "best_of_n_rm")
+LEARNED_REWARD_KINDS = ("ppo", "best_of_n_rm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +254,8 @@ def parse_method(spec: str) -> Method:
             hyper.append((key, number))
     if kind == "dpo" and "beta" not in dict(hyper):
         raise ValueError(f"method {spec!r}: dpo needs beta=...")
-    if kind == "best_of_n" and "n" not in dict(hyper):
-        raise ValueError(f"method {spec!r}: best_of_n needs n=...")
+    if kind in BEST_OF_N_KINDS and "n" not in dict(hyper):
+        raise ValueError(f"method {spec!r}: {kind} needs n=...")
     return Method(kind=kind, hyper=tuple(hyper), seed=seed)
 
 
@@ -272,6 +295,9 @@ FAMILY_NAMES = {
     "simpo": "SimPO",
     "preferred_ft": "Preferred-FT",
     "best_of_n": "Best-of-N (oracle)",
+    "best_of_n_rm": "Best-of-N",
+    "ppo": "PPO",
+    "ppo_gt": "PPO-GT",
     "unlikelihood": "Unlikelihood",
 }
 
@@ -739,12 +765,111 @@ def abstract_policy(ctx: Context) -> tuple[models.ModelConfig, Any]:
     return cfg, nn.meta.unbox(models.abstract_params(cfg))
 
 
-def best_of_n_phase(method: Method):
-    """Best-of-N from the SFT policy, selected by the ground-truth reward (no training).
+def reward_model_phase(ctx: Context) -> train.TrainResult:
+    """The learned reward: Bradley-Terry (`objective.name="reward_model"`, a scalar head
+    on the SFT policy's weights) on the same labelled pairs as the preference methods;
+    its accuracy on those pairs goes to metrics.json."""
+    from dpo_jax import reward_model
 
-    This is an ORACLE selector (the paper selects with a reward model learnt from the
-    pairs), so the point is an upper bound for best-of-N at this N. Its KL is the
-    analytic bound log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024).
+    task = load_task(ctx)
+    r = ctx.config.reward_model
+    config = phases.train_config(
+        ctx.config, ctx, **{"objective.name": "reward_model", "num_steps": r.num_steps,
+                            "batch_size": r.batch_size, "grad_accum_steps": 1},
+    )  # fmt: skip
+    pairs = load_pairs(ctx)
+    data = method_batches(
+        pairs, config, task.pad_id, row_length(ctx.config), ctx.config.pairs.max_new_tokens
+    )
+    result = phases.train_phase(config, train_data=data, model=(task.model_config, task.sft_params))
+    params = jax.device_get(result.state.params)
+    batches = itertools.islice(
+        method_batches(pairs, config, task.pad_id, row_length(ctx.config), None),
+        max(1, len(pairs) // r.batch_size),
+    )
+    metrics = reward_model.evaluate_reward_model(task.model_config, params, batches)
+    print(f"reward model: accuracy {metrics['accuracy']:.3f} on {metrics['num_pairs']:.0f} pairs")
+    if ctx.is_main:
+        save_params(ctx.dir / "params.msgpack", params)
+        _write_json(ctx.dir / "metrics.json", metrics)
+    return result
+
+
+def learned_reward(ctx: Context, task: Task) -> Any:
+    """The reward model of the `reward_model` phase as a `reward_model.LearnedReward`."""
+    from dpo_jax import reward_model
+
+    params = load_params(ctx.input("reward_model") / "params.msgpack")
+    return reward_model.LearnedReward(
+        task.model_config, params, task.tokenizer, batch_size=task.scorer.rows
+    )
+
+
+def ppo_method_config(ctx: Context, method: Method) -> ml_collections.ConfigDict:
+    """The `dpo-jax train` config of a PPO run: objective "ppo", the method's `ppo.*`
+    hyper-parameters (e.g. target_kl), the phase's length as num_steps."""
+    from dpo_jax import ppo_loop
+
+    config = phases.train_config(
+        ctx.config, ctx, **{"objective.name": "ppo", "seed": ctx.config.seed + 1000 * method.seed}
+    )
+    config.ppo.update(ppo_hyper(config, method))
+    config.num_steps = ppo_loop.PPOConfig.from_config(config).num_steps
+    return config
+
+
+def ppo_hyper(config: ml_collections.ConfigDict, method: Method) -> dict[str, Any]:
+    """A PPO method's `ppo.*` overrides, typed as the config's (`ppo:num_rollouts=10`)."""
+    out = {}
+    for key, value in method.hyper:
+        if key not in config.ppo:
+            raise ValueError(f"method {method.label!r}: ppo has no setting {key!r}")
+        out[key] = int(value) if isinstance(config.ppo[key], int) else value
+    return out
+
+
+def ppo_num_steps(config: ml_collections.ConfigDict, method: Method) -> int:
+    """Optimizer steps of a PPO method's phase (its last evaluation's step)."""
+    from dpo_jax import ppo_loop
+
+    cfg = ppo_loop.PPOConfig.from_config(config)
+    return dataclasses.replace(cfg, **ppo_hyper(config, method)).num_steps
+
+
+def ppo_method_phase(method: Method):
+    """PPO from the SFT policy on the pair prefixes: rewards from the learned reward
+    model (`ppo`) or the ground truth (`ppo_gt`), evaluated as every method is."""
+    from dpo_jax import ppo_loop
+
+    def run(ctx: Context) -> train.TrainResult:
+        task = load_task(ctx)
+        config = ppo_method_config(ctx, method)
+        if method.kind == "ppo":
+            reward = ppo_loop.reward_from_ids(learned_reward(ctx, task))
+        else:  # the reward the pairs were labelled with (prefix + completion)
+            reward = ppo_loop.reward_from_texts(task.reward_fn, task.tokenizer, with_prompt=True)
+
+        def eval_hook(step: int, params: Any) -> dict[str, float]:
+            ev = evaluate(task, params["model"])
+            if step == config.num_steps and ctx.is_main:
+                write_samples(ctx.dir / "samples.jsonl", method.label, ev)
+            return ev.metrics()
+
+        return phases.train_phase(
+            config, train_data=task.tokens["pairs"], reward=reward,
+            model=(task.model_config, task.sft_params), eval_hook=eval_hook,
+        )  # fmt: skip
+
+    return run
+
+
+def best_of_n_phase(method: Method):
+    """Best-of-N from the SFT policy (no training), scored by the ground-truth reward.
+
+    `best_of_n` selects with the ground truth: an ORACLE, an upper bound for best-of-N
+    at this N. `best_of_n_rm` selects with the reward model learnt from the pairs (the
+    paper's baseline). Its KL is the analytic bound log N - (N - 1) / N (Stiennon et al.
+    2020; Beirami et al. 2024).
     """
 
     def run(ctx: Context) -> None:
@@ -758,7 +883,13 @@ def best_of_n_phase(method: Method):
         texts = pipeline.decode_texts(
             task.tokenizer, [p for p in task.eval_prefixes for _ in range(n)], comps
         )
-        best = np.asarray(task.reward_fn(texts), np.float64).reshape(-1, n).max(axis=1)
+        truth = np.asarray(task.reward_fn(texts), np.float64).reshape(-1, n)
+        select = truth
+        if method.kind == "best_of_n_rm":
+            prompts = [p for p in task.eval_prefixes for _ in range(n)]
+            ids = [list(p) + list(c) for p, c in zip(prompts, comps, strict=True)]
+            select = learned_reward(ctx, task).score_ids(ids).reshape(-1, n)
+        best = np.take_along_axis(truth, np.argmax(select, axis=1)[:, None], axis=1)[:, 0]
         reward = evaluation.mean_and_stderr(best)
         if ctx.is_main:
             _write_json(ctx.dir / "metrics.json", {
@@ -793,13 +924,16 @@ def collect_rows(ctx: Context, methods: Sequence[Method]) -> list[dict[str, Any]
     num_steps = ctx.config.num_steps
     for method in methods:
         out = ctx.input(method_phase_name(method))
-        if method.kind == "best_of_n":
+        if method.kind in BEST_OF_N_KINDS:
             rows.append(result_row(method.label, 0, _read_json(out / "metrics.json"), True))
             continue
         by_step = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if "eval/reward" in r}
+        last = num_steps
+        if method.kind in PPO_KINDS:  # a PPO phase's length is its rollouts' updates
+            last = ppo_num_steps(ctx.config, method)
         rows.append(result_row(method.label, 0, sft, final=False))
         rows += [
-            result_row(method.label, step, r, final=step == num_steps)
+            result_row(method.label, step, r, final=step == last)
             for step, r in sorted(by_step.items())
         ]
     return rows
@@ -837,11 +971,23 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         Phase("evaluate_sft", evaluate_sft_phase, after=("tokenizer", "sft"),
               reads=("eval", "reward", "pairs.max_new_tokens")),
     ]  # fmt: skip
+    if any(m.kind in LEARNED_REWARD_KINDS for m in methods):
+        graph.append(Phase("reward_model", reward_model_phase,
+                           after=("tokenizer", "sft", "pairs", "reference"),
+                           reads=("reward_model", "optim", "seed", "pairs.max_new_tokens",
+                                  "eval.max_new_tokens", "corpus.prefix_max_len")))  # fmt: skip
     for method in methods:
         name = method_phase_name(method)
-        if method.kind == "best_of_n":
-            graph.append(Phase(name, best_of_n_phase(method), after=("tokenizer", "sft"),
+        learned = ("reward_model",) if method.kind in LEARNED_REWARD_KINDS else ()
+        if method.kind in BEST_OF_N_KINDS:
+            graph.append(Phase(name, best_of_n_phase(method), after=("tokenizer", "sft", *learned),
                                reads=("eval", "reward")))  # fmt: skip
+        elif method.kind in PPO_KINDS:
+            graph.append(Phase(name, ppo_method_phase(method),
+                               after=("tokenizer", "sft", "pairs", *learned),
+                               reads=("ppo", "optim", "train.eval_every", "seed", "eval",
+                                      "reward", "pairs.max_new_tokens",
+                                      "corpus.prefix_max_len")))  # fmt: skip
         else:
             run, dry = train_method_phase(method)
             graph.append(Phase(name, run, after=("tokenizer", "sft", "pairs", "reference"),

@@ -30,42 +30,51 @@ def _dry_run(module: str, *args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_dry_run_of_a_local_checkpoint_on_a_2x2x2_mesh(tmp_path):
+def _phase_memory(text: str) -> dict[str, dict[str, int]]:
+    """{phase: {field: bytes}} from a phase-graph dry run's printout."""
+    out: dict[str, dict[str, int]] = {}
+    phase = None
+    for line in text.splitlines():
+        m = re.match(r"phase (\w+): per-device memory", line)
+        if m:
+            phase = out.setdefault(m.group(1), {})
+            continue
+        m = re.match(r"^\s+(\w+)\s+[\d.]+ GiB\s+\(([\d,]+) bytes\)", line)
+        if m and phase is not None:
+            phase[m.group(1)] = int(m.group(2).replace(",", ""))
+    return out
+
+
+def test_hh_dry_run_of_a_local_checkpoint_on_a_2x2x2_mesh(tmp_path):
     import transformers
 
     hf_dir = make_tiny_hf_model("gpt_neox", tmp_path / "neox", tokenizer=train_tokenizer())
-    torch_count = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).num_parameters()
+    count = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).num_parameters()
     out = _dry_run(
-        "experiments.hh", "--preset=pythia28", f"--config.model.model_dir={hf_dir}",
-        "--config.model.dtype=float32", "--config.train.mesh=(2,2,2)",
-        "--config.train.batch_size=8", "--config.train.micro_batches=2",
+        "experiments.hh", "--preset=pythia28", f"--config.model.path={hf_dir}",
+        "--config.model.dtype=float32", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=2", "--config.batch_size=8", "--config.grad_accum_steps=2",
+        "--config.sft.batch_size=8", "--config.reward_model.batch_size=8",
         "--config.data.max_prompt_length=16", "--config.data.max_completion_length=16",
+        "--config.eval.max_new_tokens=16",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    text = out.stdout
-    count = int(re.search(r"parameters: ([\d,]+)", text).group(1).replace(",", ""))
-    assert count == torch_count  # the abstract params are exactly the checkpoint's
-    assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}" in text
-    assert "8 pairs/step = 2 micro-batch(es) x 4 pairs (8 stacked rows x 32 tokens)" in text
-    assert "2 rows per device per micro-batch over 4 data-parallel shards" in text
-    memory = {
-        k: int(v.replace(",", ""))
-        for k, v in re.findall(r"^\s+(\w+)\s+[\d.]+ GiB\s+\(([\d,]+) bytes\)", text, re.M)
-    }
-    assert {"argument_size", "temp_size", "peak_estimate"} <= set(memory)
-    # Each device holds at least its 1/8 share of the fp32 params (plus optimizer state).
-    assert memory["peak_estimate"] >= memory["argument_size"] >= 4 * count / 8
+    memory = _phase_memory(out.stdout)
+    # Every training phase of the graph, and nothing else, compiled its train step.
+    assert set(memory) == {"preferred_ft", "dpo", "reward_model"}
+    assert "phase eval_best_of_n: no training program" in out.stdout
+    for fields in memory.values():
+        assert {"argument_size", "temp_size", "peak_estimate"} <= set(fields)
+        # Each device holds at least its 1/8 share of the fp32 params (plus optimizer state).
+        assert fields["peak_estimate"] >= fields["argument_size"] >= 4 * count / 8
+    # Preferred-FT's AdamW keeps two moments, DPO's RMSprop one (the paper's optimizers).
+    assert memory["preferred_ft"]["argument_size"] > memory["dpo"]["argument_size"]
 
 
-def test_dry_run_refuses_a_batch_that_does_not_split_over_the_mesh(tmp_path):
-    hf_dir = make_tiny_hf_model("gpt2", tmp_path / "gpt2", tokenizer=train_tokenizer())
-    out = _dry_run(
-        "experiments.tldr", "--preset=pythia28", f"--config.model.model_dir={hf_dir}",
-        "--config.train.mesh=(8,1,1)", "--config.train.batch_size=6",
-        "--config.train.micro_batches=1",
-    )  # fmt: skip
+def test_tldr_dry_run_refuses_an_unknown_method_before_compiling():
+    out = _dry_run("experiments.tldr", "--preset=pythia28", "--config.methods=('sft','ppo')")
     assert out.returncode != 0
-    assert "12 rows per micro-batch do not split over 8 data-parallel devices" in out.stderr
+    assert "config key 'methods': unknown method 'ppo'" in out.stderr
 
 
 def test_batch_plan_arithmetic():

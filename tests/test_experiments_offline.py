@@ -1,17 +1,20 @@
-"""experiments.tldr / experiments.hh: upstream-format fixtures, judges, and the shrunken
-SFT -> DPO -> win-rate pipeline end to end."""
+"""experiments.tldr / experiments.hh (on experiments.offline): upstream-format fixtures,
+judges, the reference the win rate is against, the temperature sweep and Best-of-N."""
 
 from __future__ import annotations
 
 import csv
+import re
+import types
 
 import numpy as np
 import pytest
 
-from dpo_jax import data, evaluation
-from dpo_jax.data.formats import parse_hh, parse_tldr
+from dpo_jax import data, evaluation, judge
+from dpo_jax.data.formats import detect_format, parse_hh, parse_tldr, parse_tldr_sft
+from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
-from experiments import hh, tldr
+from experiments import hh, offline, tldr
 
 
 def test_tldr_fixture_rows_parse_with_the_upstream_parser():
@@ -31,27 +34,46 @@ def test_tldr_fixture_rows_parse_with_the_upstream_parser():
     assert np.mean(agree) > 0.95
 
 
+def test_tldr_sft_rows_are_the_upstream_tldr_3_filtered_format():
+    rows = tldr.make_sft_rows(50, seed=3, split="test")
+    for row in rows:
+        assert set(row) == {"id", "subreddit", "title", "post", "summary"}
+        assert not row["summary"].startswith(" ")  # upstream summaries have no leading space
+        assert detect_format(row) == "tldr_sft"
+        (ex,) = parse_tldr_sft(row)
+        assert ex.completion == " " + row["summary"]
+        assert ex.prompt == (
+            f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {row['post']}"
+            "\n\nTL;DR:"
+        )
+    # Human summaries state the title in full about 60% of the time.
+    full = np.mean([r["summary"].startswith(r["title"] + " ,") for r in rows])
+    assert 0.4 < full < 0.8
+
+
 def test_title_score_by_hand():
     prompt = "SUBREDDIT: r/cooking\n\nTITLE: bread never rises\n\nPOST: ...\n\nTL;DR:"
     # content words: {bread, never, rises}; summary {bread, rises, help}: P=2/3, R=2/3.
     assert tldr.title_score(prompt, " my bread rises ? help") == pytest.approx(2 / 3)
     assert tldr.title_score(prompt, " the cat") == 0.0
-    judge = tldr.title_overlap_judge()
+    judge_fn = tldr.title_overlap_judge()
     np.testing.assert_array_equal(
-        judge([prompt] * 3, [" bread never rises", " cat", " bread"], [" cat", " bread", " bread"]),
+        judge_fn(
+            [prompt] * 3, [" bread never rises", " cat", " bread"], [" cat", " bread", " bread"]
+        ),
         [1.0, 0.0, 0.5],
     )
 
 
 def test_hh_fixture_rows_parse_and_the_judge_prefers_chosen():
     rows = hh.make_rows(40, seed=0)
-    judge = hh.helpfulness_judge()
+    judge_fn = hh.helpfulness_judge()
     examples = [parse_hh(r)[0] for r in rows]
     assert all(set(r) == {"chosen", "rejected"} for r in rows)
     assert all(
         e.prompt.startswith("\n\nHuman: ") and e.prompt.endswith("\n\nAssistant:") for e in examples
     )
-    verdicts = judge(
+    verdicts = judge_fn(
         [e.prompt for e in examples], [e.chosen for e in examples], [e.rejected for e in examples]
     )
     # Labels agree with the judge except a few ties (vague chosen vs off-topic rejected).
@@ -63,42 +85,192 @@ def test_hh_fixture_rows_parse_and_the_judge_prefers_chosen():
     assert hh.helpfulness(p, " bread . i do not know .") == pytest.approx(0.5 - 1.0)
 
 
-@pytest.mark.parametrize("module", [tldr, hh], ids=["tldr", "hh"])
-def test_smoke_pipeline_end_to_end(module, tmp_path):
-    config = module.get_config("smoke")
-    config.workdir = str(tmp_path)
-    run_dir = module.pipeline.run_offline(
-        config, module.__name__.split(".")[-1], module.write_fixture,
-        module.title_overlap_judge if module is tldr else module.helpfulness_judge,
-    )  # fmt: skip
-    for name in ("config.json", "results.csv", "win_rate.png", "samples.jsonl",
-                 "data/train.jsonl", "sft/metrics.jsonl"):  # fmt: skip
-        assert (run_dir / name).is_file(), name
-    with open(run_dir / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["method"], int(r["step"])) for r in rows] == [
-        ("sft", 0), (f"dpo:sigmoid:beta={config.beta:g}", 2), (f"dpo:sigmoid:beta={config.beta:g}", 4)
-    ]  # fmt: skip
-    for r in rows:
-        assert (
-            int(r["wins"]) + int(r["ties"]) + int(r["losses"])
-            == int(r["num_prompts"])
-            == config.data.num_test
-        )
-    # The reported win rate equals the judge re-run on the saved samples (a second computation).
-    samples = read_jsonl(run_dir / "samples.jsonl")
-    judge = module.title_overlap_judge() if module is tldr else module.helpfulness_judge()
-    for method in ("sft", rows[-1]["method"]):
-        mine = [s for s in samples if s["method"] == method]
-        wr = evaluation.win_rate(
-            [s["completion"] for s in mine], [s["reference"] for s in mine],
-            judge=judge, prompts=[s["prompt"] for s in mine],
-        )  # fmt: skip
-        row = next(r for r in rows if r["method"] == method and r["final"] == "1")
-        assert wr.rate == pytest.approx(float(row["win_rate"]), abs=1e-12)
-    # The references are the test split's chosen completions, as the parser reads them.
-    test_file = run_dir / "data" / ("valid1.jsonl" if module is tldr else "test.jsonl")
-    examples = data.load_examples(
-        {"path": str(test_file), "format": config.data.format}, None, data.RejectLog()
+def test_presets_sweep_the_papers_temperatures():
+    for module in (tldr, hh):
+        for preset in ("mini", "pythia28"):
+            assert tuple(module.get_config(preset).eval.temperatures) == (0, 0.25, 0.5, 0.75, 1)
+    assert tldr.get_config("mini").methods == ("sft", "preferred_ft", "dpo")
+    assert tldr.get_config("mini").reference_policy == "sft"
+    c = hh.get_config("pythia28")
+    assert (
+        c.methods == ("preferred_ft", "dpo", "best_of_n") and c.reference_policy == "preferred_ft"
     )
-    assert [s["reference"] for s in samples if s["method"] == "sft"] == [e.chosen for e in examples]
+    assert c.best_of_n.n == 128 and c.eval.batch_size % 128 == 0
+
+
+def test_a_local_checkpoint_initialises_the_policy_in_the_configured_shape(tmp_path):
+    import flax.linen as nn
+    import jax
+
+    from dpo_jax import models
+    from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
+
+    c = hh.get_config("mini")
+    c.model.path = str(
+        make_tiny_hf_model("gpt_neox", tmp_path / "neox", tokenizer=train_tokenizer())
+    )
+    c.model.remat = "block"
+    cfg = offline.model_config(c, 0, 0, 0)  # vocabulary and special tokens from config.json
+    assert cfg.model_type == "gpt_neox" and cfg.remat == "block" and not cfg.scan_layers
+    params = offline.initial_params(c, cfg)
+    want = nn.meta.unbox(models.abstract_params(cfg))
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, want)
+
+
+def test_pick_best_of_n_by_hand():
+    comps = ["a0", "a1", "a2", "b0", "b1", "b2"]
+    assert offline.pick_best_of_n(comps, [0.1, 0.5, 0.2, 3.0, -1.0, 3.0], 3) == ["a1", "b0"]
+
+
+# ---- judges resolved from the config, with a scripted API judge
+
+
+def scripted_hh_api(query: str) -> str:
+    """An API-style judge for the HH dialogue template: the more helpful response by the
+    fixture's score, in the paper's format; no verdict for "can you tell me ..." queries."""
+    m = re.search(r"Query: (.*)\n\nResponse A:\n(.*)\n\nResponse B:\n(.*)\n\nFIRST", query, re.S)
+    q, first, second = m.groups()
+    if "can you tell me" in q:
+        return "Comparison: both responses are fine."
+    prompt = f"\n\nHuman: {q}\n\nAssistant:"
+    better = "A" if hh.helpfulness(prompt, first) >= hh.helpfulness(prompt, second) else "B"
+    return f"Comparison: one answers the question.\nMore helpful: {better}"
+
+
+def test_resolve_judge_specs(tmp_path):
+    from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
+
+    c = tldr.get_config("smoke")
+    hf_dir = make_tiny_hf_model("gpt2", tmp_path / "judge", tokenizer=train_tokenizer())
+    j = offline.resolve_judge(f"llm:hf:{hf_dir}", tldr.TASK, c)
+    assert isinstance(j, judge.LLMJudge) and j.template.name == "summarization"
+    c = hh.get_config("smoke")
+    j = offline.resolve_judge(
+        "llm:python:tests.test_experiments_offline:scripted_hh_api", hh.TASK, c
+    )
+    assert isinstance(j, judge.LLMJudge) and j.template.name == "dialogue" and j.seed == c.seed
+    assert offline.resolve_judge("fixture", hh.TASK, c)(["p"], ["a"], ["a"]).tolist() == [0.5]
+    for bad in ("llm:api:x", "python:nomodulefunction", "gpt4"):
+        with pytest.raises(UserError, match="config key 'judge'"):
+            offline.resolve_judge(bad, hh.TASK, c)
+
+
+# ---- the pipeline end to end (smoke presets)
+
+_SEEN_REFERENCES: list[list[str]] = []
+
+
+def human_reference_checking_judge():
+    """The fixture judge, refusing to compare against anything but the human-written
+    reference summaries of the smoke preset's test posts (seed 0 -> test rows seed 1)."""
+    refs = {}
+    for row in tldr.make_sft_rows(16, seed=1, split="test"):
+        (ex,) = parse_tldr_sft(row)
+        refs[ex.prompt] = ex.completion
+    inner = tldr.title_overlap_judge()
+
+    def judge_fn(prompts, a, b):
+        _SEEN_REFERENCES.append(list(b))
+        if list(b) != [refs[p] for p in prompts]:
+            raise AssertionError("the TL;DR win rate is not against the human references")
+        return inner(prompts, a, b)
+
+    return judge_fn
+
+
+def _results(run_dir):
+    with open(run_dir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
+    config = tldr.get_config("smoke")
+    config.workdir = str(tmp_path)
+    config.judge = "python:tests.test_experiments_offline:human_reference_checking_judge"
+    _SEEN_REFERENCES.clear()
+    run_dir = offline.run_offline(config, tldr.TASK)
+    for name in ("config.json", "results.csv", "win_rate.png", "samples.jsonl", "sft/metrics.jsonl",
+                 "preferred_ft/metrics.jsonl", "dpo/metrics.jsonl",
+                 "data/tldr_3_filtered/train.jsonl", "data/comparisons/train.jsonl"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    rows = _results(run_dir)
+    assert [(r["method"], float(r["temperature"])) for r in rows] == [
+        (m, t) for m in ("sft", "preferred_ft", "dpo") for t in (0.0, 1.0)
+    ]
+    assert len(_SEEN_REFERENCES) == len(rows)  # every win rate went through the check
+    # The references are the test split's human summaries, as the parser reads them.
+    test_file = run_dir / "data" / "tldr_3_filtered" / "test.jsonl"
+    examples = data.load_examples({"path": str(test_file), "sft": True}, None, data.RejectLog())
+    human = [e.completion for e in examples]
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    for r in rows:
+        assert int(r["wins"]) + int(r["ties"]) + int(r["losses"]) == int(r["num_prompts"]) == 16
+        assert int(r["unparseable"]) == 0
+        mine = [s for s in samples if s["method"] == r["method"]
+                and s["temperature"] == float(r["temperature"])]  # fmt: skip
+        assert [s["reference"] for s in mine] == human
+        # The reported win rate equals the fixture judge re-run on the saved samples.
+        wr = evaluation.win_rate(
+            [s["completion"] for s in mine], human, judge=tldr.title_overlap_judge(),
+            prompts=[s["prompt"] for s in mine],
+        )  # fmt: skip
+        assert wr.rate == pytest.approx(float(r["win_rate"]), abs=1e-12)
+    # Rerunning the command skips every finished phase and rebuilds the same table.
+    before = (run_dir / "results.csv").read_bytes()
+    (run_dir / "results.csv").unlink()
+    _SEEN_REFERENCES.clear()
+    offline.run_offline(config, tldr.TASK)
+    assert (run_dir / "results.csv").read_bytes() == before and not _SEEN_REFERENCES
+    # Greedy is deterministic and temperature 1 samples: the two sweeps differ.
+    greedy = [s["completion"] for s in samples if s["method"] == "sft" and s["temperature"] == 0]
+    hot = [s["completion"] for s in samples if s["method"] == "sft" and s["temperature"] == 1]
+    assert greedy != hot
+
+
+def test_hh_smoke_with_best_of_n_and_an_llm_judge(tmp_path):
+    config = hh.get_config("smoke")
+    config.workdir = str(tmp_path)
+    config.judge = "llm:python:tests.test_experiments_offline:scripted_hh_api"
+    run_dir = offline.run_offline(config, hh.TASK)
+    assert (run_dir / "reward_model" / "metrics.jsonl").is_file()
+    rows = _results(run_dir)
+    # Best-of-N is evaluated only where sampling differs from greedy decoding.
+    assert [(r["method"], float(r["temperature"])) for r in rows] == [
+        ("preferred_ft", 0.0), ("preferred_ft", 1.0), ("dpo", 0.0), ("dpo", 1.0), ("best_of_n", 1.0)
+    ]  # fmt: skip
+    test_rows = hh.make_rows(16, seed=1)
+    chosen = [parse_hh(r)[0].chosen for r in test_rows]
+    silent_prompts = sum(
+        "can you tell me" in r["chosen"].split("\n\nAssistant:")[0] for r in test_rows
+    )
+    assert silent_prompts == 4
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    for r in rows:
+        mine = [s for s in samples if s["method"] == r["method"]
+                and s["temperature"] == float(r["temperature"])]  # fmt: skip
+        assert [s["reference"] for s in mine] == chosen  # HH: against the test chosen responses
+        # Unparseable replies are counted, not ties or losses, and left out of the rate.
+        assert int(r["unparseable"]) == silent_prompts == sum(s["verdict"] is None for s in mine)
+        assert int(r["wins"]) + int(r["ties"]) + int(r["losses"]) == 16 - silent_prompts
+        # Each verdict maps back through the recorded order to the reported score.
+        for s in mine:
+            if s["verdict"] is not None:
+                assert s["score"] == float((s["verdict"] == "A") == s["policy_shown_first"])
+        scores = [s["score"] for s in mine if s["score"] is not None]
+        assert float(r["win_rate"]) == pytest.approx(np.mean(scores), abs=1e-12)
+    orders = [s["policy_shown_first"] for s in samples]
+    assert 0 < sum(orders) < len(orders)
+
+
+def test_judge_samples_records_the_llm_judges_order_and_reply():
+    prompts = ["\n\nHuman: q1\n\nAssistant:", "\n\nHuman: q2\n\nAssistant:"]
+    run = types.SimpleNamespace(
+        tokens=dict(test_prompt_texts=prompts, references=[" ref one", " ref two"])
+    )
+    j = judge.LLMJudge(judge.callable_completer(lambda q: "More helpful: A"), "dialogue", seed=1)
+    row, lines = offline.judge_samples(j, run, [" mine one", " mine two"])
+    first = [judge.presentation_order(1, p, t, r) for p, t, r in zip(
+        prompts, [" mine one", " mine two"], [" ref one", " ref two"], strict=True)]  # fmt: skip
+    assert [ln["policy_shown_first"] for ln in lines] == first
+    assert row["wins"] == sum(first) and row["losses"] == 2 - sum(first)
+    assert all(ln["judge_reply"] == "More helpful: A" and ln["verdict"] == "A" for ln in lines)

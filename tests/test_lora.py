@@ -13,7 +13,8 @@ import pytest
 from dpo_jax import lora, models, sharding, train
 from dpo_jax.configs import tiny
 from dpo_jax.errors import UserError
-from dpo_jax.train_step import TrainState, sequence_logps
+from dpo_jax.scoring import score
+from dpo_jax.train_step import TrainState
 from tests.train_helpers import (
     make_trainer,
     synthetic_batches,
@@ -146,8 +147,8 @@ def test_adapters_off_reference_at_step_0_and_only_adapters_train():
     # the base model on its own (what a frozen copy of the loaded model would score).
     cfg_step = trainer.step_config
     merged = lora.merge_adapters(base, jax.device_get(state.params), lcfg.scale)
-    policy = sequence_logps(cfg_step, merged, micro, n_seq).logps_S
-    ref = sequence_logps(cfg_step, base, micro, n_seq).logps_S
+    policy = score(cfg_step.apply_fn, merged, micro, n_seq).logps_S
+    ref = score(cfg_step.apply_fn, base, micro, n_seq).logps_S
     np.testing.assert_allclose(metrics["logps/chosen"], np.mean(policy[:4]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(
         metrics["rewards/chosen"], 0.1 * np.mean(policy[:4] - ref[:4]), rtol=1e-4, atol=1e-6

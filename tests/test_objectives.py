@@ -231,7 +231,9 @@ class _StopAfter:
         self.inner.close()
 
 
-@pytest.mark.parametrize("objective", ["sft", "reward_model"])
+@pytest.mark.parametrize(
+    "objective", ["sft", pytest.param("reward_model", marks=pytest.mark.heavy)]
+)
 def test_objective_resumes_bit_exactly(tmp_path, objective):
     cfg, params = tiny_model()
     if objective == "sft":
@@ -321,7 +323,10 @@ def _hf_sft_loss(model_dir, seqs: list[tuple[list[int], list[int]]]) -> float:
         return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
-@pytest.mark.parametrize("fmt", ["text", "completion", "messages"])
+@pytest.mark.parametrize(
+    "fmt", ["text", pytest.param("completion", marks=pytest.mark.heavy),
+            pytest.param("messages", marks=pytest.mark.heavy)],
+)  # fmt: skip
 def test_cli_sft_first_step_loss_is_transformers_loss(sft_files, fmt):
     """`dpo-jax train --config.objective.name=sft`: TRL's SFT rows, tokenized as TRL does
     (EOS appended to plain text, completion-only targets for prompt-completion rows), give
@@ -373,6 +378,7 @@ def test_cli_sft_bad_row_names_file_and_line(sft_files, tmp_path):
         train.train(config)
 
 
+@pytest.mark.heavy
 def test_cli_reward_model_checkpoint_scores_like_its_logged_eval(sft_files, tmp_path):
     """`dpo-jax train --config.objective.name=reward_model` on DPO's preference rows: the
     head is checkpointed with the model, and scoring the checkpoint's params through
@@ -459,3 +465,48 @@ def test_one_default_per_setting():
     assert float(schedule(0)) == pytest.approx(d.optim.learning_rate)
     with pytest.raises(Exception, match="optim.leraning_rate"):
         optim.make_optimizer({"leraning_rate": 1.0}, total_steps=10)
+
+
+def test_multi_host_sft_batches_are_numbered_host_after_host():
+    si = np.asarray([[[-1, 0, 0], [-1, 1, -1], [-1, -1, -1]]], np.int32)  # [A=1, N=3, L=3]
+    batch = {"sequence_index": si}
+    out, n = train.globalize_host_batch(batch, 3, process_index=1, process_count=2, paired=False)
+    assert n == 6
+    np.testing.assert_array_equal(out["sequence_index"], [[[-1, 3, 3], [-1, 4, -1], [-1] * 3]])
+
+
+def test_sft_formats_are_detected_without_taking_preference_rows():
+    from dpo_jax.data import detect_format
+
+    assert detect_format({"text": "a"}) == "sft_text"
+    assert detect_format({"messages": []}) == "sft_messages"
+    assert detect_format({"prompt": "a", "completion": "b"}) == "sft_completion"
+    assert detect_format({"prompt": "a", "completion": "b", "label": True}) == "unpaired"
+    # UltraFeedback rows carry `messages` beside chosen/rejected: still preference rows
+    assert detect_format({"prompt": "a", "chosen": [], "rejected": [], "messages": []}) == (
+        "ultrafeedback"
+    )
+
+
+def test_margin_column_reaches_reward_model_batches(tmp_path):
+    """TRL RewardTrainer's optional `margin` column: parsed, tokenized and batched as a
+    `[B]` array the Bradley-Terry objective subtracts; on some rows only it is refused."""
+    import json
+
+    from dpo_jax.errors import UserError
+    from tests.data_helpers import tiny_tokenizer
+
+    rows = [
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "margin": 1.5},
+        {"prompt": "Paris is in", "chosen": " France.", "rejected": " Spain.", "margin": 0.25},
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = tiny_tokenizer()
+    ds = data.load_preference_data({"path": str(path), "cache_dir": ""}, tok)
+    batch = data.build_batch([ds[0], ds[1]], "paired")
+    np.testing.assert_array_equal(batch["margin"], [1.5, 0.25])
+    del rows[1]["margin"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="'margin' column is present on some rows only"):
+        data.load_preference_data({"path": str(path), "cache_dir": ""}, tok)

@@ -161,3 +161,8 @@ def test_checkpoints_in_a_bucket_roundtrip_and_drop_a_step_without_commit_marker
     assert_trees_equal(restored.state, states[2])
     assert "checkpoints/4" in caplog.text
     assert [p.name for p in paths.as_path(f"{run}/checkpoints").iterdir()] == ["2"]
+    # a full bucket: the message names the last step and its size, and no free space
+    step_bytes = sum(len(f.getvalue()) for k, f in bucket.store.items() if "/checkpoints/2/" in k)
+    assert paths.tree_bytes(f"{run}/checkpoints/2") == step_bytes > 0
+    message = str(guards.disk_full_error(run, OSError(28, "No space left on device")))
+    assert "step 2, is intact" in message and "storage quota or bucket full" in message

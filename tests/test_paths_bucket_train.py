@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -71,16 +72,26 @@ def _comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-@pytest.mark.heavy
-def test_train_in_a_bucket_killed_and_resumed_matches_an_uninterrupted_local_run(
-    tmp_path, monkeypatch
-):
-    monkeypatch.chdir(tmp_path)  # a bucket path mistaken for a local one would land here
-    model_dir = make_tiny_hf_model("llama", tmp_path / "model", tokenizer=train_tokenizer())
-
-    local_root = str(tmp_path / "local")
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The tiny model (a local directory) and an uninterrupted run on local disk."""
+    root = tmp_path_factory.mktemp("bucket_train")
+    model_dir = make_tiny_hf_model("llama", root / "model", tokenizer=train_tokenizer())
+    local_root = str(root / "local")
     _write_data(f"{local_root}/data")
-    full = train.train(_config(model_dir, local_root, f"{local_root}/run"))
+    return model_dir, local_root, train.train(_config(model_dir, local_root, f"{local_root}/run"))
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("kill", ["crash", "sigterm"])
+def test_train_in_a_bucket_killed_and_resumed_matches_an_uninterrupted_local_run(
+    local_run, kill, tmp_path, monkeypatch
+):
+    """crash: the process dies in step 3, after the checkpoint of step 2 (step 3 is lost
+    and its logged row must go); sigterm: a spot VM's preemption notice in step 3 (the
+    run saves step 3 out of schedule and exits cleanly)."""
+    model_dir, local_root, full = local_run
+    monkeypatch.chdir(tmp_path)  # a bucket path mistaken for a local one would land here
 
     with fake_gcs(monkeypatch) as bucket:
         _write_data(f"{GS}/data")
@@ -89,21 +100,27 @@ def test_train_in_a_bucket_killed_and_resumed_matches_an_uninterrupted_local_run
 
         def dying_write(self, step, values):
             row = real_write(self, step, values)
-            if step == 3 and "loss" in values:  # step 2 is checkpointed, step 3 is lost
-                raise Killed
+            if step == 3 and "loss" in values:
+                if kill == "crash":
+                    raise Killed
+                os.kill(os.getpid(), signal.SIGTERM)  # through the run's preemption handler
             return row
 
         monkeypatch.setattr(metrics.MetricsWriter, "write", dying_write)
-        with pytest.raises(Killed):
-            train.train(_config(model_dir, GS, run_dir))
-        killed_rows = metrics.read_jsonl(f"{run_dir}/metrics.jsonl")
-        assert 3 in [r["step"] for r in killed_rows]  # the lost step was logged
+        if kill == "crash":
+            with pytest.raises(Killed):
+                train.train(_config(model_dir, GS, run_dir))
+            killed_rows = metrics.read_jsonl(f"{run_dir}/metrics.jsonl")
+            assert 3 in [r["step"] for r in killed_rows]  # the lost step was logged
+        else:
+            stopped = train.train(_config(model_dir, GS, run_dir))
+            assert [r["step"] for r in stopped.history] == [1, 2, 3]
         monkeypatch.setattr(metrics.MetricsWriter, "write", real_write)
 
         resumed = train.train(_config(model_dir, GS, run_dir))
 
-        # The resumed run redid only steps 3 and 4, from the checkpoint of step 2.
-        assert [r["step"] for r in resumed.history] == [3, 4]
+        # The resumed run redid only what the killed one had not checkpointed.
+        assert [r["step"] for r in resumed.history] == ([3, 4] if kill == "crash" else [4])
         for name in ("params", "opt_state"):
             np.testing.assert_array_equal(
                 flat_params(getattr(resumed.state, name)), flat_params(getattr(full.state, name))
@@ -125,7 +142,8 @@ def test_train_in_a_bucket_killed_and_resumed_matches_an_uninterrupted_local_run
         # tensorstore's GCS driver), config, caches, tokenizer, HF export.
         keys = sorted(bucket.store)
         ckpt = f"{BUCKET}/runs/part/checkpoints"
-        assert {k.split("/")[4] for k in keys if k.startswith(ckpt + "/")} >= {"2", "4"}
+        saved = {k.split("/")[4] for k in keys if k.startswith(ckpt + "/")}
+        assert saved == ({"2", "4"} if kill == "crash" else {"2", "3", "4"})
         assert any(k.startswith(f"{ckpt}/4/state/") and "/d/" in k for k in keys)
         assert json.loads(paths.as_path(f"{run_dir}/config.json").read_text())["run_dir"] == run_dir
         # one tokenized cache file each for train and eval: the resumed run hit them
@@ -133,4 +151,4 @@ def test_train_in_a_bucket_killed_and_resumed_matches_an_uninterrupted_local_run
         assert paths.glob(f"{run_dir}/ref_logps_*.npz")
         assert paths.as_path(f"{run_dir}/tokenizer/tokenizer.json").exists()
         assert paths.as_path(f"{run_dir}/hf/model.safetensors").exists()
-        assert sorted(os.listdir(tmp_path)) == ["local", "model"]
+        assert os.listdir(tmp_path) == []

@@ -142,4 +142,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.force_resume = False  # resume despite math-changing config differences
     c.checkpoint.async_save = True
     c.checkpoint.export_hf = False  # write run_dir/hf at the end
+
+    # PPO (objective.name="ppo", dpo_jax/ppo_loop.py, docs/PPO.md): rollouts with the
+    # KV-cache sampler, a value head on the policy, a per-token KL penalty against the
+    # reference. Defaults: TRL's PPOConfig (fixed kl_coef 0.05, 4 epochs, 1 mini-batch,
+    # clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1, lambda 0.95).
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.num_rollouts = 100  # the phase's length: optimizer steps = this x epochs x minibatches
+    c.ppo.rollout_batch_size = 64  # episodes per rollout, all hosts together
+    c.ppo.samples_per_prompt = 1
+    c.ppo.max_new_tokens = 24
+    c.ppo.num_epochs = 4  # PPO epochs over each rollout
+    c.ppo.num_mini_batches = 1  # optimizer updates per epoch (each grad_accum_steps micro)
+    c.ppo.kl_coef = 0.05  # beta of the per-token KL penalty (the controller's start)
+    # None: fixed kl_coef. A KL in nats per sequence: Ziegler et al.'s adaptive
+    # controller, kl_coef *= 1 + clip(KL / target_kl - 1, -0.2, 0.2) * episodes / horizon
+    c.ppo.target_kl = ml_collections.FieldReference(None, field_type=float)
+    c.ppo.kl_horizon = 10000.0
+    c.ppo.kl_estimator = "k1"  # k1: log p - log q; k3: (q/p - 1) - log(q/p)
+    c.ppo.gamma = 1.0
+    c.ppo.lam = 0.95
+    c.ppo.whiten_rewards = False  # rescale per-token rewards to unit std (mean kept)
+    c.ppo.whiten_advantages = True
+    c.ppo.clip = 0.2  # policy ratio clip
+    c.ppo.value_clip = 0.2
+    c.ppo.vf_coef = 0.1
     return c

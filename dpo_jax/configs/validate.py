@@ -294,6 +294,10 @@ def validate(config: Any) -> None:
     check("data.format", _check_choice, ("auto", *PARSERS))
 
     _validate_objective(value)
+    if value("objective.name") == "ppo":  # the ppo.* ranges (dpo_jax.ppo_loop.PPOConfig)
+        from dpo_jax import ppo_loop
+
+        ppo_loop.PPOConfig.from_config(config)
 
     check("reference.mode", _check_choice, REFERENCE_MODES)
     check("reference.ref_model_sync_steps", _check_int, 0)

@@ -279,6 +279,8 @@ def build_batch(
         batch["ref_logps"] = np.asarray(
             [it["ref_chosen"] for it in items] + [it["ref_rejected"] for it in items], np.float32
         )
+    if kind == "paired" and all("margin" in it for it in items):
+        batch["margin"] = np.asarray([it["margin"] for it in items], np.float32)
     if kind == "unpaired":
         batch["labels"] = np.asarray([it["label"] for it in items], np.int32)
     return batch

@@ -33,6 +33,9 @@ SFT formats (TRL's SFT dataset types, `SFTExample`; `objective.name="sft"`):
   only the completion is a target;
 - `sft_messages`: {"messages": [...]}, a conversation rendered with the chat template,
   language modelling on all of it (TRL's default `assistant_only_loss=False`).
+- `tldr_sft`: the TL;DR SFT split (summarize-from-feedback `tldr_3_filtered`):
+  {"id", "subreddit", "title", "post", "summary"}; the post's TL;DR prompt, and its
+  human-written summary as the completion.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ HH_HUMAN = "\n\nHuman:"
 REF_CHOSEN_COLUMN = "ref_chosen_logps"
 REF_REJECTED_COLUMN = "ref_rejected_logps"
 REF_UNPAIRED_COLUMN = "ref_logps"
+MARGIN_COLUMN = "margin"  # TRL RewardTrainer: r_chosen - r_rejected must exceed it
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class PreferenceExample:
     chat: bool = False
     ref_chosen_logp: float | None = None
     ref_rejected_logp: float | None = None
+    # TRL RewardTrainer's optional `margin` column (reward model objective only)
+    margin: float | None = None
     # Where the row came from, so later stages (tokenization) can name it.
     source: str = field(default="", compare=False)
     line: int | None = field(default=None, compare=False)
@@ -150,6 +156,18 @@ def _ref(row: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def _number(row: Mapping[str, Any], key: str) -> float | None:
+    """An optional finite number column (None when absent or null)."""
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(
+            f"field {key!r} must be a finite number, got {value!r}", reason="not_a_number"
+        )
+    return float(value)
+
+
 def _pair(row: Mapping[str, Any], prompt: str, chosen: str, rejected: str, chat: bool = False):
     _check_completions(chosen, rejected)
     return PreferenceExample(
@@ -159,6 +177,7 @@ def _pair(row: Mapping[str, Any], prompt: str, chosen: str, rejected: str, chat:
         chat,
         _ref(row, REF_CHOSEN_COLUMN),
         _ref(row, REF_REJECTED_COLUMN),
+        _number(row, MARGIN_COLUMN),
     )
 
 
@@ -335,6 +354,14 @@ def parse_tldr(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
             raise DataError(f"summaries[{k}] must be an object", reason="bad_summaries")
         texts.append(" " + _text(s, "text").strip())
     return [_pair(row, tldr_prompt(info), texts[choice], texts[1 - choice])]
+
+
+def parse_tldr_sft(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
+    """TL;DR SFT rows: the post's prompt and its human-written `summary` (a demonstration)."""
+    summary = " " + _text(row, "summary").strip()
+    if not summary.strip():
+        raise DataError("empty summary", reason="empty_completion")
+    return [SFTExample(tldr_prompt(row), summary)]
 
 
 # ----------------------------------------------------------------------------- chat
@@ -520,12 +547,13 @@ PARSERS: dict[str, Parser] = {
     "shp": parse_shp,
     "stack_exchange": parse_stack_exchange,
     "tldr": parse_tldr,
+    "tldr_sft": parse_tldr_sft,
     "unpaired": parse_unpaired,
     "sft_text": parse_sft_text,
     "sft_completion": parse_sft_completion,
     "sft_messages": parse_sft_messages,
 }
-SFT_FORMATS = ("sft_text", "sft_completion", "sft_messages")
+SFT_FORMATS = ("sft_text", "sft_completion", "sft_messages", "tldr_sft")
 
 
 def detect_format(row: Mapping[str, Any]) -> str:
@@ -533,14 +561,10 @@ def detect_format(row: Mapping[str, Any]) -> str:
     keys = set(row)
     if {"completion", "label"} <= keys:
         return "unpaired"
-    if "text" in keys and not {"chosen", "rejected"} & keys:
-        return "sft_text"
-    if "messages" in keys:
-        return "sft_messages"
-    if {"prompt", "completion"} <= keys:
-        return "sft_completion"
     if {"info", "summaries", "choice"} <= keys:
         return "tldr"
+    if {"post", "summary"} <= keys:
+        return "tldr_sft"
     if {"human_ref_A", "human_ref_B"} <= keys:
         return "shp"
     if {"question", "answers"} <= keys:
@@ -558,6 +582,14 @@ def detect_format(row: Mapping[str, Any]) -> str:
         ):
             return "hh"
         return "implicit"
+    # SFT rows last: preference rows may carry these columns too (UltraFeedback's messages)
+    if not {"chosen", "rejected"} & keys:
+        if "text" in keys:
+            return "sft_text"
+        if "messages" in keys:
+            return "sft_messages"
+        if {"prompt", "completion"} <= keys:
+            return "sft_completion"
     raise DataError(
         f"cannot detect the data format from fields {sorted(keys)}; set format= one of {sorted(PARSERS)}",
         reason="unknown_format",

@@ -351,7 +351,7 @@ def tokenize_examples(
     if per_sequence_prompts:
         cols["rejected_prompt"] = []
     dense: dict[str, list] = (
-        {"ref_chosen": [], "ref_rejected": []} if paired else {"label": [], "ref": []}
+        {"ref_chosen": [], "ref_rejected": [], "margin": []} if paired else {"label": [], "ref": []}
     )
     if sft:
         dense = {}
@@ -383,6 +383,7 @@ def tokenize_examples(
         if paired:
             dense["ref_chosen"].append(ex.ref_chosen_logp)
             dense["ref_rejected"].append(ex.ref_rejected_logp)
+            dense["margin"].append(ex.margin)
         elif not sft:
             dense["label"].append(int(ex.label))
             dense["ref"].append(ex.ref_logp)
@@ -399,6 +400,10 @@ def tokenize_examples(
             dense_arrays[k] = np.asarray(vals, np.int32)
         elif vals and all(v is not None for v in vals):
             dense_arrays[k] = np.asarray(vals, np.float32)
+        elif any(v is not None for v in vals) and k == "margin":
+            raise UserError(
+                "the 'margin' column is present on some rows only; give every row one or none"
+            )
         elif any(v is not None for v in vals):
             raise UserError(
                 f"reference log-probs ({k}) are present on some rows only; give every row both "
