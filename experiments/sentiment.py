@@ -566,11 +566,9 @@ def sft_dry(ctx: Context) -> Any:
     if ctx.config.sft.num_steps <= 0:
         return None
     config = sft_config(ctx)
-    cfg = model_config(ctx.config, _dry_vocab_size(ctx))
-    abstract = nn_unbox(models.abstract_params(cfg))
-    dummy = [[0, 0]] * config.batch_size
-    data = sft_batches(ctx, config, 0, dummy)
-    return phases.train_phase(config, train_data=data, model=(cfg, abstract), dry_run=True).lowered
+    data = sft_batches(ctx, config, 0, [[0, 0]] * config.batch_size)
+    model = abstract_policy(ctx)
+    return phases.train_phase(config, train_data=data, model=model, dry_run=True).lowered
 
 
 def label_phase(ctx: Context) -> None:
@@ -740,35 +738,31 @@ def train_method_phase(method: Method):
 
     def dry(ctx: Context) -> Any:
         config = method_config(ctx, method)
-        vocab = _dry_vocab_size(ctx)
-        cfg = model_config(ctx.config, vocab)
-        abstract = nn_unbox(models.abstract_params(cfg))
+        model = abstract_policy(ctx)
         b = config.batch_size // config.grad_accum_steps
         dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
         data = method_batches(
             dummy, config, 0, row_length(ctx.config), ctx.config.pairs.max_new_tokens
         )
-        return phases.train_phase(
-            config, train_data=data, model=(cfg, abstract), dry_run=True
-        ).lowered
+        return phases.train_phase(config, train_data=data, model=model, dry_run=True).lowered
 
     return run, dry
 
 
-def nn_unbox(tree: Any) -> Any:
-    """Plain ShapeDtypeStructs of boxed (LogicallyPartitioned) abstract params."""
+def abstract_policy(ctx: Context) -> tuple[models.ModelConfig, Any]:
+    """The policy's config and abstract params (ShapeDtypeStructs), for dry runs. A
+    from-scratch policy's vocabulary is the tokenizer's of an existing run directory,
+    else `corpus.tokenizer_vocab_size` (the most a BPE trained on the corpus has: the
+    default corpus gives 697 of 768, so dry-run `--config.workdir` of a run to compile
+    its exact program)."""
     import flax.linen as nn
 
-    return nn.meta.unbox(tree)
-
-
-def _dry_vocab_size(ctx: Context) -> int:
-    """The vocabulary a from-scratch policy would get: the tokenizer of an existing run
-    directory, else `corpus.tokenizer_vocab_size` (a BPE trained on enough text has it)."""
     tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
-    if tok.exists():
-        return len(load_tokenizer(tok.parent))
-    return int(ctx.config.corpus.tokenizer_vocab_size)
+    vocab = (
+        len(load_tokenizer(tok.parent)) if tok.exists() else ctx.config.corpus.tokenizer_vocab_size
+    )
+    cfg = model_config(ctx.config, int(vocab))
+    return cfg, nn.meta.unbox(models.abstract_params(cfg))
 
 
 def reward_model_phase(ctx: Context) -> train.TrainResult:

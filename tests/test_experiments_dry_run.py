@@ -12,9 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from experiments.dry_run import BatchPlan
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,10 +72,3 @@ def test_tldr_dry_run_refuses_an_unknown_method_before_compiling():
     out = _dry_run("experiments.tldr", "--preset=pythia28", "--config.methods=('sft','ppo')")
     assert out.returncode != 0
     assert "config key 'methods': unknown method 'ppo'" in out.stderr
-
-
-def test_batch_plan_arithmetic():
-    plan = BatchPlan(global_pairs=64, micro_batches=4, seq_len=100, data_parallel=8)
-    assert (plan.pairs_per_micro, plan.rows_per_device, plan.tokens_per_step) == (16, 4, 12800)
-    with pytest.raises(ValueError, match="do not split into 3 micro-batches"):
-        BatchPlan(global_pairs=64, micro_batches=3, seq_len=100, data_parallel=8)

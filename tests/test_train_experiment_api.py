@@ -32,6 +32,8 @@ def _hook(calls: list):
     return hook
 
 
+@pytest.mark.heavy  # three train() runs (~35 s on the shared box); the default suite's
+# sentiment kill test covers eval rows and generator data across a resume end to end
 def test_eval_hook_rows_survive_a_kill_and_resume(tmp_path):
     model = tiny_model()
     batches = synthetic_batches(num=4, pairs=2, seed=3)
