@@ -22,16 +22,12 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from dpo_jax import models, sharding, train
+from dpo_jax import models
 
 # What a real-scale run is built from: the same fields for every experiment.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -143,80 +139,3 @@ class BatchPlan:
             f"{self.seq_len} tokens); {self.rows_per_device} rows per device per micro-batch "
             f"over {self.data_parallel} data-parallel shards; {self.tokens_per_step:,} tokens/step"
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class DryRunReport:
-    """What the dry run measured."""
-
-    param_count: int
-    param_bytes: int
-    mesh: dict[str, int]
-    plan: BatchPlan
-    memory: dict[str, int]  # per device, from compiled.memory_analysis()
-
-    def summary(self) -> str:
-        gib = lambda b: f"{b / 2**30:.2f} GiB"
-        lines = [
-            f"parameters: {self.param_count:,} ({gib(self.param_bytes)} in param_dtype)",
-            f"mesh: {self.mesh}",
-            f"batch plan: {self.plan.describe()}",
-            "per-device memory of the compiled train step:",
-        ]
-        lines += [f"  {k:<22} {gib(v):>12}  ({v:,} bytes)" for k, v in self.memory.items()]
-        # XLA's cost analysis counts a scanned layer once, so estimate from the shapes.
-        train_flops = 6 * self.param_count * self.plan.tokens_per_step
-        lines.append(f"train FLOPs/step (6 x params x tokens): {train_flops / 1e12:.1f} TFLOP")
-        return "\n".join(lines)
-
-
-def run_from_config(
-    config: Any, *, loss_name: str, loss_hyper: Mapping[str, Any], seq_len: int, reference: str
-) -> DryRunReport:
-    """Dry-run the preference run of an offline experiment config (TL;DR, HH: the
-    ``model.model_dir`` / ``train.*`` fields of `pipeline.offline_config`) through the
-    Trainer (`train.train(dry_run=True)`), until those experiments are phase graphs.
-
-    Asks for ``config.dry_run_devices`` simulated CPU devices when the backend is the CPU.
-    The scored positions are pinned to ``seq_len - 1`` (every row's most), an upper bound.
-    """
-    from dpo_jax.configs import default
-    from experiments import phases, pipeline
-
-    ensure_cpu_devices(int(config.dry_run_devices))
-    m, tr = config.model, config.train
-    model_cfg = model_config_for(
-        m.model_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-        scan_layers=m.scan_layers,
-    )  # fmt: skip
-    c = default.get_config()
-    c.run_dir = ""
-    c.loss.name = loss_name
-    c.loss.hyper = dict(loss_hyper)
-    c.reference.mode = reference
-    c.update(num_steps=int(tr.steps), batch_size=int(tr.batch_size))
-    c.grad_accum_steps = int(tr.micro_batches)
-    c.optim.update(
-        name=tr.optimizer, learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps,
-        schedule=tr.schedule, max_grad_norm=tr.max_grad_norm,
-    )  # fmt: skip
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in tr.mesh)
-    mesh = sharding.make_mesh(*tr.mesh)
-    plan = BatchPlan(c.batch_size, c.grad_accum_steps, seq_len, sharding.data_parallel_size(mesh))
-    print(f"dry run: {m.model_dir} ({model_cfg.model_type}), loss {loss_name} {dict(loss_hyper)}, "
-          f"reference {reference}, {len(jax.devices())} {jax.devices()[0].platform} devices")  # fmt: skip
-    b = plan.pairs_per_micro
-    dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
-    data = pipeline.pair_batches(dummy, b, seq_len, 0, 0, num_positions=seq_len - 1)
-    abstract = nn.meta.unbox(models.abstract_params(model_cfg))
-    lowered = train.train(c, train_data=data, model=(model_cfg, abstract), dry_run=True).lowered
-    leaves = jax.tree.leaves(abstract)
-    report = DryRunReport(
-        param_count=int(sum(np.prod(x.shape) for x in leaves)),
-        param_bytes=int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)),
-        mesh=dict(zip(sharding.MESH_AXES, (int(s) for s in mesh.devices.shape), strict=True)),
-        plan=plan,
-        memory=phases.memory_report(lowered.compile()),
-    )
-    print(report.summary())
-    return report

@@ -1,12 +1,11 @@
-"""The language-model pieces every paper-reproduction experiment strings together:
-
-SFT on token sequences -> sampling in fixed-shape chunks -> scoring completions under a
-policy -> preference training on pairs (any `dpo_jax.losses` loss, reference log-probs
-precomputed once) with a periodic evaluation callback.
+"""The language-model pieces every paper-reproduction experiment's phases share: SFT
+settings and micro-batches for the Trainer, sampling in fixed-shape chunks, scoring
+completions under a policy, preference pairs with their reference log-probs and their
+micro-batches. (Training itself is `dpo_jax.train.train`, in each experiment's phases.)
 
 Fixed shapes are the point: every sampler and scorer call has the same number of rows
-(the last chunk is padded by repetition), so each compiles once per run; the preference
-step compiles once per loss configuration.
+(the last chunk is padded by repetition), and every training micro-batch pins its
+scored positions, so each compiles once per run and a dry run lowers the same programs.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -75,40 +73,6 @@ class SFTBatches:
 
     def set_state(self, state: Any) -> None:
         self._loader.set_state(state)
-
-
-def train_sft(
-    model: Any,
-    params: Any,
-    sequences: Sequence[Sequence[int]],
-    target_starts: Sequence[int],
-    sft_config: Mapping[str, Any],
-    pad_id: int,
-    seed: int,
-    log_dir: Path,
-    progress: bool = True,
-    desc: str = "SFT",
-) -> Any:
-    """SFT through the Trainer for the offline experiments (TL;DR, HH) until they are
-    phase graphs (sentiment's `sft` phase is one): `sft_config` has steps, batch_size,
-    max_len, learning_rate, warmup_steps; metrics in `log_dir`."""
-    del desc
-    from dpo_jax import train
-    from dpo_jax.configs import default
-
-    c = default.get_config()
-    c.run_dir, c.seed = str(log_dir), seed
-    for key, value in sft_overrides(dict(sft_config, num_steps=sft_config["steps"])).items():
-        *parents, leaf = key.split(".")
-        node = c
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    c.train.update(progress=progress, tensorboard=False)
-    batches = SFTBatches(
-        sequences, target_starts, c.batch_size, sft_config["max_len"], pad_id, seed
-    )
-    return train.train(c, train_data=batches, model=(model.cfg, params)).state.params
 
 
 def sample(
@@ -297,53 +261,3 @@ def pair_data(
         ref_chosen=scorer(ref_params, prompts, chosen),
         ref_rejected=scorer(ref_params, prompts, rejected),
     )
-
-
-EvalFn = Callable[[int, Any], Mapping[str, float]]
-
-
-def train_preference(
-    model: Any,
-    init_params: Any,
-    pairs: PairData,
-    *,
-    loss_name: str,
-    loss_hyper: Mapping[str, float],
-    train_config: Mapping[str, Any],
-    row_length: int,
-    pad_id: int,
-    seed: int,
-    eval_fn: EvalFn | None,
-    log_dir: Path,
-    desc: str,
-    progress: bool = True,
-) -> Any:
-    """Train `init_params` on the pairs with one registered loss through the one
-    Trainer (`dpo_jax.train.train`, metrics in `log_dir`); returns the final params.
-
-    For the offline experiments (TL;DR, HH) until they are phase graphs: maps their
-    `train` section (steps, batch_size, optimizer, learning_rate, warmup_steps, schedule,
-    max_grad_norm, eval_every, micro_batches) onto a `dpo-jax train` config.
-    """
-    from dpo_jax import train
-    from dpo_jax.configs import default
-
-    tr = train_config
-    config = default.get_config()
-    config.run_dir = str(log_dir)
-    config.seed = seed
-    config.loss.name = loss_name
-    config.loss.hyper = dict(loss_hyper)
-    config.num_steps = int(tr["steps"])
-    config.batch_size = int(tr["batch_size"])
-    config.grad_accum_steps = int(tr.get("micro_batches", 1))
-    config.optim.update(
-        name=tr["optimizer"], learning_rate=tr["learning_rate"], warmup_steps=tr["warmup_steps"],
-        schedule=tr["schedule"], max_grad_norm=tr["max_grad_norm"],
-    )  # fmt: skip
-    config.train.update(eval_every=int(tr["eval_every"]), log_every=int(tr["eval_every"]),
-                        progress=progress, tensorboard=True)  # fmt: skip
-    micro = config.batch_size // config.grad_accum_steps
-    data = pair_batches(pairs, micro, row_length, pad_id, seed)
-    result = train.train(config, train_data=data, model=(model.cfg, init_params), eval_hook=eval_fn)
-    return jax.device_get(result.state.params)
