@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,7 +50,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dpo_jax import checkpoint, data, evaluation, logprobs, models, paths
+from dpo_jax import checkpoint, data, evaluation, models, paths
 from dpo_jax import errors as dpo_errors
 from dpo_jax.configs import default, validate
 from dpo_jax.data.formats import SFT_FORMATS
@@ -398,61 +398,43 @@ def _dry_model_config(ctx: Context) -> models.ModelConfig:
     return model_config(ctx.config, len(tok), tok.eos_token_id, pad)
 
 
-def _scored(batches: Iterator[dict[str, np.ndarray]], k: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches with `scored_positions` of a fixed `K`: one compiled program for the whole
-    run, and the one the dry run lowers."""
-    for b in batches:
-        yield dict(b, scored_positions=logprobs.scored_positions(b["sequence_index"], k))
-
-
 def sft_phase(source: str) -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
-    """SFT (`objective.name="sft"`) from the initial policy on the demonstrations
-    (`source="demo"`) or on the pairs' chosen completions (`"chosen"`, Preferred-FT)."""
+    """SFT (`objective.name="sft"`, `pipeline.sft_overrides`) from the initial policy on
+    the demonstrations (`source="demo"`) or on the pairs' chosen completions (`"chosen"`,
+    Preferred-FT): the completion tokens are the targets with `sft.completion_only`, else
+    every token after the first."""
 
     def sft_config(ctx: Context) -> ml_collections.ConfigDict:
-        s = ctx.config.sft
-        return phases.train_config(ctx.config, ctx, **{
-            "objective.name": "sft", "num_steps": s.num_steps, "batch_size": s.batch_size,
-            "optim.name": "adamw", "optim.learning_rate": s.learning_rate,
-            "optim.warmup_steps": s.warmup_steps, "optim.schedule": "cosine",
-            "optim.weight_decay": 0.01, "optim.max_grad_norm": 1.0,
-        })  # fmt: skip
+        return phases.train_config(ctx.config, ctx, **pipeline.sft_overrides(ctx.config.sft))
 
-    def batches(config: Any, ctx: Context, prompts: list, completions: list, pad_id: int):
-        length = row_length(ctx.config)
-        if not ctx.config.sft.completion_only:  # language modelling on prompt + completion
-            seqs = [p + x for p, x in zip(prompts, completions, strict=True)]
-            prompts, completions = [q[:1] for q in seqs], [q[1:] for q in seqs]
-        k = (
-            length - 1
-            if not ctx.config.sft.completion_only
-            else ctx.config.data.max_completion_length
+    def batches(ctx: Context, config: Any, prompts: list, completions: list, pad_id: int):
+        seqs = [p + x for p, x in zip(prompts, completions, strict=True)]
+        starts = [len(p) if ctx.config.sft.completion_only else 1 for p in prompts]
+        return pipeline.SFTBatches(
+            seqs, starts, config.batch_size, row_length(ctx.config), pad_id, config.seed
         )
-        dataset = data.sequence_dataset(prompts, completions, length)
-        micro = config.batch_size // config.grad_accum_steps
-        it = data.make_train_iterator(
-            dataset, micro, buckets=(length,), seed=config.seed, pad_id=pad_id
-        )
-        return _scored(iter(it), k)
 
     def run(ctx: Context) -> Any:
         task = load(ctx)
         config = sft_config(ctx)
-        key = "demo_" if source == "demo" else ""
-        prompts = task.tokens[f"{key}prompt"]
-        completions = task.tokens["demo_completion" if source == "demo" else "chosen"]
-        data_it = batches(config, ctx, prompts, completions, task.pad_id)
+        t = task.tokens
+        prompts, completions = (
+            (t["demo_prompt"], t["demo_completion"]) if source == "demo" else (t["prompt"], t["chosen"])
+        )  # fmt: skip
         params = initial_params(ctx.config, task.cfg)
-        return phases.train_phase(config, train_data=data_it, model=(task.cfg, params))
+        return phases.train_phase(
+            config, train_data=batches(ctx, config, prompts, completions, task.pad_id),
+            model=(task.cfg, params),
+        )  # fmt: skip
 
     def dry(ctx: Context) -> Any:
         config = sft_config(ctx)
         cfg = _dry_model_config(ctx)
-        micro = config.batch_size // config.grad_accum_steps
-        data_it = batches(config, ctx, [[0]] * micro, [[0]] * micro, 0)
+        b = config.batch_size
         return phases.train_phase(
-            config, train_data=data_it, model=(cfg, _abstract(cfg)), dry_run=True
-        ).lowered
+            config, train_data=batches(ctx, config, [[0]] * b, [[0]] * b, 0),
+            model=(cfg, _abstract(cfg)), dry_run=True,
+        ).lowered  # fmt: skip
 
     return run, dry
 
