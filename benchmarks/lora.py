@@ -14,7 +14,6 @@ Nothing is downloaded: GPT-2 small is a random init, the 8B shape is abstract.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -76,7 +75,13 @@ def _child_aot(args: argparse.Namespace) -> dict[str, Any]:
     from experiments import dry_run
 
     dry_run.ensure_cpu_devices(args.devices)  # before JAX starts its backend
-    from dpo_jax import lora, models
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from dpo_jax import lora, models, sharding, train
+    from dpo_jax.data import batching
+    from experiments import phases
 
     reference, rank, base_dtype = VARIANTS[args.variant]
     cfg = models.ModelConfig.for_family(
@@ -84,22 +89,25 @@ def _child_aot(args: argparse.Namespace) -> dict[str, Any]:
         dtype="bfloat16", param_dtype="float32", remat="block", scan_layers=True,
     )  # fmt: skip
     lcfg = lora.LoraConfig(rank, float(rank), "all-linear", base_dtype) if rank else None
-    report = dry_run.dry_run(
-        cfg,
-        mesh_shape=(1, args.devices, 1),
-        plan_pairs=args.aot_pairs,
-        micro_batches=1,
-        seq_len=args.aot_seq_len,
-        loss_name="sigmoid",
-        loss_hyper={"beta": 0.1},
+    abstract = nn.meta.unbox(models.abstract_params(cfg))
+    # The run's own construction on abstract params: the Trainer lowers its step program.
+    trainer, state = train.build_trainer(
+        cfg, abstract, mesh=sharding.make_mesh(1, args.devices, 1),
         optim_config={"name": "adamw", "learning_rate": 1e-5, "schedule": "constant"},
-        total_steps=10,
-        reference=reference,
-        lora_config=lcfg,
-    )
-    out = dataclasses.asdict(report)
-    out.update(variant=args.variant, devices=args.devices, seq_len=args.aot_seq_len)
-    return out
+        total_steps=10, reference=reference, lora_config=lcfg,
+        loss_name="sigmoid", loss_hyper={"beta": 0.1},
+    )  # fmt: skip
+    pairs, half = args.aot_pairs, args.aot_seq_len // 2
+    batch = batching.build_stacked([[1] * half] * pairs, [[2] * half] * (2 * pairs), 2 * half)
+    if reference == "precomputed":
+        batch["ref_logps"] = np.zeros((2 * pairs,), np.float32)
+    batch_A = {k: v[None] for k, v in batch.items()}
+    memory = phases.memory_report(trainer.lower(state, batch_A, 2 * pairs).compile())
+    leaves = jax.tree.leaves(abstract)
+    return dict(
+        param_count=int(sum(np.prod(x.shape) for x in leaves)),
+        memory=memory, variant=args.variant, devices=args.devices, seq_len=args.aot_seq_len,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
