@@ -792,15 +792,14 @@ def train(
     ref_params: Any = None,
     checkpointer: Any = None,
     mesh: Mesh | None = None,
-    model: tuple[models.ModelConfig, Any] | None = None,
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
     dry_run: bool = False,
     reward: Any = None,
 ) -> TrainResult:
     """Train a policy as `config` says; returns the final state and metric history.
 
-    `train_data`/`eval_data` (iterables of host micro-batches) and `model=(ModelConfig,
-    params)` (or `model_config` + `params`) override what the config would load, for
+    `train_data`/`eval_data` (iterables of host micro-batches) and `model_config` +
+    `params` override what the config would load, for
     experiments, notebooks and tests; `params` must be reproducible for a resume. With
     `train_data` given, `config.num_steps` must be set. `eval_hook(step, params) ->
     {name: float}` runs every `train.eval_every` steps and at the last step, its metrics
@@ -815,8 +814,6 @@ def train(
     ids per prompt), `reward(samples) -> [S]` scores a rollout, `config.ppo` sets the
     phase (its length replaces `num_steps`); `history` holds one row per rollout.
     """
-    if model is not None:
-        model_config, params = model
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
     # Every mistake in the config surfaces here, before any device work or file write.

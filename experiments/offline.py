@@ -424,7 +424,7 @@ def sft_phase(source: str) -> tuple[Callable[[Context], Any], Callable[[Context]
         params = initial_params(ctx.config, task.cfg)
         return phases.train_phase(
             config, train_data=batches(ctx, config, prompts, completions, task.pad_id),
-            model=(task.cfg, params),
+            model_config=task.cfg, params=params,
         )  # fmt: skip
 
     def dry(ctx: Context) -> Any:
@@ -433,7 +433,7 @@ def sft_phase(source: str) -> tuple[Callable[[Context], Any], Callable[[Context]
         b = config.batch_size
         return phases.train_phase(
             config, train_data=batches(ctx, config, [[0]] * b, [[0]] * b, 0),
-            model=(cfg, _abstract(cfg)), dry_run=True,
+            model_config=cfg, params=_abstract(cfg), dry_run=True,
         ).lowered  # fmt: skip
 
     return run, dry
@@ -498,7 +498,7 @@ def pair_training_phase(
         params = trained_params(ctx, ctx.config.reference_policy)
         return phases.train_phase(
             config, train_data=_pair_batches(config, ctx, pairs, task.pad_id),
-            model=(task.cfg, params),
+            model_config=task.cfg, params=params,
         )  # fmt: skip
 
     def dry(ctx: Context) -> Any:
@@ -506,7 +506,7 @@ def pair_training_phase(
         cfg = _dry_model_config(ctx)
         data_it = _pair_batches(config, ctx, _dummy_pairs(config), 0)
         return phases.train_phase(
-            config, train_data=data_it, model=(cfg, _abstract(cfg)), dry_run=True
+            config, train_data=data_it, model_config=cfg, params=_abstract(cfg), dry_run=True
         ).lowered
 
     return run, dry

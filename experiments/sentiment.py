@@ -554,7 +554,7 @@ def sft_phase(ctx: Context) -> train.TrainResult | None:
         run_config = sft_config(ctx)
         seqs = _read_json(ctx.input("tokenizer") / "tokens.json")["sft"]
         result = phases.train_phase(
-            run_config, train_data=sft_batches(ctx, run_config, pad_id, seqs), model=(cfg, params)
+            run_config, train_data=sft_batches(ctx, run_config, pad_id, seqs), model_config=cfg, params=params
         )
         params = result.state.params
     save_params(ctx.dir / "params.msgpack", params)
@@ -732,7 +732,7 @@ def train_method_phase(method: Method):
             ctx.config.pairs.max_new_tokens,
         )  # fmt: skip
         return phases.train_phase(
-            config, train_data=data, model=(task.model_config, task.sft_params),
+            config, train_data=data, model_config=task.model_config, params=task.sft_params,
             eval_hook=eval_hook,
         )  # fmt: skip
 
@@ -781,7 +781,7 @@ def reward_model_phase(ctx: Context) -> train.TrainResult:
     data = method_batches(
         pairs, config, task.pad_id, row_length(ctx.config), ctx.config.pairs.max_new_tokens
     )
-    result = phases.train_phase(config, train_data=data, model=(task.model_config, task.sft_params))
+    result = phases.train_phase(config, train_data=data, model_config=task.model_config, params=task.sft_params)
     params = jax.device_get(result.state.params)
     batches = itertools.islice(
         method_batches(pairs, config, task.pad_id, row_length(ctx.config), None),
@@ -857,7 +857,7 @@ def ppo_method_phase(method: Method):
 
         return phases.train_phase(
             config, train_data=task.tokens["pairs"], reward=reward,
-            model=(task.model_config, task.sft_params), eval_hook=eval_hook,
+            model_config=task.model_config, params=task.sft_params, eval_hook=eval_hook,
         )  # fmt: skip
 
     return run

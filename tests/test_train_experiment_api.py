@@ -83,7 +83,7 @@ def test_dry_run_lowers_the_program_the_run_executes(tmp_path):
     cfg, params = tiny_model()
     batches = synthetic_batches(num=4, pairs=2, seed=3)
     config = _config(tmp_path / "run")
-    run = train.train(config, train_data=batches, model=(cfg, params))
+    run = train.train(config, train_data=batches, model_config=cfg, params=params)
     executed = run.trainer.lower(run.state, train.stack_micro_batches(batches[:1]), 4).as_text()
     # The run compiled exactly one train program, and lowering it again is that program.
     assert len(run.trainer._train_fns) == 1
@@ -92,7 +92,7 @@ def test_dry_run_lowers_the_program_the_run_executes(tmp_path):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), models.init_params(cfg, jax.random.key(1))
     )
     dry = train.train(
-        _config(tmp_path / "dry"), train_data=batches, model=(cfg, abstract), dry_run=True
+        _config(tmp_path / "dry"), train_data=batches, model_config=cfg, params=abstract, dry_run=True
     )
     assert not (tmp_path / "dry").exists()  # a dry run writes nothing
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(dry.state))
