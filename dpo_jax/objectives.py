@@ -223,7 +223,9 @@ OBJECTIVES: dict[str, Objective] = {
     # per-token log-probs and a value head on every hidden state; the reference enters
     # through the rollout's rewards, not the step.
     "ppo": Objective(
-        "ppo", ppo.objective_loss, head=Head(init_reward_head, reward_head_axes),
+        "ppo",
+        ppo.objective_loss,
+        head=Head(init_reward_head, reward_head_axes),
         needs=lambda cfg: frozenset({"token_logps", "token_metrics", "hidden"}),
     ),  # fmt: skip
 }

@@ -554,7 +554,10 @@ def sft_phase(ctx: Context) -> train.TrainResult | None:
         run_config = sft_config(ctx)
         seqs = _read_json(ctx.input("tokenizer") / "tokens.json")["sft"]
         result = phases.train_phase(
-            run_config, train_data=sft_batches(ctx, run_config, pad_id, seqs), model_config=cfg, params=params
+            run_config,
+            train_data=sft_batches(ctx, run_config, pad_id, seqs),
+            model_config=cfg,
+            params=params,
         )
         params = result.state.params
     save_params(ctx.dir / "params.msgpack", params)
@@ -781,7 +784,9 @@ def reward_model_phase(ctx: Context) -> train.TrainResult:
     data = method_batches(
         pairs, config, task.pad_id, row_length(ctx.config), ctx.config.pairs.max_new_tokens
     )
-    result = phases.train_phase(config, train_data=data, model_config=task.model_config, params=task.sft_params)
+    result = phases.train_phase(
+        config, train_data=data, model_config=task.model_config, params=task.sft_params
+    )
     params = jax.device_get(result.state.params)
     batches = itertools.islice(
         method_batches(pairs, config, task.pad_id, row_length(ctx.config), None),

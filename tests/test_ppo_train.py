@@ -167,7 +167,9 @@ def test_ppo_dry_run_lowers_the_step_the_run_executes():
     cfg, params = th.tiny_model()
     prompts = _prompts()
     config = _config()
-    dry = train.train(config, train_data=prompts, reward=_reward, model_config=cfg, params=params, dry_run=True)
+    dry = train.train(
+        config, train_data=prompts, reward=_reward, model_config=cfg, params=params, dry_run=True
+    )
     pc = ppo_loop.PPOConfig.from_config(config)
     state = dry.state
     roll = ppo_loop.collect_rollout(

@@ -92,7 +92,11 @@ def test_dry_run_lowers_the_program_the_run_executes(tmp_path):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), models.init_params(cfg, jax.random.key(1))
     )
     dry = train.train(
-        _config(tmp_path / "dry"), train_data=batches, model_config=cfg, params=abstract, dry_run=True
+        _config(tmp_path / "dry"),
+        train_data=batches,
+        model_config=cfg,
+        params=abstract,
+        dry_run=True,
     )
     assert not (tmp_path / "dry").exists()  # a dry run writes nothing
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(dry.state))
