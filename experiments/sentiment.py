@@ -570,8 +570,10 @@ def sft_dry(ctx: Context) -> Any:
         return None
     config = sft_config(ctx)
     data = sft_batches(ctx, config, 0, [[0, 0]] * config.batch_size)
-    model = abstract_policy(ctx)
-    return phases.train_phase(config, train_data=data, model=model, dry_run=True).lowered
+    model_config, params = abstract_policy(ctx)
+    return phases.train_phase(
+        config, train_data=data, model_config=model_config, params=params, dry_run=True
+    ).lowered
 
 
 def label_phase(ctx: Context) -> None:
@@ -741,13 +743,15 @@ def train_method_phase(method: Method):
 
     def dry(ctx: Context) -> Any:
         config = method_config(ctx, method)
-        model = abstract_policy(ctx)
+        model_config, params = abstract_policy(ctx)
         b = config.batch_size // config.grad_accum_steps
         dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
         data = method_batches(
             dummy, config, 0, row_length(ctx.config), ctx.config.pairs.max_new_tokens
         )
-        return phases.train_phase(config, train_data=data, model=model, dry_run=True).lowered
+        return phases.train_phase(
+            config, train_data=data, model_config=model_config, params=params, dry_run=True
+        ).lowered
 
     return run, dry
 

@@ -23,7 +23,7 @@ from tests import train_helpers as th  # noqa: E402
 
 def main(out_path: str) -> None:
     assert jax.device_count() == 8, jax.devices()
-    model = th.tiny_model()  # hidden 32 and GQA heads divide every mesh axis
+    model_config, params = th.tiny_model()  # hidden 32 and GQA heads divide every mesh axis
     prompts = t._prompts()
     out = {}
     for name, mesh in (
@@ -31,7 +31,14 @@ def main(out_path: str) -> None:
         ("2x2x2", sharding.make_mesh(2, 2, 2)),
     ):
         config = t._config(num_rollouts=2)
-        result = train.train(config, train_data=prompts, reward=t._reward, model=model, mesh=mesh)
+        result = train.train(
+            config,
+            train_data=prompts,
+            reward=t._reward,
+            model_config=model_config,
+            params=params,
+            mesh=mesh,
+        )
         head = jax.device_get(result.state.params["head"])
         spec = result.state.params["model"]["embed"]["embedding"].sharding.spec
         out[name] = dict(

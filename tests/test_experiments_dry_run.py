@@ -6,6 +6,7 @@ JAX starts its backend (this pytest process may already have one CPU device).
 
 from __future__ import annotations
 
+import pytest
 import os
 import re
 import subprocess
@@ -42,6 +43,7 @@ def _phase_memory(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
+@pytest.mark.heavy  # ~25 s: three phases compiled for 8 simulated devices
 def test_hh_dry_run_of_a_local_checkpoint_on_a_2x2x2_mesh(tmp_path):
     import transformers
 

@@ -95,7 +95,7 @@ def test_ppo_smoke_moves_toward_the_optimum():
     cfg, params = th.tiny_model()
     prompts = _prompts()
     pi_ref = _next_token_probs(cfg, params, prompts)
-    result = _run(_config(), prompts, model_config=cfg, params=params)
+    result = _run(_config(), prompts, model=(cfg, params))
     assert len(result.history) == 3
     row = result.history[-1]
     assert row["step"] == 3 * 2 * 2
@@ -114,7 +114,7 @@ def test_ppo_reaches_the_kl_regularised_optimum():
     pi_ref = _next_token_probs(cfg, params, prompts)
     want = _optimum(pi_ref, BETA)
     config = _config(num_rollouts=NUM_ROLLOUTS, rollout_batch_size=64, samples_per_prompt=8)
-    result = _run(config, prompts, model_config=cfg, params=params)
+    result = _run(config, prompts, model=(cfg, params))
     pi = _next_token_probs(cfg, result.state.params["model"], prompts)
     np.testing.assert_allclose(_good(pi), _good(want), atol=0.05)
     # the whole distribution: the reference's proportions kept inside and outside GOOD

@@ -1,4 +1,4 @@
-"""`train.train`'s experiment API: `model=`, `eval_hook` rows across a resume, and
+"""`train.train`'s experiment API: `model_config=` + `params=`, `eval_hook` rows across a resume, and
 `dry_run=True` lowering exactly the program the run executes."""
 
 from __future__ import annotations
@@ -35,11 +35,15 @@ def _hook(calls: list):
 @pytest.mark.heavy  # three train() runs (~35 s on the shared box); the default suite's
 # sentiment kill test covers eval rows and generator data across a resume end to end
 def test_eval_hook_rows_survive_a_kill_and_resume(tmp_path):
-    model = tiny_model()
+    model_config, params = tiny_model()
     batches = synthetic_batches(num=4, pairs=2, seed=3)
     calls: list[int] = []
     full = train.train(
-        _config(tmp_path / "full"), train_data=batches, model=model, eval_hook=_hook(calls)
+        _config(tmp_path / "full"),
+        train_data=batches,
+        model_config=model_config,
+        params=params,
+        eval_hook=_hook(calls),
     )
     assert calls == [2, 4]
     full_rows = [
@@ -67,11 +71,23 @@ def test_eval_hook_rows_survive_a_kill_and_resume(tmp_path):
 
     calls_a: list[int] = []
     with pytest.raises(Killed):
-        train.train(config, train_data=dies_at_step_4(), model=model, eval_hook=_hook(calls_a))
+        train.train(
+            config,
+            train_data=dies_at_step_4(),
+            model_config=model_config,
+            params=params,
+            eval_hook=_hook(calls_a),
+        )
     assert calls_a == [2]
     calls_b: list[int] = []
     # A generator: the resume skips the 2 restored steps' batches of it, from its start.
-    resumed = train.train(config, train_data=iter(batches), model=model, eval_hook=_hook(calls_b))
+    resumed = train.train(
+        config,
+        train_data=iter(batches),
+        model_config=model_config,
+        params=params,
+        eval_hook=_hook(calls_b),
+    )
     assert calls_b == [4]  # step 2's eval row came from the first process
     rows = [r for r in read_jsonl(tmp_path / "part" / "metrics.jsonl") if "eval/param_sum" in r]
     assert [r["step"] for r in rows] == [2, 4]
