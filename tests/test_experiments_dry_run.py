@@ -6,12 +6,13 @@ JAX starts its backend (this pytest process may already have one CPU device).
 
 from __future__ import annotations
 
-import pytest
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 
