@@ -168,3 +168,26 @@ def train_bpe_tokenizer(
     if out_dir is not None:
         wrapped.save_pretrained(str(out_dir))
     return wrapped
+
+
+def experiment_config(
+    preset: str, *, hidden_size: int, num_layers: int, num_heads: int, max_positions: int
+) -> ml_collections.ConfigDict:
+    """An experiment's config base: `dpo-jax train`'s tree (`configs/default.py`, the
+    keys of every training phase) plus what every experiment module shares; each module
+    adds its own sections. The initial policy is a local HF checkpoint (`model.path`) or,
+    with `model.path` empty, a fresh GPT-2 shape of these sizes."""
+    from dpo_jax.configs import default
+
+    c = default.get_config()
+    c.preset = preset
+    c.workdir = ""  # the experiment's run directory; empty: runs/NAME/TIMESTAMP
+    c.run_dir = ""  # unused: each training phase runs in workdir/<phase name>
+    c.model.update(path="", dtype="float32", param_dtype="float32", remat="none")
+    c.model.scan_layers = False
+    c.model.hidden_size = hidden_size
+    c.model.num_layers = num_layers
+    c.model.num_heads = num_heads
+    c.model.max_position_embeddings = max_positions
+    c.tokenizer = ""  # a local HF tokenizer dir; empty: a BPE trained on the experiment's texts
+    return c

@@ -52,7 +52,7 @@ from etils import epath
 
 from dpo_jax import checkpoint, data, evaluation, models, paths
 from dpo_jax import errors as dpo_errors
-from dpo_jax.configs import default, validate
+from dpo_jax.configs import validate
 from dpo_jax.data.formats import SFT_FORMATS
 from dpo_jax.data.tokenize import settings_from_spec, tokenize_examples
 from experiments import common, phases, pipeline
@@ -91,18 +91,9 @@ class Task:
 def offline_config(fmt: str) -> ml_collections.ConfigDict:
     """The config TL;DR and HH share: `dpo-jax train`'s tree (the DPO run's keys) plus
     the experiment's sections; each module fills in its own values and presets."""
-    c = default.get_config()
-    c.preset = "mini"
-    c.workdir = ""  # the experiment's run directory; empty: runs/NAME/TIMESTAMP
-    c.run_dir = ""  # unused: each training phase runs in workdir/<phase name>
-    # The initial policy: a local HF checkpoint (model.path), or this GPT-2 shape from scratch.
-    c.model.update(path="", dtype="float32", param_dtype="float32", remat="none")
-    c.model.scan_layers = False
-    c.model.hidden_size = 64
-    c.model.num_layers = 2
-    c.model.num_heads = 4
-    c.model.max_position_embeddings = 96
-    c.tokenizer = ""  # a local HF tokenizer dir; empty: a BPE trained on the training texts
+    c = common.experiment_config(
+        "mini", hidden_size=64, num_layers=2, num_heads=4, max_positions=96
+    )
     # data.train: the comparisons; data.demonstrations: TL;DR's SFT split; data.test: the
     # evaluation prompts with their references. All empty: write the fixture.
     c.data.update(format=fmt, max_length=None, max_prompt_length=64)

@@ -60,7 +60,7 @@ import numpy as np
 from flax import serialization
 
 from dpo_jax import evaluation, models, paths, rewards, train
-from dpo_jax.configs import default, validate
+from dpo_jax.configs import validate
 from experiments import common, phases, pipeline, synthetic_reviews
 from experiments.phases import Context, Phase
 
@@ -74,18 +74,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     experiment's sections; `preset` is one of PRESETS."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    c = default.get_config()
-    c.preset = preset
-    c.workdir = ""  # the experiment's run directory; empty: runs/sentiment/TIMESTAMP
-    c.run_dir = ""  # unused: each training phase runs in workdir/<phase name>
-    # The SFT policy: a local HF checkpoint (model.path), or this GPT-2 shape from scratch.
-    c.model.update(path="", dtype="float32", param_dtype="float32", remat="none")
-    c.model.scan_layers = False
-    c.model.hidden_size = 128
-    c.model.num_layers = 3
-    c.model.num_heads = 4
-    c.model.max_position_embeddings = 64
-    c.tokenizer = ""  # a local HF tokenizer dir (real configs); empty: train a BPE on the corpus
+    c = common.experiment_config(
+        preset, hidden_size=128, num_layers=3, num_heads=4, max_positions=64
+    )
     # Data. "synthetic": the seeded grammar; "tfds:imdb_reviews": the paper's data.
     c.corpus = ml_collections.ConfigDict(
         dict(
