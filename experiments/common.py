@@ -191,3 +191,26 @@ def experiment_config(
     c.model.max_position_embeddings = max_positions
     c.tokenizer = ""  # a local HF tokenizer dir; empty: a BPE trained on the experiment's texts
     return c
+
+
+def policy_model_config(
+    config: ml_collections.ConfigDict, vocab_size: int, **special_tokens: int
+) -> Any:
+    """The policy's ModelConfig: `model.path`'s config.json (or a built-in shape of that
+    name, for dry runs), else the from-scratch GPT-2 shape of `config.model` with
+    `vocab_size` and the tokenizer's `special_tokens` (`bos_token_id=`, `eos_token_id=`,
+    `pad_token_id=`)."""
+    from dpo_jax import models
+    from experiments import dry_run
+
+    m = config.model
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers)
+    if m.remat:
+        kw["remat"] = m.remat
+    if m.path:
+        return dry_run.model_config_for(m.path, **kw)
+    return models.ModelConfig.for_family(
+        "gpt2", vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_heads=m.num_heads, max_position_embeddings=m.max_position_embeddings,
+        **special_tokens, **kw,
+    )  # fmt: skip

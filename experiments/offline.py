@@ -290,22 +290,9 @@ def tokenizer_phase(task: Task) -> Callable[[Context], None]:
 def model_config(
     config: ml_collections.ConfigDict, vocab_size: int, eos_id: int, pad_id: int
 ) -> models.ModelConfig:
-    """The policy's ModelConfig: `model.path`'s config.json (or a built-in shape of that
-    name, for dry runs), else the from-scratch GPT-2 shape of `config.model` for the
-    tokenizer's vocabulary and special tokens."""
-    from experiments import dry_run
-
-    m = config.model
-    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers)
-    if m.remat:
-        kw["remat"] = m.remat
-    if m.path:
-        return dry_run.model_config_for(m.path, **kw)
-    return models.ModelConfig.for_family(
-        "gpt2", vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-        num_heads=m.num_heads, max_position_embeddings=m.max_position_embeddings,
-        eos_token_id=eos_id, pad_token_id=pad_id, **kw,
-    )  # fmt: skip
+    """The policy's ModelConfig (`common.policy_model_config`) with the tokenizer's EOS
+    and padding ids."""
+    return common.policy_model_config(config, vocab_size, eos_token_id=eos_id, pad_token_id=pad_id)
 
 
 @dataclasses.dataclass

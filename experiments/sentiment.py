@@ -364,23 +364,12 @@ def make_reward_fn(spec: str):
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> models.ModelConfig:
-    """The policy's ModelConfig: `model.path`'s config.json (or a built-in shape of that
-    name, for dry runs), else the from-scratch GPT-2 shape of `config.model`."""
-    from experiments import dry_run
-
-    m = config.model
-    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers)
-    if m.remat:
-        kw["remat"] = m.remat
-    if m.path:
-        return dry_run.model_config_for(m.path, **kw)
-    # The trained BPE's one special token (id 0) is BOS, EOS and padding (GPT-2's
-    # convention, common.train_bpe_tokenizer); the sampler takes them from the tokenizer.
-    return models.ModelConfig.for_family(
-        "gpt2", vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-        num_heads=m.num_heads, max_position_embeddings=m.max_position_embeddings,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw,
-    )  # fmt: skip
+    """The policy's ModelConfig (`common.policy_model_config`). The trained BPE's one
+    special token (id 0) is BOS, EOS and padding (GPT-2's convention,
+    common.train_bpe_tokenizer); the sampler takes them from the tokenizer."""
+    return common.policy_model_config(
+        config, vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
 
 
 def row_length(config: ml_collections.ConfigDict) -> int:
