@@ -251,8 +251,7 @@ def test_int8_base_trains_from_log2_and_refuses_a_float_reference():
 
 def test_lora_run_resumes_adapters_and_rebuilds_the_base(tmp_path):
     from dpo_jax import checkpoint
-    from tests.test_train_resume import _StopAfter
-    from tests.train_helpers import flat_params
+    from tests.train_helpers import StopAfter, flat_params
 
     cfg, params = tiny_model()
     batches = synthetic_batches(num=4, pairs=2, seed=7)  # 4 steps x A=1
@@ -280,7 +279,7 @@ def test_lora_run_resumes_adapters_and_rebuilds_the_base(tmp_path):
         )  # fmt: skip
 
     part = tmp_path / "part"
-    run(part, _StopAfter(make_ckpt(part), step=2))
+    run(part, StopAfter(make_ckpt(part), step=2))
     # The checkpoint holds the adapters and their optimizer state, not the base.
     _, _, saved = checkpoint.load_params(part)
     assert {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]} == {

@@ -13,7 +13,7 @@ import pytest
 from dpo_jax import checkpoint, data, models, objectives, optim, scoring, train
 from dpo_jax.configs import tiny
 from dpo_jax.metrics import read_jsonl
-from tests.train_helpers import flat_params, synthetic_batches, tiny_model
+from tests.train_helpers import StopAfter, flat_params, synthetic_batches, tiny_model
 
 
 def sft_batches(num: int, rows: int, seed: int, length: int = 16) -> list[dict]:
@@ -209,28 +209,6 @@ def test_reward_model_step_equals_grad_of_the_hand_loss():
 # ------------------------------------------------------------------ exact resume
 
 
-class _StopAfter:
-    """Wraps a Checkpointer and raises the preemption flag after `step` (like SIGTERM)."""
-
-    def __init__(self, inner: checkpoint.Checkpointer, step: int):
-        self.inner, self.stop_step = inner, step
-
-    def restore_or_none(self, abstract):
-        return self.inner.restore_or_none(abstract)
-
-    def maybe_save(self, step, state, data_state=None, extra=None, force=False):
-        if step == self.stop_step:
-            self.inner.request_stop()
-        return self.inner.maybe_save(step, state, data_state, extra, force)
-
-    @property
-    def preempted(self):
-        return self.inner.preempted
-
-    def close(self):
-        self.inner.close()
-
-
 @pytest.mark.parametrize(
     "objective", ["sft", pytest.param("reward_model", marks=pytest.mark.heavy)]
 )
@@ -260,7 +238,7 @@ def test_objective_resumes_bit_exactly(tmp_path, objective):
 
     full = run(tmp_path / "full", None)
     part = tmp_path / "part"
-    first = run(part, _StopAfter(make_ckpt(part), step=1))
+    first = run(part, StopAfter(make_ckpt(part), step=1))
     assert [r["step"] for r in first.history] == [1]
     resumed = run(part, make_ckpt(part))
     assert [r["step"] for r in resumed.history] == [2, 3]

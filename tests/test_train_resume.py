@@ -7,29 +7,7 @@ import numpy as np
 from dpo_jax import checkpoint, train
 from dpo_jax.configs import tiny
 from dpo_jax.metrics import read_jsonl
-from tests.train_helpers import flat_params, synthetic_batches, tiny_model
-
-
-class _StopAfter:
-    """Wraps a Checkpointer and raises the preemption flag after `step` (like SIGTERM)."""
-
-    def __init__(self, inner: checkpoint.Checkpointer, step: int):
-        self.inner, self.stop_step = inner, step
-
-    def restore_or_none(self, abstract):
-        return self.inner.restore_or_none(abstract)
-
-    def maybe_save(self, step, state, data_state=None, extra=None, force=False):
-        if step == self.stop_step:
-            self.inner.request_stop()
-        return self.inner.maybe_save(step, state, data_state, extra, force)
-
-    @property
-    def preempted(self):
-        return self.inner.preempted
-
-    def close(self):
-        self.inner.close()
+from tests.train_helpers import StopAfter, flat_params, synthetic_batches, tiny_model
 
 
 def test_preempted_run_resumes_to_the_same_params_and_metrics(tmp_path):
@@ -56,7 +34,7 @@ def test_preempted_run_resumes_to_the_same_params_and_metrics(tmp_path):
         )  # fmt: skip
 
     part_dir = tmp_path / "part"
-    first = run(part_dir, _StopAfter(make_ckpt(part_dir), step=2))
+    first = run(part_dir, StopAfter(make_ckpt(part_dir), step=2))
     assert [r["step"] for r in first.history] == [1, 2]
     assert int(first.state.step) == 2
     resumed = run(part_dir, make_ckpt(part_dir))

@@ -22,8 +22,7 @@ import pytest
 from dpo_jax import checkpoint, configs, data, losses, train, train_step
 from dpo_jax.configs import tiny
 from dpo_jax.errors import UserError
-from tests.test_train_resume import _StopAfter
-from tests.train_helpers import make_trainer, synthetic_batches, tiny_model
+from tests.train_helpers import StopAfter, make_trainer, synthetic_batches, tiny_model
 
 # The fixture of tests/test_losses.py: four pairs, varied margins and lengths.
 C = np.array([-12.0, -30.5, -7.25, -50.0])
@@ -413,7 +412,7 @@ def test_bco_shift_is_checkpointed_and_resumed(tmp_path):
             metrics_path=run_dir / "metrics.jsonl",
         )  # fmt: skip
         if stop_after is not None:
-            ckpt = _StopAfter(ckpt, stop_after)  # preempted after that step, as SIGTERM
+            ckpt = StopAfter(ckpt, stop_after)  # preempted after that step, as SIGTERM
         return train.train(
             config, train_data=batches, model_config=model_cfg, params=params,
             ref_params=ref_params, checkpointer=ckpt,

@@ -88,3 +88,25 @@ def synthetic_batches(num: int, pairs: int, seed: int, length: int = 16) -> list
         data.build_batch(items[i * pairs : (i + 1) * pairs], "paired", "stacked", length=length)
         for i in range(num)
     ]
+
+
+class StopAfter:
+    """Wraps a Checkpointer and raises the preemption flag after `step` (like SIGTERM)."""
+
+    def __init__(self, inner: Any, step: int):
+        self.inner, self.stop_step = inner, step
+
+    def restore_or_none(self, abstract):
+        return self.inner.restore_or_none(abstract)
+
+    def maybe_save(self, step, state, data_state=None, extra=None, force=False):
+        if step == self.stop_step:
+            self.inner.request_stop()
+        return self.inner.maybe_save(step, state, data_state, extra, force)
+
+    @property
+    def preempted(self):
+        return self.inner.preempted
+
+    def close(self):
+        self.inner.close()
