@@ -139,6 +139,81 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     return "\n".join(lines)
 
 
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV written by :func:`write_csv` (values as strings)."""
+    return list(csv.DictReader(io.StringIO(paths.as_path(path).read_text())))
+
+
+# ---------------------------------------------------------------------- seeds
+
+
+def confidence_half_width(values_S: np.ndarray, confidence: float = 0.95) -> np.ndarray:
+    """Half-width of the Student-t confidence interval of the mean over the leading (seed)
+    axis; NaN with fewer than two seeds."""
+    from scipy import stats
+
+    values_S = np.asarray(values_S, np.float64)
+    num_seeds = values_S.shape[0]
+    if num_seeds < 2:
+        return np.full(values_S.shape[1:], np.nan)
+    t = stats.t.ppf(0.5 + confidence / 2.0, df=num_seeds - 1)
+    return t * values_S.std(axis=0, ddof=1) / math.sqrt(num_seeds)
+
+
+def seed_runs(
+    config: ml_collections.ConfigDict, run_dir: paths.Path
+) -> list[tuple[int, ml_collections.ConfigDict, paths.Path]]:
+    """(seed, config, run directory) of each training seed `config.seeds` asks for: the
+    config with ``seed`` set and ``seeds`` emptied, in ``run_dir/seed_<s>``. Without
+    `seeds`: the one run of ``config.seed`` in `run_dir` itself."""
+    seeds = tuple(int(s) for s in config.get("seeds", ()))
+    if not seeds:
+        return [(int(config.seed), config, run_dir)]
+    if len(set(seeds)) != len(seeds):
+        from dpo_jax import errors
+
+        raise errors.config_error("seeds", f"{seeds} repeats a seed", "list each seed once")
+    out = []
+    for seed in seeds:
+        one = config.copy_and_resolve_references()
+        one.seed, one.seeds = seed, ()
+        out.append((seed, one, run_dir / f"seed_{seed}"))
+    return out
+
+
+SUMMARY_STATS = ("mean", "std", "ci95")
+
+
+def summarize_seeds(
+    tables: Mapping[int, Sequence[Mapping[str, Any]]],
+    keys: Sequence[str],
+    values: Sequence[str],
+) -> list[dict[str, Any]]:
+    """One row per `keys` tuple (in first-seen order) over the per-seed `tables`:
+    ``n_seeds``, and per value column its mean over seeds, sample std (ddof 1) and
+    95% Student-t confidence half-width (``<v>_mean``, ``<v>_std``, ``<v>_ci95``).
+    A key missing from some seed's table is summarised over the seeds that have it."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for table in tables.values():
+        for row in table:
+            groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for key, rows in groups.items():
+        summary: dict[str, Any] = dict(zip(keys, key, strict=True), n_seeds=len(rows))
+        for v in values:
+            x_S = np.array([float(r[v]) for r in rows])
+            summary[f"{v}_mean"] = float(x_S.mean())
+            summary[f"{v}_std"] = float(x_S.std(ddof=1)) if len(x_S) > 1 else float("nan")
+            summary[f"{v}_ci95"] = float(confidence_half_width(x_S))
+        out.append(summary)
+    return out
+
+
+def summary_columns(keys: Sequence[str], values: Sequence[str]) -> list[str]:
+    """The columns of :func:`summarize_seeds`' rows, in order."""
+    return [*keys, "n_seeds", *(f"{v}_{s}" for v in values for s in SUMMARY_STATS)]
+
+
 # ------------------------------------------------------------------------ tokenizer
 
 
@@ -190,6 +265,13 @@ def experiment_config(
     c.model.num_heads = num_heads
     c.model.max_position_embeddings = max_positions
     c.tokenizer = ""  # a local HF tokenizer dir; empty: a BPE trained on the experiment's texts
+    # `seed` is the TRAINING seed (initialisation, batch order, the samples that become
+    # pairs, PPO rollouts); `data_seed` fixes the task's data (corpus, fixture rows,
+    # evaluation prompts), so runs over `seeds` differ only in training randomness.
+    c.data_seed = 0
+    # Training seeds to run, each in run_dir/seed_<s>/, summarised over seeds in
+    # run_dir/summary.csv (mean, std, 95% CI). Empty: one run of `seed` in run_dir.
+    c.seeds = ml_collections.FieldReference((), field_type=tuple)
     return c
 
 

@@ -104,8 +104,8 @@ def write_fixture(directory: epath.Path, config: Any) -> dict[str, epath.Path]:
     """Write train.jsonl / test.jsonl HH rows; return their paths by role."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, n, seed in (("train", config.data.num_train, config.seed),
-                           ("test", config.data.num_test, config.seed + 1)):  # fmt: skip
+    for split, n, seed in (("train", config.data.num_train, config.data_seed),
+                           ("test", config.data.num_test, config.data_seed + 1)):  # fmt: skip
         path = paths[split] = directory / f"{split}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in make_rows(n, seed)))
     return paths

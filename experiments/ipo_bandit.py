@@ -189,17 +189,6 @@ def ipo_optimum(num_actions: int, pairs: Sequence[tuple[int, int]], tau: float) 
     return e / e.sum()
 
 
-def confidence_half_width(values_S: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
-    """Half-width of the Student-t confidence interval of the mean over the leading (seed) axis."""
-    from scipy import stats
-
-    num_seeds = values_S.shape[0]
-    if num_seeds < 2:
-        return np.full(values_S.shape[1:], np.nan)
-    t = stats.t.ppf(0.5 + confidence / 2.0, df=num_seeds - 1)
-    return t * values_S.std(axis=0, ddof=1) / math.sqrt(num_seeds)
-
-
 # ------------------------------------------------------------------------------ the run
 
 
@@ -244,7 +233,9 @@ def run(config: ml_collections.ConfigDict) -> tuple[list[dict], dict]:
                 for a in range(num_actions):
                     row[f"pi_{ACTIONS[a]}"] = float(final[k, :, a].mean())
                     row[f"pi_{ACTIONS[a]}_std"] = float(final[k, :, a].std())
-                    row[f"pi_{ACTIONS[a]}_ci95"] = float(confidence_half_width(final[k, :, a]))
+                    row[f"pi_{ACTIONS[a]}_ci95"] = float(
+                        common.confidence_half_width(final[k, :, a], CONFIDENCE)
+                    )
                     if optimum is not None:
                         row[f"ipo_opt_{ACTIONS[a]}"] = float(optimum[a])
                 rows.append(row)
@@ -281,7 +272,9 @@ def plot(trajectories: dict, config: ml_collections.ConfigDict, path: Path) -> N
             ax = axes[i, j]
             runs = trajectories[(dataset, loss_name)]  # [K, S, T', A]
             probs = runs.mean(axis=1)  # [K, T', A]
-            bands = np.stack([confidence_half_width(runs[k]) for k in range(runs.shape[0])])
+            bands = np.stack(
+                [common.confidence_half_width(runs[k], CONFIDENCE) for k in range(runs.shape[0])]
+            )
             steps = np.arange(1, probs.shape[1] + 1) * config.log_every
             for k, tau in enumerate(config.taus):
                 for a in range(probs.shape[-1]):

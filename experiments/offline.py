@@ -660,7 +660,7 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
         "reward_model": ("reward_model", "mesh"),
     }  # fmt: skip
     graph = [
-        Phase("data", data_phase(task), reads=("data", "seed")),
+        Phase("data", data_phase(task), reads=("data", "data_seed")),
         Phase(
             "tokenizer",
             tokenizer_phase(task),

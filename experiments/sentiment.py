@@ -21,10 +21,14 @@ Presets (``--preset=NAME``):
   trained on it, a 0.7M-parameter GPT-2-shaped SFT model trained from scratch, VADER
   (``vaderSentiment``) as the ground-truth reward, DPO at beta in {0.05, 0.1, 1, 5} and
   Preferred-FT. No downloads; measured 5 minutes on a 2-core CPU (experiments/README.md).
-* ``frontier`` - the figure a reviewer asks for on the same miniature task: more DPO
-  betas, Preferred-FT seeds, Best-of-N for several N, Unlikelihood at the paper's four
-  alphas, IPO, SimPO, cDPO, R-DPO (the `rdpo` loss: length-regularised DPO, Park et al.
-  2024; not rDPO, which is the `robust` loss of Chowdhury et al. 2024).
+* ``frontier`` - the paper's figure 2 (left) comparison set on the same miniature task,
+  over 3 training seeds (``seeds``; summary.csv holds mean, std and 95% CI per method):
+  DPO at five betas, Preferred-FT, Unlikelihood at the paper's four alphas, PPO with the
+  reward model learned on the pairs at four target KLs, PPO-GT (the VADER reward),
+  Best-of-N selected by the learned reward and, labelled oracle, by VADER.
+* ``losses`` - DPO's successors on the same task over 3 seeds: IPO, SimPO, cDPO, R-DPO
+  (the `rdpo` loss: length-regularised DPO, Park et al. 2024; not rDPO, which is the
+  `robust` loss of Chowdhury et al. 2024).
 * ``smoke`` - the same pipeline shrunk to seconds, for tests.
 * ``imdb_gpt2_large`` - the paper's real setting (TFDS ``imdb_reviews``, prefixes of 2-8
   tokens, ``gpt2-large`` from a local HF directory, the siebert RoBERTa classifier as
@@ -64,7 +68,7 @@ from dpo_jax.configs import validate
 from experiments import common, phases, pipeline, synthetic_reviews
 from experiments.phases import Context, Phase
 
-PRESETS = ("default", "frontier", "smoke", "imdb_gpt2_large")
+PRESETS = ("default", "frontier", "losses", "smoke", "imdb_gpt2_large")
 
 # ---------------------------------------------------------------------------- config
 
@@ -129,29 +133,37 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     )
     # PPO / PPO-GT methods (docs/PPO.md): rollouts of the pair prefixes, 24 new tokens
     # as the pairs and the evaluation; the KL controller's horizon shrunk with the run
-    # (Ziegler et al.'s 10,000 episodes would barely move beta in 40 rollouts of 64).
+    # (Ziegler et al.'s 10,000 episodes would barely move beta in 40 rollouts of 64; at
+    # 256, beta can move by up to e^2 either way over the run, so the targets differ).
     c.ppo.update(
         num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, num_epochs=4,
-        kl_coef=0.1, kl_horizon=1000.0,
+        kl_coef=0.1, kl_horizon=256.0,
     )  # fmt: skip
     # The learned reward of PPO and Best-of-N: Bradley-Terry on the same pairs
     # (objective.name="reward_model" on the Trainer), from the SFT policy's weights.
     c.reward_model = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32))
     if preset == "frontier":
+        # The paper's figure 2 (left) comparison set, each over 3 training seeds (the
+        # corpus and the evaluation prefixes are the same for every seed: data_seed).
+        c.seeds = (0, 1, 2)
         c.methods = (
-            "dpo:beta=0.02", "dpo:beta=0.05", "dpo:beta=0.1", "dpo:beta=0.3",
-            "dpo:beta=1.0", "dpo:beta=5.0",
-            "preferred_ft:seed=0", "preferred_ft:seed=1", "preferred_ft:seed=2",
-            "best_of_n:n=2", "best_of_n:n=4", "best_of_n:n=16", "best_of_n:n=64",
+            "dpo:beta=0.05", "dpo:beta=0.1", "dpo:beta=0.3", "dpo:beta=1.0", "dpo:beta=5.0",
+            "preferred_ft",
             "unlikelihood:unlikelihood_alpha=0.05", "unlikelihood:unlikelihood_alpha=0.1",
             "unlikelihood:unlikelihood_alpha=0.5", "unlikelihood:unlikelihood_alpha=1.0",
-            "ipo:beta=0.1", "ipo:beta=0.5", "simpo:beta=2.0:simpo_gamma=0.5",
-            "cdpo:beta=0.1:label_smoothing=0.2", "rdpo:beta=0.1:rdpo_alpha=0.05",
             # The paper's PPO targets {3, 6, 9, 12} nats span its DPO frontier; the
-            # miniature's DPO points span 0.25-26 nats, so the targets span that range.
+            # miniature's DPO points span 0.2-17 nats, so the targets span that range.
             "ppo:target_kl=1.0", "ppo:target_kl=3.0", "ppo:target_kl=6.0",
             "ppo:target_kl=12.0", "ppo_gt:target_kl=3.0", "ppo_gt:target_kl=12.0",
             "best_of_n_rm:n=4", "best_of_n_rm:n=16", "best_of_n_rm:n=64",
+            "best_of_n:n=4", "best_of_n:n=16", "best_of_n:n=64",
+        )  # fmt: skip
+    elif preset == "losses":
+        # DPO's successors on the same task (not in the paper's figure), 3 training seeds.
+        c.seeds = (0, 1, 2)
+        c.methods = (
+            "dpo:beta=0.1", "ipo:beta=0.5", "simpo:beta=2.0:simpo_gamma=0.5",
+            "cdpo:beta=0.1:label_smoothing=0.2", "rdpo:beta=0.1:rdpo_alpha=0.05",
         )  # fmt: skip
     elif preset == "smoke":
         # Every sampler/scorer call has 64 rows (16 prompts x 4, or 64 prompts x 1), so
@@ -317,6 +329,42 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
     common.save_figure(fig, ax, title, path)
 
 
+def plot_frontier_over_seeds(
+    summary: Sequence[dict[str, Any]],
+    finals: dict[int, Sequence[dict[str, Any]]],
+    path: str | Path,
+    title: str,
+) -> None:
+    """Each method's final (KL, reward), mean over training seeds with +-1 std bars on
+    both axes, over every seed's final point (faint), one marker per method family."""
+    plt = common.agg_pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    families: dict[str, list[dict[str, Any]]] = {}
+    for row in summary:
+        kind = str(row["method"]).split(":")[0]
+        families.setdefault(FAMILY_NAMES.get(kind, kind), []).append(row)
+    markers = itertools.cycle("os^Dvx*Ph<")
+    for family, fam_rows in sorted(families.items()):
+        marker = next(markers)
+        bars = ax.errorbar(
+            [r["kl_mean"] for r in fam_rows], [r["reward_mean"] for r in fam_rows],
+            xerr=np.nan_to_num([r["kl_std"] for r in fam_rows]),
+            yerr=np.nan_to_num([r["reward_std"] for r in fam_rows]),
+            fmt=marker, capsize=2, label=family, alpha=0.85, markersize=5,
+        )  # fmt: skip
+        mine = {r["method"] for r in fam_rows}
+        points = [r for rows in finals.values() for r in rows if r["method"] in mine]
+        ax.scatter([float(r["kl"]) for r in points], [float(r["reward"]) for r in points],
+                   marker=marker, s=10, alpha=0.25, color=bars[0].get_color())  # fmt: skip
+        for r in fam_rows:
+            if ":" in str(r["method"]):
+                ax.annotate(str(r["method"]).split(":", 1)[1], (r["kl_mean"], r["reward_mean"]),
+                            fontsize=7, xytext=(3, -8), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("KL(pi || pi_ref), nats per sequence")
+    ax.set_ylabel("mean ground-truth reward")
+    common.save_figure(fig, ax, title, path)
+
+
 RESULT_COLUMNS = (
     "method",
     "step",
@@ -340,7 +388,9 @@ def load_corpus(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]
     d = config.corpus
     n_pairs, n_eval = config.pairs.num_prefixes, config.eval.num_prefixes
     if d.source == "synthetic":
-        texts = synthetic_reviews.generate_corpus(d.num_reviews + n_pairs + n_eval, config.seed)
+        texts = synthetic_reviews.generate_corpus(
+            d.num_reviews + n_pairs + n_eval, config.data_seed
+        )
         return texts[: d.num_reviews], texts[d.num_reviews : -n_eval], texts[-n_eval:]
     if d.source == "tfds:imdb_reviews":
         import tensorflow_datasets as tfds
@@ -438,8 +488,8 @@ def tokenizer_phase(ctx: Context) -> None:
     ]
     tokens = dict(
         sft=[ids + [eos_id] for ids in encode(texts["sft"])],
-        pairs=cut(texts["pairs"], config.seed + 1),
-        eval=cut(texts["eval"], config.seed + 2),
+        pairs=cut(texts["pairs"], config.data_seed + 1),
+        eval=cut(texts["eval"], config.data_seed + 2),
     )
     if ctx.is_main:
         with paths.staged_dir(ctx.dir) as local:
@@ -951,8 +1001,9 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
                 "eval", "reward", "pairs.max_new_tokens", "corpus.prefix_max_len")  # fmt: skip
     graph = [
         Phase("corpus", corpus_phase,
-              reads=("corpus", "pairs.num_prefixes", "eval.num_prefixes", "seed")),
-        Phase("tokenizer", tokenizer_phase, after=("corpus",), reads=("tokenizer", "corpus")),
+              reads=("corpus", "pairs.num_prefixes", "eval.num_prefixes", "data_seed")),
+        Phase("tokenizer", tokenizer_phase, after=("corpus",),
+              reads=("tokenizer", "corpus", "data_seed")),
         Phase("sft", sft_phase, after=("tokenizer",), reads=(*policy, "sft"), dry=sft_dry),
         Phase("pairs", label_phase, after=("tokenizer", "sft"), reads=("pairs", "reward", "eval.batch_size")),
         Phase("reference", reference_phase, after=("tokenizer", "sft", "pairs"),
@@ -1001,13 +1052,47 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
 
 
 def execute(config: ml_collections.ConfigDict) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) the experiment; returns the run directory and what the phases
-    that ran in this process returned (TrainResults of the methods)."""
+    """Run (or resume) the experiment, once per training seed of `config.seeds` (each in
+    run_dir/seed_<s>, then summary.csv and frontier.png over seeds in run_dir); returns
+    the run directory and what the phases that ran in this process returned (TrainResults
+    of the methods; with seeds, keyed ``seed_<s>/<phase>``)."""
     validate.validate(config)  # a bad key fails before any phase starts
     run_dir = common.make_run_dir(config, "sentiment")
     print(f"run directory: {run_dir}")
-    returned = phases.run_phases(build_phases(config), config, run_dir)
+    returned: dict[str, Any] = {}
+    runs = common.seed_runs(config, run_dir)
+    for seed, one, seed_dir in runs:
+        done = phases.run_phases(build_phases(one), one, seed_dir)
+        prefix = f"seed_{seed}/" if config.seeds else ""
+        returned.update({prefix + name: value for name, value in done.items()})
+    if config.seeds and jax.process_index() == 0:
+        write_seed_summary(config, run_dir, {seed: d for seed, _, d in runs})
     return run_dir, returned
+
+
+SUMMARY_KEYS, SUMMARY_VALUES = ("method",), ("reward", "kl")
+
+
+def write_seed_summary(
+    config: ml_collections.ConfigDict, run_dir: paths.Path, seed_dirs: dict[int, paths.Path]
+) -> list[dict[str, Any]]:
+    """summary.csv (each method's final reward and KL: mean, std and 95% CI over the
+    training seeds, with their count) and frontier.png (means with +-1 std bars) from the
+    per-seed results.csv files; prints the table."""
+    finals = {
+        seed: [r for r in common.read_csv(d / "results.csv") if r["final"] == "1"]
+        for seed, d in seed_dirs.items()
+    }
+    rows = common.summarize_seeds(finals, SUMMARY_KEYS, SUMMARY_VALUES)
+    columns = common.summary_columns(SUMMARY_KEYS, SUMMARY_VALUES)
+    common.write_csv(run_dir / "summary.csv", rows, columns)
+    plot_frontier_over_seeds(
+        rows, finals, run_dir / "frontier.png",
+        f"sentiment ({config.preset}): reward vs KL, {len(seed_dirs)} training seeds",
+    )  # fmt: skip
+    print(common.format_table(rows, columns))
+    print(f"over seeds {sorted(seed_dirs)}: {run_dir / 'summary.csv'}  {run_dir / 'frontier.png'}")
+    return rows
 
 
 def run(config: ml_collections.ConfigDict) -> Path:

@@ -187,9 +187,12 @@ def write_fixture(directory: epath.Path, config: Any) -> dict[str, epath.Path]:
     comparisons; return their paths by role (sft, test, train)."""
     d = config.data
     files = {
-        "sft": ("tldr_3_filtered/train.jsonl", make_sft_rows(d.num_sft, config.seed, "train")),
-        "test": ("tldr_3_filtered/test.jsonl", make_sft_rows(d.num_test, config.seed + 1, "test")),
-        "train": ("comparisons/train.jsonl", make_rows(d.num_train, config.seed + 2, "train")),
+        "sft": ("tldr_3_filtered/train.jsonl", make_sft_rows(d.num_sft, config.data_seed, "train")),
+        "test": (
+            "tldr_3_filtered/test.jsonl",
+            make_sft_rows(d.num_test, config.data_seed + 1, "test"),
+        ),
+        "train": ("comparisons/train.jsonl", make_rows(d.num_train, config.data_seed + 2, "train")),
     }
     paths = {}
     for role, (name, rows) in files.items():
