@@ -303,7 +303,7 @@ def test_command_line_overrides_and_presets():
     # Every preset's methods parse and name registered losses.
     from dpo_jax import losses
 
-    for preset in ("default", "frontier"):
+    for preset in ("default", "frontier", "losses"):
         for spec in sentiment.get_config(preset).methods:
             m = sentiment.parse_method(spec)
             other = (*sentiment.BEST_OF_N_KINDS, *sentiment.PPO_KINDS)  # not a loss
@@ -327,3 +327,57 @@ def test_default_main_job_dpo_beats_sft(tmp_path):
         gap = float(dpo["reward"]) - float(sft["reward"])
         assert gap > 2 * (float(dpo["reward_stderr"]) + float(sft["reward_stderr"])), beta
         assert 0 < float(dpo["kl"]) < np.inf
+
+
+def test_training_seeds_share_the_data_and_are_summarised(smoke_run, tmp_path):
+    """`seeds=(0, 1)`: seed 0 is the smoke run itself (copied in: its phases are skipped,
+    so the fingerprints of a seed's run ignore `seeds`), seed 1 trains from the same
+    corpus and evaluation prefixes (`data_seed`) with other training randomness, and
+    summary.csv is the numpy mean / std (ddof 1) / 95% t half-width of the two tables."""
+    import shutil
+
+    run_dir, config, _ = smoke_run
+    shutil.copytree(run_dir, tmp_path / "seed_0")
+    seeded = config.copy_and_resolve_references()
+    seeded.workdir, seeded.seeds = str(tmp_path), (0, 1)
+    _, returned = sentiment.execute(seeded)
+    # Nothing of seed 0 reran (its report, a table assembled from outputs, runs always).
+    assert [k for k in returned if k.startswith("seed_0/")] == ["seed_0/report"]
+    assert "seed_1/sft" in returned
+    assert (tmp_path / "seed_0/results.csv").read_bytes() == (run_dir / "results.csv").read_bytes()
+    for name in ("corpus", "tokenizer"):  # the data: identical files
+        for f in sorted((tmp_path / "seed_0" / name).rglob("*")):
+            if f.is_file() and f.name != phases.MARKER:
+                other = tmp_path / "seed_1" / f.relative_to(tmp_path / "seed_0")
+                assert other.read_bytes() == f.read_bytes(), f
+    sft = [sentiment.load_params(epath.Path(tmp_path) / f"seed_{s}/sft/params.msgpack")
+           for s in (0, 1)]  # fmt: skip
+    import jax
+
+    leaves = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)]) for p in sft]
+    assert leaves[0].shape == leaves[1].shape and not np.allclose(leaves[0], leaves[1])
+
+    finals = {
+        s: [r for r in common.read_csv(tmp_path / f"seed_{s}/results.csv") if r["final"] == "1"]
+        for s in (0, 1)
+    }
+    summary = common.read_csv(tmp_path / "summary.csv")
+    assert [r["method"] for r in summary] == [r["method"] for r in finals[0]]
+    t_975_1dof = 12.706204736174707  # scipy.stats.t.ppf(0.975, 1)
+    for row in summary:
+        for v in ("reward", "kl"):
+            x = np.array(
+                [float(r[v]) for s in (0, 1) for r in finals[s] if r["method"] == row["method"]]
+            )
+            assert int(row["n_seeds"]) == 2
+            np.testing.assert_allclose(float(row[f"{v}_mean"]), x.mean(), rtol=1e-12)
+            np.testing.assert_allclose(
+                float(row[f"{v}_std"]), x.std(ddof=1), rtol=1e-12, atol=1e-15
+            )
+            np.testing.assert_allclose(
+                float(row[f"{v}_ci95"]),
+                t_975_1dof * x.std(ddof=1) / np.sqrt(2),
+                rtol=1e-9,
+                atol=1e-15,
+            )
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
