@@ -880,9 +880,9 @@ def _train(
 
     needs_ref = preference and losses.needs_reference(loss_name)
     ppo_cfg = ppo_loop.PPOConfig.from_config(config) if settings["objective"] == "ppo" else None
-    if ppo_cfg is not None:  # rollouts need prompts and a reward; the reference is theirs
-        ppo_loop.check_inputs(train_data, reward)
-        needs_ref = True
+    if ppo_cfg is not None:  # prompts and a reward (given, or data.train and ppo.reward)
+        train_data, reward = ppo_loop.inputs_from_config(config, train_data, reward)
+        needs_ref = True  # the rollouts' reference
     if ref_params is None and config.reference.path and needs_ref:
         ref_params = _reference_from_config(config, model_config)
     if train_data is None:
