@@ -183,6 +183,22 @@ def gather_hosts(x: Any) -> Any:
     return multihost_utils.process_allgather(x, tiled=True)
 
 
+def number_rows(sequence_index_NxL: np.ndarray) -> np.ndarray:
+    """Sequence numbers of stacked rows (`[..., N, L]`): row `k` is sequence `k`, the
+    numbering of a batch of `n_seq = N` (the rollout's rows carry their episode numbers)."""
+    rows = np.arange(sequence_index_NxL.shape[-2], dtype=np.int32)[:, None]
+    return np.where(sequence_index_NxL >= 0, rows, -1).astype(np.int32)
+
+
+def host_share(batch_A: Mapping[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+    """This host's rows of a `[A, N, ...]` batch, numbered as a batch of their own (what
+    `Trainer.step` takes from each host: `train.globalize_host_batch` numbers them
+    globally, host after host)."""
+    out = {k: v[:, rows] for k, v in batch_A.items()}
+    out["sequence_index"] = number_rows(out["sequence_index"])
+    return out
+
+
 def sample_rows(samples: sampling.SampleOutput, rows: slice) -> sampling.SampleOutput:
     """The episodes `rows` of a rollout's samples (what one host's reward scores)."""
     cut = {
@@ -388,10 +404,8 @@ def _score_rollout(
     num_rows = rows["input_ids"].shape[0]
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, num_rows, per_micro):
-        chunk = {k: v[start : start + per_micro][share] for k, v in rows.items()}
-        host, n_seq = trainer.prepare_batch(
-            {k: v[None] for k, v in chunk.items()}, len(chunk["input_ids"])
-        )
+        chunk = host_share({k: v[None, start : start + per_micro] for k, v in rows.items()}, share)
+        host, n_seq = trainer.prepare_batch(chunk, share.stop - share.start)
         placed = trainer.place_batch(host)
         micro = {k: v[0] for k, v in placed.items()}
         with trainer._context():
@@ -404,8 +418,8 @@ def _in_sequence_order(
     stats: Mapping[str, np.ndarray], sequence_index_NxL: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Rows of a gathered micro-batch sorted by their sequence number: host `h`'s row `k`
-    is sequence `h n + k` (`train.globalize_host_batch`), i.e. the rollout's order,
-    whatever order the mesh's devices put the hosts' rows in (one host: unchanged)."""
+    is sequence `h n + k` (`host_share`, `train.globalize_host_batch`), i.e. the rollout's
+    order, whatever order the mesh's devices put the hosts' rows in (one host: unchanged)."""
     order = np.argsort(np.max(sequence_index_NxL, axis=-1), kind="stable")
     return {k: np.asarray(v)[order] for k, v in stats.items()}
 
@@ -434,13 +448,16 @@ def mini_batches(
     cfg: PPOConfig, batch: Mapping[str, np.ndarray], rollout: int, epoch: int, seed: int
 ):
     """The epoch's `[A, N/A, ...]` step batches: rows shuffled by `(seed, rollout, epoch)`,
-    split into `num_mini_batches` updates of `grad_accum_steps` micro-batches each."""
+    split into `num_mini_batches` updates of `grad_accum_steps` micro-batches each (each
+    micro-batch's rows numbered as its sequences `0 .. N/A - 1`)."""
     num_rows = batch["input_ids"].shape[0]
     order = np.random.default_rng([seed, rollout, epoch, 0x990]).permutation(num_rows)
     size = num_rows // cfg.num_mini_batches
     for m in range(cfg.num_mini_batches):
         rows = order[m * size : (m + 1) * size]
-        yield {k: v[rows].reshape(cfg.grad_accum_steps, -1, *v.shape[1:]) for k, v in batch.items()}
+        out = {k: v[rows].reshape(cfg.grad_accum_steps, -1, *v.shape[1:]) for k, v in batch.items()}
+        out["sequence_index"] = number_rows(out["sequence_index"])
+        yield out
 
 
 def run(
@@ -499,8 +516,7 @@ def run(
         step_metrics = []
         for epoch in range(cfg.num_epochs):
             for batch_A in mini_batches(cfg, roll.batch, r, epoch, seed):
-                host_A = {k: v[:, mine] for k, v in batch_A.items()}
-                state, m = trainer.step(state, host_A, mine.stop - mine.start)
+                state, m = trainer.step(state, host_share(batch_A, mine), mine.stop - mine.start)
                 step_metrics.append(m)
         fetched = jax.device_get(step_metrics)
         row = dict(roll.metrics)
