@@ -418,8 +418,9 @@ def _in_sequence_order(
     stats: Mapping[str, np.ndarray], sequence_index_NxL: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Rows of a gathered micro-batch sorted by their sequence number: host `h`'s row `k`
-    is sequence `h n + k` (`host_share`, `train.globalize_host_batch`), i.e. the rollout's
-    order, whatever order the mesh's devices put the hosts' rows in (one host: unchanged)."""
+    is sequence `h n + k` (`host_share`; objective "ppo" is unpaired, so
+    `train.globalize_host_batch` numbers host after host), i.e. the rollout's order,
+    whatever order the mesh's devices put the hosts' rows in (one host: unchanged)."""
     order = np.argsort(np.max(sequence_index_NxL, axis=-1), kind="stable")
     return {k: np.asarray(v)[order] for k, v in stats.items()}
 

@@ -1258,6 +1258,7 @@ def run(args: argparse.Namespace) -> int:
                 "steps": last.get("step"),
                 "loss": last.get("loss"),
                 "rewards/accuracies": last.get("rewards/accuracies"),
+                **{k: last[k] for k in ("objective/scores", "objective/kl") if k in last},  # PPO
                 "seconds": round(time.perf_counter() - t0, 2),
                 "run_dir": str(result.run_dir),
             }

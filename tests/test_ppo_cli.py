@@ -70,8 +70,8 @@ def test_cli_ppo_trains_as_the_python_api(files, tokenizer, tmp_path):
     # The same run through the Python API: prompts tokenized here (as the data pipeline
     # tokenizes a prompt: special tokens added; tiny.py keeps the last 16 tokens), the
     # reward model loaded here, scored on the sampled ids (it shares the tokenizer).
-    overrides = [a for a in args[3:] if not a.startswith(("--config.ppo.reward",
-                                                          "--config.run_dir"))]  # fmt: skip
+    _, overrides = configs.split_overrides(args)
+    overrides = [(k, v) for k, v in overrides if k not in ("ppo.reward", "run_dir")]
     config = configs.load("dpo_jax/configs/tiny.py", overrides)
     config.run_dir = ""
     config.checkpoint.enabled = False
@@ -159,12 +159,12 @@ def test_reward_specs_score_prompt_and_completion(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     ("reward", "match"),
     [
-        ("nonsense", "ppo.reward: 'nonsense' is not a reward"),
-        ("hf:", "ppo.reward: 'hf:' is not a reward"),
-        ("hf:/no/such/dir", "ppo.reward: '/no/such/dir' does not exist"),
-        ("hf:{policy}", "ppo.reward: '{policy}' is not a sequence classifier"),
-        ("reward_model:{policy}", "ppo.reward: '{policy}' has no head.npz"),
-        ("", "ppo.reward: is empty"),
+        ("nonsense", "'ppo.reward': 'nonsense' is not a reward"),
+        ("hf:", "'ppo.reward': 'hf:' is not a reward"),
+        ("hf:/no/such/dir", "'ppo.reward': '/no/such/dir' does not exist"),
+        ("hf:{policy}", "'ppo.reward': '{policy}' is not a sequence classifier"),
+        ("reward_model:{policy}", "'ppo.reward': '{policy}' has no head.npz"),
+        ("", "'ppo.reward': is empty"),
     ],
 )
 def test_cli_ppo_mistakes_exit_2_naming_the_key(files, tmp_path, capsys, reward, match):

@@ -38,8 +38,6 @@ def _launch(runs: list[tuple[str, str]], out: Path, timeout: int = 900) -> None:
 
 @pytest.mark.heavy  # five processes compile the sampler, the scorer and the step
 def test_ppo_in_two_processes_matches_one_and_resumes(tmp_path):
-    from tests import ppo_multihost_run as run
-
     # Two processes stop after rollout 2 (checkpointed); the single process runs all 3.
     _launch([("0", "2"), ("1", "2"), ("-1", "0")], tmp_path)
     first = [json.loads((tmp_path / f"multi_host{h}.json").read_text()) for h in (0, 1)]
@@ -59,7 +57,7 @@ def test_ppo_in_two_processes_matches_one_and_resumes(tmp_path):
     assert [r["rollout"] for r in resumed] == [3]
     logged = read_jsonl(tmp_path / "run" / "metrics.jsonl")  # both launches' rows
     assert [r["rollout"] for r in logged] == [1, 2, 3] == [r["rollout"] for r in single]
-    assert logged[-1]["step"] == single[-1]["step"] == 3 * run.PPO["num_epochs"] * 2
+    assert logged[-1]["step"] == single[-1]["step"] == 3 * 2 * 2  # rollouts x epochs x mini
     for m, s in zip(logged, single, strict=True):
         # The same samples, rewards and KL controller (the rollouts are bit-identical
         # functions of the same params; no reduction crosses hosts before them) ...
@@ -68,8 +66,10 @@ def test_ppo_in_two_processes_matches_one_and_resumes(tmp_path):
         # ... and the same updates, up to the order of float reductions: gloo's
         # cross-process all-reduce vs the in-process one sum the same 4 partial gradients
         # in another order (measured: see the tolerance's comment in the report).
+        # (`val/clipfrac` is left out: it counts tokens where two quantities equal in
+        # exact arithmetic differ in the last bit, `V_old + (V - V_old)` vs `V`.)
         for key in ("objective/kl", "objective/kl_coef", "loss", "loss/value_avg",
-                    "grad_norm", "policy/approxkl_avg"):  # fmt: skip
+                    "grad_norm", "policy/approxkl_avg", "policy/entropy_avg"):  # fmt: skip
             np.testing.assert_allclose(m[key], s[key], rtol=1e-5, atol=1e-7, err_msg=key)
     pm, ps = np.load(tmp_path / "multi.npz"), np.load(tmp_path / "single.npz")
     assert pm.files == ps.files
