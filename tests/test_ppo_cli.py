@@ -54,6 +54,7 @@ def _args(policy, train, reward, run_dir, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.heavy  # two PPO runs compile the sampler, scorers and step: ~80 s on 2 busy cores
 def test_cli_ppo_trains_as_the_python_api(files, tokenizer, tmp_path):
     """The CLI run (prompts read from the preference rows, `reward_model:DIR`) ends with the
     params of `train.train` given the same prompts tokenized by hand and the same reward
@@ -119,8 +120,9 @@ def test_prompt_rows_errors_name_file_and_line(tmp_path, tokenizer):
     with pytest.raises(UserError, match=r"text\.jsonl:1: the row has no prompt"):
         data.load_prompts({"train": text}, tokenizer, split="train")
     # prompt-only rows train nothing but PPO
-    with pytest.raises(UserError, match=r"bad\.jsonl:1: prompt-only rows .*'ppo'"):
-        data.load_preference_data({"train": bad}, tokenizer, split="train")
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "ok"}])
+    with pytest.raises(UserError, match=r"good\.jsonl:1: prompt-only rows .*'ppo'"):
+        data.load_preference_data({"train": good}, tokenizer, split="train")
 
 
 def test_reward_specs_score_prompt_and_completion(tmp_path, tokenizer):
@@ -137,13 +139,13 @@ def test_reward_specs_score_prompt_and_completion(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "clf")
     prompts = [tokenizer(p)["input_ids"] for p in ("I love it.", "This is awful")]
     comps = [tokenizer(c)["input_ids"] for c in (" Great!", " and bad.")]
-    width = max(map(len, prompts))
+    width, m = max(map(len, prompts)), max(map(len, comps))
     samples = sampling.SampleOutput(
         prompt_ids=np.array([[0] * (width - len(p)) + p for p in prompts], np.int32),
         prompt_lengths=np.array([len(p) for p in prompts], np.int32),
-        tokens=np.array([c + [0] * (4 - len(c)) for c in comps], np.int32),
+        tokens=np.array([c + [0] * (m - len(c)) for c in comps], np.int32),
         lengths=np.array([len(c) for c in comps], np.int32),
-        logps=np.zeros((2, 4), np.float32), sampling_logps=np.zeros((2, 4), np.float32),
+        logps=np.zeros((2, m), np.float32), sampling_logps=np.zeros((2, m), np.float32),
         finished=np.zeros(2, bool), prompt_index=np.arange(2, dtype=np.int32),
         config=sampling.SamplingConfig(),
     )  # fmt: skip

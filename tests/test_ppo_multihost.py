@@ -63,9 +63,11 @@ def test_ppo_in_two_processes_matches_one_and_resumes(tmp_path):
         # functions of the same params; no reduction crosses hosts before them) ...
         for key in ("objective/scores", "val/completion_length", "val/num_eos_tokens"):
             assert m[key] == s[key], key
-        # ... and the same updates, up to the order of float reductions: gloo's
-        # cross-process all-reduce vs the in-process one sum the same 4 partial gradients
-        # in another order (measured: see the tolerance's comment in the report).
+        # ... and the same updates, up to the order of float reductions: the same program
+        # on the same mesh, but gloo's cross-process all-reduce sums the 4 devices' partial
+        # gradients and statistics in another order than the in-process one. Measured:
+        # metrics within 1e-6 relative (objective/kl 3e-6: a difference of two nearly
+        # equal log-prob sums), params within 1.3e-7 absolute after 12 Adam steps.
         # (`val/clipfrac` is left out: it counts tokens where two quantities equal in
         # exact arithmetic differ in the last bit, `V_old + (V - V_old)` vs `V`.)
         for key in ("objective/kl", "objective/kl_coef", "loss", "loss/value_avg",
@@ -74,4 +76,4 @@ def test_ppo_in_two_processes_matches_one_and_resumes(tmp_path):
     pm, ps = np.load(tmp_path / "multi.npz"), np.load(tmp_path / "single.npz")
     assert pm.files == ps.files
     for key in ps.files:
-        np.testing.assert_allclose(pm[key], ps[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(pm[key], ps[key], rtol=0, atol=5e-7, err_msg=key)
