@@ -57,8 +57,6 @@ def config(run_dir: str):
     c.checkpoint.enabled = bool(run_dir)
     c.checkpoint.save_every = 1  # every rollout
     c.checkpoint.async_save = False
-    if os.environ.get("PPO_MH_KEEP"):
-        c.checkpoint.keep_last = int(os.environ["PPO_MH_KEEP"])
     return c
 
 
@@ -84,7 +82,7 @@ def main() -> None:
         return step(self, state, batch_A, n_seq)
 
     train.Trainer.step = counted_step
-    run_dir = os.path.join(out_dir, "run") if _PID >= 0 and "nockpt" not in sys.argv else ""
+    run_dir = os.path.join(out_dir, "run") if _PID >= 0 else ""
     c = config(run_dir)
     ckpt = None
     if stop_after:
