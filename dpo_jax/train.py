@@ -811,8 +811,9 @@ def train(
     lowered (`Trainer.lower`) -- exactly what the run would execute.
 
     `objective.name="ppo"` (`dpo_jax.ppo_loop`): `train_data` is the prompt pool (token
-    ids per prompt), `reward(samples) -> [S]` scores a rollout, `config.ppo` sets the
-    phase (its length replaces `num_steps`); `history` holds one row per rollout.
+    ids per prompt; default: `data.train`'s prompts), `reward(samples) -> [S]` scores a
+    rollout (default: `config.ppo.reward`'s spec), `config.ppo` sets the phase (its
+    length replaces `num_steps`); `history` holds one row per rollout.
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
