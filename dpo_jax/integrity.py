@@ -93,8 +93,14 @@ def fingerprints(tree: Any) -> dict[str, str]:
     leaves = leaf_paths(tree)
     if not leaves:
         return {}
-    # Dispatched for every leaf first, fetched together: one host sync in all.
-    sums = jax.device_get({path: _leaf_fingerprint_jit(leaf) for path, leaf in leaves.items()})
+    if jax.process_count() == 1:
+        # Dispatched for every leaf first, fetched together: one host sync in all.
+        sums = jax.device_get({path: _leaf_fingerprint_jit(leaf) for path, leaf in leaves.items()})
+    else:
+        # Several processes: one leaf at a time. Independent programs in flight together
+        # may run their cross-process collectives in different orders on different hosts
+        # (XLA:CPU with gloo deadlocked so, at random, in two-process PPO runs).
+        sums = {path: jax.device_get(_leaf_fingerprint_jit(leaf)) for path, leaf in leaves.items()}
     out = {}
     for path, leaf in leaves.items():
         s = sums[path]

@@ -227,6 +227,7 @@ OBJECTIVES: dict[str, Objective] = {
         ppo.objective_loss,
         head=Head(init_reward_head, reward_head_axes),
         needs=lambda cfg: frozenset({"token_logps", "token_metrics", "hidden"}),
+        paired=False,  # one episode per row: hosts' rows numbered host after host
     ),  # fmt: skip
 }
 

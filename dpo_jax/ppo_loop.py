@@ -9,6 +9,13 @@
                 train step, objective "ppo"), rows shuffled per epoch
     then        the KL controller's update from the rollout's mean KL.
 
+Multi-host: every host draws the same prompts and holds the whole rollout (the sampler
+runs on all devices, rows split over the data-parallel axes, and gathers its output); the
+work on it is split: each host scores its share of the episodes with the reward, feeds
+its share of each scoring micro-batch and of each update's micro-batches (`host_rows`),
+and the results are gathered back in episode order. `ppo.rollout_batch_size` counts the
+episodes of all hosts together.
+
 Everything random is a function of `(seed, rollout index)`: the prompts a rollout draws,
 the sampler's key and each epoch's shuffle. The controller's coefficient and the next
 rollout index are the checkpoint's data state, saved at rollout boundaries only (a
@@ -30,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpo_jax import logprobs, ppo, sampling
+from dpo_jax import logprobs, ppo, sampling, sharding
 from dpo_jax.errors import UserError, config_error
 
 log = logging.getLogger(__name__)
@@ -157,6 +164,51 @@ def reward_from_ids(learned: Any) -> RolloutReward:
 
 
 # ------------------------------------------------------------------------ rollouts
+
+
+def host_rows(num_rows: int) -> slice:
+    """This process's rows of `num_rows` global ones: equal consecutive shares in process
+    order (the whole range on one host). `run` checks that they divide."""
+    size = num_rows // jax.process_count()
+    return slice(jax.process_index() * size, (jax.process_index() + 1) * size)
+
+
+def gather_hosts(x: Any) -> Any:
+    """Host numpy of `x` on every host: a global array's value (one host: `device_get`),
+    or each host's local numpy array concatenated along axis 0 in process order."""
+    if jax.process_count() == 1:
+        return jax.device_get(x)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def number_rows(sequence_index_NxL: np.ndarray) -> np.ndarray:
+    """Sequence numbers of stacked rows (`[..., N, L]`): row `k` is sequence `k`, the
+    numbering of a batch of `n_seq = N` (the rollout's rows carry their episode numbers)."""
+    rows = np.arange(sequence_index_NxL.shape[-2], dtype=np.int32)[:, None]
+    return np.where(sequence_index_NxL >= 0, rows, -1).astype(np.int32)
+
+
+def host_share(batch_A: Mapping[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+    """This host's rows of a `[A, N, ...]` batch, numbered as a batch of their own (what
+    `Trainer.step` takes from each host: `train.globalize_host_batch` numbers them
+    globally, host after host)."""
+    out = {k: v[:, rows] for k, v in batch_A.items()}
+    out["sequence_index"] = number_rows(out["sequence_index"])
+    return out
+
+
+def sample_rows(samples: sampling.SampleOutput, rows: slice) -> sampling.SampleOutput:
+    """The episodes `rows` of a rollout's samples (what one host's reward scores)."""
+    cut = {
+        f.name: getattr(samples, f.name)[rows]
+        for f in dataclasses.fields(samples)
+        if isinstance(getattr(samples, f.name), np.ndarray)
+    }
+    if samples.texts is not None:
+        cut["texts"] = samples.texts[rows]
+    return dataclasses.replace(samples, **cut)
 
 
 def prompt_indices(num_prompts: int, per_rollout: int, rollout: int, seed: int) -> np.ndarray:
@@ -303,9 +355,13 @@ def collect_rollout(
     rows, mask = rollout_rows(samples, pad_token_id)
     if trainer.step_config.unembed_scored_only:  # one K for the phase: max_new_tokens
         rows["scored_positions"] = logprobs.scored_positions(rows["sequence_index"], mask.shape[1])
-    scores = np.asarray(reward(samples), np.float32).reshape(-1)
-    if scores.shape[0] != mask.shape[0]:
-        raise UserError(f"ppo reward: {scores.shape[0]} scores for {mask.shape[0]} completions")
+    share = host_rows(mask.shape[0])  # each host scores its episodes, then they are gathered
+    mine = np.asarray(reward(sample_rows(samples, share)), np.float32).reshape(-1)
+    if mine.shape[0] != share.stop - share.start:
+        raise UserError(
+            f"ppo reward: {mine.shape[0]} scores for {share.stop - share.start} completions"
+        )
+    scores = np.asarray(gather_hosts(mine), np.float32)
     stats = _score_rollout(trainer, params, ref_params, rows, cfg)
     comp = {k: from_tokens(v, mask, rows["sequence_index"]) for k, v in stats.items()}
     out = jax.device_get(
@@ -339,22 +395,34 @@ def collect_rollout(
 def _score_rollout(
     trainer: Any, params: Any, ref_params: Any, rows: Mapping[str, np.ndarray], cfg: PPOConfig
 ) -> dict[str, np.ndarray]:
-    """`token_stats` of every row, one micro-batch of rows at a time (the step's size)."""
+    """`token_stats` of every row, one micro-batch of rows at a time (the step's size; each
+    host feeds its share of the micro-batch's rows, as to the step)."""
     step_cfg = trainer.step_config
     fn = _jitted_token_stats(step_cfg.apply_fn, step_cfg.logps_chunk_size)
     per_micro = cfg.rollout_batch_size // (cfg.num_mini_batches * cfg.grad_accum_steps)
+    share = host_rows(per_micro)
     num_rows = rows["input_ids"].shape[0]
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, num_rows, per_micro):
-        chunk = {k: v[start : start + per_micro] for k, v in rows.items()}
-        host, n_seq = trainer.prepare_batch(
-            {k: v[None] for k, v in chunk.items()}, len(chunk["input_ids"])
-        )
+        chunk = host_share({k: v[None, start : start + per_micro] for k, v in rows.items()}, share)
+        host, n_seq = trainer.prepare_batch(chunk, share.stop - share.start)
         placed = trainer.place_batch(host)
         micro = {k: v[0] for k, v in placed.items()}
         with trainer._context():
-            parts.append(jax.device_get(fn(params, ref_params, micro, n_seq)))
+            stats = fn(params, ref_params, micro, n_seq)
+        parts.append(_in_sequence_order(gather_hosts(stats), gather_hosts(micro["sequence_index"])))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _in_sequence_order(
+    stats: Mapping[str, np.ndarray], sequence_index_NxL: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Rows of a gathered micro-batch sorted by their sequence number: host `h`'s row `k`
+    is sequence `h n + k` (`host_share`; objective "ppo" is unpaired, so
+    `train.globalize_host_batch` numbers host after host), i.e. the rollout's order,
+    whatever order the mesh's devices put the hosts' rows in (one host: unchanged)."""
+    order = np.argsort(np.max(sequence_index_NxL, axis=-1), kind="stable")
+    return {k: np.asarray(v)[order] for k, v in stats.items()}
 
 
 @functools.lru_cache(maxsize=8)
@@ -381,13 +449,16 @@ def mini_batches(
     cfg: PPOConfig, batch: Mapping[str, np.ndarray], rollout: int, epoch: int, seed: int
 ):
     """The epoch's `[A, N/A, ...]` step batches: rows shuffled by `(seed, rollout, epoch)`,
-    split into `num_mini_batches` updates of `grad_accum_steps` micro-batches each."""
+    split into `num_mini_batches` updates of `grad_accum_steps` micro-batches each (each
+    micro-batch's rows numbered as its sequences `0 .. N/A - 1`)."""
     num_rows = batch["input_ids"].shape[0]
     order = np.random.default_rng([seed, rollout, epoch, 0x990]).permutation(num_rows)
     size = num_rows // cfg.num_mini_batches
     for m in range(cfg.num_mini_batches):
         rows = order[m * size : (m + 1) * size]
-        yield {k: v[rows].reshape(cfg.grad_accum_steps, -1, *v.shape[1:]) for k, v in batch.items()}
+        out = {k: v[rows].reshape(cfg.grad_accum_steps, -1, *v.shape[1:]) for k, v in batch.items()}
+        out["sequence_index"] = number_rows(out["sequence_index"])
+        yield out
 
 
 def run(
@@ -433,6 +504,8 @@ def run(
     base_key = jax.random.key(seed)
     history: list[dict[str, Any]] = []
     n_micro = cfg.rollout_batch_size // (cfg.num_mini_batches * cfg.grad_accum_steps)
+    check_hosts(n_micro, sharding.data_parallel_size(trainer.mesh))
+    mine = host_rows(n_micro)  # this host's rows of every micro-batch
     r = start_rollout
     while r < cfg.num_rollouts:
         idx = prompt_indices(len(prompts), per_rollout, r, seed)
@@ -444,7 +517,7 @@ def run(
         step_metrics = []
         for epoch in range(cfg.num_epochs):
             for batch_A in mini_batches(cfg, roll.batch, r, epoch, seed):
-                state, m = trainer.step(state, batch_A, n_micro)
+                state, m = trainer.step(state, host_share(batch_A, mine), mine.stop - mine.start)
                 step_metrics.append(m)
         fetched = jax.device_get(step_metrics)
         row = dict(roll.metrics)
@@ -485,6 +558,19 @@ def run(
     return PPOResult(state, history, coef, r)
 
 
+def check_hosts(rows_per_micro: int, data_parallel: int) -> None:
+    """Each host feeds an equal share of a micro-batch's rows, a multiple of the
+    data-parallel devices (`sharding.shard_batch`'s rule for a host's rows)."""
+    hosts = jax.process_count()
+    if hosts > 1 and (rows_per_micro % hosts or rows_per_micro // hosts % data_parallel):
+        raise config_error(
+            "ppo.rollout_batch_size", f"micro-batches of {rows_per_micro} episodes "
+            f"(rollout_batch_size / (num_mini_batches x grad_accum_steps)) do not split into "
+            f"{hosts} hosts' equal shares of a multiple of {data_parallel} data-parallel devices",
+            f"make it a multiple of {hosts * data_parallel} per micro-batch",
+        )  # fmt: skip
+
+
 def _crossed(step: int, steps: int, every: int) -> bool:
     """Whether the `steps` updates ending at `step` passed a multiple of `every` (> 0)."""
     return every > 0 and step // every > (step - steps) // every
@@ -505,14 +591,113 @@ def _brief(row: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------ as a phase of `train`
 
 
-def check_inputs(prompts: Any, reward: Any) -> None:
-    """What `train(config, train_data=prompts, reward=...)` needs for objective "ppo"."""
-    if prompts is None or reward is None:
+REWARD_SPECS = "vader, hf:DIR (a sequence classifier) or reward_model:DIR (`dpo-jax export` of a reward_model run)"
+
+
+def parse_reward_spec(spec: str) -> tuple[str, str]:
+    """(kind, directory) of a `ppo.reward` spec: `vader`, `hf:DIR` or `reward_model:DIR`."""
+    kind, sep, target = str(spec).partition(":")
+    if (kind == "vader" and not sep) or (sep and kind in ("hf", "reward_model") and target):
+        return kind, target
+    raise config_error("ppo.reward", f"{spec!r} is not a reward", f"use {REWARD_SPECS}")
+
+
+def check_reward_paths(spec: str) -> None:
+    """What a `ppo.reward` spec points at, before anything loads: the directory exists; an
+    `hf:` one is a sequence classifier, a `reward_model:` one has its exported head."""
+    import json
+    import os
+    import pathlib
+
+    from dpo_jax import reward_model
+
+    kind, target = parse_reward_spec(spec)
+    if not target:
+        return
+    if not os.path.isdir(target):
+        problem = "is not a directory" if os.path.exists(target) else "does not exist"
+        raise config_error("ppo.reward", f"{target!r} {problem}", f"use {REWARD_SPECS}")
+    if kind == "reward_model" and not os.path.isfile(os.path.join(target, reward_model.HEAD_FILE)):
         raise config_error(
-            "objective.name", "'ppo' generates its own batches: it needs the prompts "
-            "(train(config, train_data=[token ids per prompt], ...)) and a reward "
-            "(reward=fn(samples) -> scores)", "pass both, see docs/PPO.md",
+            "ppo.reward", f"{target!r} has no {reward_model.HEAD_FILE}",
+            "export a reward_model run with `dpo-jax export`",
         )  # fmt: skip
+    if kind == "hf":
+        config_file = pathlib.Path(target) / "config.json"
+        arch = None
+        if config_file.is_file():
+            arch = json.loads(config_file.read_text()).get("architectures")
+        if not any(a.endswith("ForSequenceClassification") for a in arch or ()):
+            hint = (
+                "reward_model:DIR"
+                if os.path.isfile(os.path.join(target, reward_model.HEAD_FILE))
+                else REWARD_SPECS
+            )
+            raise config_error(
+                "ppo.reward", f"{target!r} is not a sequence classifier (architectures {arch})",
+                f"use {hint}",
+            )  # fmt: skip
+
+
+def reward_from_spec(spec: str, tokenizer: Any) -> RolloutReward:
+    """The rollouts' reward of a `ppo.reward` spec (`tokenizer`: the policy's).
+
+    `vader` and `hf:DIR` (the probability of class 1, the positive class of a binary
+    classifier) score the decoded prompt + completion, as TRL's PPOTrainer scores query +
+    response. `reward_model:DIR` scores the sampled token ids when its tokenizer is the
+    policy's (`reward_from_ids`, the sequences it was trained on), else the decoded text.
+    """
+    from dpo_jax import reward_model, rewards
+    from dpo_jax.data import tokenize
+
+    kind, target = parse_reward_spec(spec)
+    if kind == "vader":
+        return reward_from_texts(rewards.VaderReward(), tokenizer, with_prompt=True)
+    if kind == "hf":
+        return reward_from_texts(
+            rewards.HFClassifierReward(target, label=1), tokenizer, with_prompt=True
+        )
+    learned = reward_model.load_exported(target)
+    if tokenize.tokenizer_fingerprint(learned.tokenizer) == tokenize.tokenizer_fingerprint(
+        tokenizer
+    ):
+        return reward_from_ids(learned)
+    log.info("ppo.reward: %s has another tokenizer than the policy: it scores decoded text", target)
+    return reward_from_texts(learned, tokenizer, with_prompt=True)
+
+
+def inputs_from_config(
+    config: ml_collections.ConfigDict, prompts: Any, reward: Any
+) -> tuple[Sequence[Sequence[int]], RolloutReward]:
+    """The prompt pool and the reward of objective "ppo": `train(..., train_data=prompts,
+    reward=fn)` when given, else from `data.train` (`data.load_prompts`) and `ppo.reward`
+    (`reward_from_spec`), as `dpo-jax train` runs it."""
+    spec = config.ppo.reward
+    if reward is not None and spec:
+        raise config_error(
+            "ppo.reward", f"{spec!r}, and train() was given reward= too", "give one of them"
+        )  # fmt: skip
+    if reward is None and not spec:
+        raise config_error(
+            "ppo.reward", "is empty: PPO scores its rollouts with a reward",
+            f"use {REWARD_SPECS} (Python: train(..., reward=fn), docs/PPO.md)",
+        )  # fmt: skip
+    if prompts is not None and reward is not None:
+        return prompts, reward
+    from transformers import AutoTokenizer
+
+    from dpo_jax import data
+
+    name = config.tokenizer or config.model.path
+    if not name:
+        raise config_error(
+            "tokenizer", "is empty and so is model.path", "name the policy's tokenizer"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if prompts is None:
+        prompts = data.load_prompts(config.data, tokenizer, config.run_dir or None, split="train")
+        log.info("ppo: %d distinct prompts from %s", len(prompts), config.data.train)
+    return prompts, reward if reward is not None else reward_from_spec(spec, tokenizer)
 
 
 def reference_params(trainer: Any, state: Any, ref_params: Any = None) -> Any:
@@ -571,7 +756,8 @@ def example_step_batch(cfg: PPOConfig, prompts: Sequence[Sequence[int]], trainer
     from dpo_jax.data import batching
 
     width = sampling.bucket_length(max(len(p) for p in prompts), sampling.DEFAULT_PROMPT_BUCKETS)
-    n = cfg.rollout_batch_size // (cfg.num_mini_batches * cfg.grad_accum_steps)
+    share = host_rows(cfg.rollout_batch_size // (cfg.num_mini_batches * cfg.grad_accum_steps))
+    n = share.stop - share.start  # this host's rows, as `run` feeds the step
     m = cfg.max_new_tokens
     rows = batching.build_stacked([[1] * width] * n, [[1] * m] * n, width + m)
     if trainer.step_config.unembed_scored_only:

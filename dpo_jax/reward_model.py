@@ -146,6 +146,40 @@ class LearnedReward:
         return self.score_ids(self.encode(texts))
 
 
+HEAD_FILE = "head.npz"  # beside an exported reward model's HF files (`checkpoint.export_hf`)
+
+
+def load_exported(directory: str, tokenizer: Any = None, **kw: Any) -> LearnedReward:
+    """The reward model `dpo-jax export` wrote for an `objective.name=reward_model` run (the
+    model as a Hugging Face directory, its head in `head.npz`) as a `LearnedReward`, with
+    the directory's tokenizer unless one is given. `kw`: `LearnedReward`'s options."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from dpo_jax.errors import UserError
+
+    head_file = os.path.join(directory, HEAD_FILE)
+    if not os.path.isfile(head_file):
+        raise UserError(
+            f"{directory}: no {HEAD_FILE}; export a reward_model run with `dpo-jax export`"
+        )
+    with np.load(head_file) as npz:
+        head = {k: np.asarray(npz[k], np.float32) for k in ("kernel", "bias") if k in npz}
+    if set(head) != {"kernel", "bias"}:
+        raise UserError(f"{head_file}: expected arrays 'kernel' and 'bias', got {sorted(head)}")
+    cfg, params = models.load_hf(directory)
+    if head["kernel"].shape != (cfg.hidden_size,):
+        raise UserError(
+            f"{head_file}: kernel of shape {head['kernel'].shape}, the model's hidden size is "
+            f"{cfg.hidden_size}"
+        )
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    params = {objectives.MODEL: params, objectives.HEAD: head}
+    return LearnedReward(cfg, params, tokenizer, **kw)
+
+
 def _scoring_batch(ids: Sequence[Sequence[int]], rows: int, length: int) -> dict[str, np.ndarray]:
     """Right-padded rows, one sequence each; every token marked as part of its sequence."""
     batch = {

@@ -494,7 +494,7 @@ def generate(
         out = fn(params, *args)
     else:
         out = _run_sharded(fn, mesh, params, args)
-        if jax.process_count() > 1:  # rows live on other hosts too: gather them (untested here)
+        if jax.process_count() > 1:  # rows live on other hosts too: gather them
             from jax.experimental import multihost_utils
 
             out = multihost_utils.process_allgather(out, tiled=True)
@@ -527,7 +527,15 @@ def _run_sharded(fn: Any, mesh: Any, params: Any, args: tuple[Any, ...]) -> Any:
     ids = jax.device_put(ids, NamedSharding(mesh, PartitionSpec(batch_axes, None)))
     lengths = jax.device_put(lengths, rows)
     replicated = NamedSharding(mesh, PartitionSpec())
-    scalars = [jax.device_put(x, replicated) for x in scalars]
+
+    def put(x: jax.Array) -> jax.Array:
+        # device_put refuses a typed PRNG key for devices of other hosts: move its data
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(jax.random.key_data(x), replicated)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(x, replicated)
+
+    scalars = [put(x) for x in scalars]
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         return fn(params, ids, lengths, *scalars)
 

@@ -811,8 +811,9 @@ def train(
     lowered (`Trainer.lower`) -- exactly what the run would execute.
 
     `objective.name="ppo"` (`dpo_jax.ppo_loop`): `train_data` is the prompt pool (token
-    ids per prompt), `reward(samples) -> [S]` scores a rollout, `config.ppo` sets the
-    phase (its length replaces `num_steps`); `history` holds one row per rollout.
+    ids per prompt; default: `data.train`'s prompts), `reward(samples) -> [S]` scores a
+    rollout (default: `config.ppo.reward`'s spec), `config.ppo` sets the phase (its
+    length replaces `num_steps`); `history` holds one row per rollout.
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
@@ -880,9 +881,9 @@ def _train(
 
     needs_ref = preference and losses.needs_reference(loss_name)
     ppo_cfg = ppo_loop.PPOConfig.from_config(config) if settings["objective"] == "ppo" else None
-    if ppo_cfg is not None:  # rollouts need prompts and a reward; the reference is theirs
-        ppo_loop.check_inputs(train_data, reward)
-        needs_ref = True
+    if ppo_cfg is not None:  # prompts and a reward (given, or data.train and ppo.reward)
+        train_data, reward = ppo_loop.inputs_from_config(config, train_data, reward)
+        needs_ref = True  # the rollouts' reference
     if ref_params is None and config.reference.path and needs_ref:
         ref_params = _reference_from_config(config, model_config)
     if train_data is None:
@@ -1258,6 +1259,7 @@ def run(args: argparse.Namespace) -> int:
                 "steps": last.get("step"),
                 "loss": last.get("loss"),
                 "rewards/accuracies": last.get("rewards/accuracies"),
+                **{k: last[k] for k in ("objective/scores", "objective/kl") if k in last},  # PPO
                 "seconds": round(time.perf_counter() - t0, 2),
                 "run_dir": str(result.run_dir),
             }

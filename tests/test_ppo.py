@@ -249,6 +249,40 @@ def test_rollout_rewards_see_prompt_and_completion():
     assert got[0] == [[7, 8, 11, 1], [5, 6, 9, 12, 13, 14]]  # the emitted EOS is kept
 
 
+def test_micro_batches_number_their_rows_and_hosts_take_equal_shares(monkeypatch):
+    """Each micro-batch's rows are its sequences 0..n-1 (not the episodes' numbers, which
+    a step of n sequences would drop from its per-sequence sums); host h of P takes rows
+    [h n/P, (h+1) n/P), numbered 0..n/P-1 (`Trainer.step` numbers them host after host)."""
+    from dpo_jax import ppo_loop
+
+    S, L = 8, 5
+    si = np.where(np.arange(L)[None, :] >= 2, np.arange(S)[:, None], -1).astype(np.int32)
+    si[3, 4] = -1  # a shorter completion
+    batch = {"sequence_index": si, "input_ids": np.arange(S * L).reshape(S, L)}
+    cfg = ppo_loop.PPOConfig(rollout_batch_size=S, num_mini_batches=2, grad_accum_steps=2)
+    seen = []
+    for batch_A in ppo_loop.mini_batches(cfg, batch, rollout=1, epoch=0, seed=3):
+        assert batch_A["sequence_index"].shape == (2, 2, L)
+        for micro_si, micro_ids in zip(
+            batch_A["sequence_index"], batch_A["input_ids"], strict=True
+        ):
+            episodes = micro_ids[:, 0] // L
+            want = np.where(si[episodes] >= 0, np.arange(2)[:, None], -1)
+            np.testing.assert_array_equal(micro_si, want)
+            seen.extend(episodes.tolist())
+    assert sorted(seen) == list(range(S))  # every episode once per epoch
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    rows = ppo_loop.host_rows(4)
+    assert rows == slice(2, 4)
+    big = {"sequence_index": si.reshape(2, 4, L), "input_ids": batch["input_ids"].reshape(2, 4, L)}
+    mine = ppo_loop.host_share(big, rows)
+    np.testing.assert_array_equal(mine["input_ids"], big["input_ids"][:, 2:4])
+    np.testing.assert_array_equal(mine["sequence_index"][1], np.where(si[6:8] >= 0, [[0], [1]], -1))
+    with pytest.raises(UserError, match="ppo.rollout_batch_size"):
+        ppo_loop.check_hosts(rows_per_micro=6, data_parallel=2)  # 3 rows per host
+
+
 def test_prompt_indices_are_epoch_permutations_and_pure():
     from dpo_jax import ppo_loop
 

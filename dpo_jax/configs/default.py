@@ -167,4 +167,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.clip = 0.2  # policy ratio clip
     c.ppo.value_clip = 0.2
     c.ppo.vf_coef = 0.1
+    # The rollouts' reward for `dpo-jax train` (the Python API may pass reward= instead):
+    # "vader" | "hf:DIR" (a sequence classifier: P(class 1)) on the decoded prompt +
+    # completion, or "reward_model:DIR" (`dpo-jax export` of an objective.name=reward_model
+    # run: the HF model and head.npz). The prompts: data.train's rows (docs/PPO.md).
+    c.ppo.reward = ""
     return c

@@ -298,6 +298,8 @@ def validate(config: Any) -> None:
         from dpo_jax import ppo_loop
 
         ppo_loop.PPOConfig.from_config(config)
+        if value("ppo.reward") not in (_MISSING, ""):  # "": the Python API's reward=
+            ppo_loop.parse_reward_spec(value("ppo.reward"))
 
     check("reference.mode", _check_choice, REFERENCE_MODES)
     check("reference.ref_model_sync_steps", _check_int, 0)
@@ -407,6 +409,11 @@ def check_paths(config: Any, *, model: bool = True, data: bool = True) -> None:
                     expand_paths(spec)
                 except (UserError, FileNotFoundError) as e:
                     raise config_error(key, str(e)) from None
+    reward = _get(config, "ppo.reward")
+    if _get(config, "objective.name") == "ppo" and reward not in (_MISSING, ""):
+        from dpo_jax import ppo_loop
+
+        ppo_loop.check_reward_paths(reward)
     run_dir = _get(config, "run_dir")
     if run_dir not in (_MISSING, None, ""):
         check_run_dir(run_dir)

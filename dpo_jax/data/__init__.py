@@ -22,6 +22,7 @@ from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import (
     PARSERS,
     PreferenceExample,
+    PromptExample,
     SFTExample,
     UnpairedExample,
     detect_format,
@@ -45,6 +46,7 @@ __all__ = [
     "PARSERS",
     "DataError",
     "PreferenceExample",
+    "PromptExample",
     "RejectLog",
     "Row",
     "SFTExample",
@@ -59,6 +61,7 @@ __all__ = [
     "eval_batches",
     "load_examples",
     "load_preference_data",
+    "load_prompts",
     "make_train_iterator",
     "pad_batch",
     "paired_to_unpaired",
@@ -105,7 +108,8 @@ def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog, split: str | No
     examples = parse_rows(
         read_sources(sources, rejects), spec.get("format", "auto"), tokenizer, rejects
     )
-    _check_kind(examples, bool(spec.get("sft", False)))
+    if not spec.get("prompts", False):  # PPO's prompt pool takes every kind's prompts
+        _check_kind(examples, bool(spec.get("sft", False)))
     if spec.get("unpaired", False) and examples and isinstance(examples[0], PreferenceExample):
         examples = paired_to_unpaired(examples)
     limit = spec.get("limit")
@@ -118,6 +122,11 @@ def _check_kind(examples: list, sft: bool) -> None:
     """SFT runs read SFT rows only, preference runs preference rows only (one line naming
     the first row of the wrong kind)."""
     for ex in examples:
+        if isinstance(ex, PromptExample):
+            raise UserError(
+                f"{ex.source}:{ex.line}: prompt-only rows have nothing to train on but for "
+                "objective.name='ppo', which continues them"
+            )
         if isinstance(ex, SFTExample) != sft:
             want = (
                 "SFT rows ({'text'}, {'prompt', 'completion'} or {'messages'})"
@@ -183,3 +192,45 @@ def load_preference_data(
         where = ", ".join(str(s) for s in _sources(spec, split))
         raise UserError(f"{where}: every example was rejected; see {path}")
     return tokenized
+
+
+def load_prompts(
+    spec: Any, tokenizer: Any, run_dir: str | None = None, split: str | None = None
+) -> list[list[int]]:
+    """PPO's prompt pool: the token ids of each distinct prompt, in file order.
+
+    Rows of any kind with a prompt: prompt-only rows (`formats.parse_prompt`), preference,
+    unpaired and prompt-completion rows (their prompt; a pair's prompt is kept once).
+    Keys of `spec` as in `load_preference_data` (sources, format, skip_bad_rows,
+    max_prompt_length: keep the prompt's last N tokens). Prompts are tokenized as
+    `tokenize_examples` tokenizes them (special tokens added unless chat-rendered).
+    Bad rows raise `DataError` naming file:line, or are skipped with `skip_bad_rows`.
+    """
+    from dpo_jax.data.tokenize import encode_prompts
+
+    spec = dict(_as_dict(spec), prompts=True, unpaired=False)
+    rejects = RejectLog(skip_bad_rows=bool(spec.get("skip_bad_rows", False)), run_dir=run_dir)
+    if rejects.skip_bad_rows and run_dir is None:
+        raise UserError("skip_bad_rows=True needs a run_dir for the rejects file")
+    seen: set[tuple[str, bool]] = set()
+    examples = []
+    for ex in load_examples(spec, tokenizer, rejects, split):
+        if not ex.prompt:  # an SFT language-modelling row
+            error = DataError("the row has no prompt to continue", reason="empty_prompt")
+            rejects.handle(error.located(ex.source, ex.line), {})
+        elif (ex.prompt, ex.chat) not in seen:
+            seen.add((ex.prompt, ex.chat))
+            examples.append(ex)
+    limit = spec.get("max_prompt_length")
+    out = []
+    for ex, ids in zip(examples, encode_prompts(examples, tokenizer), strict=True):
+        if not ids:
+            error = DataError("prompt tokenizes to no tokens", reason="empty_prompt")
+            rejects.handle(error.located(ex.source, ex.line), {"prompt": ex.prompt})
+            continue
+        out.append(ids[-int(limit) :] if limit is not None else ids)
+    path = rejects.finalize()
+    if not out:
+        where = ", ".join(str(s) for s in _sources(spec, split))
+        raise UserError(f"{where}: no usable prompts" + (f"; see {path}" if path else ""))
+    return out

@@ -27,6 +27,11 @@ Formats:
 - `unpaired`: {"prompt", "completion", "label"} rows for KTO-style losses
   (completion may also be a message list with a message-list prompt).
 
+Prompt-only rows (TRL's prompt-only type, `PromptExample`; `objective.name="ppo"`, whose
+prompt pool also takes the prompts of the rows above and of prompt-completion rows):
+- `prompt`: {"prompt": str} or {"prompt": [messages]} (rendered with the chat template
+  and its generation prompt); other columns are ignored.
+
 SFT formats (TRL's SFT dataset types, `SFTExample`; `objective.name="sft"`):
 - `sft_text`: {"text": str}, language modelling (every token after the first is a target);
 - `sft_completion`: {"prompt", "completion"} (strings, or message lists), prompt-completion:
@@ -104,7 +109,17 @@ class SFTExample:
     line: int | None = field(default=None, compare=False)
 
 
-Example = PreferenceExample | UnpairedExample | SFTExample
+@dataclass(frozen=True)
+class PromptExample:
+    """A prompt alone (PPO continues it); `chat`: rendered by the chat template."""
+
+    prompt: str
+    chat: bool = False
+    source: str = field(default="", compare=False)
+    line: int | None = field(default=None, compare=False)
+
+
+Example = PreferenceExample | UnpairedExample | SFTExample | PromptExample
 Parser = Callable[[Mapping[str, Any], Any], list[Example]]
 
 
@@ -387,15 +402,20 @@ def _messages(value: Any, key: str) -> list[dict[str, str]]:
     return out
 
 
-def render_chat(
-    tokenizer: Any, prompt_msgs: list[dict[str, str]], completion_msgs: list[dict[str, str]]
-) -> tuple[str, str]:
-    """(prompt text with generation prompt, completion text) under the chat template."""
+def chat_prompt(tokenizer: Any, prompt_msgs: list[dict[str, str]]) -> str:
+    """The prompt messages under the chat template, with its generation prompt."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "conversational rows need a tokenizer with a chat_template", reason="no_chat_template"
         )
-    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+
+
+def render_chat(
+    tokenizer: Any, prompt_msgs: list[dict[str, str]], completion_msgs: list[dict[str, str]]
+) -> tuple[str, str]:
+    """(prompt text with generation prompt, completion text) under the chat template."""
+    prompt = chat_prompt(tokenizer, prompt_msgs)
     full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
     if not full.startswith(prompt):
         raise DataError(
@@ -515,6 +535,18 @@ def parse_sft_messages(row: Mapping[str, Any], tokenizer: Any = None) -> list[Ex
     return [SFTExample("", tokenizer.apply_chat_template(msgs, tokenize=False), True)]
 
 
+def parse_prompt(row: Mapping[str, Any], tokenizer: Any = None) -> list[Example]:
+    """{"prompt": str | [messages]}: a prompt to continue (messages: the rendered
+    conversation with the generation prompt)."""
+    value = _field(row, "prompt")
+    if isinstance(value, list):
+        return [PromptExample(chat_prompt(tokenizer, _messages(value, "prompt")), True)]
+    prompt = _text(row, "prompt")
+    if not prompt.strip():
+        raise DataError("empty prompt", reason="empty_prompt")
+    return [PromptExample(prompt)]
+
+
 def paired_to_unpaired(examples: Iterable[PreferenceExample]) -> list[UnpairedExample]:
     """Each pair -> (prompt, chosen, desirable) then (prompt, rejected, undesirable).
 
@@ -552,6 +584,7 @@ PARSERS: dict[str, Parser] = {
     "sft_text": parse_sft_text,
     "sft_completion": parse_sft_completion,
     "sft_messages": parse_sft_messages,
+    "prompt": parse_prompt,
 }
 SFT_FORMATS = ("sft_text", "sft_completion", "sft_messages", "tldr_sft")
 
@@ -590,6 +623,8 @@ def detect_format(row: Mapping[str, Any]) -> str:
             return "sft_messages"
         if {"prompt", "completion"} <= keys:
             return "sft_completion"
+        if "prompt" in keys and "completion" not in keys:
+            return "prompt"
     raise DataError(
         f"cannot detect the data format from fields {sorted(keys)}; set format= one of {sorted(PARSERS)}",
         reason="unknown_format",

@@ -232,6 +232,19 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
     return list(tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def encode_prompts(examples: Sequence[Example], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each example's prompt, as `tokenize_examples` encodes prompts: special
+    tokens added to plain text, none to chat-rendered text (it holds them)."""
+    out: list[list[int]] = [[] for _ in examples]
+    for chat in (False, True):
+        idx = [i for i, ex in enumerate(examples) if ex.chat == chat]
+        for i, ids in zip(
+            idx, _encode(tokenizer, [examples[i].prompt for i in idx], not chat), strict=True
+        ):
+            out[i] = list(ids)
+    return out
+
+
 def split_completions(
     prompt_ids: Sequence[int], full_ids: Sequence[Sequence[int]]
 ) -> tuple[list[int], list[list[int]], bool]:
@@ -329,15 +342,12 @@ def tokenize_examples(
         return text
 
     # Batch-encode per special-token mode: chat-rendered text already holds them.
-    prompt_ids: list[list[int]] = [[] for _ in examples]
+    prompt_ids = encode_prompts(examples, tokenizer)
     full_ids: dict[str, list[list[int]]] = {k: [[] for _ in examples] for k in keys}
     for chat in (False, True):
         idx = [i for i, ex in enumerate(examples) if ex.chat == chat]
         if not idx:
             continue
-        encoded = _encode(tokenizer, [examples[i].prompt for i in idx], not chat)
-        for i, ids in zip(idx, encoded, strict=True):
-            prompt_ids[i] = ids
         for k in keys:
             texts = [examples[i].prompt + completion_text(examples[i], k) for i in idx]
             for i, ids in zip(idx, _encode(tokenizer, texts, not chat), strict=True):
