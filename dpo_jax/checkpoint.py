@@ -238,17 +238,25 @@ _MISSING = "<absent>"
 
 
 def config_diff(
-    saved: Any, current: Any, ignore: Iterable[str] = NON_MATH_KEYS
+    saved: Any, current: Any, ignore: Iterable[str] = NON_MATH_KEYS, defaults: Any = None
 ) -> list[tuple[str, Any, Any]]:
-    """Math-relevant differences ``(dotted_key, saved_value, current_value)`` between configs."""
+    """Math-relevant differences ``(dotted_key, saved_value, current_value)`` between configs.
+
+    With `defaults` (`configs/default.py`'s tree), a key absent from `saved` whose current
+    value is its default is no difference: the key was added to dpo_jax after the
+    checkpoint, and a new key's default keeps the old behaviour.
+    """
     a = _flatten(json.loads(json.dumps(to_jsonable(saved))))
     b = _flatten(json.loads(json.dumps(to_jsonable(current))))
+    d = _flatten(json.loads(json.dumps(to_jsonable(defaults)))) if defaults is not None else {}
     ignore = tuple(ignore)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if _is_ignored(key, ignore):
             continue
         va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if va is _MISSING and key in d and vb == d[key]:
+            continue
         if va != vb:
             diffs.append((key, va, vb))
     return diffs
@@ -672,8 +680,13 @@ class Checkpointer:
     def _check_config(self, step: int, saved: Mapping[str, Any]) -> None:
         if not self.config:
             return
+        from dpo_jax.configs import default
+
         diffs = config_diff(
-            saved, self.config, ignore=NON_MATH_KEYS + tuple(self.options.ignore_config_keys)
+            saved,
+            self.config,
+            ignore=NON_MATH_KEYS + tuple(self.options.ignore_config_keys),
+            defaults=default.get_config(),
         )
         if not diffs:
             return

@@ -578,3 +578,32 @@ def test_really_full_disk_on_a_tmpfs_is_one_line_and_resumes_after_freeing_space
         )
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _flatten_values(tree: dict) -> list:
+    return [v for v in checkpoint._flatten(tree).values()]
+
+
+def _drop(tree: dict, key: str) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        tree = tree[p]
+    del tree[last]
+
+
+def test_a_key_added_after_the_checkpoint_resumes_at_its_default_only():
+    """A checkpoint written before a config key existed (`ppo.reward`, say) resumes when the
+    run keeps that key's default (the old behaviour) and refuses when it changes it."""
+    defaults = default.get_config()
+    for key, value in sorted(_leaves().items()):
+        saved = checkpoint.to_jsonable(defaults)
+        _drop(saved, key)
+        if {} in _flatten_values(saved):  # the key's section had only it (loss.hyper)
+            continue
+        now = checkpoint.to_jsonable(defaults)
+        assert checkpoint.config_diff(saved, now, defaults=defaults) == [], key
+        if key in checkpoint.NON_MATH_KEYS:
+            continue
+        assert [d[0] for d in checkpoint.config_diff(saved, now)] == [key]  # no defaults: refuses
+        _set(now, key, _changed(value))
+        assert [d[0] for d in checkpoint.config_diff(saved, now, defaults=defaults)] == [key]
