@@ -133,8 +133,10 @@ def offline_config(fmt: str) -> ml_collections.ConfigDict:
     # Best-of-N: n samples per prompt from the reference policy, a reward model learned on
     # the pairs picks one. The paper's n is 128; eval.batch_size must divide by n.
     c.best_of_n = ml_collections.ConfigDict(dict(n=4))
+    # 400 steps: after 150 the TL;DR reward model ranked ~81% of a training batch right
+    # (~97% after 400) and PPO on it learned to drop title words.
     c.reward_model = ml_collections.ConfigDict(
-        dict(num_steps=150, batch_size=32, learning_rate=1e-4)
+        dict(num_steps=400, batch_size=32, learning_rate=1e-4)
     )
     # PPO: `dpo-jax train`'s ppo.* keys (docs/PPO.md) and the DPO run's `optim`. Rollouts
     # of the comparisons' prompts as long as the evaluation's samples; the adaptive KL
@@ -142,7 +144,7 @@ def offline_config(fmt: str) -> ml_collections.ConfigDict:
     # barely move beta in 40 rollouts of 64).
     c.ppo.update(
         num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, num_epochs=4,
-        kl_coef=0.1, target_kl=3.0, kl_horizon=256.0,
+        kl_coef=0.1, target_kl=1.0, kl_horizon=256.0,
     )  # fmt: skip
     c.eval = ml_collections.ConfigDict(
         dict(max_new_tokens=24, temperatures=PAPER_TEMPERATURES, batch_size=128, seed=4321)
