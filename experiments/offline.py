@@ -719,6 +719,11 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
             "best_of_n.n", f"{config.best_of_n.n} does not divide eval.batch_size="
             f"{config.eval.batch_size}", "make eval.batch_size a multiple of n",
         )  # fmt: skip
+    needed = _needed(config)
+    if "ppo" in needed:  # the ppo.* settings, refused before any phase runs
+        from dpo_jax import ppo_loop
+
+        ppo_loop.PPOConfig.from_config(config)
     policy = ("model", "tokenizer", "seed", "data")
     dpo_keys = ("num_steps", "batch_size", "grad_accum_steps", "optim", "loss", "seed", "mesh")
     reads = {
@@ -736,7 +741,7 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
             reads=("tokenizer", "data", "eval.max_new_tokens"),
         ),  # fmt: skip
     ]
-    for name in _needed(config):
+    for name in needed:
         if name == "reference":
             graph.append(Phase("reference", reference_phase,
                                after=("tokenizer", config.reference_policy), reads=reads[name]))  # fmt: skip

@@ -108,6 +108,15 @@ def test_presets_sweep_the_papers_temperatures():
     assert c.best_of_n.n == 128 and c.eval.batch_size % 128 == 0
 
 
+def test_bad_ppo_settings_are_refused_before_any_phase(tmp_path):
+    config = tldr.get_config("smoke")
+    config.update(workdir=str(tmp_path / "run"))
+    config.ppo.num_mini_batches = 3  # 8 episodes do not split into 3 updates
+    with pytest.raises(UserError, match="ppo.rollout_batch_size"):
+        offline.run_offline(config, tldr.TASK)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_local_checkpoint_initialises_the_policy_in_the_configured_shape(tmp_path):
     import flax.linen as nn
     import jax
