@@ -77,7 +77,7 @@ def test_tldr_dry_run_refuses_an_unknown_method_before_compiling():
     assert "config key 'methods': unknown method 'rloo'" in out.stderr
 
 
-@pytest.mark.heavy  # ~30 s: the smoke preset's five training programs on 8 devices
+@pytest.mark.heavy  # 4 min on 2 loaded cores: five training programs on 8 devices
 def test_tldr_dry_run_compiles_the_ppo_phase():
     out = _dry_run("experiments.tldr", "--preset=smoke", "--config.mesh.data=2",
                    "--config.mesh.fsdp=4")  # fmt: skip
