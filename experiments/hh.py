@@ -6,7 +6,9 @@ sampling temperatures 0, 0.25, 0.5, 0.75 and 1, under a judge.
 Methods (``config.methods``; see ``experiments.offline``): ``preferred_ft``, ``dpo``
 (from and against ``preferred_ft``) and ``best_of_n`` (the paper's Best of 128: n
 samples from ``preferred_ft``, the one a reward model learned on the same pairs scores
-highest; evaluated at temperatures > 0).
+highest; evaluated at temperatures > 0), the paper's fig. 3 baselines. ``ppo`` (PPO from
+``preferred_ft`` with the same learned reward) runs when asked for:
+``--config.methods="('preferred_ft','dpo','best_of_n','ppo')"``.
 
 Presets (``--preset=NAME``):
 
@@ -17,8 +19,9 @@ Presets (``--preset=NAME``):
   :func:`helpfulness_judge` (an answer is better when it addresses the question's task
   and is not a refusal or a brush-off). The paper's judge was GPT-4 with its appendix
   C.2 dialogue prompt: ``--config.judge=llm:python:MODULE:FUNCTION`` (an API call) or
-  ``llm:hf:DIR`` (a local model) runs that protocol (``dpo_jax.judge``).
-* ``smoke`` - shrunk to seconds (two temperatures, Best-of-2), for tests.
+  ``llm:hf:DIR`` (a local model) runs that protocol (``dpo_jax.judge``). Three training
+  seeds (``seeds``): ``summary.csv`` holds each win rate's mean, std and 95% CI over them.
+* ``smoke`` - shrunk to seconds (two temperatures, Best-of-2, one seed), for tests.
 * ``pythia28`` - the paper's setting on a TPU slice (local Pythia-2.8B checkpoint, HH
   JSONL files, RMSprop lr 1e-6, batch 64, Best of 128). ``--dry_run`` AOT-compiles its
   train step on a simulated 8-device mesh and prints parameters, per-device memory and
@@ -155,6 +158,9 @@ def get_config(preset: str = "mini"):
     c.sft.completion_only = True
     c.data.update(max_prompt_length=32, max_completion_length=32)
     c.eval.max_new_tokens = 32
+    c.ppo.max_new_tokens = 32  # PPO's rollouts as long as the evaluation's samples
+    if preset == "mini":
+        c.seeds = (0, 1, 2)  # training seeds; the data (data_seed) is the same for each
     if preset == "smoke":
         offline.shrink_to_smoke(c)
     elif preset == "pythia28":
@@ -170,6 +176,7 @@ def get_config(preset: str = "mini"):
         c.optim.update(name="rmsprop", learning_rate=1e-6, warmup_steps=150)
         c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
         c.eval.update(batch_size=256, max_new_tokens=256)
+        c.ppo.max_new_tokens = 256
         c.best_of_n.n = 128  # the paper's Best of 128
         c.reward_model.update(num_steps=2500, batch_size=64, learning_rate=1e-5)
         c.judge = "llm:python:my_judges:gpt4"

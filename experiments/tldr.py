@@ -4,8 +4,9 @@ summaries against the human-written reference summaries of the test posts, at sa
 temperatures 0, 0.25, 0.5, 0.75 and 1, under a judge.
 
 Methods (``config.methods``; see ``experiments.offline``): ``sft`` (SFT on the reference
-summaries of the SFT split), ``preferred_ft`` (SFT on the comparisons' chosen summaries)
-and ``dpo`` (from and against ``sft``).
+summaries of the SFT split), ``preferred_ft`` (SFT on the comparisons' chosen summaries),
+``dpo`` (from and against ``sft``) and ``ppo`` (from ``sft``, KL-penalised against it,
+rewarded by a reward model learned on the comparisons), the paper's comparison set.
 
 Presets (``--preset=NAME``):
 
@@ -19,8 +20,9 @@ Presets (``--preset=NAME``):
   when its content words match the post's title, which the grammar makes the gist of
   the post). The paper's judge was GPT-4 with its appendix C.2 prompt:
   ``--config.judge=llm:python:MODULE:FUNCTION`` (an API call) or ``llm:hf:DIR`` (a
-  local model) runs that protocol (``dpo_jax.judge``).
-* ``smoke`` - the mini pipeline shrunk to seconds (two temperatures), for tests.
+  local model) runs that protocol (``dpo_jax.judge``). Three training seeds
+  (``seeds``): ``summary.csv`` holds each win rate's mean, std and 95% CI over them.
+* ``smoke`` - the mini pipeline shrunk to seconds (two temperatures, one seed), for tests.
 * ``pythia28`` - the paper's setting on a TPU slice: a local Pythia-2.8B checkpoint (the
   paper used GPT-J-6B, whose architecture ``dpo_jax.models`` does not implement yet), the
   real TL;DR SFT and comparison JSONL files, beta 0.5, RMSprop lr 1e-6, batch 64.
@@ -238,8 +240,10 @@ def get_config(preset: str = "mini"):
     c = offline.offline_config("tldr")
     c.preset = preset
     c.loss.hyper.beta = 0.5  # the paper's TL;DR beta
-    c.methods = ("sft", "preferred_ft", "dpo")
+    c.methods = ("sft", "preferred_ft", "dpo", "ppo")  # the paper's fig. 2 (right)
     c.reference_policy = "sft"
+    if preset == "mini":
+        c.seeds = (0, 1, 2)  # training seeds; the data (data_seed) is the same for each
     if preset == "smoke":
         offline.shrink_to_smoke(c)
     elif preset == "pythia28":
@@ -260,6 +264,7 @@ def get_config(preset: str = "mini"):
         c.optim.update(name="rmsprop", learning_rate=1e-6, warmup_steps=150)
         c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
         c.eval.update(batch_size=256, max_new_tokens=128)
+        c.ppo.max_new_tokens = 128
         c.best_of_n.n = 128
         c.reward_model.update(num_steps=1500, batch_size=64, learning_rate=1e-5)
         c.judge = "llm:python:my_judges:gpt4"

@@ -72,6 +72,18 @@ def test_hh_dry_run_of_a_local_checkpoint_on_a_2x2x2_mesh(tmp_path):
 
 
 def test_tldr_dry_run_refuses_an_unknown_method_before_compiling():
-    out = _dry_run("experiments.tldr", "--preset=pythia28", "--config.methods=('sft','ppo')")
+    out = _dry_run("experiments.tldr", "--preset=pythia28", "--config.methods=('sft','rloo')")
     assert out.returncode != 0
-    assert "config key 'methods': unknown method 'ppo'" in out.stderr
+    assert "config key 'methods': unknown method 'rloo'" in out.stderr
+
+
+@pytest.mark.heavy  # 4 min on 2 loaded cores: five training programs on 8 devices
+def test_tldr_dry_run_compiles_the_ppo_phase():
+    out = _dry_run("experiments.tldr", "--preset=smoke", "--config.mesh.data=2",
+                   "--config.mesh.fsdp=4")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    memory = _phase_memory(out.stdout)
+    assert set(memory) == {"sft", "preferred_ft", "dpo", "reward_model", "ppo"}
+    assert "phase eval_ppo: no training program" in out.stdout
+    for fields in memory.values():
+        assert fields["peak_estimate"] >= fields["argument_size"] > 0

@@ -14,7 +14,7 @@ from dpo_jax import data, evaluation, judge
 from dpo_jax.data.formats import detect_format, parse_hh, parse_tldr, parse_tldr_sft
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
-from experiments import hh, offline, tldr
+from experiments import common, hh, offline, phases, tldr
 
 
 def test_tldr_fixture_rows_parse_with_the_upstream_parser():
@@ -89,13 +89,32 @@ def test_presets_sweep_the_papers_temperatures():
     for module in (tldr, hh):
         for preset in ("mini", "pythia28"):
             assert tuple(module.get_config(preset).eval.temperatures) == (0, 0.25, 0.5, 0.75, 1)
-    assert tldr.get_config("mini").methods == ("sft", "preferred_ft", "dpo")
+    # The paper's comparison sets: TL;DR with PPO, HH with Best-of-N; three training
+    # seeds for the measured presets, one for the smoke tests.
+    assert tldr.get_config("mini").methods == ("sft", "preferred_ft", "dpo", "ppo")
+    assert hh.get_config("mini").methods == ("preferred_ft", "dpo", "best_of_n")
     assert tldr.get_config("mini").reference_policy == "sft"
+    for module in (tldr, hh):
+        assert module.get_config("mini").seeds == (0, 1, 2)
+        assert module.get_config("smoke").seeds == ()
+        # PPO's rollouts are as long as the evaluation's samples, in every preset.
+        for preset in module.PRESETS:
+            c = module.get_config(preset)
+            assert c.ppo.max_new_tokens == c.eval.max_new_tokens, (module, preset)
     c = hh.get_config("pythia28")
     assert (
         c.methods == ("preferred_ft", "dpo", "best_of_n") and c.reference_policy == "preferred_ft"
     )
     assert c.best_of_n.n == 128 and c.eval.batch_size % 128 == 0
+
+
+def test_bad_ppo_settings_are_refused_before_any_phase(tmp_path):
+    config = tldr.get_config("smoke")
+    config.update(workdir=str(tmp_path / "run"))
+    config.ppo.num_mini_batches = 3  # 8 episodes do not split into 3 updates
+    with pytest.raises(UserError, match="ppo.rollout_batch_size"):
+        offline.run_offline(config, tldr.TASK)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_local_checkpoint_initialises_the_policy_in_the_configured_shape(tmp_path):
@@ -190,13 +209,15 @@ def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     _SEEN_REFERENCES.clear()
     run_dir = offline.run_offline(config, tldr.TASK)
     for name in ("config.json", "results.csv", "win_rate.png", "samples.jsonl", "sft/metrics.jsonl",
-                 "preferred_ft/metrics.jsonl", "dpo/metrics.jsonl",
-                 "data/tldr_3_filtered/train.jsonl", "data/comparisons/train.jsonl"):  # fmt: skip
+                 "preferred_ft/metrics.jsonl", "dpo/metrics.jsonl", "reward_model/metrics.jsonl",
+                 "ppo/metrics.jsonl", "data/tldr_3_filtered/train.jsonl",
+                 "data/comparisons/train.jsonl"):  # fmt: skip
         assert (run_dir / name).is_file(), name
     rows = _results(run_dir)
     assert [(r["method"], float(r["temperature"])) for r in rows] == [
-        (m, t) for m in ("sft", "preferred_ft", "dpo") for t in (0.0, 1.0)
+        (m, t) for m in ("sft", "preferred_ft", "dpo", "ppo") for t in (0.0, 1.0)
     ]
+    check_ppo_phase(run_dir, config, reference="sft")
     assert len(_SEEN_REFERENCES) == len(rows)  # every win rate went through the check
     # The references are the test split's human summaries, as the parser reads them.
     test_file = run_dir / "data" / "tldr_3_filtered" / "test.jsonl"
@@ -227,17 +248,44 @@ def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     assert greedy != hot
 
 
-def test_hh_smoke_with_best_of_n_and_an_llm_judge(tmp_path):
+def check_ppo_phase(run_dir, config, reference: str) -> None:
+    """The PPO phase started from and is penalised against `reference`, rewarded by the
+    reward_model phase, with the adaptive KL controller's coefficients."""
+    from dpo_jax import ppo
+
+    marker = phases.read_marker(run_dir / "ppo")
+    assert set(marker["after"]) == {"tokenizer", reference, "reward_model"}
+    history = read_jsonl(run_dir / "ppo" / "metrics.jsonl")
+    c = config.ppo
+    assert [h["rollout"] for h in history] == list(range(1, c.num_rollouts + 1))
+    assert [h["step"] for h in history] == [c.num_epochs * r for r in range(1, c.num_rollouts + 1)]
+    # Rollout 0 samples the initial policy, which is the KL penalty's reference: zero KL.
+    assert abs(history[0]["objective/kl"]) < 1e-6
+    assert all(np.isfinite(h["objective/scores"]) for h in history)
+    # The controller: beta starts at ppo.kl_coef and follows Ziegler et al.'s update from
+    # each rollout's logged mean KL (below the target here, so beta shrinks).
+    coef = np.float32(c.kl_coef)
+    for h in history:
+        assert h["objective/kl_coef"] == pytest.approx(float(coef), rel=1e-6)
+        coef = ppo.update_kl_coef(coef, h["objective/kl"], c.rollout_batch_size,
+                                  target=c.target_kl, horizon=c.kl_horizon)  # fmt: skip
+    assert history[-1]["objective/kl_coef"] < c.kl_coef
+
+
+def test_hh_smoke_with_best_of_n_ppo_and_an_llm_judge(tmp_path):
     config = hh.get_config("smoke")
     config.workdir = str(tmp_path)
     config.judge = "llm:python:tests.test_experiments_offline:scripted_hh_api"
+    config.methods = (*config.methods, "ppo")  # not the paper's HH set, but it must run
     run_dir = offline.run_offline(config, hh.TASK)
     assert (run_dir / "reward_model" / "metrics.jsonl").is_file()
     rows = _results(run_dir)
     # Best-of-N is evaluated only where sampling differs from greedy decoding.
     assert [(r["method"], float(r["temperature"])) for r in rows] == [
-        ("preferred_ft", 0.0), ("preferred_ft", 1.0), ("dpo", 0.0), ("dpo", 1.0), ("best_of_n", 1.0)
+        ("preferred_ft", 0.0), ("preferred_ft", 1.0), ("dpo", 0.0), ("dpo", 1.0),
+        ("best_of_n", 1.0), ("ppo", 0.0), ("ppo", 1.0),
     ]  # fmt: skip
+    check_ppo_phase(run_dir, config, reference="preferred_ft")
     test_rows = hh.make_rows(16, seed=1)
     chosen = [parse_hh(r)[0].chosen for r in test_rows]
     silent_prompts = sum(
@@ -274,3 +322,44 @@ def test_judge_samples_records_the_llm_judges_order_and_reply():
     assert [ln["policy_shown_first"] for ln in lines] == first
     assert row["wins"] == sum(first) and row["losses"] == 2 - sum(first)
     assert all(ln["judge_reply"] == "More helpful: A" and ln["verdict"] == "A" for ln in lines)
+
+
+# ---- training seeds
+
+
+def word_count_judge():
+    """A judge whose verdicts vary with the samples (the smoke models rarely beat the
+    references under the fixture judge): the longer text in words wins."""
+    return offline.score_judge(lambda prompt, text: len(text.split()))
+
+
+def test_seeds_run_each_seed_and_summarise_their_results(tmp_path):
+    from scipy import stats
+
+    config = tldr.get_config("smoke")
+    config.update(workdir=str(tmp_path), seeds=(0, 1), methods=("sft", "dpo"))
+    config.judge = "python:tests.test_experiments_offline:word_count_judge"
+    run_dir = offline.run_offline(config, tldr.TASK)
+    per_seed = [_results(run_dir / f"seed_{s}") for s in (0, 1)]
+    # The same data for both seeds (data_seed), different training.
+    for name in ("tldr_3_filtered/train.jsonl", "tldr_3_filtered/test.jsonl"):
+        assert (run_dir / "seed_0/data" / name).read_bytes() == (
+            run_dir / "seed_1/data" / name
+        ).read_bytes()
+    keys = [(r["method"], r["temperature"]) for r in per_seed[0]]
+    assert keys == [(r["method"], r["temperature"]) for r in per_seed[1]]
+    win_SxR = np.array([[float(r["win_rate"]) for r in rows] for rows in per_seed])
+    assert np.any(win_SxR[0] != win_SxR[1])  # the spread is not trivially zero
+    summary = common.read_csv(run_dir / "summary.csv")
+    assert list(summary[0]) == common.summary_columns(("method", "temperature"), ("win_rate",))
+    assert [(r["method"], r["temperature"]) for r in summary] == keys
+    t = stats.t.ppf(0.975, df=1)
+    for k, r in enumerate(summary):
+        assert int(r["n_seeds"]) == 2
+        assert float(r["win_rate_mean"]) == pytest.approx(win_SxR[:, k].mean(), abs=1e-12)
+        assert float(r["win_rate_std"]) == pytest.approx(win_SxR[:, k].std(ddof=1), abs=1e-12)
+        assert float(r["win_rate_ci95"]) == pytest.approx(
+            t * win_SxR[:, k].std(ddof=1) / np.sqrt(2), abs=1e-12
+        )
+    assert (run_dir / "win_rate.png").is_file()
+    assert not (run_dir / "results.csv").exists()  # per seed only
