@@ -691,7 +691,9 @@ def run_loop(
             data = data_state() if data_state is not None else None
             cstate = checkpointable(state, trainer.step_config)
             checkpointer.maybe_save(step, cstate, data)  # skipped_steps lives in the state
-            if getattr(checkpointer, "preempted", False):
+            # Preempted at the last step: finish normally (its evaluation and final save
+            # below), or the run would end complete but without its final evaluation.
+            if getattr(checkpointer, "preempted", False) and step < num_steps:
                 flush()
                 checkpointer.maybe_save(step, cstate, data, force=True)
                 log.warning("preempted: saved step %d and stopped", step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from dpo_jax import checkpoint, train
@@ -55,3 +56,34 @@ def test_preempted_run_resumes_to_the_same_params_and_metrics(tmp_path):
     np.testing.assert_allclose(
         [r["loss"] for r in rows], [r["loss"] for r in full.history], rtol=1e-6
     )
+
+
+def test_sigterm_during_the_last_step_still_runs_the_final_evaluation(tmp_path):
+    """A stop request at the last step ends the run as a complete one: the final
+    evaluation row is written (an experiment phase then counts as finished and reads it;
+    before the fix it finished without that row)."""
+    cfg, params = tiny_model()
+    batches = synthetic_batches(num=8, pairs=2, seed=7)
+    config = tiny.get_config()
+    config.num_steps, config.train.tensorboard, config.train.eval_every = 4, False, 2
+    calls = []
+
+    def eval_hook(step, p):
+        calls.append(step)
+        return {"eval/sum": float(sum(np.sum(x) for x in jax.tree.leaves(p)))}
+
+    def run(run_dir, ckpt):
+        config.run_dir = str(run_dir)
+        return train.train(config, train_data=batches, model_config=cfg, params=params,
+                           checkpointer=ckpt, eval_hook=eval_hook)  # fmt: skip
+
+    opts = checkpoint.CheckpointOptions(save_every=100, async_save=False, handle_sigterm=False)
+    ckpt = checkpoint.Checkpointer(tmp_path, options=opts, config=config.to_dict(),
+                                   model_config=cfg, metrics_path=tmp_path / "metrics.jsonl")  # fmt: skip
+    result = run(tmp_path, StopAfter(ckpt, step=4))
+    assert int(result.state.step) == 4 and calls == [2, 4]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/sum" in r] == [2, 4]
+    final = float(sum(np.sum(x) for x in jax.tree.leaves(result.state.params)))
+    assert [r for r in rows if "eval/sum" in r][-1]["eval/sum"] == final
+    assert checkpoint.Checkpointer(tmp_path, options=opts).latest_step() == 4
