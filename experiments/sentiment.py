@@ -154,7 +154,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             # The paper's PPO targets {3, 6, 9, 12} nats span its DPO frontier; the
             # miniature's DPO points span 0.2-17 nats, so the targets span that range.
             "ppo:target_kl=1.0", "ppo:target_kl=3.0", "ppo:target_kl=6.0",
-            "ppo:target_kl=12.0", "ppo_gt:target_kl=3.0", "ppo_gt:target_kl=12.0",
+            "ppo:target_kl=12.0", "ppo_gt:target_kl=6.0", "ppo_gt:target_kl=12.0",
             "best_of_n_rm:n=4", "best_of_n_rm:n=16", "best_of_n_rm:n=64",
             "best_of_n:n=4", "best_of_n:n=16", "best_of_n:n=64",
         )  # fmt: skip
