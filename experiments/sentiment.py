@@ -305,20 +305,25 @@ FAMILY_NAMES = {
 }
 
 
-def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
-    """Reward (y) against KL(pi || pi_ref) (x): one marker style per method family, every
-    evaluation point drawn, as in figure 2 (left) of the DPO paper."""
-    plt = common.agg_pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
+def by_family(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], str]]:
+    """(family name, its rows, a marker) per method family, families sorted by name."""
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         kind = str(row["method"]).split(":")[0]
         families.setdefault(FAMILY_NAMES.get(kind, kind), []).append(row)
     markers = itertools.cycle("os^Dvx*Ph<")
-    for family, fam_rows in sorted(families.items()):
+    return [(name, fam, next(markers)) for name, fam in sorted(families.items())]
+
+
+def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Reward (y) against KL(pi || pi_ref) (x): one marker style per method family, every
+    evaluation point drawn, as in figure 2 (left) of the DPO paper."""
+    plt = common.agg_pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for family, fam_rows, marker in by_family(rows):
         kl = np.array([float(r["kl"]) for r in fam_rows])
         reward = np.array([float(r["reward"]) for r in fam_rows])
-        ax.scatter(kl, reward, label=family, marker=next(markers), alpha=0.75, s=28)
+        ax.scatter(kl, reward, label=family, marker=marker, alpha=0.75, s=28)
         for r in fam_rows:  # name each method's final point (its hyper-parameters)
             if int(r["final"]) and ":" in str(r["method"]):
                 tag = str(r["method"]).split(":", 1)[1]
@@ -339,13 +344,7 @@ def plot_frontier_over_seeds(
     both axes, over every seed's final point (faint), one marker per method family."""
     plt = common.agg_pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    families: dict[str, list[dict[str, Any]]] = {}
-    for row in summary:
-        kind = str(row["method"]).split(":")[0]
-        families.setdefault(FAMILY_NAMES.get(kind, kind), []).append(row)
-    markers = itertools.cycle("os^Dvx*Ph<")
-    for family, fam_rows in sorted(families.items()):
-        marker = next(markers)
+    for family, fam_rows, marker in by_family(summary):
         bars = ax.errorbar(
             [r["kl_mean"] for r in fam_rows], [r["reward_mean"] for r in fam_rows],
             xerr=np.nan_to_num([r["kl_std"] for r in fam_rows]),
