@@ -70,7 +70,9 @@ def test_padding_leaves_logprobs_unchanged(tied):
     logits, ref = paths(cfg, params)
     plogits, got = paths(pcfg, pparams)
     assert plogits.shape[-1] == 256
-    np.testing.assert_array_equal(plogits[..., :50], logits)
+    # A 256-column unembedding may round differently from a 50-column one (XLA CPU's
+    # matmul tiling depends on the shape): equal to float32 rounding, not bitwise.
+    np.testing.assert_allclose(plogits[..., :50], logits, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(plogits[..., 50:]) == vocab.PADDED_LOGIT)
     for name in ref:
         for field in ref[name]._fields if hasattr(ref[name], "_fields") else vars(ref[name]):
