@@ -214,6 +214,46 @@ def summary_columns(keys: Sequence[str], values: Sequence[str]) -> list[str]:
     return [*keys, "n_seeds", *(f"{v}_{s}" for v in values for s in SUMMARY_STATS)]
 
 
+def run_seeds(
+    config: ml_collections.ConfigDict,
+    run_dir: paths.Path,
+    run_one: Callable[[ml_collections.ConfigDict, paths.Path], Mapping[str, Any]],
+    summarize: Callable[[dict[int, paths.Path]], Any],
+) -> dict[str, Any]:
+    """`run_one(config, directory)` for each run of :func:`seed_runs`, then, when
+    `config.seeds` asks for several, `summarize({seed: directory})` on process 0. Returns
+    what the runs returned, keyed ``seed_<s>/<name>`` with seeds (plain names without)."""
+    returned: dict[str, Any] = {}
+    runs = seed_runs(config, run_dir)
+    for seed, one, seed_dir in runs:
+        prefix = f"seed_{seed}/" if config.get("seeds") else ""
+        returned.update({prefix + name: v for name, v in (run_one(one, seed_dir) or {}).items()})
+    import jax
+
+    if config.get("seeds") and jax.process_index() == 0:
+        summarize({seed: d for seed, _, d in runs})
+    return returned
+
+
+def write_seed_summary(
+    run_dir: paths.Path,
+    tables: Mapping[int, Sequence[Mapping[str, Any]]],
+    keys: Sequence[str],
+    values: Sequence[str],
+    plot: Callable[[list[dict[str, Any]], paths.Path], None],
+    figure_name: str,
+) -> list[dict[str, Any]]:
+    """run_dir/summary.csv (:func:`summarize_seeds` of the per-seed `tables`) and the
+    figure `plot(rows, run_dir / figure_name)`; prints the table and returns its rows."""
+    rows = summarize_seeds(tables, keys, values)
+    columns = summary_columns(keys, values)
+    write_csv(run_dir / "summary.csv", rows, columns)
+    plot(rows, run_dir / figure_name)
+    print(format_table(rows, columns))
+    print(f"over seeds {sorted(tables)}: {run_dir / 'summary.csv'}  {run_dir / figure_name}")
+    return rows
+
+
 # ------------------------------------------------------------------------ tokenizer
 
 

@@ -772,34 +772,22 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
 
 
 def plot_win_rates(
-    rows: Sequence[Mapping[str, Any]], path: Any, title: str, reference_label: str
+    rows: Sequence[Mapping[str, Any]],
+    path: Any,
+    title: str,
+    reference_label: str,
+    value: str = "win_rate",
+    error: str = "win_rate_stderr",
 ) -> None:
-    """Win rate (with standard error) against sampling temperature, one line per method."""
+    """Win rate against sampling temperature, one line per method, with `error` bars: one
+    run's table (rate, standard error) or a seed summary's (``win_rate_mean`` with
+    ``win_rate_std``)."""
     plt = common.agg_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        ax.errorbar([r["temperature"] for r in mine], [r["win_rate"] for r in mine],
-                    yerr=[r["win_rate_stderr"] for r in mine], marker="o", capsize=3,
-                    label=method)  # fmt: skip
-    ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
-    ax.set_xlabel("sampling temperature")
-    ax.set_ylabel(f"win rate vs {reference_label}")
-    ax.set_ylim(0, 1)
-    common.save_figure(fig, ax, title, str(path))
-
-
-def plot_win_rates_over_seeds(
-    summary: Sequence[Mapping[str, Any]], path: Any, title: str, reference_label: str
-) -> None:
-    """Each method's mean win rate over training seeds against sampling temperature, with
-    +-1 std (over seeds) bars."""
-    plt = common.agg_pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in summary):
-        mine = [r for r in summary if r["method"] == method]
-        ax.errorbar([float(r["temperature"]) for r in mine], [r["win_rate_mean"] for r in mine],
-                    yerr=np.nan_to_num([r["win_rate_std"] for r in mine]), marker="o",
+        ax.errorbar([float(r["temperature"]) for r in mine], [float(r[value]) for r in mine],
+                    yerr=np.nan_to_num([float(r[error]) for r in mine]), marker="o",
                     capsize=3, label=method)  # fmt: skip
     ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("sampling temperature")
@@ -817,20 +805,17 @@ def write_seed_summary(
     run_dir: epath.Path,
     seed_dirs: Mapping[int, epath.Path],
 ) -> list[dict[str, Any]]:
-    """summary.csv (each method's win rate per temperature: mean, std and 95% CI over the
-    training seeds, with their count) and win_rate.png (means, +-1 std bars) from the
-    per-seed results.csv files; prints the table."""
+    """summary.csv (each method's win rate per temperature over the training seeds) and
+    win_rate.png (means, +-1 std bars) from the per-seed results.csv files."""
     tables = {seed: common.read_csv(d / "results.csv") for seed, d in seed_dirs.items()}
-    rows = common.summarize_seeds(tables, SUMMARY_KEYS, SUMMARY_VALUES)
-    columns = common.summary_columns(SUMMARY_KEYS, SUMMARY_VALUES)
-    common.write_csv(run_dir / "summary.csv", rows, columns)
-    plot_win_rates_over_seeds(
-        rows, run_dir / "win_rate.png",
-        f"{task.name} ({config.preset}), {len(seed_dirs)} training seeds", task.reference_label,
-    )  # fmt: skip
-    print(common.format_table(rows, columns))
-    print(f"over seeds {sorted(seed_dirs)}: {run_dir / 'summary.csv'}  {run_dir / 'win_rate.png'}")
-    return rows
+    title = f"{task.name} ({config.preset}), {len(seed_dirs)} training seeds"
+
+    def plot(rows: Sequence[Mapping[str, Any]], path: epath.Path) -> None:
+        plot_win_rates(rows, path, title, task.reference_label, "win_rate_mean", "win_rate_std")
+
+    return common.write_seed_summary(
+        run_dir, tables, SUMMARY_KEYS, SUMMARY_VALUES, plot, "win_rate.png"
+    )
 
 
 def run_offline(config: ml_collections.ConfigDict, task: Task) -> epath.Path:
@@ -841,11 +826,12 @@ def run_offline(config: ml_collections.ConfigDict, task: Task) -> epath.Path:
     build_phases(config, task)  # and a bad method or setting before the run directory
     run_dir = common.make_run_dir(config, task.name)
     print(f"run directory: {run_dir}")
-    runs = common.seed_runs(config, run_dir)
-    for _, one, seed_dir in runs:
-        phases.run_phases(build_phases(one, task), one, seed_dir)
-    if config.seeds and jax.process_index() == 0:
-        write_seed_summary(config, task, run_dir, {seed: d for seed, _, d in runs})
+    common.run_seeds(
+        config,
+        run_dir,
+        lambda one, seed_dir: phases.run_phases(build_phases(one, task), one, seed_dir),
+        lambda seed_dirs: write_seed_summary(config, task, run_dir, seed_dirs),
+    )
     return run_dir
 
 

@@ -1058,14 +1058,12 @@ def execute(config: ml_collections.ConfigDict) -> tuple[Path, dict[str, Any]]:
     validate.validate(config)  # a bad key fails before any phase starts
     run_dir = common.make_run_dir(config, "sentiment")
     print(f"run directory: {run_dir}")
-    returned: dict[str, Any] = {}
-    runs = common.seed_runs(config, run_dir)
-    for seed, one, seed_dir in runs:
-        done = phases.run_phases(build_phases(one), one, seed_dir)
-        prefix = f"seed_{seed}/" if config.seeds else ""
-        returned.update({prefix + name: value for name, value in done.items()})
-    if config.seeds and jax.process_index() == 0:
-        write_seed_summary(config, run_dir, {seed: d for seed, _, d in runs})
+    returned = common.run_seeds(
+        config,
+        run_dir,
+        lambda one, seed_dir: phases.run_phases(build_phases(one), one, seed_dir),
+        lambda seed_dirs: write_seed_summary(config, run_dir, seed_dirs),
+    )
     return run_dir, returned
 
 
@@ -1075,23 +1073,20 @@ SUMMARY_KEYS, SUMMARY_VALUES = ("method",), ("reward", "kl")
 def write_seed_summary(
     config: ml_collections.ConfigDict, run_dir: paths.Path, seed_dirs: dict[int, paths.Path]
 ) -> list[dict[str, Any]]:
-    """summary.csv (each method's final reward and KL: mean, std and 95% CI over the
-    training seeds, with their count) and frontier.png (means with +-1 std bars) from the
-    per-seed results.csv files; prints the table."""
+    """summary.csv (each method's final reward and KL over the training seeds) and
+    frontier.png (means with +-1 std bars) from the per-seed results.csv files."""
     finals = {
         seed: [r for r in common.read_csv(d / "results.csv") if r["final"] == "1"]
         for seed, d in seed_dirs.items()
     }
-    rows = common.summarize_seeds(finals, SUMMARY_KEYS, SUMMARY_VALUES)
-    columns = common.summary_columns(SUMMARY_KEYS, SUMMARY_VALUES)
-    common.write_csv(run_dir / "summary.csv", rows, columns)
-    plot_frontier_over_seeds(
-        rows, finals, run_dir / "frontier.png",
-        f"sentiment ({config.preset}): reward vs KL, {len(seed_dirs)} training seeds",
-    )  # fmt: skip
-    print(common.format_table(rows, columns))
-    print(f"over seeds {sorted(seed_dirs)}: {run_dir / 'summary.csv'}  {run_dir / 'frontier.png'}")
-    return rows
+    title = f"sentiment ({config.preset}): reward vs KL, {len(seed_dirs)} training seeds"
+
+    def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+        plot_frontier_over_seeds(rows, finals, path, title)
+
+    return common.write_seed_summary(
+        run_dir, finals, SUMMARY_KEYS, SUMMARY_VALUES, plot, "frontier.png"
+    )
 
 
 def run(config: ml_collections.ConfigDict) -> Path:

@@ -264,6 +264,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, reference_run
 @pytest.mark.parametrize(
     "damage", ["no_marker", pytest.param("truncated", marks=pytest.mark.heavy)]
 )
+@pytest.mark.heavy
 def test_corrupt_latest_checkpoint_is_skipped_and_run_finishes(tmp_path, reference_run, damage):
     run_dir = tmp_path / "run"
     # Kill once step 6 is committed, then damage step 6: resume must use step 4.
@@ -289,6 +290,7 @@ def test_corrupt_latest_checkpoint_is_skipped_and_run_finishes(tmp_path, referen
 NAN_STEP = 5
 
 
+@pytest.mark.heavy
 def test_nan_stop_keeps_good_checkpoints_then_skip_resumes(tmp_path):
     """stop: clear error naming the step, no checkpoint after it, the rest load; then
     resuming the same run with nan_policy=skip equals a run that skipped from the start."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -106,6 +107,7 @@ def _child(run_dir: str) -> None:
     print("REPORT " + json.dumps(report))
 
 
+@pytest.mark.heavy
 def test_save_on_8x1x1_restore_on_2x2x2(tmp_path):
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"

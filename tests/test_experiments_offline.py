@@ -272,6 +272,7 @@ def check_ppo_phase(run_dir, config, reference: str) -> None:
     assert history[-1]["objective/kl_coef"] < c.kl_coef
 
 
+@pytest.mark.heavy
 def test_hh_smoke_with_best_of_n_ppo_and_an_llm_judge(tmp_path):
     config = hh.get_config("smoke")
     config.workdir = str(tmp_path)

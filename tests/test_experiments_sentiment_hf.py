@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 
 from dpo_jax.metrics import read_jsonl
 from experiments import sentiment
 
 
+@pytest.mark.heavy
 def test_smoke_from_a_local_hf_checkpoint_and_tokenizer(tmp_path):
     """The real-config path: policy and tokenizer from a local HF directory (load_hf),
     SFT fine-tunes it, and the SFT policy's KL against itself is ~0 (sampler vs forward)."""

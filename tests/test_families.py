@@ -70,6 +70,7 @@ def test_qwen2_window_follows_transformers_semantics():
     assert config_from_hf(models.config_to_hf(on)) == on
 
 
+@pytest.mark.heavy
 def test_qwen2_window_from_max_window_layers_matches_transformers(tmp_path, tokenizer):
     """Layer 0 full, layer 1 windowed: logits (right padding) and greedy generation."""
     import transformers as tf

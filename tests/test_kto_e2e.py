@@ -113,6 +113,7 @@ def held_out_metrics(files, policy_params, policy_cfg=None) -> dict[str, float]:
     return evaluation.preference_metrics(pc, pr, rc, rr, BETA)
 
 
+@pytest.mark.heavy
 def test_kto_on_unpaired_rows_raises_held_out_pair_accuracy(files):
     root, model_dir, tok, train_file, _ = files
     rows = [json.loads(line) for line in train_file.read_text().splitlines()]

@@ -105,6 +105,7 @@ def _plain_nll(cfg: models.ModelConfig, params, batch) -> jax.Array:
     return -jnp.sum(tok * mask) / jnp.sum(mask)
 
 
+@pytest.mark.heavy
 def test_sft_through_train_matches_a_plain_optax_loop():
     cfg, params = tiny_model()
     accum, rows, steps = 2, 3, 3
@@ -172,6 +173,7 @@ def test_reward_model_rewards_and_bradley_terry_loss_by_hand():
     np.testing.assert_allclose(float(m["margin"]), np.mean(c - r), rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_reward_model_step_equals_grad_of_the_hand_loss():
     cfg, params = tiny_model()
     batches = synthetic_batches(num=1, pairs=2, seed=5)

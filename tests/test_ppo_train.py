@@ -114,13 +114,16 @@ def test_ppo_reaches_the_kl_regularised_optimum():
     pi_ref = _next_token_probs(cfg, params, prompts)
     want = _optimum(pi_ref, BETA)
     config = _config(num_rollouts=NUM_ROLLOUTS, rollout_batch_size=64, samples_per_prompt=8)
+    # A constant step size leaves the last iterate wandering around pi* (seed 0 ends 0.023
+    # below it); decaying it to zero lets the iterate settle, so the test can be tight.
+    config.optim.schedule = "cosine"
     result = _run(config, prompts, model=(cfg, params))
     pi = _next_token_probs(cfg, result.state.params["model"], prompts)
-    np.testing.assert_allclose(_good(pi), _good(want), atol=0.05)
+    np.testing.assert_allclose(_good(pi), _good(want), atol=0.02)
     # the whole distribution: the reference's proportions kept inside and outside GOOD
-    assert np.all((want * np.log(want / pi)).sum(-1) < 0.02)  # KL(pi* || pi)
+    assert np.all((want * np.log(want / pi)).sum(-1) < 0.01)  # KL(pi* || pi)
     # the expected reward is the optimum's (mean over prompts)
-    assert abs(_good(pi).mean() - _good(want).mean()) < 0.02
+    assert abs(_good(pi).mean() - _good(want).mean()) < 0.006
 
 
 @pytest.mark.heavy

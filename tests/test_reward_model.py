@@ -96,6 +96,7 @@ def test_bradley_terry_loss_hand_computed():
     assert float(loss_m) == pytest.approx(-2 * np.log(0.5) / 2, rel=1e-6)
 
 
+@pytest.mark.heavy
 def test_training_learns_known_scoring_rule():
     """Train on pairs ranked by 'number of good tokens' (`train.train` with the
     reward_model objective); held-out accuracy must go from chance to >= 0.9 within 250

@@ -81,6 +81,7 @@ def sharded_runs(tmp_path_factory):
     return specs, params
 
 
+@pytest.mark.heavy
 def test_same_loss_curve_and_params_on_every_mesh(sharded_runs):
     specs, params = sharded_runs
     base = specs["1dev"]
@@ -97,6 +98,7 @@ def test_same_loss_curve_and_params_on_every_mesh(sharded_runs):
         assert specs[name]["ref_specs_equal"]
 
 
+@pytest.mark.heavy
 def test_params_are_sharded_as_the_rules_say(sharded_runs):
     specs, _ = sharded_runs
     s = specs["2x2x2"]["params"]

@@ -90,6 +90,7 @@ def test_wpo_step_loss_is_the_weighted_dpo_loss(model, peaky_model):
     assert abs(np.mean(loss_B * w_B) - np.mean(loss_B)) > 0.1 * np.mean(loss_B)
 
 
+@pytest.mark.heavy
 def test_wpo_update_is_the_dpo_update_times_the_pair_weight(peaky_model):
     """One pair, SGD, no clipping: the WPO gradient is w_c * w_r times DPO's (the weight
     carries no gradient). WPO runs the chunked log-prob path, DPO the full one."""

@@ -86,6 +86,7 @@ def test_padding_leaves_logprobs_unchanged(tied):
     np.testing.assert_allclose(np.exp(lp[..., :50]).sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_sampling_same_tokens_with_padding():
     cfg = _cfg(False)
     params = models.init_params(cfg, jax.random.key(2))
@@ -143,6 +144,7 @@ def sharded_specs(tmp_path_factory):
     return json.loads((out / "specs.json").read_text())
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("mesh", ["1x1x2", "2x2x2"])
 def test_vocab_is_really_sharded(sharded_specs, mesh):
     s = sharded_specs[mesh]
