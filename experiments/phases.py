@@ -138,9 +138,35 @@ def read_marker(phase_dir: paths.Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _flat(value: Any, prefix: str) -> dict[str, str]:
+    """Dotted leaf keys of a (JSON) config section, with canonical values."""
+    if isinstance(value, dict) and value:
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: _canonical(value)}
+
+
+def _default_leaves() -> dict[str, str]:
+    from dpo_jax.configs import default
+
+    return _flat(json.loads(_canonical(default.get_config().to_dict())), "")
+
+
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    keys = sorted(set(old["inputs"]) | set(new["inputs"]))
-    out = [k for k in keys if _canonical(old["inputs"].get(k)) != _canonical(new["inputs"].get(k))]
+    """The config sections and upstream phases whose prints differ between a marker and
+    now. A key absent from the marker whose value now is `configs/default.py`'s default is
+    no difference (dpo_jax added it after the phase ran, and a new key's default keeps the
+    old behaviour), as when a checkpoint resumes (`checkpoint.config_diff`)."""
+    defaults = _default_leaves()
+    out = []
+    for key in sorted(set(old["inputs"]) | set(new["inputs"])):
+        was = _flat(old["inputs"].get(key), f".{key}")
+        now = _flat(new["inputs"].get(key), f".{key}")
+        added = {k for k in set(now) - set(was) if defaults.get(k) == now[k]}
+        if {k: v for k, v in now.items() if k not in added} != was:
+            out.append(key)
     out += [f"(phase {n})" for n in sorted(new["after"]) if old["after"].get(n) != new["after"][n]]
     return out
 
@@ -192,6 +218,12 @@ def run_phases(
         marker = read_marker(run_dir / phase.name) if phase.marker else None
         if marker is not None:
             if marker["fingerprint"] != current["fingerprint"]:
+                if not _differences(marker, current):
+                    # only keys added since, at their defaults: the phase stands, and the
+                    # phases after it compare against the print it finished with
+                    prints[phase.name] = marker["fingerprint"]
+                    log(f"phase {phase.name}: done (skipped)")
+                    continue
                 raise UserError(
                     f"{run_dir / phase.name}: phase {phase.name!r} finished with other settings "
                     f"({', '.join(_differences(marker, current))} differ); use a new "

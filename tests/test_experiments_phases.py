@@ -132,3 +132,38 @@ def test_train_config_is_the_dpo_jax_train_tree_of_the_experiment_config(tmp_pat
     assert out.loss.hyper.to_dict() == {"beta": 0.5}
     assert out.run_dir == str(tmp_path / "methods" / "x") and out.checkpoint.enabled
     assert set(out.keys()) == set(default.get_config().keys())
+
+
+def test_a_key_added_to_dpo_jax_since_the_phase_ran_is_no_difference_at_its_default(tmp_path):
+    """A phase finished before dpo_jax had `ppo.reward` (its marker's `ppo` lacks it) is
+    skipped while the key keeps configs/default.py's value, and so are the phases after
+    it; any other value of the key is a difference."""
+    from dpo_jax.configs import default
+
+    def graph(calls):
+        def rollouts(ctx):
+            calls.append("rollouts")
+
+        def table(ctx):
+            calls.append("table")
+
+        return [
+            Phase("rollouts", rollouts, reads=("ppo",)),
+            Phase("table", table, after=("rollouts",)),
+        ]
+
+    old = default.get_config().ppo.to_dict()
+    del old["reward"]
+    phases.run_phases(graph([]), _config(ppo=old), tmp_path, log=lambda _: None)
+    now = _config(ppo=default.get_config().ppo.to_dict())
+    assert now.ppo.reward == default.get_config().ppo.reward
+    calls: list[str] = []
+    phases.run_phases(graph(calls), now, tmp_path, log=lambda _: None)
+    assert calls == []
+    changed = _config(ppo=dict(default.get_config().ppo.to_dict(), reward="vader"))
+    with pytest.raises(UserError, match=r"phase 'rollouts' .*\(ppo differ\)"):
+        phases.run_phases(graph(calls), changed, tmp_path, log=lambda _: None)
+    # an old key's value changed is still a difference
+    changed = _config(ppo=dict(old, clip=0.3))
+    with pytest.raises(UserError, match=r"phase 'rollouts' .*\(ppo differ\)"):
+        phases.run_phases(graph(calls), changed, tmp_path, log=lambda _: None)
