@@ -283,6 +283,7 @@ def test_model_logps_prefix_shared_blockwise_equal_xla(softcap):
         np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())))
 
 
+@pytest.mark.heavy
 def test_prefix_shared_blockwise_equals_stacked():
     """Prefix-shared rows under blockwise attention score like stacked rows (dense path)."""
     cfg = tiny_model_config(num_layers=1, init_std=0.2, attention_block=16)

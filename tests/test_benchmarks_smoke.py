@@ -95,6 +95,7 @@ def test_word_level_tokenizer_round_trips_ids(tmp_path):
     assert tok(text + tok.eos_token)["input_ids"] == ids + [49]
 
 
+@pytest.mark.heavy
 def test_train_step_main_reports_sane_figures():
     from benchmarks import train_step
 

@@ -245,6 +245,7 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, reference_run):
     assert_same_run(run_dir, reference_run)
 
 
+@pytest.mark.heavy
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, reference_run):
     rng = random.Random(os.environ.get("DPO_JAX_KILL_SEED", "7"))
     run_dir = tmp_path / "run"

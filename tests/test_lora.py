@@ -235,6 +235,7 @@ def test_int8_base_dequantised_per_layer_matches_merged_float_weights():
     assert tuple(logical["layers"]["attn"]["o"]["kernel_scale"]) == ("layers", "embed")
 
 
+@pytest.mark.heavy
 def test_int8_base_trains_from_log2_and_refuses_a_float_reference():
     cfg, base = tiny_model(num_layers=1)
     lcfg = lora.LoraConfig(rank=2, alpha=2.0, targets="all-linear", base_dtype="int8")
@@ -249,6 +250,7 @@ def test_int8_base_trains_from_log2_and_refuses_a_float_reference():
         lora.config_from({"rank": 2, "base_dtype": "int8"}, {"mode": "frozen"})
 
 
+@pytest.mark.heavy
 def test_lora_run_resumes_adapters_and_rebuilds_the_base(tmp_path):
     from dpo_jax import checkpoint
     from tests.train_helpers import StopAfter, flat_params
