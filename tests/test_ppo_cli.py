@@ -55,7 +55,7 @@ def _args(policy, train, reward, run_dir, *extra):
 
 
 @pytest.mark.heavy  # two PPO runs compile the sampler, scorers and step: ~80 s on 2 busy cores
-def test_cli_ppo_trains_as_the_python_api(files, tokenizer, tmp_path):
+def test_cli_ppo_trains_as_the_python_api(files, tmp_path):
     """The CLI run (prompts read from the preference rows, `reward_model:DIR`) ends with the
     params of `train.train` given the same prompts tokenized by hand and the same reward
     model built by hand: bit-identical, with the same per-rollout scores."""
@@ -76,6 +76,11 @@ def test_cli_ppo_trains_as_the_python_api(files, tokenizer, tmp_path):
     config = configs.load("dpo_jax/configs/tiny.py", overrides)
     config.run_dir = ""
     config.checkpoint.enabled = False
+    # the tokenizer the CLI reads, from the policy's directory: the session fixture's
+    # object may have been changed by an earlier test (the full heavy run failed on it)
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(policy))
     prompts = [tokenizer(p)["input_ids"][-16:] for p in PROMPTS]
     rm_cfg, rm_params = models.load_hf(rm)
     with np.load(rm / reward_model.HEAD_FILE) as npz:
