@@ -218,7 +218,8 @@ def run_phases(
         marker = read_marker(run_dir / phase.name) if phase.marker else None
         if marker is not None:
             if marker["fingerprint"] != current["fingerprint"]:
-                if not _differences(marker, current):
+                differ = _differences(marker, current)
+                if not differ:
                     # only keys added since, at their defaults: the phase stands, and the
                     # phases after it compare against the print it finished with
                     prints[phase.name] = marker["fingerprint"]
@@ -226,7 +227,7 @@ def run_phases(
                     continue
                 raise UserError(
                     f"{run_dir / phase.name}: phase {phase.name!r} finished with other settings "
-                    f"({', '.join(_differences(marker, current))} differ); use a new "
+                    f"({', '.join(differ)} differ); use a new "
                     f"--config.workdir, or delete {run_dir / phase.name} to redo it and the "
                     "phases after it"
                 )

@@ -19,8 +19,7 @@ from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 # and flop counts are unchanged; float rounding may differ from an optimised build in the
 # last bits, so every comparison between two code paths runs both under the same setting.
 # A user's own JAX_DISABLE_MOST_OPTIMIZATIONS is kept. (A persistent compilation cache
-# shared by the whole run was tried and dropped: in the full heavy run with it,
-# test_ppo_cli's CLI and API runs disagreed; alone, with or without it, they agree.)
+# shared by the whole run was tried and dropped while a heavy-run failure was unexplained.)
 
 
 def pytest_configure(config: pytest.Config) -> None:
