@@ -1,10 +1,17 @@
-"""Shared pytest fixtures: a local tokenizer and tiny random HF checkpoints (session-cached)."""
+"""Shared pytest fixtures (a local tokenizer, tiny random HF checkpoints, session-cached) and
+the run's settings: one scratch directory per run, compile settings, and the test order.
+
+Tiers and budgets: tests/README.md.
+"""
 
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,30 +19,120 @@ import pytest
 
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 
-# The test programs are tiny, so compiling them dominates the suite's time. The run uses
-# JAX's `disable_most_optimizations` (as JAX's own test suite does), inherited by every
-# CLI / multi-process child a test starts: it lowers only the LLVM code generation's
-# optimisation level. The HLO program, its fusion, buffer assignment (memory_analysis)
-# and flop counts are unchanged; float rounding may differ from an optimised build in the
-# last bits, so every comparison between two code paths runs both under the same setting.
-# A user's own JAX_DISABLE_MOST_OPTIMIZATIONS is kept. (A persistent compilation cache
-# shared by the whole run was tried and dropped while a heavy-run failure was unexplained.)
+# Everything a run writes outside a test's own tmp_path goes under one scratch directory
+# made for the run and removed after it, inherited by every CLI / multi-process child
+# through the environment:
+# - XDG_CACHE_HOME: the tokenized-data cache (`dpo_jax.data.default_cache_dir`) and the
+#   Hugging Face caches, so no test reads or writes the user's ~/.cache;
+# - JAX's persistent compilation cache: the test programs are tiny, so compiling them
+#   dominates the suite's time, and many tests (and their child processes) compile the
+#   same program. A cached executable is the compiled program itself: it computes the
+#   same bits as a fresh compile.
+# - JAX's `disable_most_optimizations` (as JAX's own test suite uses): it lowers only the
+#   LLVM code generation's optimisation level. The HLO program, its fusion, buffer
+#   assignment (memory_analysis) and flop counts are unchanged; float rounding may differ
+#   from an optimised build in the last bits, so every comparison between two code paths
+#   runs both under the same setting.
+# A user's own JAX_* settings are kept.
+_JAX_ENV = {
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+_JAX_FLAGS = {  # env name -> (jax.config name, parser)
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": (
+        "jax_disable_most_optimizations", lambda v: v.lower() in ("1", "true")
+    ),
+    "JAX_COMPILATION_CACHE_DIR": ("jax_compilation_cache_dir", str),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": (
+        "jax_persistent_cache_min_compile_time_secs", float
+    ),
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": ("jax_persistent_cache_min_entry_size_bytes", int),
+}  # fmt: skip
+_ORDERS = ("file", "reverse", "random")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dpo_jax")
+    group.addoption(
+        "--test-order", choices=_ORDERS, default="file",
+        help="file (default), reverse, or random: modules shuffled, then the tests inside "
+        "each module (module fixtures are still built once per module)",
+    )  # fmt: skip
+    group.addoption(
+        "--test-order-seed", type=int, default=None,
+        help="seed of --test-order=random (default: a fresh one, printed in the header)",
+    )  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Compile the run's programs with JAX's `disable_most_optimizations` (above)."""
-    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-    if "jax" in sys.modules:  # imported before this hook: its flag read the old env
+    """One scratch directory for the run, and the compile settings (above)."""
+    scratch = tempfile.mkdtemp(prefix="dpo_jax_tests_")
+    config._dpo_jax_scratch = scratch  # type: ignore[attr-defined]
+    os.environ["XDG_CACHE_HOME"] = os.path.join(scratch, "cache")
+    wanted = {**_JAX_ENV, "JAX_COMPILATION_CACHE_DIR": os.path.join(scratch, "xla")}
+    os.environ.update({k: v for k, v in wanted.items() if k not in os.environ})
+    if "jax" in sys.modules:  # imported before this hook: its flags read the old env
         import jax
 
-        flag = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true")
-        jax.config.update("jax_disable_most_optimizations", flag)
+        for name, (flag, parse) in _JAX_FLAGS.items():
+            jax.config.update(flag, parse(os.environ[name]))
+    if config.getoption("test_order") == "random" and config.getoption("test_order_seed") is None:
+        config.option.test_order_seed = random.SystemRandom().randrange(2**31)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    scratch = getattr(config, "_dpo_jax_scratch", None)
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    order, seed = config.getoption("test_order"), config.getoption("test_order_seed")
+    seed_text = f" --test-order-seed={seed}" if order == "random" else ""
+    return f"dpo_jax: --test-order={order}{seed_text}; scratch {config._dpo_jax_scratch}"  # type: ignore[attr-defined]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Reorder by --test-order, keeping each module's tests together (so a module-scoped
+    fixture is built once, as in file order)."""
+    order = config.getoption("test_order")
+    if order == "file":
+        return
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(modules.values())
+    if order == "reverse":
+        groups = [g[::-1] for g in groups[::-1]]
+    else:
+        rng = random.Random(config.getoption("test_order_seed"))
+        rng.shuffle(groups)
+        for g in groups:
+            rng.shuffle(g)
+    items[:] = [item for g in groups for item in g]
 
 
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
     """Byte-level BPE tokenizer trained locally (eos/bos, pad, ChatML template)."""
     return train_tokenizer(chat_template=True)
+
+
+@pytest.fixture(autouse=True)
+def _session_tokenizer_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that changes the shared tokenizer's ids (template, special tokens, vocab)
+    fails here instead of changing the tests after it."""
+    if "tokenizer" not in request.fixturenames:
+        yield
+        return
+    from dpo_jax.data.tokenize import tokenizer_fingerprint
+
+    tok = request.getfixturevalue("tokenizer")
+    before = tokenizer_fingerprint(tok)
+    yield
+    if tokenizer_fingerprint(tok) != before:
+        pytest.fail("this test changed the session `tokenizer` fixture in place; copy it first")
 
 
 @pytest.fixture(scope="session")

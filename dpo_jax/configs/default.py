@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dpo_jax.data import DEFAULT_CACHE_DIR
+from dpo_jax.data import default_cache_dir
 from dpo_jax.sharding import LOGICAL_AXIS_RULES
 
 
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.layout = "stacked"  # stacked | packed | prefix_shared
     c.data.shuffle = True
     c.data.skip_bad_rows = False
-    c.data.cache_dir = DEFAULT_CACHE_DIR  # tokenized-data cache: a dir or gs://...; "" = off
+    c.data.cache_dir = default_cache_dir()  # tokenized-data cache: a dir or gs://...; "" = off
     c.data.num_eval_examples = -1  # -1 = the whole eval split
 
     c.batch_size = 64  # preference pairs per optimizer update, all hosts together

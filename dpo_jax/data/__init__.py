@@ -73,7 +73,12 @@ __all__ = [
     "tokenize_examples",
 ]
 
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_jax", "tokenized")
+
+def default_cache_dir() -> str:
+    """The tokenized-data cache's default: `$XDG_CACHE_HOME/dpo_jax/tokenized`, or
+    `~/.cache/dpo_jax/tokenized` (read when asked, so a test run or a job can move it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dpo_jax", "tokenized")
 
 
 def _as_dict(spec: Any) -> dict[str, Any]:
@@ -168,7 +173,7 @@ def load_preference_data(
       skip_bad_rows: False raises `DataError` (file:line: problem) on the first
         bad row; True skips bad rows, counts them by reason, writes
         `run_dir/rejects.jsonl` and prints the counts.
-      cache_dir: tokenization cache (default ~/.cache/dpo_jax/tokenized; None or
+      cache_dir: tokenization cache (default `default_cache_dir()`; None or
         "" disables it).
     """
     spec = _as_dict(spec)
@@ -184,7 +189,7 @@ def load_preference_data(
         seen = f"; see {path}" if path else ""
         raise UserError(f"{where}: no usable examples{seen}")
     settings = settings_from_spec(spec)
-    cache_dir = spec.get("cache_dir", DEFAULT_CACHE_DIR) or None
+    cache_dir = spec.get("cache_dir", default_cache_dir()) or None
     tokenized = tokenize_cached(examples, tokenizer, settings, rejects, cache_dir)
     tokenized.stats["rejected"] = dict(rejects.counts)
     path = rejects.finalize()

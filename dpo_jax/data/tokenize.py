@@ -432,11 +432,19 @@ def tokenize_examples(
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of everything about a tokenizer that can change token ids."""
+    """Hash of everything about a tokenizer that can change token ids.
+
+    The backend's truncation and padding are left out: `transformers` rewrites them in
+    place on every call (`tok(x, truncation=True, max_length=n)` leaves truncation on
+    until the next call turns it off) and `save_pretrained` writes whatever the last call
+    left, while every call here states its own. With them, one tokenizer's fingerprint
+    changed with its call history, and a copy saved after such a call differed from the
+    original (PPO's `reward_model:DIR` then judged the policy's tokenizer foreign).
+    """
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        h.update(_backend_without_call_state(backend).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     extra = {
@@ -449,6 +457,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     }
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _backend_without_call_state(backend: Any) -> str:
+    """The backend's JSON with truncation and padding off (a copy; `backend` is kept)."""
+    if backend.truncation is None and backend.padding is None:
+        return backend.to_str()  # the common case, without a copy
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy.to_str()
 
 
 def examples_fingerprint(examples: Sequence[Example]) -> str:
