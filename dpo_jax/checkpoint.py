@@ -991,6 +991,26 @@ def export_hf(
     return paths.as_path(output_dir) if paths.is_url(output_dir) else pathlib.Path(output_dir)
 
 
+def export_adapter(
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    step: int | None = None,
+    base: str | os.PathLike | None = None,
+) -> pathlib.Path:
+    """`dpo-jax export --adapter`: a LoRA checkpoint -> a PEFT adapter directory."""
+    from dpo_jax import lora, models  # lazy: keeps `import dpo_jax.checkpoint` light
+
+    step, meta, adapters = load_params(path, step)
+    lcfg = lora.require_lora(meta, path)
+    saved = meta.get("model_config")
+    if not saved:
+        raise UserError(f"{path}: step {step} has no model config; it cannot be exported")
+    model_config = models.ModelConfig.from_dict(saved)
+    return lora.save_peft(
+        output_dir, adapters, model_config, lcfg, lora.base_model_path(meta, base)
+    )
+
+
 def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
     """The `tokenizer/` saved with the run that `path` (run, checkpoints or step dir) is in."""
     # The run dir is the step dir's grandparent or the checkpoints dir's parent.
@@ -1039,7 +1059,7 @@ def run(args: argparse.Namespace) -> int:
         _, meta, _ = load_params(args.checkpoint, args.step)  # a LoRA run, or a UserError
         lora.require_lora(meta, args.checkpoint)
     if args.adapter:
-        out = lora.export_adapter(args.checkpoint, args.output, step=args.step, base=args.base)
+        out = export_adapter(args.checkpoint, args.output, step=args.step, base=args.base)
     else:
         out = export_hf(args.checkpoint, args.output, step=args.step, base=args.base)
     print(f"exported {args.checkpoint} to {out}")
