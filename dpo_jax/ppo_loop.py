@@ -39,6 +39,7 @@ import numpy as np
 
 from dpo_jax import logprobs, ppo, sampling, sharding
 from dpo_jax.errors import UserError, config_error
+from dpo_jax.train_step import checkpointable
 
 log = logging.getLogger(__name__)
 
@@ -492,8 +493,6 @@ def run(
     crossed a multiple of `eval_every` steps, and at the end; its values join that
     rollout's metrics row.
     """
-    from dpo_jax.train import checkpointable
-
     if len(prompts) * cfg.samples_per_prompt < cfg.rollout_batch_size:
         raise UserError(
             f"ppo: {len(prompts)} prompts x {cfg.samples_per_prompt} samples is fewer than "

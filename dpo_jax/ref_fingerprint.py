@@ -68,7 +68,7 @@ def base_fingerprint(
     spec: Mapping[str, Any], tokenizer: Any, model_dir: str | os.PathLike | None, dtype: str = ""
 ) -> dict[str, Any]:
     """Every compared field except `format` (resolved per source), from a data spec
-    (`train._data_spec`) and the tokenizer and reference checkpoint it is scored with."""
+    (`data.spec_from_config`) and the tokenizer and reference checkpoint it is scored with."""
     from dpo_jax.data.tokenize import settings_from_spec, tokenizer_fingerprint
 
     template = getattr(tokenizer, "chat_template", None)
@@ -151,7 +151,7 @@ def check_rows(
 
 def check_data(config: Any, tokenizer: Any, spec: Mapping[str, Any]) -> int:
     """Check every fingerprinted reference column of the source `spec` against the run's
-    settings (`config`: the train config; `spec`: `train._data_spec`). Returns the count
+    settings (`config`: the train config; `spec`: `data.spec_from_config`). Returns the count
     of trusted rows without a fingerprint; raises `UserError` on any disagreement."""
     from dpo_jax import data
     from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN

@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax ref-logps`."""
     from transformers import AutoTokenizer
 
-    from dpo_jax import ref_fingerprint, train
+    from dpo_jax import ref_fingerprint
     from dpo_jax.models import hf
 
     config = config_from_args(args)
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(
         str(config.tokenizer or config.model.path or model_dir)
     )
-    spec = train._data_spec(config, config.data.train, paired=True)
+    spec = data.spec_from_config(config, config.data.train, paired=True)
     sources = [spec["path"]] if isinstance(spec["path"], str | dict) else list(spec["path"])
     rows, examples, formats = _read_rows(sources, spec["format"], tokenizer)
     rejects = data.RejectLog(skip_bad_rows=bool(spec["skip_bad_rows"]))

@@ -53,6 +53,7 @@ from dpo_jax.train_step import (
     StepConfig,
     TrainState,
     check_loss_options,
+    checkpointable,
     eval_step,
     init_state,
     step_settings,
@@ -467,19 +468,6 @@ def build_trainer(
             params, ref_params if with_ref else None, base
         )
     return Trainer(mesh, model_config, step_config, shard, rules), state
-
-
-def checkpointable(state: TrainState, step_config: StepConfig) -> TrainState:
-    """The part of the state a checkpoint holds.
-
-    A frozen reference that never moves is the initial policy (or another loadable
-    checkpoint) and is rebuilt on resume, so it is dropped; a TR-DPO reference moves
-    and is kept.
-    """
-    if step_config.ref_model_sync_steps > 0:
-        return state.replace(base_params=None)
-    # LoRA's frozen base is the loaded model too: rebuilt on resume, never saved
-    return state.replace(ref_params=None, base_params=None)
 
 
 def abstract_checkpointable(trainer: Trainer, state: TrainState) -> TrainState:
@@ -1084,22 +1072,6 @@ def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield from rest
 
 
-def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> dict[str, Any]:
-    d = config.data
-    sft = config.objective.name == "sft"
-    return dict(
-        sft=sft,
-        path=path,
-        format=d.format,
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        truncation_mode=d.truncation_mode,
-        skip_bad_rows=d.skip_bad_rows,
-        unpaired=not paired and not sft,
-        cache_dir=d.cache_dir,
-    )
-
-
 def _check_unpaired_weights(config: ml_collections.ConfigDict, labels: np.ndarray) -> None:
     """KTO's [1, 4/3] rule on the training set's label counts (warns outside it)."""
     names = losses.loss_names(losses.parse_loss_spec(config.loss.name, config.loss.weights))
@@ -1173,14 +1145,16 @@ def load_data(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run_dir = config.run_dir or None
     train_set = data.load_preference_data(
-        _data_spec(config, config.data.train, paired), tokenizer, run_dir
+        data.spec_from_config(config, config.data.train, paired), tokenizer, run_dir
     )
     if not paired:
         _check_unpaired_weights(config, train_set.dense["label"])
     needs_ref = preference and losses.needs_reference(loss_name)
     has_ref = "ref_chosen" in train_set.dense
     if needs_ref and has_ref and config.reference.mode != "frozen":
-        _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.train, paired))
+        _check_ref_fingerprints(
+            config, tokenizer, data.spec_from_config(config, config.data.train, paired)
+        )
     if needs_ref and config.reference.mode == "cache" and not has_ref:
         if not run_dir:
             raise UserError("reference.mode='cache' needs config.run_dir for the cache file")
@@ -1206,10 +1180,12 @@ def load_data(
     eval_fn = None
     if config.data.eval:
         eval_set = data.load_preference_data(
-            _data_spec(config, config.data.eval, paired), tokenizer, run_dir
+            data.spec_from_config(config, config.data.eval, paired), tokenizer, run_dir
         )
         if needs_ref and has_ref and "ref_chosen" in eval_set.dense:
-            _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.eval, paired))
+            _check_ref_fingerprints(
+                config, tokenizer, data.spec_from_config(config, config.data.eval, paired)
+            )
         if needs_ref and has_ref and "ref_chosen" not in eval_set.dense:
             if not run_dir:
                 raise UserError("held-out reference log-probs need config.run_dir for the cache")

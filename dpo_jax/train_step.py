@@ -227,6 +227,19 @@ def check_loss_options(
     losses.check_options(loss_name, loss_hyper)
 
 
+def checkpointable(state: TrainState, step_config: StepConfig) -> TrainState:
+    """The part of the state a checkpoint holds.
+
+    A frozen reference that never moves is the initial policy (or another loadable
+    checkpoint) and is rebuilt on resume, so it is dropped; a TR-DPO reference moves
+    and is kept.
+    """
+    if step_config.ref_model_sync_steps > 0:
+        return state.replace(base_params=None)
+    # LoRA's frozen base is the loaded model too: rebuilt on resume, never saved
+    return state.replace(ref_params=None, base_params=None)
+
+
 def init_state(
     params: Any,
     optimizer: optax.GradientTransformation,
