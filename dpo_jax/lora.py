@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from dpo_jax import paths
+from dpo_jax import configs, paths
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.models import families, hf
 from dpo_jax.models.transformer import layer_location
@@ -100,7 +100,6 @@ def config_from(
     `reference` (the `reference` section) is checked against an int8 base."""
     if not section:
         return None
-    from dpo_jax import configs
 
     section = configs.complete_section("lora", section)  # defaults: configs/default.py
     rank = int(section["rank"])

@@ -35,6 +35,10 @@ import optax
 from jax.sharding import Mesh
 
 from dpo_jax import (
+    checkpoint,
+    configs,
+    data,
+    errors,
     guards,
     logprobs,
     lora,
@@ -43,12 +47,16 @@ from dpo_jax import (
     objectives,
     optim,
     paths,
+    ppo_loop,
+    ref_fingerprint,
+    reference,
     scoring,
     sharding,
 )
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
-from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
+from dpo_jax.metrics import MetricsWriter, Progress, Throughput, read_jsonl, to_python
+from dpo_jax.models import attention, hf
 from dpo_jax.train_step import (
     StepConfig,
     TrainState,
@@ -80,8 +88,6 @@ def stack_micro_batches(micro_batches: Sequence[Mapping[str, Any]], pad_id: int 
     Padding uses segment 0 / sequence_index -1 (branch 0), so it changes no number;
     see `dpo_jax.data.stack_micro_batches`.
     """
-    from dpo_jax import data
-
     if not micro_batches:
         raise ValueError("stack_micro_batches: no micro-batches")
     kept = [{k: np.asarray(v) for k, v in mb.items() if k in BATCH_KEYS} for mb in micro_batches]
@@ -709,9 +715,6 @@ def save_config(config: ml_collections.ConfigDict, run_dir: paths.PathLike) -> N
 
 def _attention_choice(config: ml_collections.ConfigDict) -> str:
     """`model.attention`, checked against the backends of `dpo_jax.models.attention`."""
-    from dpo_jax import errors
-    from dpo_jax.models import attention
-
     choice = config.model.attention
     if choice not in attention.IMPLS:
         raise errors.config_error(
@@ -722,8 +725,6 @@ def _attention_choice(config: ml_collections.ConfigDict) -> str:
 
 
 def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelConfig, Any]:
-    from dpo_jax.models import hf  # lazy: safetensors I/O only when loading a checkpoint
-
     path = config.model.path
     if not path:
         raise UserError("config.model.path is empty: point it at a Hugging Face model directory")
@@ -745,9 +746,6 @@ def _reference_from_config(
 
     The reference runs through the policy's model apply, so its architecture must match.
     """
-    from dpo_jax.errors import config_error
-    from dpo_jax.models import hf
-
     ref_config, ref_params = hf.load_hf(
         config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
         scan_layers=model_config.scan_layers, remat=model_config.remat,
@@ -852,8 +850,6 @@ def _train(
     reward: Any = None,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
-    from dpo_jax import ppo_loop
-
     settings = step_settings(config)  # the step's settings, read once
     hyper = settings["loss_hyper"]
     preference = settings["objective"] == "preference"
@@ -1006,8 +1002,6 @@ def _train(
     finally:
         logging.getLogger("absl").removeFilter(quiet)
     if config.checkpoint.export_hf and run_dir is not None and is_main:
-        from dpo_jax import checkpoint
-
         checkpoint.export_hf(run_dir, run_dir / "hf")
     return TrainResult(state, history, eval_history, run_dir, trainer)
 
@@ -1035,8 +1029,6 @@ def make_checkpointer(
     config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: paths.Path | None
 ) -> Any:
     """The Orbax checkpointer `config.checkpoint` asks for (saves under run_dir/checkpoints)."""
-    from dpo_jax import checkpoint
-
     if run_dir is None:
         raise UserError("checkpoint.enabled needs config.run_dir")
     # A tokenizer directory is enough: the checkpointer copies its files for export.
@@ -1048,8 +1040,6 @@ def make_checkpointer(
 
 def _logged_num_tokens(run_dir: paths.Path | None, step: int) -> int:
     """`num_tokens` of the metrics row of `step` (a resumed run keeps counting from it)."""
-    from dpo_jax.metrics import read_jsonl
-
     path = run_dir / "metrics.jsonl" if run_dir is not None else None
     rows = read_jsonl(path) if path is not None and path.exists() else []
     found = [r["num_tokens"] for r in rows if r.get("step") == step and "num_tokens" in r]
@@ -1098,8 +1088,6 @@ def _check_ref_fingerprints(
     config: ml_collections.ConfigDict, tokenizer: Any, spec: dict[str, Any]
 ) -> None:
     """Refuse precomputed reference columns computed with other settings (`ref_fingerprint`)."""
-    from dpo_jax import ref_fingerprint
-
     trusted = ref_fingerprint.check_data(config, tokenizer, spec)
     if trusted:
         log.warning(
@@ -1120,8 +1108,6 @@ def load_data(
     """
     from transformers import AutoTokenizer
 
-    from dpo_jax import data, reference
-
     loss_name = losses.parse_loss_spec(config.loss.name, config.loss.weights)
     preference = config.objective.name == "preference"
     paired = losses.is_paired(loss_name) or not preference
@@ -1133,8 +1119,6 @@ def load_data(
         )
     micro_pairs = config.batch_size // config.grad_accum_steps
     if config.data.layout == "prefix_shared" and config.data.truncation_mode == "keep_end":
-        from dpo_jax.errors import config_error
-
         raise config_error(
             "data.truncation_mode",
             "TRL's keep_end truncates chosen and rejected independently, so their prompts"
@@ -1208,8 +1192,6 @@ def load_data(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`dpo-jax train --config FILE.py[:ARG] [--config.key=value ...]`."""
-    from dpo_jax import configs
-
     parser.add_argument(
         "--config",
         required=True,
@@ -1220,8 +1202,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax train`."""
-    from dpo_jax import configs
-
     # force: importing orbax logs through absl, which already called basicConfig() with
     # the WARNING default, and INFO lines ("resumed from step N") would be lost.
     logging.basicConfig(

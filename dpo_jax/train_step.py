@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from dpo_jax import lora, losses, objectives, ppo, scoring
+from dpo_jax.configs import default
 from dpo_jax.errors import UserError
 
 REFERENCE_MODES = ("frozen", "precomputed", "none", "adapters_off")
@@ -90,8 +91,6 @@ def _default_of(field: str) -> Any:
     """A dataclass field whose default is configs/default.py's value (the only default)."""
 
     def factory() -> Any:
-        from dpo_jax.configs import default
-
         return step_settings(default.get_config())[field]
 
     return dataclasses.field(default_factory=factory)

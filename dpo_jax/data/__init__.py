@@ -34,6 +34,7 @@ from dpo_jax.data.sources import Row, read_sources
 from dpo_jax.data.tokenize import (
     TokenizedDataset,
     TokenizeSettings,
+    encode_prompts,
     sequence_dataset,
     settings_from_spec,
     tokenize_cached,
@@ -225,8 +226,6 @@ def load_prompts(
     `tokenize_examples` tokenizes them (special tokens added unless chat-rendered).
     Bad rows raise `DataError` naming file:line, or are skipped with `skip_bad_rows`.
     """
-    from dpo_jax.data.tokenize import encode_prompts
-
     spec = dict(_as_dict(spec), prompts=True, unpaired=False)
     rejects = RejectLog(skip_bad_rows=bool(spec.get("skip_bad_rows", False)), run_dir=run_dir)
     if rejects.skip_bad_rows and run_dir is None:
