@@ -14,11 +14,11 @@ PACKAGE = "dpo_jax"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path = ROOT) -> dict[str, Path]:
     """Module name -> file, for every ``.py`` under the package (``__init__`` names the package)."""
     out = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
         out[".".join(parts)] = path
@@ -118,6 +118,20 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_graph_sees_the_package():
     graph = _edges(_modules())
     assert f"{PACKAGE}.cli" in graph and graph[f"{PACKAGE}.cli"], "the parser found no edges"
+
+
+def test_a_function_level_or_relative_import_closes_a_cycle(tmp_path):
+    pkg = tmp_path / PACKAGE
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from . import c\n")
+    (pkg / "a.py").write_text(f"def f():\n    from {PACKAGE} import b\n")
+    (pkg / "b.py").write_text("from .sub.c import g\n")
+    (pkg / "sub" / "c.py").write_text("from .. import a\n")
+    (pkg / "d.py").write_text(f"import {PACKAGE}.a\n")
+    graph = _edges(_modules(pkg))
+    assert graph[f"{PACKAGE}.b"] == {f"{PACKAGE}.sub", f"{PACKAGE}.sub.c"}
+    assert _cycles(graph) == [[f"{PACKAGE}.{m}" for m in ("a", "b", "sub", "sub.c")]]
 
 
 def test_no_import_cycles():
