@@ -33,8 +33,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dpo_jax import integrity, paths
+from dpo_jax import configs, integrity, paths
 from dpo_jax.errors import UserError
+from dpo_jax.metrics import METRICS_FILENAME
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,6 @@ def _positive_or_none(value: Any) -> int | None:
 
 def _default(key: str) -> Any:
     """`configs/default.py`'s `checkpoint.KEY`, as `CheckpointOptions` holds it."""
-    from dpo_jax import configs
-
     value = configs.complete_section("checkpoint")[key]
     return _positive_or_none(value) if key in ("keep_last", "keep_every") else value
 
@@ -536,8 +535,6 @@ class Checkpointer:
         (<= 0: off), ``async_save`` and ``force_resume``; a missing key takes
         ``configs/default.py``'s value.
         """
-        from dpo_jax import configs
-
         c = configs.complete_section("checkpoint", config.get("checkpoint", None))
         options = CheckpointOptions(
             save_every=int(c["save_every"]),
@@ -548,7 +545,6 @@ class Checkpointer:
         )
         if not config.get("run_dir", None):
             raise ValueError("checkpointing needs config.run_dir")
-        from dpo_jax.metrics import METRICS_FILENAME
 
         return cls(
             config["run_dir"],
@@ -680,7 +676,7 @@ class Checkpointer:
     def _check_config(self, step: int, saved: Mapping[str, Any]) -> None:
         if not self.config:
             return
-        from dpo_jax.configs import default
+        from dpo_jax.configs import default  # lazy: default imports data (grain) and flax
 
         diffs = config_diff(
             saved,
@@ -955,7 +951,7 @@ def export_hf(
     The model config and tokenizer saved with the run are used unless given. A LoRA
     run's adapters are merged into its base model (the run's ``model.path`` or ``base``).
     """
-    from dpo_jax import lora, models  # lazy: keeps `import dpo_jax.checkpoint` light
+    from dpo_jax import lora, models  # lazy: flax; `dpo-jax export --help` stays light
 
     step, meta, params = load_params(path, step)
     if model_config is None:
@@ -989,6 +985,26 @@ def export_hf(
             )
     log.info("exported step %d of %s to %s", step, path, output_dir)
     return paths.as_path(output_dir) if paths.is_url(output_dir) else pathlib.Path(output_dir)
+
+
+def export_adapter(
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    step: int | None = None,
+    base: str | os.PathLike | None = None,
+) -> pathlib.Path:
+    """`dpo-jax export --adapter`: a LoRA checkpoint -> a PEFT adapter directory."""
+    from dpo_jax import lora, models  # lazy: flax; `dpo-jax export --help` stays light
+
+    step, meta, adapters = load_params(path, step)
+    lcfg = lora.require_lora(meta, path)
+    saved = meta.get("model_config")
+    if not saved:
+        raise UserError(f"{path}: step {step} has no model config; it cannot be exported")
+    model_config = models.ModelConfig.from_dict(saved)
+    return lora.save_peft(
+        output_dir, adapters, model_config, lcfg, lora.base_model_path(meta, base)
+    )
 
 
 def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
@@ -1033,13 +1049,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`dpo-jax export`: checkpoint -> Hugging Face directory (or PEFT adapter)."""
-    from dpo_jax import lora
+    from dpo_jax import lora  # lazy: flax; `dpo-jax export --help` stays light
 
     if args.adapter or args.merge:
         _, meta, _ = load_params(args.checkpoint, args.step)  # a LoRA run, or a UserError
         lora.require_lora(meta, args.checkpoint)
     if args.adapter:
-        out = lora.export_adapter(args.checkpoint, args.output, step=args.step, base=args.base)
+        out = export_adapter(args.checkpoint, args.output, step=args.step, base=args.base)
     else:
         out = export_hf(args.checkpoint, args.output, step=args.step, base=args.base)
     print(f"exported {args.checkpoint} to {out}")

@@ -250,7 +250,7 @@ def _pairs_in(batch: Any) -> int:
 @functools.lru_cache(maxsize=16)
 def _scorer(cfg: Any) -> Any:
     """The host scorer (`scoring.host_scorer`) of one model config, built once."""
-    from dpo_jax import models, scoring
+    from dpo_jax import models, scoring  # lazy: jax/flax; evaluation stays jax-free
 
     return scoring.host_scorer(models.Transformer(cfg).apply)
 
@@ -310,7 +310,7 @@ def kl_from_samples(
     temperature other than 1 or with top-k/top-p come from another distribution and
     give a biased estimate: refused unless ``allow_biased``.
     """
-    from dpo_jax import sampling
+    from dpo_jax import sampling  # lazy: jax; evaluation stays jax-free
 
     if not samples.config.is_unbiased and not allow_biased:
         raise ValueError(
@@ -345,7 +345,7 @@ def generation_metrics(
     ``reference_completions`` and a ``judge`` or ``reward_fn``), ``gen_length``, each
     with ``_stderr`` where it applies, under ``prefix``.
     """
-    from dpo_jax import sampling
+    from dpo_jax import sampling  # lazy: jax; evaluation stays jax-free
 
     samples = sampling.generate_text(
         model, policy_params, tokenizer, prompts, key, **sampling_kwargs

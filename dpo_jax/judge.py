@@ -234,7 +234,7 @@ def hf_completer(
     """
     import jax
 
-    from dpo_jax import sampling
+    from dpo_jax import sampling  # lazy: jax; judge stays jax-free
 
     cfg, params, tokenizer = sampling.load_model(model_dir, dtype=dtype)
     learned = getattr(cfg, "position_embedding", None) == "learned"  # a hard context limit

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from dpo_jax import paths
+from dpo_jax import configs, paths
 from dpo_jax.errors import UserError, config_error
-from dpo_jax.models import families
+from dpo_jax.models import families, hf
 from dpo_jax.models.transformer import layer_location
 from dpo_jax.models.vocab import resize_vocab
 
@@ -100,7 +100,6 @@ def config_from(
     `reference` (the `reference` section) is checked against an int8 base."""
     if not section:
         return None
-    from dpo_jax import configs
 
     section = configs.complete_section("lora", section)  # defaults: configs/default.py
     rank = int(section["rank"])
@@ -498,8 +497,6 @@ def config_of_run(run_config: Mapping[str, Any] | None) -> LoraConfig | None:
 
 def load_base(model_path: str, model_config: Any) -> Any:
     """The base model's params (float32), laid out like `model_config` (scanned or not)."""
-    from dpo_jax.models import hf
-
     if not model_path or not Path(model_path).exists():
         raise UserError(
             f"LoRA export: the base model {model_path!r} (the run's model.path) is not a "
@@ -521,7 +518,8 @@ def require_lora(meta: Mapping[str, Any], path: Any) -> LoraConfig:
     return lcfg
 
 
-def _base_path(meta: Mapping[str, Any], base: str | os.PathLike | None) -> str:
+def base_model_path(meta: Mapping[str, Any], base: str | os.PathLike | None) -> str:
+    """The base model a LoRA checkpoint's adapters apply to: `base`, else the run's model.path."""
     return str(base) if base else str((meta.get("config") or {}).get("model", {}).get("path", ""))
 
 
@@ -537,24 +535,8 @@ def merged_checkpoint_params(
     lcfg = require_lora(meta, path)
     # The base as training held it (bfloat16 / int8 rounding included), then float32,
     # so the export reproduces the trained model's logits.
-    base_params = dequantize_base(cast_base(load_base(_base_path(meta, base), model_config), lcfg))
+    base_params = dequantize_base(
+        cast_base(load_base(base_model_path(meta, base), model_config), lcfg)
+    )
     base_params = jax.tree.map(lambda x: x.astype(jnp.float32), base_params)
     return jax.device_get(merge_adapters(base_params, adapters, lcfg.scale))
-
-
-def export_adapter(
-    path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    step: int | None = None,
-    base: str | os.PathLike | None = None,
-) -> Path:
-    """`dpo-jax export --adapter`: a LoRA checkpoint -> a PEFT adapter directory."""
-    from dpo_jax import checkpoint, models
-
-    step, meta, adapters = checkpoint.load_params(path, step)
-    lcfg = require_lora(meta, path)
-    saved = meta.get("model_config")
-    if not saved:
-        raise UserError(f"{path}: step {step} has no model config; it cannot be exported")
-    model_config = models.ModelConfig.from_dict(saved)
-    return save_peft(output_dir, adapters, model_config, lcfg, _base_path(meta, base))

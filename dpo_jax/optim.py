@@ -14,6 +14,8 @@ import jax
 import optax
 from jax.sharding import PartitionSpec
 
+from dpo_jax import configs
+
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 
@@ -107,8 +109,6 @@ def make_optimizer(
     RMSprop follows torch.optim.RMSprop (what the DPO paper ran): eps outside the square
     root, smoothing 0.99, L2 weight decay added to the gradient.
     """
-    from dpo_jax import configs
-
     c = configs.complete_section("optim", config)  # defaults: configs/default.py only
     name = c["name"]
     if name not in OPTIMIZERS:

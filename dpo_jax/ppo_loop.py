@@ -37,8 +37,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpo_jax import logprobs, ppo, sampling, sharding
+from dpo_jax import (
+    data,
+    logprobs,
+    models,
+    objectives,
+    ppo,
+    reward_model,
+    rewards,
+    sampling,
+    scoring,
+    sharding,
+)
+from dpo_jax.data import batching, tokenize
 from dpo_jax.errors import UserError, config_error
+from dpo_jax.train_step import checkpointable
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +245,6 @@ def rollout_rows(
     Rows have one length per rollout shape: the sampler's prompt bucket + max_new_tokens
     (one compile of the step for the whole phase when prompts share a bucket).
     """
-    from dpo_jax.data import batching
-
     prompt_len = samples.prompt_ids.shape[1]
     prompts = [
         row[prompt_len - int(n) :]
@@ -273,8 +284,6 @@ def token_stats(
     """The rollout's scoring pass: per-token policy log-probs and values (the step's own
     `scoring.score` and value head, so the first update's ratios are 1 up to float
     rounding) and the reference's per-token log-probs. All `[N, L]`, token-aligned."""
-    from dpo_jax import objectives, scoring
-
     policy = scoring.score(
         apply_fn, params[objectives.MODEL], batch, n_seq, needs=("token_logps", "hidden"),
         chunk_size=chunk_size,
@@ -345,8 +354,6 @@ def collect_rollout(
     pad_token_id: int = 0,
 ) -> Rollout:
     """Sample, score and compute advantages for one rollout of `len(prompts) * n` episodes."""
-    from dpo_jax import objectives
-
     params = state.params
     samples = sampling.generate(
         trainer.model_config, params[objectives.MODEL], prompts, key,
@@ -492,8 +499,6 @@ def run(
     crossed a multiple of `eval_every` steps, and at the end; its values join that
     rollout's metrics row.
     """
-    from dpo_jax.train import checkpointable
-
     if len(prompts) * cfg.samples_per_prompt < cfg.rollout_batch_size:
         raise UserError(
             f"ppo: {len(prompts)} prompts x {cfg.samples_per_prompt} samples is fewer than "
@@ -609,8 +614,6 @@ def check_reward_paths(spec: str) -> None:
     import os
     import pathlib
 
-    from dpo_jax import reward_model
-
     kind, target = parse_reward_spec(spec)
     if not target:
         return
@@ -647,9 +650,6 @@ def reward_from_spec(spec: str, tokenizer: Any) -> RolloutReward:
     response. `reward_model:DIR` scores the sampled token ids when its tokenizer is the
     policy's (`reward_from_ids`, the sequences it was trained on), else the decoded text.
     """
-    from dpo_jax import reward_model, rewards
-    from dpo_jax.data import tokenize
-
     kind, target = parse_reward_spec(spec)
     if kind == "vader":
         return reward_from_texts(rewards.VaderReward(), tokenizer, with_prompt=True)
@@ -686,8 +686,6 @@ def inputs_from_config(
         return prompts, reward
     from transformers import AutoTokenizer
 
-    from dpo_jax import data
-
     name = config.tokenizer or config.model.path
     if not name:
         raise config_error(
@@ -704,8 +702,6 @@ def reference_params(trainer: Any, state: Any, ref_params: Any = None) -> Any:
     """The rollouts' frozen reference, sharded like the policy: a copy of the initial
     policy (`state.params["model"]`), or `ref_params` (e.g. `reference.path`) with the
     vocabulary padded as the Trainer padded the policy's."""
-    from dpo_jax import models, objectives
-
     shardings = trainer.shardings.params[objectives.MODEL]
     if ref_params is None:
         return jax.tree.map(jnp.copy, state.params[objectives.MODEL])
@@ -753,8 +749,6 @@ def phase_loop(
 def example_step_batch(cfg: PPOConfig, prompts: Sequence[Sequence[int]], trainer: Any) -> dict:
     """A host `[A, n, L]` batch shaped as the phase's PPO updates (the longest prompt's
     bucket), for `train(..., dry_run=True)` to lower the step the run executes."""
-    from dpo_jax.data import batching
-
     width = sampling.bucket_length(max(len(p) for p in prompts), sampling.DEFAULT_PROMPT_BUCKETS)
     share = host_rows(cfg.rollout_batch_size // (cfg.num_mini_batches * cfg.grad_accum_steps))
     n = share.stop - share.start  # this host's rows, as `run` feeds the step

@@ -23,7 +23,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dpo_jax import paths
+from dpo_jax import data, paths
+from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN, detect_format
+from dpo_jax.data.tokenize import settings_from_spec, tokenizer_fingerprint
 from dpo_jax.errors import UserError
 from dpo_jax.paths import Path  # local or gs:// (etils.epath)
 
@@ -68,9 +70,7 @@ def base_fingerprint(
     spec: Mapping[str, Any], tokenizer: Any, model_dir: str | os.PathLike | None, dtype: str = ""
 ) -> dict[str, Any]:
     """Every compared field except `format` (resolved per source), from a data spec
-    (`train._data_spec`) and the tokenizer and reference checkpoint it is scored with."""
-    from dpo_jax.data.tokenize import settings_from_spec, tokenizer_fingerprint
-
+    (`data.spec_from_config`) and the tokenizer and reference checkpoint it is scored with."""
     template = getattr(tokenizer, "chat_template", None)
     s = settings_from_spec(spec)  # the tokenizer settings' own defaults, not restated here
     return {
@@ -116,8 +116,6 @@ def check_rows(
     per source as the parser does). Returns how many rows carried no fingerprint
     (allowed only with `trust_unfingerprinted`).
     """
-    from dpo_jax.data.formats import detect_format
-
     detected: dict[str, str] = {}
     missing = 0
     for row in rows:
@@ -151,11 +149,8 @@ def check_rows(
 
 def check_data(config: Any, tokenizer: Any, spec: Mapping[str, Any]) -> int:
     """Check every fingerprinted reference column of the source `spec` against the run's
-    settings (`config`: the train config; `spec`: `train._data_spec`). Returns the count
+    settings (`config`: the train config; `spec`: `data.spec_from_config`). Returns the count
     of trusted rows without a fingerprint; raises `UserError` on any disagreement."""
-    from dpo_jax import data
-    from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN
-
     model_dir = config.reference.path or config.model.path or None
     if model_dir is not None and not list(Path(model_dir).glob("*.safetensors")):
         model_dir = None  # params from memory or another store: the model is not compared

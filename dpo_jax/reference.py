@@ -28,9 +28,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax import data, models, paths, scoring
-from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN
+from dpo_jax import configs, data, models, paths, ref_fingerprint, scoring
+from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN, detect_format, parse_row
 from dpo_jax.errors import UserError
+from dpo_jax.models import hf
 from dpo_jax.paths import Path  # local or gs:// (etils.epath)
 
 SequenceFn = Callable[[dict[str, np.ndarray], int], np.ndarray]
@@ -136,8 +137,6 @@ DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "default.py")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `dpo-jax ref-logps`: the train config (`--config` and `--config.KEY=V`)
     decides data, format, tokenizer and truncation; the short flags override it."""
-    from dpo_jax import configs
-
     parser.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
@@ -160,8 +159,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The train config `args` describe, with the short flags applied on top."""
-    from dpo_jax import configs
-
     config = configs.load(args.config, getattr(args, "config_overrides", []))
     flags = {
         "data.train": args.data, "data.max_length": args.max_length,
@@ -186,8 +183,6 @@ def _read_rows(
 ) -> tuple[list[data.Row], list[Any], list[str]]:
     """Rows, their one example each and the format each was parsed as (auto: detected
     per source, as training's parser does); any bad row raises `DataError` (file:line)."""
-    from dpo_jax.data.formats import detect_format, parse_row
-
     for src in sources:
         if isinstance(src, str) and not any(ch in src for ch in "*?[") and not Path(src).exists():
             raise FileNotFoundError(f"data file {src} does not exist")
@@ -223,9 +218,6 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax ref-logps`."""
     from transformers import AutoTokenizer
 
-    from dpo_jax import ref_fingerprint, train
-    from dpo_jax.models import hf
-
     config = config_from_args(args)
     model_dir = Path(config.reference.path or config.model.path)
     if not str(model_dir) or not model_dir.is_dir():
@@ -240,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(
         str(config.tokenizer or config.model.path or model_dir)
     )
-    spec = train._data_spec(config, config.data.train, paired=True)
+    spec = data.spec_from_config(config, config.data.train, paired=True)
     sources = [spec["path"]] if isinstance(spec["path"], str | dict) else list(spec["path"])
     rows, examples, formats = _read_rows(sources, spec["format"], tokenizer)
     rejects = data.RejectLog(skip_bad_rows=bool(spec["skip_bad_rows"]))

@@ -26,7 +26,10 @@ import jax
 import numpy as np
 
 from dpo_jax import models, objectives, scoring
+from dpo_jax.errors import UserError
+from dpo_jax.evaluation import mean_and_stderr
 from dpo_jax.rewards import _check_texts
+from dpo_jax.sampling import bucket_length
 
 Batch = Mapping[str, Any]
 
@@ -73,8 +76,6 @@ def evaluate_reward_model(
 ) -> dict[str, float]:
     """Held-out pairwise accuracy (ties wrong) and mean margin, each with its standard
     error, mean rewards and the pair count."""
-    from dpo_jax.evaluation import mean_and_stderr
-
     chosen, rejected = [], []
     for batch in batches:
         b = _num_pairs(batch)
@@ -130,8 +131,6 @@ class LearnedReward:
 
     def score_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Rewards of token-id sequences (the last token of each is scored)."""
-        from dpo_jax.sampling import bucket_length
-
         rewards = []
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]
@@ -156,8 +155,6 @@ def load_exported(directory: str, tokenizer: Any = None, **kw: Any) -> LearnedRe
     import os
 
     from transformers import AutoTokenizer
-
-    from dpo_jax.errors import UserError
 
     head_file = os.path.join(directory, HEAD_FILE)
     if not os.path.isfile(head_file):

@@ -231,7 +231,7 @@ def best_of_n(
     ``score_with_prompt`` scores ``prompt + completion`` (what a sentiment reward on
     IMDb continuations wants); otherwise the completion alone.
     """
-    from dpo_jax import sampling  # local import: sampling pulls in the model stack
+    from dpo_jax import sampling  # lazy: jax and the model stack; rewards stays jax-free
 
     if n < 1:
         raise ValueError(f"best_of_n: n must be >= 1, got {n}")

@@ -227,7 +227,7 @@ def _token_logps(logits_NxV: jax.Array, tokens_N: jax.Array) -> jax.Array:
 
 def _model_and_cfg(model: Any) -> tuple[Any, Any]:
     """Accept a ``models.Transformer`` or a ``models.ModelConfig``."""
-    from dpo_jax import models
+    from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
 
     if isinstance(model, models.ModelConfig):
         return models.Transformer(model), model
@@ -270,7 +270,7 @@ def _generate_core(
     ``eos_E`` holds the EOS ids padded with -1 (never a token), so a different EOS
     set or pad id reuses the compiled function.
     """
-    from dpo_jax import models
+    from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
 
     num_rows, prompt_len = prompt_ids_NxP.shape
     steps = max_new_tokens
@@ -409,7 +409,7 @@ def left_pad(
 
 
 def _data_parallel_size(mesh: Any) -> int:
-    from dpo_jax import sharding
+    from dpo_jax import sharding  # lazy: flax; `dpo-jax sample --help` imports only jax
 
     return int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
 
@@ -519,7 +519,7 @@ def _run_sharded(fn: Any, mesh: Any, params: Any, args: tuple[Any, ...]) -> Any:
     import flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from dpo_jax import sharding
+    from dpo_jax import sharding  # lazy: flax; `dpo-jax sample --help` imports only jax
 
     batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.shape)
     rows = NamedSharding(mesh, PartitionSpec(batch_axes))
@@ -706,14 +706,14 @@ def load_model(
     """
     from transformers import AutoTokenizer
 
-    from dpo_jax import models
+    from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
 
     jdtype = jnp.dtype(dtype)
     if _is_hf_dir(path):
         cfg, params = models.load_hf(path, dtype=jdtype, param_dtype=jdtype)
         tok_dir = tokenizer_path or path
     else:
-        from dpo_jax import checkpoint
+        from dpo_jax import checkpoint  # lazy: orbax, only for a checkpoint path
 
         _, meta, params = checkpoint.load_params(path, step)
         saved = meta.get("model_config")
@@ -748,7 +748,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_length=args.max_prompt_length,
     )
     key = jax.random.key(args.seed)
-    from dpo_jax import models
+    from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
 
     model = models.Transformer(cfg)
     with paths.Path(args.output).open("w", encoding="utf-8") as f:

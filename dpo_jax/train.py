@@ -35,6 +35,10 @@ import optax
 from jax.sharding import Mesh
 
 from dpo_jax import (
+    checkpoint,
+    configs,
+    data,
+    errors,
     guards,
     logprobs,
     lora,
@@ -43,16 +47,21 @@ from dpo_jax import (
     objectives,
     optim,
     paths,
+    ppo_loop,
+    ref_fingerprint,
+    reference,
     scoring,
     sharding,
 )
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
-from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
+from dpo_jax.metrics import MetricsWriter, Progress, Throughput, read_jsonl, to_python
+from dpo_jax.models import attention, hf
 from dpo_jax.train_step import (
     StepConfig,
     TrainState,
     check_loss_options,
+    checkpointable,
     eval_step,
     init_state,
     step_settings,
@@ -79,8 +88,6 @@ def stack_micro_batches(micro_batches: Sequence[Mapping[str, Any]], pad_id: int 
     Padding uses segment 0 / sequence_index -1 (branch 0), so it changes no number;
     see `dpo_jax.data.stack_micro_batches`.
     """
-    from dpo_jax import data
-
     if not micro_batches:
         raise ValueError("stack_micro_batches: no micro-batches")
     kept = [{k: np.asarray(v) for k, v in mb.items() if k in BATCH_KEYS} for mb in micro_batches]
@@ -469,19 +476,6 @@ def build_trainer(
     return Trainer(mesh, model_config, step_config, shard, rules), state
 
 
-def checkpointable(state: TrainState, step_config: StepConfig) -> TrainState:
-    """The part of the state a checkpoint holds.
-
-    A frozen reference that never moves is the initial policy (or another loadable
-    checkpoint) and is rebuilt on resume, so it is dropped; a TR-DPO reference moves
-    and is kept.
-    """
-    if step_config.ref_model_sync_steps > 0:
-        return state.replace(base_params=None)
-    # LoRA's frozen base is the loaded model too: rebuilt on resume, never saved
-    return state.replace(ref_params=None, base_params=None)
-
-
 def abstract_checkpointable(trainer: Trainer, state: TrainState) -> TrainState:
     """ShapeDtypeStructs (with shardings) of `checkpointable(state)`, for restore."""
     part = checkpointable(state, trainer.step_config)
@@ -721,9 +715,6 @@ def save_config(config: ml_collections.ConfigDict, run_dir: paths.PathLike) -> N
 
 def _attention_choice(config: ml_collections.ConfigDict) -> str:
     """`model.attention`, checked against the backends of `dpo_jax.models.attention`."""
-    from dpo_jax import errors
-    from dpo_jax.models import attention
-
     choice = config.model.attention
     if choice not in attention.IMPLS:
         raise errors.config_error(
@@ -734,8 +725,6 @@ def _attention_choice(config: ml_collections.ConfigDict) -> str:
 
 
 def _model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelConfig, Any]:
-    from dpo_jax.models import hf  # lazy: safetensors I/O only when loading a checkpoint
-
     path = config.model.path
     if not path:
         raise UserError("config.model.path is empty: point it at a Hugging Face model directory")
@@ -757,9 +746,6 @@ def _reference_from_config(
 
     The reference runs through the policy's model apply, so its architecture must match.
     """
-    from dpo_jax.errors import config_error
-    from dpo_jax.models import hf
-
     ref_config, ref_params = hf.load_hf(
         config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
         scan_layers=model_config.scan_layers, remat=model_config.remat,
@@ -864,8 +850,6 @@ def _train(
     reward: Any = None,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
-    from dpo_jax import ppo_loop
-
     settings = step_settings(config)  # the step's settings, read once
     hyper = settings["loss_hyper"]
     preference = settings["objective"] == "preference"
@@ -1018,8 +1002,6 @@ def _train(
     finally:
         logging.getLogger("absl").removeFilter(quiet)
     if config.checkpoint.export_hf and run_dir is not None and is_main:
-        from dpo_jax import checkpoint
-
         checkpoint.export_hf(run_dir, run_dir / "hf")
     return TrainResult(state, history, eval_history, run_dir, trainer)
 
@@ -1047,8 +1029,6 @@ def make_checkpointer(
     config: ml_collections.ConfigDict, model_config: models.ModelConfig, run_dir: paths.Path | None
 ) -> Any:
     """The Orbax checkpointer `config.checkpoint` asks for (saves under run_dir/checkpoints)."""
-    from dpo_jax import checkpoint
-
     if run_dir is None:
         raise UserError("checkpoint.enabled needs config.run_dir")
     # A tokenizer directory is enough: the checkpointer copies its files for export.
@@ -1060,8 +1040,6 @@ def make_checkpointer(
 
 def _logged_num_tokens(run_dir: paths.Path | None, step: int) -> int:
     """`num_tokens` of the metrics row of `step` (a resumed run keeps counting from it)."""
-    from dpo_jax.metrics import read_jsonl
-
     path = run_dir / "metrics.jsonl" if run_dir is not None else None
     rows = read_jsonl(path) if path is not None and path.exists() else []
     found = [r["num_tokens"] for r in rows if r.get("step") == step and "num_tokens" in r]
@@ -1082,22 +1060,6 @@ def _reattach_reference(restored: TrainState, fresh: TrainState) -> TrainState:
 def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
     yield from rest
-
-
-def _data_spec(config: ml_collections.ConfigDict, path: str, paired: bool) -> dict[str, Any]:
-    d = config.data
-    sft = config.objective.name == "sft"
-    return dict(
-        sft=sft,
-        path=path,
-        format=d.format,
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        truncation_mode=d.truncation_mode,
-        skip_bad_rows=d.skip_bad_rows,
-        unpaired=not paired and not sft,
-        cache_dir=d.cache_dir,
-    )
 
 
 def _check_unpaired_weights(config: ml_collections.ConfigDict, labels: np.ndarray) -> None:
@@ -1126,8 +1088,6 @@ def _check_ref_fingerprints(
     config: ml_collections.ConfigDict, tokenizer: Any, spec: dict[str, Any]
 ) -> None:
     """Refuse precomputed reference columns computed with other settings (`ref_fingerprint`)."""
-    from dpo_jax import ref_fingerprint
-
     trusted = ref_fingerprint.check_data(config, tokenizer, spec)
     if trusted:
         log.warning(
@@ -1148,8 +1108,6 @@ def load_data(
     """
     from transformers import AutoTokenizer
 
-    from dpo_jax import data, reference
-
     loss_name = losses.parse_loss_spec(config.loss.name, config.loss.weights)
     preference = config.objective.name == "preference"
     paired = losses.is_paired(loss_name) or not preference
@@ -1161,8 +1119,6 @@ def load_data(
         )
     micro_pairs = config.batch_size // config.grad_accum_steps
     if config.data.layout == "prefix_shared" and config.data.truncation_mode == "keep_end":
-        from dpo_jax.errors import config_error
-
         raise config_error(
             "data.truncation_mode",
             "TRL's keep_end truncates chosen and rejected independently, so their prompts"
@@ -1173,14 +1129,16 @@ def load_data(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run_dir = config.run_dir or None
     train_set = data.load_preference_data(
-        _data_spec(config, config.data.train, paired), tokenizer, run_dir
+        data.spec_from_config(config, config.data.train, paired), tokenizer, run_dir
     )
     if not paired:
         _check_unpaired_weights(config, train_set.dense["label"])
     needs_ref = preference and losses.needs_reference(loss_name)
     has_ref = "ref_chosen" in train_set.dense
     if needs_ref and has_ref and config.reference.mode != "frozen":
-        _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.train, paired))
+        _check_ref_fingerprints(
+            config, tokenizer, data.spec_from_config(config, config.data.train, paired)
+        )
     if needs_ref and config.reference.mode == "cache" and not has_ref:
         if not run_dir:
             raise UserError("reference.mode='cache' needs config.run_dir for the cache file")
@@ -1206,10 +1164,12 @@ def load_data(
     eval_fn = None
     if config.data.eval:
         eval_set = data.load_preference_data(
-            _data_spec(config, config.data.eval, paired), tokenizer, run_dir
+            data.spec_from_config(config, config.data.eval, paired), tokenizer, run_dir
         )
         if needs_ref and has_ref and "ref_chosen" in eval_set.dense:
-            _check_ref_fingerprints(config, tokenizer, _data_spec(config, config.data.eval, paired))
+            _check_ref_fingerprints(
+                config, tokenizer, data.spec_from_config(config, config.data.eval, paired)
+            )
         if needs_ref and has_ref and "ref_chosen" not in eval_set.dense:
             if not run_dir:
                 raise UserError("held-out reference log-probs need config.run_dir for the cache")
@@ -1232,8 +1192,6 @@ def load_data(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`dpo-jax train --config FILE.py[:ARG] [--config.key=value ...]`."""
-    from dpo_jax import configs
-
     parser.add_argument(
         "--config",
         required=True,
@@ -1244,8 +1202,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax train`."""
-    from dpo_jax import configs
-
     # force: importing orbax logs through absl, which already called basicConfig() with
     # the WARNING default, and INFO lines ("resumed from step N") would be lost.
     logging.basicConfig(

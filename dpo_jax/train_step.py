@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from dpo_jax import lora, losses, objectives, ppo, scoring
+from dpo_jax.configs import default
 from dpo_jax.errors import UserError
 
 REFERENCE_MODES = ("frozen", "precomputed", "none", "adapters_off")
@@ -90,8 +91,6 @@ def _default_of(field: str) -> Any:
     """A dataclass field whose default is configs/default.py's value (the only default)."""
 
     def factory() -> Any:
-        from dpo_jax.configs import default
-
         return step_settings(default.get_config())[field]
 
     return dataclasses.field(default_factory=factory)
@@ -225,6 +224,19 @@ def check_loss_options(
             f"loss.hyper.use_weighting (WPO) applies to paired losses only, not {loss_name!r}"
         )
     losses.check_options(loss_name, loss_hyper)
+
+
+def checkpointable(state: TrainState, step_config: StepConfig) -> TrainState:
+    """The part of the state a checkpoint holds.
+
+    A frozen reference that never moves is the initial policy (or another loadable
+    checkpoint) and is rebuilt on resume, so it is dropped; a TR-DPO reference moves
+    and is kept.
+    """
+    if step_config.ref_model_sync_steps > 0:
+        return state.replace(base_params=None)
+    # LoRA's frozen base is the loaded model too: rebuilt on resume, never saved
+    return state.replace(ref_params=None, base_params=None)
 
 
 def init_state(

@@ -391,7 +391,7 @@ def test_cli_reward_model_checkpoint_scores_like_its_logged_eval(sft_files, tmp_
     cfg = models.ModelConfig.from_dict(meta["model_config"])  # the run's layout (scanned)
     config = tiny.get_config()
     config.data.train = str(tmp_path / "pairs.jsonl")
-    spec = train._data_spec(config, config.data.train, True)
+    spec = data.spec_from_config(config, config.data.train, True)
     held_out = data.eval_batches(data.load_preference_data(spec, tok), 2)
     got = reward_model.evaluate_reward_model(cfg, params, held_out)
     np.testing.assert_allclose(got["accuracy"], logged["eval/accuracy"], atol=1e-6)

@@ -158,7 +158,7 @@ def complete_section(name: str, given: Any = None) -> dict[str, Any]:
     """`configs/default.py`'s section `name` with the keys of `given` (a dict or
     ConfigDict, possibly partial) over it: the one place a missing setting gets its
     default. A key the section does not have is refused (a typo never does nothing)."""
-    from dpo_jax.configs import default
+    from dpo_jax.configs import default  # lazy: default imports data and sharding (jax)
 
     out = default.get_config()[name].to_dict()
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})

@@ -22,9 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dpo_jax import losses, sharding
+from dpo_jax import losses, objectives, optim, ppo_loop, sharding
+from dpo_jax.data import LAYOUTS, PARSERS
+from dpo_jax.data.sources import expand_paths
 from dpo_jax.data.tokenize import TRUNCATION_MODES
 from dpo_jax.errors import UserError, config_error
+from dpo_jax.train_step import NAN_POLICIES
 
 _MISSING = object()
 
@@ -199,8 +202,6 @@ def _hyper_dict(config: Any) -> dict[str, Any]:
 
 def _validate_objective(value: Any) -> None:
     """`objective.*`, and the settings an objective other than "preference" cannot use."""
-    from dpo_jax import objectives
-
     name = value("objective.name")
     if name is _MISSING:
         return
@@ -240,9 +241,6 @@ def validate(config: Any) -> None:
     Pure: reads nothing from disk, touches no device. Keys a config lacks are skipped,
     so partial configs from notebooks and tests validate too.
     """
-    from dpo_jax import optim
-    from dpo_jax.data import LAYOUTS, PARSERS
-    from dpo_jax.train_step import NAN_POLICIES
 
     def value(key: str) -> Any:
         return _get(config, key)
@@ -295,8 +293,6 @@ def validate(config: Any) -> None:
 
     _validate_objective(value)
     if value("objective.name") == "ppo":  # the ppo.* ranges (dpo_jax.ppo_loop.PPOConfig)
-        from dpo_jax import ppo_loop
-
         ppo_loop.PPOConfig.from_config(config)
         if value("ppo.reward") not in (_MISSING, ""):  # "": the Python API's reward=
             ppo_loop.parse_reward_spec(value("ppo.reward"))
@@ -384,8 +380,6 @@ def check_paths(config: Any, *, model: bool = True, data: bool = True) -> None:
     `data.train` / `data.eval` must match files (a directory is refused); `run_dir`
     must be creatable and writable.
     """
-    from dpo_jax.data.sources import expand_paths
-
     if model:
         keys = ["model.path"] + (["reference.path"] if _get(config, "reference.path") else [])
         for key in keys:
@@ -411,8 +405,6 @@ def check_paths(config: Any, *, model: bool = True, data: bool = True) -> None:
                     raise config_error(key, str(e)) from None
     reward = _get(config, "ppo.reward")
     if _get(config, "objective.name") == "ppo" and reward not in (_MISSING, ""):
-        from dpo_jax import ppo_loop
-
         ppo_loop.check_reward_paths(reward)
     run_dir = _get(config, "run_dir")
     if run_dir not in (_MISSING, None, ""):

@@ -34,6 +34,7 @@ from dpo_jax.data.sources import Row, read_sources
 from dpo_jax.data.tokenize import (
     TokenizedDataset,
     TokenizeSettings,
+    encode_prompts,
     sequence_dataset,
     settings_from_spec,
     tokenize_cached,
@@ -68,6 +69,7 @@ __all__ = [
     "parse_rows",
     "read_sources",
     "sequence_dataset",
+    "spec_from_config",
     "stack_micro_batches",
     "tokenize_cached",
     "tokenize_examples",
@@ -104,6 +106,24 @@ def _sources(spec: dict[str, Any], split: str | None) -> list:
     if isinstance(sources, str | Mapping):
         sources = [sources]
     return list(sources)
+
+
+def spec_from_config(config: Any, path: Any, paired: bool) -> dict[str, Any]:
+    """The data spec (`load_preference_data`'s keys) of a run config's `path` (data.train or
+    data.eval): the trainer, `dpo-jax ref-logps` and `ref_fingerprint` read data through it."""
+    d = config.data
+    sft = config.objective.name == "sft"
+    return dict(
+        sft=sft,
+        path=path,
+        format=d.format,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation_mode=d.truncation_mode,
+        skip_bad_rows=d.skip_bad_rows,
+        unpaired=not paired and not sft,
+        cache_dir=d.cache_dir,
+    )
 
 
 def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog, split: str | None = None) -> list:
@@ -211,8 +231,6 @@ def load_prompts(
     `tokenize_examples` tokenizes them (special tokens added unless chat-rendered).
     Bad rows raise `DataError` naming file:line, or are skipped with `skip_bad_rows`.
     """
-    from dpo_jax.data.tokenize import encode_prompts
-
     spec = dict(_as_dict(spec), prompts=True, unpaired=False)
     rejects = RejectLog(skip_bad_rows=bool(spec.get("skip_bad_rows", False)), run_dir=run_dir)
     if rejects.skip_bad_rows and run_dir is None:

@@ -5,6 +5,9 @@ Public API (see docs/CONTRACTS.md): `ModelConfig`, `Transformer`, `init_params`,
 `config_to_hf`.
 """
 
+# `families` first: importing it registers every family into `config.FAMILY_SWITCHES`,
+# which `ModelConfig.for_family` reads (config itself imports no family).
+from dpo_jax.models import families  # noqa: F401  # isort: skip
 from dpo_jax.models.config import FAMILY_SWITCHES, ModelConfig, RopeScaling, gpt2_small
 from dpo_jax.models.hf import (
     SUPPORTED_MODEL_TYPES,

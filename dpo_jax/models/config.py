@@ -284,10 +284,11 @@ class ModelConfig:
     @classmethod
     def for_family(cls, model_type: str, **overrides: Any) -> ModelConfig:
         """Family switches of `model_type` (see FAMILY_SWITCHES) plus overrides."""
-        switches = _family_switches()
-        if model_type not in switches:
-            raise ValueError(f"unknown model_type {model_type!r}; supported: {sorted(switches)}")
-        return cls(**{"model_type": model_type, **switches[model_type], **overrides})
+        if model_type not in FAMILY_SWITCHES:
+            raise ValueError(
+                f"unknown model_type {model_type!r}; supported: {sorted(FAMILY_SWITCHES)}"
+            )
+        return cls(**{"model_type": model_type, **FAMILY_SWITCHES[model_type], **overrides})
 
     @classmethod
     def tiny(cls, model_type: str = "llama", **overrides: Any) -> ModelConfig:
@@ -297,7 +298,7 @@ class ModelConfig:
             hidden_size=64,
             num_layers=2,
             num_heads=4,
-            num_kv_heads=2 if _family_switches().get(model_type, {}).get("gated_mlp") else None,
+            num_kv_heads=2 if FAMILY_SWITCHES.get(model_type, {}).get("gated_mlp") else None,
             intermediate_size=128,
             max_position_embeddings=128,
         )
@@ -310,15 +311,10 @@ class ModelConfig:
 
 
 # Per-family architecture switches (sizes come from the checkpoint or the caller), filled
-# by each family module in `dpo_jax.models.families` when it registers itself.
+# by each family module in `dpo_jax.models.families` when it registers itself. This module
+# imports no family: `dpo_jax.models` (the package, imported before any of its modules)
+# imports `families`, so every family has registered before `for_family` can be called.
 FAMILY_SWITCHES: dict[str, dict[str, Any]] = {}
-
-
-def _family_switches() -> dict[str, dict[str, Any]]:
-    """FAMILY_SWITCHES after every family module has registered."""
-    import dpo_jax.models.families  # noqa: F401 - registers the families
-
-    return FAMILY_SWITCHES
 
 
 def gpt2_small(**overrides: Any) -> ModelConfig:
