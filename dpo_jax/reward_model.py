@@ -50,9 +50,10 @@ def sequence_rewards(
     return objectives.head_rewards(params[objectives.HEAD], seq.last_hidden_SxD)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=16)
 def _host_scorer(cfg: models.ModelConfig) -> Any:
-    # one compiled scorer per model config, shared by every caller
+    # one compiled scorer per model config (the frozen dataclass hashes every field, and
+    # the scorer closes over nothing else), shared by every caller; bounded for notebooks
     return scoring.host_scorer(models.Transformer(cfg).apply, needs={"last_hidden"})
 
 

@@ -50,6 +50,8 @@ _JAX_FLAGS = {  # env name -> (jax.config name, parser)
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": ("jax_persistent_cache_min_entry_size_bytes", int),
 }  # fmt: skip
 _ORDERS = ("file", "reverse", "random")
+_SCRATCH_ENV = "DPO_JAX_TEST_SCRATCH"  # the controller's scratch dir, for xdist workers
+_SEED_ENV = "DPO_JAX_TEST_ORDER_SEED"  # the controller's random-order seed, for workers
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,8 +68,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One scratch directory for the run, and the compile settings (above)."""
-    scratch = tempfile.mkdtemp(prefix="dpo_jax_tests_")
+    """One scratch directory for the run, and the compile settings (above). pytest-xdist's
+    workers inherit the controller's environment: they share its scratch directory (and
+    so its compilation cache) and its --test-order-seed."""
+    scratch = os.environ.get(_SCRATCH_ENV) if hasattr(config, "workerinput") else None
+    if scratch is None:
+        scratch = tempfile.mkdtemp(prefix="dpo_jax_tests_")
+        config._dpo_jax_owns_scratch = True  # type: ignore[attr-defined]
+        os.environ[_SCRATCH_ENV] = scratch
     config._dpo_jax_scratch = scratch  # type: ignore[attr-defined]
     os.environ["XDG_CACHE_HOME"] = os.path.join(scratch, "cache")
     wanted = {**_JAX_ENV, "JAX_COMPILATION_CACHE_DIR": os.path.join(scratch, "xla")}
@@ -78,19 +86,31 @@ def pytest_configure(config: pytest.Config) -> None:
         for name, (flag, parse) in _JAX_FLAGS.items():
             jax.config.update(flag, parse(os.environ[name]))
     if config.getoption("test_order") == "random" and config.getoption("test_order_seed") is None:
-        config.option.test_order_seed = random.SystemRandom().randrange(2**31)
+        seed = os.environ.get(_SEED_ENV) if hasattr(config, "workerinput") else None
+        config.option.test_order_seed = (
+            int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+        )
+        os.environ[_SEED_ENV] = str(config.option.test_order_seed)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    scratch = getattr(config, "_dpo_jax_scratch", None)
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
+    if getattr(config, "_dpo_jax_owns_scratch", False):
+        shutil.rmtree(config._dpo_jax_scratch, ignore_errors=True)  # type: ignore[attr-defined]
+
+
+def _order_line(config: pytest.Config) -> str:
+    order, seed = config.getoption("test_order"), config.getoption("test_order_seed")
+    return f"--test-order={order}" + (f" --test-order-seed={seed}" if order == "random" else "")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    order, seed = config.getoption("test_order"), config.getoption("test_order_seed")
-    seed_text = f" --test-order-seed={seed}" if order == "random" else ""
-    return f"dpo_jax: --test-order={order}{seed_text}; scratch {config._dpo_jax_scratch}"  # type: ignore[attr-defined]
+    return f"dpo_jax: {_order_line(config)}; scratch {config._dpo_jax_scratch}"  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The order again at the end (`-q` hides the header), to replay a failing order."""
+    if config.getoption("test_order") != "file":
+        terminalreporter.write_line(f"dpo_jax: tests ran in {_order_line(config)}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
