@@ -202,6 +202,8 @@ def _results(run_dir):
         return list(csv.DictReader(f))
 
 
+# over 20 s: the offline driver's one end-to-end test in the default tier (every TL;DR
+# method, PPO included, and the judge, each phase a tiny compiled run)
 def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     config = tldr.get_config("smoke")
     config.workdir = str(tmp_path)
