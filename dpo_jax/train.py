@@ -55,6 +55,7 @@ from dpo_jax import (
 )
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
+from dpo_jax.metric_accumulators import finalize_metrics, is_counted
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, read_jsonl, to_python
 from dpo_jax.models import attention, hf
 from dpo_jax.train_step import (
@@ -553,7 +554,7 @@ def evaluate(
     """
     obj = trainer.step_config.objective_fn
     total: dict[str, float] = {}
-    counted: dict[str, Any] = {}  # subset means add sums and counts (losses.CountedMean)
+    counted: dict[str, Any] = {}  # subset means add sums and counts (CountedMean)
     weight = 0.0
     for mb in batches:
         batch_A = stack_micro_batches([mb])
@@ -561,7 +562,7 @@ def evaluate(
         metrics = jax.device_get(trainer.evaluate(state, batch_A, n_seq))
         w = float(metrics[obj.weight_metric]) if obj.weight_metric else n_seq / 2
         for k, v in metrics.items():
-            if losses.is_counted(v):
+            if is_counted(v):
                 counted[k] = v if k not in counted else counted[k] + v
             else:
                 total[k] = total.get(k, 0.0) + w * float(v)
@@ -572,7 +573,7 @@ def evaluate(
     if obj.weight_metric:  # a sum over the batches, not a mean
         out[obj.weight_metric] = weight
     out = {k: to_python(v) for k, v in obj.derive(out).items()}
-    out.update(losses.finalize_metrics(counted))
+    out.update(finalize_metrics(counted))
     return {f"eval/{k}": v for k, v in out.items()}
 
 
@@ -625,7 +626,7 @@ def run_loop(
         fetched = jax.device_get([m for _, m, _ in pending])
         rate = throughput.rate()
         for (step, _, tokens), metrics in zip(pending, fetched, strict=True):
-            row = {k: to_python(v) for k, v in losses.finalize_metrics(metrics).items()}
+            row = {k: to_python(v) for k, v in finalize_metrics(metrics).items()}
             if nan_stop and row.get("nonfinite"):
                 raise NonFiniteLossError(
                     f"step {step}: non-finite loss or gradient (loss={row.get('loss')}, "
