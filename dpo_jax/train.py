@@ -1,4 +1,4 @@
-"""Preference training: setup, the loop, the Python API and `dpo-jax train`.
+"""Preference training: setup, the loop, the Python API (`dpo-jax train`: dpo_jax/cli/train.py).
 
     result = dpo_jax.train.train(config)          # config: ml_collections ConfigDict
     result.state, result.history, result.eval_history
@@ -15,14 +15,12 @@ checkpoint hooks (`checkpointer.restore_or_none / maybe_save / close`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import itertools
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,9 +34,9 @@ from jax.sharding import Mesh
 
 from dpo_jax import (
     checkpoint,
-    configs,
     data,
     errors,
+    export,
     guards,
     logprobs,
     lora,
@@ -1003,7 +1001,7 @@ def _train(
     finally:
         logging.getLogger("absl").removeFilter(quiet)
     if config.checkpoint.export_hf and run_dir is not None and is_main:
-        checkpoint.export_hf(run_dir, run_dir / "hf")
+        export.export_hf(run_dir, run_dir / "hf")
     return TrainResult(state, history, eval_history, run_dir, trainer)
 
 
@@ -1186,42 +1184,3 @@ def load_data(
         eval_fn = lambda: eval_list
 
     return train_iter, eval_fn, steps_per_epoch
-
-
-# ------------------------------------------------------------------------ command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`dpo-jax train --config FILE.py[:ARG] [--config.key=value ...]`."""
-    parser.add_argument(
-        "--config",
-        required=True,
-        help="config file (dpo_jax/configs/default.py[:ARG]); override fields with --config.KEY=VALUE",
-    )
-    configs.accept_overrides(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of `dpo-jax train`."""
-    # force: importing orbax logs through absl, which already called basicConfig() with
-    # the WARNING default, and INFO lines ("resumed from step N") would be lost.
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
-    )
-    config = configs.load(args.config, getattr(args, "config_overrides", []))
-    t0 = time.perf_counter()
-    result = train(config)
-    last = result.history[-1] if result.history else {}
-    print(
-        json.dumps(
-            {
-                "steps": last.get("step"),
-                "loss": last.get("loss"),
-                "rewards/accuracies": last.get("rewards/accuracies"),
-                **{k: last[k] for k in ("objective/scores", "objective/kl") if k in last},  # PPO
-                "seconds": round(time.perf_counter() - t0, 2),
-                "run_dir": str(result.run_dir),
-            }
-        )
-    )
-    return 0
