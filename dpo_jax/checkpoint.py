@@ -1,4 +1,4 @@
-"""Reliable training runs: Orbax checkpoints, exact resume, preemption, Hugging Face export.
+"""Reliable training runs: Orbax checkpoints, exact resume, preemption.
 
 A run directory holds ``checkpoints/<step>/`` (one Orbax step per saved step, each
 with the items ``state`` (params, optimizer state, step, PRNG key), ``data`` (the
@@ -9,19 +9,18 @@ Resume trusts only finished, intact steps: a step directory without Orbax's comm
 marker, one that fails to read, or one whose arrays no longer match the fingerprints
 saved with them (``dpo_jax.integrity``) is moved aside to ``<step>.skipped-<reason>``
 and reported, and the previous step is used. The file-system layout is Orbax's own, so
-Orbax tools read these checkpoints too.
+Orbax tools read these checkpoints too. ``load_params`` reads one step's params back;
+Hugging Face and PEFT export of a checkpoint live in ``dpo_jax.export``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import fnmatch
 import json
 import logging
 import os
-import pathlib
 import signal
 import threading
 import time
@@ -856,7 +855,7 @@ def _as_abstract(x: Any) -> Any:
     return x
 
 
-# ------------------------------------------------------------------------ export
+# ------------------------------------------------------------ reading a checkpoint back
 
 
 def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
@@ -937,76 +936,6 @@ def load_params(
     return step, meta, restored["state"]["params"]
 
 
-def export_hf(
-    path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    step: int | None = None,
-    model_config: Any = None,
-    tokenizer: Any = None,
-    base: str | os.PathLike | None = None,
-) -> pathlib.Path | epath.Path:
-    """Write the policy of a checkpoint as a Hugging Face directory (weights, config, tokenizer).
-
-    ``path`` is a run directory, its ``checkpoints`` directory or one step directory.
-    The model config and tokenizer saved with the run are used unless given. A LoRA
-    run's adapters are merged into its base model (the run's ``model.path`` or ``base``).
-    """
-    from dpo_jax import lora, models  # lazy: flax; `dpo-jax export --help` stays light
-
-    step, meta, params = load_params(path, step)
-    if model_config is None:
-        saved = meta.get("model_config")
-        if not saved:
-            raise CheckpointError(
-                f"{path}: step {step} has no model config (the run did not pass "
-                "model_config= to Checkpointer); pass model_config= to export_hf"
-            )
-        model_config = models.ModelConfig.from_dict(saved)
-    if lora.config_of_run(meta.get("config")) is not None:
-        params = lora.merged_checkpoint_params(meta, params, model_config, base, path)
-    if tokenizer is None:
-        tok_dir = run_tokenizer_dir(path)
-        if tok_dir is not None:
-            tokenizer = _load_tokenizer(tok_dir)
-        else:
-            log.warning("%s: no saved tokenizer found; exporting weights and config only", path)
-    elif isinstance(tokenizer, str | os.PathLike):
-        tokenizer = _load_tokenizer(as_path(tokenizer))
-    head = None
-    if isinstance(params, Mapping) and set(params) == {"model", "head"}:
-        # an objective with a head (reward model): the HF directory holds the model, and
-        # head.npz beside it the head (objectives.HEAD)
-        params, head = params["model"], params["head"]
-    with paths.staged_dir(output_dir) as local:  # save_hf writes local files
-        models.save_hf(pathlib.Path(local), model_config, params, tokenizer=tokenizer)
-        if head is not None:
-            np.savez(
-                pathlib.Path(local) / "head.npz", **{k: np.asarray(v) for k, v in head.items()}
-            )
-    log.info("exported step %d of %s to %s", step, path, output_dir)
-    return paths.as_path(output_dir) if paths.is_url(output_dir) else pathlib.Path(output_dir)
-
-
-def export_adapter(
-    path: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    step: int | None = None,
-    base: str | os.PathLike | None = None,
-) -> pathlib.Path:
-    """`dpo-jax export --adapter`: a LoRA checkpoint -> a PEFT adapter directory."""
-    from dpo_jax import lora, models  # lazy: flax; `dpo-jax export --help` stays light
-
-    step, meta, adapters = load_params(path, step)
-    lcfg = lora.require_lora(meta, path)
-    saved = meta.get("model_config")
-    if not saved:
-        raise UserError(f"{path}: step {step} has no model config; it cannot be exported")
-    model_config = models.ModelConfig.from_dict(saved)
-    return lora.save_peft(
-        output_dir, adapters, model_config, lcfg, lora.base_model_path(meta, base)
-    )
-
-
 def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
     """The `tokenizer/` saved with the run that `path` (run, checkpoints or step dir) is in."""
     # The run dir is the step dir's grandparent or the checkpoints dir's parent.
@@ -1015,48 +944,3 @@ def run_tokenizer_dir(path: str | os.PathLike) -> epath.Path | None:
         if (candidate / TOKENIZER_SUBDIR).is_dir():
             return candidate / TOKENIZER_SUBDIR
     return None
-
-
-def _load_tokenizer(directory: epath.Path) -> Any:
-    from transformers import AutoTokenizer
-
-    with paths.local_copy(directory) as local:  # transformers reads local files only
-        return AutoTokenizer.from_pretrained(local)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `dpo-jax export`."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run directory, its checkpoints/ directory, or one step directory",
-    )
-    parser.add_argument("--output", required=True, help="Hugging Face directory to write")
-    parser.add_argument("--step", type=int, default=None, help="step to export (default: latest)")
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument(
-        "--merge",
-        action="store_true",
-        help="LoRA run: merge the adapters into the base model (the default for LoRA runs)",
-    )
-    kind.add_argument(
-        "--adapter", action="store_true", help="LoRA run: write a PEFT adapter directory instead"
-    )
-    parser.add_argument(
-        "--base", default=None, help="LoRA run: base model dir (default: its model.path)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """`dpo-jax export`: checkpoint -> Hugging Face directory (or PEFT adapter)."""
-    from dpo_jax import lora  # lazy: flax; `dpo-jax export --help` stays light
-
-    if args.adapter or args.merge:
-        _, meta, _ = load_params(args.checkpoint, args.step)  # a LoRA run, or a UserError
-        lora.require_lora(meta, args.checkpoint)
-    if args.adapter:
-        out = export_adapter(args.checkpoint, args.output, step=args.step, base=args.base)
-    else:
-        out = export_hf(args.checkpoint, args.output, step=args.step, base=args.base)
-    print(f"exported {args.checkpoint} to {out}")
-    return 0

@@ -1,7 +1,8 @@
 """Reference log-probs computed once, so training runs no reference forward.
 
 `dpo-jax ref-logps --config CONFIG [--config.KEY=V ...] --output OUT [--batch-size N]`
-takes the training config (data, format, tokenizer, max lengths, truncation mode; the
+(`dpo_jax.cli.ref_logps`; from Python, `write_ref_logps(config, output)`) takes the
+training config (data, format, tokenizer, max lengths, truncation mode; the
 reference checkpoint is `reference.path`, else `model.path`; short flags `--model`,
 `--data`, `--max-length`, ... override it), reads preference rows (any format the
 data package parses into one pair per row, auto-detected as `train` does), tokenizes
@@ -17,7 +18,6 @@ set itself and caches the result in the run directory (`ref_logps_<fingerprint>.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax import configs, data, models, paths, ref_fingerprint, scoring
+from dpo_jax import data, models, paths, ref_fingerprint, scoring
 from dpo_jax.data.formats import REF_CHOSEN_COLUMN, REF_REJECTED_COLUMN, detect_format, parse_row
 from dpo_jax.errors import UserError
 from dpo_jax.models import hf
@@ -129,53 +129,7 @@ def cached_ref_logps(
     return attach_ref_logps(tokenized, chosen, rejected)
 
 
-# ------------------------------------------------------------------------ command line
-
-DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "default.py")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `dpo-jax ref-logps`: the train config (`--config` and `--config.KEY=V`)
-    decides data, format, tokenizer and truncation; the short flags override it."""
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        help="the training config (default: dpo_jax/configs/default.py); --config.KEY=VALUE overrides",
-    )
-    parser.add_argument("--output", required=True, help="JSONL written with the two ref columns")
-    parser.add_argument(
-        "--model", default=None, help="checkpoint (default: reference.path, else model.path)"
-    )
-    parser.add_argument("--data", default=None, help="preference rows (default: data.train)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    parser.add_argument("--max-length", type=int, default=None, help="sets data.max_length")
-    parser.add_argument("--max-prompt-length", type=int, default=None)
-    parser.add_argument("--truncation-mode", default=None, help="sets data.truncation_mode")
-    parser.add_argument("--format", default=None, help="sets data.format (default auto)")
-    parser.add_argument("--tokenizer", default=None, help="sets tokenizer (default: model.path)")
-    parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
-    configs.accept_overrides(parser)
-
-
-def config_from_args(args: argparse.Namespace) -> Any:
-    """The train config `args` describe, with the short flags applied on top."""
-    config = configs.load(args.config, getattr(args, "config_overrides", []))
-    flags = {
-        "data.train": args.data, "data.max_length": args.max_length,
-        "data.max_prompt_length": args.max_prompt_length,
-        "data.truncation_mode": args.truncation_mode, "data.format": args.format,
-        "tokenizer": args.tokenizer,
-    }  # fmt: skip
-    for key, value in flags.items():
-        if value is not None:
-            node = config
-            *parents, leaf = key.split(".")
-            for name in parents:
-                node = node[name]
-            node[leaf] = value
-    if args.model:
-        config.reference.path = args.model
-    return config
+# ------------------------------------------------------- the ref-logps column in a file
 
 
 def _read_rows(
@@ -214,11 +168,18 @@ def _read_rows(
     return rows, examples, formats
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of `dpo-jax ref-logps`."""
-    from transformers import AutoTokenizer
+def write_ref_logps(
+    config: Any, output: str | os.PathLike, batch_size: int = 8, dtype: str = "float32"
+) -> tuple[int, int]:
+    """Write `config.data.train`'s preference rows to `output` (JSONL, input order) with
+    the reference log-prob columns and their fingerprint added (`dpo-jax ref-logps`).
 
-    config = config_from_args(args)
+    The rows are tokenized as `train` would with `config`; the checkpoint is
+    `config.reference.path`, else `config.model.path`. Returns ``(written, read)``: rows
+    that the tokenizer's bad-row policy (`data.skip_bad_rows`) left out are not written.
+    """
+    from transformers import AutoTokenizer  # lazy: transformers is slow to import
+
     model_dir = Path(config.reference.path or config.model.path)
     if not str(model_dir) or not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -228,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if not config.data.train:
         raise UserError("no data: pass --data or --config.data.train")
-    model_config, params = hf.load_hf(model_dir, dtype=args.dtype)
+    model_config, params = hf.load_hf(model_dir, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(
         str(config.tokenizer or config.model.path or model_dir)
     )
@@ -243,11 +204,9 @@ def run(args: argparse.Namespace) -> int:
     kept = [i for i, row in enumerate(rows) if (row.source, row.line) not in dropped]
     if len(kept) != len(tokenized):
         raise UserError(f"{len(rows) - len(tokenized)} rows were dropped during tokenization")
-    chosen, rejected = dataset_ref_logps(
-        make_logps_fn(model_config, params), tokenized, args.batch_size
-    )
-    base = ref_fingerprint.base_fingerprint(spec, tokenizer, model_dir, str(args.dtype))
-    out = Path(args.output)
+    chosen, rejected = dataset_ref_logps(make_logps_fn(model_config, params), tokenized, batch_size)
+    base = ref_fingerprint.base_fingerprint(spec, tokenizer, model_dir, str(dtype))
+    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for i, c, r in zip(kept, chosen, rejected, strict=True):
@@ -261,6 +220,4 @@ def run(args: argparse.Namespace) -> int:
                 base, formats[i]
             )
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    skipped = f" ({len(rows) - len(kept)} bad rows left out)" if len(kept) < len(rows) else ""
-    print(f"wrote {len(kept)} rows with reference log-probs to {out}{skipped}")
-    return 0
+    return len(kept), len(rows)

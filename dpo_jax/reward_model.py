@@ -146,7 +146,7 @@ class LearnedReward:
         return self.score_ids(self.encode(texts))
 
 
-HEAD_FILE = "head.npz"  # beside an exported reward model's HF files (`checkpoint.export_hf`)
+HEAD_FILE = "head.npz"  # beside an exported reward model's HF files (`export.export_hf`)
 
 
 def load_exported(directory: str, tokenizer: Any = None, **kw: Any) -> LearnedReward:

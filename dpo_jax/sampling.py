@@ -29,7 +29,6 @@ sample ``j`` of prompt ``i`` (``SampleOutput.prompt_index``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -543,7 +542,8 @@ def _run_sharded(fn: Any, mesh: Any, params: Any, args: tuple[Any, ...]) -> Any:
 # ----------------------------------------------------------------- text helpers
 
 
-def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
+def eos_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The tokenizer's end-of-sequence id(s), for `SamplingConfig.eos_token_ids`."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         return ()
@@ -572,8 +572,8 @@ def generate_text(
     if isinstance(prompts, str):
         raise TypeError("generate_text: prompts must be a list of strings, got one str")
     base = config or SamplingConfig(
-        eos_token_ids=_eos_ids(tokenizer),
-        pad_token_id=_pad_id(tokenizer),
+        eos_token_ids=eos_ids(tokenizer),
+        pad_token_id=pad_id(tokenizer),
     )
     config = dataclasses.replace(base, **overrides) if overrides else base
     ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
@@ -584,7 +584,8 @@ def generate_text(
     return out
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (`SamplingConfig.pad_token_id`)."""
     for attr in ("pad_token_id", "eos_token_id"):
         v = getattr(tokenizer, attr, None)
         if isinstance(v, int):
@@ -635,31 +636,7 @@ def _score_fn(model: Any) -> Any:
     return score
 
 
-# ------------------------------------------------------------------ command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``dpo-jax sample``."""
-    parser.add_argument(
-        "--model", required=True, help="Hugging Face model directory or a training run/checkpoint"
-    )
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument(
-        "--prompts",
-        required=True,
-        help="text file (one prompt a line) or JSONL with a 'prompt' field",
-    )
-    parser.add_argument("--output", required=True, help="JSONL to write, one line per sample")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-prompt-length", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+# ------------------------------------------------------- prompts and models from files
 
 
 def read_prompts(path: str) -> list[str]:
@@ -731,47 +708,3 @@ def load_model(
             raise UserError(f"{path}: no tokenizer/ next to the checkpoint; pass --tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     return cfg, params, tokenizer
-
-
-def run(args: argparse.Namespace) -> int:
-    """``dpo-jax sample``: write one JSONL line per (prompt, sample)."""
-    cfg, params, tokenizer = load_model(args.model, args.tokenizer, args.dtype, args.step)
-    prompts = read_prompts(args.prompts)
-    config = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        n=args.n,
-        eos_token_ids=_eos_ids(tokenizer),
-        pad_token_id=_pad_id(tokenizer),
-        max_prompt_length=args.max_prompt_length,
-    )
-    key = jax.random.key(args.seed)
-    from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
-
-    model = models.Transformer(cfg)
-    with paths.Path(args.output).open("w", encoding="utf-8") as f:
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start : start + args.batch_size]
-            # A short last chunk is filled with copies so every call has one shape
-            # (one compile); the filler rows are dropped.
-            filled = chunk + [chunk[0]] * (min(args.batch_size, len(prompts)) - len(chunk))
-            out = generate_text(
-                model, params, tokenizer, filled, jax.random.fold_in(key, start), config
-            )
-            for row in range(len(chunk) * config.n):
-                p = int(out.prompt_index[row])
-                n = int(out.lengths[row])
-                record = {
-                    "prompt_index": start + p,
-                    "sample_index": row % config.n,
-                    "prompt": chunk[p],
-                    "completion": out.texts[row],
-                    "num_tokens": n,
-                    "finished": bool(out.finished[row]),
-                    "logp": float(out.logps[row, :n].sum()),
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"wrote {len(prompts) * config.n} samples for {len(prompts)} prompts to {args.output}")
-    return 0

@@ -1,4 +1,4 @@
-"""Preference training: setup, the loop, the Python API and `dpo-jax train`.
+"""Preference training: setup, the loop, the Python API (`dpo-jax train`: dpo_jax/cli/train.py).
 
     result = dpo_jax.train.train(config)          # config: ml_collections ConfigDict
     result.state, result.history, result.eval_history
@@ -15,14 +15,12 @@ checkpoint hooks (`checkpointer.restore_or_none / maybe_save / close`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import itertools
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,9 +34,9 @@ from jax.sharding import Mesh
 
 from dpo_jax import (
     checkpoint,
-    configs,
     data,
     errors,
+    export,
     guards,
     logprobs,
     lora,
@@ -55,6 +53,7 @@ from dpo_jax import (
 )
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
+from dpo_jax.metric_accumulators import finalize_metrics, is_counted
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, read_jsonl, to_python
 from dpo_jax.models import attention, hf
 from dpo_jax.train_step import (
@@ -553,7 +552,7 @@ def evaluate(
     """
     obj = trainer.step_config.objective_fn
     total: dict[str, float] = {}
-    counted: dict[str, Any] = {}  # subset means add sums and counts (losses.CountedMean)
+    counted: dict[str, Any] = {}  # subset means add sums and counts (CountedMean)
     weight = 0.0
     for mb in batches:
         batch_A = stack_micro_batches([mb])
@@ -561,7 +560,7 @@ def evaluate(
         metrics = jax.device_get(trainer.evaluate(state, batch_A, n_seq))
         w = float(metrics[obj.weight_metric]) if obj.weight_metric else n_seq / 2
         for k, v in metrics.items():
-            if losses.is_counted(v):
+            if is_counted(v):
                 counted[k] = v if k not in counted else counted[k] + v
             else:
                 total[k] = total.get(k, 0.0) + w * float(v)
@@ -572,7 +571,7 @@ def evaluate(
     if obj.weight_metric:  # a sum over the batches, not a mean
         out[obj.weight_metric] = weight
     out = {k: to_python(v) for k, v in obj.derive(out).items()}
-    out.update(losses.finalize_metrics(counted))
+    out.update(finalize_metrics(counted))
     return {f"eval/{k}": v for k, v in out.items()}
 
 
@@ -625,7 +624,7 @@ def run_loop(
         fetched = jax.device_get([m for _, m, _ in pending])
         rate = throughput.rate()
         for (step, _, tokens), metrics in zip(pending, fetched, strict=True):
-            row = {k: to_python(v) for k, v in losses.finalize_metrics(metrics).items()}
+            row = {k: to_python(v) for k, v in finalize_metrics(metrics).items()}
             if nan_stop and row.get("nonfinite"):
                 raise NonFiniteLossError(
                     f"step {step}: non-finite loss or gradient (loss={row.get('loss')}, "
@@ -1002,7 +1001,7 @@ def _train(
     finally:
         logging.getLogger("absl").removeFilter(quiet)
     if config.checkpoint.export_hf and run_dir is not None and is_main:
-        checkpoint.export_hf(run_dir, run_dir / "hf")
+        export.export_hf(run_dir, run_dir / "hf")
     return TrainResult(state, history, eval_history, run_dir, trainer)
 
 
@@ -1185,42 +1184,3 @@ def load_data(
         eval_fn = lambda: eval_list
 
     return train_iter, eval_fn, steps_per_epoch
-
-
-# ------------------------------------------------------------------------ command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`dpo-jax train --config FILE.py[:ARG] [--config.key=value ...]`."""
-    parser.add_argument(
-        "--config",
-        required=True,
-        help="config file (dpo_jax/configs/default.py[:ARG]); override fields with --config.KEY=VALUE",
-    )
-    configs.accept_overrides(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of `dpo-jax train`."""
-    # force: importing orbax logs through absl, which already called basicConfig() with
-    # the WARNING default, and INFO lines ("resumed from step N") would be lost.
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
-    )
-    config = configs.load(args.config, getattr(args, "config_overrides", []))
-    t0 = time.perf_counter()
-    result = train(config)
-    last = result.history[-1] if result.history else {}
-    print(
-        json.dumps(
-            {
-                "steps": last.get("step"),
-                "loss": last.get("loss"),
-                "rewards/accuracies": last.get("rewards/accuracies"),
-                **{k: last[k] for k in ("objective/scores", "objective/kl") if k in last},  # PPO
-                "seconds": round(time.perf_counter() - t0, 2),
-                "run_dir": str(result.run_dir),
-            }
-        )
-    )
-    return 0

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import lora, losses, objectives, ppo, scoring
+from dpo_jax import lora, losses, metric_accumulators, objectives, ppo, scoring
 from dpo_jax.configs import default
 from dpo_jax.errors import UserError
 
@@ -378,10 +378,10 @@ def _scan_micro_batches(
 
 def _mean_over_micro(metrics_A: Mapping[str, Any]) -> dict[str, Any]:
     # Micro-batches hold equally many examples, so the mean of means is the batch mean.
-    # Subset means (`losses.CountedMean`) add their sums and counts instead.
+    # Subset means (`metric_accumulators.CountedMean`) add their sums and counts instead.
     return {
         k: jax.tree.map(lambda x: jnp.sum(x.astype(jnp.float32), axis=0), v)
-        if losses.is_counted(v)
+        if metric_accumulators.is_counted(v)
         else jnp.mean(v.astype(jnp.float32), axis=0)
         for k, v in metrics_A.items()
     }

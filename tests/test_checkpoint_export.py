@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import checkpoint, cli, models, train
+from dpo_jax import checkpoint, cli, export, models, train
 from dpo_jax.configs import tiny
 from tests.hf_fixtures import load_torch_model, torch_logits
 from tests.train_helpers import synthetic_batches
@@ -42,7 +42,7 @@ def trained_run(tmp_path_factory, tiny_hf_dir):
 
 def test_export_loads_in_transformers_with_the_trained_logits(trained_run, tmp_path, tokenizer):
     src, cfg, params0, run_dir, result = trained_run
-    out = checkpoint.export_hf(run_dir, tmp_path / "hf")
+    out = export.export_hf(run_dir, tmp_path / "hf")
     trained = jax.device_get(result.state.params)
     # The export is of the trained policy, not of the source weights.
     moved = max(
@@ -71,7 +71,7 @@ def test_export_loads_in_transformers_with_the_trained_logits(trained_run, tmp_p
 
 def test_export_cli_and_step_selection(trained_run, tmp_path):
     _, cfg, _, run_dir, _ = trained_run
-    via_api = checkpoint.export_hf(run_dir / "checkpoints", tmp_path / "api")
+    via_api = export.export_hf(run_dir / "checkpoints", tmp_path / "api")
     assert (
         cli.main(["export", "--checkpoint", str(run_dir), "--output", str(tmp_path / "cli")]) == 0
     )
@@ -83,14 +83,14 @@ def test_export_cli_and_step_selection(trained_run, tmp_path):
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2]
     with pytest.raises(FileNotFoundError, match="no step 1"):
-        checkpoint.export_hf(run_dir, tmp_path / "x", step=1)
-    step_dir = checkpoint.export_hf(run_dir / "checkpoints" / "2", tmp_path / "stepdir")
+        export.export_hf(run_dir, tmp_path / "x", step=1)
+    step_dir = export.export_hf(run_dir / "checkpoints" / "2", tmp_path / "stepdir")
     assert filecmp.cmp(via_api / "model.safetensors", step_dir / "model.safetensors", shallow=False)
 
 
 def test_export_of_a_missing_dir_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        checkpoint.export_hf(tmp_path / "nowhere", tmp_path / "out")
+        export.export_hf(tmp_path / "nowhere", tmp_path / "out")
 
 
 def test_sampling_loads_a_checkpoint_with_the_runs_tokenizer(trained_run, tokenizer):

@@ -36,7 +36,7 @@ REFERENCE_MODES = ("auto", "frozen", "precomputed", "cache", "none", "adapters_o
 REMATS = ("", "none", "block", "dots_saveable")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
-# Ranges of the loss hyper-parameters, by keyword name (losses.py documents each):
+# Ranges of the loss hyper-parameters, by keyword name (dpo_jax/losses documents each):
 # name -> (low, low_inclusive, high, high_inclusive, what it is).
 HYPER_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "beta": (0.0, False, math.inf, False, "the KL strength (TRL default 0.1)"),

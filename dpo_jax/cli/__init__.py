@@ -1,5 +1,10 @@
 """The `dpo-jax` command: one subcommand per capability, each owned by its module."""
 
+# One module per subcommand in this package, each with `add_arguments(parser)` and
+# `run(args)`. They import only the standard library and light dpo_jax modules at the
+# top, so `dpo-jax --help` and `dpo-jax SUB --help` import no jax; `run` imports the
+# library module that does the work.
+
 from __future__ import annotations
 
 import argparse
@@ -10,10 +15,10 @@ from dpo_jax.errors import UserError
 
 # subcommand -> (module, help). Modules are imported lazily so `dpo-jax --help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("dpo_jax.train", "train a policy with a preference loss"),
-    "ref-logps": ("dpo_jax.reference", "precompute reference log-probs for preference rows"),
-    "export": ("dpo_jax.checkpoint", "export a checkpoint as a Hugging Face directory"),
-    "sample": ("dpo_jax.sampling", "sample completions for prompts"),
+    "train": ("dpo_jax.cli.train", "train a policy with a preference loss"),
+    "ref-logps": ("dpo_jax.cli.ref_logps", "precompute reference log-probs for preference rows"),
+    "export": ("dpo_jax.cli.export", "export a checkpoint as a Hugging Face directory"),
+    "sample": ("dpo_jax.cli.sample", "sample completions for prompts"),
 }
 
 
@@ -65,7 +70,3 @@ def console_main(argv: list[str] | None = None) -> int:
     except (UserError, *PATH_ERRORS) as error:
         print(f"dpo-jax: error: {one_line(error)}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(console_main())

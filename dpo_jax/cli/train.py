@@ -1,0 +1,48 @@
+"""`dpo-jax train --config FILE.py[:ARG] [--config.KEY=VALUE ...]`: `dpo_jax.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from dpo_jax import configs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`dpo-jax train --config FILE.py[:ARG] [--config.key=value ...]`."""
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="config file (dpo_jax/configs/default.py[:ARG]); override fields with --config.KEY=VALUE",
+    )
+    configs.accept_overrides(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `dpo-jax train`."""
+    from dpo_jax import train  # lazy: jax, flax and orbax; `dpo-jax train --help` stays light
+
+    # force: importing orbax logs through absl, which already called basicConfig() with
+    # the WARNING default, and INFO lines ("resumed from step N") would be lost.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
+    config = configs.load(args.config, getattr(args, "config_overrides", []))
+    t0 = time.perf_counter()
+    result = train.train(config)
+    last = result.history[-1] if result.history else {}
+    print(
+        json.dumps(
+            {
+                "steps": last.get("step"),
+                "loss": last.get("loss"),
+                "rewards/accuracies": last.get("rewards/accuracies"),
+                **{k: last[k] for k in ("objective/scores", "objective/kl") if k in last},  # PPO
+                "seconds": round(time.perf_counter() - t0, 2),
+                "run_dir": str(result.run_dir),
+            }
+        )
+    )
+    return 0
