@@ -302,6 +302,8 @@ def test_prefix_shared_blockwise_equals_stacked():
     np.testing.assert_allclose(out["prefix_shared"], out["stacked"], rtol=1e-5)
 
 
+# over 120 s (~250 s): one DPO step on 32k-token rows is the long-context claim itself;
+# a smaller row would not leave the dense path's memory
 @pytest.mark.heavy
 def test_32k_prefix_shared_dpo_step_on_cpu():
     """One 32768-token prefix-shared DPO step of a tiny model compiles and runs on CPU

@@ -310,6 +310,8 @@ def test_command_line_overrides_and_presets():
             assert m.kind in other or m.loss_name in losses.names(), spec
 
 
+# over 120 s: the README's main job itself, end to end (~7 CPU-minutes alone, ~13 min
+# beside another xdist worker); it is what the README's table claims
 @pytest.mark.heavy
 def test_default_main_job_dpo_beats_sft(tmp_path):
     """The README's claim, end to end (about 7 CPU-minutes): the default run's DPO policies
