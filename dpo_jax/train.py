@@ -1127,17 +1127,14 @@ def load_data(
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run_dir = config.run_dir or None
-    train_set = data.load_preference_data(
-        data.spec_from_config(config, config.data.train, paired), tokenizer, run_dir
-    )
+    train_spec = data.spec_from_config(config, config.data.train, paired)
+    train_set = data.load_preference_data(train_spec, tokenizer, run_dir)
     if not paired:
         _check_unpaired_weights(config, train_set.dense["label"])
     needs_ref = preference and losses.needs_reference(loss_name)
     has_ref = "ref_chosen" in train_set.dense
     if needs_ref and has_ref and config.reference.mode != "frozen":
-        _check_ref_fingerprints(
-            config, tokenizer, data.spec_from_config(config, config.data.train, paired)
-        )
+        _check_ref_fingerprints(config, tokenizer, train_spec)
     if needs_ref and config.reference.mode == "cache" and not has_ref:
         if not run_dir:
             raise UserError("reference.mode='cache' needs config.run_dir for the cache file")
@@ -1162,13 +1159,10 @@ def load_data(
 
     eval_fn = None
     if config.data.eval:
-        eval_set = data.load_preference_data(
-            data.spec_from_config(config, config.data.eval, paired), tokenizer, run_dir
-        )
+        eval_spec = data.spec_from_config(config, config.data.eval, paired)
+        eval_set = data.load_preference_data(eval_spec, tokenizer, run_dir)
         if needs_ref and has_ref and "ref_chosen" in eval_set.dense:
-            _check_ref_fingerprints(
-                config, tokenizer, data.spec_from_config(config, config.data.eval, paired)
-            )
+            _check_ref_fingerprints(config, tokenizer, eval_spec)
         if needs_ref and has_ref and "ref_chosen" not in eval_set.dense:
             if not run_dir:
                 raise UserError("held-out reference log-probs need config.run_dir for the cache")

@@ -34,20 +34,17 @@ from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 #   from an optimised build in the last bits, so every comparison between two code paths
 #   runs both under the same setting.
 # A user's own JAX_* settings are kept.
-_JAX_ENV = {
-    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
-_JAX_FLAGS = {  # env name -> (jax.config name, parser)
+_JAX_SETTINGS = {  # env name -> (jax.config name, parser, the run's value; None: per run)
     "JAX_DISABLE_MOST_OPTIMIZATIONS": (
-        "jax_disable_most_optimizations", lambda v: v.lower() in ("1", "true")
+        "jax_disable_most_optimizations", lambda v: v.lower() in ("1", "true"), "1"
     ),
-    "JAX_COMPILATION_CACHE_DIR": ("jax_compilation_cache_dir", str),
+    "JAX_COMPILATION_CACHE_DIR": ("jax_compilation_cache_dir", str, None),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": (
-        "jax_persistent_cache_min_compile_time_secs", float
+        "jax_persistent_cache_min_compile_time_secs", float, "0.2"
     ),
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": ("jax_persistent_cache_min_entry_size_bytes", int),
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": (
+        "jax_persistent_cache_min_entry_size_bytes", int, "0"
+    ),
 }  # fmt: skip
 _ORDERS = ("file", "reverse", "random")
 _SCRATCH_ENV = "DPO_JAX_TEST_SCRATCH"  # the controller's scratch dir, for xdist workers
@@ -78,12 +75,12 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[_SCRATCH_ENV] = scratch
     config._dpo_jax_scratch = scratch  # type: ignore[attr-defined]
     os.environ["XDG_CACHE_HOME"] = os.path.join(scratch, "cache")
-    wanted = {**_JAX_ENV, "JAX_COMPILATION_CACHE_DIR": os.path.join(scratch, "xla")}
-    os.environ.update({k: v for k, v in wanted.items() if k not in os.environ})
+    for name, (_, _, value) in _JAX_SETTINGS.items():
+        os.environ.setdefault(name, value or os.path.join(scratch, "xla"))
     if "jax" in sys.modules:  # imported before this hook: its flags read the old env
         import jax
 
-        for name, (flag, parse) in _JAX_FLAGS.items():
+        for name, (flag, parse, _) in _JAX_SETTINGS.items():
             jax.config.update(flag, parse(os.environ[name]))
     if config.getoption("test_order") == "random" and config.getoption("test_order_seed") is None:
         seed = os.environ.get(_SEED_ENV) if hasattr(config, "workerinput") else None

@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import transformers
 
-from dpo_jax import ppo_loop, reward_model, sampling
+from dpo_jax import ppo_loop, reward_model
 from dpo_jax.data import default_cache_dir, tokenize
+from tests import train_helpers as th
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 
 
@@ -59,15 +60,7 @@ def test_padded_call_then_ppo_reward_model_scores_the_sampled_ids(tmp_path):
     prompts = [policy_tok(p)["input_ids"] for p in ("How are you?", "Tell me about the sea.")]
     eos = policy_tok.eos_token_id
     comps = [[268, 270, eos], [300, 301, 302]]  # one ended with EOS, one cut at max length
-    width = max(map(len, prompts))
-    samples = sampling.SampleOutput(
-        prompt_ids=np.array([[0] * (width - len(p)) + p for p in prompts], np.int32),
-        prompt_lengths=np.array([len(p) for p in prompts], np.int32),
-        tokens=np.array(comps, np.int32), lengths=np.array([3, 3], np.int32),
-        logps=np.zeros((2, 3), np.float32), sampling_logps=np.zeros((2, 3), np.float32),
-        finished=np.array([True, False]), prompt_index=np.arange(2, dtype=np.int32),
-        config=sampling.SamplingConfig(),
-    )  # fmt: skip
+    samples = th.sample_output(prompts, comps, finished=[True, False])
     got = ppo_loop.reward_from_spec(f"reward_model:{rm}", policy_tok)(samples)
     learned = reward_model.load_exported(str(rm), tokenizer=policy_tok)
     want = ppo_loop.reward_from_ids(learned)(samples)

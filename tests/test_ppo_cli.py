@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from dpo_jax import cli, data, ppo_loop, reward_model, rewards, sampling
+from dpo_jax import cli, data, ppo_loop, reward_model, rewards
 from dpo_jax.errors import UserError
 from tests import train_helpers as th
 from tests.hf_fixtures import make_tiny_hf_model
@@ -144,16 +144,7 @@ def test_reward_specs_score_prompt_and_completion(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "clf")
     prompts = [tokenizer(p)["input_ids"] for p in ("I love it.", "This is awful")]
     comps = [tokenizer(c)["input_ids"] for c in (" Great!", " and bad.")]
-    width, m = max(map(len, prompts)), max(map(len, comps))
-    samples = sampling.SampleOutput(
-        prompt_ids=np.array([[0] * (width - len(p)) + p for p in prompts], np.int32),
-        prompt_lengths=np.array([len(p) for p in prompts], np.int32),
-        tokens=np.array([c + [0] * (m - len(c)) for c in comps], np.int32),
-        lengths=np.array([len(c) for c in comps], np.int32),
-        logps=np.zeros((2, m), np.float32), sampling_logps=np.zeros((2, m), np.float32),
-        finished=np.zeros(2, bool), prompt_index=np.arange(2, dtype=np.int32),
-        config=sampling.SamplingConfig(),
-    )  # fmt: skip
+    samples = th.sample_output(prompts, comps)
     texts = ["I love it. Great!", "This is awful and bad."]
     vader = ppo_loop.reward_from_spec("vader", tokenizer)(samples)
     np.testing.assert_array_equal(vader, rewards.VaderReward()(texts))

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax import data, models, sharding, train
+from dpo_jax import data, models, sampling, sharding, train
 
 VOCAB = 64
 GOOD = (30, 45)
@@ -110,3 +110,23 @@ class StopAfter:
 
     def close(self):
         self.inner.close()
+
+
+def sample_output(
+    prompts: list[list[int]], completions: list[list[int]], finished: Any = None
+) -> sampling.SampleOutput:
+    """A `SampleOutput` holding these prompt and completion ids as the sampler lays them out
+    (prompts left-padded, completions right-padded, with 0), for reward tests."""
+    width, steps = max(map(len, prompts)), max(map(len, completions))
+    rows = len(prompts)
+    return sampling.SampleOutput(
+        prompt_ids=np.array([[0] * (width - len(p)) + p for p in prompts], np.int32),
+        prompt_lengths=np.array([len(p) for p in prompts], np.int32),
+        tokens=np.array([c + [0] * (steps - len(c)) for c in completions], np.int32),
+        lengths=np.array([len(c) for c in completions], np.int32),
+        logps=np.zeros((rows, steps), np.float32),
+        sampling_logps=np.zeros((rows, steps), np.float32),
+        finished=np.zeros(rows, bool) if finished is None else np.asarray(finished, bool),
+        prompt_index=np.arange(rows, dtype=np.int32),
+        config=sampling.SamplingConfig(),
+    )
