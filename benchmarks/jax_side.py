@@ -147,7 +147,7 @@ def step_compiled_stats(trainer: Any, state: Any, batch_A: Mapping[str, Any], n_
         batch_A, n_seq = trainer.prepare_batch(batch_A, n_seq)
         fn = trainer._compiled(trainer._train_fns, train_step, batch_A, n_seq, True)
         t0 = time.perf_counter()
-        with trainer._context():
+        with trainer.mesh_context():
             compiled = fn.lower(state, trainer.place_batch(batch_A)).compile()
         compile_s = time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001 - stats are optional; the timing is the result

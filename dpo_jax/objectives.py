@@ -86,6 +86,12 @@ class Objective:
     # Batches hold chosen/rejected (or example/KL) halves, 2B sequences; False: single
     # sequences (multi-host batches are then numbered host after host).
     paired: bool = True
+    # Trained on rollouts of the current policy: its step source is
+    # `dpo_jax.online.METHODS[name]` (instead of the data pipeline's batches).
+    rollouts: bool = False
+    # run config -> the step's `objective_hyper` (default: the `objective` section less
+    # its name).
+    hyper: Callable[[Any], dict[str, Any]] | None = None
 
 
 # ------------------------------------------------------------------------ preference
@@ -228,6 +234,8 @@ OBJECTIVES: dict[str, Objective] = {
         head=Head(init_reward_head, reward_head_axes),
         needs=lambda cfg: frozenset({"token_logps", "token_metrics", "hidden"}),
         paired=False,  # one episode per row: hosts' rows numbered host after host
+        rollouts=True,
+        hyper=ppo.config_hyper,
     ),  # fmt: skip
 }
 

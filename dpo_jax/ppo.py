@@ -269,6 +269,11 @@ BATCH_COLUMNS = ("old_logps", "old_values", "advantages", "returns")
 OBJECTIVE_HYPER = ("clip", "value_clip", "vf_coef")
 
 
+def config_hyper(config: object) -> dict[str, float]:
+    """The "ppo" objective's `objective_hyper` from a run config (`config.ppo`)."""
+    return {k: float(config.ppo[k]) for k in OBJECTIVE_HYPER}  # type: ignore[attr-defined]
+
+
 def objective_loss(inp: object) -> tuple[Array, dict[str, Array], object]:
     """The `"ppo"` objective of the one train step (`objectives.ObjectiveInput` in).
 

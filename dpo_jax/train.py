@@ -21,7 +21,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -43,18 +43,33 @@ from dpo_jax import (
     losses,
     models,
     objectives,
+    online,
     optim,
     paths,
-    ppo_loop,
     ref_fingerprint,
     reference,
-    scoring,
     sharding,
 )
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
-from dpo_jax.metric_accumulators import finalize_metrics, is_counted
-from dpo_jax.metrics import MetricsWriter, Progress, Throughput, read_jsonl, to_python
+from dpo_jax.loop import (  # noqa: F401  (re-exported: the loop's names as train.X)
+    BATCH_KEYS,
+    MIN_SKIPS_BEFORE_STOP,
+    MicroBatchSource,
+    NonFiniteLossError,
+    StepBatch,
+    StepSource,
+    batch_num_sequences,
+    check_skipped,
+    count_sequence_tokens,
+    count_tokens,
+    evaluate,
+    global_count,
+    group_micro_batches,
+    run_loop,
+    stack_micro_batches,
+)
+from dpo_jax.metrics import MetricsWriter, Progress, read_jsonl
 from dpo_jax.models import attention, hf
 from dpo_jax.train_step import (
     StepConfig,
@@ -72,67 +87,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILENAME = "config.json"
 Batch = dict[str, np.ndarray]
 
-# Keys of a host micro-batch that the jitted step reads; others (the loader's `step`)
-# stay on the host.
-# `scored_positions` is optional: a caller that pins K (one compiled shape) supplies it.
-BATCH_KEYS = (*scoring.MODEL_KEYS, *scoring.OBJECTIVE_KEYS, "scored_positions")
-
 
 # ------------------------------------------------------------------------ batches
-
-
-def stack_micro_batches(micro_batches: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Batch:
-    """Stack `A` host micro-batches on a new leading axis (padding lengths to the max).
-
-    Padding uses segment 0 / sequence_index -1 (branch 0), so it changes no number;
-    see `dpo_jax.data.stack_micro_batches`.
-    """
-    if not micro_batches:
-        raise ValueError("stack_micro_batches: no micro-batches")
-    kept = [{k: np.asarray(v) for k, v in mb.items() if k in BATCH_KEYS} for mb in micro_batches]
-    return data.stack_micro_batches(kept, pad_id)
-
-
-def batch_num_sequences(batch_A: Mapping[str, Any], layout: str = "stacked") -> int:
-    """2B of one micro-batch of a stacked `[A, ...]` batch (static for the jitted step)."""
-    if "ref_logps" in batch_A:
-        return int(np.shape(batch_A["ref_logps"])[-1])
-    if "labels" in batch_A:
-        return 2 * int(np.shape(batch_A["labels"])[-1])
-    if layout == "stacked":
-        return int(np.shape(batch_A["input_ids"])[1])
-    # Packed rows: one past the largest sequence index (padding sequences count too,
-    # the loader numbers every slot).
-    return int(np.max(batch_A["sequence_index"])) + 1
-
-
-def count_tokens(batch: Mapping[str, Any]) -> int:
-    """Non-padding tokens of a host batch (for tokens_per_second)."""
-    return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
-
-
-def count_sequence_tokens(batch: Mapping[str, Any]) -> int:
-    """Tokens of every sequence, prompt included, as TRL's `num_tokens` counts them (its
-    attention mask over stacked rows): a shared prompt counts once per sequence, whatever
-    the layout. Sequence k holds `1 + max position` tokens (positions restart per sequence
-    and continue past a shared prompt)."""
-    si = np.asarray(batch["sequence_index"]).reshape(-1)
-    pos = np.asarray(batch["positions"]).reshape(-1)
-    scored = si >= 0
-    if not scored.any():
-        return 0
-    top = np.full(int(si.max()) + 1, -1, np.int64)
-    np.maximum.at(top, si[scored], pos[scored])
-    return int(np.sum(top[top >= 0] + 1))
-
-
-def _global_count(n: int) -> int:
-    """`n` summed over the processes of a multi-host run (each counts its own slice)."""
-    if jax.process_count() == 1:
-        return n
-    from jax.experimental import multihost_utils
-
-    return int(np.sum(np.asarray(multihost_utils.process_allgather(np.int32(n)), np.int64)))
 
 
 def globalize_host_batch(
@@ -259,7 +215,8 @@ class Trainer:
     _train_fns: dict = dataclasses.field(default_factory=dict)
     _eval_fns: dict = dataclasses.field(default_factory=dict)
 
-    def _context(self):
+    def mesh_context(self) -> Any:
+        """The mesh and its logical-axis rules, for calls of jitted functions outside the step."""
         # Linen's activation constraints resolve logical names through these rules.
         return _MeshRules(self.mesh, self.rules)
 
@@ -326,14 +283,14 @@ class Trainer:
         batch_A, n_seq = self.prepare_batch(batch_A, n_seq)
         table, step_fn = (self._train_fns, train_step) if train else (self._eval_fns, eval_step)
         fn = self._compiled(table, step_fn, batch_A, n_seq, train)
-        with self._context():
+        with self.mesh_context():
             return fn.lower(state, self.place_batch(batch_A))
 
     def _run(self, state: TrainState, batch_A: Mapping[str, Any], n_seq: int, train: bool) -> Any:
         batch_A, n_seq = self.prepare_batch(batch_A, n_seq)
         table, step_fn = (self._train_fns, train_step) if train else (self._eval_fns, eval_step)
         fn = self._compiled(table, step_fn, batch_A, n_seq, train)
-        with self._context():
+        with self.mesh_context():
             return fn(state, self.place_batch(batch_A))
 
 
@@ -487,36 +444,6 @@ def abstract_checkpointable(trainer: Trainer, state: TrainState) -> TrainState:
 # ------------------------------------------------------------------------ the loop
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
-    """A step produced a NaN/Inf loss or gradient under nan_policy='stop'.
-
-    A `UserError`: the console script prints its one line (the step and what to do).
-    """
-
-
-# Under nan_policy='skip', never stop for fewer skipped steps than this, so one bad
-# batch early in a run (1 of 5 steps) does not end it.
-MIN_SKIPS_BEFORE_STOP = 10
-
-
-def check_skipped(step: int, row: Mapping[str, Any], max_fraction: float) -> None:
-    """Warn about a skipped (non-finite) step; raise once too many were skipped.
-
-    `row["skipped_steps"]` counts every skip of the run, resumed parts included.
-    """
-    skipped = int(row.get("skipped_steps", 0))
-    log.warning(
-        "step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped "
-        "(%d skipped so far)", step, row.get("loss"), row.get("grad_norm"), skipped,
-    )  # fmt: skip
-    if skipped > MIN_SKIPS_BEFORE_STOP and skipped > max_fraction * step:
-        raise NonFiniteLossError(
-            f"step {step}: {skipped} of {step} steps skipped for non-finite loss or gradient, "
-            f"more than train.max_skipped_fraction={max_fraction}; the run is diverging "
-            "(lower optim.learning_rate, or check the data), or raise the fraction"
-        )
-
-
 @dataclasses.dataclass
 class TrainResult:
     """What `train` returns: the final state and the metric rows it logged."""
@@ -527,177 +454,6 @@ class TrainResult:
     run_dir: paths.Path | None
     trainer: Trainer
     lowered: jax.stages.Lowered | None = None  # train(dry_run=True): the first step's program
-
-
-def _group(iterator: Iterator[Mapping[str, Any]], size: int) -> Batch | None:
-    micro = []
-    for mb in iterator:
-        micro.append(mb)
-        if len(micro) == size:
-            return stack_micro_batches(micro)
-    return None
-
-
-def evaluate(
-    trainer: Trainer,
-    state: TrainState,
-    batches: Iterable[Mapping[str, Any]],
-    layout: str = "stacked",
-) -> dict[str, float]:
-    """Held-out loss/metrics, keys prefixed `eval/`.
-
-    Batches are weighted by their number of examples (SFT: target tokens, the
-    objective's `weight_metric`), so a smaller remainder batch counts for what it
-    holds: the result is the mean over examples (tokens).
-    """
-    obj = trainer.step_config.objective_fn
-    total: dict[str, float] = {}
-    counted: dict[str, Any] = {}  # subset means add sums and counts (CountedMean)
-    weight = 0.0
-    for mb in batches:
-        batch_A = stack_micro_batches([mb])
-        n_seq = batch_num_sequences(batch_A, layout)
-        metrics = jax.device_get(trainer.evaluate(state, batch_A, n_seq))
-        w = float(metrics[obj.weight_metric]) if obj.weight_metric else n_seq / 2
-        for k, v in metrics.items():
-            if is_counted(v):
-                counted[k] = v if k not in counted else counted[k] + v
-            else:
-                total[k] = total.get(k, 0.0) + w * float(v)
-        weight += w
-    if not weight:
-        raise UserError("evaluation data is empty")
-    out = {k: v / weight for k, v in total.items()}
-    if obj.weight_metric:  # a sum over the batches, not a mean
-        out[obj.weight_metric] = weight
-    out = {k: to_python(v) for k, v in obj.derive(out).items()}
-    out.update(finalize_metrics(counted))
-    return {f"eval/{k}": v for k, v in out.items()}
-
-
-def run_loop(
-    trainer: Trainer,
-    state: TrainState,
-    train_batches: Iterable[Mapping[str, Any]],
-    *,
-    num_steps: int,
-    grad_accum_steps: int = 1,
-    layout: str = "stacked",
-    eval_batches: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
-    eval_every: int = 0,
-    log_every: int = 10,
-    steps_per_epoch: float | None = None,
-    writer: MetricsWriter | None = None,
-    progress: Progress | None = None,
-    checkpointer: Any = None,
-    data_state: Callable[[], Any] | None = None,
-    start_step: int = 0,
-    num_tokens_start: int = 0,
-    max_skipped_fraction: float = 0.1,
-    eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
-) -> tuple[TrainState, list[dict], list[dict]]:
-    """Drive `trainer.step` for steps `start_step+1 .. num_steps`; log, evaluate, save.
-
-    Metrics are fetched from the device only every `log_every` steps (and at the end),
-    so dispatch runs ahead of the host. Under nan_policy='stop' a non-finite step
-    raises NonFiniteLossError naming it (the state still holds the last good params).
-    `num_tokens` is cumulative as in TRL, from `num_tokens_start` (tokens seen before
-    `start_step`).
-    Under nan_policy='skip' every skipped step is warned about, and once more than
-    `max_skipped_fraction` of the steps so far (and more than `MIN_SKIPS_BEFORE_STOP`)
-    were skipped the run stops the same way.
-    `eval_hook(step, params)` runs with `eval_batches` (every `eval_every` steps and at
-    the end); its metrics join that step's eval row, written before the step's
-    checkpoint, so a resumed run keeps the rows of the steps before the kill.
-    """
-    history: list[dict] = []
-    eval_history: list[dict] = []
-    pending: list[tuple[int, dict, float]] = []
-    throughput = Throughput()
-    iterator = iter(train_batches)
-    nan_stop = trainer.step_config.nan_policy == "stop"
-    seen = int(num_tokens_start)
-
-    def flush() -> None:
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m, _ in pending])
-        rate = throughput.rate()
-        for (step, _, tokens), metrics in zip(pending, fetched, strict=True):
-            row = {k: to_python(v) for k, v in finalize_metrics(metrics).items()}
-            if nan_stop and row.get("nonfinite"):
-                raise NonFiniteLossError(
-                    f"step {step}: non-finite loss or gradient (loss={row.get('loss')}, "
-                    f"grad_norm={row.get('grad_norm')}); the update was not applied. "
-                    "Set train.nan_policy='skip' to skip such steps instead."
-                )
-            if row.get("nonfinite"):
-                check_skipped(step, row, max_skipped_fraction)
-            row["tokens_per_second"] = rate
-            row["num_tokens"] = tokens
-            if steps_per_epoch:
-                row["epoch"] = step / steps_per_epoch
-            row["step"] = step
-            history.append(row)
-            if writer is not None:
-                writer.write(step, row)
-        if progress is not None:
-            progress.update(pending[-1][0], history[-1])
-        pending.clear()
-
-    def run_eval(step: int) -> None:
-        if eval_batches is None and eval_hook is None:
-            return
-        row = {} if eval_batches is None else evaluate(trainer, state, eval_batches(), layout)
-        if eval_hook is not None:
-            row.update({k: to_python(v) for k, v in eval_hook(step, state.params).items()})
-        row["step"] = step
-        eval_history.append(row)
-        if writer is not None:
-            writer.write(step, row)
-        if progress is not None and eval_batches is not None:
-            progress.write(
-                f"step {step}: eval loss {row.get('eval/loss', float('nan')):.4f} "
-                f"acc {row.get('eval/rewards/accuracies', float('nan')):.3f}"
-            )
-
-    for step in range(start_step + 1, num_steps + 1):
-        batch_A = _group(iterator, grad_accum_steps)
-        if batch_A is None:
-            log.warning("training data ran out after %d steps", step - 1)
-            break
-        throughput.add(count_tokens(batch_A))
-        seen += _global_count(count_sequence_tokens(batch_A))
-        state, metrics = trainer.step(state, batch_A, batch_num_sequences(batch_A, layout))
-        pending.append((step, metrics, seen))
-        if step % max(log_every, 1) == 0 or step == num_steps:
-            flush()
-        if eval_every and step % eval_every == 0 and step != num_steps:
-            flush()
-            run_eval(step)
-        if checkpointer is not None:
-            # Rows up to a saved step must be on disk before the save (exact resume), and
-            # a NaN step under "stop" must raise before it could be checkpointed.
-            should = getattr(checkpointer, "should_save", None)
-            if should is None or should(step):
-                flush()
-            data = data_state() if data_state is not None else None
-            cstate = checkpointable(state, trainer.step_config)
-            checkpointer.maybe_save(step, cstate, data)  # skipped_steps lives in the state
-            # Preempted at the last step: finish normally (its evaluation and final save
-            # below), or the run would end complete but without its final evaluation.
-            if getattr(checkpointer, "preempted", False) and step < num_steps:
-                flush()
-                checkpointer.maybe_save(step, cstate, data, force=True)
-                log.warning("preempted: saved step %d and stopped", step)
-                return state, history, eval_history
-    flush()
-    last = int(jax.device_get(state.step))
-    run_eval(last)
-    if checkpointer is not None:
-        data = data_state() if data_state is not None else None
-        checkpointer.maybe_save(last, checkpointable(state, trainer.step_config), data, force=True)
-    return state, history, eval_history
 
 
 # ------------------------------------------------------------------------ config-driven
@@ -797,10 +553,11 @@ def train(
     returns the result with `lowered`: the program of the first training step,
     lowered (`Trainer.lower`) -- exactly what the run would execute.
 
-    `objective.name="ppo"` (`dpo_jax.ppo_loop`): `train_data` is the prompt pool (token
-    ids per prompt; default: `data.train`'s prompts), `reward(samples) -> [S]` scores a
-    rollout (default: `config.ppo.reward`'s spec), `config.ppo` sets the phase (its
-    length replaces `num_steps`); `history` holds one row per rollout.
+    On-policy objectives (`dpo_jax.online`: "ppo", ...): `train_data` is the prompt pool
+    (token ids per prompt; default: `data.train`'s prompts), `reward(samples) -> [S]`
+    scores a rollout (default: `config.online.reward`'s spec), `config.online` and the
+    method's section set the phase (its length replaces `num_steps`); each `history` row
+    carries its rollout's metrics (`objective/*`, `rollout`).
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
@@ -865,9 +622,9 @@ def _train(
         check_loss_options(loss_name, hyper, early)
 
     needs_ref = preference and losses.needs_reference(loss_name)
-    ppo_cfg = ppo_loop.PPOConfig.from_config(config) if settings["objective"] == "ppo" else None
-    if ppo_cfg is not None:  # prompts and a reward (given, or data.train and ppo.reward)
-        train_data, reward = ppo_loop.inputs_from_config(config, train_data, reward)
+    on_policy = online.method(config)  # trained on rollouts instead of the data's batches
+    if on_policy is not None:  # prompts and a reward (given, or data.train and online.reward)
+        train_data, reward = online.inputs_from_config(config, train_data, reward)
         needs_ref = True  # the rollouts' reference
     if ref_params is None and config.reference.path and needs_ref:
         ref_params = _reference_from_config(config, model_config)
@@ -877,7 +634,9 @@ def _train(
         )
     else:
         steps_per_epoch = None
-    num_steps = int(config.num_steps) if ppo_cfg is None else ppo_cfg.num_steps
+    num_steps = int(config.num_steps)
+    if on_policy is not None:  # the phase's length: rollouts x updates per rollout
+        num_steps = on_policy.settings(config).num_steps
     if num_steps <= 0:
         if not steps_per_epoch:
             raise UserError("config.num_steps must be > 0 when the data length is unknown")
@@ -907,19 +666,24 @@ def _train(
         rules=sharding.validate_rules(config.mesh.rules),
         **settings,
     )
-    if dry_run:  # the first step's batch, grouped and counted as run_loop does
-        batch_A = (
-            _group(train_iter, config.grad_accum_steps) if ppo_cfg is None
-            else ppo_loop.example_step_batch(ppo_cfg, train_data, trainer)  # a PPO update's
+    source: StepSource = MicroBatchSource(
+        train_iter, config.grad_accum_steps, config.data.layout,
+        getattr(train_data, "get_state", None),
+    )  # fmt: skip
+    if on_policy is not None:
+        source = online.build_source(
+            config, trainer, state, train_data, reward, ref_params, dry_run=dry_run
+        )
+    if dry_run:  # the first step's batch, as the loop gets it from the source
+        first_step = (
+            source.example_step(trainer, on_policy.columns) if on_policy is not None
+            else source.next_step(trainer, state)
         )  # fmt: skip
-        if batch_A is None:
+        if first_step is None:
             raise UserError(f"fewer than grad_accum_steps={config.grad_accum_steps} batches")
-        n_seq = batch_num_sequences(batch_A, config.data.layout)
-        lowered = trainer.lower(state, batch_A, n_seq)
+        lowered = trainer.lower(state, first_step.batch_A, first_step.n_seq)
         return TrainResult(state, [], [], None, trainer, lowered)
     model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
-    if ppo_cfg is not None:  # the rollouts' frozen reference (never checkpointed)
-        ppo_ref = ppo_loop.reference_params(trainer, state, ref_params)
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None
@@ -938,14 +702,22 @@ def _train(
             if restored is not None:
                 state = _reattach_reference(restored.state, state)
                 start_step = int(restored.step)
-                if hasattr(train_data, "set_state") and restored.data_state is not None:
+                if on_policy is not None:  # the next rollout and the method's controller
+                    source.set_state(restored.data_state)
+                elif hasattr(train_data, "set_state") and restored.data_state is not None:
                     train_data.set_state(restored.data_state)  # refuses other data
-                    train_iter = iter(train_data)
+                    source = MicroBatchSource(
+                        iter(train_data), config.grad_accum_steps, config.data.layout,
+                        train_data.get_state,
+                    )  # fmt: skip
                 else:  # a plain iterable: skip what the restored steps consumed
                     # (from train_iter, which starts at the first batch: a generator's
                     # iter() would continue after the one already taken)
                     skip = start_step * config.grad_accum_steps
-                    train_iter = itertools.islice(train_iter, skip, None)
+                    source = MicroBatchSource(
+                        itertools.islice(train_iter, skip, None), config.grad_accum_steps,
+                        config.data.layout,
+                    )  # fmt: skip
                 log.info("resumed from step %d", start_step)
                 num_tokens_start = _logged_num_tokens(run_dir, start_step)
         except BaseException as error:  # a refused resume: release Orbax and SIGTERM
@@ -966,16 +738,11 @@ def _train(
     quiet = guards.QuietDiskFull()
     logging.getLogger("absl").addFilter(quiet)
     try:
-        loop = run_loop
-        if ppo_cfg is not None:  # rollouts, then PPO epochs of the same trainer.step
-            restored_data = restored.data_state if restored is not None else None
-            loop = ppo_loop.phase_loop(ppo_cfg, config, ppo_ref, train_data, reward, restored_data)
-        state, history, eval_history = loop(
+        state, history, eval_history = run_loop(
             trainer,
             state,
-            train_iter,
+            source,
             num_steps=num_steps,
-            grad_accum_steps=config.grad_accum_steps,
             layout=config.data.layout,
             eval_batches=eval_fn,
             eval_every=config.train.eval_every,
@@ -984,7 +751,6 @@ def _train(
             writer=writer,
             progress=progress,
             checkpointer=checkpointer,
-            data_state=getattr(train_data, "get_state", None),
             start_step=start_step,
             num_tokens_start=num_tokens_start,
             max_skipped_fraction=config.train.max_skipped_fraction,

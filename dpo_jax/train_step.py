@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import lora, losses, metric_accumulators, objectives, ppo, scoring
+from dpo_jax import lora, losses, metric_accumulators, objectives, scoring
 from dpo_jax.configs import default
 from dpo_jax.errors import UserError
 
@@ -110,8 +110,9 @@ def step_settings(config: Any) -> dict[str, Any]:
         loss_hyper={k: v for k, v in hyper.items() if v is not None},
         objective_hyper={k: v for k, v in objective.items() if k != "name"},
     )
-    if out["objective"] == "ppo":  # PPO's step settings live with the phase's, in ppo.*
-        out["objective_hyper"] = {k: float(config.ppo[k]) for k in ppo.OBJECTIVE_HYPER}
+    registered = objectives.OBJECTIVES.get(out["objective"])  # unknown: refused by validate
+    if registered is not None and registered.hyper is not None:  # settings in its own section
+        out["objective_hyper"] = registered.hyper(config)
     return out
 
 

@@ -158,7 +158,7 @@ def get_config(preset: str = "mini"):
     c.sft.completion_only = True
     c.data.update(max_prompt_length=32, max_completion_length=32)
     c.eval.max_new_tokens = 32
-    c.ppo.max_new_tokens = 32  # PPO's rollouts as long as the evaluation's samples
+    c.online.max_new_tokens = 32  # PPO's rollouts as long as the evaluation's samples
     if preset == "mini":
         c.seeds = (0, 1, 2)  # training seeds; the data (data_seed) is the same for each
     if preset == "smoke":
@@ -176,7 +176,7 @@ def get_config(preset: str = "mini"):
         c.optim.update(name="rmsprop", learning_rate=1e-6, warmup_steps=150)
         c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
         c.eval.update(batch_size=256, max_new_tokens=256)
-        c.ppo.max_new_tokens = 256
+        c.online.max_new_tokens = 256
         c.best_of_n.n = 128  # the paper's Best of 128
         c.reward_model.update(num_steps=2500, batch_size=64, learning_rate=1e-5)
         c.judge = "llm:python:my_judges:gpt4"

@@ -142,10 +142,8 @@ def offline_config(fmt: str) -> ml_collections.ConfigDict:
     # of the comparisons' prompts as long as the evaluation's samples; the adaptive KL
     # controller with its horizon shrunk to the run (a horizon of 10,000 episodes would
     # barely move beta in 40 rollouts of 64).
-    c.ppo.update(
-        num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, num_epochs=4,
-        kl_coef=0.1, target_kl=1.0, kl_horizon=256.0,
-    )  # fmt: skip
+    c.online.update(num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, kl_coef=0.1)
+    c.ppo.update(num_epochs=4, target_kl=1.0, kl_horizon=256.0)
     c.eval = ml_collections.ConfigDict(
         dict(max_new_tokens=24, temperatures=PAPER_TEMPERATURES, batch_size=128, seed=4321)
     )
@@ -167,7 +165,8 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
     c.checkpoint.save_every = 1000  # the final save only (what later phases read)
     c.reward_model.update(num_steps=4, batch_size=8)
     c.best_of_n.n = 2
-    c.ppo.update(num_rollouts=2, rollout_batch_size=8, max_new_tokens=12, num_epochs=2)
+    c.online.update(num_rollouts=2, rollout_batch_size=8, max_new_tokens=12)
+    c.ppo.num_epochs = 2
     c.eval.update(batch_size=16, max_new_tokens=12, temperatures=(0.0, 1.0))
     c.train.progress = False
 
@@ -730,7 +729,7 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
         "sft": (*policy, "sft"), "preferred_ft": (*policy, "sft"),
         "reference": ("reference_policy", "eval.batch_size"), "dpo": dpo_keys,
         "reward_model": ("reward_model", "mesh", "seed"),
-        "ppo": ("ppo", "optim", "grad_accum_steps", "seed", "mesh"),
+        "ppo": ("ppo", "online", "optim", "grad_accum_steps", "seed", "mesh"),
     }  # fmt: skip
     graph = [
         Phase("data", data_phase(task), reads=("data", "data_seed")),

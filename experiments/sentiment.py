@@ -135,10 +135,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     # as the pairs and the evaluation; the KL controller's horizon shrunk with the run
     # (Ziegler et al.'s 10,000 episodes would barely move beta in 40 rollouts of 64; at
     # 256, beta can move by up to e^2 either way over the run, so the targets differ).
-    c.ppo.update(
-        num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, num_epochs=4,
-        kl_coef=0.1, kl_horizon=256.0,
-    )  # fmt: skip
+    c.online.update(num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, kl_coef=0.1)
+    c.ppo.update(num_epochs=4, kl_horizon=256.0)
     # The learned reward of PPO and Best-of-N: Bradley-Terry on the same pairs
     # (objective.name="reward_model" on the Trainer), from the SFT policy's weights.
     c.reward_model = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32))
@@ -851,18 +849,22 @@ def ppo_method_config(ctx: Context, method: Method) -> ml_collections.ConfigDict
     config = phases.train_config(
         ctx.config, ctx, **{"objective.name": "ppo", "seed": ctx.config.seed + 1000 * method.seed}
     )
-    config.ppo.update(ppo_hyper(config, method))
+    for key, value in ppo_hyper(config, method).items():
+        section = config.ppo if key in config.ppo else config.online
+        section[key] = value
     config.num_steps = ppo_loop.PPOConfig.from_config(config).num_steps
     return config
 
 
 def ppo_hyper(config: ml_collections.ConfigDict, method: Method) -> dict[str, Any]:
-    """A PPO method's `ppo.*` overrides, typed as the config's (`ppo:num_rollouts=10`)."""
+    """A PPO method's `ppo.*` / `online.*` overrides, typed as the config's
+    (`ppo:num_rollouts=10`, `ppo:target_kl=6.0`)."""
     out = {}
     for key, value in method.hyper:
-        if key not in config.ppo:
+        section = config.ppo if key in config.ppo else config.online
+        if key not in section:
             raise ValueError(f"method {method.label!r}: ppo has no setting {key!r}")
-        out[key] = int(value) if isinstance(config.ppo[key], int) else value
+        out[key] = int(value) if isinstance(section[key], int) else value
     return out
 
 
@@ -1024,7 +1026,7 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         elif method.kind in PPO_KINDS:
             graph.append(Phase(name, ppo_method_phase(method),
                                after=("tokenizer", "sft", "pairs", *learned),
-                               reads=("ppo", "optim", "train.eval_every", "seed", "eval",
+                               reads=("ppo", "online", "optim", "train.eval_every", "seed", "eval",
                                       "reward", "pairs.max_new_tokens",
                                       "corpus.prefix_max_len")))  # fmt: skip
         else:

@@ -264,7 +264,7 @@ def get_config(preset: str = "mini"):
         c.optim.update(name="rmsprop", learning_rate=1e-6, warmup_steps=150)
         c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
         c.eval.update(batch_size=256, max_new_tokens=128)
-        c.ppo.max_new_tokens = 128
+        c.online.max_new_tokens = 128
         c.best_of_n.n = 128
         c.reward_model.update(num_steps=1500, batch_size=64, learning_rate=1e-5)
         c.judge = "llm:python:my_judges:gpt4"

@@ -134,7 +134,7 @@ def test_trainer_steps_equal_with_and_without_scored_unembedding(loss, hyper):
             assert batch_A["scored_positions"].shape[-1] < 24 // 2  # completions are short
         placed = trainer.place_batch(batch_A)
         fn = next(iter(trainer._train_fns.values()))
-        with trainer._context():
+        with trainer.mesh_context():
             flops = fn.lower(state, placed).compile().cost_analysis()["flops"]
         runs[scored] = (curve, flat_params(state.params), flops)
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,17 @@ import ml_collections
 
 from dpo_jax.errors import UserError, config_error
 
+log = logging.getLogger(__name__)
+
 CONFIG_DIR = Path(__file__).resolve().parent
+
+# Keys that moved: old dotted name -> new one. The old name still works (an override,
+# or a key a config file or notebook sets) with a deprecation warning.
+MOVED_KEYS = {
+    f"ppo.{k}": f"online.{k}"
+    for k in ("num_rollouts", "rollout_batch_size", "samples_per_prompt", "max_new_tokens",
+              "num_mini_batches", "kl_coef", "reward")
+}  # fmt: skip
 
 # Sections whose keys are free-form (a loss's keyword arguments differ per loss), so an
 # override may add a key there instead of failing as a typo.
@@ -75,6 +86,9 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str)
 
     An unknown key or a value of the wrong type is a `UserError` naming the key.
     """
+    if dotted_key in MOVED_KEYS:
+        log.warning("config key %s is deprecated: it is now %s", dotted_key, MOVED_KEYS[dotted_key])
+        dotted_key = MOVED_KEYS[dotted_key]
     *parents, leaf = dotted_key.split(".")
     node = config
     for i, part in enumerate(parents):
@@ -103,6 +117,30 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str)
     except TypeError:
         kind = _KINDS.get(type(current), f"a {type(current).__name__}")
         raise config_error(dotted_key, f"{raw!r} is not {kind}", f"e.g. {current!r}") from None
+
+
+def migrate_deprecated(config: ml_collections.ConfigDict) -> None:
+    """Move keys set under an old name (`MOVED_KEYS`) to their new one, in place, with a
+    deprecation warning. Both names set to different values is a config error."""
+    from dpo_jax.configs import default  # lazy: default imports data and sharding (jax)
+
+    defaults = None
+    for old, new in MOVED_KEYS.items():
+        old_section, leaf = old.split(".")
+        new_section, new_leaf = new.split(".")
+        section = config.get(old_section)
+        if section is None or leaf not in section:
+            continue
+        value = section[leaf]
+        del section[leaf]
+        if new_section not in config:
+            continue
+        defaults = defaults or default.get_config()
+        now = config[new_section][new_leaf]
+        if now != value and now != defaults[new_section][new_leaf]:
+            raise config_error(old, f"is {value!r} and {new} is {now!r}", f"set only {new}")
+        log.warning("config key %s is deprecated: it is now %s", old, new)
+        config[new_section][new_leaf] = value
 
 
 def _did_you_mean(name: str, known: Sequence[str]) -> str:

@@ -143,19 +143,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.export_hf = False  # write run_dir/hf at the end
 
-    # PPO (objective.name="ppo", dpo_jax/ppo_loop.py, docs/PPO.md): rollouts with the
-    # KV-cache sampler, a value head on the policy, a per-token KL penalty against the
-    # reference. Defaults: TRL's PPOConfig (fixed kl_coef 0.05, 4 epochs, 1 mini-batch,
-    # clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1, lambda 0.95).
+    # On-policy training (objectives ppo, grpo, rloo, online_dpo; docs/ONLINE.md): what
+    # every method shares. Rollouts are sampled from the current policy with the
+    # KV-cache sampler, rewarded or judged, scored, and trained on by the one loop.
+    c.online = ml_collections.ConfigDict()
+    c.online.num_rollouts = 100  # the phase's length: optimizer steps = this x updates/rollout
+    c.online.rollout_batch_size = 64  # completions per rollout, all hosts together
+    c.online.samples_per_prompt = 1  # TRL num_generations (GRPO and RLOO need >= 2)
+    c.online.max_new_tokens = 24
+    c.online.temperature = 1.0  # PPO, GRPO and RLOO sample the policy itself (1.0)
+    c.online.num_mini_batches = 1  # optimizer updates per pass over a rollout
+    c.online.kl_coef = 0.05  # beta of the KL to the reference (PPO: the controller's start)
+    # The rollouts' reward for `dpo-jax train` (the Python API may pass reward= instead):
+    # "vader" | "hf:DIR" (a sequence classifier: P(class 1)) on the decoded prompt +
+    # completion, "reward_model:DIR" (`dpo-jax export` of an objective.name=reward_model
+    # run), "python:MODULE:FUNCTION" (TRL reward_funcs: fn(prompts=, completions=) ->
+    # floats); several comma-separated, weighted by reward_weights (TRL reward_weights).
+    c.online.reward = ""
+    c.online.reward_weights = ml_collections.FieldReference(None, field_type=object)
+    # Online DPO's pairwise judge instead of a reward: "python:MOD:FN", "llm:hf:DIR",
+    # "llm:python:MOD:FN" (dpo_jax.reward_sources.judge_from_spec).
+    c.online.judge = ""
+    # Subtracted from the score of a completion that did not end with EOS (TRL's
+    # missing_eos_penalty); None: no penalty.
+    c.online.missing_eos_penalty = ml_collections.FieldReference(None, field_type=float)
+
+    # PPO (objective.name="ppo", dpo_jax/ppo_loop.py, docs/PPO.md): a value head on the
+    # policy, a per-token KL penalty against the reference, GAE. Defaults: TRL's
+    # PPOConfig (fixed kl_coef, 4 epochs, clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1,
+    # lambda 0.95).
     c.ppo = ml_collections.ConfigDict()
-    c.ppo.num_rollouts = 100  # the phase's length: optimizer steps = this x epochs x minibatches
-    c.ppo.rollout_batch_size = 64  # episodes per rollout, all hosts together
-    c.ppo.samples_per_prompt = 1
-    c.ppo.max_new_tokens = 24
     c.ppo.num_epochs = 4  # PPO epochs over each rollout
-    c.ppo.num_mini_batches = 1  # optimizer updates per epoch (each grad_accum_steps micro)
-    c.ppo.kl_coef = 0.05  # beta of the per-token KL penalty (the controller's start)
-    # None: fixed kl_coef. A KL in nats per sequence: Ziegler et al.'s adaptive
+    # None: fixed online.kl_coef. A KL in nats per sequence: Ziegler et al.'s adaptive
     # controller, kl_coef *= 1 + clip(KL / target_kl - 1, -0.2, 0.2) * episodes / horizon
     c.ppo.target_kl = ml_collections.FieldReference(None, field_type=float)
     c.ppo.kl_horizon = 10000.0
@@ -167,9 +186,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ppo.clip = 0.2  # policy ratio clip
     c.ppo.value_clip = 0.2
     c.ppo.vf_coef = 0.1
-    # The rollouts' reward for `dpo-jax train` (the Python API may pass reward= instead):
-    # "vader" | "hf:DIR" (a sequence classifier: P(class 1)) on the decoded prompt +
-    # completion, or "reward_model:DIR" (`dpo-jax export` of an objective.name=reward_model
-    # run: the HF model and head.npz). The prompts: data.train's rows (docs/PPO.md).
-    c.ppo.reward = ""
     return c

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dpo_jax import losses, objectives, optim, ppo_loop, sharding
+from dpo_jax import losses, objectives, online, optim, sharding
 from dpo_jax.data import LAYOUTS, PARSERS
 from dpo_jax.data.sources import expand_paths
 from dpo_jax.data.tokenize import TRUNCATION_MODES
@@ -292,10 +292,8 @@ def validate(config: Any) -> None:
     check("data.format", _check_choice, ("auto", *PARSERS))
 
     _validate_objective(value)
-    if value("objective.name") == "ppo":  # the ppo.* ranges (dpo_jax.ppo_loop.PPOConfig)
-        ppo_loop.PPOConfig.from_config(config)
-        if value("ppo.reward") not in (_MISSING, ""):  # "": the Python API's reward=
-            ppo_loop.parse_reward_spec(value("ppo.reward"))
+    if value("online.num_rollouts") is not _MISSING:  # an on-policy method's settings
+        online.check(config)
 
     check("reference.mode", _check_choice, REFERENCE_MODES)
     check("reference.ref_model_sync_steps", _check_int, 0)
@@ -403,9 +401,8 @@ def check_paths(config: Any, *, model: bool = True, data: bool = True) -> None:
                     expand_paths(spec)
                 except (UserError, FileNotFoundError) as e:
                     raise config_error(key, str(e)) from None
-    reward = _get(config, "ppo.reward")
-    if _get(config, "objective.name") == "ppo" and reward not in (_MISSING, ""):
-        ppo_loop.check_reward_paths(reward)
+    if _get(config, "online.reward") is not _MISSING:
+        online.check_paths(config)
     run_dir = _get(config, "run_dir")
     if run_dir not in (_MISSING, None, ""):
         check_run_dir(run_dir)
