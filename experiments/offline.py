@@ -195,16 +195,10 @@ def score_judge(score: Callable[[str, str], float]) -> Callable[..., np.ndarray]
 
 def resolve_judge(spec: str, task: Task, config: Any) -> Any:
     """A pairwise judge `(prompts, a, b) -> P(a better)` from `config.judge` (see
-    `offline_config`). LLM judges use the task's C.2 template, seeded by `config.seed`."""
-    import importlib
-
-    from dpo_jax import judge, rewards
-
-    def python_object(path: str) -> Any:
-        module, _, function = path.partition(":")
-        if not function:
-            raise dpo_errors.config_error("judge", f"{spec!r} needs MODULE:FUNCTION", "")
-        return getattr(importlib.import_module(module), function)
+    `offline_config`). `fixture`, `reward:vader` and `hf:DIR` are the experiments' own;
+    `python:`, `llm:hf:` and `llm:python:` are `reward_sources.judge_from_spec`'s, LLM
+    judges with the task's C.2 template, seeded by `config.seed`."""
+    from dpo_jax import reward_sources, rewards
 
     if spec == "fixture":
         return task.fixture_judge()
@@ -212,21 +206,12 @@ def resolve_judge(spec: str, task: Task, config: Any) -> Any:
         return evaluation.reward_judge(rewards.VaderReward())
     if spec.startswith("hf:"):
         return evaluation.reward_judge(rewards.HFClassifierReward(spec[3:], label=1))
-    if spec.startswith("python:"):
-        return python_object(spec[len("python:") :])()
-    if spec.startswith("llm:"):
+    if spec.startswith(("python:", "llm:")):
         lj = config.llm_judge
-        kind, _, target = spec[len("llm:") :].partition(":")
-        if kind == "hf":
-            complete = judge.hf_completer(
-                target, max_new_tokens=lj.max_new_tokens, rows=lj.rows, dtype=lj.dtype
-            )
-        elif kind == "python":
-            complete = judge.callable_completer(python_object(target))
-        else:
-            complete = None
-        if complete is not None:
-            return judge.LLMJudge(complete, task.judge_template, seed=config.seed)
+        return reward_sources.judge_from_spec(
+            spec, key="judge", template=task.judge_template, seed=config.seed,
+            max_new_tokens=lj.max_new_tokens, rows=lj.rows, dtype=lj.dtype,
+        )  # fmt: skip
     raise dpo_errors.config_error(
         "judge",
         f"{spec!r} is not a judge",
