@@ -80,7 +80,7 @@ def inputs_from_config(
     if reward is None and not spec and not judged:
         raise config_error(
             "online.reward", f"is empty: {config.objective.name} scores its rollouts with a reward",
-            f"use {reward_sources.REWARD_SPECS} (Python: train(..., reward=fn), docs/ONLINE.md)",
+            f"use {reward_sources.SPECS} (Python: train(..., reward=fn), docs/ONLINE.md)",
         )  # fmt: skip
     if prompts is not None and (reward is not None or not spec):
         return prompts, reward

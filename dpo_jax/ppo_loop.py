@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpo_jax import objectives, ppo, rollouts, sampling, scoring
+from dpo_jax import objectives, ppo, reward_sources, rollouts, sampling, scoring
 from dpo_jax.errors import config_error
 from dpo_jax.rollouts import RolloutConfig, from_tokens, to_tokens
 
@@ -138,7 +138,7 @@ def collect_rollout(
     state: Any,
     ref_params: Any,
     prompts: Sequence[Sequence[int]],
-    reward: rollouts.RolloutReward,
+    reward: reward_sources.RolloutReward,
     cfg: PPOConfig,
     key: jax.Array,
     kl_coef: float,
@@ -201,7 +201,7 @@ class PPOSource(rollouts.RolloutSource):
         self,
         cfg: PPOConfig,
         prompts: Sequence[Sequence[int]],
-        reward: rollouts.RolloutReward,
+        reward: reward_sources.RolloutReward,
         ref_params: Any,
         seed: int,
         mesh: Any,
@@ -272,7 +272,7 @@ def token_stats(
 
 def build_source(
     config: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]],
-    reward: rollouts.RolloutReward, ref_params: Any, mesh: Any,
+    reward: reward_sources.RolloutReward, ref_params: Any, mesh: Any,
 ) -> PPOSource:
     """Objective "ppo"'s source from a run config (`online.SOURCES`)."""
     cfg = PPOConfig.from_config(config)

@@ -36,9 +36,7 @@ from dpo_jax import logprobs, models, objectives, sampling, scoring, sharding
 from dpo_jax.data import batching
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.loop import StepBatch
-
-# `reward(samples) -> [S]` float scores of a rollout's completions (host side).
-RolloutReward = Callable[[sampling.SampleOutput], np.ndarray]
+from dpo_jax.reward_sources import RolloutReward
 
 # The settings every on-policy method shares: `online.*` (configs/default.py). The old
 # `ppo.<key>` names of these are deprecated aliases (`configs.migrate_deprecated`).

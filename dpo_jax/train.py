@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from dpo_jax import (
     checkpoint,
+    configs,
     data,
     errors,
     export,
@@ -561,6 +562,7 @@ def train(
     """
     # A resolved deep copy: the caller may reuse and mutate its config between runs.
     config = ml_collections.ConfigDict(config).copy_and_resolve_references()
+    configs.migrate_deprecated(config)  # keys set under an old name (ppo.reward, ...)
     # Every mistake in the config surfaces here, before any device work or file write.
     validate.validate(config)
     validate.check_paths(

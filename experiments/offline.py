@@ -507,8 +507,8 @@ def learned_reward(ctx: Context, task: Loaded) -> Any:
 def ppo_phase() -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
     """PPO (`objective.name="ppo"`, `dpo_jax.ppo_loop`) from the reference policy, which
     is also the KL penalty's frozen reference: rollouts of the training comparisons'
-    prompts, scored by the learned reward model (`ppo_loop.reward_from_ids`)."""
-    from dpo_jax import ppo_loop
+    prompts, scored by the learned reward model (`reward_sources.reward_from_ids`)."""
+    from dpo_jax import ppo_loop, reward_sources
 
     def ppo_config(ctx: Context) -> ml_collections.ConfigDict:
         # seed + 2: its own stream of rollouts, apart from DPO's and the reward model's.
@@ -520,7 +520,7 @@ def ppo_phase() -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
 
     def run(ctx: Context) -> Any:
         task = load(ctx)
-        reward = ppo_loop.reward_from_ids(learned_reward(ctx, task))
+        reward = reward_sources.reward_from_ids(learned_reward(ctx, task))
         return phases.train_phase(
             ppo_config(ctx), train_data=task.tokens["prompt"], reward=reward,
             model_config=task.cfg, params=trained_params(ctx, ctx.config.reference_policy),

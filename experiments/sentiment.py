@@ -879,15 +879,15 @@ def ppo_num_steps(config: ml_collections.ConfigDict, method: Method) -> int:
 def ppo_method_phase(method: Method):
     """PPO from the SFT policy on the pair prefixes: rewards from the learned reward
     model (`ppo`) or the ground truth (`ppo_gt`), evaluated as every method is."""
-    from dpo_jax import ppo_loop
+    from dpo_jax import reward_sources
 
     def run(ctx: Context) -> train.TrainResult:
         task = load_task(ctx)
         config = ppo_method_config(ctx, method)
         if method.kind == "ppo":
-            reward = ppo_loop.reward_from_ids(learned_reward(ctx, task))
+            reward = reward_sources.reward_from_ids(learned_reward(ctx, task))
         else:  # the reward the pairs were labelled with (prefix + completion)
-            reward = ppo_loop.reward_from_texts(task.reward_fn, task.tokenizer, with_prompt=True)
+            reward = reward_sources.reward_from_texts(task.reward_fn, task.tokenizer, with_prompt=True)
 
         def eval_hook(step: int, params: Any) -> dict[str, float]:
             ev = evaluate(task, params["model"])

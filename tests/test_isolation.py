@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import transformers
 
-from dpo_jax import ppo_loop, reward_model
+from dpo_jax import reward_model, reward_sources
 from dpo_jax.data import default_cache_dir, tokenize
 from tests import train_helpers as th
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
@@ -61,9 +61,9 @@ def test_padded_call_then_ppo_reward_model_scores_the_sampled_ids(tmp_path):
     eos = policy_tok.eos_token_id
     comps = [[268, 270, eos], [300, 301, 302]]  # one ended with EOS, one cut at max length
     samples = th.sample_output(prompts, comps, finished=[True, False])
-    got = ppo_loop.reward_from_spec(f"reward_model:{rm}", policy_tok)(samples)
+    got = reward_sources.from_spec(f"reward_model:{rm}", policy_tok)(samples)
     learned = reward_model.load_exported(str(rm), tokenizer=policy_tok)
-    want = ppo_loop.reward_from_ids(learned)(samples)
+    want = reward_sources.reward_from_ids(learned)(samples)
     np.testing.assert_array_equal(got, want)
 
 

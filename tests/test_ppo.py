@@ -189,7 +189,7 @@ def test_token_values_align_with_tokens():
 
 
 def test_rollout_rows_and_token_placement_round_trip():
-    from dpo_jax import ppo_loop, sampling
+    from dpo_jax import rollouts, sampling
 
     prompt_ids = np.array([[0, 0, 7, 8], [5, 6, 7, 8], [0, 0, 0, 9]], np.int32)
     tokens = np.array([[11, 12, 1], [13, 0, 0], [14, 15, 16]], np.int32)
@@ -199,7 +199,7 @@ def test_rollout_rows_and_token_placement_round_trip():
         sampling_logps=np.zeros((3, 3), np.float32), finished=np.array([True, False, False]),
         prompt_index=np.arange(3, dtype=np.int32), config=sampling.SamplingConfig(),
     )  # fmt: skip
-    rows, mask = ppo_loop.rollout_rows(samples, pad_id=0)
+    rows, mask = rollouts.rollout_rows(samples, pad_id=0)
     assert rows["input_ids"].shape == (3, 7)
     np.testing.assert_array_equal(rows["input_ids"][0], [7, 8, 11, 12, 1, 0, 0])
     np.testing.assert_array_equal(rows["sequence_index"][0], [-1, -1, 0, 0, 0, -1, -1])
@@ -207,15 +207,15 @@ def test_rollout_rows_and_token_placement_round_trip():
     np.testing.assert_array_equal(rows["sequence_index"][2], [-1, 2, 2, 2, -1, -1, -1])
     np.testing.assert_array_equal(rows["positions"][2], [0, 1, 2, 3, 0, 0, 0])
     x = np.arange(9, dtype=np.float32).reshape(3, 3) + 1
-    on_tokens = ppo_loop.to_tokens(x, mask, rows["sequence_index"])
+    on_tokens = rollouts.to_tokens(x, mask, rows["sequence_index"])
     np.testing.assert_array_equal(on_tokens[0], [0, 0, 1, 2, 3, 0, 0])
     np.testing.assert_array_equal(on_tokens[1], [0, 0, 0, 0, 4, 0, 0])
-    back = ppo_loop.from_tokens(on_tokens, mask, rows["sequence_index"])
+    back = rollouts.from_tokens(on_tokens, mask, rows["sequence_index"])
     np.testing.assert_array_equal(back, np.where(mask, x, 0))
 
 
 def test_rollout_rewards_see_prompt_and_completion():
-    from dpo_jax import ppo_loop, sampling
+    from dpo_jax import reward_sources, sampling
 
     samples = sampling.SampleOutput(
         prompt_ids=np.array([[0, 7, 8], [5, 6, 9]], np.int32),
@@ -232,11 +232,11 @@ def test_rollout_rewards_see_prompt_and_completion():
             return [" ".join(map(str, x)) for x in ids]
 
     got = []
-    fn = ppo_loop.reward_from_texts(lambda texts: got.extend(texts) or [1.0, 2.0], Tok(), True)
+    fn = reward_sources.reward_from_texts(lambda texts: got.extend(texts) or [1.0, 2.0], Tok(), True)
     np.testing.assert_array_equal(fn(samples), [1.0, 2.0])
     assert got == ["7 8 11", "5 6 9 12 13 14"]  # EOS (1) dropped, prompt padding dropped
     got.clear()
-    ppo_loop.reward_from_texts(lambda texts: got.extend(texts) or [0, 0], Tok())(samples)
+    reward_sources.reward_from_texts(lambda texts: got.extend(texts) or [0, 0], Tok())(samples)
     assert got == ["11", "12 13 14"]
 
     class Learned:
@@ -245,7 +245,7 @@ def test_rollout_rewards_see_prompt_and_completion():
             return np.array([len(x) for x in ids], np.float32)
 
     got.clear()
-    np.testing.assert_array_equal(ppo_loop.reward_from_ids(Learned())(samples), [4, 6])
+    np.testing.assert_array_equal(reward_sources.reward_from_ids(Learned())(samples), [4, 6])
     assert got[0] == [[7, 8, 11, 1], [5, 6, 9, 12, 13, 14]]  # the emitted EOS is kept
 
 
@@ -253,15 +253,20 @@ def test_micro_batches_number_their_rows_and_hosts_take_equal_shares(monkeypatch
     """Each micro-batch's rows are its sequences 0..n-1 (not the episodes' numbers, which
     a step of n sequences would drop from its per-sequence sums); host h of P takes rows
     [h n/P, (h+1) n/P), numbered 0..n/P-1 (`Trainer.step` numbers them host after host)."""
-    from dpo_jax import ppo_loop
+    from dpo_jax import ppo_loop, rollouts
 
     S, L = 8, 5
     si = np.where(np.arange(L)[None, :] >= 2, np.arange(S)[:, None], -1).astype(np.int32)
     si[3, 4] = -1  # a shorter completion
     batch = {"sequence_index": si, "input_ids": np.arange(S * L).reshape(S, L)}
-    cfg = ppo_loop.PPOConfig(rollout_batch_size=S, num_mini_batches=2, grad_accum_steps=2)
+    from dpo_jax.configs import default
+
+    config = default.get_config()
+    config.online.update(rollout_batch_size=S, num_mini_batches=2)
+    config.grad_accum_steps = 2
+    cfg = ppo_loop.PPOConfig.from_config(config)
     seen = []
-    for batch_A in ppo_loop.mini_batches(cfg, batch, rollout=1, epoch=0, seed=3):
+    for batch_A in rollouts.mini_batches(cfg, batch, rollout=1, epoch=0, seed=3):
         assert batch_A["sequence_index"].shape == (2, 2, L)
         for micro_si, micro_ids in zip(
             batch_A["sequence_index"], batch_A["input_ids"], strict=True
@@ -273,24 +278,24 @@ def test_micro_batches_number_their_rows_and_hosts_take_equal_shares(monkeypatch
     assert sorted(seen) == list(range(S))  # every episode once per epoch
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    rows = ppo_loop.host_rows(4)
+    rows = rollouts.host_rows(4)
     assert rows == slice(2, 4)
     big = {"sequence_index": si.reshape(2, 4, L), "input_ids": batch["input_ids"].reshape(2, 4, L)}
-    mine = ppo_loop.host_share(big, rows)
+    mine = rollouts.host_share(big, rows)
     np.testing.assert_array_equal(mine["input_ids"], big["input_ids"][:, 2:4])
     np.testing.assert_array_equal(mine["sequence_index"][1], np.where(si[6:8] >= 0, [[0], [1]], -1))
-    with pytest.raises(UserError, match="ppo.rollout_batch_size"):
-        ppo_loop.check_hosts(rows_per_micro=6, data_parallel=2)  # 3 rows per host
+    with pytest.raises(UserError, match="online.rollout_batch_size"):
+        rollouts.check_hosts(rows_per_micro=6, data_parallel=2)  # 3 rows per host
 
 
 def test_prompt_indices_are_epoch_permutations_and_pure():
-    from dpo_jax import ppo_loop
+    from dpo_jax import rollouts
 
-    got = [ppo_loop.prompt_indices(10, 4, r, seed=3) for r in range(5)]  # 20 draws, 2 passes
+    got = [rollouts.prompt_indices(10, 4, r, seed=3) for r in range(5)]  # 20 draws, 2 passes
     flat = np.concatenate(got)
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
     assert not np.array_equal(flat[:10], flat[10:20])  # a fresh order per pass
-    np.testing.assert_array_equal(ppo_loop.prompt_indices(10, 4, 3, seed=3), got[3])
+    np.testing.assert_array_equal(rollouts.prompt_indices(10, 4, 3, seed=3), got[3])
 
 
 def test_ppo_config_mistakes_name_the_key():
@@ -301,16 +306,17 @@ def test_ppo_config_mistakes_name_the_key():
     c.objective.name = "ppo"
     validate.validate(c)  # the defaults are valid
     cfg = ppo_loop.PPOConfig.from_config(c)
-    assert cfg.num_steps == 100 * 4 * 1 and cfg.objective_hyper["vf_coef"] == 0.1
+    assert cfg.num_steps == 100 * 4 * 1 and ppo.config_hyper(c)["vf_coef"] == 0.1
     for key, value, match in (
-        ("samples_per_prompt", 5, "ppo.rollout_batch_size"),
-        ("num_mini_batches", 3, "ppo.rollout_batch_size"),
+        ("samples_per_prompt", 5, "online.rollout_batch_size"),
+        ("num_mini_batches", 3, "online.rollout_batch_size"),
+        ("temperature", 0.7, "online.temperature"),
         ("kl_estimator", "k2", "ppo.kl_estimator"),
         ("target_kl", -1.0, "ppo.target_kl"),
         ("num_epochs", 0, "ppo.num_epochs"),
     ):
         bad = default.get_config()
         bad.objective.name = "ppo"
-        bad.ppo[key] = value
+        (bad.ppo if key in bad.ppo else bad.online)[key] = value
         with pytest.raises(UserError, match=match):
             validate.validate(bad)

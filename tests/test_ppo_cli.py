@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from dpo_jax import cli, data, ppo_loop, reward_model, rewards
+from dpo_jax import cli, data, reward_model, reward_sources, rewards
 from dpo_jax.errors import UserError
 from tests import train_helpers as th
 from tests.hf_fixtures import make_tiny_hf_model
@@ -88,8 +88,9 @@ def test_cli_ppo_trains_as_the_python_api(files, tmp_path):
     learned = reward_model.LearnedReward(
         rm_cfg, {objectives.MODEL: rm_params, objectives.HEAD: head}, tokenizer
     )
-    api = train.train(config, train_data=prompts, reward=ppo_loop.reward_from_ids(learned))
-    assert [r["rollout"] for r in logged] == [1, 2] == [r["rollout"] for r in api.history]
+    api = train.train(config, train_data=prompts, reward=reward_sources.reward_from_ids(learned))
+    rollout_of = [r["rollout"] for r in logged]  # a row per step, 2 updates per rollout
+    assert rollout_of == [1, 1, 2, 2] == [r["rollout"] for r in api.history]
     for a, b in zip(logged, api.history, strict=True):
         assert a["objective/scores"] == b["objective/scores"]
         assert a["loss"] == b["loss"]
@@ -146,10 +147,10 @@ def test_reward_specs_score_prompt_and_completion(tmp_path, tokenizer):
     comps = [tokenizer(c)["input_ids"] for c in (" Great!", " and bad.")]
     samples = th.sample_output(prompts, comps)
     texts = ["I love it. Great!", "This is awful and bad."]
-    vader = ppo_loop.reward_from_spec("vader", tokenizer)(samples)
+    vader = reward_sources.from_spec("vader", tokenizer)(samples)
     np.testing.assert_array_equal(vader, rewards.VaderReward()(texts))
     assert vader[0] > 0.5 > -0.5 > vader[1]
-    hf = ppo_loop.reward_from_spec(f"hf:{tmp_path / 'clf'}", tokenizer)(samples)
+    hf = reward_sources.from_spec(f"hf:{tmp_path / 'clf'}", tokenizer)(samples)
     want = rewards.HFClassifierReward(str(tmp_path / "clf"), label=1, score="prob")(texts)
     np.testing.assert_array_equal(hf, want)
 
@@ -157,12 +158,12 @@ def test_reward_specs_score_prompt_and_completion(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     ("reward", "match"),
     [
-        ("nonsense", "'ppo.reward': 'nonsense' is not a reward"),
-        ("hf:", "'ppo.reward': 'hf:' is not a reward"),
-        ("hf:/no/such/dir", "'ppo.reward': '/no/such/dir' does not exist"),
-        ("hf:{policy}", "'ppo.reward': '{policy}' is not a sequence classifier"),
-        ("reward_model:{policy}", "'ppo.reward': '{policy}' has no head.npz"),
-        ("", "'ppo.reward': is empty"),
+        ("nonsense", "'online.reward': 'nonsense' is not a reward"),
+        ("hf:", "'online.reward': 'hf:' is not a reward"),
+        ("hf:/no/such/dir", "'online.reward': '/no/such/dir' does not exist"),
+        ("hf:{policy}", "'online.reward': '{policy}' is not a sequence classifier"),
+        ("reward_model:{policy}", "'online.reward': '{policy}' has no head.npz"),
+        ("", "'online.reward': is empty"),
     ],
 )
 def test_cli_ppo_mistakes_exit_2_naming_the_key(files, tmp_path, capsys, reward, match):
@@ -170,7 +171,7 @@ def test_cli_ppo_mistakes_exit_2_naming_the_key(files, tmp_path, capsys, reward,
     argv = _args(policy, pairs, reward.format(policy=policy), tmp_path / "run")
     assert cli.console_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after any log lines
-    assert err.startswith("dpo-jax: error: config key 'ppo.reward': ")
+    assert err.startswith("dpo-jax: error: config key 'online.reward': ")
     assert match.format(policy=policy) in err
 
 
