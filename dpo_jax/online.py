@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from dpo_jax import data, ppo, ppo_loop, reward_sources, rollouts
+from dpo_jax import data, group_loop, ppo, ppo_loop, reward_sources, rollouts
 from dpo_jax.errors import config_error
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,22 @@ class Method:
     settings: Callable[[ml_collections.ConfigDict], Any]  # run config -> checked settings
     # (config, prompts, reward, ref_params, mesh) -> the step source
     build: Callable[..., rollouts.RolloutSource]
-    columns: tuple[str, ...]  # the per-token columns of its step batches
+    columns: Callable[[ml_collections.ConfigDict], tuple[str, ...]]  # its batch columns
     uses_judge: bool = False  # may be labelled by `online.judge` instead of a reward
+    # run config -> the step's reference mode ("none": reference statistics, if any,
+    # come as batch columns the objective reads; "precomputed": a `ref_logps` column)
+    step_reference: Callable[[ml_collections.ConfigDict], str] = lambda config: "none"
 
 
 METHODS: dict[str, Method] = {
-    "ppo": Method(ppo_loop.PPOConfig.from_config, ppo_loop.build_source, ppo.BATCH_COLUMNS),
+    "ppo": Method(
+        ppo_loop.PPOConfig.from_config, ppo_loop.build_source, lambda c: ppo.BATCH_COLUMNS
+    ),
+    **{
+        name: Method(group_loop.GroupConfig.from_config, group_loop.build_source,
+                     group_loop.batch_columns)  # fmt: skip
+        for name in group_loop.METHODS
+    },
 }
 
 

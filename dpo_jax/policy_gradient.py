@@ -236,6 +236,22 @@ def aggregate(
 # ------------------------------------------------------------ the "grpo"/"rloo" objective
 
 
+def config_hyper(config: Any, method: str) -> dict[str, Any]:
+    """The step's `objective_hyper` of objective "grpo" or "rloo" from a run config
+    (`config.grpo`, `config.online`). RLOO's KL is in its reward, so its loss has none.
+    One update per rollout (`num_iterations = num_mini_batches = 1`) is exactly on-policy:
+    the old log-probs are the step's own (no scoring pass for them)."""
+    grpo, shared = config.grpo, config.online
+    return {
+        "epsilon_low": float(grpo.epsilon_low),
+        "epsilon_high": float(grpo.epsilon_high),
+        "beta": 0.0 if method == "rloo" else float(shared.kl_coef),
+        "loss_type": str(grpo.loss_type),
+        "max_completion_length": int(shared.max_new_tokens),
+        "on_policy": int(grpo.num_iterations) == 1 and int(shared.num_mini_batches) == 1,
+    }
+
+
 def objective_loss(inp: Any) -> tuple[Array, dict[str, Any], Any]:
     """The loss of objectives `"grpo"` and `"rloo"` (`objectives.ObjectiveInput` in).
 

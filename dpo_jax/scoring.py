@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import logprobs, ppo
+from dpo_jax import logprobs, policy_gradient, ppo
 from dpo_jax.logprobs import SequenceLogps
 
 NEEDS = ("logps", "wpo", "log1m", "token_metrics", "token_logps", "last_hidden", "hidden")
@@ -46,7 +46,9 @@ _LOGP_NEEDS = frozenset(("logps", "wpo", "log1m", "token_metrics", "token_logps"
 # `scored_positions`, added per step); `step` stays on the host, and the objectives'
 # columns are `OBJECTIVE_KEYS`.
 MODEL_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "sequence_index")
-OBJECTIVE_KEYS = ("ref_logps", "labels", "margin", *ppo.BATCH_COLUMNS)
+OBJECTIVE_KEYS = tuple(
+    dict.fromkeys(("ref_logps", "labels", "margin", *ppo.BATCH_COLUMNS, *policy_gradient.BATCH_COLUMNS))
+)
 
 
 def check_needs(needs: Collection[str]) -> frozenset[str]:

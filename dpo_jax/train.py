@@ -390,7 +390,7 @@ def build_trainer(
     optimizer, schedule = optim.make_optimizer(optim_config, total_steps, params, logical)
     with_ref = reference == "frozen"
     # BCO's running shift, or None
-    loss_state = losses.init_loss_state(loss_name) if obj.name == "preference" else None
+    loss_state = losses.init_loss_state(loss_name) if obj.uses_loss else None
     # Boxed with their logical names, so the optimizer state optax builds from them
     # carries the same names and one rules table shards all of it.
     boxed = sharding.box(logical, jax.eval_shape(lambda p: p, params))
@@ -610,7 +610,8 @@ def _train(
     """`train` after validation, inside the early-SIGTERM guard."""
     settings = step_settings(config)  # the step's settings, read once
     hyper = settings["loss_hyper"]
-    preference = settings["objective"] == "preference"
+    # An objective that reads `loss.*` (offline preference, online DPO)
+    preference = objectives.get(settings["objective"]).uses_loss
     if preference:
         losses.check_options(loss_name, hyper)
         for message in losses.trl_differences(loss_name, hyper):
@@ -623,11 +624,11 @@ def _train(
         early = resolve_reference_mode(config.reference.mode, loss_name, True)
         check_loss_options(loss_name, hyper, early)
 
-    needs_ref = preference and losses.needs_reference(loss_name)
     on_policy = online.method(config)  # trained on rollouts instead of the data's batches
     if on_policy is not None:  # prompts and a reward (given, or data.train and online.reward)
         train_data, reward = online.inputs_from_config(config, train_data, reward)
-        needs_ref = True  # the rollouts' reference
+    # the rollouts' scoring pass reads a reference (online.METHODS: PPO's KL penalty, ...)
+    needs_ref = on_policy is not None or (preference and losses.needs_reference(loss_name))
     if ref_params is None and config.reference.path and needs_ref:
         ref_params = _reference_from_config(config, model_config)
     if train_data is None:
@@ -650,7 +651,9 @@ def _train(
         raise UserError("training data is empty")
     train_iter = _chain_first(first, first_iter)
     reference = "none"  # SFT and the reward model read no reference model
-    if preference:
+    if on_policy is not None:  # the reference is in the rollout's batch columns, if any
+        reference = on_policy.step_reference(config)
+    elif preference:
         reference = resolve_reference_mode(
             config.reference.mode, loss_name, "ref_logps" in first, lora_config is not None
         )
@@ -678,7 +681,7 @@ def _train(
         )
     if dry_run:  # the first step's batch, as the loop gets it from the source
         first_step = (
-            source.example_step(trainer, on_policy.columns) if on_policy is not None
+            source.example_step(trainer, on_policy.columns(config)) if on_policy is not None
             else source.next_step(trainer, state)
         )  # fmt: skip
         if first_step is None:

@@ -168,6 +168,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # missing_eos_penalty); None: no penalty.
     c.online.missing_eos_penalty = ml_collections.FieldReference(None, field_type=float)
 
+    # GRPO and RLOO (objective.name="grpo" | "rloo", dpo_jax/group_loop.py): no critic;
+    # group-normalised (GRPO, Shao et al. 2024) or leave-one-out (RLOO, Ahmadian et al.
+    # 2024) advantages over online.samples_per_prompt completions per prompt, a clipped
+    # ratio. GRPO's KL is a k3 loss term weighted by online.kl_coef (0 allowed); RLOO's is
+    # in the reward. Defaults: TRL's GRPOConfig (num_iterations 1, epsilon 0.2).
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.num_iterations = 1  # passes over each rollout (TRL num_iterations, the paper's mu)
+    c.grpo.epsilon_low = 0.2  # ratio clip below 1
+    c.grpo.epsilon_high = 0.2  # above 1; DAPO's clip-higher: 0.28
+    # "grpo": mean of per-sequence token means; "dapo" (= "bnpo" per micro-batch): token
+    # mean over the optimizer batch; "dr_grpo": token sum / (sequences x max_new_tokens)
+    c.grpo.loss_type = "grpo"
+    c.grpo.scale_rewards = "group"  # GRPO: / group std; "batch": / batch std; "none": Dr. GRPO
+    c.grpo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal
+
+    # Online DPO (objective.name="online_dpo", dpo_jax/online_dpo.py): per prompt,
+    # online.samples_per_prompt completions of the current policy, the best and worst by
+    # the reward (or a judge) as a pair, trained with loss.name (any paired loss).
+    c.online_dpo = ml_collections.ConfigDict()
+    c.online_dpo.label = "argmax"  # "argmax" | "bradley_terry" (chosen ~ sigmoid(r_a - r_b))
+
     # PPO (objective.name="ppo", dpo_jax/ppo_loop.py, docs/PPO.md): a value head on the
     # policy, a per-token KL penalty against the reference, GAE. Defaults: TRL's
     # PPOConfig (fixed kl_coef, 4 epochs, clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1,
