@@ -103,8 +103,15 @@ class GroupConfig(RolloutConfig):
 
 
 def scoring_pass(
-    apply_fn: Any, params: Any, ref_params: Any, batch: Any, n_seq: int, chunk_size: int = 0,
-    *, policy: bool = True, reference: bool = True,
+    apply_fn: Any,
+    params: Any,
+    ref_params: Any,
+    batch: Any,
+    n_seq: int,
+    chunk_size: int = 0,
+    *,
+    policy: bool = True,
+    reference: bool = True,
 ) -> dict[str, jax.Array]:
     """Per-token log-probs `[N, L]` of the policy and/or the reference on a micro-batch."""
     out = {}
@@ -148,6 +155,19 @@ class GroupSource(rollouts.RolloutSource):
         return self.group.steps_per_rollout
 
     def collect(self, trainer: Any, state: Any, rollout: int) -> tuple[list[dict], dict]:
+        batch, _, metrics = self.rollout_batch(trainer, state, rollout)
+        steps = [
+            batch_A
+            for it in range(self.group.num_iterations)
+            for batch_A in rollouts.mini_batches(self.group, batch, rollout, it, self.seed)
+        ]
+        return steps, metrics
+
+    def rollout_batch(
+        self, trainer: Any, state: Any, rollout: int
+    ) -> tuple[dict[str, np.ndarray], Any, dict[str, Any]]:
+        """Rollout `rollout` as one `[S, L]` batch (row k = sample k, prompt-major), its
+        samples and metrics."""
         cfg = self.group
         model_params, _ = objectives.split_params(trainer.step_config.objective_fn, state.params)
         samples = self.sample(trainer, model_params, rollout)
@@ -198,12 +218,7 @@ class GroupSource(rollouts.RolloutSource):
         })  # fmt: skip
         if cfg.dynamic_sampling:
             metrics["dynamic_sampling/kept_fraction"] = float(keep_S.mean())
-        steps = [
-            batch_A
-            for it in range(cfg.num_iterations)
-            for batch_A in rollouts.mini_batches(cfg, batch, rollout, it, self.seed)
-        ]
-        return steps, metrics
+        return batch, samples, metrics
 
     def _score(
         self, trainer: Any, model_params: Any, rows: dict, mask: np.ndarray
@@ -228,8 +243,11 @@ class GroupSource(rollouts.RolloutSource):
 
 
 def build_source(
-    config: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]],
-    reward: reward_sources.RolloutReward, ref_params: Any, mesh: Any,
+    config: ml_collections.ConfigDict,
+    prompts: Sequence[Sequence[int]],
+    reward: reward_sources.RolloutReward,
+    ref_params: Any,
+    mesh: Any,
 ) -> GroupSource:
     """Objective "grpo"'s or "rloo"'s source from a run config (`online.METHODS`)."""
     cfg = GroupConfig.from_config(config)
