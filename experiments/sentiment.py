@@ -68,7 +68,7 @@ from dpo_jax.configs import validate
 from experiments import common, phases, pipeline, synthetic_reviews
 from experiments.phases import Context, Phase
 
-PRESETS = ("default", "frontier", "losses", "smoke", "imdb_gpt2_large")
+PRESETS = ("default", "frontier", "losses", "online", "smoke", "imdb_gpt2_large")
 
 # ---------------------------------------------------------------------------- config
 
@@ -140,6 +140,18 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     # The learned reward of PPO and Best-of-N: Bradley-Terry on the same pairs
     # (objective.name="reward_model" on the Trainer), from the SFT policy's weights.
     c.reward_model = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32))
+    # GRPO, RLOO, online DPO and iterative DPO (experiments/sentiment_online.py): each
+    # kind's overrides of the shared `online.*` keys above (PPO's, measured with one
+    # sample per prompt), themselves overridden by a method spec's keys. These methods
+    # compare completions of a prompt: K = 4 each, as the pairs phase samples. GRPO and
+    # RLOO: 150 on-policy updates of 16 prompts x 4 (PPO makes 160 updates, DPO 150);
+    # online DPO: 150 updates of 32 pairs (DPO's batch), each the best and worst of 4.
+    group = dict(samples_per_prompt=4, num_rollouts=150)
+    paired = dict(group, rollout_batch_size=128)
+    c.method_defaults = ml_collections.ConfigDict(dict(
+        grpo=group, rloo=group, online_dpo=paired, online_dpo_gt=paired,
+        iterative_dpo=dict(samples_per_prompt=4),
+    ))  # fmt: skip
     if preset == "frontier":
         # The paper's figure 2 (left) comparison set, each over 3 training seeds (the
         # corpus and the evaluation prefixes are the same for every seed: data_seed).
@@ -155,7 +167,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
             "ppo:target_kl=12.0", "ppo_gt:target_kl=6.0", "ppo_gt:target_kl=12.0",
             "best_of_n_rm:n=4", "best_of_n_rm:n=16", "best_of_n_rm:n=64",
             "best_of_n:n=4", "best_of_n:n=16", "best_of_n:n=64",
+            *ONLINE_METHODS,
         )  # fmt: skip
+    elif preset == "online":
+        # The on-policy methods beside their offline and PPO anchors, one training seed
+        # (the frontier preset has them too, over 3 seeds).
+        c.methods = ("dpo:beta=0.1", "ppo:target_kl=3.0", *ONLINE_METHODS)
     elif preset == "losses":
         # DPO's successors on the same task (not in the paper's figure), 3 training seeds.
         c.seeds = (0, 1, 2)
@@ -170,6 +187,14 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.model.update(hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=48)
         c.sft.update(num_steps=30, batch_size=16, max_len=40, save_every=10)
         c.pairs.update(num_prefixes=16, max_new_tokens=8, batch_size=64)
+        # On-policy methods at smoke size (not in the list below, which the default test
+        # tier runs several times): --config.methods="('grpo', 'iterative_dpo:beta=0.1')"
+        # rolls out 16 prefixes x 4 = 64 rows twice, 8 new tokens.
+        c.online.update(num_rollouts=2, rollout_batch_size=64, max_new_tokens=8)
+        c.method_defaults = ml_collections.ConfigDict(
+            {kind: dict(samples_per_prompt=4) for kind in (*ONLINE_KINDS, *ITERATIVE_KINDS)}
+        )
+        c.reward_model.update(num_steps=4, batch_size=8)
         c.methods = (
             "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1.0",
         )  # fmt: skip
@@ -206,7 +231,30 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 # oracle, or by the learned reward, the paper's baseline).
 PPO_KINDS = ("ppo", "ppo_gt")
 BEST_OF_N_KINDS = ("best_of_n", "best_of_n_rm")
-LEARNED_REWARD_KINDS = ("ppo", "best_of_n_rm")
+# On-policy methods of `experiments.sentiment_online`: GRPO, RLOO and online DPO on the
+# Trainer's one loop (online DPO-GT labelled by the ground truth, like PPO-GT), and
+# iterative DPO, rounds of sample -> label -> offline DPO as phases.
+ONLINE_KINDS = ("grpo", "rloo", "online_dpo", "online_dpo_gt")
+ITERATIVE_KINDS = ("iterative_dpo",)
+ITERATIVE_ROUNDS = 3  # iterative DPO's rounds unless its spec says `rounds=`
+LEARNED_REWARD_KINDS = ("ppo", "best_of_n_rm", "grpo", "rloo", "online_dpo", "iterative_dpo")
+# Kinds trained with a paired loss (`loss=` names it, sigmoid by default): they need beta.
+PAIRED_ONLINE_KINDS = ("online_dpo", "online_dpo_gt", "iterative_dpo")
+# Method-spec keys whose value is a word, not a number, and the kinds that take them
+# (`iterative_dpo:beta=0.1:reference=reset:loss=ipo`, `grpo:loss_type=dr_grpo`).
+TEXT_KEYS = {
+    "grpo": ("loss_type", "scale_rewards"),
+    "rloo": ("loss_type", "scale_rewards"),
+    "online_dpo": ("loss", "label"),
+    "online_dpo_gt": ("loss", "label"),
+    "iterative_dpo": ("loss", "reference"),
+}
+# The comparison set of the on-policy methods (the `online` and `frontier` presets).
+# Iterative DPO: 3 rounds of 50 steps, DPO's 150 steps in all.
+ONLINE_METHODS = (
+    "grpo", "rloo", "online_dpo:beta=0.1", "online_dpo_gt:beta=0.1",
+    "iterative_dpo:beta=0.1:steps=50",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,12 +262,14 @@ class Method:
     """One point (or curve) of the frontier: a loss with hyper-parameters, or best-of-N."""
 
     kind: str  # "dpo", "preferred_ft", "best_of_n", or any registered loss name
-    hyper: tuple[tuple[str, float], ...]
+    hyper: tuple[tuple[str, float | str], ...]  # a word only for TEXT_KEYS
     seed: int = 0
 
     @property
     def label(self) -> str:
-        parts = [self.kind] + [f"{k}={v:g}" for k, v in self.hyper]
+        parts = [self.kind] + [
+            f"{k}={v}" if isinstance(v, str) else f"{k}={v:g}" for k, v in self.hyper
+        ]
         if self.seed:
             parts.append(f"seed={self.seed}")
         return ":".join(parts)
@@ -232,19 +282,22 @@ class Method:
         )
 
     @property
-    def loss_hyper(self) -> dict[str, float]:
+    def loss_hyper(self) -> dict[str, float | str]:
         return dict(self.hyper)
 
 
 def parse_method(spec: str) -> Method:
     """``"dpo:beta=0.1"`` -> Method("dpo", (("beta", 0.1),)). ``seed=`` is not a loss hyper."""
     kind, *assignments = spec.split(":")
-    hyper: list[tuple[str, float]] = []
+    hyper: list[tuple[str, float | str]] = []
     seed = 0
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"method {spec!r}: expected key=value after ':', got {item!r}")
         key, value = item.split("=", 1)
+        if key in TEXT_KEYS.get(kind, ()):
+            hyper.append((key, value))
+            continue
         try:
             number = float(value)
         except ValueError as err:
@@ -253,8 +306,14 @@ def parse_method(spec: str) -> Method:
             seed = int(number)
         else:
             hyper.append((key, number))
-    if kind == "dpo" and "beta" not in dict(hyper):
-        raise ValueError(f"method {spec!r}: dpo needs beta=...")
+    if kind in ("dpo", *PAIRED_ONLINE_KINDS) and "beta" not in dict(hyper):
+        raise ValueError(f"method {spec!r}: {kind} needs beta=...")
+    if kind in ITERATIVE_KINDS:
+        rounds = dict(hyper).get("rounds", ITERATIVE_ROUNDS)
+        if rounds != int(rounds) or rounds < 1:
+            raise ValueError(f"method {spec!r}: rounds must be a whole number >= 1")
+        if dict(hyper).get("reference", "fixed") not in ("fixed", "reset"):
+            raise ValueError(f"method {spec!r}: reference must be 'fixed' or 'reset'")
     if kind in BEST_OF_N_KINDS and "n" not in dict(hyper):
         raise ValueError(f"method {spec!r}: {kind} needs n=...")
     return Method(kind=kind, hyper=tuple(hyper), seed=seed)
@@ -300,16 +359,31 @@ FAMILY_NAMES = {
     "ppo": "PPO",
     "ppo_gt": "PPO-GT",
     "unlikelihood": "Unlikelihood",
+    "grpo": "GRPO",
+    "rloo": "RLOO",
+    "online_dpo": "Online DPO",
+    "online_dpo_gt": "Online DPO-GT",
+    "iterative_dpo": "Iterative DPO",
 }
+
+
+def family_name(method: str) -> str:
+    """The display name of a results row's method (its kind's; iterative DPO's says how
+    many rounds it ran, from its spec)."""
+    kind = method.split(":")[0]
+    name = FAMILY_NAMES.get(kind, kind)
+    if kind in ITERATIVE_KINDS:
+        rounds = int(dict(parse_method(method).hyper).get("rounds", ITERATIVE_ROUNDS))
+        name += f" ({rounds} round{'s' if rounds > 1 else ''})"
+    return name
 
 
 def by_family(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], str]]:
     """(family name, its rows, a marker) per method family, families sorted by name."""
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        kind = str(row["method"]).split(":")[0]
-        families.setdefault(FAMILY_NAMES.get(kind, kind), []).append(row)
-    markers = itertools.cycle("os^Dvx*Ph<")
+        families.setdefault(family_name(str(row["method"])), []).append(row)
+    markers = itertools.cycle("os^Dvx*Ph<>pX")  # 13: the frontier preset has 12 families
     return [(name, fam, next(markers)) for name, fam in sorted(families.items())]
 
 
@@ -887,7 +961,9 @@ def ppo_method_phase(method: Method):
         if method.kind == "ppo":
             reward = reward_sources.reward_from_ids(learned_reward(ctx, task))
         else:  # the reward the pairs were labelled with (prefix + completion)
-            reward = reward_sources.reward_from_texts(task.reward_fn, task.tokenizer, with_prompt=True)
+            reward = reward_sources.reward_from_texts(
+                task.reward_fn, task.tokenizer, with_prompt=True
+            )
 
         def eval_hook(step: int, params: Any) -> dict[str, float]:
             ev = evaluate(task, params["model"])
@@ -958,11 +1034,15 @@ def collect_rows(ctx: Context, methods: Sequence[Method]) -> list[dict[str, Any]
     method's eval rows of its metrics.jsonl (the last row per step: a rerun of a finished
     last step repeats it with the same numbers), each best-of-N point."""
     from dpo_jax.metrics import read_jsonl
+    from experiments import sentiment_online  # it imports this module
 
     sft = _read_json(ctx.input("evaluate_sft") / "metrics.json")
     rows = [result_row("sft", 0, sft, final=True)]
     num_steps = ctx.config.num_steps
     for method in methods:
+        if method.kind in (*ONLINE_KINDS, *ITERATIVE_KINDS):
+            rows += sentiment_online.method_rows(ctx, method, sft)
+            continue
         out = ctx.input(method_phase_name(method))
         if method.kind in BEST_OF_N_KINDS:
             rows.append(result_row(method.label, 0, _read_json(out / "metrics.json"), True))
@@ -993,13 +1073,18 @@ def headline(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
+# What a preference run's numbers depend on (not where or how often it logs/saves).
+TRAINING_READS = ("num_steps", "batch_size", "grad_accum_steps", "optim", "train.eval_every",
+                  "seed", "eval", "reward", "pairs.max_new_tokens", "corpus.prefix_max_len")  # fmt: skip
+
+
 def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
     """The experiment's phase graph for `config`."""
+    from experiments import sentiment_online  # it imports this module
+
     methods = [parse_method(s) for s in config.methods]
     policy = ("model", "tokenizer", "seed")
-    # What a preference run's numbers depend on (not where or how often it logs/saves).
-    training = ("num_steps", "batch_size", "grad_accum_steps", "optim", "train.eval_every", "seed",
-                "eval", "reward", "pairs.max_new_tokens", "corpus.prefix_max_len")  # fmt: skip
+    training = TRAINING_READS
     graph = [
         Phase("corpus", corpus_phase,
               reads=("corpus", "pairs.num_prefixes", "eval.num_prefixes", "data_seed")),
@@ -1023,6 +1108,8 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         if method.kind in BEST_OF_N_KINDS:
             graph.append(Phase(name, best_of_n_phase(method), after=("tokenizer", "sft", *learned),
                                reads=("eval", "reward")))  # fmt: skip
+        elif method.kind in (*ONLINE_KINDS, *ITERATIVE_KINDS):
+            graph += sentiment_online.method_phases(config, method)
         elif method.kind in PPO_KINDS:
             graph.append(Phase(name, ppo_method_phase(method),
                                after=("tokenizer", "sft", "pairs", *learned),
@@ -1043,7 +1130,8 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         times = phases.timings(graph, run_dir)
         times["total_s"] = sum(times.values())
         paths.write_atomic(run_dir / "timings.json", json.dumps(times, indent=2))
-        print(common.format_table([r for r in rows if r["final"]], RESULT_COLUMNS[:-1]))
+        finals = [dict(r, name=family_name(str(r["method"]))) for r in rows if r["final"]]
+        print(common.format_table(finals, ("name", *RESULT_COLUMNS[:-1])))
         print(headline(rows))
         print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")
         print("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in times.items()))

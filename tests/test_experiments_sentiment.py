@@ -303,10 +303,11 @@ def test_command_line_overrides_and_presets():
     # Every preset's methods parse and name registered losses.
     from dpo_jax import losses
 
-    for preset in ("default", "frontier", "losses"):
+    for preset in ("default", "frontier", "losses", "online"):
         for spec in sentiment.get_config(preset).methods:
             m = sentiment.parse_method(spec)
-            other = (*sentiment.BEST_OF_N_KINDS, *sentiment.PPO_KINDS)  # not a loss
+            other = (*sentiment.BEST_OF_N_KINDS, *sentiment.PPO_KINDS, *sentiment.ONLINE_KINDS,
+                     *sentiment.ITERATIVE_KINDS)  # not a loss  # fmt: skip
             assert m.kind in other or m.loss_name in losses.names(), spec
 
 
