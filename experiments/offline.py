@@ -144,6 +144,13 @@ def offline_config(fmt: str) -> ml_collections.ConfigDict:
     # barely move beta in 40 rollouts of 64).
     c.online.update(num_rollouts=40, rollout_batch_size=64, max_new_tokens=24, kl_coef=0.1)
     c.ppo.update(num_epochs=4, target_kl=1.0, kl_horizon=256.0)
+    # Online DPO (objective.name="online_dpo", docs/ONLINE.md): the `online.*` keys above
+    # with these overrides, and the DPO run's loss and beta. Two samples per prompt (TRL's
+    # OnlineDPOTrainer), so a rollout of 64 is 32 pairs, DPO's batch; 150 rollouts of one
+    # update each: DPO's 150 steps.
+    c.method_defaults = ml_collections.ConfigDict(
+        dict(online_dpo=dict(samples_per_prompt=2, num_rollouts=150))
+    )
     c.eval = ml_collections.ConfigDict(
         dict(max_new_tokens=24, temperatures=PAPER_TEMPERATURES, batch_size=128, seed=4321)
     )
@@ -166,6 +173,7 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
     c.reward_model.update(num_steps=4, batch_size=8)
     c.best_of_n.n = 2
     c.online.update(num_rollouts=2, rollout_batch_size=8, max_new_tokens=12)
+    c.method_defaults.online_dpo.num_rollouts = 2
     c.ppo.num_epochs = 2
     c.eval.update(batch_size=16, max_new_tokens=12, temperatures=(0.0, 1.0))
     c.train.progress = False
@@ -504,37 +512,68 @@ def learned_reward(ctx: Context, task: Loaded) -> Any:
     return reward_model.LearnedReward(task.cfg, params, task.tokenizer, ctx.config.eval.batch_size)
 
 
-def ppo_phase() -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
-    """PPO (`objective.name="ppo"`, `dpo_jax.ppo_loop`) from the reference policy, which
-    is also the KL penalty's frozen reference: rollouts of the training comparisons'
-    prompts, scored by the learned reward model (`reward_sources.reward_from_ids`)."""
-    from dpo_jax import ppo_loop, reward_sources
+def rollout_config(
+    config: ml_collections.ConfigDict, objective: str, ctx: Context | None = None
+) -> ml_collections.ConfigDict:
+    """The `dpo-jax train` config of on-policy method `objective` (`phases.train_config`
+    with `ctx`; without one a copy, to check its settings): the run's `online.*` with the
+    method's `method_defaults` over them, a seed of its own (its own stream of rollouts,
+    apart from DPO's and the reward model's), its rollouts' updates as num_steps."""
+    from dpo_jax import online
 
-    def ppo_config(ctx: Context) -> ml_collections.ConfigDict:
-        # seed + 2: its own stream of rollouts, apart from DPO's and the reward model's.
-        config = phases.train_config(
-            ctx.config, ctx, **{"objective.name": "ppo", "seed": ctx.config.seed + 2}
-        )
-        config.num_steps = ppo_loop.PPOConfig.from_config(config).num_steps
-        return config
+    if objective not in online.METHODS:
+        raise dpo_errors.config_error(
+            "methods", f"{objective!r}: this dpo_jax has no on-policy objective {objective!r}",
+            f"choose from {sorted(online.METHODS)}",
+        )  # fmt: skip
+    overrides = {"objective.name": objective, "seed": config.seed + ROLLOUT_SEEDS[objective]}
+    if ctx is not None:
+        out = phases.train_config(config, ctx, **overrides)
+    else:
+        out = config.copy_and_resolve_references()
+        out.objective.name, out.seed = objective, overrides["seed"]
+    for key, value in config.get("method_defaults", {}).get(objective, {}).items():
+        out.online[key] = value
+    out.num_steps = online.METHODS[objective].settings(out).num_steps
+    return out
+
+
+# Seed offsets of the on-policy phases' runs (PPO's predates online DPO).
+ROLLOUT_SEEDS = {"ppo": 2, "online_dpo": 3}
+
+
+def rollout_phase(objective: str) -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
+    """An on-policy method from the reference policy, which is also its frozen reference,
+    on the training comparisons' prompts, scored by the learned reward model (phase
+    `reward_model`, `reward_sources.reward_from_ids`): PPO (`objective="ppo"`,
+    `dpo_jax.ppo_loop`, Ziegler et al.'s KL penalty and controller) or online DPO
+    (`"online_dpo"`, `dpo_jax.online_dpo`: the best and worst of each prompt's samples as
+    a pair, the DPO run's loss and beta)."""
+    from dpo_jax import reward_sources
 
     def run(ctx: Context) -> Any:
         task = load(ctx)
         reward = reward_sources.reward_from_ids(learned_reward(ctx, task))
         return phases.train_phase(
-            ppo_config(ctx), train_data=task.tokens["prompt"], reward=reward,
-            model_config=task.cfg, params=trained_params(ctx, ctx.config.reference_policy),
+            rollout_config(ctx.config, objective, ctx), train_data=task.tokens["prompt"],
+            reward=reward, model_config=task.cfg,
+            params=trained_params(ctx, ctx.config.reference_policy),
         )  # fmt: skip
 
     def dry(ctx: Context) -> Any:
         cfg = _dry_model_config(ctx)
         longest = [[0] * int(ctx.config.data.max_prompt_length)]  # the widest prompt bucket
         return phases.train_phase(
-            ppo_config(ctx), train_data=longest, reward=lambda samples: None,
-            model_config=cfg, params=_abstract(cfg), dry_run=True,
+            rollout_config(ctx.config, objective, ctx), train_data=longest,
+            reward=lambda samples: None, model_config=cfg, params=_abstract(cfg), dry_run=True,
         ).lowered  # fmt: skip
 
     return run, dry
+
+
+def ppo_phase() -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
+    """PPO (`objective.name="ppo"`, `dpo_jax.ppo_loop`): `rollout_phase("ppo")`."""
+    return rollout_phase("ppo")
 
 
 # ----------------------------------------------------------------------- evaluation
@@ -597,6 +636,7 @@ METHODS: dict[str, Method] = {
     "dpo": Method(_sampling_policy("dpo"), lambda c: ("dpo",)),
     "best_of_n": Method(best_of_n_policy, lambda c: (c.reference_policy, "reward_model"), True),
     "ppo": Method(_sampling_policy("ppo", objectives.MODEL), lambda c: ("ppo",)),
+    "online_dpo": Method(_sampling_policy("online_dpo"), lambda c: ("online_dpo",)),
 }
 
 
@@ -667,6 +707,10 @@ TRAINING_PHASES: dict[str, tuple[Any, Callable[[ml_collections.ConfigDict], tupl
         lambda c: ("tokenizer", c.reference_policy),
     ),
     "ppo": (ppo_phase(), lambda c: ("tokenizer", c.reference_policy, "reward_model")),
+    "online_dpo": (
+        rollout_phase("online_dpo"),
+        lambda c: ("tokenizer", c.reference_policy, "reward_model"),
+    ),
 }
 
 
@@ -677,11 +721,11 @@ def _needed(config: ml_collections.ConfigDict) -> list[str]:
         want.update(METHODS[m].needs(config))
     if "dpo" in want:
         want |= {"reference", config.reference_policy}
-    if "ppo" in want:
+    if want & set(ROLLOUT_SEEDS):  # the on-policy methods' reward is the learned one
         want.add("reward_model")
     if "reward_model" in want:
         want.add(config.reference_policy)
-    order = ["sft", "preferred_ft", "reference", "dpo", "reward_model", "ppo"]
+    order = ["sft", "preferred_ft", "reference", "dpo", "reward_model", "ppo", "online_dpo"]
     return [p for p in order if p in want]
 
 
@@ -704,10 +748,8 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
             f"{config.eval.batch_size}", "make eval.batch_size a multiple of n",
         )  # fmt: skip
     needed = _needed(config)
-    if "ppo" in needed:  # the ppo.* settings, refused before any phase runs
-        from dpo_jax import ppo_loop
-
-        ppo_loop.PPOConfig.from_config(config)
+    for objective in set(needed) & set(ROLLOUT_SEEDS):  # refused before any phase runs
+        rollout_config(config, objective)
     policy = ("model", "tokenizer", "seed", "data")
     dpo_keys = ("num_steps", "batch_size", "grad_accum_steps", "optim", "loss", "seed", "mesh")
     reads = {
@@ -715,6 +757,8 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
         "reference": ("reference_policy", "eval.batch_size"), "dpo": dpo_keys,
         "reward_model": ("reward_model", "mesh", "seed"),
         "ppo": ("ppo", "online", "optim", "grad_accum_steps", "seed", "mesh"),
+        "online_dpo": ("online", "online_dpo", "method_defaults.online_dpo", "loss", "optim",
+                       "grad_accum_steps", "seed", "mesh"),
     }  # fmt: skip
     graph = [
         Phase("data", data_phase(task), reads=("data", "data_seed")),

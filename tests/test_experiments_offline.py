@@ -7,10 +7,11 @@ import csv
 import re
 import types
 
+import jax
 import numpy as np
 import pytest
 
-from dpo_jax import data, evaluation, judge
+from dpo_jax import checkpoint, data, evaluation, judge, online
 from dpo_jax.data.formats import detect_format, parse_hh, parse_tldr, parse_tldr_sft
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
@@ -366,3 +367,58 @@ def test_seeds_run_each_seed_and_summarise_their_results(tmp_path):
         )
     assert (run_dir / "win_rate.png").is_file()
     assert not (run_dir / "results.csv").exists()  # per seed only
+
+
+needs_online_dpo = pytest.mark.skipif(
+    "online_dpo" not in online.METHODS, reason="no online_dpo objective in this dpo_jax yet"
+)
+
+
+@needs_online_dpo
+def test_online_dpo_is_wired_into_the_tldr_graph(tmp_path):
+    config = tldr.get_config("smoke")
+    config.methods = ("sft", "online_dpo")
+    graph = {p.name: p for p in offline.build_phases(config, tldr.TASK)}
+    assert [n for n in graph if n not in ("data", "tokenizer", "report")] == [
+        "sft", "reward_model", "online_dpo", "eval_sft", "eval_online_dpo",
+    ]  # fmt: skip
+    assert graph["online_dpo"].after == ("tokenizer", "sft", "reward_model")
+    assert {"online", "online_dpo", "method_defaults.online_dpo", "loss"} <= set(
+        graph["online_dpo"].reads
+    )
+    run = offline.rollout_config(config, "online_dpo")
+    # the method's defaults over the run's online.* (PPO keeps one sample per prompt)
+    assert (run.online.samples_per_prompt, config.online.samples_per_prompt) == (2, 1)
+    assert (run.objective.name, run.num_steps, run.loss.hyper.beta) == ("online_dpo", 2, 0.5)
+    # A bad setting is refused before the run directory exists.
+    config.update(workdir=str(tmp_path / "run"))
+    config.method_defaults.online_dpo.samples_per_prompt = 1
+    with pytest.raises(UserError, match="online.samples_per_prompt"):
+        offline.run_offline(config, tldr.TASK)
+    assert not (tmp_path / "run").exists()
+
+
+# ~1-2 min on 2 cores: the TL;DR smoke's SFT, reward model and online DPO (sampler,
+# reference scorer and paired step compiled), then two evaluations
+@pytest.mark.heavy
+@needs_online_dpo
+def test_tldr_smoke_online_dpo_labelled_by_the_learned_reward(tmp_path):
+    config = tldr.get_config("smoke")
+    config.update(workdir=str(tmp_path), methods=("sft", "online_dpo"))
+    run_dir = offline.run_offline(config, tldr.TASK)
+    rows = _results(run_dir)
+    assert [(r["method"], float(r["temperature"])) for r in rows] == [
+        (m, t) for m in ("sft", "online_dpo") for t in (0.0, 1.0)
+    ]
+    for r in rows:
+        assert int(r["wins"]) + int(r["ties"]) + int(r["losses"]) == int(r["num_prompts"]) == 16
+    marker = phases.read_marker(run_dir / "online_dpo")
+    assert set(marker["after"]) == {"tokenizer", "sft", "reward_model"}
+    log = read_jsonl(run_dir / "online_dpo" / "metrics.jsonl")
+    rollouts = [r for r in log if "rollout" in r]
+    assert [r["rollout"] for r in rollouts] == [1, 2] and [r["step"] for r in rollouts] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    # It trained from the SFT policy (its params moved) and was evaluated from its own.
+    sft, tuned = (checkpoint.load_params(run_dir / p)[2] for p in ("sft", "online_dpo"))
+    pairs = zip(jax.tree.leaves(sft), jax.tree.leaves(tuned), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in pairs)
