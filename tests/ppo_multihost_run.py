@@ -55,7 +55,7 @@ def config(run_dir: str):
     c.grad_accum_steps = GRAD_ACCUM
     c.mesh.multihost = "false"  # initialized by main()
     c.checkpoint.enabled = bool(run_dir)
-    c.checkpoint.save_every = 1  # every rollout
+    c.checkpoint.save_every = 1  # every step: taken at each rollout's last step
     c.checkpoint.async_save = False
     return c
 
