@@ -21,13 +21,15 @@ from tests.test_train_multihost import _free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _launch(runs: list[tuple[str, str]], out: Path, timeout: int = 900) -> None:
+def _launch(
+    runs: list[tuple[str, str]], out: Path, timeout: int = 900, objective: str = "ppo"
+) -> None:
     """Start one `tests.ppo_multihost_run` process per (process id, stop_after), wait."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     port = str(_free_port())
     cmd = [sys.executable, "-m", "tests.ppo_multihost_run"]
     procs = [
-        subprocess.Popen(cmd + [pid, port, str(out), stop], cwd=ROOT, env=env,
+        subprocess.Popen(cmd + [pid, port, str(out), stop, objective], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for pid, stop in runs
     ]  # fmt: skip
@@ -79,5 +81,29 @@ def test_ppo_in_two_processes_matches_one_and_resumes(tmp_path):
             np.testing.assert_allclose(m[key], s[key], rtol=1e-5, atol=1e-7, err_msg=key)
     pm, ps = np.load(tmp_path / "multi.npz"), np.load(tmp_path / "single.npz")
     assert pm.files == ps.files
+    for key in ps.files:
+        np.testing.assert_allclose(pm[key], ps[key], rtol=0, atol=5e-7, err_msg=key)
+
+
+@pytest.mark.heavy  # three processes compile the sampler, two scorers and the step
+def test_grpo_in_two_processes_matches_one(tmp_path):
+    """GRPO (2 passes per rollout: the old-policy scoring pass; the k3 term: the
+    reference's) in two processes equals one process on the same 4 devices: each host
+    rewards half of every rollout and feeds half of every micro-batch, the advantages
+    are the whole rollout's groups'."""
+    _launch([("0", "0"), ("1", "0"), ("-1", "0")], tmp_path, objective="grpo")
+    for h in (0, 1):
+        calls = json.loads((tmp_path / f"multi_grpo_host{h}.json").read_text())
+        assert calls["reward_episodes"] == [16] * 3
+        assert calls["step_rows"] == [[2, 4]] * (3 * 2 * 2)
+    multi = json.loads((tmp_path / "multi_grpo.json").read_text())
+    single = json.loads((tmp_path / "single_grpo.json").read_text())
+    assert [r["step"] for r in multi] == [r["step"] for r in single] == list(range(1, 13))
+    for m, s in zip(multi, single, strict=True):
+        for key in ("objective/scores", "reward_std", "completions/mean_length"):
+            assert m[key] == s[key], key  # the same samples and rewards
+        for key in ("objective/kl", "loss", "grad_norm", "kl"):
+            np.testing.assert_allclose(m[key], s[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    pm, ps = np.load(tmp_path / "multi_grpo.npz"), np.load(tmp_path / "single_grpo.npz")
     for key in ps.files:
         np.testing.assert_allclose(pm[key], ps[key], rtol=0, atol=5e-7, err_msg=key)
