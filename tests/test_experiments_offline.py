@@ -202,8 +202,10 @@ def _results(run_dir):
         return list(csv.DictReader(f))
 
 
-# over 20 s: the offline driver's one end-to-end test in the default tier (every TL;DR
-# method, PPO included, and the judge, each phase a tiny compiled run)
+# 30-48 s: every TL;DR method, PPO included, and the judge, each phase a tiny compiled
+# run. Heavy since the default tier's 10-minute budget ran over: the driver's default-tier
+# end-to-end run is test_seeds_run_each_seed_and_summarise_their_results (sft, dpo).
+@pytest.mark.heavy
 def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     config = tldr.get_config("smoke")
     config.workdir = str(tmp_path)
