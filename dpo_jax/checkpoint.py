@@ -677,6 +677,9 @@ class Checkpointer:
             return
         from dpo_jax.configs import default  # lazy: default imports data (grain) and flax
 
+        # a checkpoint written before a key moved (ppo.reward -> online.reward) compares
+        # under the key's current name
+        saved = configs.migrate_saved(json.loads(json.dumps(to_jsonable(saved))))
         diffs = config_diff(
             saved,
             self.config,

@@ -59,7 +59,10 @@ def check(config: ml_collections.ConfigDict) -> None:
         return
     m.settings(config)
     if config.online.reward:
-        reward_sources.parse(config.online.reward, key="online.reward")
+        specs = reward_sources.parse(config.online.reward, key="online.reward")
+        reward_sources.weights_of(
+            config.online.reward_weights, len(specs), config.online.reward, key="online.reward"
+        )
 
 
 def check_paths(config: ml_collections.ConfigDict) -> None:

@@ -61,7 +61,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dpo_jax import checkpoint, data, evaluation, models, objectives, paths
+from dpo_jax import checkpoint, configs, data, evaluation, models, objectives, paths
 from dpo_jax import errors as dpo_errors
 from dpo_jax.configs import validate
 from dpo_jax.data.formats import SFT_FORMATS
@@ -850,6 +850,7 @@ def run_offline(config: ml_collections.ConfigDict, task: Task) -> epath.Path:
     """Run (or resume) the experiment, once per training seed of `config.seeds` (each in
     run_dir/seed_<s>, then summary.csv and win_rate.png over seeds in run_dir); returns
     the run directory."""
+    configs.migrate_deprecated(config)  # keys set under an old name (ppo.reward, ...)
     validate.validate(config)  # a bad key fails before any phase starts
     build_phases(config, task)  # and a bad method or setting before the run directory
     run_dir = common.make_run_dir(config, task.name)
@@ -869,6 +870,7 @@ def dry_run(config: ml_collections.ConfigDict, task: Task) -> dict[str, Any]:
     from experiments import dry_run as dry
 
     dry.ensure_cpu_devices(int(config.dry_run_devices))
+    configs.migrate_deprecated(config)
     validate.validate(config)
     print(f"dry run: {config.model.path or 'from scratch'}, {len(jax.devices())} "
           f"{jax.devices()[0].platform} devices")  # fmt: skip

@@ -57,7 +57,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from dpo_jax import paths
+from dpo_jax import configs, paths
 from dpo_jax.errors import UserError
 
 MARKER = "DONE"
@@ -160,6 +160,7 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     no difference (dpo_jax added it after the phase ran, and a new key's default keeps the
     old behaviour), as when a checkpoint resumes (`checkpoint.config_diff`)."""
     defaults = _default_leaves()
+    old = dict(old, inputs=configs.migrate_saved(old["inputs"]))  # keys moved since (ppo.*)
     out = []
     for key in sorted(set(old["inputs"]) | set(new["inputs"])):
         was = _flat(old["inputs"].get(key), f".{key}")

@@ -63,7 +63,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from dpo_jax import evaluation, models, paths, rewards, train
+from dpo_jax import configs, evaluation, models, paths, rewards, train
 from dpo_jax.configs import validate
 from experiments import common, phases, pipeline, synthetic_reviews
 from experiments.phases import Context, Phase
@@ -1145,6 +1145,7 @@ def execute(config: ml_collections.ConfigDict) -> tuple[Path, dict[str, Any]]:
     run_dir/seed_<s>, then summary.csv and frontier.png over seeds in run_dir); returns
     the run directory and what the phases that ran in this process returned (TrainResults
     of the methods; with seeds, keyed ``seed_<s>/<phase>``)."""
+    configs.migrate_deprecated(config)  # keys set under an old name (ppo.reward, ...)
     validate.validate(config)  # a bad key fails before any phase starts
     run_dir = common.make_run_dir(config, "sentiment")
     print(f"run directory: {run_dir}")
@@ -1191,6 +1192,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     from experiments import dry_run as dry
 
     dry.ensure_cpu_devices(int(config.dry_run_devices))
+    configs.migrate_deprecated(config)
     validate.validate(config)
     print(f"dry run: {config.model.path or 'from scratch'}, {len(jax.devices())} "
           f"{jax.devices()[0].platform} devices")  # fmt: skip

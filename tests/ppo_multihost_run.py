@@ -4,7 +4,9 @@ devices, jax.distributed on localhost), or the single-process reference (process
 tests/test_ppo_multihost.py.
 
 Arguments: process_id, port, out_dir, stop_after (stop once this many rollouts are
-checkpointed, as a SIGTERM would; 0 runs to the end). Multi-host processes checkpoint into
+checkpointed, as a SIGTERM would; 0 runs to the end), and optionally the objective
+(`ppo`, default, or another on-policy method: `grpo`, with 2 passes per rollout and the
+k3 KL term, so its old-policy and reference scoring passes run split across hosts). Multi-host processes checkpoint into
 `out_dir/run` (so a second launch resumes); process 0 writes `out_dir/<tag>.npz` (the final
 params, gathered) and `out_dir/<tag>.json` (the history). Every process writes
 `out_dir/<tag>_host<i>.json`: how many episodes its reward scored and how many rows it
@@ -41,6 +43,8 @@ PPO = dict(
     num_epochs=2, num_mini_batches=2, kl_coef=0.1, target_kl=0.5, kl_horizon=100.0,
 )  # fmt: skip
 GRAD_ACCUM = 2
+OBJECTIVE = sys.argv[5] if len(sys.argv) > 5 else "ppo"
+GROUP = dict(num_iterations=2, kl_coef=0.1)  # GRPO: 2 passes x 2 mini-batches per rollout
 
 
 def reward(samples) -> np.ndarray:
@@ -52,10 +56,14 @@ def reward(samples) -> np.ndarray:
 
 def config(run_dir: str):
     c = t._config(run_dir, **PPO)
+    c.objective.name = OBJECTIVE
+    if OBJECTIVE != "ppo":
+        for k, v in GROUP.items():
+            (c.grpo if k in c.grpo else c.online)[k] = v
     c.grad_accum_steps = GRAD_ACCUM
     c.mesh.multihost = "false"  # initialized by main()
     c.checkpoint.enabled = bool(run_dir)
-    c.checkpoint.save_every = 1  # every rollout
+    c.checkpoint.save_every = 1  # every step: taken at each rollout's last step
     c.checkpoint.async_save = False
     return c
 
@@ -68,7 +76,7 @@ def main() -> None:
             process_id=_PID,
         )  # fmt: skip
     assert jax.device_count() == 4 and jax.local_device_count() == _LOCAL
-    tag = "single" if _PID < 0 else "multi"
+    tag = ("single" if _PID < 0 else "multi") + ("" if OBJECTIVE == "ppo" else f"_{OBJECTIVE}")
     calls: dict[str, list] = {"reward_episodes": [], "step_rows": []}
 
     def counted_reward(samples):

@@ -1,7 +1,7 @@
 """The PPO phase on a 1-device mesh and on 8 CPU devices (data 2 x fsdp 2 x tensor 2: the
 vocabulary is padded and sharded), in ONE process. Executed by tests/test_ppo_train.py in
 a subprocess (XLA_FLAGS must be set before jax is imported); writes each mesh's
-per-rollout metrics and value head to a JSON file."""
+history (a row per optimizer step) and value head to a JSON file."""
 
 from __future__ import annotations
 

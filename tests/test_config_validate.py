@@ -242,3 +242,34 @@ def test_console_main_maps_user_errors_only(monkeypatch, capsys):
     monkeypatch.setattr(cli, "main", raise_(ZeroDivisionError("division by zero")))
     with pytest.raises(ZeroDivisionError):
         cli.console_main([])
+
+
+def test_moved_keys_work_under_their_old_names_everywhere(tmp_path):
+    """`ppo.reward` & co. moved to `online.*`: set under the old name in Python or on the
+    command line they take effect (with a warning), both names set differently is an
+    error, and a checkpoint or phase marker written before the move compares equal."""
+    from dpo_jax import checkpoint, configs
+    from dpo_jax.configs import default
+    from dpo_jax.errors import UserError
+
+    c = default.get_config()
+    c.ppo.num_mini_batches = 3  # a notebook's old habit
+    configs.migrate_deprecated(c)
+    assert c.online.num_mini_batches == 3 and "num_mini_batches" not in c.ppo
+    c = default.get_config()
+    configs.apply_override(c, "ppo.reward", "vader")
+    assert c.online.reward == "vader"
+    c = default.get_config()
+    c.online.kl_coef, c.ppo.kl_coef = 0.2, 0.3
+    with pytest.raises(UserError, match="ppo.kl_coef"):
+        configs.migrate_deprecated(c)
+    now = default.get_config()
+    now.online.num_rollouts = 3
+    old = now.to_dict()
+    old["ppo"]["num_rollouts"] = old["online"].pop("num_rollouts")  # the pre-move layout
+    old["ppo"]["reward"] = old["online"].pop("reward")
+    del old["online"]
+    assert (
+        checkpoint.config_diff(configs.migrate_saved(old), now, defaults=default.get_config()) == []
+    )
+    assert checkpoint.config_diff(old, now, defaults=default.get_config()) != []

@@ -101,7 +101,7 @@ def test_presets_sweep_the_papers_temperatures():
         # PPO's rollouts are as long as the evaluation's samples, in every preset.
         for preset in module.PRESETS:
             c = module.get_config(preset)
-            assert c.ppo.max_new_tokens == c.eval.max_new_tokens, (module, preset)
+            assert c.online.max_new_tokens == c.eval.max_new_tokens, (module, preset)
     c = hh.get_config("pythia28")
     assert (
         c.methods == ("preferred_ft", "dpo", "best_of_n") and c.reference_policy == "preferred_ft"
@@ -112,8 +112,8 @@ def test_presets_sweep_the_papers_temperatures():
 def test_bad_ppo_settings_are_refused_before_any_phase(tmp_path):
     config = tldr.get_config("smoke")
     config.update(workdir=str(tmp_path / "run"))
-    config.ppo.num_mini_batches = 3  # 8 episodes do not split into 3 updates
-    with pytest.raises(UserError, match="ppo.rollout_batch_size"):
+    config.online.num_mini_batches = 3  # 8 episodes do not split into 3 updates
+    with pytest.raises(UserError, match="online.rollout_batch_size"):
         offline.run_offline(config, tldr.TASK)
     assert not (tmp_path / "run").exists()
 
@@ -203,8 +203,10 @@ def _results(run_dir):
         return list(csv.DictReader(f))
 
 
-# over 20 s: the offline driver's one end-to-end test in the default tier (every TL;DR
-# method, PPO included, and the judge, each phase a tiny compiled run)
+# 30-48 s: every TL;DR method, PPO included, and the judge, each phase a tiny compiled
+# run. Heavy since the default tier's 10-minute budget ran over: the driver's default-tier
+# end-to-end run is test_seeds_run_each_seed_and_summarise_their_results (sft, dpo).
+@pytest.mark.heavy
 def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     config = tldr.get_config("smoke")
     config.workdir = str(tmp_path)
@@ -259,20 +261,27 @@ def check_ppo_phase(run_dir, config, reference: str) -> None:
     marker = phases.read_marker(run_dir / "ppo")
     assert set(marker["after"]) == {"tokenizer", reference, "reward_model"}
     history = read_jsonl(run_dir / "ppo" / "metrics.jsonl")
-    c = config.ppo
-    assert [h["rollout"] for h in history] == list(range(1, c.num_rollouts + 1))
-    assert [h["step"] for h in history] == [c.num_epochs * r for r in range(1, c.num_rollouts + 1)]
-    # Rollout 0 samples the initial policy, which is the KL penalty's reference: zero KL.
-    assert abs(history[0]["objective/kl"]) < 1e-6
-    assert all(np.isfinite(h["objective/scores"]) for h in history)
-    # The controller: beta starts at ppo.kl_coef and follows Ziegler et al.'s update from
-    # each rollout's logged mean KL (below the target here, so beta shrinks).
-    coef = np.float32(c.kl_coef)
+    c, on = config.ppo, config.online
+    # A row per optimizer step, each carrying its rollout's metrics.
+    per_rollout = c.num_epochs * on.num_mini_batches
+    rollout_of = [r for r in range(1, on.num_rollouts + 1) for _ in range(per_rollout)]
+    assert [h["rollout"] for h in history] == rollout_of
+    assert [h["step"] for h in history] == list(range(1, on.num_rollouts * per_rollout + 1))
+    ends = history[per_rollout - 1 :: per_rollout]  # each rollout's last step
     for h in history:
+        for key in ("objective/kl", "objective/scores", "objective/kl_coef"):
+            assert h[key] == ends[h["rollout"] - 1][key], key
+    # The first rollout samples the initial policy, the KL penalty's reference: zero KL.
+    assert abs(ends[0]["objective/kl"]) < 1e-6
+    assert all(np.isfinite(h["objective/scores"]) for h in ends)
+    # The controller: beta starts at online.kl_coef and follows Ziegler et al.'s update
+    # from each rollout's logged mean KL (below the target here, so beta shrinks).
+    coef = np.float32(on.kl_coef)
+    for h in ends:
         assert h["objective/kl_coef"] == pytest.approx(float(coef), rel=1e-6)
-        coef = ppo.update_kl_coef(coef, h["objective/kl"], c.rollout_batch_size,
+        coef = ppo.update_kl_coef(coef, h["objective/kl"], on.rollout_batch_size,
                                   target=c.target_kl, horizon=c.kl_horizon)  # fmt: skip
-    assert history[-1]["objective/kl_coef"] < c.kl_coef
+    assert ends[-1]["objective/kl_coef"] < on.kl_coef
 
 
 @pytest.mark.heavy

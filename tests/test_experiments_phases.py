@@ -135,7 +135,7 @@ def test_train_config_is_the_dpo_jax_train_tree_of_the_experiment_config(tmp_pat
 
 
 def test_a_key_added_to_dpo_jax_since_the_phase_ran_is_no_difference_at_its_default(tmp_path):
-    """A phase finished before dpo_jax had `ppo.reward` (its marker's `ppo` lacks it) is
+    """A phase finished before dpo_jax had `online.reward` (its marker's `online` lacks it) is
     skipped while the key keeps configs/default.py's value, and so are the phases after
     it; any other value of the key is a difference."""
     from dpo_jax.configs import default
@@ -148,22 +148,22 @@ def test_a_key_added_to_dpo_jax_since_the_phase_ran_is_no_difference_at_its_defa
             calls.append("table")
 
         return [
-            Phase("rollouts", rollouts, reads=("ppo",)),
+            Phase("rollouts", rollouts, reads=("online",)),
             Phase("table", table, after=("rollouts",)),
         ]
 
-    old = default.get_config().ppo.to_dict()
+    old = default.get_config().online.to_dict()
     del old["reward"]
-    phases.run_phases(graph([]), _config(ppo=old), tmp_path, log=lambda _: None)
-    now = _config(ppo=default.get_config().ppo.to_dict())
-    assert now.ppo.reward == default.get_config().ppo.reward
+    phases.run_phases(graph([]), _config(online=old), tmp_path, log=lambda _: None)
+    now = _config(online=default.get_config().online.to_dict())
+    assert now.online.reward == default.get_config().online.reward
     calls: list[str] = []
     phases.run_phases(graph(calls), now, tmp_path, log=lambda _: None)
     assert calls == []
-    changed = _config(ppo=dict(default.get_config().ppo.to_dict(), reward="vader"))
-    with pytest.raises(UserError, match=r"phase 'rollouts' .*\(ppo differ\)"):
+    changed = _config(online=dict(default.get_config().online.to_dict(), reward="vader"))
+    with pytest.raises(UserError, match=r"phase 'rollouts' .*\(online differ\)"):
         phases.run_phases(graph(calls), changed, tmp_path, log=lambda _: None)
     # an old key's value changed is still a difference
-    changed = _config(ppo=dict(old, clip=0.3))
-    with pytest.raises(UserError, match=r"phase 'rollouts' .*\(ppo differ\)"):
+    changed = _config(online=dict(old, kl_coef=0.3))
+    with pytest.raises(UserError, match=r"phase 'rollouts' .*\(online differ\)"):
         phases.run_phases(graph(calls), changed, tmp_path, log=lambda _: None)

@@ -21,10 +21,11 @@ def _config(workdir: str):
     c.workdir = workdir
     c.methods = METHODS
     # 16 prefixes x 4 samples = 64 rows per rollout, as every sampler call of the smoke
-    c.ppo.update(
+    c.online.update(
         num_rollouts=2, rollout_batch_size=64, samples_per_prompt=4, max_new_tokens=8,
-        num_epochs=1, num_mini_batches=2,
+        num_mini_batches=2,
     )  # fmt: skip
+    c.ppo.update(num_epochs=1)
     c.reward_model.update(num_steps=4, batch_size=8)
     return c
 
@@ -58,8 +59,10 @@ def test_ppo_methods_run_through_the_phase_graph(tmp_path):
     rm = json.loads((run_dir / "reward_model" / "metrics.json").read_text())
     assert 0.0 <= rm["accuracy"] <= 1.0 and rm["num_pairs"] > 0
     log = read_jsonl(run_dir / "methods" / "ppo_target_kl=1" / "metrics.jsonl")
-    assert [r["rollout"] for r in log if "rollout" in r] == [1, 2]
-    assert all(np.isfinite(r["objective/kl"]) for r in log if "rollout" in r)
+    steps = [r for r in log if "rollout" in r]  # a row per optimizer step (2 per rollout)
+    assert [r["rollout"] for r in steps] == [1, 1, 2, 2]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["objective/kl"]) for r in steps)
     # The same N samples per prefix: the learned reward picks one of them, the oracle
     # the best, so the oracle's ground-truth reward is at least the learned pick's.
     assert float(final["best_of_n:n=4"]["reward"]) >= float(final["best_of_n_rm:n=4"]["reward"])

@@ -285,3 +285,40 @@ def test_group_config_counts_steps():
     config = _config("grpo", num_iterations=3, num_mini_batches=2, num_rollouts=5)
     cfg = group_loop.GroupConfig.from_config(config)
     assert cfg.steps_per_rollout == 6 and cfg.num_steps == 30 and not cfg.on_policy
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        (["--config.online.reward=python:no_such_module_xyz:fn"], "online.reward"),
+        (["--config.online.reward=vader,python:os:getcwd"], "online.reward"),
+        (["--config.online.reward=vader,vader", "--config.online.reward_weights=(1.0,)"],
+         "online.reward_weights"),
+        (["--config.online.reward=vader", "--config.grpo.loss_type=mean"], "grpo.loss_type"),
+        (["--config.online.reward=vader", "--config.online.samples_per_prompt=1"],
+         "online.samples_per_prompt"),
+        (["--config.online.reward=vader", "--config.ppo.kl_coef=0.3",
+          "--config.online.kl_coef=0.2"], None),  # the deprecated name, then the new: fine
+    ],
+)  # fmt: skip
+def test_cli_bad_on_policy_settings_exit_2_in_one_line(tmp_path, capsys, flags, key):
+    """Every bad spec or incompatible option of an on-policy run: exit 2 and one line
+    naming the key, before any model loads."""
+    from dpo_jax import cli
+
+    data_file = tmp_path / "prompts.jsonl"
+    data_file.write_text('{"prompt": "hi"}\n')
+    argv = [
+        "train", "--config", "dpo_jax/configs/tiny.py", "--config.objective.name=grpo",
+        f"--config.model.path={tmp_path / 'model'}", f"--config.data.train={data_file}",
+        f"--config.run_dir={tmp_path / 'run'}", "--config.online.samples_per_prompt=2",
+        *flags,
+    ]  # fmt: skip
+    (tmp_path / "model").mkdir()  # a directory without a model: loading it would fail
+    code = cli.console_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    if key is None:  # got past the on-policy settings: the empty model dir is what stops it
+        assert "online" not in err[-1] and "model" in err[-1], err[-1]
+        return
+    assert err[-1].startswith(f"dpo-jax: error: config key '{key}'"), err[-1]

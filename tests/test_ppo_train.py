@@ -222,8 +222,12 @@ def test_ppo_sharded_on_8_devices_matches_one_device(tmp_path):
     runs = json.loads(out.read_text())
     one, eight = runs["1dev"], runs["2x2x2"]
     assert "tensor" in eight["embed_spec"][0]  # the vocabulary really is sharded
+    # A row per optimizer step: 2 rollouts x 2 epochs x 2 mini-batches.
+    for run in (one, eight):
+        assert [r["rollout"] for r in run["history"]] == [1] * 4 + [2] * 4
+        assert [r["step"] for r in run["history"]] == list(range(1, 9))
     for a, b in zip(one["history"], eight["history"], strict=True):
         assert a["objective/scores"] == b["objective/scores"]  # the same samples
-        for key in ("objective/kl", "loss", "loss/value_avg", "grad_norm"):
+        for key in ("objective/kl", "loss", "loss/value", "grad_norm"):
             np.testing.assert_allclose(b[key], a[key], rtol=2e-3, atol=1e-5, err_msg=key)
     np.testing.assert_allclose(eight["head"], one["head"], rtol=1e-3, atol=1e-5)

@@ -592,7 +592,7 @@ def _drop(tree: dict, key: str) -> None:
 
 
 def test_a_key_added_after_the_checkpoint_resumes_at_its_default_only():
-    """A checkpoint written before a config key existed (`ppo.reward`, say) resumes when the
+    """A checkpoint written before a config key existed (`online.reward`, say) resumes when the
     run keeps that key's default (the old behaviour) and refuses when it changes it."""
     defaults = default.get_config()
     for key, value in sorted(_leaves().items()):

@@ -143,6 +143,24 @@ def migrate_deprecated(config: ml_collections.ConfigDict) -> None:
         config[new_section][new_leaf] = value
 
 
+def migrate_saved(saved: Any) -> Any:
+    """A saved config (plain nested dict, e.g. a checkpoint's or a phase marker's) with
+    keys under their current names (`MOVED_KEYS`), so one written before a key moved
+    compares equal to today's. Anything not a dict is returned as it is."""
+    if not isinstance(saved, dict):
+        return saved
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for old, new in MOVED_KEYS.items():
+        old_section, leaf = old.split(".")
+        new_section, new_leaf = new.split(".")
+        section = out.get(old_section)
+        if isinstance(section, dict) and leaf in section:
+            out.setdefault(new_section, {})
+            if isinstance(out[new_section], dict):
+                out[new_section].setdefault(new_leaf, section.pop(leaf))
+    return out
+
+
 def _did_you_mean(name: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     listed = f"known: {', '.join(sorted(known))}"
