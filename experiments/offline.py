@@ -27,11 +27,15 @@ Methods (``config.methods``; :data:`METHODS`):
   the same learned reward model (phase ``reward_model``), a per-token KL penalty against
   the reference policy with Ziegler et al.'s adaptive controller (``ppo.target_kl``);
   the run's ``ppo.*`` keys and ``optim`` (the DPO run's optimizer).
+- ``online_dpo``: online DPO (``objective.name="online_dpo"``, Guo et al. 2024) from the
+  reference policy: the best and worst of each prompt's samples of the current policy
+  by the same learned reward model as a pair, the DPO run's loss against the reference
+  policy; ``online.*`` with ``method_defaults.online_dpo`` over them.
 
 Phases (``experiments.phases``; each writes ``workdir/<phase>/`` and a ``DONE`` marker,
 a rerun skips finished phases and resumes a training phase from its checkpoint):
 ``data`` -> ``tokenizer`` -> the training phases (``sft``, ``preferred_ft``, ``reference``
-log-probs, ``dpo``, ``reward_model``, ``ppo``, as the methods need) -> ``eval_<method>``
+log-probs, ``dpo``, ``reward_model``, ``ppo``, ``online_dpo``, as the methods need) -> ``eval_<method>``
 (samples at every temperature, judged) -> ``report`` (``results.csv`` and ``win_rate.png``
 from the eval phases' outputs). ``--dry_run`` lowers each training phase's program with
 abstract params (`train(..., dry_run=True)`) and prints its per-device memory.

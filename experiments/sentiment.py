@@ -25,10 +25,14 @@ Presets (``--preset=NAME``):
   over 3 training seeds (``seeds``; summary.csv holds mean, std and 95% CI per method):
   DPO at five betas, Preferred-FT, Unlikelihood at the paper's four alphas, PPO with the
   reward model learned on the pairs at four target KLs, PPO-GT (the VADER reward),
-  Best-of-N selected by the learned reward and, labelled oracle, by VADER.
+  Best-of-N selected by the learned reward and, labelled oracle, by VADER; then the
+  on-policy methods of the ``online`` preset.
 * ``losses`` - DPO's successors on the same task over 3 seeds: IPO, SimPO, cDPO, R-DPO
   (the `rdpo` loss: length-regularised DPO, Park et al. 2024; not rDPO, which is the
   `robust` loss of Chowdhury et al. 2024).
+* ``online`` - the on-policy methods (:mod:`experiments.sentiment_online`: GRPO, RLOO,
+  online DPO labelled by the learned reward or by VADER, iterative DPO in rounds) beside
+  DPO and PPO, one training seed; ``frontier`` lists them too.
 * ``smoke`` - the same pipeline shrunk to seconds, for tests.
 * ``imdb_gpt2_large`` - the paper's real setting (TFDS ``imdb_reviews``, prefixes of 2-8
   tokens, ``gpt2-large`` from a local HF directory, the siebert RoBERTa classifier as

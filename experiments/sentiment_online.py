@@ -191,7 +191,17 @@ def online_method_phase(method: Method):
             model_config=task.model_config, params=task.sft_params, eval_hook=eval_hook,
         )  # fmt: skip
 
-    return run
+    def dry(ctx: Context) -> Any:
+        model_config, params = sentiment.abstract_policy(ctx)
+        config = online_config(ctx.config, method, ctx)
+        # a pool of the longest prompts (BOS + the longest prefix), a rollout's worth
+        longest = [[0] * (ctx.config.corpus.prefix_max_len + 1)] * config.online.rollout_batch_size
+        return phases.train_phase(
+            config, train_data=longest,
+            reward=lambda samples: None, model_config=model_config, params=params, dry_run=True,
+        ).lowered  # fmt: skip
+
+    return run, dry
 
 
 # ------------------------------------------------------------ iterative DPO
@@ -353,8 +363,9 @@ def method_phases(config: ml_collections.ConfigDict, method: Method) -> list[Pha
         reads = ("online", OWN_SECTION[OBJECTIVES[kind]], f"method_defaults.{kind}", "optim",
                  "grad_accum_steps", "train.eval_every", "seed", "eval", "reward",
                  "pairs.max_new_tokens", "corpus.prefix_max_len")  # fmt: skip
-        return [Phase(sentiment.method_phase_name(method), online_method_phase(method),
-                      after=(*base, *learned), reads=reads)]  # fmt: skip
+        run, dry = online_method_phase(method)
+        return [Phase(sentiment.method_phase_name(method), run, after=(*base, *learned),
+                      reads=reads, dry=dry)]  # fmt: skip
     out = []
     # The rounds' sampling and labelling (pairs.batch_size: the sampler's chunks, hence
     # its keys; eval.batch_size: the scorers' rows).

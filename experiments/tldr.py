@@ -6,7 +6,9 @@ temperatures 0, 0.25, 0.5, 0.75 and 1, under a judge.
 Methods (``config.methods``; see ``experiments.offline``): ``sft`` (SFT on the reference
 summaries of the SFT split), ``preferred_ft`` (SFT on the comparisons' chosen summaries),
 ``dpo`` (from and against ``sft``) and ``ppo`` (from ``sft``, KL-penalised against it,
-rewarded by a reward model learned on the comparisons), the paper's comparison set.
+rewarded by a reward model learned on the comparisons), the paper's comparison set;
+``online_dpo`` (online DPO from ``sft``, pairs of its own samples labelled by that reward
+model) runs when asked.
 
 Presets (``--preset=NAME``):
 

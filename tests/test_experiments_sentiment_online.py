@@ -237,3 +237,11 @@ def test_online_methods_run_resume_and_rerun_identically(tmp_path):
             saved / name
         ).read_bytes(), name
     assert (run_dir / "results.csv").read_bytes() == results
+    # --dry_run lowers every training phase's program, the on-policy ones included.
+    dry = _smoke(methods, str(tmp_path))
+    dry.dry_run_devices = 1
+    online_phases = {sentiment.method_phase_name(sentiment.parse_method(m)) for m in methods}
+    online_phases -= {sentiment.method_phase_name(sentiment.parse_method(iterative))}
+    assert set(sentiment.dry_run(dry)) == {
+        "sft", f"{base}/round_1", f"{base}/round_2", *online_phases
+    }  # fmt: skip
