@@ -174,8 +174,8 @@ def _rows(run_dir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-# ~3-4 min on 2 cores: the smoke SFT and reward model, then 4-5 on-policy programs
-# (GRPO, RLOO, online DPO twice, 2 DPO rounds), each compiled, plus 3 reruns.
+# 49-103 s measured on 2 cores (load 4-11): the smoke SFT and reward model, 4-5 on-policy programs
+# (GRPO, RLOO, online DPO twice, 2 DPO rounds) compiled, 3 reruns and a dry run.
 @pytest.mark.heavy
 def test_online_methods_run_resume_and_rerun_identically(tmp_path):
     iterative = "iterative_dpo:beta=0.1:rounds=2"
