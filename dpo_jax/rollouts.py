@@ -418,8 +418,14 @@ class RolloutSource:
         if not self._queue:
             self.finish(self.rollout)
             self.rollout += 1
-        return StepBatch(host_share(batch_A, self._host), self._host.stop - self._host.start,
-                         self._metrics)  # fmt: skip
+        host_batch_A, n_seq = self.share(batch_A)
+        return StepBatch(host_batch_A, n_seq, self._metrics)
+
+    def share(self, batch_A: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """This host's part of a global `[A, N, ...]` step batch and its `n_seq`: here
+        single sequences, each host a consecutive share of every micro-batch's rows
+        (`host_share`; one host: the whole batch). A method with paired rows overrides it."""
+        return host_share(batch_A, self._host), self._host.stop - self._host.start
 
     def at_boundary(self) -> bool:
         return not self._queue
