@@ -52,7 +52,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpo_jax import losses, objectives, reward_sources, rollouts, sampling, scoring
+from dpo_jax import losses, objectives, reward_sources, rollouts, sampling, scoring, sharding
 from dpo_jax.data import batching
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.loop import StepBatch
@@ -265,6 +265,28 @@ def pair_micro_batches(
     return micro, picked
 
 
+def check_host_pairs(pairs_per_micro: int, data_parallel: int, with_reference: bool) -> None:
+    """Each host feeds whole pairs, an equal share of every micro-batch's; its `ref_logps`
+    `[2, b]` split their pairs over the data-parallel devices (`sharding.shard_batch`'s
+    rule for a host's rows; `rollouts.check_hosts` checked its `2b` token rows)."""
+    hosts = jax.process_count()
+    if hosts == 1:
+        return
+    unit = hosts * data_parallel if with_reference else hosts
+    if pairs_per_micro % unit:
+        why = (
+            f" of {data_parallel} data-parallel devices (the ref_logps column)"
+            if with_reference
+            else ""
+        )
+        raise config_error(
+            "online.rollout_batch_size",
+            f"micro-batches of {pairs_per_micro} pairs do not split into {hosts} hosts' "
+            f"equal shares{why}",
+            f"make the pairs per micro-batch a multiple of {unit}",
+        )
+
+
 def share_pairs(batch_A: Mapping[str, np.ndarray], pairs: slice) -> dict[str, np.ndarray]:
     """The pairs `pairs` of every micro-batch of a paired `[A, 2B, ...]` batch: their
     chosen then their rejected rows, numbered as a paired batch of their own (chosen
@@ -310,18 +332,14 @@ class OnlineDPOSource(rollouts.RolloutSource):
                 "online.samples_per_prompt", f"a pairwise judge compares two completions, "
                 f"got {cfg.samples_per_prompt}", "set it to 2",
             )  # fmt: skip
-        hosts = jax.process_count()
-        if hosts > 1 and cfg.pairs_per_micro % hosts:  # each host feeds whole pairs
-            raise config_error(
-                "online.rollout_batch_size", f"micro-batches of {cfg.pairs_per_micro} pairs "
-                f"do not split into {hosts} hosts' equal shares",
-                f"make the pairs per micro-batch a multiple of {hosts}",
-            )  # fmt: skip
+        self.with_reference = losses.needs_reference(cfg.loss_name)
+        check_host_pairs(
+            cfg.pairs_per_micro, sharding.data_parallel_size(mesh), self.with_reference
+        )
         self.dpo = cfg
         self.reward = reward
         self.judge = judge
         self.ref_params = ref_params
-        self.with_reference = losses.needs_reference(cfg.loss_name)
         self._pairs = rollouts.host_rows(cfg.pairs_per_micro)
 
     def steps_per_rollout(self) -> int:
