@@ -284,3 +284,51 @@ def test_online_dpo_resume_after_stop_is_bit_identical(tmp_path):
         assert {k: v for k, v in a.items() if k not in timing} == {
             k: v for k, v in b.items() if k not in timing
         }
+
+
+@pytest.mark.heavy  # three processes compile the sampler, the reference pass and the step
+def test_online_dpo_in_two_processes_matches_one(tmp_path):
+    """Two JAX processes (2 CPU devices each) train like one process on the same 4
+    devices and mesh: each host rewards half the completions and feeds its pairs' chosen
+    AND rejected rows (`OnlineDPOSource.share`), and the reference column lines up with
+    the step's global sequences (tests/online_dpo_multihost_run.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_train_multihost import _free_port
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "tests.online_dpo_multihost_run"]
+    procs = [
+        subprocess.Popen(cmd + [pid, port, str(tmp_path)], cwd=root, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for pid in ("0", "1", "-1")
+    ]  # fmt: skip
+    for p in procs:
+        text, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, text[-4000:]
+    for h in (0, 1):  # of 64 completions each host rewarded 32; fed 4 of 8 pairs per micro
+        calls = json.loads((tmp_path / f"multi_host{h}.json").read_text())
+        assert calls["reward_completions"] == [32, 32]
+        assert calls["step_rows"] == [[2, 8, 8]] * 4  # [A, 2 x 4 rows], n_seq
+    single_calls = json.loads((tmp_path / "single_host0.json").read_text())
+    assert single_calls["reward_completions"] == [64, 64]
+    assert single_calls["step_rows"] == [[2, 16, 16]] * 4
+    multi = json.loads((tmp_path / "multi.json").read_text())
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert len(multi) == len(single) == 4
+    for m, s in zip(multi, single, strict=True):
+        # the same samples, scores and Bradley-Terry pairs ...
+        for key in ("objective/scores", "objective/scores_margin", "rollout"):
+            assert m[key] == s[key], key
+        # ... and the same updates up to the order of float reductions across processes
+        for key in ("objective/kl", "loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            np.testing.assert_allclose(m[key], s[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    pm, ps = np.load(tmp_path / "multi.npz"), np.load(tmp_path / "single.npz")
+    for key in ps.files:  # SGD (the run's optimizer): last-bit gradient differences stay small
+        np.testing.assert_allclose(pm[key], ps[key], rtol=0, atol=5e-7, err_msg=key)
