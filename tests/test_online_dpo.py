@@ -217,6 +217,47 @@ def test_one_host_share_is_the_whole_batch_and_pairs_stay_whole():
         np.testing.assert_array_equal(whole[k], batch[k])
 
 
+def make_judge():
+    """`python:tests.test_online_dpo:make_judge`: prefers the text that sorts later,
+    undecided (NaN) on equal texts."""
+
+    def judge(prompts, a, b):
+        assert len(prompts) == len(a) == len(b) and all(isinstance(p, str) for p in prompts)
+        a, b = np.asarray(a), np.asarray(b)
+        return np.where(a == b, np.nan, (a > b).astype(np.float64))
+
+    return judge
+
+
+def test_a_judge_labels_the_pairs_on_decoded_text(tokenizer, tmp_path):
+    """`online.judge` (no reward): `online.inputs_from_config` hands the method the judge
+    on decoded samples; each pair's chosen completion is the one the judge preferred."""
+    from dpo_jax import online
+
+    tokenizer.save_pretrained(tmp_path)
+    model = th.tiny_model()
+    prompts = _prompts(8)
+    c = _config(label="argmax", judge="python:tests.test_online_dpo:make_judge")
+    c.tokenizer = str(tmp_path)
+    got_prompts, judge = online.inputs_from_config(c, prompts, None)
+    assert got_prompts is prompts and isinstance(judge, online_dpo.SampleJudge)
+    with pytest.raises(UserError, match="'online.judge'"):
+        online.inputs_from_config(c, prompts, _reward)  # a judge and reward= both
+    trainer, state = th.make_trainer(model, reference="precomputed", objective="online_dpo")
+    ref = rollouts.reference_params(trainer, state)
+    source = online_dpo.build_source(c, prompts, judge, ref, trainer.mesh)
+    steps, metrics = source.collect(trainer, state, 0)
+    assert 0 < metrics["judge/decided"] <= 1 and "objective/scores" not in metrics
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    for batch_A in steps:
+        mb = {k: v[0] for k, v in batch_A.items()}
+        b = mb["input_ids"].shape[0] // 2
+        rows = zip(mb["input_ids"], mb["sequence_index"], strict=True)
+        comp = [decode(ids[si >= 0]) for ids, si in rows]
+        for k in range(b):  # preferred (later), or undecided: the first is chosen
+            assert comp[k] >= comp[b + k]
+
+
 # ------------------------------------------------------------------------ end to end
 
 
