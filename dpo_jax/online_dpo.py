@@ -25,9 +25,10 @@ beta sees h = beta (log pi/pi_ref (y_1) - log pi/pi_ref (y_2)). The expected los
 pair is the cross-entropy -s log sigma(h) - (1 - s) log sigma(-h), s = sigma(r_1 - r_2):
 its gradient in h is sigma(h) - s, zero exactly where h = r_1 - r_2, i.e. where
 beta log pi/pi_ref = r + const, i.e. at pi* = pi_ref exp(r / beta) / Z. That holds pair by
-pair, whatever distribution the pairs are drawn from (the current policy's), so pi* is a
-fixed point of the on-policy updates, and the only one where every pair of the policy's
-support has positive probability (the cross-entropy is strictly convex in the margins).
+pair, whatever distribution the pairs are drawn from (the current policy's, at any
+online.temperature), so pi* is a fixed point of the on-policy updates, and the only one
+where every pair of the policy's support has positive probability (the cross-entropy is
+strictly convex in the margins).
 Argmax labels (the paper's and TRL's) instead push every preferred completion up without
 bound: they converge toward the reward's argmax, at a rate beta sets.
 
