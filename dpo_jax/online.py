@@ -42,8 +42,9 @@ METHODS: dict[str, Method] = {
         ppo_loop.PPOConfig.from_config, ppo_loop.build_source, lambda c: ppo.BATCH_COLUMNS
     ),
     **{
-        name: Method(group_loop.GroupConfig.from_config, group_loop.build_source,
-                     group_loop.batch_columns)  # fmt: skip
+        name: Method(
+            group_loop.GroupConfig.from_config, group_loop.build_source, group_loop.batch_columns
+        )  # fmt: skip
         for name in group_loop.METHODS
     },
     "online_dpo": Method(

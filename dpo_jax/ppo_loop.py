@@ -271,8 +271,11 @@ def token_stats(
 
 
 def build_source(
-    config: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]],
-    reward: reward_sources.RolloutReward, ref_params: Any, mesh: Any,
+    config: ml_collections.ConfigDict,
+    prompts: Sequence[Sequence[int]],
+    reward: reward_sources.RolloutReward,
+    ref_params: Any,
+    mesh: Any,
 ) -> PPOSource:
     """Objective "ppo"'s source from a run config (`online.SOURCES`)."""
     cfg = PPOConfig.from_config(config)

@@ -272,7 +272,9 @@ def score_rows(
     num_rows = rows["input_ids"].shape[0]
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, num_rows, rows_per_micro):
-        chunk = host_share({k: v[None, start : start + rows_per_micro] for k, v in rows.items()}, share)
+        chunk = host_share(
+            {k: v[None, start : start + rows_per_micro] for k, v in rows.items()}, share
+        )
         host, n_seq = trainer.prepare_batch(chunk, share.stop - share.start)
         placed = trainer.place_batch(host)
         micro = {k: v[0] for k, v in placed.items()}
@@ -294,12 +296,17 @@ def _in_sequence_order(
 
 
 def token_logps(
-    apply_fn: Callable[..., Any], params: Any, batch: Mapping[str, jax.Array], n_seq: int,
+    apply_fn: Callable[..., Any],
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    n_seq: int,
     chunk_size: int = 0,
 ) -> jax.Array:
     """Per-token log-probs `[N, L]` of `params` (model params) on a micro-batch, by the
     step's own `scoring.score`."""
-    out = scoring.score(apply_fn, params, batch, n_seq, needs=("token_logps",), chunk_size=chunk_size)
+    out = scoring.score(
+        apply_fn, params, batch, n_seq, needs=("token_logps",), chunk_size=chunk_size
+    )
     return out.token_logps_NxL
 
 

@@ -887,7 +887,9 @@ def ppo_method_phase(method: Method):
         if method.kind == "ppo":
             reward = reward_sources.reward_from_ids(learned_reward(ctx, task))
         else:  # the reward the pairs were labelled with (prefix + completion)
-            reward = reward_sources.reward_from_texts(task.reward_fn, task.tokenizer, with_prompt=True)
+            reward = reward_sources.reward_from_texts(
+                task.reward_fn, task.tokenizer, with_prompt=True
+            )
 
         def eval_hook(step: int, params: Any) -> dict[str, float]:
             ev = evaluate(task, params["model"])
