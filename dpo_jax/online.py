@@ -37,14 +37,28 @@ class Method:
     step_reference: Callable[[ml_collections.ConfigDict], str] = lambda config: "none"
 
 
+def _builder(settings: Callable[..., Any], source: type) -> Callable[..., Any]:
+    """`build` of a method whose source takes (settings, prompts, reward, reference, seed,
+    mesh)."""
+
+    def build(config, prompts, reward, ref_params, mesh):  # noqa: ANN001, ANN202
+        return source(settings(config), prompts, reward, ref_params, int(config.seed), mesh)
+
+    return build
+
+
 METHODS: dict[str, Method] = {
     "ppo": Method(
-        ppo_loop.PPOConfig.from_config, ppo_loop.build_source, lambda c: ppo.BATCH_COLUMNS
+        ppo_loop.PPOConfig.from_config,
+        _builder(ppo_loop.PPOConfig.from_config, ppo_loop.PPOSource),
+        lambda c: ppo.BATCH_COLUMNS,
     ),
     **{
         name: Method(
-            group_loop.GroupConfig.from_config, group_loop.build_source, group_loop.batch_columns
-        )  # fmt: skip
+            group_loop.GroupConfig.from_config,
+            _builder(group_loop.GroupConfig.from_config, group_loop.GroupSource),
+            group_loop.batch_columns,
+        )
         for name in group_loop.METHODS
     },
     "online_dpo": Method(

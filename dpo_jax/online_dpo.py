@@ -325,7 +325,7 @@ class OnlineDPOSource(rollouts.RolloutSource):
         mesh: Any,
         judge: SampleJudge | None = None,
     ):
-        super().__init__(cfg, prompts, seed, mesh)  # checks 2b rows per micro-batch
+        super().__init__(cfg, prompts, reward, ref_params, seed, mesh)  # 2b rows per micro
         if (reward is None) == (judge is None):
             raise ValueError("OnlineDPOSource: give a reward or a judge (exactly one)")
         if judge is not None and cfg.samples_per_prompt != 2:
@@ -338,13 +338,8 @@ class OnlineDPOSource(rollouts.RolloutSource):
             cfg.pairs_per_micro, sharding.data_parallel_size(mesh), self.with_reference
         )
         self.dpo = cfg
-        self.reward = reward
         self.judge = judge
-        self.ref_params = ref_params
         self._pairs = rollouts.host_rows(cfg.pairs_per_micro)
-
-    def steps_per_rollout(self) -> int:
-        return self.dpo.steps_per_rollout
 
     def share(self, batch_A: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """This host's pairs of every micro-batch, chosen and rejected rows (one host: the

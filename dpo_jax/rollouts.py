@@ -357,7 +357,15 @@ class RolloutSource:
     when rollout `r`'s last step is handed out, so the data state at the boundary is the
     next rollout's)."""
 
-    def __init__(self, cfg: RolloutConfig, prompts: Sequence[Sequence[int]], seed: int, mesh: Any):
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        prompts: Sequence[Sequence[int]],
+        reward: RolloutReward | None,
+        ref_params: Any,
+        seed: int,
+        mesh: Any,
+    ):
         if len(prompts) * cfg.samples_per_prompt < cfg.rollout_batch_size:
             raise UserError(
                 f"online: {len(prompts)} prompts x {cfg.samples_per_prompt} samples is fewer "
@@ -365,6 +373,8 @@ class RolloutSource:
             )
         check_hosts(cfg.rows_per_micro, sharding.data_parallel_size(mesh))
         self.cfg = cfg
+        self.reward = reward
+        self.ref_params = ref_params  # the frozen reference's model params (None: dry run)
         self.prompts = [list(p) for p in prompts]
         self.seed = int(seed)
         self.rollout = 0
@@ -377,7 +387,16 @@ class RolloutSource:
         raise NotImplementedError
 
     def steps_per_rollout(self) -> int:
-        raise NotImplementedError
+        return self.cfg.steps_per_rollout  # every method's config says it
+
+    def passes(self, batch: Mapping[str, np.ndarray], rollout: int, count: int) -> list[dict]:
+        """`count` shuffled passes over a rollout's rows, each split into the updates'
+        `[A, N/A, ...]` batches (`mini_batches`)."""
+        return [
+            batch_A
+            for p in range(count)
+            for batch_A in mini_batches(self.cfg, batch, rollout, p, self.seed)
+        ]
 
     def controller_state(self) -> dict[str, Any]:
         return {}
