@@ -81,6 +81,14 @@ def check(config: ml_collections.ConfigDict) -> None:
     m = method(config)
     if m is None:
         return
+    lora_rank = config.get("lora", {}).get("rank", 0)
+    if lora_rank:
+        # The rollouts sample and score `state.params` as the model's params; with LoRA
+        # those are the adapters, and the adapters-off reference is not wired in.
+        raise config_error(
+            "lora.rank", f"{lora_rank}, but {config.objective.name} samples and scores the "
+            "full policy (LoRA adapters are not wired into rollouts)", "set lora.rank=0",
+        )  # fmt: skip
     m.settings(config)
     if config.online.reward:
         specs = reward_sources.parse(config.online.reward, key="online.reward")

@@ -84,15 +84,6 @@ class OnlineDPOConfig(RolloutConfig):
                 "online.judge", f"{online.judge!r}, and online.reward={online.reward!r} too",
                 "give one of them: the judge labels the pairs, or the reward scores them",
             )  # fmt: skip
-        lora_rank = config.get("lora", {}).get("rank", 0)
-        if lora_rank:
-            # The rollouts sample and score `state.params` as the model's params; with
-            # LoRA those are the adapters, and the adapters-off reference is not wired in.
-            raise config_error(
-                "lora.rank", f"{lora_rank}, but online DPO samples and scores the full policy "
-                "(LoRA adapters and the adapters-off reference are not wired into rollouts)",
-                "set lora.rank=0",
-            )  # fmt: skip
         out = cls(
             grad_accum_steps=int(config.grad_accum_steps), label=str(config.online_dpo.label),
             missing_eos_penalty=online.missing_eos_penalty,
