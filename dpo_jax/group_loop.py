@@ -19,14 +19,13 @@ when the KL is used (online.kl_coef > 0).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from dpo_jax import objectives, policy_gradient, reward_sources, rollouts
+from dpo_jax import objectives, policy_gradient, rollouts
 from dpo_jax.errors import config_error
 from dpo_jax.rollouts import RolloutConfig, from_tokens, to_tokens
 
@@ -137,31 +136,14 @@ def _reference_only(apply_fn, ref_params, batch, n_seq, chunk_size=0):
 class GroupSource(rollouts.RolloutSource):
     """Objectives "grpo" and "rloo"'s step source."""
 
-    def __init__(
-        self,
-        cfg: GroupConfig,
-        prompts: Sequence[Sequence[int]],
-        reward: reward_sources.RolloutReward,
-        ref_params: Any,
-        seed: int,
-        mesh: Any,
-    ):
-        super().__init__(cfg, prompts, seed, mesh)
-        self.group = cfg
-        self.reward = reward
-        self.ref_params = ref_params
-
-    def steps_per_rollout(self) -> int:
-        return self.group.steps_per_rollout
+    @property
+    def group(self) -> GroupConfig:
+        """The method's settings (`self.cfg`, typed)."""
+        return self.cfg  # type: ignore[return-value]
 
     def collect(self, trainer: Any, state: Any, rollout: int) -> tuple[list[dict], dict]:
         batch, _, metrics = self.rollout_batch(trainer, state, rollout)
-        steps = [
-            batch_A
-            for it in range(self.group.num_iterations)
-            for batch_A in rollouts.mini_batches(self.group, batch, rollout, it, self.seed)
-        ]
-        return steps, metrics
+        return self.passes(batch, rollout, self.group.num_iterations), metrics
 
     def rollout_batch(
         self, trainer: Any, state: Any, rollout: int
@@ -240,18 +222,6 @@ class GroupSource(rollouts.RolloutSource):
         jitted = rollouts.jitted(fn, step_cfg.apply_fn, step_cfg.logps_chunk_size)
         stats = rollouts.score_rows(trainer, jitted, args, rows, cfg.rows_per_micro)
         return {k: from_tokens(v, mask, rows["sequence_index"]) for k, v in stats.items()}
-
-
-def build_source(
-    config: ml_collections.ConfigDict,
-    prompts: Sequence[Sequence[int]],
-    reward: reward_sources.RolloutReward,
-    ref_params: Any,
-    mesh: Any,
-) -> GroupSource:
-    """Objective "grpo"'s or "rloo"'s source from a run config (`online.METHODS`)."""
-    cfg = GroupConfig.from_config(config)
-    return GroupSource(cfg, prompts, reward, ref_params, int(config.seed), mesh)
 
 
 def batch_columns(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ BATCH_KEYS = (*scoring.MODEL_KEYS, *scoring.OBJECTIVE_KEYS, "scored_positions")
 # batch early in a run (1 of 5 steps) does not end it.
 MIN_SKIPS_BEFORE_STOP = 10
 
+
 def stack_micro_batches(micro_batches: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Batch:
     """Stack `A` host micro-batches on a new leading axis (padding lengths to the max).
 
@@ -229,7 +230,6 @@ class MicroBatchSource:
         return True
 
 
-
 def run_loop(
     trainer: Any,
     state: Any,
@@ -365,5 +365,7 @@ def run_loop(
     run_eval(last)
     if checkpointer is not None:
         data_now = source.get_state()
-        checkpointer.maybe_save(last, checkpointable(state, trainer.step_config), data_now, force=True)
+        checkpointer.maybe_save(
+            last, checkpointable(state, trainer.step_config), data_now, force=True
+        )
     return state, history, eval_history

@@ -210,28 +210,41 @@ def reward_model_loss(inp: ObjectiveInput) -> tuple[Array, dict[str, Any], Any]:
 
 OBJECTIVES: dict[str, Objective] = {
     "preference": Objective(
-        "preference", preference_loss, needs=_preference_needs, uses_reference=True,
+        "preference",
+        preference_loss,
+        needs=_preference_needs,
+        uses_reference=True,
         uses_loss=True,
     ),  # fmt: skip
     # Online DPO (Guo et al. 2024): pairs sampled from the current policy and labelled by
     # a reward or judge (`dpo_jax.online_dpo`), any paired loss, the reference's
     # log-probs precomputed by the rollout's scoring pass.
     "online_dpo": Objective(
-        "online_dpo", preference_loss, needs=_preference_needs, uses_reference=True,
-        uses_loss=True, rollouts=True,
+        "online_dpo",
+        preference_loss,
+        needs=_preference_needs,
+        uses_reference=True,
+        uses_loss=True,
+        rollouts=True,
     ),  # fmt: skip
     # GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024): critic-free, group or
     # leave-one-out baselines (`dpo_jax.policy_gradient`, `dpo_jax.group_loop`).
     "grpo": Objective(
-        "grpo", policy_gradient.objective_loss,
+        "grpo",
+        policy_gradient.objective_loss,
         needs=lambda cfg: frozenset({"token_logps", "token_metrics"}),
-        batch_context=policy_gradient.batch_context, paired=False, rollouts=True,
+        batch_context=policy_gradient.batch_context,
+        paired=False,
+        rollouts=True,
         hyper=lambda config: policy_gradient.config_hyper(config, "grpo"),
     ),  # fmt: skip
     "rloo": Objective(
-        "rloo", policy_gradient.objective_loss,
+        "rloo",
+        policy_gradient.objective_loss,
         needs=lambda cfg: frozenset({"token_logps", "token_metrics"}),
-        batch_context=policy_gradient.batch_context, paired=False, rollouts=True,
+        batch_context=policy_gradient.batch_context,
+        paired=False,
+        rollouts=True,
         hyper=lambda config: policy_gradient.config_hyper(config, "rloo"),
     ),  # fmt: skip
     "sft": Objective(

@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from dpo_jax import data, group_loop, ppo, ppo_loop, reward_sources, rollouts
+from dpo_jax import data, group_loop, online_dpo, ppo, ppo_loop, reward_sources, rollouts
 from dpo_jax.errors import config_error
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,9 @@ class Method:
     """An on-policy method: its settings (checked), its step source and batch columns."""
 
     settings: Callable[[ml_collections.ConfigDict], Any]  # run config -> checked settings
-    # (config, prompts, reward, ref_params, mesh) -> the step source
+    # (config, prompts, reward, ref_params, mesh) -> the step source; a method that
+    # `uses_judge` gets the judge in `reward`'s place when `online.judge` labels its
+    # rollouts (`inputs_from_config`)
     build: Callable[..., rollouts.RolloutSource]
     columns: Callable[[ml_collections.ConfigDict], tuple[str, ...]]  # its batch columns
     uses_judge: bool = False  # may be labelled by `online.judge` instead of a reward
@@ -35,15 +37,37 @@ class Method:
     step_reference: Callable[[ml_collections.ConfigDict], str] = lambda config: "none"
 
 
+def _builder(settings: Callable[..., Any], source: type) -> Callable[..., Any]:
+    """`build` of a method whose source takes (settings, prompts, reward, reference, seed,
+    mesh)."""
+
+    def build(config, prompts, reward, ref_params, mesh):  # noqa: ANN001, ANN202
+        return source(settings(config), prompts, reward, ref_params, int(config.seed), mesh)
+
+    return build
+
+
 METHODS: dict[str, Method] = {
     "ppo": Method(
-        ppo_loop.PPOConfig.from_config, ppo_loop.build_source, lambda c: ppo.BATCH_COLUMNS
+        ppo_loop.PPOConfig.from_config,
+        _builder(ppo_loop.PPOConfig.from_config, ppo_loop.PPOSource),
+        lambda c: ppo.BATCH_COLUMNS,
     ),
     **{
-        name: Method(group_loop.GroupConfig.from_config, group_loop.build_source,
-                     group_loop.batch_columns)  # fmt: skip
+        name: Method(
+            group_loop.GroupConfig.from_config,
+            _builder(group_loop.GroupConfig.from_config, group_loop.GroupSource),
+            group_loop.batch_columns,
+        )
         for name in group_loop.METHODS
     },
+    "online_dpo": Method(
+        online_dpo.OnlineDPOConfig.from_config,
+        online_dpo.build_source,
+        online_dpo.batch_columns,
+        uses_judge=True,
+        step_reference=online_dpo.step_reference,
+    ),
 }
 
 
@@ -57,6 +81,14 @@ def check(config: ml_collections.ConfigDict) -> None:
     m = method(config)
     if m is None:
         return
+    lora_rank = config.get("lora", {}).get("rank", 0)
+    if lora_rank:
+        # The rollouts sample and score `state.params` as the model's params; with LoRA
+        # those are the adapters, and the adapters-off reference is not wired in.
+        raise config_error(
+            "lora.rank", f"{lora_rank}, but {config.objective.name} samples and scores the "
+            "full policy (LoRA adapters are not wired into rollouts)", "set lora.rank=0",
+        )  # fmt: skip
     m.settings(config)
     if config.online.reward:
         specs = reward_sources.parse(config.online.reward, key="online.reward")
@@ -82,20 +114,27 @@ def inputs_from_config(
 ) -> tuple[Sequence[Sequence[int]], Any]:
     """The prompt pool and the reward: `train(..., train_data=prompts, reward=fn)` when
     given, else from `data.train` (`data.load_prompts`) and `online.reward`
-    (`reward_sources.from_spec`), as `dpo-jax train` runs it."""
+    (`reward_sources.from_spec`), as `dpo-jax train` runs it. A method that `uses_judge`
+    with `online.judge` set gets, in the reward's place, the judge on decoded samples
+    (`online_dpo.SampleJudge`: `reward_sources.judge_from_spec` and the tokenizer)."""
     spec = config.online.reward
     m = method(config)
     if reward is not None and spec:
         raise config_error(
             "online.reward", f"{spec!r}, and train() was given reward= too", "give one of them"
         )  # fmt: skip
-    judged = m is not None and m.uses_judge and config.online.judge
+    judged = m is not None and m.uses_judge and bool(config.online.judge)
+    if judged and reward is not None:
+        raise config_error(
+            "online.judge", f"{config.online.judge!r}, and train() was given reward= too",
+            "give one of them",
+        )  # fmt: skip
     if reward is None and not spec and not judged:
         raise config_error(
             "online.reward", f"is empty: {config.objective.name} scores its rollouts with a reward",
             f"use {reward_sources.SPECS} (Python: train(..., reward=fn), docs/ONLINE.md)",
         )  # fmt: skip
-    if prompts is not None and (reward is not None or not spec):
+    if prompts is not None and (reward is not None or not spec) and not judged:
         return prompts, reward
     from transformers import AutoTokenizer
 
@@ -109,6 +148,11 @@ def inputs_from_config(
         prompts = data.load_prompts(config.data, tokenizer, config.run_dir or None, split="train")
         log.info("%s: %d distinct prompts from %s", config.objective.name, len(prompts),
                  config.data.train)  # fmt: skip
+    if judged:
+        judge = reward_sources.judge_from_spec(
+            config.online.judge, key="online.judge", seed=int(config.seed)
+        )
+        return prompts, online_dpo.SampleJudge(judge, tokenizer)
     if reward is None and spec:
         reward = reward_sources.from_spec(
             spec, tokenizer, weights=config.online.reward_weights, key="online.reward"

@@ -206,15 +206,10 @@ class PPOSource(rollouts.RolloutSource):
         seed: int,
         mesh: Any,
     ):
-        super().__init__(cfg, prompts, seed, mesh)
+        super().__init__(cfg, prompts, reward, ref_params, seed, mesh)
         self.ppo = cfg
-        self.reward = reward
-        self.ref_params = ref_params
         self.kl_coef = float(np.float32(cfg.kl_coef))
         self._kl = 0.0
-
-    def steps_per_rollout(self) -> int:
-        return self.ppo.steps_per_rollout
 
     def collect(self, trainer: Any, state: Any, rollout: int) -> tuple[list[dict], dict]:
         cfg = self.ppo
@@ -223,12 +218,7 @@ class PPOSource(rollouts.RolloutSource):
             self.rollout_key(rollout), self.kl_coef,
         )  # fmt: skip
         self._kl = roll.metrics["objective/kl"]
-        steps = [
-            batch_A
-            for epoch in range(cfg.num_epochs)
-            for batch_A in rollouts.mini_batches(cfg, roll.batch, rollout, epoch, self.seed)
-        ]
-        return steps, roll.metrics
+        return self.passes(roll.batch, rollout, cfg.num_epochs), roll.metrics
 
     def finish(self, rollout: int) -> None:
         self.kl_coef = float(
@@ -268,15 +258,6 @@ def token_stats(
         "values": ppo.token_values(params[objectives.HEAD], policy.hidden_NxLxD),
         "ref_logps": ref.token_logps_NxL,
     }
-
-
-def build_source(
-    config: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]],
-    reward: reward_sources.RolloutReward, ref_params: Any, mesh: Any,
-) -> PPOSource:
-    """Objective "ppo"'s source from a run config (`online.SOURCES`)."""
-    cfg = PPOConfig.from_config(config)
-    return PPOSource(cfg, prompts, reward, ref_params, int(config.seed), mesh)
 
 
 def example_columns() -> tuple[str, ...]:

@@ -272,7 +272,9 @@ def score_rows(
     num_rows = rows["input_ids"].shape[0]
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, num_rows, rows_per_micro):
-        chunk = host_share({k: v[None, start : start + rows_per_micro] for k, v in rows.items()}, share)
+        chunk = host_share(
+            {k: v[None, start : start + rows_per_micro] for k, v in rows.items()}, share
+        )
         host, n_seq = trainer.prepare_batch(chunk, share.stop - share.start)
         placed = trainer.place_batch(host)
         micro = {k: v[0] for k, v in placed.items()}
@@ -294,12 +296,17 @@ def _in_sequence_order(
 
 
 def token_logps(
-    apply_fn: Callable[..., Any], params: Any, batch: Mapping[str, jax.Array], n_seq: int,
+    apply_fn: Callable[..., Any],
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    n_seq: int,
     chunk_size: int = 0,
 ) -> jax.Array:
     """Per-token log-probs `[N, L]` of `params` (model params) on a micro-batch, by the
     step's own `scoring.score`."""
-    out = scoring.score(apply_fn, params, batch, n_seq, needs=("token_logps",), chunk_size=chunk_size)
+    out = scoring.score(
+        apply_fn, params, batch, n_seq, needs=("token_logps",), chunk_size=chunk_size
+    )
     return out.token_logps_NxL
 
 
@@ -350,7 +357,15 @@ class RolloutSource:
     when rollout `r`'s last step is handed out, so the data state at the boundary is the
     next rollout's)."""
 
-    def __init__(self, cfg: RolloutConfig, prompts: Sequence[Sequence[int]], seed: int, mesh: Any):
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        prompts: Sequence[Sequence[int]],
+        reward: RolloutReward | None,
+        ref_params: Any,
+        seed: int,
+        mesh: Any,
+    ):
         if len(prompts) * cfg.samples_per_prompt < cfg.rollout_batch_size:
             raise UserError(
                 f"online: {len(prompts)} prompts x {cfg.samples_per_prompt} samples is fewer "
@@ -358,6 +373,8 @@ class RolloutSource:
             )
         check_hosts(cfg.rows_per_micro, sharding.data_parallel_size(mesh))
         self.cfg = cfg
+        self.reward = reward
+        self.ref_params = ref_params  # the frozen reference's model params (None: dry run)
         self.prompts = [list(p) for p in prompts]
         self.seed = int(seed)
         self.rollout = 0
@@ -370,7 +387,16 @@ class RolloutSource:
         raise NotImplementedError
 
     def steps_per_rollout(self) -> int:
-        raise NotImplementedError
+        return self.cfg.steps_per_rollout  # every method's config says it
+
+    def passes(self, batch: Mapping[str, np.ndarray], rollout: int, count: int) -> list[dict]:
+        """`count` shuffled passes over a rollout's rows, each split into the updates'
+        `[A, N/A, ...]` batches (`mini_batches`)."""
+        return [
+            batch_A
+            for p in range(count)
+            for batch_A in mini_batches(self.cfg, batch, rollout, p, self.seed)
+        ]
 
     def controller_state(self) -> dict[str, Any]:
         return {}
@@ -418,8 +444,14 @@ class RolloutSource:
         if not self._queue:
             self.finish(self.rollout)
             self.rollout += 1
-        return StepBatch(host_share(batch_A, self._host), self._host.stop - self._host.start,
-                         self._metrics)  # fmt: skip
+        host_batch_A, n_seq = self.share(batch_A)
+        return StepBatch(host_batch_A, n_seq, self._metrics)
+
+    def share(self, batch_A: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """This host's part of a global `[A, N, ...]` step batch and its `n_seq`: here
+        single sequences, each host a consecutive share of every micro-batch's rows
+        (`host_share`; one host: the whole batch). A method with paired rows overrides it."""
+        return host_share(batch_A, self._host), self._host.stop - self._host.start
 
     def at_boundary(self) -> bool:
         return not self._queue

@@ -47,7 +47,9 @@ _LOGP_NEEDS = frozenset(("logps", "wpo", "log1m", "token_metrics", "token_logps"
 # columns are `OBJECTIVE_KEYS`.
 MODEL_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "sequence_index")
 OBJECTIVE_KEYS = tuple(
-    dict.fromkeys(("ref_logps", "labels", "margin", *ppo.BATCH_COLUMNS, *policy_gradient.BATCH_COLUMNS))
+    dict.fromkeys(
+        ("ref_logps", "labels", "margin", *ppo.BATCH_COLUMNS, *policy_gradient.BATCH_COLUMNS)
+    )
 )
 
 

@@ -322,3 +322,14 @@ def test_cli_bad_on_policy_settings_exit_2_in_one_line(tmp_path, capsys, flags, 
         assert "online" not in err[-1] and "model" in err[-1], err[-1]
         return
     assert err[-1].startswith(f"dpo-jax: error: config key '{key}'"), err[-1]
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo", "rloo", "online_dpo"])
+def test_lora_is_refused_by_every_on_policy_method(method):
+    """Rollouts sample the full policy: LoRA is refused in one line, not half-applied."""
+    from dpo_jax.configs import validate
+
+    config = _config(method)
+    config.lora.rank = 4
+    with pytest.raises(UserError, match="'lora.rank'"):
+        validate.validate(config)

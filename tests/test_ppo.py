@@ -232,7 +232,9 @@ def test_rollout_rewards_see_prompt_and_completion():
             return [" ".join(map(str, x)) for x in ids]
 
     got = []
-    fn = reward_sources.reward_from_texts(lambda texts: got.extend(texts) or [1.0, 2.0], Tok(), True)
+    fn = reward_sources.reward_from_texts(
+        lambda texts: got.extend(texts) or [1.0, 2.0], Tok(), True
+    )
     np.testing.assert_array_equal(fn(samples), [1.0, 2.0])
     assert got == ["7 8 11", "5 6 9 12 13 14"]  # EOS (1) dropped, prompt padding dropped
     got.clear()

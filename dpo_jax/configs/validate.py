@@ -224,9 +224,14 @@ def _validate_objective(value: Any) -> None:
         )  # fmt: skip
     mode = value("reference.mode")
     if mode not in (_MISSING, "auto", "none"):
+        # online DPO's reference is scored by its rollouts (a precomputed column)
+        how = (
+            "scores its reference in the rollouts"
+            if objectives.get(name).uses_reference
+            else "uses no reference model"
+        )
         raise config_error(
-            "reference.mode", f"{mode!r}, but objective {name!r} uses no reference model",
-            "leave it at auto",
+            "reference.mode", f"{mode!r}, but objective {name!r} {how}", "leave it at auto",
         )  # fmt: skip
     if value("reference.ref_model_sync_steps") not in (_MISSING, 0):
         raise config_error(
