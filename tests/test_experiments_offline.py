@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import checkpoint, data, evaluation, judge, online
+from dpo_jax import checkpoint, data, evaluation, judge
 from dpo_jax.data.formats import detect_format, parse_hh, parse_tldr, parse_tldr_sft
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
@@ -378,12 +378,6 @@ def test_seeds_run_each_seed_and_summarise_their_results(tmp_path):
     assert not (run_dir / "results.csv").exists()  # per seed only
 
 
-needs_online_dpo = pytest.mark.skipif(
-    "online_dpo" not in online.METHODS, reason="no online_dpo objective in this dpo_jax yet"
-)
-
-
-@needs_online_dpo
 def test_online_dpo_is_wired_into_the_tldr_graph(tmp_path):
     config = tldr.get_config("smoke")
     config.methods = ("sft", "online_dpo")
@@ -410,7 +404,6 @@ def test_online_dpo_is_wired_into_the_tldr_graph(tmp_path):
 # ~1-2 min on 2 cores: the TL;DR smoke's SFT, reward model and online DPO (sampler,
 # reference scorer and paired step compiled), then two evaluations
 @pytest.mark.heavy
-@needs_online_dpo
 def test_tldr_smoke_online_dpo_labelled_by_the_learned_reward(tmp_path):
     config = tldr.get_config("smoke")
     config.update(workdir=str(tmp_path), methods=("sft", "online_dpo"))

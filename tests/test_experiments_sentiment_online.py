@@ -16,13 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import online
 from dpo_jax.metrics import read_jsonl
 from experiments import phases, sentiment, sentiment_online
-
-# Online DPO's objective is registered by dpo_jax/online_dpo.py (the online-dpo branch).
-HAS_ONLINE_DPO = "online_dpo" in online.METHODS
-needs_online_dpo = pytest.mark.skipif(not HAS_ONLINE_DPO, reason="no online_dpo objective yet")
 
 
 def _smoke(methods: tuple[str, ...], workdir: str = "") -> object:
@@ -179,9 +174,7 @@ def _rows(run_dir) -> list[dict]:
 @pytest.mark.heavy
 def test_online_methods_run_resume_and_rerun_identically(tmp_path):
     iterative = "iterative_dpo:beta=0.1:rounds=2"
-    methods = ("grpo", "rloo", iterative)
-    if HAS_ONLINE_DPO:
-        methods += ("online_dpo:beta=0.1", "online_dpo_gt:beta=0.1")
+    methods = ("grpo", "rloo", "online_dpo:beta=0.1", "online_dpo_gt:beta=0.1", iterative)
     config = _smoke(methods, str(tmp_path))
     graph = sentiment.build_phases(config)
     base = "methods/iterative_dpo_beta=0.1_rounds=2"
