@@ -1,21 +1,33 @@
-"""Generation throughput of dpo_jax.sampling: generated tokens/s (optionally vs torch generate).
+"""Generation throughput of dpo_jax.sampling, prefill and decode apart (optionally vs torch).
 
 For each model shape: random weights, ``--batch`` random prompts of ``--prompt-len``
 tokens, ``--new-tokens`` sampled per row (no EOS, so every row generates every token).
-Reports the first call (compile + run) and the median of ``--repeats`` steady calls;
-tokens/s = batch * new_tokens / median call time, prefill included.
 
-``--vs-torch`` also times Hugging Face ``generate`` (PyTorch CPU, KV cache, sampling)
-on a model of the same shape, as a reference point.
+Both implementations are timed as black boxes, the same way:
 
-    python -m benchmarks.generation --json
+- **prefill** = a call that generates 1 token (time to first token: the prompt forward,
+  its last-position logits, one sampled token, host transfers);
+  ``prefill_tokens_per_s`` = batch * prompt_len / that time;
+- **decode** = the rest of a call that generates ``--new-tokens``:
+  ``decode_tokens_per_s`` = batch * (new_tokens - 1) / (t(new_tokens) - t(1)),
+  ``ms_per_decode_step`` its inverse per row-step;
+- ``tokens_per_s`` = batch * new_tokens / t(new_tokens), prefill included (end to end).
+
+Times are medians of ``--repeats`` calls after one untimed warm-up call (which compiles);
+``first_call_s`` is that first call. ``--vs-torch`` also times Hugging Face ``generate``
+(PyTorch CPU, KV cache, sampling) on a GPT-2 of the same shape.
+
+    python -m benchmarks.generation --shapes gpt2-small --vs-torch --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,9 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    for name in ("batch", "prompt_len", "new_tokens", "repeats"):
+    for name in ("batch", "prompt_len", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"{__file__}: --{name.replace('_', '-')} must be >= 1")
+    if args.new_tokens < 2:
+        raise SystemExit(f"{__file__}: --new-tokens must be >= 2 (decode = tokens after the first)")
     unknown = [s for s in args.shapes.split(",") if s not in common.MODEL_SHAPES]
     if unknown:
         raise SystemExit(
@@ -67,6 +81,39 @@ def model_config(shape: common.ModelShape, dtype: str) -> Any:
     )
 
 
+def split_figures(call: Callable[[int], Any], args: argparse.Namespace) -> dict[str, float]:
+    """Time ``call(new_tokens)`` at 1 and ``args.new_tokens`` tokens; prefill/decode figures.
+
+    The two lengths alternate (1, M, 1, M, ...) so a load change hits both.
+    """
+    first = {}
+    for m in (1, args.new_tokens):  # warm-up: compiles each length's program
+        t0 = time.perf_counter()
+        call(m)
+        first[m] = time.perf_counter() - t0
+    times: dict[int, list[float]] = {1: [], args.new_tokens: []}
+    for _ in range(args.repeats):
+        for m in times:
+            t0 = time.perf_counter()
+            call(m)
+            times[m].append(time.perf_counter() - t0)
+    t1 = statistics.median(times[1])
+    tm = statistics.median(times[args.new_tokens])
+    rows, steps = args.batch, args.new_tokens
+    decode_s = tm - t1
+    return {
+        "first_call_s": first[steps],
+        "median_call_s": tm,
+        "tokens_per_s": rows * steps / tm,
+        "prefill_s": t1,
+        "prefill_tokens_per_s": rows * args.prompt_len / t1,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": rows * (steps - 1) / decode_s if decode_s > 0 else float("nan"),
+        "ms_per_decode_step": 1e3 * decode_s / (steps - 1),
+        "call_times_s": {str(m): times[m] for m in times},
+    }
+
+
 def bench_jax(shape: common.ModelShape, args: argparse.Namespace) -> dict[str, Any]:
     """Time dpo_jax.sampling.generate on random weights."""
     import jax
@@ -77,30 +124,26 @@ def bench_jax(shape: common.ModelShape, args: argparse.Namespace) -> dict[str, A
     params = models.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, shape.vocab, size=(args.batch, args.prompt_len)).tolist()
-    config = sampling.SamplingConfig(
-        max_new_tokens=args.new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        prompt_buckets=(args.prompt_len,),
-    )
     model = models.Transformer(cfg)
     calls = iter(range(10**6))
 
-    def call() -> Any:
-        return sampling.generate(model, params, prompts, jax.random.key(next(calls)), config)
+    def call(new_tokens: int) -> Any:
+        config = sampling.SamplingConfig(
+            max_new_tokens=new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            prompt_buckets=(args.prompt_len,),
+        )
+        out = sampling.generate(model, params, prompts, jax.random.key(next(calls)), config)
+        # Every row generates every token, so decode figures count real tokens.
+        assert int(out.lengths.sum()) == args.batch * new_tokens, "rows must not stop early"
+        return out
 
-    t = common.time_steps(call, args.repeats)
-    out = call()
-    generated = int(out.lengths.sum())
-    assert generated == args.batch * args.new_tokens, "benchmark rows must not stop early"
     return {
         "impl": "dpo_jax",
         "shape": shape.name,
         "params_M": round(models.param_count(cfg) / 1e6, 1),
-        "first_call_s": t["first_step_s"],
-        "median_call_s": t["median_step_s"],
-        "tokens_per_s": generated / t["median_step_s"],
-        "ms_per_step": 1e3 * t["median_step_s"] / args.new_tokens,
+        **split_figures(call, args),
     }
 
 
@@ -127,53 +170,56 @@ def bench_torch(shape: common.ModelShape, args: argparse.Namespace) -> dict[str,
         model = model.to(torch.bfloat16)
     rng = np.random.default_rng(0)
     ids = torch.as_tensor(rng.integers(0, shape.vocab, size=(args.batch, args.prompt_len)))
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
-    if args.temperature > 0:
-        kwargs |= dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
-    else:
-        kwargs |= dict(do_sample=False)
     attn = torch.ones_like(ids)
+    sampling: dict[str, Any] = (
+        dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
+        if args.temperature > 0
+        else dict(do_sample=False)
+    )
 
-    def call() -> Any:
+    def call(new_tokens: int) -> Any:
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+                eos_token_id=None,
+                **sampling,
+            )
+        assert out.shape == (args.batch, args.prompt_len + new_tokens)
+        return out
 
-    t0 = time.perf_counter()
-    call()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
     return {
         "impl": f"torch {torch.__version__} generate",
         "shape": shape.name,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-        "first_call_s": first,
-        "median_call_s": median,
-        "tokens_per_s": args.batch * args.new_tokens / median,
-        "ms_per_step": 1e3 * median / args.new_tokens,
+        **split_figures(call, args),
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print a table (or JSON) and return the result."""
     args = parse_args(argv)
+    command = "python -m benchmarks.generation " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
     rows = []
     for name in args.shapes.split(","):
         shape = common.MODEL_SHAPES[name]
+        load_before = common.load_average()
         rows.append(bench_jax(shape, args))
         if args.vs_torch:
             rows.append(bench_torch(shape, args))
+            ours, theirs = rows[-2], rows[-1]
+            for key in ("tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+                ours[f"{key}_vs_torch"] = ours[key] / theirs[key]
+        for row in rows[-2 if args.vs_torch else -1 :]:
+            row["load"] = max(load_before, common.load_average())
     result = {
         "benchmark": "generation",
+        "command": command,
         "settings": {
             k: getattr(args, k)
             for k in (
@@ -190,18 +236,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     if not args.json:
+        print(command)
         common.print_table(
             rows,
             [
                 "impl",
                 "shape",
-                "params_M",
-                "first_call_s",
+                "prefill_s",
+                "prefill_tokens_per_s",
+                "ms_per_decode_step",
+                "decode_tokens_per_s",
                 "median_call_s",
                 "tokens_per_s",
-                "ms_per_step",
+                "first_call_s",
+                "load",
             ],
         )
+        if args.vs_torch:
+            for row in rows[::2]:
+                print(
+                    f"{row['shape']}: dpo_jax / torch generate = "
+                    f"{row['prefill_tokens_per_s_vs_torch']:.2f}x prefill, "
+                    f"{row['decode_tokens_per_s_vs_torch']:.2f}x decode, "
+                    f"{row['tokens_per_s_vs_torch']:.2f}x end to end"
+                )
     common.emit(result, args.json, args.json_out)
     return result
 

@@ -1,11 +1,13 @@
 """Batched autoregressive generation with a KV cache, compiled once per shape.
 
-One jitted function does the whole generation: a prefill forward over the
-left-padded prompts fills the KV cache, then a ``lax.while_loop`` samples one
-token per step for every row and feeds it back, until every row has emitted an
-end-of-sequence token or ``max_new_tokens`` is reached. It is compiled once per
-(rows, prompt bucket, max_new_tokens, decoding mode); temperature and top-p are
-traced scalars, so sweeping them does not recompile.
+Two jitted programs do the whole generation, with nothing going back to the host
+between them: the prefill, one forward over the left-padded prompts that fills the
+KV cache, and the decode, a ``lax.while_loop`` that samples one token per step for
+every row and feeds it back, until every row has emitted an end-of-sequence token or
+``max_new_tokens`` is reached. The prefill is compiled once per (rows, prompt bucket,
+max_new_tokens), the decode once per those and the decoding mode; temperature, top-p,
+the EOS ids, the prompts, the key and the parameter values are traced, so successive
+rollouts and rounds of an on-policy run reuse both (``tests/test_sampler_compiles.py``).
 
 Decoding: greedy (``temperature=0``), or sampling at a temperature with
 optional top-k then top-p (nucleus) truncation, applied in that order as
@@ -126,6 +128,107 @@ class SampleOutput:
         return out
 
 
+# ------------------------------------------------------------------ random draws
+#
+# jax.random.categorical(key, logits) = argmax(gumbel(key) + logits). On XLA:CPU at a
+# 50k vocabulary two parts of it cost more than the noise needs (GPT-2 small, batch 8,
+# one decode step): the threefry hash is lowered as a 5-iteration while loop that
+# writes two [N, V] uint32 arrays per iteration, and the argmax is a variadic (value,
+# index) reduction that XLA:CPU runs unvectorised, with the Gumbel transform's two logs
+# fused into it. `_categorical` draws the same integers and computes the same floats
+# (the float code is jax's own `gumbel`) with neither: an unrolled hash (one fused
+# loop) and a max + first-index reduction pair over the materialised perturbed logits.
+
+
+def _rotate_left32(x: jax.Array, r: int) -> jax.Array:
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def _threefry2x32(
+    k1: jax.Array, k2: jax.Array, x0: jax.Array, x1: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32, 20 rounds, unrolled: the integers of jax's `threefry2x32_p`."""
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in rotations[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ _rotate_left32(x1, r)
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def _threefry_random_bits(key_data: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
+    """jax's threefry `random_bits` (partitionable layout) through the unrolled hash.
+
+    Element i (row-major) hashes the counter pair (i >> 32, i & 0xffffffff) and keeps
+    the XOR of the two output words, as jax does with ``jax_threefry_partitionable``.
+    """
+    from jax.extend import random as jex_random  # lazy: only traced when sampling
+
+    size = math.prod(shape)
+    if bit_width != 32 or not shape or size >= 2**32:
+        return jex_random.threefry_prng_impl.random_bits(key_data, bit_width, shape)
+    count = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):  # sum of iotas: XLA can partition it
+        count = count + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
+        stride *= shape[dim]
+    k1 = jnp.broadcast_to(key_data[0], shape)
+    k2 = jnp.broadcast_to(key_data[1], shape)
+    hi, lo = _threefry2x32(k1, k2, jnp.zeros(shape, jnp.uint32), count)
+    return hi ^ lo
+
+
+@functools.cache
+def _unrolled_threefry() -> Any:
+    """A PRNG implementation equal to threefry2x32 except for how its bits are lowered."""
+    from jax.extend import random as jex_random  # lazy: only traced when sampling
+
+    base = jex_random.threefry_prng_impl
+    return jex_random.define_prng_impl(
+        key_shape=base.key_shape,
+        seed=base.seed,
+        split=base.split,
+        random_bits=_threefry_random_bits,
+        fold_in=base.fold_in,
+        name="threefry2x32_unrolled",
+        tag="fry_u",
+    )
+
+
+def _fast_key(key: jax.Array) -> jax.Array:
+    """``key`` re-wrapped for the unrolled hash where that gives jax's own bits; else as is."""
+    if not jax.config.jax_threefry_partitionable:
+        return key
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw uint32[2] key: the default impl
+    if str(jax.random.key_impl(key)) != "threefry2x32":
+        return key
+    return jax.random.wrap_key_data(jax.random.key_data(key), impl=_unrolled_threefry())
+
+
+def _first_argmax(x_NxV: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (first maximum; a NaN counts as the maximum), int32.
+
+    Two plain reductions instead of XLA:CPU's unvectorised (value, index) reduction.
+    """
+    max_N1 = jnp.max(x_NxV, axis=-1, keepdims=True)
+    hit_NxV = (x_NxV == max_N1) | jnp.isnan(x_NxV)
+    index_NxV = jax.lax.broadcasted_iota(jnp.int32, x_NxV.shape, x_NxV.ndim - 1)
+    return jnp.min(jnp.where(hit_NxV, index_NxV, x_NxV.shape[-1]), axis=-1)
+
+
+def _categorical(key: jax.Array, logits_NxV: jax.Array) -> jax.Array:
+    """``jax.random.categorical(key, logits, axis=-1)``: the same draws, int32."""
+    perturbed_NxV = (
+        jax.random.gumbel(_fast_key(key), logits_NxV.shape, logits_NxV.dtype) + logits_NxV
+    )
+    return _first_argmax(perturbed_NxV)
+
+
 # ------------------------------------------------------------------ token choice
 
 
@@ -187,7 +290,7 @@ def sample_logits(
     """
     logits_NxV = logits_NxV.astype(jnp.float32)
     if greedy:
-        tokens_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+        tokens_N = _first_argmax(logits_NxV)
         return tokens_N, jnp.zeros(tokens_N.shape, jnp.float32)
     if use_top_p is None:
         use_top_p = not isinstance(top_p, int | float) or top_p < 1.0
@@ -199,7 +302,7 @@ def sample_logits(
         if use_top_p:
             keep = _top_p_keep(vals_NxK, jnp.asarray(top_p, jnp.float32))
             vals_NxK = jnp.where(keep, vals_NxK, -jnp.inf)
-        choice_N = jax.random.categorical(key, vals_NxK, axis=-1)
+        choice_N = _categorical(key, vals_NxK)
         tokens_N = jnp.take_along_axis(idx_NxK, choice_N[:, None], axis=-1)[:, 0]
         logp_N = jnp.take_along_axis(
             jax.nn.log_softmax(vals_NxK, axis=-1), choice_N[:, None], axis=-1
@@ -207,7 +310,7 @@ def sample_logits(
         return tokens_N.astype(jnp.int32), logp_N
     if use_top_p:
         scaled_NxV = filter_logits(scaled_NxV, 0, top_p, use_top_p=True)
-    tokens_N = jax.random.categorical(key, scaled_NxV, axis=-1).astype(jnp.int32)
+    tokens_N = _categorical(key, scaled_NxV)
     logp_N = jnp.take_along_axis(jax.nn.log_softmax(scaled_NxV, axis=-1), tokens_N[:, None], -1)[
         :, 0
     ]
@@ -246,34 +349,23 @@ def _max_positions(cfg: Any) -> int | None:
     return None
 
 
-def _generate_core(
+def _prefill_core(
     model: Any,
     cfg: Any,
     params: Any,
     prompt_ids_NxP: jax.Array,
     prompt_lengths_N: jax.Array,
-    key: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    eos_E: jax.Array,
-    pad_token_id: jax.Array,
     *,
     max_new_tokens: int,
-    greedy: bool,
-    top_k: int,
-    use_top_p: bool,
-    return_logits: bool,
-) -> dict[str, jax.Array]:
-    """Prefill + while_loop decode; pure, meant to be jitted.
+) -> tuple[Any, jax.Array, jax.Array]:
+    """The prompt forward: ``(cache, logits_NxV, kv_mask_NxS)``; pure, meant to be jitted.
 
-    ``eos_E`` holds the EOS ids padded with -1 (never a token), so a different EOS
-    set or pad id reuses the compiled function.
+    ``logits_NxV`` (float32, the real vocabulary) predicts each row's first new token.
     """
     from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
 
     num_rows, prompt_len = prompt_ids_NxP.shape
-    steps = max_new_tokens
-    cache_len = prompt_len + steps
+    cache_len = prompt_len + max_new_tokens
     pad_N = prompt_len - prompt_lengths_N
     # Left padding: slot s of row n is a real key iff s >= pad_n; generated slots all are.
     kv_mask_NxS = jnp.arange(cache_len)[None, :] >= pad_N[:, None]
@@ -294,26 +386,46 @@ def _generate_core(
     logits_Nx1xV = model.apply({"params": params}, hidden_NxPxD[:, -1:], method="logits")
     # Only the real vocabulary: padding ids (masked by the model) are never drawn, and the
     # random draws have the same shape as for the unpadded model (same key, same tokens).
+    logits_NxV = logits_Nx1xV[:, 0, : cfg.vocab_size].astype(jnp.float32)
+    return mutated["cache"], logits_NxV, kv_mask_NxS
+
+
+def _decode_core(
+    model: Any,
+    cfg: Any,
+    params: Any,
+    cache: Any,
+    logits_NxV: jax.Array,
+    kv_mask_NxS: jax.Array,
+    prompt_lengths_N: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    eos_E: jax.Array,
+    pad_token_id: jax.Array,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    return_logits: bool,
+) -> dict[str, jax.Array]:
+    """Sample up to ``max_new_tokens`` per row from the prefill's cache; pure, jitted.
+
+    A ``while_loop`` step samples token t from the current logits and feeds it through
+    the model for the next logits, until every row has ended. The last token is sampled
+    after the loop: its forward would feed nothing, so a call runs one decode forward
+    fewer than it samples tokens.
+
+    ``eos_E`` holds the EOS ids padded with -1 (never a token), so a different EOS
+    set or pad id reuses the compiled function.
+    """
+    num_rows = logits_NxV.shape[0]
+    steps = max_new_tokens
     vocab = cfg.vocab_size
-    logits_NxV = logits_Nx1xV[:, 0, :vocab].astype(jnp.float32)
 
-    state = dict(
-        t=jnp.zeros((), jnp.int32),
-        cache=mutated["cache"],
-        logits=logits_NxV,
-        tokens=jnp.full((num_rows, steps), pad_token_id, jnp.int32),
-        logps=jnp.zeros((num_rows, steps), jnp.float32),
-        sampling_logps=jnp.zeros((num_rows, steps), jnp.float32),
-        lengths=jnp.zeros((num_rows,), jnp.int32),
-        done=jnp.zeros((num_rows,), bool),
-    )
-    if return_logits:
-        state["all_logits"] = jnp.zeros((num_rows, steps, vocab), jnp.float32)
-
-    def cond(s: dict[str, jax.Array]) -> jax.Array:
-        return (s["t"] < steps) & ~jnp.all(s["done"])
-
-    def body(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def sample(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Token t for every live row from ``s["logits"]``; writes column t."""
         t = s["t"]
         tok_N, slogp_N = sample_logits(
             s["logits"],
@@ -336,15 +448,25 @@ def _generate_core(
             s["sampling_logps"], jnp.where(live_N, slogp_N, 0.0)[:, None], (0, t)
         )
         if return_logits:
+            # A step after every row ended keeps its zeros (the loop never reaches one).
+            step_logits = jnp.where(jnp.any(live_N), s["logits"], 0.0)
             new["all_logits"] = jax.lax.dynamic_update_slice(
-                s["all_logits"], s["logits"][:, None, :], (0, t, 0)
+                s["all_logits"], step_logits[:, None, :], (0, t, 0)
             )
         new["lengths"] = s["lengths"] + live_N.astype(jnp.int32)
         new["done"] = s["done"] | (live_N & jnp.isin(tok_N, eos_E))
-        positions_N1 = (prompt_lengths_N + t)[:, None].astype(jnp.int32)
+        new["tok"] = tok_N
+        return new
+
+    def cond(s: dict[str, jax.Array]) -> jax.Array:
+        return (s["t"] < steps - 1) & ~jnp.all(s["done"])
+
+    def body(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        new = sample(s)
+        positions_N1 = (prompt_lengths_N + s["t"])[:, None].astype(jnp.int32)
         step_logits, mutated = model.apply(
             {"params": params, "cache": s["cache"]},
-            tok_N[:, None],
+            new["tok"][:, None],
             positions=positions_N1,
             kv_mask=kv_mask_NxS,
             decode=True,
@@ -352,28 +474,53 @@ def _generate_core(
         )
         new["cache"] = mutated["cache"]
         new["logits"] = step_logits[:, 0, :vocab].astype(jnp.float32)
-        new["t"] = t + 1
+        new["t"] = s["t"] + 1
         return new
 
-    final = jax.lax.while_loop(cond, body, state)
+    state = dict(
+        t=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=logits_NxV,
+        tok=jnp.zeros((num_rows,), jnp.int32),
+        tokens=jnp.full((num_rows, steps), pad_token_id, jnp.int32),
+        logps=jnp.zeros((num_rows, steps), jnp.float32),
+        sampling_logps=jnp.zeros((num_rows, steps), jnp.float32),
+        lengths=jnp.zeros((num_rows,), jnp.int32),
+        done=jnp.zeros((num_rows,), bool),
+    )
+    if return_logits:
+        state["all_logits"] = jnp.zeros((num_rows, steps, vocab), jnp.float32)
+    # Stopped early (every row ended), this last sample changes nothing: no row is live.
+    final = sample(jax.lax.while_loop(cond, body, state))
     out = {k: final[k] for k in ("tokens", "logps", "sampling_logps", "lengths", "done")}
     if return_logits:
         out["logits"] = final["all_logits"]
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(model: Any, cfg: Any, static: tuple[Any, ...]) -> Any:
-    """One jitted generate per (model, decoding mode); jit caches per input shape."""
-    names = (
-        "max_new_tokens",
-        "greedy",
-        "top_k",
-        "use_top_p",
-        "return_logits",
+def _static(config: SamplingConfig, return_logits: bool) -> tuple[Any, ...]:
+    """The decode program's static settings (one compile each); the rest are traced."""
+    return (
+        config.max_new_tokens,
+        config.greedy,
+        int(config.top_k),
+        config.top_p < 1.0,
+        bool(return_logits),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _prefill_program(model: Any, cfg: Any, max_new_tokens: int) -> Any:
+    """The jitted prompt forward per (model, cache length); jit caches per input shape."""
+    return jax.jit(functools.partial(_prefill_core, model, cfg, max_new_tokens=max_new_tokens))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_program(model: Any, cfg: Any, static: tuple[Any, ...]) -> Any:
+    """The jitted decode loop per (model, decoding mode); jit caches per input shape."""
+    names = ("max_new_tokens", "greedy", "top_k", "use_top_p", "return_logits")
     kwargs = dict(zip(names, static, strict=True))
-    return jax.jit(functools.partial(_generate_core, model, cfg, **kwargs))
+    return jax.jit(functools.partial(_decode_core, model, cfg, **kwargs))
 
 
 # --------------------------------------------------------------------- batching
@@ -469,17 +616,12 @@ def generate(
         ids_NxP = np.concatenate([ids_NxP, np.repeat(ids_NxP[-1:], extra, axis=0)])
         lengths_N = np.concatenate([lengths_N, np.repeat(lengths_N[-1:], extra)])
 
-    static = (
-        config.max_new_tokens,
-        config.greedy,
-        int(config.top_k),
-        config.top_p < 1.0,
-        bool(return_logits),
-    )
+    static = _static(config, return_logits)
     num_eos = 4 * max(1, math.ceil(len(config.eos_token_ids) / 4))
     eos_E = np.full((num_eos,), -1, np.int32)
     eos_E[: len(config.eos_token_ids)] = config.eos_token_ids
-    fn = _compiled(model, cfg, static)
+    prefill = _prefill_program(model, cfg, config.max_new_tokens)
+    decode = _decode_program(model, cfg, static)
     args = (
         jnp.asarray(ids_NxP),
         jnp.asarray(lengths_N),
@@ -490,9 +632,9 @@ def generate(
         jnp.asarray(config.pad_token_id, jnp.int32),
     )
     if mesh is None:
-        out = fn(params, *args)
+        out = _run(prefill, decode, params, args)
     else:
-        out = _run_sharded(fn, mesh, params, args)
+        out = _run_sharded(prefill, decode, mesh, params, args)
         if jax.process_count() > 1:  # rows live on other hosts too: gather them
             from jax.experimental import multihost_utils
 
@@ -513,7 +655,16 @@ def generate(
     )
 
 
-def _run_sharded(fn: Any, mesh: Any, params: Any, args: tuple[Any, ...]) -> Any:
+def _run(prefill: Any, decode: Any, params: Any, args: tuple[Any, ...]) -> dict[str, jax.Array]:
+    """Prompt forward, then the decode loop on its cache (both stay on the device)."""
+    ids, lengths, *scalars = args
+    cache, logits, kv_mask = prefill(params, ids, lengths)
+    return decode(params, cache, logits, kv_mask, lengths, *scalars)
+
+
+def _run_sharded(
+    prefill: Any, decode: Any, mesh: Any, params: Any, args: tuple[Any, ...]
+) -> dict[str, jax.Array]:
     """Place rows on the data-parallel axes and run under the mesh and the rule table."""
     import flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec
@@ -536,7 +687,7 @@ def _run_sharded(fn: Any, mesh: Any, params: Any, args: tuple[Any, ...]) -> Any:
 
     scalars = [put(x) for x in scalars]
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        return fn(params, ids, lengths, *scalars)
+        return _run(prefill, decode, params, (ids, lengths, *scalars))
 
 
 # ----------------------------------------------------------------- text helpers

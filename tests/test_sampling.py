@@ -126,6 +126,43 @@ def test_sample_logits_greedy():
     np.testing.assert_array_equal(np.asarray(slogp), [0.0, 0.0])
 
 
+# ------------------------------------------------- the sampler's draws are jax's
+
+
+@pytest.mark.parametrize("shape", [(8, 50257), (3, 7), (5,), (2, 3, 4)])
+def test_unrolled_threefry_bits_are_jax_bits(shape):
+    """The sampler's unrolled hash gives jax's own threefry bits, typed or raw key."""
+    for key in (jax.random.fold_in(jax.random.key(3), 7), jax.random.PRNGKey(5)):
+        np.testing.assert_array_equal(
+            np.asarray(jax.random.bits(sampling._fast_key(key), shape, jnp.uint32)),
+            np.asarray(jax.random.bits(key, shape, jnp.uint32)),
+        )
+
+
+def test_categorical_and_argmax_are_jax_draws():
+    """`_categorical` draws exactly jax.random.categorical's tokens (same key, same
+    logits, -inf entries included) and `_first_argmax` is jnp.argmax: first maximum on
+    ties, a NaN counts as the maximum, an all -inf row gives 0."""
+    rng = np.random.default_rng(0)
+    ref = jax.jit(lambda k, x: jax.random.categorical(k, x, axis=-1))
+    ours = jax.jit(sampling._categorical)
+    for trial in range(12):
+        logits = rng.normal(size=(8, 300)).astype(np.float32) * [0.01, 1.0, 5.0][trial % 3]
+        if trial % 2:
+            logits[:, ::3] = -np.inf  # truncated (top-k / top-p) logits
+        key = jax.random.key(trial)
+        np.testing.assert_array_equal(np.asarray(ours(key, logits)), np.asarray(ref(key, logits)))
+
+    ties = rng.integers(0, 3, size=(6, 40)).astype(np.float32)
+    ties[1, [4, 9]] = np.nan
+    ties[2] = -np.inf
+    ties[3, 7] = np.inf
+    got = np.asarray(jax.jit(sampling._first_argmax)(ties))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(ties), axis=-1)))
+    assert got[1] == 4 and got[2] == 0 and got[3] == 7
+    assert got.dtype == np.int32
+
+
 # -------------------------------------------------------------- with the model
 
 
