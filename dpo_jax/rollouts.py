@@ -366,11 +366,6 @@ class RolloutSource:
         seed: int,
         mesh: Any,
     ):
-        if len(prompts) * cfg.samples_per_prompt < cfg.rollout_batch_size:
-            raise UserError(
-                f"online: {len(prompts)} prompts x {cfg.samples_per_prompt} samples is fewer "
-                f"than online.rollout_batch_size={cfg.rollout_batch_size}"
-            )
         check_hosts(cfg.rows_per_micro, sharding.data_parallel_size(mesh))
         self.cfg = cfg
         self.reward = reward
@@ -436,6 +431,14 @@ class RolloutSource:
     def next_step(self, trainer: Any, state: Any) -> StepBatch | None:
         if self.rollout >= self.cfg.num_rollouts:
             return None
+        cfg = self.cfg
+        # checked when rolling out, not when built: a dry run lowers the step from one
+        # widest prompt
+        if len(self.prompts) * cfg.samples_per_prompt < cfg.rollout_batch_size:
+            raise UserError(
+                f"online: {len(self.prompts)} prompts x {cfg.samples_per_prompt} samples is "
+                f"fewer than online.rollout_batch_size={cfg.rollout_batch_size}"
+            )
         if not self._queue:
             steps, metrics = self.collect(trainer, state, self.rollout)
             self._queue = list(steps)
