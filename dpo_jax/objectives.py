@@ -208,6 +208,21 @@ def reward_model_loss(inp: ObjectiveInput) -> tuple[Array, dict[str, Any], Any]:
     return loss, metrics, inp.loss_state
 
 
+def _policy_gradient_objective(name: str) -> Objective:
+    """GRPO (Shao et al. 2024) or RLOO (Ahmadian et al. 2024): critic-free, group or
+    leave-one-out baselines (`dpo_jax.policy_gradient`, `dpo_jax.group_loop`); the two
+    differ in their batches' advantages and in `config_hyper` (RLOO's KL is in the reward)."""
+    return Objective(
+        name,
+        policy_gradient.objective_loss,
+        needs=lambda cfg: frozenset({"token_logps", "token_metrics"}),
+        batch_context=policy_gradient.batch_context,
+        paired=False,
+        rollouts=True,
+        hyper=lambda config: policy_gradient.config_hyper(config, name),
+    )
+
+
 OBJECTIVES: dict[str, Objective] = {
     "preference": Objective(
         "preference",
@@ -229,24 +244,7 @@ OBJECTIVES: dict[str, Objective] = {
     ),  # fmt: skip
     # GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024): critic-free, group or
     # leave-one-out baselines (`dpo_jax.policy_gradient`, `dpo_jax.group_loop`).
-    "grpo": Objective(
-        "grpo",
-        policy_gradient.objective_loss,
-        needs=lambda cfg: frozenset({"token_logps", "token_metrics"}),
-        batch_context=policy_gradient.batch_context,
-        paired=False,
-        rollouts=True,
-        hyper=lambda config: policy_gradient.config_hyper(config, "grpo"),
-    ),  # fmt: skip
-    "rloo": Objective(
-        "rloo",
-        policy_gradient.objective_loss,
-        needs=lambda cfg: frozenset({"token_logps", "token_metrics"}),
-        batch_context=policy_gradient.batch_context,
-        paired=False,
-        rollouts=True,
-        hyper=lambda config: policy_gradient.config_hyper(config, "rloo"),
-    ),  # fmt: skip
+    **{name: _policy_gradient_objective(name) for name in ("grpo", "rloo")},
     "sft": Objective(
         "sft",
         sft_loss,
