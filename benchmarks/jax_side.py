@@ -111,14 +111,15 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
     AdamW, constant lr, global-norm clip 1.0, no weight decay: TRL's defaults with
     ``lr_scheduler_type="constant"``.
     """
-    from dpo_jax import lora, sharding, train
+    from dpo_jax import lora, sharding
+    from dpo_jax import trainer as trainer_lib
 
     lora_config = None
     if run.lora_rank > 0:
         lora_config = lora.LoraConfig(
             run.lora_rank, float(run.lora_rank), "all-linear", run.lora_base_dtype
         )
-    return train.build_trainer(
+    return trainer_lib.build_trainer(
         cfg,
         params,
         mesh=sharding.make_mesh(),

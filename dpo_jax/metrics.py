@@ -2,7 +2,7 @@
 
 Metric names follow TRL (`loss`, `rewards/accuracies`, ...); held-out ones carry an
 `eval/` prefix. Every JSONL line has an integer `step` so a resumed run can truncate
-the lines written after its checkpoint (`checkpoint.truncate_jsonl`).
+the lines written after its checkpoint (`resume.truncate_jsonl`).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class MetricsWriter:
 
 def _readable_rows(path: epath.Path) -> list[dict[str, Any]]:
     # For the TensorBoard rebuild only: a line that is not a JSON object with a step
-    # (torn, edited) is left to checkpoint.truncate_jsonl to report, not fatal here.
+    # (torn, edited) is left to resume.truncate_jsonl to report, not fatal here.
     rows = []
     if path.exists():
         for line in path.read_bytes().splitlines():

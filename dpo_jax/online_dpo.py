@@ -34,7 +34,7 @@ bound: they converge toward the reward's argmax, at a rate beta sets.
 
 Multi-host: each host feeds its share of every micro-batch's pairs, its chosen AND its
 rejected rows numbered as a paired batch of its own (`OnlineDPOSource.share`;
-`train.globalize_host_batch` numbers them globally), and the reference pass runs on the
+`trainer.globalize_host_batch` numbers them globally), and the reference pass runs on the
 step's own global micro-batches, so its `[2B]` log-probs line up with the step's sequences.
 
 Everything random is a function of (seed, rollout): the samples (`rollout_key`), the

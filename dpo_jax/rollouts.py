@@ -143,7 +143,7 @@ def number_rows(sequence_index_NxL: np.ndarray) -> np.ndarray:
 
 def host_share(batch_A: Mapping[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
     """This host's rows of a `[A, N, ...]` batch, numbered as a batch of their own (what
-    `Trainer.step` takes from each host: `train.globalize_host_batch` numbers them
+    `Trainer.step` takes from each host: `trainer.globalize_host_batch` numbers them
     globally, host after host)."""
     out = {k: v[:, rows] for k, v in batch_A.items()}
     out["sequence_index"] = number_rows(out["sequence_index"])
@@ -289,7 +289,7 @@ def _in_sequence_order(
 ) -> dict[str, np.ndarray]:
     """Rows of a gathered micro-batch sorted by their sequence number: host `h`'s row `k`
     is sequence `h n + k` (`host_share`; rollout objectives are unpaired, so
-    `train.globalize_host_batch` numbers host after host), i.e. the rollout's order,
+    `trainer.globalize_host_batch` numbers host after host), i.e. the rollout's order,
     whatever order the mesh's devices put the hosts' rows in (one host: unchanged)."""
     order = np.argsort(np.max(sequence_index_NxL, axis=-1), kind="stable")
     return {k: np.asarray(v)[order] for k, v in stats.items()}

@@ -130,7 +130,7 @@ class StepConfig:
     loss_name: str | losses.LossSpec  # a name or a `losses.parse_loss_spec` mix
     # keyword arguments of the loss; {} = the loss function's own defaults
     loss_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    reference: str = "frozen"  # resolved per run (`train.resolve_reference_mode`)
+    reference: str = "frozen"  # resolved per run (`loading.resolve_reference_mode`)
     nan_policy: str = _default_of("nan_policy")
     # > 0: never materialise [N, L, V] logits (chunked unembedding)
     logps_chunk_size: int = _default_of("logps_chunk_size")

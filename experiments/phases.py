@@ -158,7 +158,7 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The config sections and upstream phases whose prints differ between a marker and
     now. A key absent from the marker whose value now is `configs/default.py`'s default is
     no difference (dpo_jax added it after the phase ran, and a new key's default keeps the
-    old behaviour), as when a checkpoint resumes (`checkpoint.config_diff`)."""
+    old behaviour), as when a checkpoint resumes (`resume.config_diff`)."""
     defaults = _default_leaves()
     old = dict(old, inputs=configs.migrate_saved(old["inputs"]))  # keys moved since (ppo.*)
     out = []

@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpo_jax import data, models, sharding, train  # noqa: E402
+from dpo_jax import trainer as trainer_lib  # noqa: E402
 from tests.train_helpers import flat_params, tiny_model_config  # noqa: E402
 
 RUNS = {
@@ -41,7 +42,7 @@ def main() -> None:
             mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         else:
             mesh = sharding.make_mesh(*shape)
-        trainer, state = train.build_trainer(
+        trainer, state = trainer_lib.build_trainer(
             cfg, params, mesh=mesh, loss_name="sigmoid", loss_hyper={"beta": 0.1},
             optim_config=dict(name="sgd", learning_rate=0.5, schedule="constant"),
             total_steps=2, reference="frozen",

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from dpo_jax import checkpoint, data, models, objectives, optim, scoring, train
+from dpo_jax import trainer as trainer_lib
 from dpo_jax.configs import tiny
 from dpo_jax.metrics import read_jsonl
 from tests.train_helpers import StopAfter, flat_params, synthetic_batches, tiny_model
@@ -70,7 +71,7 @@ def test_sft_loss_equals_transformers_labels_loss(tmp_path):
     targets = [rng.integers(3, 60, size=k).tolist() for k in (4, 6, 2)]
     batch = data.build_sequences(prompts, targets, length=12)
     # through the Trainer's eval step (scored unembedding, the objective, the metrics)
-    trainer, state = train.build_trainer(
+    trainer, state = trainer_lib.build_trainer(
         cfg, params, mesh=_mesh(), loss_name="sigmoid", loss_hyper={},
         optim_config=tiny.get_config().optim.to_dict(), total_steps=1, reference="none",
         objective="sft",
@@ -449,7 +450,9 @@ def test_one_default_per_setting():
 def test_multi_host_sft_batches_are_numbered_host_after_host():
     si = np.asarray([[[-1, 0, 0], [-1, 1, -1], [-1, -1, -1]]], np.int32)  # [A=1, N=3, L=3]
     batch = {"sequence_index": si}
-    out, n = train.globalize_host_batch(batch, 3, process_index=1, process_count=2, paired=False)
+    out, n = trainer_lib.globalize_host_batch(
+        batch, 3, process_index=1, process_count=2, paired=False
+    )
     assert n == 6
     np.testing.assert_array_equal(out["sequence_index"], [[[-1, 3, 3], [-1, 4, -1], [-1] * 3]])
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from dpo_jax import data, models, sampling, sharding, train
+from dpo_jax import trainer as trainer_lib
 
 VOCAB = 64
 GOOD = (30, 45)
@@ -51,14 +52,14 @@ def make_trainer(
     hyper: dict | None = None,
     optim_cfg: dict | None = None,
     **kw: Any,
-) -> tuple[train.Trainer, train.TrainState]:
-    """`train.build_trainer` on `one_device_mesh` with the tests' defaults (DPO, beta 0.1,
+) -> tuple[trainer_lib.Trainer, train.TrainState]:
+    """`trainer_lib.build_trainer` on `one_device_mesh` with the tests' defaults (DPO, beta 0.1,
     AdamW lr 1e-2 with clipping, 10 total steps)."""
     cfg, params = model
     optim_cfg = optim_cfg or dict(
         name="adamw", learning_rate=1e-2, schedule="constant", max_grad_norm=1.0
     )
-    return train.build_trainer(
+    return trainer_lib.build_trainer(
         cfg, params, mesh=one_device_mesh(), loss_name=loss, loss_hyper=hyper or {"beta": 0.1},
         optim_config=optim_cfg, total_steps=10, reference=reference, **kw,
     )  # fmt: skip
