@@ -8,9 +8,11 @@ train_data=..., eval_data=...)` also accepts iterables of host micro-batches (di
 numpy arrays, docs/CONTRACTS.md "Batches"), and a loss registered in the notebook with
 `@losses.register("mine")` is used by setting `config.loss.name = "mine"`.
 
-The pure jitted step lives in `dpo_jax.train_step`; this module owns everything with
-side effects: the mesh, placing state and batches on it, metrics, evaluation,
-checkpoint hooks (`checkpointer.restore_or_none / maybe_save / close`).
+`train` is a run's setup, cut into named steps: validate the config, load the model,
+reference and data (`dpo_jax.loading`), build the Trainer (`dpo_jax.trainer`), restore
+the newest usable checkpoint (`dpo_jax.checkpoint`), then run the one loop
+(`dpo_jax.loop`) with metrics, evaluation and checkpoint hooks. The pure jitted step
+lives in `dpo_jax.train_step`.
 """
 
 from __future__ import annotations
@@ -71,9 +73,6 @@ CONFIG_FILENAME = "config.json"
 Batch = dict[str, np.ndarray]
 
 
-# ------------------------------------------------------------------------ the loop
-
-
 @dataclasses.dataclass
 class TrainResult:
     """What `train` returns: the final state and the metric rows it logged."""
@@ -84,9 +83,6 @@ class TrainResult:
     run_dir: paths.Path | None
     trainer: trainer_lib.Trainer
     lowered: jax.stages.Lowered | None = None  # train(dry_run=True): the first step's program
-
-
-# ------------------------------------------------------------------------ config-driven
 
 
 def save_config(config: ml_collections.ConfigDict, run_dir: paths.PathLike) -> None:
