@@ -70,6 +70,8 @@ def attention_choice(config: ml_collections.ConfigDict) -> str:
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> tuple[models.ModelConfig, Any]:
+    """(model config, params) of the Hugging Face directory `model.path`, laid out as
+    `model.scan_layers`, `model.remat` and `model.attention` ask."""
     path = config.model.path
     if not path:
         raise UserError("config.model.path is empty: point it at a Hugging Face model directory")

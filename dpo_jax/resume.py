@@ -2,9 +2,10 @@
 
 `dpo_jax.checkpoint.Checkpointer` restores through these rules: a step directory without
 Orbax's commit marker or with unreadable metadata (`step_problem`) is moved aside to
-``<step>.skipped-<reason>`` (`move_aside`) and an older step is tried; a config whose
-math-changing keys (all but `NON_MATH_KEYS`) differ from the checkpoint's is refused
-(`config_diff`); a state that does not fit the saved one is refused, never moved
+``<step>.skipped-<reason>`` (`move_aside`) and an older step is tried, and so is one whose
+arrays no longer match their saved fingerprints (`damage`); a config whose math-changing
+keys (all but `NON_MATH_KEYS`) differ from the checkpoint's is refused (`check_config`,
+`config_diff`); a state that does not fit the saved one is refused, never moved
 (`check_structure`); metric rows written after the restored step are dropped
 (`truncate_jsonl`). `resolve_checkpoint` finds a complete step for reading back.
 """
@@ -353,6 +354,8 @@ def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
 def check_structure(
     where: epath.Path, saved: Mapping[str, tuple[int, ...]], target: Mapping[str, tuple[int, ...]]
 ) -> None:
+    """Refuse (`CheckpointError`) a saved state whose arrays (`shapes_by_path`) are not
+    those of the state this run builds: the caller changed, the disk did not."""
     problems = [
         f"  {k}: in the checkpoint, not in the state" for k in sorted(set(saved) - set(target))
     ]
