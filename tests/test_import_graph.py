@@ -1,4 +1,5 @@
-"""No import circles inside ``dpo_jax``: the package's modules import downward only.
+"""No import circles inside ``dpo_jax``, and no import of a higher layer (``LAYERS``):
+the package's modules import downward only.
 
 The graph is read with ``ast`` (nothing is imported). Every ``import dpo_jax...``,
 ``from dpo_jax... import ...`` and relative import counts, at module level and inside
