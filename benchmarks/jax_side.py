@@ -111,7 +111,7 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
     AdamW, constant lr, global-norm clip 1.0, no weight decay: TRL's defaults with
     ``lr_scheduler_type="constant"``.
     """
-    from dpo_jax import lora, sharding
+    from dpo_jax import lora, sharding, train, train_step
     from dpo_jax import trainer as trainer_lib
 
     lora_config = None
@@ -123,8 +123,6 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
         cfg,
         params,
         mesh=sharding.make_mesh(),
-        loss_name="sigmoid",
-        loss_hyper={"beta": run.beta},
         optim_config={
             "name": "adamw",
             "learning_rate": run.learning_rate,
@@ -134,9 +132,13 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
         },
         total_steps=total_steps,
         reference=run.reference,
-        logps_chunk_size=run.logps_chunk_size,
-        unembed_scored_only=run.unembed_scored_only,
         lora_config=lora_config,
+        **train_step.default_settings(
+            loss_name="sigmoid",
+            loss_hyper={"beta": run.beta},
+            logps_chunk_size=run.logps_chunk_size,
+            unembed_scored_only=run.unembed_scored_only,
+        ),
     )
 
 

@@ -87,12 +87,11 @@ class OnlineDPOConfig(RolloutConfig):
         out = cls(
             grad_accum_steps=int(config.grad_accum_steps), label=str(config.online_dpo.label),
             missing_eos_penalty=online.missing_eos_penalty,
-            loss_name=losses.parse_loss_spec(config.loss.name, config.loss.get("weights")),
+            loss_name=losses.parse_loss_spec(config.loss.name, config.loss.weights),
             judged=bool(online.judge), **{k: online[k] for k in shared},
         )  # fmt: skip
         out.check()
-        mode = config.get("reference", {}).get("mode", "auto")
-        if mode == "none" and losses.needs_reference(out.loss_name):
+        if config.reference.mode == "none" and losses.needs_reference(out.loss_name):
             raise config_error(
                 "reference.mode", f"'none', but loss.name={config.loss.name!r} reads the "
                 "reference's log-probs", "leave it at auto, or use a reference-free loss (simpo, orpo)",
@@ -461,7 +460,7 @@ def build_source(
 
 def batch_columns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The step batches' reference column: `ref_logps` unless the loss is reference-free."""
-    loss = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
+    loss = losses.parse_loss_spec(config.loss.name, config.loss.weights)
     return ("ref_logps",) if losses.needs_reference(loss) else ()
 
 

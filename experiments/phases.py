@@ -289,14 +289,7 @@ def train_config(
     out.run_dir = str(ctx.dir)
     out.checkpoint.enabled = True
     for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node[part]
-        if isinstance(value, Mapping):
-            value = ml_collections.ConfigDict(dict(value))
-        with node.ignore_type():
-            node[leaf] = value
+        configs.set_value(out, key, value)
     return out
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpo_jax import checkpoint, data, models, objectives, optim, scoring, train
+from dpo_jax import checkpoint, data, models, objectives, optim, scoring, train, train_step
 from dpo_jax import trainer as trainer_lib
 from dpo_jax.configs import tiny
 from dpo_jax.metrics import read_jsonl
@@ -72,9 +72,9 @@ def test_sft_loss_equals_transformers_labels_loss(tmp_path):
     batch = data.build_sequences(prompts, targets, length=12)
     # through the Trainer's eval step (scored unembedding, the objective, the metrics)
     trainer, state = trainer_lib.build_trainer(
-        cfg, params, mesh=_mesh(), loss_name="sigmoid", loss_hyper={},
-        optim_config=tiny.get_config().optim.to_dict(), total_steps=1, reference="none",
-        objective="sft",
+        cfg, params, mesh=_mesh(), optim_config=tiny.get_config().optim.to_dict(),
+        total_steps=1, reference="none",
+        **train_step.default_settings(loss_name="sigmoid", loss_hyper={}, objective="sft"),
     )  # fmt: skip
     metrics = trainer.evaluate(state, train.stack_micro_batches([batch]), 3)
 
@@ -429,17 +429,21 @@ def test_objective_config_mistakes_are_one_line_config_errors(objective, key, va
 def test_one_default_per_setting():
     """Every optimizer / checkpoint / step setting left out takes configs/default.py's
     value: the library restates none of them."""
-    from dpo_jax import train_step
     from dpo_jax.configs import default
 
     d = default.get_config()
     assert d.optim.learning_rate == 1e-6  # TRL DPOConfig's default
     opts = checkpoint.CheckpointOptions()
     assert opts.save_every == d.checkpoint.save_every and opts.keep_last == d.checkpoint.keep_last
-    step = train_step.StepConfig(apply_fn=None, optimizer=None, schedule=None, loss_name="sigmoid")
+    settings = train_step.default_settings(loss_name="ipo")
+    assert settings["loss_name"] == "ipo"
     for field, key in train_step.CONFIG_KEYS.items():
         section, name = key.split(".")
-        assert getattr(step, field) == d[section][name], field
+        assert settings[field] == d[section][name], field
+    with pytest.raises(TypeError):  # every setting is given: none is restated as a default
+        train_step.StepConfig(apply_fn=None, optimizer=None, schedule=None, loss_name="sigmoid")
+    with pytest.raises(TypeError, match="nan_polcy"):
+        train_step.default_settings(nan_polcy="skip")
     # a partial optimizer section is completed from default.py, not from optim.py
     _, schedule = optim.make_optimizer({"schedule": "constant"}, total_steps=10)
     assert float(schedule(0)) == pytest.approx(d.optim.learning_rate)

@@ -8,10 +8,40 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import ml_collections
 
-from dpo_jax.data import default_cache_dir
 from dpo_jax.sharding import LOGICAL_AXIS_RULES
+
+
+def default_cache_dir() -> str:
+    """The tokenized-data cache's default: `$XDG_CACHE_HOME/dpo_jax/tokenized`, or
+    `~/.cache/dpo_jax/tokenized` (read when asked, so a test run or a job can move it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dpo_jax", "tokenized")
+
+
+def data_spec() -> dict[str, Any]:
+    """Every key a data spec (`dpo_jax.data.load_preference_data`) reads, with its
+    default: the `data` section's reading keys, and those only a spec sets
+    (`dpo_jax.data.complete_spec` fills a partial spec from here)."""
+    d = get_config().data
+    return dict(
+        # where: `sources` (paths, globs or source dicts), else `path`, else spec[split]
+        sources=None, path=None, train=d.train, eval=d.eval,
+        format=d.format,
+        sft=False,  # SFT rows (objective.name="sft") instead of preference rows
+        unpaired=False,  # pairs become unpaired rows (chosen desirable, rejected not)
+        prompts=False,  # any kind's prompts (`load_prompts`, the rollouts' prompt pool)
+        limit=None,  # N: only the first N examples
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        max_completion_length=None,  # None: no completion limit
+        truncation_mode=d.truncation_mode,
+        add_eos=True,  # end each completion with EOS (as TRL)
+        skip_bad_rows=d.skip_bad_rows, cache_dir=d.cache_dir,
+    )  # fmt: skip
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
