@@ -111,7 +111,7 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
     AdamW, constant lr, global-norm clip 1.0, no weight decay: TRL's defaults with
     ``lr_scheduler_type="constant"``.
     """
-    from dpo_jax import lora, sharding, train, train_step
+    from dpo_jax import lora, sharding, train_step
     from dpo_jax import trainer as trainer_lib
 
     lora_config = None

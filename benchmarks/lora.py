@@ -79,7 +79,7 @@ def _child_aot(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from dpo_jax import lora, models, sharding, train, train_step
+    from dpo_jax import lora, models, sharding, train_step
     from dpo_jax import trainer as trainer_lib
     from dpo_jax.data import batching
     from experiments import phases
