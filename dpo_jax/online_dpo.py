@@ -12,7 +12,7 @@
                    sigmoid(r_1 - r_2) (K > 2: the best and the worst, then their order)
                 -> the pairs shuffled into num_mini_batches x grad_accum_steps paired
                    micro-batches (prompt + chosen rows, then prompt + rejected rows; the
-                   completions keep their EOS, as `rollouts.rollout_rows`), and the frozen
+                   completions keep their EOS, as `sampling.stacked_rows`), and the frozen
                    reference's sequence log-probs of each row as the `ref_logps` column
                    (skipped for a reference-free loss: simpo, orpo, ...)
     then        online.num_mini_batches steps of the one loop: objective "online_dpo",
@@ -341,7 +341,7 @@ class OnlineDPOSource(rollouts.RolloutSource):
         model_params, _ = objectives.split_params(trainer.step_config.objective_fn, state.params)
         samples = self.sample(trainer, model_params, rollout)
         _, pad_id = rollouts.special_ids(trainer.model_config)
-        rows, mask = rollouts.rollout_rows(samples, pad_id)
+        rows, mask = sampling.stacked_rows(samples, pad_id)
         self.scored_positions(trainer, rows, mask.shape[1])
         k = cfg.samples_per_prompt
         num_prompts = samples.tokens.shape[0] // k
