@@ -175,6 +175,8 @@ LAYERS: dict[str, int] = {
     f"{PACKAGE}.optim": 2,
     f"{PACKAGE}.lora": 2,  # adapters are a params transform the step applies
     f"{PACKAGE}.configs": 2,  # default.py reads data's and sharding's defaults
+    f"{PACKAGE}.fast_random": 2,  # jax-equal categorical draws, pure
+    f"{PACKAGE}.token_choice": 2,  # greedy / top-k / top-p over logits, pure
     # 3: the step
     f"{PACKAGE}.train_step": 3,
     # 4: trainer, checkpoints, the loop, sampling, rewards, rollouts
@@ -187,6 +189,7 @@ LAYERS: dict[str, int] = {
     f"{PACKAGE}.reference": 4,
     f"{PACKAGE}.ref_fingerprint": 4,
     f"{PACKAGE}.sampling": 4,
+    f"{PACKAGE}.saved_models": 4,  # a policy from a HF directory or a checkpoint
     f"{PACKAGE}.rewards": 4,
     f"{PACKAGE}.judge": 4,
     f"{PACKAGE}.reward_model": 4,
