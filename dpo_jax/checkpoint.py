@@ -62,6 +62,7 @@ FORMAT_VERSION = 2
 # tests/test_resume_safety.py walks every key of get_config() against this list.
 NON_MATH_KEYS: tuple[str, ...] = (
     "run_dir",
+    "allow_downloads",  # whether a Hub name may be fetched, not what it holds
     "checkpoint.enabled",
     "checkpoint.save_every",
     "checkpoint.keep_last",

@@ -19,6 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/dpo"  # metrics.jsonl, tensorboard/, config.json, checkpoints/
     c.seed = 0
+    # Fetch Hub names that are not in the local Hugging Face cache: model.path=org/name
+    # and data.train=hf:org/name (huggingface_hub snapshots). False: the cache only.
+    c.allow_downloads = False
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # Hugging Face directory (config.json + *.safetensors)
@@ -37,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # file / glob / source spec the data package reads
     c.data.eval = ""  # held-out split ("" = no evaluation)
+    # data.train / data.eval: a file, glob, save_to_disk folder, hf:NAME[:SPLIT] (a Hub
+    # dataset org/name or a save_to_disk folder) or tfds:NAME[/CONFIG][:SPLIT]
+    c.data.tfds_data_dir = ""  # tfds: specs' prepared data ("" = TFDS's default)
     c.data.format = "auto"
     c.data.max_length = (
         1024  # prompt + completion tokens per sequence (TRL 1.16: 1024); None: no limit
