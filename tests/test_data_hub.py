@@ -73,6 +73,7 @@ def test_hub_names_and_saved_folders_from_strings(tmp_path, monkeypatch, tiny_hf
     with pytest.raises(UserError, match=r"^data source 'hf:org/other': .* not in the Hugging "
                        r"Face cache; set allow_downloads=True"):  # fmt: skip
         rows("hf:org/other")
+    assert parse_spec("hf:gs://b/saved:test")["hf"] == "gs://b/saved"  # a URL's colon
     assert parse_spec("tfds:glue/sst2:train[:10%]", {"tfds_data_dir": "/d"}) == {
         "tfds": "glue/sst2", "split": "train[:10%]", "data_dir": "/d"
     }  # fmt: skip
@@ -123,6 +124,22 @@ def test_tfds_spec_with_a_config_from_a_prepared_builder(tmp_path):
     assert rows("tfds:dpo_jax_spec_prefs/small") == ROWS[:2]  # split: train
     assert rows("tfds:dpo_jax_spec_prefs/small:test") == ROWS[2:]
     assert rows("tfds:dpo_jax_spec_prefs/all:train") == ROWS
+    with pytest.raises(UserError, match="^tfds:nope: no such builder .* data.tfds_data_dir$"):
+        rows("tfds:nope")
+    # the command line's process has no builder code: the prepared files alone suffice
+    code = (
+        "import json, sys; from dpo_jax.data.sources import read_sources; "
+        "from dpo_jax.data.errors import RejectLog; "
+        "print(json.dumps([r.data for r in read_sources([sys.argv[1]], RejectLog(), "
+        "{'tfds_data_dir': sys.argv[2]})]))"
+    )
+    spec = "tfds:dpo_jax_spec_prefs/small:test"
+    done = subprocess.run([sys.executable, "-c", code, spec, str(tmp_path)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(got, key=lambda d: d["prompt"]) == ROWS[2:]
 
 
 @pytest.mark.heavy  # one CLI training run in a child process

@@ -301,7 +301,14 @@ def read_tfds(
     """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir) if isinstance(name, str) else name
+    try:
+        builder = tfds.builder(name, data_dir=data_dir) if isinstance(name, str) else name
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(
+            f"tfds:{name}: no such builder registered nor prepared in data_dir "
+            f"{data_dir or tfds.core.constants.DATA_DIR!r}; prepare it there "
+            "(file_format='array_record') or set data.tfds_data_dir"
+        ) from None
     source = builder.as_data_source(split=split)
     where = f"tfds:{builder.name}/{split}"
     batch = 256
@@ -385,7 +392,9 @@ def parse_spec(spec: str, options: Mapping[str, Any] | None = None) -> dict[str,
     options = options or {}
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("hf", "tfds"):
-        name, _, split = rest.partition(":")
+        scheme, url, tail = rest.partition("://")  # hf:gs://bucket/dir:split
+        name, _, split = tail.partition(":") if url else rest.partition(":")
+        name = scheme + url + name if url else name
         if not name:
             raise UserError(f"data source {spec!r}: no name; use {kind}:NAME[:SPLIT]")
         if kind == "tfds":
