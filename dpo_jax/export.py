@@ -123,8 +123,8 @@ def reward_classifier(
         raise UserError(
             f"{path}: a reward model exports as a sequence classifier, which scores the last "
             f"token that is not the pad token, but the pad token ({pad}) is "
-            f"{'unset' if pad is None else 'the EOS'}; pass --pad-token-id (pad_token_id=) with an id that "
-            "never ends a sequence (e.g. a reserved special token)"
+            f"{'unset' if pad is None else 'the EOS'}; pass --pad-token-id (pad_token_id=) "
+            "with an id that never ends a sequence (e.g. a reserved special token)"
         )
     kernel = np.asarray(jax.device_get(head["kernel"]), np.float32).reshape(1, -1)
     bias = float(np.asarray(jax.device_get(head["bias"]), np.float32))

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -150,13 +152,10 @@ HEAD_FILE = "head.npz"  # beside the HF files of an older export (before sequenc
 REWARD_BIAS_KEY = "dpo_jax_reward_bias"  # config.json: the head's bias (`export.export_hf`)
 
 
-def exported_head(directory: str) -> str | None:
+def not_a_reward_model(directory: str) -> str | None:
     """Why `directory` is not a reward model `load_exported` reads (None when it is): a
     one-label sequence classifier (`dpo-jax export` of a reward_model run) or an older
     export's HF directory with `head.npz`."""
-    import json
-    import os
-
     if os.path.isfile(os.path.join(directory, HEAD_FILE)):
         return None
     config_file = os.path.join(directory, "config.json")
@@ -177,9 +176,6 @@ def exported_head(directory: str) -> str | None:
 def _load_head(directory: str, cfg: models.ModelConfig) -> dict[str, np.ndarray]:
     """The head `{"kernel": [D], "bias": []}` of an export: `head.npz`, else the
     classifier's `score.weight` and the bias recorded in config.json."""
-    import json
-    import os
-
     head_file = os.path.join(directory, HEAD_FILE)
     if os.path.isfile(head_file):
         with np.load(head_file) as npz:
@@ -209,7 +205,7 @@ def load_exported(directory: str, tokenizer: Any = None, **kw: Any) -> LearnedRe
     unless one is given. `kw`: `LearnedReward`'s options."""
     from transformers import AutoTokenizer
 
-    problem = exported_head(directory)
+    problem = not_a_reward_model(directory)
     if problem is not None:
         raise UserError(f"{directory} {problem}; export a reward_model run with `dpo-jax export`")
     cfg, params = models.load_hf(directory)

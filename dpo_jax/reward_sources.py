@@ -385,7 +385,7 @@ def _check_dir(kind: str, target: str, key: str, where: str = "") -> None:
         problem = "is not a directory" if os.path.exists(target) else "does not exist"
         raise config_error(key, f"{target!r}{where} {problem}", f"use {SPECS}")
     if kind == "reward_model":
-        problem = reward_model.exported_head(target)
+        problem = reward_model.not_a_reward_model(target)
         if problem is not None:
             raise config_error(
                 key,

@@ -259,6 +259,10 @@ def load_hf(
     `jax.sharding.Sharding`, or a callable `cfg -> that pytree` (e.g.
     `lambda cfg: nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, rules)`).
     Every process must be able to read the checkpoint directory.
+
+    A sequence classifier's directory (`save_hf(score_weight=)`, a reward model) loads
+    its backbone; having no unembedding, an untied one is zeros (its `score.weight`:
+    `read_hf_tensor`).
     """
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
