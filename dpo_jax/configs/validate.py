@@ -376,7 +376,7 @@ def check_run_dir(path: str | os.PathLike, key: str = "run_dir") -> None:
     os.unlink(probe)
 
 
-def _resolve_hub_names(config: Any) -> None:
+def resolve_hub_names(config: Any) -> None:
     """Replace Hub names (`org/name`) in the model keys by their local snapshot dirs."""
     allow = _get(config, "allow_downloads") is True
     for key in ("model.path", "reference.path", "tokenizer"):
@@ -400,7 +400,7 @@ def check_paths(config: Any, *, model: bool = True, data: bool = True) -> None:
     `save_to_disk` folders (`sources.parse_spec`); `run_dir` must be creatable and writable.
     """
     if model:
-        _resolve_hub_names(config)
+        resolve_hub_names(config)
         keys = ["model.path"] + (["reference.path"] if _get(config, "reference.path") else [])
         for key in keys:
             path = _get(config, key)
