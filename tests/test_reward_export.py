@@ -25,9 +25,11 @@ def _reward_params(src, seed: int = 0, bias: float = 0.0):
 
 
 def _hf_scores(out, texts, side: str) -> tuple[np.ndarray, list[list[int]]]:
-    """transformers' scores of `texts` + EOS, padded on `side` by the exported tokenizer;
-    left-padded rows get positions counted from their first real token, as any
-    transformers model needs."""
+    """transformers' scores of `texts` + EOS, padded on `side` by the exported tokenizer.
+    Right padding is TRL's call (GRPO/RLOO reward models: `from_pretrained(DIR,
+    num_labels=1)`, the directory's tokenizer, `padding_side="right"`,
+    `add_special_tokens=False`, `logits[:, 0]`); left-padded rows get positions counted
+    from their first real token, as any transformers model needs."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -36,7 +38,7 @@ def _hf_scores(out, texts, side: str) -> tuple[np.ndarray, list[list[int]]]:
     enc = tok([t + tok.eos_token for t in texts], padding=True, add_special_tokens=False,
               return_tensors="pt")  # fmt: skip
     model = AutoModelForSequenceClassification.from_pretrained(
-        out, dtype=torch.float32, attn_implementation="eager"
+        out, num_labels=1, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     mask = enc["attention_mask"]
     ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], mask, strict=True)]
