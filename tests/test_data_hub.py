@@ -99,7 +99,7 @@ def test_tfds_spec_with_a_config_from_a_prepared_builder(tmp_path):
 
     class DpoJaxSpecPrefs(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
-        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="small"), tfds.core.BuilderConfig(name="all")]  # fmt: skip
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in ("small", "all")]
 
         def _info(self):
             text = tfds.features.Text()
@@ -108,13 +108,15 @@ def test_tfds_spec_with_a_config_from_a_prepared_builder(tmp_path):
 
         def _split_generators(self, dl_manager):
             n = 2 if self.builder_config.name == "small" else len(ROWS)
-            return {"train": self._generate_examples(ROWS[:n]), "test": self._generate_examples(ROWS[2:])}  # fmt: skip
+            gen = self._generate_examples
+            return {"train": gen(ROWS[:n]), "test": gen(ROWS[2:])}
 
         def _generate_examples(self, rows):
             yield from enumerate(rows)
 
     for name in ("small", "all"):
-        DpoJaxSpecPrefs(config=name, data_dir=str(tmp_path), file_format="array_record").download_and_prepare()  # fmt: skip
+        builder = DpoJaxSpecPrefs(config=name, data_dir=str(tmp_path), file_format="array_record")
+        builder.download_and_prepare()
     options = {"tfds_data_dir": str(tmp_path)}
 
     def rows(spec):

@@ -162,9 +162,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.online.kl_coef = 0.05  # beta of the KL to the reference (PPO: the controller's start)
     # The rollouts' reward for `dpo-jax train` (the Python API may pass reward= instead):
     # "vader" | "hf:DIR" (a sequence classifier: a 1-label one's logit, else P(class 1))
-    # on the decoded prompt + completion, "reward_model:DIR" (`dpo-jax export` of an objective.name=reward_model
-    # run), "python:MODULE:FUNCTION" (TRL reward_funcs: fn(prompts=, completions=) ->
-    # floats); several comma-separated, weighted by reward_weights (TRL reward_weights).
+    # on the decoded prompt + completion, "reward_model:DIR" (`dpo-jax export` of an
+    # objective.name=reward_model run), "python:MODULE:FUNCTION" (TRL reward_funcs:
+    # fn(prompts=, completions=) -> floats); several comma-separated, weighted by reward_weights (TRL reward_weights).
     c.online.reward = ""
     c.online.reward_weights = ml_collections.FieldReference(None, field_type=object)
     # Online DPO's pairwise judge instead of a reward: "python:MOD:FN", "llm:hf:DIR",
