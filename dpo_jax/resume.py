@@ -55,6 +55,7 @@ ITEM_NAMES = ("state", "data", "meta")
 # tests/test_resume_safety.py walks every key of get_config() against this list.
 NON_MATH_KEYS: tuple[str, ...] = (
     "run_dir",
+    "allow_downloads",  # whether a Hub name may be fetched, not what it holds
     "checkpoint.enabled",
     "checkpoint.save_every",
     "checkpoint.keep_last",

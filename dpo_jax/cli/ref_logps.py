@@ -62,8 +62,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax ref-logps`."""
     from dpo_jax import paths, reference  # lazy: jax; `dpo-jax ref-logps --help` stays light
+    from dpo_jax.configs import validate
 
     config = config_from_args(args)
+    validate.resolve_hub_names(config)  # model.path / reference.path / tokenizer=org/name
     written, read = reference.write_ref_logps(
         config, args.output, batch_size=args.batch_size, dtype=args.dtype
     )

@@ -41,6 +41,8 @@ def data_spec() -> dict[str, Any]:
         truncation_mode=d.truncation_mode,
         add_eos=True,  # end each completion with EOS (as TRL)
         skip_bad_rows=d.skip_bad_rows, cache_dir=d.cache_dir,
+        # string sources (`data.sources.parse_spec`): Hub fetches, TFDS's data directory
+        allow_downloads=get_config().allow_downloads, tfds_data_dir=d.tfds_data_dir,
     )  # fmt: skip
 
 
@@ -49,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/dpo"  # metrics.jsonl, tensorboard/, config.json, checkpoints/
     c.seed = 0
+    # Fetch Hub names that are not in the local Hugging Face cache: model.path=org/name
+    # and data.train=hf:org/name (huggingface_hub snapshots). False: the cache only.
+    c.allow_downloads = False
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # Hugging Face directory (config.json + *.safetensors)
@@ -67,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # file / glob / source spec the data package reads
     c.data.eval = ""  # held-out split ("" = no evaluation)
+    # data.train / data.eval: a file, glob, save_to_disk folder, hf:NAME[:SPLIT] (a Hub
+    # dataset org/name or a save_to_disk folder) or tfds:NAME[/CONFIG][:SPLIT]
+    c.data.tfds_data_dir = ""  # tfds: specs' prepared data ("" = TFDS's default)
     c.data.format = "auto"
     c.data.max_length = (
         1024  # prompt + completion tokens per sequence (TRL 1.16: 1024); None: no limit
@@ -185,10 +193,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.online.num_mini_batches = 1  # optimizer updates per pass over a rollout
     c.online.kl_coef = 0.05  # beta of the KL to the reference (PPO: the controller's start)
     # The rollouts' reward for `dpo-jax train` (the Python API may pass reward= instead):
-    # "vader" | "hf:DIR" (a sequence classifier: P(class 1)) on the decoded prompt +
-    # completion, "reward_model:DIR" (`dpo-jax export` of an objective.name=reward_model
-    # run), "python:MODULE:FUNCTION" (TRL reward_funcs: fn(prompts=, completions=) ->
-    # floats); several comma-separated, weighted by reward_weights (TRL reward_weights).
+    # "vader" | "hf:DIR" (a sequence classifier: a 1-label one's logit, else P(class 1))
+    # on the decoded prompt + completion, "reward_model:DIR" (`dpo-jax export` of an
+    # objective.name=reward_model run), "python:MODULE:FUNCTION" (TRL reward_funcs:
+    # fn(prompts=, completions=) -> floats); several comma-separated, weighted by reward_weights (TRL reward_weights).
     c.online.reward = ""
     c.online.reward_weights = ml_collections.FieldReference(None, field_type=object)
     # Online DPO's pairwise judge instead of a reward: "python:MOD:FN", "llm:hf:DIR",

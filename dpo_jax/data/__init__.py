@@ -110,6 +110,9 @@ def spec_from_config(config: Any, path: Any, paired: bool) -> dict[str, Any]:
         skip_bad_rows=d.skip_bad_rows,
         unpaired=not paired and not sft,
         cache_dir=d.cache_dir,
+        # string sources `hf:` / `tfds:` (data.sources.parse_spec)
+        allow_downloads=config.allow_downloads,
+        tfds_data_dir=d.tfds_data_dir,
     )
 
 
@@ -117,7 +120,7 @@ def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog, split: str | No
     """Read and parse the sources of `spec` (see `load_preference_data`)."""
     spec = complete_spec(spec)
     sources = _sources(spec, split)
-    examples = parse_rows(read_sources(sources, rejects), spec["format"], tokenizer, rejects)
+    examples = parse_rows(read_sources(sources, rejects, spec), spec["format"], tokenizer, rejects)
     if not spec["prompts"]:  # PPO's prompt pool takes every kind's prompts
         _check_kind(examples, bool(spec["sft"]))
     if spec["unpaired"] and examples and isinstance(examples[0], PreferenceExample):
@@ -161,7 +164,9 @@ def load_preference_data(
     Config keys (dict or ConfigDict; a key left out takes `configs.default.data_spec()`'s
     value (`complete_spec`); other keys are ignored, so the trainer's whole
     `config.data` can be passed):
-      sources: list of sources; each a path/glob string, or a dict with `path`
+      sources: list of sources; each a string (`sources.parse_spec`: a path/glob,
+        `hf:NAME[:SPLIT]`, `tfds:NAME[/CONFIG][:SPLIT]`, a save_to_disk folder; with
+        `allow_downloads` and `tfds_data_dir`), or a dict with `path`
         (+ `type`: jsonl|json|parquet), `tfds` (+ `split`, `data_dir`) or `hf`
         (save_to_disk dir or cached hub name; + `split`, `cache_dir`,
         `allow_download`, default False). `path` alone is a shorthand; without
