@@ -160,6 +160,7 @@ LAYERS: dict[str, int] = {
     f"{PACKAGE}.integrity": 0,
     f"{PACKAGE}.metrics": 0,
     f"{PACKAGE}.guards": 0,
+    f"{PACKAGE}.hub": 0,  # Hub names -> local snapshot directories
     # 1: models
     f"{PACKAGE}.models": 1,
     # 2: data, losses, scoring, objectives, and the pure pieces the step is built from
