@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dpo_jax import configs, integrity, paths
+from dpo_jax import code_fingerprint, configs, integrity, paths
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import METRICS_FILENAME
 
@@ -457,6 +457,8 @@ class Checkpointer:
         self.options = options or CheckpointOptions()
         self.config = to_jsonable(config) if config is not None else {}
         self.model_config = to_jsonable(model_config) if model_config is not None else None
+        # hashes of the loss / objective code the run uses, compared on resume
+        self.code = code_fingerprint.of_config(self.config) if self.config else {}
         self.skipped: list[SkippedStep] = []
         self._preempted = threading.Event()
         self._previous_sigterm: Any = None
@@ -605,6 +607,7 @@ class Checkpointer:
             "step": step,
             "config": self.config,
             "model_config": self.model_config,
+            "code": self.code,
             "extra": to_jsonable(dict(extra or {})),
             "time": time.time(),
             # Checked on restore: damage inside the array files falls back to an older step.
@@ -699,6 +702,17 @@ class Checkpointer:
             "anyway"
         )
 
+    def _check_code(self, step: int, saved: Mapping[str, str] | None) -> None:
+        problem = code_fingerprint.resume_problem(saved) if self.config else None
+        where = self.directory / str(step)
+        if problem and self.options.force_resume:
+            log.warning("force_resume: resuming %s although %s", where, problem)
+        elif problem:
+            raise ConfigMismatchError(
+                f"{where}: refusing to resume, {problem}; use a new run_dir, or set "
+                "checkpoint.force_resume=true to resume anyway"
+            )
+
     def _verify(self, step: int, meta: Mapping[str, Any], state: Any) -> str | None:
         """Why the restored arrays differ from what was saved, or None when they match."""
         saved = meta.get("fingerprints")
@@ -752,6 +766,7 @@ class Checkpointer:
                 moved_any = True
                 continue
             self._check_config(step, meta.get("config") or {})
+            self._check_code(step, meta.get("code"))
             try:
                 saved_shapes = self._saved_shapes(step)
             except Exception as e:  # noqa: BLE001
