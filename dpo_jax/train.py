@@ -50,6 +50,7 @@ from dpo_jax import (
     ref_fingerprint,
     reference,
     sharding,
+    startup,
 )
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
@@ -687,6 +688,8 @@ def _train(
         if first_step is None:
             raise UserError(f"fewer than grad_accum_steps={config.grad_accum_steps} batches")
         lowered = trainer.lower(state, first_step.batch_A, first_step.n_seq)
+        startup.announce(config, trainer, state, reference=reference, num_steps=num_steps,
+                         first_step=first_step, lowered=lowered)  # fmt: skip
         return TrainResult(state, [], [], None, trainer, lowered)
     model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
     # The state holds what training needs; drop our reference to the loaded copy (with
@@ -739,6 +742,9 @@ def _train(
     eval_fn = None
     if eval_data is not None:
         eval_fn = eval_data if callable(eval_data) else (lambda: eval_data)
+    startup.announce(config, trainer, state, reference=reference, num_steps=num_steps,
+                     start_step=start_step)  # fmt: skip
+    source = startup.FirstStepReport(source)  # logs its tokens and compiled memory
     progress = Progress(num_steps, start_step, enabled=config.train.progress and is_main)
     quiet = guards.QuietDiskFull()
     logging.getLogger("absl").addFilter(quiet)

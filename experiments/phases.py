@@ -65,6 +65,7 @@ import ml_collections
 
 from dpo_jax import code_fingerprint, configs, paths
 from dpo_jax.errors import UserError
+from dpo_jax.startup import memory_report
 
 MARKER = "DONE"
 
@@ -398,30 +399,3 @@ def dry_run_phases(
         for key, value in memory.items():
             log(f"  {key:<22} {value / 2**30:>10.3f} GiB  ({value:,} bytes)")
     return lowered
-
-
-MEMORY_FIELDS = (
-    "argument_size_in_bytes",
-    "output_size_in_bytes",
-    "alias_size_in_bytes",
-    "temp_size_in_bytes",
-    "generated_code_size_in_bytes",
-)
-
-
-def memory_report(compiled: Any) -> dict[str, int]:
-    """Per-device bytes of a compiled program (``compiled.memory_analysis()``) and the
-    peak estimate: arguments + temporaries + outputs that do not alias a donated input."""
-    mem = compiled.memory_analysis()
-    out = {}
-    for field in MEMORY_FIELDS:
-        if mem is not None and hasattr(mem, field):
-            out[field.removesuffix("_in_bytes")] = int(getattr(mem, field))
-    if out:
-        out["peak_estimate"] = (
-            out.get("argument_size", 0)
-            + out.get("output_size", 0)
-            - out.get("alias_size", 0)
-            + out.get("temp_size", 0)
-        )
-    return out
