@@ -52,6 +52,7 @@ from dpo_jax import (
     sharding,
     startup,
 )
+from dpo_jax.callbacks import Callbacks
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.loop import (  # noqa: F401  (re-exported: the loop's names as train.X)
@@ -540,6 +541,7 @@ def train(
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
     dry_run: bool = False,
     reward: Any = None,
+    callbacks: Callbacks | None = None,
 ) -> TrainResult:
     """Train a policy as `config` says; returns the final state and metric history.
 
@@ -548,7 +550,8 @@ def train(
     experiments, notebooks and tests; `params` must be reproducible for a resume. With
     `train_data` given, `config.num_steps` must be set. `eval_hook(step, params) ->
     {name: float}` runs every `train.eval_every` steps and at the last step, its metrics
-    in that step's `metrics.jsonl` row (see `run_loop`).
+    in that step's `metrics.jsonl` row (see `run_loop`); `callbacks`
+    (`dpo_jax.callbacks.Callbacks`) adds `on_log`, `on_eval` (as `eval_hook`), `on_save`.
 
     `dry_run=True` builds the same Trainer from the same config and data (params may be
     abstract: `jax.ShapeDtypeStruct` leaves), runs nothing and writes nothing, and
@@ -581,13 +584,15 @@ def train(
     sharding.maybe_initialize_distributed(config.mesh.multihost)
     # SIGTERM from here on checkpoints at the first step boundary (it used to kill the
     # run without a save while it loaded, compiled or restored).
-    sigterm_save = bool(config.checkpoint.enabled or checkpointer) and not dry_run
+    sigterm_save = (
+        bool(config.checkpoint.enabled and config.run_dir or checkpointer) and not dry_run
+    )
     with guards.EarlySigterm(enabled=sigterm_save) as sigterm:
         return _train(
             config, sigterm, loss_name, lora_config, train_data=train_data,
             eval_data=eval_data, model_config=model_config, params=params,
             ref_params=ref_params, checkpointer=checkpointer, mesh=mesh,
-            eval_hook=eval_hook, dry_run=dry_run, reward=reward,
+            eval_hook=eval_hook, dry_run=dry_run, reward=reward, callbacks=callbacks,
         )  # fmt: skip
 
 
@@ -607,6 +612,7 @@ def _train(
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
     dry_run: bool = False,
     reward: Any = None,
+    callbacks: Callbacks | None = None,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
     settings = step_settings(config)  # the step's settings, read once
@@ -698,7 +704,8 @@ def _train(
     run_dir = paths.Path(config.run_dir) if config.run_dir else None
     is_main = jax.process_index() == 0
 
-    if checkpointer is None and config.checkpoint.enabled:
+    # (no run_dir: nothing is written, checkpoints included)
+    if checkpointer is None and config.checkpoint.enabled and run_dir is not None:
         checkpointer = make_checkpointer(config, model_config, run_dir)
     if checkpointer is not None:
         sigterm.hand_over(checkpointer)
@@ -737,7 +744,10 @@ def _train(
     if run_dir is not None:
         if is_main:
             save_config(config, run_dir)
-        writer = MetricsWriter(run_dir, tensorboard=config.train.tensorboard, enabled=is_main)
+        writer = MetricsWriter(
+            run_dir, tensorboard=config.train.tensorboard, enabled=is_main,
+            report_to=config.train.report_to, config=config.to_dict(),
+        )  # fmt: skip
 
     eval_fn = None
     if eval_data is not None:
@@ -766,6 +776,7 @@ def _train(
             num_tokens_start=num_tokens_start,
             max_skipped_fraction=config.train.max_skipped_fraction,
             eval_hook=eval_hook,
+            callbacks=callbacks,
         )
         _close_all(progress, writer, checkpointer)
     except BaseException as error:
