@@ -98,14 +98,17 @@ def _get(config: Mapping[str, Any] | Any, dotted: str, default: Any = None) -> A
 def entries(config: Mapping[str, Any] | Any) -> list[str]:
     """The code a run config uses: its objective and, if the objective reads `loss.*`,
     each loss of `loss.name` (a mix names several)."""
-    name = str(_get(config, "objective.name", "preference") or "preference")
+    objective, loss = _get(config, "objective.name"), _get(config, "loss.name")
+    if objective is None and loss is None:  # not a run config (a test's {"a": 1})
+        return []
+    name = str(objective or "preference")
     out = [f"objective:{name}"]
     try:
         uses_loss = objectives.get(name).uses_loss
     except KeyError:
         return out
-    if uses_loss:
-        spec = losses.parse_loss_spec(_get(config, "loss.name"), _get(config, "loss.weights"))
+    if uses_loss and loss is not None:
+        spec = losses.parse_loss_spec(loss, _get(config, "loss.weights"))
         out += [f"loss:{n}" for n in losses.loss_names(spec)]
     return out
 

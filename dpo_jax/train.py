@@ -746,7 +746,7 @@ def _train(
             save_config(config, run_dir)
         writer = MetricsWriter(
             run_dir, tensorboard=config.train.tensorboard, enabled=is_main,
-            report_to=config.train.report_to, config=config.to_dict(),
+            report_to=config.train.get("report_to", ""), config=config.to_dict(),
         )  # fmt: skip
 
     eval_fn = None

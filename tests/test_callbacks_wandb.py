@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     config.update_from_flattened_dict(
         {"run_dir": str(root / "run"), "batch_size": 2, "grad_accum_steps": 1,
          "reference.mode": "precomputed", "train.tensorboard": False, "train.eval_every": 2,
-         "checkpoint.save_every": 2, "checkpoint.async_save": False,
+         "checkpoint.enabled": True, "checkpoint.save_every": 2, "checkpoint.async_save": False,
          "train.report_to": "wandb" if HAS_WANDB else ""}
     )  # fmt: skip
     batches = synthetic_batches(num=4, pairs=2, seed=1)
