@@ -226,7 +226,9 @@ def run_phases(
         prints[phase.name] = current["fingerprint"]
         marker = read_marker(run_dir / phase.name) if phase.marker else None
         # (settings that differ are refused below, whatever the code)
-        same = marker is not None and not _differences(marker, current)
+        same = marker is not None and (
+            marker["fingerprint"] == current["fingerprint"] or not _differences(marker, current)
+        )
         if same and (stale := _stale_code(phase, marker, recoded)):
             aside = _move_aside(run_dir, phase.name)
             log(f"phase {phase.name}: {stale} changed since it ran: running it again "
