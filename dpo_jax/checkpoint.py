@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dpo_jax import configs, integrity, paths, resume
+from dpo_jax import code_fingerprint, configs, integrity, paths, resume
 from dpo_jax.metrics import METRICS_FILENAME
 from dpo_jax.resume import CHECKPOINTS_SUBDIR, CheckpointError
 
@@ -213,6 +213,8 @@ class Checkpointer:
         self.options = options or CheckpointOptions()
         self.config = resume.to_jsonable(config) if config is not None else {}
         self.model_config = resume.to_jsonable(model_config) if model_config is not None else None
+        # hashes of the loss / objective code the run uses, compared on resume
+        self.code = code_fingerprint.of_config(self.config) if self.config else {}
         self.skipped: list[resume.SkippedStep] = []
         self._preempted = threading.Event()
         self._previous_sigterm: Any = None
@@ -354,6 +356,7 @@ class Checkpointer:
             "step": step,
             "config": self.config,
             "model_config": self.model_config,
+            "code": self.code,
             "extra": resume.to_jsonable(dict(extra or {})),
             "time": time.time(),
             # Checked on restore: damage inside the array files falls back to an older step.
@@ -430,6 +433,17 @@ class Checkpointer:
                 ignore=self.options.ignore_config_keys, force=self.options.force_resume,
             )  # fmt: skip
 
+    def _check_code(self, step: int, saved: Mapping[str, str] | None) -> None:
+        problem = code_fingerprint.resume_problem(saved) if self.config else None
+        where = self.directory / str(step)
+        if problem and self.options.force_resume:
+            log.warning("force_resume: resuming %s although %s", where, problem)
+        elif problem:
+            raise resume.ConfigMismatchError(
+                f"{where}: refusing to resume, {problem}; use a new run_dir, or set "
+                "checkpoint.force_resume=true to resume anyway"
+            )
+
     def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         tree_meta = self._manager.item_metadata(step)["state"]
         if tree_meta is None:
@@ -466,6 +480,8 @@ class Checkpointer:
                 moved_any = True
                 continue
             self._check_config(step, meta.get("config") or {})
+            self._check_code(step, meta.get("code"))
+            self._check_code(step, meta.get("code"))
             try:
                 saved_shapes = self._saved_shapes(step)
             except Exception as e:  # noqa: BLE001

@@ -81,6 +81,7 @@ NON_MATH_KEYS: tuple[str, ...] = (
     "train.unembed_scored_only",  # same math, less work
     "train.progress",
     "train.tensorboard",
+    "train.report_to",  # where metric rows are also sent
     "train.token_metrics",  # TRL's entropy/logits/accuracy metrics: logged, never trained on
     # accepting unfingerprinted reference columns changes no number (the data fingerprint
     # still refuses other data); switching it on after a refusal is the point of resuming

@@ -43,8 +43,10 @@ from dpo_jax import (
     online,
     paths,
     sharding,
+    startup,
 )
 from dpo_jax import trainer as trainer_lib
+from dpo_jax.callbacks import Callbacks
 from dpo_jax.configs import validate
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.loop import (  # noqa: F401  (re-exported: the loop's names as train.X)
@@ -109,6 +111,7 @@ def train(
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
     dry_run: bool = False,
     reward: Any = None,
+    callbacks: Callbacks | None = None,
 ) -> TrainResult:
     """Train a policy as `config` says; returns the final state and metric history.
 
@@ -117,7 +120,8 @@ def train(
     experiments, notebooks and tests; `params` must be reproducible for a resume. With
     `train_data` given, `config.num_steps` must be set. `eval_hook(step, params) ->
     {name: float}` runs every `train.eval_every` steps and at the last step, its metrics
-    in that step's `metrics.jsonl` row (see `run_loop`).
+    in that step's `metrics.jsonl` row (see `run_loop`); `callbacks`
+    (`dpo_jax.callbacks.Callbacks`) adds `on_log`, `on_eval` (as `eval_hook`), `on_save`.
 
     `dry_run=True` builds the same Trainer from the same config and data (params may be
     abstract: `jax.ShapeDtypeStruct` leaves), runs nothing and writes nothing, and
@@ -150,13 +154,15 @@ def train(
     sharding.maybe_initialize_distributed(config.mesh.multihost)
     # SIGTERM from here on checkpoints at the first step boundary (it used to kill the
     # run without a save while it loaded, compiled or restored).
-    sigterm_save = bool(config.checkpoint.enabled or checkpointer) and not dry_run
+    sigterm_save = (
+        bool(config.checkpoint.enabled and config.run_dir or checkpointer) and not dry_run
+    )
     with guards.EarlySigterm(enabled=sigterm_save) as sigterm:
         return _train(
             config, sigterm, loss_name, lora_config, train_data=train_data,
             eval_data=eval_data, model_config=model_config, params=params,
             ref_params=ref_params, checkpointer=checkpointer, mesh=mesh,
-            eval_hook=eval_hook, dry_run=dry_run, reward=reward,
+            eval_hook=eval_hook, dry_run=dry_run, reward=reward, callbacks=callbacks,
         )  # fmt: skip
 
 
@@ -176,6 +182,7 @@ def _train(
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
     dry_run: bool = False,
     reward: Any = None,
+    callbacks: Callbacks | None = None,
 ) -> TrainResult:
     """`train` after validation, inside the early-SIGTERM guard."""
     settings = step_settings(config)  # the step's settings, read once
@@ -218,14 +225,15 @@ def _train(
             config, trainer, state, train_data, reward, ref_params, dry_run=dry_run
         )
     if dry_run:
-        return _dry_run(config, trainer, state, source, on_policy)
+        return _dry_run(config, trainer, state, source, on_policy, reference, num_steps)
     model_config = trainer.model_config  # padded vocabulary on a tensor axis > 1
     # The state holds what training needs; drop our reference to the loaded copy (with
     # LoRA it is not the state's (cast) base and would stay resident).
     params = ref_params = None
     run_dir = paths.Path(config.run_dir) if config.run_dir else None
 
-    if checkpointer is None and config.checkpoint.enabled:
+    # (no run_dir: nothing is written, checkpoints included)
+    if checkpointer is None and config.checkpoint.enabled and run_dir is not None:
         checkpointer = make_checkpointer(config, model_config, run_dir)
     if checkpointer is not None:
         sigterm.hand_over(checkpointer)
@@ -239,6 +247,7 @@ def _train(
         config, trainer, state, source, checkpointer, run_dir,
         num_steps=num_steps, steps_per_epoch=steps_per_epoch, start_step=start_step,
         num_tokens_start=num_tokens_start, eval_data=eval_data, eval_hook=eval_hook,
+        reference=reference, callbacks=callbacks,
     )  # fmt: skip
 
 
@@ -324,9 +333,11 @@ def _dry_run(
     state: TrainState,
     source: StepSource,
     on_policy: Any,
+    reference: str,
+    num_steps: int,
 ) -> TrainResult:
     """The result of `train(dry_run=True)`: the first step's batch, as the loop gets it
-    from the source, lowered."""
+    from the source, lowered; the start-up summary with its compiled memory."""
     first_step = (
         source.example_step(trainer, on_policy.columns(config)) if on_policy is not None
         else source.next_step(trainer, state)
@@ -334,6 +345,8 @@ def _dry_run(
     if first_step is None:
         raise UserError(f"fewer than grad_accum_steps={config.grad_accum_steps} batches")
     lowered = trainer.lower(state, first_step.batch_A, first_step.n_seq)
+    startup.announce(config, trainer, state, reference=reference, num_steps=num_steps,
+                     first_step=first_step, lowered=lowered)  # fmt: skip
     return TrainResult(state, [], [], None, trainer, lowered)
 
 
@@ -395,6 +408,8 @@ def _run(
     num_tokens_start: int,
     eval_data: Any,
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None,
+    reference: str,
+    callbacks: Callbacks | None,
 ) -> TrainResult:
     """Run the loop from `start_step` with metrics, progress and checkpoints; close them,
     and export the run when `checkpoint.export_hf` asks."""
@@ -405,11 +420,17 @@ def _run(
     if run_dir is not None:
         if is_main:
             save_config(config, run_dir)
-        writer = MetricsWriter(run_dir, tensorboard=config.train.tensorboard, enabled=is_main)
+        writer = MetricsWriter(
+            run_dir, tensorboard=config.train.tensorboard, enabled=is_main,
+            report_to=config.train.report_to, config=config.to_dict(),
+        )  # fmt: skip
 
     eval_fn = None
     if eval_data is not None:
         eval_fn = eval_data if callable(eval_data) else (lambda: eval_data)
+    startup.announce(config, trainer, state, reference=reference, num_steps=num_steps,
+                     start_step=start_step)  # fmt: skip
+    source = startup.FirstStepReport(source)  # logs its tokens and compiled memory
     progress = Progress(num_steps, start_step, enabled=config.train.progress and is_main)
     quiet = guards.QuietDiskFull()
     logging.getLogger("absl").addFilter(quiet)
@@ -431,6 +452,7 @@ def _run(
             num_tokens_start=num_tokens_start,
             max_skipped_fraction=config.train.max_skipped_fraction,
             eval_hook=eval_hook,
+            callbacks=callbacks,
         )
         _close_all(progress, writer, checkpointer)
     except BaseException as error:

@@ -94,6 +94,10 @@ BAD = [
     ({"model.dtype": "float8"}, "model.dtype", "'bfloat16'"),
     ({"model.remat": "full"}, "model.remat", "'block'"),
     ({"checkpoint.save_every": 0}, "checkpoint.save_every", ">= 1"),
+    ({"checkpoint.export_hf": True, "checkpoint.enabled": False}, "checkpoint.export_hf",
+     "checkpoint.enabled=False"),
+    ({"train.report_to": "wandb,comet"}, "train.report_to", "unknown logger 'comet'"),
+    ({"train.report_to": "tensorboard"}, "train.report_to", "train.tensorboard"),
 ]  # fmt: skip
 
 

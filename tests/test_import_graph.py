@@ -177,6 +177,7 @@ LAYERS: dict[str, int] = {
     f"{PACKAGE}.lora": 2,  # adapters are a params transform the step applies
     f"{PACKAGE}.configs": 2,  # default.py reads data's and sharding's defaults
     f"{PACKAGE}.fast_random": 2,  # jax-equal categorical draws, pure
+    f"{PACKAGE}.code_fingerprint": 2,  # hashes of the loss / objective code a config uses
     f"{PACKAGE}.token_choice": 2,  # greedy / top-k / top-p over logits, pure
     # 3: the step
     f"{PACKAGE}.train_step": 3,
@@ -190,7 +191,9 @@ LAYERS: dict[str, int] = {
     f"{PACKAGE}.reference": 4,
     f"{PACKAGE}.ref_fingerprint": 4,
     f"{PACKAGE}.sampling": 4,
-    f"{PACKAGE}.saved_models": 4,  # a policy from a HF directory or a checkpoint
+    f"{PACKAGE}.saved_models": 4,
+    f"{PACKAGE}.callbacks": 4,  # on_log / on_eval / on_save of the loop
+    f"{PACKAGE}.startup": 4,  # the start-up summary of a run  # a policy from a HF directory or a checkpoint
     f"{PACKAGE}.rewards": 4,
     f"{PACKAGE}.judge": 4,
     f"{PACKAGE}.reward_model": 4,

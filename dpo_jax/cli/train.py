@@ -1,4 +1,4 @@
-"""`dpo-jax train --config FILE.py[:ARG] [--config.KEY=VALUE ...]`: `dpo_jax.train.train`."""
+"""`dpo-jax train --config FILE.py[:ARG] [--config.KEY=VALUE ...] [--dry_run]`: `dpo_jax.train.train`."""
 
 from __future__ import annotations
 
@@ -17,12 +17,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="config file (dpo_jax/configs/default.py[:ARG]); override fields with --config.KEY=VALUE",
     )
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="print the start-up summary and compile the first step, without training or "
+        "writing anything (its per-device memory from the compiled program)",
+    )
     configs.accept_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax train`."""
-    from dpo_jax import train  # lazy: jax, flax and orbax; `dpo-jax train --help` stays light
+    # lazy: jax, flax and orbax; `dpo-jax train --help` stays light
+    from dpo_jax import startup, train
 
     # force: importing orbax logs through absl, which already called basicConfig() with
     # the WARNING default, and INFO lines ("resumed from step N") would be lost.
@@ -31,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
     )
     config = configs.load(args.config, getattr(args, "config_overrides", []))
     t0 = time.perf_counter()
+    if getattr(args, "dry_run", False):  # train() logs the summary, memory included
+        result = train.train(config, dry_run=True)
+        memory = startup.memory_report(result.lowered.compile())  # cached: compiled already
+        print(json.dumps({"dry_run": True, "memory": memory, "run_dir": config.run_dir}))
+        return 0
     result = train.train(config)
     last = result.history[-1] if result.history else {}
     print(

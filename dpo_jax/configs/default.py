@@ -171,15 +171,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.token_metrics = True
     c.train.progress = True
     c.train.tensorboard = True
+    # More metric loggers beside metrics.jsonl and TensorBoard (TRL's report_to): "wandb"
+    # (Weights & Biases: pip install -e '.[wandb]'; WANDB_PROJECT, WANDB_MODE=offline, ...)
+    c.train.report_to = ""
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.enabled = False
+    # On, as TRL saves every 500 steps: `dpo-jax export` reads the run's last checkpoint
+    c.checkpoint.enabled = True
     c.checkpoint.save_every = 500
     c.checkpoint.keep_last = 3  # <= 0 keeps all
     c.checkpoint.keep_every = 0  # > 0: also never delete steps divisible by this
     c.checkpoint.force_resume = False  # resume despite math-changing config differences
     c.checkpoint.async_save = True
-    c.checkpoint.export_hf = False  # write run_dir/hf at the end
+    c.checkpoint.export_hf = False  # write run_dir/hf at the end (needs checkpoint.enabled)
 
     # On-policy training (objectives ppo, grpo, rloo, online_dpo; docs/ONLINE.md): what
     # every method shares. Rollouts are sampled from the current policy with the

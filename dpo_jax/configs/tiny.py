@@ -25,4 +25,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 1
     c.train.progress = False
     c.train.tensorboard = True
+    # Tests train many runs: checkpoints only where a test asks (the default keeps them)
+    c.checkpoint.enabled = False
     return c

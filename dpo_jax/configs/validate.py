@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dpo_jax import hub, losses, objectives, online, optim, sharding
+from dpo_jax import hub, losses, metrics, objectives, online, optim, sharding
 from dpo_jax.data import LAYOUTS, PARSERS
 from dpo_jax.data.sources import expand_paths, parse_spec
 from dpo_jax.data.tokenize import TRUNCATION_MODES
@@ -324,6 +324,12 @@ def validate(config: Any) -> None:
     check("train.logps_chunk_size", _check_int, 0)
     check("checkpoint.save_every", _check_int, 1)
     check("checkpoint.keep_every", _check_int, 0)
+    if value("checkpoint.export_hf") is True and value("checkpoint.enabled") is False:
+        raise config_error(
+            "checkpoint.export_hf", "exports the run's last checkpoint, but checkpoint.enabled=False",
+            "set checkpoint.enabled=true (or export_hf=false)",
+        )  # fmt: skip
+    check("train.report_to", lambda _, v: metrics.parse_report_to(v))
 
     name = value("loss.name")
     if name is not _MISSING:
