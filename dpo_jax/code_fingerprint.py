@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dpo_jax import __version__, losses, objectives
+from dpo_jax.errors import UserError
 
 # (kind, registry lookup) per entry prefix: "loss:NAME", "objective:NAME".
 _LOOKUPS: dict[str, Callable[[str], Any]] = {"loss": losses.get, "objective": objectives.get}
@@ -108,7 +109,10 @@ def entries(config: Mapping[str, Any] | Any) -> list[str]:
     except KeyError:
         return out
     if uses_loss and loss is not None:
-        spec = losses.parse_loss_spec(loss, _get(config, "loss.weights"))
+        try:
+            spec = losses.parse_loss_spec(loss, _get(config, "loss.weights"))
+        except UserError:  # no such loss: no code to record (validation says so elsewhere)
+            return out
         out += [f"loss:{n}" for n in losses.loss_names(spec)]
     return out
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import checkpoint, code_fingerprint, errors, losses, train
+from dpo_jax import checkpoint, code_fingerprint, errors, losses, resume, train
 from dpo_jax.configs import default
 from experiments import phases
 from experiments.phases import Phase
@@ -88,7 +88,7 @@ def test_an_edited_loss_reruns_its_phase_and_its_checkpoint_refuses_to_resume(tm
 
     # A checkpoint written with the old body refuses to resume, in one line.
     state = {"w": np.ones((2,), np.float32)}
-    config = checkpoint.to_jsonable(default.get_config())
+    config = resume.to_jsonable(default.get_config())
     config["loss"]["name"] = NAME
     _register(1.0)
     with checkpoint.Checkpointer(tmp_path / "run", config=config) as ckpt:
@@ -99,7 +99,7 @@ def test_an_edited_loss_reruns_its_phase_and_its_checkpoint_refuses_to_resume(tm
         pytest.raises(errors.UserError) as e,
     ):
         ckpt.restore_or_none(jax.tree.map(checkpoint._as_abstract, state))
-    assert isinstance(e.value, checkpoint.ConfigMismatchError) and "\n" not in str(e.value)
+    assert isinstance(e.value, resume.ConfigMismatchError) and "\n" not in str(e.value)
     assert f"the code of loss {NAME!r} changed since the checkpoint was written" in str(e.value)
 
 
@@ -148,5 +148,5 @@ def test_an_edited_loss_reruns_its_phase_and_a_resume_with_it_is_refused(tmp_pat
     )  # fmt: skip
     with pytest.raises(errors.UserError) as e:
         train.train(config, train_data=_batches(), model_config=model_config, params=params)
-    assert isinstance(e.value, checkpoint.ConfigMismatchError) and "\n" not in str(e.value)
+    assert isinstance(e.value, resume.ConfigMismatchError) and "\n" not in str(e.value)
     assert f"the code of loss {NAME!r} changed since the checkpoint was written" in str(e.value)
