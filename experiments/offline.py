@@ -1,5 +1,8 @@
 """Offline preference experiments as in the DPO paper (§6.2): TL;DR summarization and
-Anthropic HH single-turn dialogue, as phase graphs on the one Trainer.
+Anthropic HH single-turn dialogue, as phase graphs on the one Trainer. A task module
+declares an :class:`Task` and runs ``driver.main(argv, experiment(task, ...))``
+(`experiments.driver`); the data, tokenizer and training phases are in
+`experiments.offline_phases`, the methods' evaluation, graph and report here.
 
 A fixed preference dataset in an upstream format trains every method from one policy
 initialisation; each method then samples one completion per test prompt at every

@@ -38,9 +38,13 @@ Presets (``--preset=NAME``):
   tokens, ``gpt2-large`` from a local HF directory, the siebert RoBERTa classifier as
   reward, RMSprop lr 1e-6, batch 64). Meant for a TPU slice.
 
-The experiment is a phase graph (`experiments.phases`): corpus -> tokenizer -> sft ->
-pairs -> reference -> evaluate_sft -> methods/<label> (one `dpo_jax.train.train` run per
-method, checkpointed, its evaluation the `eval_hook`) -> report. Rerunning the same
+This module is the task declaration (:data:`EXPERIMENT`, run by `experiments.driver`):
+its config and presets, its phase graph, results.csv, the frontier figure and the seed
+summary. The graph (`experiments.phases`): corpus -> tokenizer -> sft -> pairs ->
+reference -> evaluate_sft (`experiments.sentiment_task`) -> methods/<label> (one
+`dpo_jax.train.train` run per method, checkpointed, its evaluation the `eval_hook`;
+`experiments.sentiment_methods`, the on-policy ones `experiments.sentiment_online`) ->
+report. Rerunning the same
 command (same ``--config.workdir``) skips finished phases and resumes an unfinished
 training phase from its last checkpoint; ``results.csv`` is assembled only from phase
 outputs. The config is a `dpo-jax train` config (`dpo_jax.configs.default`: the

@@ -181,32 +181,17 @@ def train_method_phase(method: Method):
         task = task_mod.load_task(ctx)
         config = method_config(ctx, method)
 
-        def eval_hook(step: int, params: Any) -> dict[str, float]:
-            ev = task_mod.evaluate(task, params)
-            if step == config.num_steps and ctx.is_main:
-                task_mod.write_samples(ctx.dir / "samples.jsonl", method.label, ev)
-            return ev.metrics()
-
         data = task_mod.method_batches(
             task_mod.load_pairs(ctx), config, task.pad_id, task_mod.row_length(ctx.config),
             ctx.config.pairs.max_new_tokens,
         )  # fmt: skip
         return phases.train_phase(
             config, train_data=data, model_config=task.model_config, params=task.sft_params,
-            eval_hook=eval_hook,
+            eval_hook=task_mod.eval_hook(ctx, task, method.label, config.num_steps),
         )  # fmt: skip
 
     def dry(ctx: Context) -> Any:
-        config = method_config(ctx, method)
-        model_config, params = task_mod.abstract_policy(ctx)
-        b = config.batch_size // config.grad_accum_steps
-        dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
-        data = task_mod.method_batches(
-            dummy, config, 0, task_mod.row_length(ctx.config), ctx.config.pairs.max_new_tokens
-        )
-        return phases.train_phase(
-            config, train_data=data, model_config=model_config, params=params, dry_run=True
-        ).lowered
+        return task_mod.pair_run_dry(ctx, method_config(ctx, method))
 
     return run, dry
 
@@ -292,15 +277,12 @@ def ppo_method_phase(method: Method):
                 task.reward_fn, task.tokenizer, with_prompt=True
             )
 
-        def eval_hook(step: int, params: Any) -> dict[str, float]:
-            ev = task_mod.evaluate(task, params["model"])
-            if step == config.num_steps and ctx.is_main:
-                task_mod.write_samples(ctx.dir / "samples.jsonl", method.label, ev)
-            return ev.metrics()
-
+        hook = task_mod.eval_hook(
+            ctx, task, method.label, config.num_steps, policy=lambda params: params["model"]
+        )
         return phases.train_phase(
             config, train_data=task.tokens["pairs"], reward=reward,
-            model_config=task.model_config, params=task.sft_params, eval_hook=eval_hook,
+            model_config=task.model_config, params=task.sft_params, eval_hook=hook,
         )  # fmt: skip
 
     return run

@@ -182,15 +182,13 @@ def online_method_phase(method: Method):
             reward = reward_sources.reward_from_ids(sentiment_task.learned_reward(ctx, task))
         objective = objectives.get(config.objective.name)
 
-        def eval_hook(step: int, params: Any) -> dict[str, float]:
-            ev = sentiment_task.evaluate(task, objectives.split_params(objective, params)[0])
-            if step == config.num_steps and ctx.is_main:
-                sentiment_task.write_samples(ctx.dir / "samples.jsonl", method.label, ev)
-            return ev.metrics()
-
+        hook = sentiment_task.eval_hook(
+            ctx, task, method.label, config.num_steps,
+            policy=lambda params: objectives.split_params(objective, params)[0],
+        )  # fmt: skip
         return phases.train_phase(
             config, train_data=task.tokens["pairs"], reward=reward,
-            model_config=task.model_config, params=task.sft_params, eval_hook=eval_hook,
+            model_config=task.model_config, params=task.sft_params, eval_hook=hook,
         )  # fmt: skip
 
     def dry(ctx: Context) -> Any:
@@ -311,34 +309,20 @@ def round_train_phase(method: Method, r: int):
     def run(ctx: Context) -> train.TrainResult:
         task = sentiment_task.load_task(ctx)
         config = round_config(ctx, method, r)
-        last = r == settings(ctx.config, method).rounds
-
-        def eval_hook(step: int, params: Any) -> dict[str, float]:
-            ev = sentiment_task.evaluate(task, params)
-            if last and step == config.num_steps and ctx.is_main:
-                sentiment_task.write_samples(ctx.dir / "samples.jsonl", method.label, ev)
-            return ev.metrics()
-
+        # Only the last round's final evaluation writes the method's samples.
+        last_step = config.num_steps if r == settings(ctx.config, method).rounds else None
         data = sentiment_task.method_batches(
             load_round_pairs(ctx, method, r), config, task.pad_id,
             sentiment_task.row_length(ctx.config), ctx.config.pairs.max_new_tokens,
         )  # fmt: skip
         return phases.train_phase(
             config, train_data=data, model_config=task.model_config,
-            params=round_params(ctx, method, r - 1, task), eval_hook=eval_hook,
+            params=round_params(ctx, method, r - 1, task),
+            eval_hook=sentiment_task.eval_hook(ctx, task, method.label, last_step),
         )  # fmt: skip
 
     def dry(ctx: Context) -> Any:
-        config = round_config(ctx, method, r)
-        model_config, params = sentiment_task.abstract_policy(ctx)
-        b = config.batch_size // config.grad_accum_steps
-        dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
-        data = sentiment_task.method_batches(
-            dummy, config, 0, sentiment_task.row_length(ctx.config), ctx.config.pairs.max_new_tokens
-        )
-        return phases.train_phase(
-            config, train_data=data, model_config=model_config, params=params, dry_run=True
-        ).lowered
+        return sentiment_task.pair_run_dry(ctx, round_config(ctx, method, r))
 
     return run, dry
 

@@ -355,6 +355,22 @@ def write_samples(path: paths.Path, method: str, ev: Evaluation) -> None:
     paths.write_atomic(path, "".join(lines))
 
 
+def eval_hook(
+    ctx: Context, task: Task, label: str, last_step: int | None, policy: Any = None
+) -> Any:
+    """A method phase's Trainer `eval_hook`: :func:`evaluate` the params (their
+    `policy(params)` part: an on-policy run's state also holds a value head); at
+    `last_step` also write the samples to the phase's samples.jsonl."""
+
+    def hook(step: int, params: Any) -> dict[str, float]:
+        ev = evaluate(task, params if policy is None else policy(params))
+        if step == last_step and ctx.is_main:
+            write_samples(ctx.dir / "samples.jsonl", label, ev)
+        return ev.metrics()
+
+    return hook
+
+
 def evaluate_sft_phase(ctx: Context) -> None:
     """The SFT policy's evaluation (every method's step 0)."""
     task = load_task(ctx)
@@ -391,6 +407,18 @@ def abstract_policy(ctx: Context) -> tuple[models.ModelConfig, Any]:
         vocab = len(driver.load_tokenizer(tok.parent))
     cfg = model_config(ctx.config, int(vocab))
     return cfg, driver.abstract_params(cfg)
+
+
+def pair_run_dry(ctx: Context, config: ml_collections.ConfigDict) -> Any:
+    """The program of a run on the pairs (`config` its `dpo-jax train` config), lowered
+    with abstract params and dummy batches of the run's shapes, for dry runs."""
+    model_config, params = abstract_policy(ctx)
+    b = config.batch_size // config.grad_accum_steps
+    dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
+    data = method_batches(dummy, config, 0, row_length(ctx.config), ctx.config.pairs.max_new_tokens)
+    return phases.train_phase(
+        config, train_data=data, model_config=model_config, params=params, dry_run=True
+    ).lowered
 
 
 def learned_reward(ctx: Context, task: Task) -> Any:
