@@ -77,8 +77,10 @@ def load_tokenizer(directory: paths.Path) -> Any:
 
 def trained_params(ctx: Context, phase: str) -> Any:
     """The final params of training phase `phase`: its newest Orbax checkpoint (the
-    Trainer's, in the phase directory; `phases.train_config` turns checkpoints on)."""
-    return checkpoint.load_params(ctx.input(phase))[2]
+    Trainer's, in the phase directory; `phases.train_config` turns checkpoints on), as
+    host numpy arrays: a multi-process run's Trainer places them on its global mesh, which
+    it cannot do from arrays committed to one process's device."""
+    return jax.device_get(checkpoint.load_params(ctx.input(phase))[2])
 
 
 def initial_params(config: ml_collections.ConfigDict, cfg: models.ModelConfig) -> Any:

@@ -239,7 +239,6 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
 def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
     """The experiment's phase graph for `config`."""
-
     methods = [sentiment_methods.parse_method(s) for s in config.methods]
     policy = ("model", "tokenizer", "seed")
     training = sentiment_methods.TRAINING_READS
