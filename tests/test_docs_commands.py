@@ -62,7 +62,14 @@ def blocks(doc: str) -> list[tuple[str, str, str | None, int]]:
     for m in FENCE.finditer(text):
         before = text[: m.start()].rstrip("\n").rpartition("\n")[2]
         mark = MARK.search(before)
-        out.append((m.group(1), m.group(2), mark.group(1) if mark else None, text.count("\n", 0, m.start()) + 1))
+        out.append(
+            (
+                m.group(1),
+                m.group(2),
+                mark.group(1) if mark else None,
+                text.count("\n", 0, m.start()) + 1,
+            )
+        )
     return out
 
 
@@ -119,7 +126,21 @@ def _rows(n: int, seed: int) -> list[dict]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words = "good bad movie film great awful plot actor scene fine dull bright story".split()
+    words = [
+        "good",
+        "bad",
+        "movie",
+        "film",
+        "great",
+        "awful",
+        "plot",
+        "actor",
+        "scene",
+        "fine",
+        "dull",
+        "bright",
+        "story",
+    ]
     out = []
     for _ in range(n):
         prompt = "Review: " + " ".join(rng.choice(words, 4))
@@ -150,7 +171,9 @@ def base_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_jsonl(base / "pairs.jsonl", pairs)
     _write_jsonl(base / "held_out.jsonl", _rows(16, 1))
     _write_jsonl(base / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pairs[:16]])
-    _write_jsonl(base / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pairs])
+    _write_jsonl(
+        base / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pairs]
+    )
     unpaired = [
         {"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}
         for r in pairs[:32]
@@ -196,7 +219,9 @@ def _run(argv: list[str], work: Path, where: str) -> None:
         rc = cli.console_main(argv[1:])
     else:
         env = dict(os.environ, PYTHONPATH=f"{work}{os.pathsep}{ROOT}")
-        proc = subprocess.run([sys.executable, *argv[1:]], cwd=work, env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, *argv[1:]], cwd=work, env=env, capture_output=True, text=True
+        )
         rc = proc.returncode
         if rc:
             print(proc.stdout[-2000:], proc.stderr[-4000:])
