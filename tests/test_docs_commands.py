@@ -49,6 +49,7 @@ SKIP_REASONS = (
     "needs a TRL run",
     "installs packages",
     "a full measurement, minutes to hours",
+    "runs the test suite",
 )
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 MARK = re.compile(r"<!--\s*docs-test:\s*skip\s*\((.+?)\)\s*-->\s*$")

@@ -135,7 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.tensorboard = True
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.enabled = False
+    c.checkpoint.enabled = True  # TRL saves every 500 steps too; the final step is always saved
     c.checkpoint.save_every = 500
     c.checkpoint.keep_last = 3  # <= 0 keeps all
     c.checkpoint.keep_every = 0  # > 0: also never delete steps divisible by this
