@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dpo_jax/configs/default.py)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     configs.accept_overrides(parser)
 
@@ -79,6 +80,13 @@ def _is_hf_dir(path: str) -> bool:
     import os
 
     return os.path.isdir(path) and any(n.endswith(".safetensors") for n in os.listdir(path))
+
+
+def _shapes(params: Any) -> Any:
+    """The parameter tree's shapes: the same architecture has the same ones."""
+    import jax
+
+    return jax.tree.map(lambda x: tuple(x.shape), params)
 
 
 def _beta(config: Any) -> float:
@@ -150,7 +158,7 @@ def sample_metrics(
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax evaluate`."""
     # lazy: jax, flax and transformers; `dpo-jax evaluate --help` stays light
-    from dpo_jax import data, evaluation, paths, reference, reward_sources, sampling
+    from dpo_jax import data, evaluation, paths, reward_sources, sampling
 
     if args.data is None and args.samples is None:
         raise UserError("nothing to evaluate: pass --data (held-out pairs) and/or --samples")
@@ -164,18 +172,17 @@ def run(args: argparse.Namespace) -> int:
         ref_path = args.reference or config.reference.path or config.model.path
         if not ref_path:
             raise UserError("--data needs a reference policy: pass --reference HF_DIR")
-        cfg, params, tokenizer = sampling.load_model(args.model, None, "float32", args.step)
-        ref_cfg, ref_params, _ = sampling.load_model(str(ref_path), None, "float32")
+        cfg, params, tokenizer = sampling.load_model(args.model, None, args.dtype, args.step)
+        _, ref_params, _ = sampling.load_model(str(ref_path), None, args.dtype)
+        if _shapes(ref_params) != _shapes(params):
+            raise UserError(
+                f"--reference {ref_path}: another architecture than --model {args.model}"
+            )
         spec = data.spec_from_config(config, args.data, paired=True)
         tokenized = data.load_preference_data(spec, tokenizer)
-        chosen, rejected = reference.dataset_ref_logps(
-            reference.make_logps_fn(cfg, params), tokenized, args.batch_size
-        )
-        ref_chosen, ref_rejected = reference.dataset_ref_logps(
-            reference.make_logps_fn(ref_cfg, ref_params), tokenized, args.batch_size
-        )
-        metrics |= evaluation.preference_metrics(
-            chosen, rejected, ref_chosen, ref_rejected, _beta(config)
+        batches = data.eval_batches(tokenized, args.batch_size, pad_id=sampling.pad_id(tokenizer))
+        metrics |= evaluation.evaluate_preferences(
+            cfg, params, batches, _beta(config), ref_params=ref_params
         )
     if args.samples is not None:
         reward_fn = reward_sources.text_reward(args.reward, key="--reward")
