@@ -880,7 +880,7 @@ def offline_main(
     argv: Sequence[str], task: Task, get_config: Callable[[str], Any], presets: Sequence[str]
 ) -> int:
     """`python -m experiments.{tldr,hh}`: the run, or with --dry_run the per-phase dry run."""
-    args = common.parse_args(get_config, argv, presets)
+    args = common.parse_args(get_config, argv, presets, task.name)
     if args.dry_run:
         dry_run(args.config, task)
         return 0

@@ -1206,7 +1206,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     argv = sys.argv[1:] if argv is None else argv
-    args = common.parse_args(get_config, argv, PRESETS)
+    args = common.parse_args(get_config, argv, PRESETS, "sentiment")
     if args.dry_run:
         dry_run(args.config)
         return 0
@@ -1219,4 +1219,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.console(main, "sentiment"))
