@@ -232,7 +232,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[list[dict], dict]:
                 optimum = ipo_optimum(num_actions, pairs, tau) if loss_name == "ipo" else None
                 for a in range(num_actions):
                     row[f"pi_{ACTIONS[a]}"] = float(final[k, :, a].mean())
-                    row[f"pi_{ACTIONS[a]}_std"] = float(final[k, :, a].std())
+                    row[f"pi_{ACTIONS[a]}_std"] = float(final[k, :, a].std(ddof=1))
                     row[f"pi_{ACTIONS[a]}_ci95"] = float(
                         common.confidence_half_width(final[k, :, a], CONFIDENCE)
                     )
