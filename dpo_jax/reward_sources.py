@@ -575,3 +575,41 @@ def judge_from_spec(
     else:
         complete = judge.hf_completer(target, max_new_tokens=max_new_tokens, rows=rows, dtype=dtype)
     return judge.LLMJudge(complete, _template(template, key), seed=seed)
+
+
+# ------------------------------------------------------------- rewards of saved texts
+
+
+def text_reward(spec: str, key: str = "--reward") -> Callable[[list[str], list[str]], np.ndarray]:
+    """One reward spec as `fn(prompts, completions) -> [n]` float64, for texts already
+    sampled (`dpo-jax evaluate --samples`). Text rewards (`vader`, `hf:DIR`,
+    `reward_model:DIR`) score prompt + completion, as during rollouts; a python reward
+    gets `prompts=` and `completions=`."""
+    check_spec(spec, key)
+    parsed = parse(spec, key)
+    if len(parsed) != 1:
+        raise config_error(key, f"{spec!r} names {len(parsed)} rewards", "give one")
+    kind, target = parsed[0]
+    if kind == "python":
+        fn = _python_reward_function(target, spec, key)
+        accepts = _keywords(fn)
+
+        def python_texts(prompts: list[str], completions: list[str]) -> np.ndarray:
+            args = {"prompts": prompts, "completions": completions}
+            if accepts is not None:
+                args = {k: v for k, v in args.items() if k in accepts}
+            return _scores(fn(**args), len(prompts), spec, key)
+
+        return python_texts
+    if kind == "vader":
+        scorer = rewards.VaderReward()
+    elif kind == "hf":
+        scorer = rewards.HFClassifierReward(target, label=1)
+    else:
+        scorer = reward_model.load_exported(target)
+
+    def texts(prompts: list[str], completions: list[str]) -> np.ndarray:
+        joined = [p + c for p, c in zip(prompts, completions, strict=True)]
+        return np.asarray(scorer(joined), np.float64)
+
+    return texts

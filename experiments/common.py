@@ -5,7 +5,7 @@ tokenizer. (Metrics JSONL + TensorBoard: `dpo_jax.metrics.MetricsWriter`.)
 An experiment module exposes ``get_config(preset)`` and calls :func:`parse_args` in
 its ``main``; the command line is
 
-    python -m experiments.NAME [--preset=NAME] [--config.key=value ...] [--dry_run]
+    python -m experiments.NAME [--preset NAME] [--config.key=value ...] [--dry_run]
 
 Overrides are parsed by `dpo_jax.configs` (Python literals, falling back to the raw
 string) and type-checked by the ConfigDict, so ``--config.dpo.betas=(0.1,1.0)`` and
@@ -20,6 +20,7 @@ import datetime
 import io
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import configs, paths
+from dpo_jax.errors import UserError
 
 # --------------------------------------------------------------------- command line
 
@@ -40,36 +42,82 @@ class ExperimentArgs:
     dry_run: bool
 
 
+def usage(name: str, presets: Sequence[str], config: ml_collections.ConfigDict) -> str:
+    """`--help`: the command line, the presets and the config's keys with their values."""
+    lines = [
+        f"usage: python -m experiments.{name} [--preset NAME] [--config.KEY=VALUE ...] [--dry_run]",
+        "",
+        f"presets: {', '.join(presets)} (default {presets[0]})",
+        "--dry_run: compile every phase on simulated devices and print its memory, train nothing",
+        "--config.KEY=VALUE: set any key below (Python literals; strings as they are)",
+        "",
+        f"config keys (preset {presets[0]}):",
+    ]
+    flat = _flatten(config.to_dict())
+    width = max(len(k) for k in flat)
+    lines += [f"  {k.ljust(width)}  {v!r}" for k, v in flat.items()]
+    return "\n".join(lines)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def parse_args(
     get_config: Callable[[str], ml_collections.ConfigDict],
     argv: Sequence[str],
     presets: Sequence[str],
+    name: str = "NAME",
 ) -> ExperimentArgs:
-    """Parse ``[--preset=NAME] [--config.key=value ...] [--dry_run]`` into a config;
-    the first of `presets` is the default. Overrides go through `dpo_jax.configs` (the
-    same parsing and type checks as ``dpo-jax train``)."""
+    """Parse ``[--preset NAME | --preset=NAME] [--config.key=value ...] [--dry_run]`` into a
+    config; the first of `presets` is the default. Overrides go through `dpo_jax.configs`
+    (the same parsing and type checks as ``dpo-jax train``). ``--help`` prints the usage,
+    presets and config keys and exits 0; a mistake is a one-line `UserError`."""
     rest, overrides = configs.split_overrides(list(argv))
     preset = presets[0]
     dry_run = False
-    for arg in rest:
+    args = iter(rest)
+    for arg in args:
         if arg in ("-h", "--help"):
-            raise SystemExit(
-                "usage: python -m experiments.NAME [--preset={"
-                + ",".join(presets)
-                + "}] [--config.key=value ...] [--dry_run]"
-            )
+            print(usage(name, presets, get_config(presets[0])))
+            raise SystemExit(0)
         if arg.startswith("--preset="):
             preset = arg.split("=", 1)[1]
+        elif arg == "--preset":
+            preset = next(args, None)
+            if preset is None:
+                raise UserError("--preset: missing value; write --preset NAME")
         elif arg == "--dry_run":
             dry_run = True
         else:
-            raise SystemExit(f"unrecognised argument {arg!r} (expected --config.key=value)")
+            raise UserError(
+                f"unrecognised argument {arg!r} (expected --preset NAME, --config.KEY=VALUE or "
+                "--dry_run; --help lists them)"
+            )
     if preset not in presets:
-        raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
     config = get_config(preset)
     for key, value in overrides:
         configs.apply_override(config, key, value)
     return ExperimentArgs(config=config, preset=preset, dry_run=dry_run)
+
+
+def console(main: Callable[[], int], name: str) -> int:
+    """An experiment module's `__main__`: `main()`, with a user's mistake (a bad key,
+    value, file or path) printed as one line, exit 2, as `dpo-jax` does."""
+    from dpo_jax import cli  # lazy: the error helpers only, on the way out
+
+    try:
+        return main()
+    except (UserError, *cli.PATH_ERRORS) as error:
+        print(f"python -m experiments.{name}: error: {cli.one_line(error)}", file=sys.stderr)
+        return 2
 
 
 def agg_pyplot():

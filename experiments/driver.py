@@ -153,7 +153,7 @@ def dry_run(config: ml_collections.ConfigDict, experiment: Experiment) -> dict[s
 def main(argv: Sequence[str] | None, experiment: Experiment) -> int:
     """`python -m experiments.NAME`: the run, or with --dry_run the per-phase dry run."""
     argv = sys.argv[1:] if argv is None else argv
-    args = common.parse_args(experiment.get_config, argv, experiment.presets)
+    args = common.parse_args(experiment.get_config, argv, experiment.presets, experiment.name)
     if args.dry_run:
         dry_run(args.config, experiment)
         return 0

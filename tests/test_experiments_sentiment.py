@@ -298,7 +298,7 @@ def test_command_line_overrides_and_presets():
         common.parse_args(sentiment.get_config, ["--config.train.stepz=1"], sentiment.PRESETS)
     with pytest.raises(UserError, match="'train.optimizer': no such config key"):
         common.parse_args(sentiment.get_config, ["--config.train.optimizer=sgd"], sentiment.PRESETS)
-    with pytest.raises(SystemExit, match="unknown preset"):
+    with pytest.raises(UserError, match="unknown preset"):
         common.parse_args(sentiment.get_config, ["--preset=nope"], sentiment.PRESETS)
     # Every preset's methods parse and name registered losses.
     from dpo_jax import losses

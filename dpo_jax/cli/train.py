@@ -1,4 +1,4 @@
-"""`dpo-jax train --config FILE.py[:ARG] [--config.KEY=VALUE ...] [--dry_run]`: `dpo_jax.train.train`."""
+"""`dpo-jax train [--config FILE.py|NAME[:ARG]] [--config.KEY=VALUE ...] [--dry_run]`: `dpo_jax.train.train`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`dpo-jax train --config FILE.py[:ARG] [--config.key=value ...]`."""
     parser.add_argument(
         "--config",
-        required=True,
-        help="config file (dpo_jax/configs/default.py[:ARG]); override fields with --config.KEY=VALUE",
+        default="default",
+        help="config file (path/to/file.py[:ARG]) or a name in dpo_jax/configs (default, tiny, "
+        "dpo_paper; NAME:ARG, e.g. default:ipo); default: default. Override fields with "
+        "--config.KEY=VALUE",
     )
     parser.add_argument(
         "--dry_run",

@@ -110,8 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `object` so a config file may assign a list; weights: None = all 1.0 (loss_weights).
     c.loss.name = ml_collections.FieldReference(arg or "sigmoid", field_type=object)
     c.loss.weights = ml_collections.FieldReference(None, field_type=object)
-    # Keyword arguments of the loss function; add keys with --config.loss.hyper.KEY=V
-    # only where the ConfigDict already has them, so list the common ones here.
+    # Keyword arguments of the loss function: --config.loss.hyper.KEY=V sets any argument
+    # the loss takes (a new key is added; a key the loss does not take is refused by name).
     c.loss.hyper = ml_collections.ConfigDict({"beta": 0.1})
 
     c.reference = ml_collections.ConfigDict()
