@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dpo_jax import cli, data, evaluation, rewards, sampling
+from dpo_jax import cli, data, evaluation, rewards, sampling, saved_models
 from dpo_jax.configs import default
 from tests.hf_fixtures import make_tiny_hf_model
 
@@ -41,8 +41,8 @@ def test_preference_metrics_and_sample_rewards(models, capsys, tmp_path):
     got = _evaluate(
         capsys, "--model", policy, "--reference", ref, "--data", pairs, "--batch-size", "4"
     )
-    cfg, pol_params, tok = sampling.load_model(policy)
-    _, ref_params, _ = sampling.load_model(ref)
+    cfg, pol_params, tok = saved_models.load_model(policy)
+    _, ref_params, _ = saved_models.load_model(ref)
     config = default.get_config()
     tokenized = data.load_preference_data(data.spec_from_config(config, pairs, paired=True), tok)
     batches = data.eval_batches(tokenized, 4, pad_id=sampling.pad_id(tok))

@@ -61,11 +61,11 @@ def _config(args: argparse.Namespace) -> Any:
     else `default`) with the --config.KEY=VALUE overrides."""
     import ml_collections
 
-    from dpo_jax import paths  # lazy: etils; `--help` stays light
+    from dpo_jax import paths, saved_models  # lazy: etils, jax; `--help` stays light
 
     overrides = getattr(args, "config_overrides", [])
     saved = paths.Path(args.model) / "config.json"
-    if args.config is None and saved.exists() and not _is_hf_dir(args.model):
+    if args.config is None and saved.exists() and not saved_models.is_hf_dir(args.model):
         config = ml_collections.ConfigDict(
             configs.migrate_saved(json.loads(saved.read_text(encoding="utf-8")))
         )
@@ -73,13 +73,6 @@ def _config(args: argparse.Namespace) -> Any:
             configs.apply_override(config, key, value)
         return config
     return configs.load(args.config or "default", overrides)
-
-
-def _is_hf_dir(path: str) -> bool:
-    """A transformers directory (weights beside config.json), not a run directory."""
-    import os
-
-    return os.path.isdir(path) and any(n.endswith(".safetensors") for n in os.listdir(path))
 
 
 def _shapes(params: Any) -> Any:
@@ -105,7 +98,7 @@ def _beta(config: Any) -> float:
 
 def _read_samples(path: str) -> dict[tuple[int, int], dict]:
     """`(prompt_index, sample_index) -> record` of a `dpo-jax sample` file."""
-    from dpo_jax import paths  # lazy: etils; `--help` stays light
+    from dpo_jax import paths  # lazy: etils, jax; `--help` stays light
 
     out = {}
     with paths.Path(path).open("r", encoding="utf-8") as f:
@@ -158,7 +151,7 @@ def sample_metrics(
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax evaluate`."""
     # lazy: jax, flax and transformers; `dpo-jax evaluate --help` stays light
-    from dpo_jax import data, evaluation, paths, reward_sources, sampling
+    from dpo_jax import data, evaluation, paths, reward_sources, sampling, saved_models
 
     if args.data is None and args.samples is None:
         raise UserError("nothing to evaluate: pass --data (held-out pairs) and/or --samples")
@@ -172,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
         ref_path = args.reference or config.reference.path or config.model.path
         if not ref_path:
             raise UserError("--data needs a reference policy: pass --reference HF_DIR")
-        cfg, params, tokenizer = sampling.load_model(args.model, None, args.dtype, args.step)
-        _, ref_params, _ = sampling.load_model(str(ref_path), None, args.dtype)
+        cfg, params, tokenizer = saved_models.load_model(args.model, None, args.dtype, args.step)
+        _, ref_params, _ = saved_models.load_model(str(ref_path), None, args.dtype)
         if _shapes(ref_params) != _shapes(params):
             raise UserError(
                 f"--reference {ref_path}: another architecture than --model {args.model}"
