@@ -21,6 +21,7 @@ import io
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -80,6 +81,12 @@ def parse_args(
     (the same parsing and type checks as ``dpo-jax train``). ``--help`` prints the usage,
     presets and config keys and exits 0; a mistake is a one-line `UserError`."""
     rest, overrides = configs.split_overrides(list(argv))
+    for i, (key, value) in enumerate(overrides):
+        if key == "workdir":  # the name before run_dir
+            warnings.warn(
+                "--config.workdir is deprecated: use --config.run_dir", FutureWarning, stacklevel=2
+            )
+            overrides[i] = ("run_dir", value)
     preset = presets[0]
     dry_run = False
     args = iter(rest)
@@ -146,12 +153,16 @@ def save_figure(fig: Any, ax: Any, title: str, path: str | os.PathLike) -> None:
 
 
 def make_run_dir(config: ml_collections.ConfigDict, experiment: str) -> paths.Path:
-    """``config.workdir`` or ``runs/EXPERIMENT/TIMESTAMP``, created, with config.json in it."""
-    workdir = config.get("workdir") or ""
-    if not workdir:
+    """``config.run_dir`` or ``runs/EXPERIMENT/TIMESTAMP``, created, with config.json in it."""
+    if "workdir" in config:  # set from Python under the old name: it would do nothing
+        raise UserError(
+            "config key 'workdir' was renamed 'run_dir' (the experiment's run directory)"
+        )
+    run_dir = config.run_dir
+    if not run_dir:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        workdir = os.path.join("runs", experiment, stamp)
-    run_dir = paths.Path(workdir)  # local or gs://
+        run_dir = os.path.join("runs", experiment, stamp)
+    run_dir = paths.Path(run_dir)  # local or gs://
     run_dir.mkdir(parents=True, exist_ok=True)
     paths.write_atomic(
         run_dir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True)
@@ -344,8 +355,9 @@ def experiment_config(
 
     c = default.get_config()
     c.preset = preset
-    c.workdir = ""  # the experiment's run directory; empty: runs/NAME/TIMESTAMP
-    c.run_dir = ""  # unused: each training phase runs in workdir/<phase name>
+    c.run_dir = (
+        ""  # the experiment's run directory; empty: runs/NAME/TIMESTAMP; phase P runs in run_dir/P
+    )
     c.model.update(path="", dtype="float32", param_dtype="float32", remat="none")
     c.model.scan_layers = False
     c.model.hidden_size = hidden_size

@@ -6,7 +6,7 @@ its config, presets, phase graph and seed summary) and this module runs it.
 1. `common.parse_args`: the preset's config with the command line's overrides;
 2. the config's deprecated keys migrated and validated (`dpo_jax.configs.validate`), the
    phase graph built once (a bad method or setting fails before the run directory);
-3. `common.make_run_dir` (``runs/NAME/TIMESTAMP`` or ``config.workdir``);
+3. `common.make_run_dir` (``runs/NAME/TIMESTAMP`` or ``config.run_dir``);
 4. per training seed (`common.run_seeds`), `phases.run_phases` of the graph in
    ``run_dir`` or ``run_dir/seed_<s>``, then the experiment's seed summary;
 5. with ``--dry_run``, `phases.dry_run_phases` instead: each training phase's program
@@ -147,7 +147,7 @@ def dry_run(config: ml_collections.ConfigDict, experiment: Experiment) -> dict[s
     validate.validate(config)
     print(f"dry run: {config.model.path or 'from scratch'}, {len(jax.devices())} "
           f"{jax.devices()[0].platform} devices")  # fmt: skip
-    return phases.dry_run_phases(experiment.build_phases(config), config, config.workdir)
+    return phases.dry_run_phases(experiment.build_phases(config), config, config.run_dir)
 
 
 def main(argv: Sequence[str] | None, experiment: Experiment) -> int:

@@ -85,7 +85,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.datasets = tuple(DATASETS)
     config.seed = 0
     config.log_every = 100  # trajectory resolution kept for the figure
-    config.workdir = ""  # empty: runs/ipo_bandit/TIMESTAMP
+    config.run_dir = ""  # empty: runs/ipo_bandit/TIMESTAMP
     config.plot = True
     if preset == "small":
         config.steps = 2_000

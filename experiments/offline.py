@@ -35,7 +35,7 @@ Methods (``config.methods``; :data:`METHODS`):
   by the same learned reward model as a pair, the DPO run's loss against the reference
   policy; ``online.*`` with ``method_defaults.online_dpo`` over them.
 
-Phases (``experiments.phases``; each writes ``workdir/<phase>/`` and a ``DONE`` marker,
+Phases (``experiments.phases``; each writes ``run_dir/<phase>/`` and a ``DONE`` marker,
 a rerun skips finished phases and resumes a training phase from its checkpoint):
 ``data`` -> ``tokenizer`` -> the training phases (``sft``, ``preferred_ft``, ``reference``
 log-probs, ``dpo``, ``reward_model``, ``ppo``, ``online_dpo``, as the methods need) -> ``eval_<method>``
@@ -44,10 +44,10 @@ from the eval phases' outputs). ``--dry_run`` lowers each training phase's progr
 abstract params (`train(..., dry_run=True)`) and prints its per-device memory.
 
 Training seeds (``config.seeds``, `common.seed_runs`): the whole graph once per seed in
-``workdir/seed_<s>/`` (the data, fixed by ``data_seed``, is the same for every seed),
+``run_dir/seed_<s>/`` (the data, fixed by ``data_seed``, is the same for every seed),
 then ``summary.csv`` (each method's win rate per temperature: mean, std and 95% CI over
 the seeds, with their count) and ``win_rate.png`` (means with +-1 std bars) in
-``workdir``.
+``run_dir``.
 
 Judges (``config.judge``, :func:`resolve_judge`): the task's lexical fixture judge
 (miniatures), a reward function, or an LLM judge with the paper's appendix C.2 prompt

@@ -26,7 +26,7 @@ Rerunning the same command (same run directory):
 * a phase with a matching marker is skipped;
 * a phase with a marker computed from other settings is REFUSED with a `UserError`
   naming the phase and the differing keys (its outputs do not answer the new config;
-  use a new ``--config.workdir``, or delete ``run_dir/<name>`` to redo that phase and
+  use a new ``--config.run_dir``, or delete ``run_dir/<name>`` to redo that phase and
   every phase after it);
 * a phase whose recorded loss or objective code changed since (a loss re-registered
   under the same name with another body) runs again, and so does every phase after it:
@@ -247,7 +247,7 @@ def run_phases(
                 raise UserError(
                     f"{run_dir / phase.name}: phase {phase.name!r} finished with other settings "
                     f"({', '.join(differ)} differ); use a new "
-                    f"--config.workdir, or delete {run_dir / phase.name} to redo it and the "
+                    f"--config.run_dir, or delete {run_dir / phase.name} to redo it and the "
                     "phases after it"
                 )
             log(f"phase {phase.name}: done (skipped)")

@@ -45,7 +45,7 @@ reference -> evaluate_sft (`experiments.sentiment_task`) -> methods/<label> (one
 `dpo_jax.train.train` run per method, checkpointed, its evaluation the `eval_hook`;
 `experiments.sentiment_methods`, the on-policy ones `experiments.sentiment_online`) ->
 report. Rerunning the same
-command (same ``--config.workdir``) skips finished phases and resumes an unfinished
+command (same ``--config.run_dir``) skips finished phases and resumes an unfinished
 training phase from its last checkpoint; ``results.csv`` is assembled only from phase
 outputs. The config is a `dpo-jax train` config (`dpo_jax.configs.default`: the
 preference runs' ``optim.*``, ``batch_size``, ``num_steps``, ``mesh.*``,

@@ -399,7 +399,7 @@ def abstract_policy(ctx: Context) -> tuple[models.ModelConfig, Any]:
     """The policy's config and abstract params (ShapeDtypeStructs), for dry runs. A
     from-scratch policy's vocabulary is the tokenizer's of an existing run directory,
     else `corpus.tokenizer_vocab_size` (the most a BPE trained on the corpus has: the
-    default corpus gives 697 of 768, so dry-run `--config.workdir` of a run to compile
+    default corpus gives 697 of 768, so dry-run `--config.run_dir` of a run to compile
     its exact program)."""
     tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
     vocab = ctx.config.corpus.tokenizer_vocab_size

@@ -32,7 +32,7 @@ def main() -> None:
     from experiments import driver, sentiment
 
     config = sentiment.get_config("smoke")
-    config.workdir = workdir
+    config.run_dir = workdir
     config.methods = ("dpo:beta=0.1",)
     config.mesh.multihost = "false"  # initialized above
     _, returned = driver.run(config, sentiment.EXPERIMENT)

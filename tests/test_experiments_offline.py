@@ -111,7 +111,7 @@ def test_presets_sweep_the_papers_temperatures():
 
 def test_bad_ppo_settings_are_refused_before_any_phase(tmp_path):
     config = tldr.get_config("smoke")
-    config.update(workdir=str(tmp_path / "run"))
+    config.update(run_dir=str(tmp_path / "run"))
     config.online.num_mini_batches = 3  # 8 episodes do not split into 3 updates
     with pytest.raises(UserError, match="online.rollout_batch_size"):
         driver.run(config, tldr.EXPERIMENT)
@@ -210,7 +210,7 @@ def _results(run_dir):
 @pytest.mark.heavy
 def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     config = tldr.get_config("smoke")
-    config.workdir = str(tmp_path)
+    config.run_dir = str(tmp_path)
     config.judge = "python:tests.test_experiments_offline:human_reference_checking_judge"
     _SEEN_REFERENCES.clear()
     run_dir, _ = driver.run(config, tldr.EXPERIMENT)
@@ -288,7 +288,7 @@ def check_ppo_phase(run_dir, config, reference: str) -> None:
 @pytest.mark.heavy
 def test_hh_smoke_with_best_of_n_ppo_and_an_llm_judge(tmp_path):
     config = hh.get_config("smoke")
-    config.workdir = str(tmp_path)
+    config.run_dir = str(tmp_path)
     config.judge = "llm:python:tests.test_experiments_offline:scripted_hh_api"
     config.methods = (*config.methods, "ppo")  # not the paper's HH set, but it must run
     run_dir, _ = driver.run(config, hh.EXPERIMENT)
@@ -351,7 +351,7 @@ def test_seeds_run_each_seed_and_summarise_their_results(tmp_path):
     from scipy import stats
 
     config = tldr.get_config("smoke")
-    config.update(workdir=str(tmp_path), seeds=(0, 1), methods=("sft", "dpo"))
+    config.update(run_dir=str(tmp_path), seeds=(0, 1), methods=("sft", "dpo"))
     config.judge = "python:tests.test_experiments_offline:word_count_judge"
     run_dir, _ = driver.run(config, tldr.EXPERIMENT)
     per_seed = [_results(run_dir / f"seed_{s}") for s in (0, 1)]
@@ -395,7 +395,7 @@ def test_online_dpo_is_wired_into_the_tldr_graph(tmp_path):
     assert (run.online.samples_per_prompt, config.online.samples_per_prompt) == (2, 1)
     assert (run.objective.name, run.num_steps, run.loss.hyper.beta) == ("online_dpo", 2, 0.5)
     # A bad setting is refused before the run directory exists.
-    config.update(workdir=str(tmp_path / "run"))
+    config.update(run_dir=str(tmp_path / "run"))
     config.method_defaults.online_dpo.samples_per_prompt = 1
     with pytest.raises(UserError, match="online.samples_per_prompt"):
         driver.run(config, tldr.EXPERIMENT)
@@ -407,7 +407,7 @@ def test_online_dpo_is_wired_into_the_tldr_graph(tmp_path):
 @pytest.mark.heavy
 def test_tldr_smoke_online_dpo_labelled_by_the_learned_reward(tmp_path):
     config = tldr.get_config("smoke")
-    config.update(workdir=str(tmp_path), methods=("sft", "online_dpo"))
+    config.update(run_dir=str(tmp_path), methods=("sft", "online_dpo"))
     run_dir, _ = driver.run(config, tldr.EXPERIMENT)
     rows = _results(run_dir)
     assert [(r["method"], float(r["temperature"])) for r in rows] == [

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     config = sentiment.get_config("smoke")
-    config.workdir = str(tmp_path_factory.mktemp("sentiment_smoke"))
+    config.run_dir = str(tmp_path_factory.mktemp("sentiment_smoke"))
     run_dir, _ = driver.run(config, sentiment.EXPERIMENT)
     with open(run_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -108,7 +108,7 @@ def _start(workdir, *args: str) -> subprocess.Popen:
     """`python -m experiments.sentiment --preset=smoke` in a subprocess."""
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.sentiment", "--preset=smoke",
-         f"--config.workdir={workdir}", *args],
+         f"--config.run_dir={workdir}", *args],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
 
@@ -133,7 +133,7 @@ def killed_and_rerun(tmp_path_factory):
     proc.wait()
     assert not (phase / "DONE").exists() and (workdir / "reference" / "DONE").exists()
     config = sentiment.get_config("smoke")
-    config.workdir = str(workdir)
+    config.run_dir = str(workdir)
     _, returned = driver.run(config, sentiment.EXPERIMENT)
     return workdir, config, returned
 
@@ -166,7 +166,7 @@ def test_dry_run_compiles_the_program_the_run_executed(killed_and_rerun):
     batch_A = train.stack_micro_batches([first])
     executed = result.trainer.lower(result.state, batch_A, train.batch_num_sequences(batch_A))
     dry_config = sentiment.get_config("smoke")
-    dry_config.update(workdir=str(workdir), dry_run_devices=1)
+    dry_config.update(run_dir=str(workdir), dry_run_devices=1)
     lowered = driver.dry_run(dry_config, sentiment.EXPERIMENT)
     trained = {"sft", name, "methods/preferred_ft", "methods/unlikelihood_unlikelihood_alpha=1"}
     assert set(lowered) == trained
@@ -319,7 +319,7 @@ def test_default_main_job_dpo_beats_sft(tmp_path):
     reach a higher mean VADER reward than the SFT policy, beyond their standard errors,
     at finite reported KL."""
     config = sentiment.get_config("default")
-    config.workdir = str(tmp_path)
+    config.run_dir = str(tmp_path)
     config.train.progress = False
     run_dir, _ = driver.run(config, sentiment.EXPERIMENT)
     with open(run_dir / "results.csv") as f:
@@ -342,7 +342,7 @@ def test_training_seeds_share_the_data_and_are_summarised(smoke_run, tmp_path):
     run_dir, config, _ = smoke_run
     shutil.copytree(run_dir, tmp_path / "seed_0")
     seeded = config.copy_and_resolve_references()
-    seeded.workdir, seeded.seeds = str(tmp_path), (0, 1)
+    seeded.run_dir, seeded.seeds = str(tmp_path), (0, 1)
     _, returned = driver.run(seeded, sentiment.EXPERIMENT)
     # Nothing of seed 0 reran (its report, a table assembled from outputs, runs always).
     assert [k for k in returned if k.startswith("seed_0/")] == ["seed_0/report"]

@@ -20,7 +20,7 @@ def test_smoke_from_a_local_hf_checkpoint_and_tokenizer(tmp_path):
 
     hf_dir = make_tiny_hf_model("gpt2", tmp_path / "gpt2", tokenizer=train_tokenizer())
     config = sentiment.get_config("smoke")
-    config.workdir = str(tmp_path / "run")
+    config.run_dir = str(tmp_path / "run")
     config.model.path = str(hf_dir)
     config.tokenizer = str(hf_dir)
     config.methods = ("dpo:beta=0.1",)

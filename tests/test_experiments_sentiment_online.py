@@ -24,7 +24,7 @@ from experiments import driver, phases, sentiment, sentiment_methods, sentiment_
 def _smoke(methods: tuple[str, ...], workdir: str = "") -> object:
     config = sentiment.get_config("smoke")
     config.methods = methods
-    config.workdir = workdir
+    config.run_dir = workdir
     return config
 
 
