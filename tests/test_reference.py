@@ -47,8 +47,9 @@ def test_ref_logps_match_torch(family, tokenizer, tmp_path):
     src, out = tmp_path / "rows.jsonl", tmp_path / "out" / "ref.jsonl"
     _write_jsonl(src, ROWS)
     # batch size 2 over 5 rows: the last batch is padded, which must not change a number
+    # float32 as the torch side (the default is the config's model.dtype, bfloat16)
     rc = cli.main(["ref-logps", "--model", str(model_dir), "--data", str(src),
-                   "--output", str(out), "--batch-size", "2"])  # fmt: skip
+                   "--output", str(out), "--batch-size", "2", "--dtype", "float32"])  # fmt: skip
     assert rc == 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(written) == len(ROWS)

@@ -161,7 +161,7 @@ def test_precomputed_reference_matches_trl(setup):
     args = [
         "ref-logps", "--output", str(out), f"--config.model.path={policy}",
         f"--config.reference.path={ref}", f"--config.data.train={root / 'train.jsonl'}",
-        f"--config.data.max_length={MAX_LENGTH}",
+        f"--config.data.max_length={MAX_LENGTH}", "--config.model.dtype=float32",  # as TRL's
     ]  # fmt: skip
     assert cli.main(args) == 0
     result = train.train(_ours_config(setup, out))
