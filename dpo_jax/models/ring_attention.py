@@ -1,0 +1,222 @@
+"""Ring attention: context parallelism over the mesh's `sequence` axis.
+
+A row's length is split over the `n` devices of the `sequence` axis. Each device keeps
+its query block; the key/value blocks travel around the ring with `jax.lax.ppermute`,
+each with its O(L) mask rule (segment ids, positions, branch ids and the tokens'
+original row indices), so every device sees every key block once and the mask is the
+same `attention.mask_block` as on one device. Causal, packed and prefix-shared rows,
+sliding windows, GQA and soft-capping therefore work unchanged.
+
+Forward: per ring step the blockwise kernel (`attention._forward`) gives the local
+queries' output and log-sum-exp over the visiting keys; steps merge by log-sum-exp (the
+online softmax's running max and sum, one level up). Backward (custom VJP): the visiting
+block's dK/dV accumulators travel with it and arrive home after a full turn; dQ stays
+local. Per-step gradients use the final output and log-sum-exp, as in flash attention,
+so no per-step state is saved: memory per device is O(L / n).
+
+Zig-zag layout: with causal masks the device holding the last tokens has the most work.
+The model (`transformer.Transformer`) permutes the row once at its input so that device
+i holds chunks i and 2n-1-i of 2n equal chunks (`to_zigzag`), carries each token's
+original row index in the rule, and permutes the final hidden states back
+(`from_zigzag`), so log-probs and everything after see the row in order.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from dpo_jax.models import attention as attn_lib
+from dpo_jax.models.attention import MaskRule
+
+Array = jax.Array
+
+SEQUENCE_AXIS = "sequence"  # the mesh axis (dpo_jax.sharding.SEQUENCE_AXIS)
+
+
+def sequence_size() -> int:
+    """Size of the `sequence` axis of the mesh in context (1 without one)."""
+    return int(dict(jax.sharding.get_abstract_mesh().shape).get(SEQUENCE_AXIS, 1))
+
+
+def padded_length(length: int, n: int) -> int:
+    """`length` rounded up to a multiple of 2n (two zig-zag chunks per device)."""
+    return -(-length // (2 * n)) * (2 * n)
+
+
+def to_zigzag(x_NxL: Array, n: int) -> Array:
+    """Reorder axis 1 (length divisible by 2n) so device i's share is chunks i, 2n-1-i."""
+    shape = x_NxL.shape
+    c = shape[1] // (2 * n)
+    chunks = x_NxL.reshape(shape[0], 2 * n, c, *shape[2:])
+    first, second = chunks[:, :n], jnp.flip(chunks[:, n:], axis=1)
+    return jnp.stack([first, second], axis=2).reshape(shape)
+
+
+def from_zigzag(x_NxL: Array, n: int) -> Array:
+    """Inverse of `to_zigzag`: rows back in order."""
+    shape = x_NxL.shape
+    c = shape[1] // (2 * n)
+    pairs = x_NxL.reshape(shape[0], n, 2, c, *shape[2:])
+    chunks = jnp.concatenate([pairs[:, :, 0], jnp.flip(pairs[:, :, 1], axis=1)], axis=1)
+    return chunks.reshape(shape)
+
+
+def zigzag_index(n_rows: int, length: int, n: int) -> Array:
+    """`[N, L]` original row index of each slot of the zig-zag layout."""
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n_rows, length))
+    return to_zigzag(index, n)
+
+
+def _rotate(tree: Any, n: int) -> Any:
+    """Send every leaf to the next device of the ring (device i -> i + 1)."""
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, SEQUENCE_AXIS, perm), tree)
+
+
+def _merge(out: Array, lse: Array, out_t: Array, lse_t: Array) -> tuple[Array, Array]:
+    """Combine two partial softmaxes (out [N, L, K, G, D] f32, lse [N, K, G, L]) by lse."""
+    new = jnp.logaddexp(lse, lse_t)
+    safe = jnp.where(jnp.isfinite(new), new, 0.0)
+    # -inf lse (no key seen yet) gives weight 0, not NaN.
+    w = lambda x: jnp.moveaxis(jnp.where(jnp.isfinite(x), jnp.exp(x - safe), 0.0), 3, 1)
+    return out * w(lse)[..., None] + out_t * w(lse_t)[..., None], new
+
+
+def _ring_forward(
+    q: Array, k: Array, v: Array, rule: MaskRule, st: attn_lib._Static, n: int
+) -> tuple[Array, Array]:
+    """Local queries over all n key blocks; returns out (float32) and lse."""
+
+    def step(_: int, carry: tuple) -> tuple:
+        k, v, k_rule, out, lse = carry
+        out_t, lse_t = attn_lib._forward(q, k, v, rule, k_rule, st)
+        out, lse = _merge(out, lse, out_t, lse_t)
+        k, v, k_rule = _rotate((k, v, k_rule), n)
+        return k, v, k_rule, out, lse
+
+    nb, length, nkv, g, _ = q.shape
+    init = (
+        k, v, rule,
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.full((nb, nkv, g, length), -jnp.inf, jnp.float32),
+    )  # fmt: skip
+    k, v, k_rule, out, lse = jax.lax.fori_loop(0, n - 1, step, init)
+    # The last block needs no onward rotation.
+    out_t, lse_t = attn_lib._forward(q, k, v, rule, k_rule, st)
+    return _merge(out, lse, out_t, lse_t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ring(q: Array, k: Array, v: Array, rule: MaskRule, st: attn_lib._Static, n: int) -> Array:
+    return _ring_forward(q, k, v, rule, st, n)[0].astype(q.dtype)
+
+
+def _ring_fwd(q: Array, k: Array, v: Array, rule: MaskRule, st: attn_lib._Static, n: int) -> Any:
+    out, lse = _ring_forward(q, k, v, rule, st, n)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, rule, out, lse)
+
+
+def _ring_bwd(st: attn_lib._Static, n: int, res: Any, dout: Array) -> Any:
+    q, k, v, rule, out, lse = res
+
+    def grads(k: Array, v: Array, k_rule: MaskRule) -> tuple[Array, Array, Array]:
+        return attn_lib._backward(q, k, v, rule, k_rule, out, lse, dout, st)
+
+    def step(_: int, carry: tuple) -> tuple:
+        k, v, k_rule, dq, dk, dv = carry
+        dq_t, dk_t, dv_t = grads(k, v, k_rule)
+        # dK/dV belong to the visiting block: they travel on with it.
+        k, v, k_rule, dk, dv = _rotate((k, v, k_rule, dk + dk_t, dv + dv_t), n)
+        return k, v, k_rule, dq + dq_t, dk, dv
+
+    zeros_kv = jnp.zeros(k.shape, jnp.float32)
+    init = (k, v, rule, jnp.zeros(q.shape, jnp.float32), zeros_kv, zeros_kv)
+    k, v, k_rule, dq, dk, dv = jax.lax.fori_loop(0, n - 1, step, init)
+    dq_t, dk_t, dv_t = grads(k, v, k_rule)
+    # One more hop brings every block's accumulated dK/dV home.
+    dk, dv = _rotate((dk + dk_t, dv + dv_t), n)
+    return (dq + dq_t).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _local_attention(
+    q_NxLxHxD: Array,
+    k_NxLxKxD: Array,
+    v_NxLxKxD: Array,
+    rule: MaskRule,
+    *,
+    window: int | None,
+    softcap: float | None,
+    scale: float,
+    block: int,
+    n: int,
+) -> Array:
+    """One device's share (inside shard_map): pad to the block, group heads, run the ring."""
+    nb, length, h, d = q_NxLxHxD.shape
+    nkv = k_NxLxKxD.shape[2]
+    blk = min(block, max(16, 1 << (length - 1).bit_length()))
+    padded = -(-length // blk) * blk
+    # Padding is segment 0: it sees nothing and nothing sees it, whatever its index.
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
+    q, k, v = (pad(x) for x in (attn_lib._group(q_NxLxHxD, nkv), k_NxLxKxD, v_NxLxKxD))
+    rule = jax.tree.map(pad, rule)
+    st = attn_lib._Static(window, softcap, scale, blk, blk, same_rows=False)
+    out = _ring(q, k, v, rule, st, n)
+    return out[:, :length].reshape(nb, length, h, d)
+
+
+def ring_attention(
+    q_NxLxHxD: Array,
+    k_NxLxKxD: Array,
+    v_NxLxKxD: Array,
+    rule: MaskRule,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block: int = attn_lib.DEFAULT_BLOCK,
+) -> Array:
+    """Self-attention with the length split over the mesh's `sequence` axis.
+
+    Call under `jax.set_mesh(mesh)` with L divisible by mesh.sequence. Tokens may be in
+    any order along L (the zig-zag layout) as long as `rule.index` holds each token's
+    original row index. Equals `attention.reference_attention` in value and gradient.
+    Only the `sequence` axis is manual: batch and heads keep their GSPMD sharding.
+    """
+    n = sequence_size()
+    if q_NxLxHxD.shape[1] % n:
+        raise ValueError(f"ring attention: length {q_NxLxHxD.shape[1]} is not divisible by {n}")
+    d = q_NxLxHxD.shape[-1]
+    body = functools.partial(
+        _local_attention, window=window, softcap=softcap,
+        scale=d**-0.5 if scale is None else float(scale), block=block, n=n,
+    )  # fmt: skip
+    seq = PartitionSpec(None, SEQUENCE_AXIS)
+    rule_specs = jax.tree.map(lambda _: seq, rule)
+    return jax.shard_map(
+        body,
+        in_specs=(seq, seq, seq, rule_specs),
+        out_specs=seq,
+        axis_names={SEQUENCE_AXIS},
+        check_vma=False,
+    )(q_NxLxHxD, k_NxLxKxD, v_NxLxKxD, rule)
+
+
+__all__ = [
+    "SEQUENCE_AXIS",
+    "from_zigzag",
+    "padded_length",
+    "ring_attention",
+    "sequence_size",
+    "to_zigzag",
+    "zigzag_index",
+]
