@@ -186,6 +186,14 @@ def _rule_slice(rule: MaskRule, start: Array, size: int) -> MaskRule:
     return jax.tree.map(lambda a: _slice(a, start, size), rule)
 
 
+def _while(lo: int | Array, hi: int | Array, body: Any, init: Any) -> Any:
+    """`fori_loop` that is always a while loop, also for static bounds. A forward kernel
+    under a custom VJP must never be linearized (a scan would be, by JAX inside nn.scan
+    over layers, stacking every block's probabilities as residuals); a while loop cannot."""
+    step = lambda c: (c[0] + 1, body(c[0], c[1]))
+    return jax.lax.while_loop(lambda c: c[0] < hi, step, (jnp.asarray(lo, jnp.int32), init))[1]
+
+
 def _k_blocks_before(i: Array, st: _Static, nk: int) -> Array:
     """Key blocks that can hold keys at row <= the last query row of query block i."""
     return jnp.minimum((i * st.block_q + st.block_q - 1) // st.block_k + 1, nk)
@@ -238,7 +246,7 @@ def _forward(
             jnp.zeros((n, nkv, g, st.block_q, d), jnp.float32),
         )
         stop = _k_blocks_before(i, st, nk) if st.same_rows else nk
-        m, denom, acc = jax.lax.fori_loop(0, stop, k_step, init)
+        m, denom, acc = _while(0, stop, k_step, init)
         out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
         lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
         return jnp.moveaxis(out, 3, 1), lse  # out [N, bq, K, G, D]

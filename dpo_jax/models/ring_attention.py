@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec
 
 from dpo_jax.models import attention as attn_lib
@@ -106,25 +105,36 @@ def _ring_forward(
         jnp.zeros(q.shape, jnp.float32),
         jnp.full((nb, nkv, g, length), -jnp.inf, jnp.float32),
     )  # fmt: skip
-    k, v, k_rule, out, lse = jax.lax.fori_loop(0, n - 1, step, init)
+    k, v, k_rule, out, lse = attn_lib._while(0, n - 1, step, init)
     # The last block needs no onward rotation.
     out_t, lse_t = attn_lib._forward(q, k, v, rule, k_rule, st)
     return _merge(out, lse, out_t, lse_t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ring(q: Array, k: Array, v: Array, rule: MaskRule, st: attn_lib._Static, n: int) -> Array:
-    return _ring_forward(q, k, v, rule, st, n)[0].astype(q.dtype)
+def _pad_local(length: int, block: int) -> tuple[int, Any]:
+    """(block size, pad fn) for one device's share of `length` tokens: the kernel tiles
+    whole blocks, and padding is segment 0, so it sees nothing and nothing sees it."""
+    blk = min(block, max(16, 1 << (length - 1).bit_length()))
+    extra = -(-length // blk) * blk - length
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+    return blk, pad
 
 
-def _ring_fwd(q: Array, k: Array, v: Array, rule: MaskRule, st: attn_lib._Static, n: int) -> Any:
-    out, lse = _ring_forward(q, k, v, rule, st, n)
-    out = out.astype(q.dtype)
-    return out, (q, k, v, rule, out, lse)
+def _local_fwd(q: Array, k: Array, v: Array, rule: MaskRule, st: attn_lib._Static, n: int):
+    """One device (inside shard_map): out (q dtype, [N, Lc, K, G, D]), lse [N, K, G, Lc]."""
+    length = q.shape[1]
+    _, pad = _pad_local(length, st.block_q)
+    out, lse = _ring_forward(pad(q), pad(k), pad(v), jax.tree.map(pad, rule), st, n)
+    return out[:, :length].astype(q.dtype), lse[..., :length]
 
 
-def _ring_bwd(st: attn_lib._Static, n: int, res: Any, dout: Array) -> Any:
-    q, k, v, rule, out, lse = res
+def _local_bwd(q, k, v, rule, out, lse, dout, st: attn_lib._Static, n: int):
+    """One device: dq, dk, dv of its share; dK/dV come home after a full turn."""
+    length = q.shape[1]
+    _, pad = _pad_local(length, st.block_q)
+    q, k, v, out, dout = (pad(x) for x in (q, k, v, out, dout))
+    rule = jax.tree.map(pad, rule)
+    lse = jnp.pad(lse, ((0, 0),) * 3 + ((0, q.shape[1] - length),), constant_values=-jnp.inf)
 
     def grads(k: Array, v: Array, k_rule: MaskRule) -> tuple[Array, Array, Array]:
         return attn_lib._backward(q, k, v, rule, k_rule, out, lse, dout, st)
@@ -138,40 +148,54 @@ def _ring_bwd(st: attn_lib._Static, n: int, res: Any, dout: Array) -> Any:
 
     zeros_kv = jnp.zeros(k.shape, jnp.float32)
     init = (k, v, rule, jnp.zeros(q.shape, jnp.float32), zeros_kv, zeros_kv)
-    k, v, k_rule, dq, dk, dv = jax.lax.fori_loop(0, n - 1, step, init)
-    dq_t, dk_t, dv_t = grads(k, v, k_rule)
+    k_, v_, k_rule, dq, dk, dv = jax.lax.fori_loop(0, n - 1, step, init)
+    dq_t, dk_t, dv_t = grads(k_, v_, k_rule)
     # One more hop brings every block's accumulated dK/dV home.
     dk, dv = _rotate((dk + dk_t, dv + dv_t), n)
-    return (dq + dq_t).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    cut = lambda x, like: x[:, :length].astype(like.dtype)
+    return cut(dq + dq_t, q), cut(dk, k), cut(dv, v)
+
+
+_SEQ = PartitionSpec(None, SEQUENCE_AXIS)
+_LSE = PartitionSpec(None, None, None, SEQUENCE_AXIS)
+
+
+def _manual(fn: Any, in_specs: tuple, out_specs: Any) -> Any:
+    """`fn` per device over the `sequence` axis only (other axes stay GSPMD's)."""
+    return jax.shard_map(
+        fn, in_specs=in_specs, out_specs=out_specs, axis_names={SEQUENCE_AXIS}, check_vma=False
+    )
+
+
+# The custom VJP is outside shard_map (forward and backward are each one shard_map), so
+# remat and autodiff only ever see this one opaque op, as with `attention._blockwise`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ring(q: Array, k: Array, v: Array, rule: MaskRule, st: attn_lib._Static, n: int) -> Array:
+    return _ring_fwd(q, k, v, rule, st, n)[0]
+
+
+def _ring_fwd(q: Array, k: Array, v: Array, rule: MaskRule, st: attn_lib._Static, n: int) -> Any:
+    rule_spec = jax.tree.map(lambda _: _SEQ, rule)
+    fwd = _manual(
+        functools.partial(_local_fwd, st=st, n=n), (_SEQ, _SEQ, _SEQ, rule_spec), (_SEQ, _LSE)
+    )
+    out, lse = fwd(q, k, v, rule)
+    return out, (q, k, v, rule, out, lse)
+
+
+def _ring_bwd(st: attn_lib._Static, n: int, res: Any, dout: Array) -> Any:
+    q, k, v, rule, out, lse = res
+    rule_spec = jax.tree.map(lambda _: _SEQ, rule)
+    bwd = _manual(
+        functools.partial(_local_bwd, st=st, n=n),
+        (_SEQ, _SEQ, _SEQ, rule_spec, _SEQ, _LSE, _SEQ),
+        (_SEQ, _SEQ, _SEQ),
+    )
+    dq, dk, dv = bwd(q, k, v, rule, out, lse, dout)
+    return dq, dk, dv, None  # integer rule: no cotangent
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
-
-
-def _local_attention(
-    q_NxLxHxD: Array,
-    k_NxLxKxD: Array,
-    v_NxLxKxD: Array,
-    rule: MaskRule,
-    *,
-    window: int | None,
-    softcap: float | None,
-    scale: float,
-    block: int,
-    n: int,
-) -> Array:
-    """One device's share (inside shard_map): pad to the block, group heads, run the ring."""
-    nb, length, h, d = q_NxLxHxD.shape
-    nkv = k_NxLxKxD.shape[2]
-    blk = min(block, max(16, 1 << (length - 1).bit_length()))
-    padded = -(-length // blk) * blk
-    # Padding is segment 0: it sees nothing and nothing sees it, whatever its index.
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
-    q, k, v = (pad(x) for x in (attn_lib._group(q_NxLxHxD, nkv), k_NxLxKxD, v_NxLxKxD))
-    rule = jax.tree.map(pad, rule)
-    st = attn_lib._Static(window, softcap, scale, blk, blk, same_rows=False)
-    out = _ring(q, k, v, rule, st, n)
-    return out[:, :length].reshape(nb, length, h, d)
 
 
 def ring_attention(
@@ -193,22 +217,15 @@ def ring_attention(
     Only the `sequence` axis is manual: batch and heads keep their GSPMD sharding.
     """
     n = sequence_size()
-    if q_NxLxHxD.shape[1] % n:
-        raise ValueError(f"ring attention: length {q_NxLxHxD.shape[1]} is not divisible by {n}")
-    d = q_NxLxHxD.shape[-1]
-    body = functools.partial(
-        _local_attention, window=window, softcap=softcap,
-        scale=d**-0.5 if scale is None else float(scale), block=block, n=n,
-    )  # fmt: skip
-    seq = PartitionSpec(None, SEQUENCE_AXIS)
-    rule_specs = jax.tree.map(lambda _: seq, rule)
-    return jax.shard_map(
-        body,
-        in_specs=(seq, seq, seq, rule_specs),
-        out_specs=seq,
-        axis_names={SEQUENCE_AXIS},
-        check_vma=False,
-    )(q_NxLxHxD, k_NxLxKxD, v_NxLxKxD, rule)
+    nb, length, h, d = q_NxLxHxD.shape
+    if length % n:
+        raise ValueError(f"ring attention: length {length} is not divisible by {n}")
+    nkv = k_NxLxKxD.shape[2]
+    blk, _ = _pad_local(length // n, block)
+    scale = d**-0.5 if scale is None else float(scale)
+    st = attn_lib._Static(window, softcap, scale, blk, blk, same_rows=False)
+    out = _ring(attn_lib._group(q_NxLxHxD, nkv), k_NxLxKxD, v_NxLxKxD, rule, st, n)
+    return out.reshape(nb, length, h, d)
 
 
 __all__ = [
