@@ -63,7 +63,7 @@ def test_dpo_step_with_sequence_axis_equals_one_device(cases, meshes):
     assert set(out) == set(cases)
     for case, per_mesh in out.items():
         assert per_mesh["loss_change"] > 1e-4, case  # the steps really trained
-        assert per_mesh["length"] % 8, case  # rows are padded by the model, not the user
         for mesh in meshes:
             r = per_mesh[mesh]
+            assert r["ring"], (case, mesh)
             assert r["logps"] < 1e-4 and r["loss"] < 1e-5 and r["params"] < 1e-5, (case, mesh, r)
