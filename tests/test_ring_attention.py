@@ -51,9 +51,11 @@ def test_ring_attention_equals_dense_reference():
 @pytest.mark.parametrize(
     "cases, meshes",
     [
-        (["stacked", "packed"], ["seq4", "seq8"]),
-        (["prefix_shared"], ["seq4", "seq8", "data2-fsdp2-seq2"]),
-        (["window_softcap", "lora"], ["seq4", "data2-fsdp2-seq2"]),
+        pytest.param(["stacked"], ["seq4", "seq8"], id="stacked"),
+        pytest.param(["packed"], ["seq4", "data2-fsdp2-seq2"], id="packed"),
+        pytest.param(["prefix_shared"], ["seq4", "seq8", "data2-fsdp2-seq2"], id="prefix_shared"),
+        pytest.param(["window_softcap"], ["seq4", "seq8"], id="window_softcap"),
+        pytest.param(["lora"], ["seq4", "data2-fsdp2-seq2"], id="lora"),
     ],
 )
 def test_dpo_step_with_sequence_axis_equals_one_device(cases, meshes):
