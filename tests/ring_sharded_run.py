@@ -32,9 +32,12 @@ CASES = {
     # Mistral-style sliding window + Gemma-2-style soft-capping, on a GQA model
     "window_softcap": ("packed", {"sliding_window": 12, "attn_logit_softcap": 5.0}, False),
     "lora": ("prefix_shared", {}, True),
+    # all-to-all variant: 4 heads and 2 kv heads divide a sequence axis of 2
+    "ulysses": ("prefix_shared", {"attention_impl": "ulysses"}, False),
 }
 # name: (data, fsdp, tensor, sequence); each row is longer than one device's share
 MESHES = {
+    "seq2": (1, 1, 1, 2),
     "seq4": (1, 1, 1, 4),
     "seq8": (1, 1, 1, 8),
     "data2-fsdp2-seq2": (2, 2, 1, 2),
@@ -50,7 +53,7 @@ def _batch(layout: str) -> dict:
 
 def _run(case: str, mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     layout, overrides, with_lora = CASES[case]
-    cfg = tiny_model_config(attention_impl="auto", attention_block=16, **overrides)
+    cfg = tiny_model_config(**{"attention_impl": "auto", "attention_block": 16, **overrides})
     params = models.init_params(cfg, jax.random.key(0))
     batch_A = _batch(layout)
     trainer, state = train.build_trainer(
@@ -63,13 +66,15 @@ def _run(case: str, mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray, np
     score = jax.jit(lambda p, b: scoring.score(models.Transformer(cfg).apply, p, b, 8).logps_S)
     with trainer.mesh_context():
         logps = np.asarray(score(params, micro))
-        # the ring really ran: its K/V rotation is a collective permute
-        ring = "collective_permute" in score.lower(params, micro).as_text()
+        # the split really ran: the ring's K/V rotation is a collective permute,
+        # Ulysses' head/length trade an all-to-all
+        text = score.lower(params, micro).as_text()
+        split = "collective_permute" in text or "all_to_all" in text
     losses = []
     for _ in range(2):
         state, m = trainer.step(state, batch_A, 8)
         losses.append(float(m["loss"]))
-    return logps, np.array(losses), flat_params(state.params), ring
+    return logps, np.array(losses), flat_params(state.params), split
 
 
 def main(cases: list[str], meshes: list[str]) -> None:
@@ -85,7 +90,7 @@ def main(cases: list[str], meshes: list[str]) -> None:
                 key: float(np.abs(a - b).max())
                 for key, a, b in zip(("logps", "loss", "params"), got[:3], base[:3], strict=True)
             }
-            out[case][name]["ring"] = got[3]
+            out[case][name]["split"] = got[3]
         out[case]["loss_change"] = float(base[1][0] - base[1][1])
     print(json.dumps(out))
 

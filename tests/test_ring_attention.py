@@ -56,6 +56,7 @@ def test_ring_attention_equals_dense_reference():
         pytest.param(["prefix_shared"], ["seq4", "seq8", "data2-fsdp2-seq2"], id="prefix_shared"),
         pytest.param(["window_softcap"], ["seq4", "seq8"], id="window_softcap"),
         pytest.param(["lora"], ["seq4", "data2-fsdp2-seq2"], id="lora"),
+        pytest.param(["ulysses"], ["seq2", "data2-fsdp2-seq2"], id="ulysses"),
     ],
 )
 def test_dpo_step_with_sequence_axis_equals_one_device(cases, meshes):
@@ -67,5 +68,5 @@ def test_dpo_step_with_sequence_axis_equals_one_device(cases, meshes):
         assert per_mesh["loss_change"] > 1e-4, case  # the steps really trained
         for mesh in meshes:
             r = per_mesh[mesh]
-            assert r["ring"], (case, mesh)
+            assert r["split"], (case, mesh)
             assert r["logps"] < 1e-4 and r["loss"] < 1e-5 and r["params"] < 1e-5, (case, mesh, r)

@@ -29,7 +29,8 @@ Implementations (`ModelConfig.attention_impl`):
 - `ring`: context parallelism (`dpo_jax.models.ring_attention`): the length is
   split over the mesh's `sequence` axis and key/value blocks travel a ring of
   devices; the model picks it (also for `auto`) when that axis is > 1, and it
-  falls back to blockwise on a mesh without one.
+  falls back to blockwise on a mesh without one. `ulysses`: the same split, with
+  an all-to-all (heads <-> length) around blockwise attention instead of a ring.
 - `auto`: GPU -> cudnn, TPU -> splash, CPU -> xla below `BLOCKWISE_MIN_LENGTH`
   tokens, blockwise from there; any backend that cannot serve a call falls
   back to blockwise with a logged reason.
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 Array = jax.Array
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash", "ring")
+IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash", "ring", "ulysses")
 # On CPU, `auto` uses the dense path below this many tokens per row. At 2k tokens the
 # blockwise train step measured 0.15-0.37x the dense one (benchmarks/README.md, "Long
 # context"), and the dense path's float32 [N, H, L, L] probabilities dominate the step's
@@ -362,20 +363,25 @@ def blockwise_attention(
     softcap: float | None = None,
     scale: float | None = None,
     block: int = DEFAULT_BLOCK,
+    any_order: bool = False,
 ) -> Array:
     """Blockwise (flash-style) attention; equals `reference_attention` in value and gradient.
 
     Pads L up to a multiple of the block (padding is segment 0), so any length works.
-    Rows that see nothing (padding) return zeros.
+    Rows that see nothing (padding) return zeros. `any_order`: tokens are not in row
+    order (the zig-zag layout; `rule.index` holds their rows), so no causal loop bounds.
     """
     n, length, h, d = q_NxLxHxD.shape
     nkv = k_NxLxKxD.shape[2]
     blk = min(block, max(16, 1 << (length - 1).bit_length()))
     padded = -(-length // blk) * blk
-    st = _Static(window, softcap, d**-0.5 if scale is None else float(scale), blk, blk)
+    scale = d**-0.5 if scale is None else float(scale)
+    st = _Static(window, softcap, scale, blk, blk, same_rows=not any_order)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
     q, k, v = (pad(x) for x in (_group(q_NxLxHxD, nkv), k_NxLxKxD, v_NxLxKxD))
-    if padded != length:
+    if any_order:
+        rule = jax.tree.map(pad, rule)  # padding is segment 0: its index is never read
+    elif padded != length:
         index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (n, padded))
         rule = jax.tree.map(pad, rule)._replace(index=index)
     out = _blockwise(q, k, v, rule, st)
@@ -480,8 +486,8 @@ def choose(
     else:
         requested = impl
     reason = None
-    if impl == "ring":
-        reason = "ring attention needs a mesh whose sequence axis is > 1"
+    if impl in ("ring", "ulysses"):
+        reason = f"{impl} attention needs a mesh whose sequence axis is > 1"
     elif impl == "cudnn":
         if backend != "gpu":
             reason = f"cuDNN needs a GPU, backend is {backend}"

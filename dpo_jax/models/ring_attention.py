@@ -228,6 +228,44 @@ def ring_attention(
     return out.reshape(nb, length, h, d)
 
 
+def ulysses_attention(
+    q_NxLxHxD: Array,
+    k_NxLxKxD: Array,
+    v_NxLxKxD: Array,
+    rule: MaskRule,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block: int = attn_lib.DEFAULT_BLOCK,
+) -> Array:
+    """All-to-all (Ulysses) context parallelism: heads <-> length, then attention.
+
+    Each device trades its length share of every head for the whole length of 1/n of
+    the heads (`all_to_all`), gathers the O(L) rule arrays, runs blockwise attention
+    on full rows (any token order: the rule's index), and trades back. Needs the query
+    and kv head counts divisible by mesh.sequence. Same contract as `ring_attention`.
+    """
+    n = sequence_size()
+    h, nkv = q_NxLxHxD.shape[2], k_NxLxKxD.shape[2]
+    if q_NxLxHxD.shape[1] % n or h % n or nkv % n:
+        raise ValueError(f"ulysses attention: length, {h} heads and {nkv} kv heads must divide {n}")
+
+    def local(q: Array, k: Array, v: Array, rule: MaskRule) -> Array:
+        to_heads = lambda x: jax.lax.all_to_all(x, SEQUENCE_AXIS, 2, 1, tiled=True)
+        whole = lambda r: jax.lax.all_gather(r, SEQUENCE_AXIS, axis=1, tiled=True)
+        out = attn_lib.blockwise_attention(
+            to_heads(q), to_heads(k), to_heads(v), jax.tree.map(whole, rule),
+            window=window, softcap=softcap, scale=scale, block=block, any_order=True,
+        )  # fmt: skip
+        return jax.lax.all_to_all(out, SEQUENCE_AXIS, 1, 2, tiled=True)
+
+    rule_spec = jax.tree.map(lambda _: _SEQ, rule)
+    return _manual(local, (_SEQ, _SEQ, _SEQ, rule_spec), _SEQ)(
+        q_NxLxHxD, k_NxLxKxD, v_NxLxKxD, rule
+    )
+
+
 __all__ = [
     "SEQUENCE_AXIS",
     "from_zigzag",
@@ -235,5 +273,6 @@ __all__ = [
     "ring_attention",
     "sequence_size",
     "to_zigzag",
+    "ulysses_attention",
     "zigzag_index",
 ]

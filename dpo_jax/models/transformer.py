@@ -79,7 +79,7 @@ def _constrain(x: Array, names: tuple[str | None, ...]) -> Array:
 
 def ring_size(cfg: ModelConfig) -> int:
     """Devices a full-sequence forward splits each row over (1 = no context parallelism)."""
-    if cfg.attention_impl not in ("auto", "ring"):
+    if cfg.attention_impl not in ("auto", "ring", "ulysses"):
         return 1
     return ring_lib.sequence_size()
 
@@ -364,7 +364,11 @@ class Attention(nn.Module):
                     q, key, value, mask_Nx1xTxS, softcap=cfg.attn_logit_softcap
                 )
         elif ring_size(cfg) > 1:
-            out = ring_lib.ring_attention(
+            n = ring_size(cfg)
+            ulysses = cfg.attention_impl == "ulysses" and h % n == 0 and k % n == 0
+            # Ulysses needs the heads to divide the axis; otherwise the ring serves.
+            split = ring_lib.ulysses_attention if ulysses else ring_lib.ring_attention
+            out = split(
                 q, key, value, rule,
                 window=self.window,
                 softcap=cfg.attn_logit_softcap,
