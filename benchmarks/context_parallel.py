@@ -13,7 +13,8 @@ set here) and XLA's `memory_analysis()` gives each device's temp (activations, s
 and argument (params, optimizer state, batch) bytes. Nothing runs.
 
 Timing: `--time-length` tokens per row, the same step run on one device with blockwise
-attention and on `--time-sequence` devices with ring attention (each device then has
+attention and on `--time-sequence` devices with ring and with Ulysses (all-to-all)
+attention (each device then has
 1/n of the work, on a CPU whose cores the simulated devices share). Communication is
 timed apart: the ring's exact ppermute pattern (K, V and the mask rule forward; K, V,
 the rule and dK/dV backward) on that layer's per-device shapes, times the layers.
@@ -95,11 +96,12 @@ def memory_row(shape: common.ModelShape, length: int, sequence: int, args: Any) 
     return {"length": length, "sequence": sequence, "compile_s": time.perf_counter() - t0, **stats}
 
 
-def step_time(shape: common.ModelShape, length: int, sequence: int, args: Any) -> float:
+def step_time(
+    shape: common.ModelShape, length: int, sequence: int, args: Any, impl: str = "blockwise"
+) -> float:
     """Median wall time of `args.steps` steps after a warm-up (compile) step."""
     import jax
 
-    impl = "ring" if sequence > 1 else "blockwise"
     run = jax_side.JaxRunConfig(dtype="float32", attention_impl=impl)
     trainer, state, batch_A, n_seq = setup(shape, length, sequence, run, abstract=False)
     times = []
@@ -161,12 +163,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.time_length:
         tshape = common.MODEL_SHAPES[args.time_shape]
         one = step_time(tshape, args.time_length, 1, args)
-        ring = step_time(tshape, args.time_length, args.time_sequence, args)
+        ring = step_time(tshape, args.time_length, args.time_sequence, args, "ring")
+        ulysses = step_time(tshape, args.time_length, args.time_sequence, args, "ulysses")
         comm = ring_comm_time(tshape, args.time_length, args.time_sequence, args.steps)
         timing = {
             "shape": args.time_shape, "length": args.time_length,
             "sequence": args.time_sequence, "one_device_step_s": one,
-            "ring_step_s": ring, "ring_comm_s": comm,
+            "ring_step_s": ring, "ulysses_step_s": ulysses, "ring_comm_s": comm,
         }  # fmt: skip
     result = {
         "benchmark": "context_parallel",
