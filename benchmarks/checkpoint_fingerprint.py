@@ -35,12 +35,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def checkpoint_state(shape: common.ModelShape) -> Any:
     """The tree `Checkpointer.maybe_save` writes for a DPO run of `shape` (no reference)."""
-    from dpo_jax import checkpoint, train
+    from dpo_jax import checkpoint, train_step
 
     run = jax_side.JaxRunConfig(reference="precomputed")
     cfg, params = jax_side.load_or_init(shape, run, None)
     trainer, state = jax_side.build_trainer(cfg, params, run, total_steps=10)
-    return checkpoint._keys_to_data(train.checkpointable(state, trainer.step_config))
+    return checkpoint._keys_to_data(train_step.checkpointable(state, trainer.step_config))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

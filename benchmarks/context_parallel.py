@@ -61,7 +61,8 @@ def setup(shape: common.ModelShape, length: int, sequence: int, run: Any, abstra
     import jax
     from flax import linen as nn
 
-    from dpo_jax import data, models, sharding, train
+    from dpo_jax import data, models, sharding, train, train_step
+    from dpo_jax import trainer as trainer_lib
 
     cfg = jax_side.model_config(shape, run).replace(max_position_embeddings=length)
     if abstract:
@@ -69,11 +70,12 @@ def setup(shape: common.ModelShape, length: int, sequence: int, run: Any, abstra
     else:
         params = models.init_params(cfg, jax.random.key(0))
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:sequence], sequence=sequence)
-    trainer, state = train.build_trainer(
-        cfg, params, mesh=mesh, loss_name="sigmoid", loss_hyper={"beta": run.beta},
+    trainer, state = trainer_lib.build_trainer(
+        cfg, params, mesh=mesh,
         optim_config={"name": "adamw", "learning_rate": run.learning_rate,
                       "schedule": "constant", "max_grad_norm": 1.0},
         total_steps=10, reference=run.reference,
+        **train_step.default_settings(loss_name="sigmoid", loss_hyper={"beta": run.beta}),
     )  # fmt: skip
     items = long_context.items_for("prefix_shared", length, shape.vocab)
     batch = data.build_batch(

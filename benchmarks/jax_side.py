@@ -111,19 +111,18 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
     AdamW, constant lr, global-norm clip 1.0, no weight decay: TRL's defaults with
     ``lr_scheduler_type="constant"``.
     """
-    from dpo_jax import lora, sharding, train
+    from dpo_jax import lora, sharding, train_step
+    from dpo_jax import trainer as trainer_lib
 
     lora_config = None
     if run.lora_rank > 0:
         lora_config = lora.LoraConfig(
             run.lora_rank, float(run.lora_rank), "all-linear", run.lora_base_dtype
         )
-    return train.build_trainer(
+    return trainer_lib.build_trainer(
         cfg,
         params,
         mesh=sharding.make_mesh(),
-        loss_name="sigmoid",
-        loss_hyper={"beta": run.beta},
         optim_config={
             "name": "adamw",
             "learning_rate": run.learning_rate,
@@ -133,9 +132,13 @@ def build_trainer(cfg: Any, params: Any, run: JaxRunConfig, total_steps: int) ->
         },
         total_steps=total_steps,
         reference=run.reference,
-        logps_chunk_size=run.logps_chunk_size,
-        unembed_scored_only=run.unembed_scored_only,
         lora_config=lora_config,
+        **train_step.default_settings(
+            loss_name="sigmoid",
+            loss_hyper={"beta": run.beta},
+            logps_chunk_size=run.logps_chunk_size,
+            unembed_scored_only=run.unembed_scored_only,
+        ),
     )
 
 

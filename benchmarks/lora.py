@@ -79,7 +79,8 @@ def _child_aot(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from dpo_jax import lora, models, sharding, train
+    from dpo_jax import lora, models, sharding, train_step
+    from dpo_jax import trainer as trainer_lib
     from dpo_jax.data import batching
     from experiments import phases
 
@@ -91,11 +92,11 @@ def _child_aot(args: argparse.Namespace) -> dict[str, Any]:
     lcfg = lora.LoraConfig(rank, float(rank), "all-linear", base_dtype) if rank else None
     abstract = nn.meta.unbox(models.abstract_params(cfg))
     # The run's own construction on abstract params: the Trainer lowers its step program.
-    trainer, state = train.build_trainer(
+    trainer, state = trainer_lib.build_trainer(
         cfg, abstract, mesh=sharding.make_mesh(1, args.devices, 1),
         optim_config={"name": "adamw", "learning_rate": 1e-5, "schedule": "constant"},
         total_steps=10, reference=reference, lora_config=lcfg,
-        loss_name="sigmoid", loss_hyper={"beta": 0.1},
+        **train_step.default_settings(loss_name="sigmoid", loss_hyper={"beta": 0.1}),
     )  # fmt: skip
     pairs, half = args.aot_pairs, args.aot_seq_len // 2
     batch = batching.build_stacked([[1] * half] * pairs, [[2] * half] * (2 * pairs), 2 * half)

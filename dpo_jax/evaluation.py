@@ -190,15 +190,24 @@ def win_rate(
         both = np.asarray(reward_fn(policy_texts + reference_texts), np.float64)
         if both.shape != (2 * n,):
             raise ValueError(f"win_rate: reward_fn returned shape {both.shape} for {2 * n} texts")
-        diff = both[:n] - both[n:]
-        score = np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
-    else:
-        prompts = list(prompts) if prompts is not None else [""] * n
-        score = _judge_scores(judge, prompts, policy_texts, reference_texts)
-        if swap:
-            score = 0.5 * (
-                score + 1.0 - _judge_scores(judge, prompts, reference_texts, policy_texts)
-            )
+        return win_rate_from_scores(both[:n], both[n:])
+    prompts = list(prompts) if prompts is not None else [""] * n
+    score = _judge_scores(judge, prompts, policy_texts, reference_texts)
+    if swap:
+        score = 0.5 * (score + 1.0 - _judge_scores(judge, prompts, reference_texts, policy_texts))
+    return _win_rate_of(score)
+
+
+def win_rate_from_scores(policy_scores: Any, reference_scores: Any) -> WinRate:
+    """Win rate of per-pair rewards already computed: the policy wins a pair when its
+    score is larger, a tie counts 0.5, a NaN score leaves the pair undecided."""
+    diff = np.asarray(policy_scores, np.float64) - np.asarray(reference_scores, np.float64)
+    score = np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5))
+    return _win_rate_of(np.where(np.isnan(diff), np.nan, score))
+
+
+def _win_rate_of(score: np.ndarray) -> WinRate:
+    """A `WinRate` from per-pair scores in [0, 1] (NaN = undecided)."""
     decided = ~np.isnan(score)
     est = mean_and_stderr(score[decided]) if decided.any() else Estimate(np.nan, np.nan, 0)
     return WinRate(

@@ -25,9 +25,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpo_jax import objectives, policy_gradient, rollouts
+from dpo_jax import objectives, policy_gradient, rollouts, sampling
 from dpo_jax.errors import config_error
-from dpo_jax.rollouts import RolloutConfig, from_tokens, to_tokens
+from dpo_jax.rollouts import RolloutConfig
+from dpo_jax.sampling import from_tokens, to_tokens
 
 METHODS = ("grpo", "rloo")
 
@@ -154,7 +155,7 @@ class GroupSource(rollouts.RolloutSource):
         model_params, _ = objectives.split_params(trainer.step_config.objective_fn, state.params)
         samples = self.sample(trainer, model_params, rollout)
         _, pad_id = rollouts.special_ids(trainer.model_config)
-        rows, mask = rollouts.rollout_rows(samples, pad_id)
+        rows, mask = sampling.stacked_rows(samples, pad_id)
         self.scored_positions(trainer, rows, mask.shape[1])
         scores = rollouts.reward_scores(self.reward, samples)
         if cfg.missing_eos_penalty is not None:  # TRL: a completion cut off at the cap

@@ -234,9 +234,9 @@ def hf_completer(
     """
     import jax
 
-    from dpo_jax import sampling  # lazy: jax; judge stays jax-free
+    from dpo_jax import sampling, saved_models  # lazy: jax; judge stays jax-free
 
-    cfg, params, tokenizer = sampling.load_model(model_dir, dtype=dtype)
+    cfg, params, tokenizer = saved_models.load_model(model_dir, dtype=dtype)
     learned = getattr(cfg, "position_embedding", None) == "learned"  # a hard context limit
     limit = cfg.max_position_embeddings - max_new_tokens if learned else None
     eos = tokenizer.eos_token_id

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from dpo_jax import data, scoring
+from dpo_jax.callbacks import Callbacks
 from dpo_jax.errors import UserError
 from dpo_jax.metric_accumulators import finalize_metrics, is_counted
 from dpo_jax.metrics import MetricsWriter, Progress, Throughput, to_python
@@ -250,6 +251,7 @@ def run_loop(
     num_tokens_start: int = 0,
     max_skipped_fraction: float = 0.1,
     eval_hook: Callable[[int, Any], Mapping[str, float]] | None = None,
+    callbacks: Callbacks | None = None,
 ) -> tuple[Any, list[dict], list[dict]]:
     """Drive `trainer.step` for steps `start_step+1 .. num_steps`; log, evaluate, save.
 
@@ -268,7 +270,24 @@ def run_loop(
     checkpoint, so a resumed run keeps the rows of the steps before the kill.
     A checkpoint (periodic or at SIGTERM) due while the source is not at a boundary (in
     the middle of a rollout) is taken at its next boundary.
+    `callbacks` (`dpo_jax.callbacks.Callbacks`): `on_log` after each row written,
+    `on_eval` beside `eval_hook` (the same contract), `on_save` after each save started.
     """
+    cb = callbacks or Callbacks()
+    eval_hooks = [h for h in (eval_hook, cb.on_eval) if h is not None]
+
+    def log_row(step: int, row: dict) -> None:
+        if writer is not None:
+            writer.write(step, row)
+        if cb.on_log is not None:
+            cb.on_log(step, row)
+
+    def save(step: int, cstate: Any, data_now: Any, force: bool) -> None:
+        started = checkpointer.maybe_save(step, cstate, data_now, force=force)
+        if started and cb.on_save is not None:
+            directory = getattr(checkpointer, "directory", None)
+            cb.on_save(step, directory / str(step) if directory is not None else None)
+
     source = train_batches
     if not isinstance(source, StepSource):
         source = MicroBatchSource(train_batches, grad_accum_steps, layout, data_state)
@@ -302,22 +321,20 @@ def run_loop(
                 row["epoch"] = step / steps_per_epoch
             row["step"] = step
             history.append(row)
-            if writer is not None:
-                writer.write(step, row)
+            log_row(step, row)
         if progress is not None:
             progress.update(pending[-1][0], history[-1])
         pending.clear()
 
     def run_eval(step: int) -> None:
-        if eval_batches is None and eval_hook is None:
+        if eval_batches is None and not eval_hooks:
             return
         row = {} if eval_batches is None else evaluate(trainer, state, eval_batches(), layout)
-        if eval_hook is not None:
-            row.update({k: to_python(v) for k, v in eval_hook(step, state.params).items()})
+        for hook in eval_hooks:
+            row.update({k: to_python(v) for k, v in (hook(step, state.params) or {}).items()})
         row["step"] = step
         eval_history.append(row)
-        if writer is not None:
-            writer.write(step, row)
+        log_row(step, row)
         if progress is not None and eval_batches is not None:
             progress.write(
                 f"step {step}: eval loss {row.get('eval/loss', float('nan')):.4f} "
@@ -351,21 +368,18 @@ def run_loop(
             flush()
         data_now = source.get_state()
         cstate = checkpointable(state, trainer.step_config)
-        checkpointer.maybe_save(step, cstate, data_now, force=deferred_save)
+        save(step, cstate, data_now, deferred_save)
         deferred_save = False
         # Preempted at the last step: finish normally (its evaluation and final save
         # below), or the run would end complete but without its final evaluation.
         if getattr(checkpointer, "preempted", False) and step < num_steps:
             flush()
-            checkpointer.maybe_save(step, cstate, data_now, force=True)
+            save(step, cstate, data_now, True)
             log.warning("preempted: saved step %d and stopped", step)
             return state, history, eval_history
     flush()
     last = int(jax.device_get(state.step))
     run_eval(last)
     if checkpointer is not None:
-        data_now = source.get_state()
-        checkpointer.maybe_save(
-            last, checkpointable(state, trainer.step_config), data_now, force=True
-        )
+        save(last, checkpointable(state, trainer.step_config), source.get_state(), True)
     return state, history, eval_history

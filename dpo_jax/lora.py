@@ -41,20 +41,6 @@ from dpo_jax.models import families, hf
 from dpo_jax.models.transformer import layer_location
 from dpo_jax.models.vocab import resize_vocab
 
-# Target name -> (module name in the params tree, leaf it adapts, number of input axes).
-# `o` contracts (heads, head_dim); embeddings are looked up along their first axis.
-TARGETS: dict[str, tuple[str, str, int]] = {
-    "q": ("q", "kernel", 1),
-    "k": ("k", "kernel", 1),
-    "v": ("v", "kernel", 1),
-    "o": ("o", "kernel", 2),
-    "gate": ("gate", "kernel", 1),
-    "up": ("up", "kernel", 1),
-    "down": ("down", "kernel", 1),
-    "embed": ("embed", "embedding", 1),
-    "lm_head": ("lm_head", "kernel", 1),
-}
-ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 A_NAME, B_NAME = "lora_a", "lora_b"
 SCALE_NAME = "kernel_scale"  # int8 base: per-output-channel scale beside the int8 kernel
 BASE_DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -65,8 +51,8 @@ RANK_AXIS = "lora_rank"  # logical name of the rank axis; replicated (sharding.p
 class LoraConfig:
     """Rank, alpha, targets and the dtype the frozen base is held in.
 
-    `targets`: comma-separated names from `TARGETS` or `all-linear` (q,k,v,o,gate,up,down
-    where the family has them). `base_dtype` "" keeps the loaded dtype.
+    `targets`: comma-separated names from `families.LORA_TARGETS` or `all-linear`
+    (q,k,v,o,gate,up,down where the family has them). `base_dtype` "" keeps the loaded dtype.
     """
 
     rank: int = 16
@@ -86,7 +72,7 @@ class LoraConfig:
         for raw in str(self.targets).replace(";", ",").split(","):
             raw = raw.strip()
             if raw == "all-linear":
-                out += [(n, False) for n in ALL_LINEAR if n not in dict(out)]
+                out += [(n, False) for n in families.LORA_ALL_LINEAR if n not in dict(out)]
             elif raw and raw not in dict(out):
                 out.append((raw, True))
         return tuple(out)
@@ -125,12 +111,12 @@ def config_from(
             "use reference.mode=adapters_off",
         )
     names = [n for n, _ in cfg.target_names()]
-    unknown = [n for n in names if n not in TARGETS]
+    unknown = [n for n in names if n not in families.LORA_TARGETS]
     if unknown or not names:
         raise config_error(
             "lora.targets",
             f"unknown target(s) {unknown or names}",
-            f"use a comma-separated subset of {','.join(TARGETS)} or 'all-linear'",
+            f"use a comma-separated subset of {','.join(families.LORA_TARGETS)} or 'all-linear'",
         )
     return cfg
 
@@ -171,7 +157,7 @@ def target_paths(base: Any, lcfg: LoraConfig) -> list[tuple[tuple[str, ...], str
     """(module path, target name, input axes) of every module the config adapts."""
     found: list[tuple[tuple[str, ...], str, int]] = []
     for name, explicit in lcfg.target_names():
-        module, leaf, n_in = TARGETS[name]
+        module, leaf, n_in = families.LORA_TARGETS[name]
         hits = [
             (path, name, n_in)
             for path, node in _modules(base)
@@ -209,7 +195,7 @@ def init_adapters(base: Any, lcfg: LoraConfig, rng: jax.Array, dtype: Any = jnp.
     paths = target_paths(base, lcfg)
     keys = jax.random.split(rng, len(paths))
     for key, (path, name, n_in) in zip(keys, paths, strict=True):
-        leaf = _get(base, path)[TARGETS[name][1]]
+        leaf = _get(base, path)[families.LORA_TARGETS[name][1]]
         lead, ins, outs = _split_shape(tuple(leaf.shape), n_in, _scanned(path))
         a_shape = (*lead, *ins, lcfg.rank)
         if name == "embed":
@@ -300,7 +286,7 @@ def cast_base(base: Any, lcfg: LoraConfig) -> Any:
         out = _copy(base)
         for path, node in _modules(out):
             if "kernel" in node:
-                n_in = TARGETS.get(path[-1], ("", "", 1))[2]
+                n_in = families.LORA_TARGETS.get(path[-1], ("", "", 1))[2]
                 node["kernel"], node[SCALE_NAME] = quantize_int8(
                     node["kernel"], n_in, _scanned(path)
                 )
@@ -347,8 +333,8 @@ def base_logical_axes(model_logical: Any, base: Any) -> Any:
 # ------------------------------------------------------------------------ PEFT export
 
 
-def _peft_layout(model_type: str) -> tuple[str, dict[str, str], dict[str, str]]:
-    """(layer prefix, target -> module, top-level target -> module) of a family."""
+def _peft_layout(model_type: str) -> families.PeftLayout:
+    """The family's PEFT module layout, or a UserError when it has none."""
     fam = families.REGISTRY.get(model_type)
     if fam is None or fam.peft_layout is None:
         have = [n for n, f in families.REGISTRY.items() if f.peft_layout is not None]
@@ -382,13 +368,19 @@ def peft_state_dict(
     """PEFT tensors (`base_model.model.<module>.lora_A.weight` ...) and `adapter_config`.
 
     PEFT's `lora_A.weight` is `(r, in)` and `lora_B.weight` `(out, r)` for both
-    `nn.Linear` and GPT-2's `Conv1D` (`fan_in_fan_out` only affects merging). GPT-2's
-    fused `c_attn` gets one adapter of rank `m r` for its `m` adapted projections: `A`
-    stacked, `B` block-diagonal over `[q | k | v]`, alpha `m alpha` (same scale), which
-    is exactly the sum of the separate updates.
+    `nn.Linear` and GPT-2's `Conv1D` (`fan_in_fan_out` only affects merging). A fused
+    module (`PeftLayout.fused`, GPT-2's `c_attn`) gets one adapter of rank `m r` for its
+    `m` adapted projections: `A` stacked, `B` block-diagonal over its outputs (e.g.
+    `[q | k | v]`), alpha `m alpha` (same scale), which is exactly the sum of the
+    separate updates.
     """
     adapters = jax.device_get(adapters)
-    prefix, modules, top = _peft_layout(model_config.model_type)
+    layout = _peft_layout(model_config.model_type)
+    prefix, modules, top = layout.prefix, layout.modules, layout.top
+    fused_module, fused_targets = layout.fused or ("", ())
+    fused_name = fused_module.rsplit(".", 1)[-1]
+    kv_width = model_config.num_kv_heads * model_config.head_dim
+    widths = {"q": model_config.num_heads * model_config.head_dim, "k": kv_width, "v": kv_width}
     r, alpha = lcfg.rank, float(lcfg.alpha)
     tensors: dict[str, np.ndarray] = {}
     rank_pattern: dict[str, int] = {}
@@ -402,19 +394,20 @@ def peft_state_dict(
         hf_modules.add(module.rsplit(".", 1)[-1])
 
     for i, per in _layer_slices(adapters, model_config):
-        fused = [t for t in "qkv" if t in per] if model_config.model_type == "gpt2" else []
+        fused = [t for t in fused_targets if t in per]
         if fused:
-            # c_attn: output [q | k | v], each h*dh wide; zero blocks where not adapted.
-            width = model_config.num_heads * model_config.head_dim
+            # the fused output is the targets' outputs side by side; zero blocks where
+            # a target is not adapted
+            starts = np.cumsum([0] + [widths[t] for t in fused_targets])
             m = len(fused)
             a_full = np.concatenate([per[t][0].reshape(-1, r).T for t in fused], axis=0)
-            b_full = np.zeros((3 * width, m * r), np.float32)
+            b_full = np.zeros((int(starts[-1]), m * r), np.float32)
             for j, t in enumerate(fused):
-                row = "qkv".index(t) * width
-                b_full[row : row + width, j * r : (j + 1) * r] = per[t][1].reshape(r, -1).T
-            put(f"{prefix}.{i}.attn.c_attn", a_full, b_full)
+                row = int(starts[fused_targets.index(t)])
+                b_full[row : row + widths[t], j * r : (j + 1) * r] = per[t][1].reshape(r, -1).T
+            put(f"{prefix}.{i}.{fused_module}", a_full, b_full)
             if m > 1:
-                rank_pattern["c_attn"], alpha_pattern["c_attn"] = m * r, m * alpha
+                rank_pattern[fused_name], alpha_pattern[fused_name] = m * r, m * alpha
         for target, (a, b) in per.items():
             if target in fused:
                 continue
@@ -424,7 +417,7 @@ def peft_state_dict(
                     f"LoRA target {target!r}; use export --merge instead"
                 )
             put(f"{prefix}.{i}.{modules[target]}", a.reshape(-1, r).T, b.reshape(r, -1).T)
-    for target, (module, _, _) in ((t, TARGETS[t]) for t in ("embed", "lm_head")):
+    for target, (module, _, _) in ((t, families.LORA_TARGETS[t]) for t in ("embed", "lm_head")):
         node = adapters.get(module, {})
         if A_NAME not in node:
             continue
@@ -455,7 +448,7 @@ def peft_state_dict(
         "target_modules": sorted(hf_modules),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": model_config.model_type == "gpt2",
+        "fan_in_fan_out": layout.fan_in_fan_out,
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,

@@ -1,15 +1,17 @@
-"""Run observability: metrics to JSONL + TensorBoard, and a terminal progress bar.
+"""Run observability: metrics to JSONL + TensorBoard (+ Weights & Biases), and a progress bar.
 
 Metric names follow TRL (`loss`, `rewards/accuracies`, ...); held-out ones carry an
 `eval/` prefix. Every JSONL line has an integer `step` so a resumed run can truncate
-the lines written after its checkpoint (`checkpoint.truncate_jsonl`).
+the lines written after its checkpoint (`resume.truncate_jsonl`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import secrets
 import socket
 import struct
 import time
@@ -20,8 +22,13 @@ import numpy as np
 from etils import epath
 
 from dpo_jax import paths
+from dpo_jax.errors import config_error
 
 METRICS_FILENAME = "metrics.jsonl"
+# Loggers `train.report_to` may name, beside metrics.jsonl (always written: a resume
+# reads it) and TensorBoard (`train.tensorboard`).
+REPORTERS = ("wandb",)
+WANDB_ID_FILENAME = "wandb_run_id"
 TENSORBOARD_SUBDIR = "tensorboard"
 EVAL_PREFIX = "eval/"
 
@@ -128,18 +135,81 @@ def read_events(directory: paths.PathLike) -> list[tuple[int, str, float]]:
     return out
 
 
+def parse_report_to(value: Any) -> tuple[str, ...]:
+    """`train.report_to` as a tuple of `REPORTERS` ("" / "none": none; a comma string or
+    a list); an unknown name, or "wandb" without wandb installed, is a one-line error."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v and v != "none"]
+    names = tuple(str(v) for v in value or ())
+    for name in names:
+        if name == "tensorboard":
+            raise config_error(
+                "train.report_to", "TensorBoard is train.tensorboard (on by default)"
+            )
+        if name not in REPORTERS:
+            raise config_error(
+                "train.report_to", f"unknown logger {name!r}", f"choose from {REPORTERS}"
+            )
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise config_error(
+            "train.report_to", "names 'wandb', but wandb is not installed",
+            "pip install -e '.[wandb]' (or pip install wandb)",
+        )  # fmt: skip
+    return names
+
+
+class WandbRun:
+    """A Weights & Biases run logging the same rows as metrics.jsonl, at the same steps.
+
+    Its id is kept in `run_dir/wandb_run_id`, so a resumed run continues the same W&B run
+    (`resume="allow"`). Files go to `WANDB_DIR`, else the run directory when it is local.
+    Project, entity and mode come from wandb's own settings (`WANDB_PROJECT`,
+    `WANDB_MODE=offline`, ...); the run is named after the run directory.
+    """
+
+    def __init__(self, run_dir: paths.PathLike, config: Mapping[str, Any] | None = None):
+        import wandb  # lazy: optional, and heavy
+
+        run_dir = paths.as_path(run_dir)
+        id_path = run_dir / WANDB_ID_FILENAME
+        run_id = id_path.read_text().strip() if id_path.exists() else secrets.token_hex(4)
+        paths.write_atomic(id_path, run_id)
+        local = None if paths.is_url(run_dir) or os.environ.get("WANDB_DIR") else str(run_dir)
+        self.run = wandb.init(
+            id=run_id, resume="allow", name=run_dir.name, dir=local, config=dict(config or {}),
+            project=os.environ.get("WANDB_PROJECT", "dpo-jax"),
+        )  # fmt: skip
+
+    def write(self, step: int, row: Mapping[str, Any]) -> None:
+        """Log the numeric fields of `row` at `step`."""
+        self.run.log(_scalars(row), step=int(step))
+
+    def close(self) -> None:
+        """Finish the run (uploads, or closes the offline files)."""
+        self.run.finish()
+
+
 class MetricsWriter:
-    """Appends metric dicts to `run_dir/metrics.jsonl` and a TensorBoard event file.
+    """Appends metric dicts to `run_dir/metrics.jsonl`, a TensorBoard event file and the
+    loggers of `report_to` (`REPORTERS`: a `WandbRun` for "wandb").
 
     Open it after a resume's checkpoint restore: the event file is rebuilt from the
     (trimmed) metrics.jsonl, see `EventFile`.
     """
 
-    def __init__(self, run_dir: paths.PathLike, tensorboard: bool = True, enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: paths.PathLike,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        report_to: Any = (),
+        config: Mapping[str, Any] | None = None,
+    ):
         self.run_dir = paths.as_path(run_dir)
         self.enabled = enabled
         self.path = self.run_dir / METRICS_FILENAME
         self._tb = None
+        self._wandb = None
         self._closed = False
         if not enabled:
             return
@@ -147,6 +217,8 @@ class MetricsWriter:
         if tensorboard:
             rows = _readable_rows(self.path)
             self._tb = EventFile(self.run_dir / TENSORBOARD_SUBDIR, rows)
+        if "wandb" in parse_report_to(report_to):
+            self._wandb = WandbRun(self.run_dir, config)
         self._file = paths.AppendFile(self.path)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,6 +231,8 @@ class MetricsWriter:
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
             self._tb.write(int(step), row)
+        if self._wandb is not None:
+            self._wandb.write(int(step), row)
         return row
 
     def close(self) -> None:
@@ -169,13 +243,17 @@ class MetricsWriter:
         try:
             self._file.close()
         finally:
-            if self._tb is not None:
-                self._tb.close()
+            try:
+                if self._tb is not None:
+                    self._tb.close()
+            finally:
+                if self._wandb is not None:
+                    self._wandb.close()
 
 
 def _readable_rows(path: epath.Path) -> list[dict[str, Any]]:
     # For the TensorBoard rebuild only: a line that is not a JSON object with a step
-    # (torn, edited) is left to checkpoint.truncate_jsonl to report, not fatal here.
+    # (torn, edited) is left to resume.truncate_jsonl to report, not fatal here.
     rows = []
     if path.exists():
         for line in path.read_bytes().splitlines():

@@ -203,7 +203,7 @@ def reward_model_loss(inp: ObjectiveInput) -> tuple[Array, dict[str, Any], Any]:
     """Bradley-Terry on the head's rewards; `objective.center_rewards_coefficient`."""
     rewards_S = head_rewards(inp.head, inp.policy.last_hidden_SxD)
     margin = inp.batch.get("margin")
-    coef = inp.cfg.objective_hyper.get("center_rewards_coefficient") or 0.0
+    coef = inp.cfg.objective_hyper["center_rewards_coefficient"]
     loss, metrics = bradley_terry_loss(rewards_S, margin_B=margin, center_rewards_coefficient=coef)
     return loss, metrics, inp.loss_state
 

@@ -81,7 +81,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     m = method(config)
     if m is None:
         return
-    lora_rank = config.get("lora", {}).get("rank", 0)
+    lora_rank = config.lora.rank
     if lora_rank:
         # The rollouts sample and score `state.params` as the model's params; with LoRA
         # those are the adapters, and the adapters-off reference is not wired in.

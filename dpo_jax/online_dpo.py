@@ -12,7 +12,7 @@
                    sigmoid(r_1 - r_2) (K > 2: the best and the worst, then their order)
                 -> the pairs shuffled into num_mini_batches x grad_accum_steps paired
                    micro-batches (prompt + chosen rows, then prompt + rejected rows; the
-                   completions keep their EOS, as `rollouts.rollout_rows`), and the frozen
+                   completions keep their EOS, as `sampling.stacked_rows`), and the frozen
                    reference's sequence log-probs of each row as the `ref_logps` column
                    (skipped for a reference-free loss: simpo, orpo, ...)
     then        online.num_mini_batches steps of the one loop: objective "online_dpo",
@@ -34,7 +34,7 @@ bound: they converge toward the reward's argmax, at a rate beta sets.
 
 Multi-host: each host feeds its share of every micro-batch's pairs, its chosen AND its
 rejected rows numbered as a paired batch of its own (`OnlineDPOSource.share`;
-`train.globalize_host_batch` numbers them globally), and the reference pass runs on the
+`trainer.globalize_host_batch` numbers them globally), and the reference pass runs on the
 step's own global micro-batches, so its `[2B]` log-probs line up with the step's sequences.
 
 Everything random is a function of (seed, rollout): the samples (`rollout_key`), the
@@ -87,12 +87,11 @@ class OnlineDPOConfig(RolloutConfig):
         out = cls(
             grad_accum_steps=int(config.grad_accum_steps), label=str(config.online_dpo.label),
             missing_eos_penalty=online.missing_eos_penalty,
-            loss_name=losses.parse_loss_spec(config.loss.name, config.loss.get("weights")),
+            loss_name=losses.parse_loss_spec(config.loss.name, config.loss.weights),
             judged=bool(online.judge), **{k: online[k] for k in shared},
         )  # fmt: skip
         out.check()
-        mode = config.get("reference", {}).get("mode", "auto")
-        if mode == "none" and losses.needs_reference(out.loss_name):
+        if config.reference.mode == "none" and losses.needs_reference(out.loss_name):
             raise config_error(
                 "reference.mode", f"'none', but loss.name={config.loss.name!r} reads the "
                 "reference's log-probs", "leave it at auto, or use a reference-free loss (simpo, orpo)",
@@ -342,7 +341,7 @@ class OnlineDPOSource(rollouts.RolloutSource):
         model_params, _ = objectives.split_params(trainer.step_config.objective_fn, state.params)
         samples = self.sample(trainer, model_params, rollout)
         _, pad_id = rollouts.special_ids(trainer.model_config)
-        rows, mask = rollouts.rollout_rows(samples, pad_id)
+        rows, mask = sampling.stacked_rows(samples, pad_id)
         self.scored_positions(trainer, rows, mask.shape[1])
         k = cfg.samples_per_prompt
         num_prompts = samples.tokens.shape[0] // k
@@ -461,7 +460,7 @@ def build_source(
 
 def batch_columns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The step batches' reference column: `ref_logps` unless the loss is reference-free."""
-    loss = losses.parse_loss_spec(config.loss.name, config.loss.get("weights"))
+    loss = losses.parse_loss_spec(config.loss.name, config.loss.weights)
     return ("ref_logps",) if losses.needs_reference(loss) else ()
 
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from dpo_jax import objectives, ppo, reward_sources, rollouts, sampling, scoring
 from dpo_jax.errors import config_error
-from dpo_jax.rollouts import RolloutConfig, from_tokens, to_tokens
+from dpo_jax.rollouts import RolloutConfig
+from dpo_jax.sampling import from_tokens, to_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +156,7 @@ def collect_rollout(
             cfg.sampling(eos_ids, pad_id), mesh=trainer.mesh,
         )  # fmt: skip
     _, pad_id = rollouts.special_ids(trainer.model_config)
-    rows, mask = rollouts.rollout_rows(samples, pad_id)
+    rows, mask = sampling.stacked_rows(samples, pad_id)
     if trainer.step_config.unembed_scored_only:  # one K for the phase: max_new_tokens
         from dpo_jax import logprobs
 

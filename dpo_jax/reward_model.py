@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -146,32 +148,68 @@ class LearnedReward:
         return self.score_ids(self.encode(texts))
 
 
-HEAD_FILE = "head.npz"  # beside an exported reward model's HF files (`export.export_hf`)
+HEAD_FILE = "head.npz"  # beside the HF files of an older export (before sequence classifiers)
+REWARD_BIAS_KEY = "dpo_jax_reward_bias"  # config.json: the head's bias (`export.export_hf`)
 
 
-def load_exported(directory: str, tokenizer: Any = None, **kw: Any) -> LearnedReward:
-    """The reward model `dpo-jax export` wrote for an `objective.name=reward_model` run (the
-    model as a Hugging Face directory, its head in `head.npz`) as a `LearnedReward`, with
-    the directory's tokenizer unless one is given. `kw`: `LearnedReward`'s options."""
-    import os
+def not_a_reward_model(directory: str) -> str | None:
+    """Why `directory` is not a reward model `load_exported` reads (None when it is): a
+    one-label sequence classifier (`dpo-jax export` of a reward_model run) or an older
+    export's HF directory with `head.npz`."""
+    if os.path.isfile(os.path.join(directory, HEAD_FILE)):
+        return None
+    config_file = os.path.join(directory, "config.json")
+    try:
+        with open(config_file) as f:
+            hf_cfg = json.load(f)
+    except (OSError, ValueError):
+        return "has no readable config.json"
+    if not isinstance(hf_cfg, dict) or not models.is_classifier(hf_cfg):
+        arch = hf_cfg.get("architectures") if isinstance(hf_cfg, dict) else None
+        return f"is not a sequence classifier (architectures {arch}) and has no {HEAD_FILE}"
+    labels = len(hf_cfg.get("id2label") or {0: "", 1: ""})  # transformers' default: 2
+    if labels != 1:
+        return f"is a classifier of {labels} labels, not a reward model (1 label)"
+    return None
 
-    from transformers import AutoTokenizer
 
+def _load_head(directory: str, cfg: models.ModelConfig) -> dict[str, np.ndarray]:
+    """The head `{"kernel": [D], "bias": []}` of an export: `head.npz`, else the
+    classifier's `score.weight` and the bias recorded in config.json."""
     head_file = os.path.join(directory, HEAD_FILE)
-    if not os.path.isfile(head_file):
-        raise UserError(
-            f"{directory}: no {HEAD_FILE}; export a reward_model run with `dpo-jax export`"
-        )
-    with np.load(head_file) as npz:
-        head = {k: np.asarray(npz[k], np.float32) for k in ("kernel", "bias") if k in npz}
-    if set(head) != {"kernel", "bias"}:
-        raise UserError(f"{head_file}: expected arrays 'kernel' and 'bias', got {sorted(head)}")
-    cfg, params = models.load_hf(directory)
+    if os.path.isfile(head_file):
+        with np.load(head_file) as npz:
+            head = {k: np.asarray(npz[k], np.float32) for k in ("kernel", "bias") if k in npz}
+        if set(head) != {"kernel", "bias"}:
+            raise UserError(f"{head_file}: expected arrays 'kernel' and 'bias', got {sorted(head)}")
+    else:
+        where = os.path.join(directory, models.SCORE_TENSOR)
+        score = models.read_hf_tensor(directory, models.SCORE_TENSOR)
+        if score is None or score.shape[0] != 1:
+            raise UserError(f"{where}: missing or not of shape [1, D]")
+        with open(os.path.join(directory, "config.json")) as f:
+            bias = float(json.load(f).get(REWARD_BIAS_KEY, 0.0))
+        head, head_file = {"kernel": score[0].astype(np.float32), "bias": np.float32(bias)}, where
     if head["kernel"].shape != (cfg.hidden_size,):
         raise UserError(
             f"{head_file}: kernel of shape {head['kernel'].shape}, the model's hidden size is "
             f"{cfg.hidden_size}"
         )
+    return head
+
+
+def load_exported(directory: str, tokenizer: Any = None, **kw: Any) -> LearnedReward:
+    """The reward model `dpo-jax export` wrote for an `objective.name=reward_model` run (a
+    one-label `AutoModelForSequenceClassification` directory, or an older export's HF
+    directory with `head.npz`) as a `LearnedReward`, with the directory's tokenizer
+    unless one is given. `kw`: `LearnedReward`'s options."""
+    from transformers import AutoTokenizer
+
+    problem = not_a_reward_model(directory)
+    if problem is not None:
+        raise UserError(f"{directory} {problem}; export a reward_model run with `dpo-jax export`")
+    cfg, params = models.load_hf(directory)
+    head = _load_head(directory, cfg)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     params = {objectives.MODEL: params, objectives.HEAD: head}

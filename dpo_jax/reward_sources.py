@@ -5,8 +5,10 @@ PPO, GRPO, RLOO and online DPO score their rollouts with a *rollout reward*
 built from a config string (`online.reward`) by `from_spec`:
 
     vader                    VADER sentiment of the decoded prompt + completion
-    hf:DIR                   a Hugging Face sequence classifier: P(class 1) of prompt + completion
-    reward_model:DIR         `dpo-jax export` of a reward_model run: the sampled token ids
+    hf:DIR                   a Hugging Face sequence classifier on prompt + completion: the
+                             logit of a one-label one (a reward model), else P(class 1)
+    reward_model:DIR         `dpo-jax export` of a reward_model run (our forward, EOS appended
+                             as in training): the sampled token ids
                              when it shares the policy's tokenizer, else the decoded text
     python:MODULE:FUNCTION   a TRL-style reward function (TRL `reward_funcs`):
                              FUNCTION(prompts=[str], completions=[str], completion_ids=[[int]],
@@ -47,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from dpo_jax import judge, reward_model, rewards, sampling
+from dpo_jax import judge, models, reward_model, rewards, sampling
 from dpo_jax.data import tokenize
 from dpo_jax.errors import config_error
 
@@ -361,32 +363,45 @@ def _python_reward_function(target: str, spec: str, key: str) -> Callable[..., A
 # ------------------------------------------------------------------- checking specs
 
 
+def _hf_config(target: str) -> dict[str, Any] | None:
+    """config.json of a directory as a dict, or None when absent or unreadable."""
+    try:
+        hf_cfg = json.loads((pathlib.Path(target) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return hf_cfg if isinstance(hf_cfg, dict) else None
+
+
+def _num_labels(target: str) -> int:
+    """A classifier directory's label count (transformers' default: 2)."""
+    return len((_hf_config(target) or {}).get("id2label") or {0: "", 1: ""})
+
+
 def _check_dir(kind: str, target: str, key: str, where: str = "") -> None:
     """What an `hf:` / `reward_model:` spec points at, before anything loads: the
-    directory exists; an `hf:` one is a sequence classifier, a `reward_model:` one has
-    its exported head. `where`: the whole spec, when it has several rewards."""
+    directory exists; an `hf:` one is a sequence classifier, a `reward_model:` one is
+    an export of a reward_model run. `where`: the whole spec, when it has several rewards."""
     if not os.path.isdir(target):
         problem = "is not a directory" if os.path.exists(target) else "does not exist"
         raise config_error(key, f"{target!r}{where} {problem}", f"use {SPECS}")
-    head = os.path.isfile(os.path.join(target, reward_model.HEAD_FILE))
-    if kind == "reward_model" and not head:
-        raise config_error(
-            key, f"{target!r}{where} has no {reward_model.HEAD_FILE}",
-            "export a reward_model run with `dpo-jax export`",
-        )  # fmt: skip
-    if kind == "hf":
-        config_file = pathlib.Path(target) / "config.json"
-        arch = None
-        if config_file.is_file():
-            try:
-                arch = json.loads(config_file.read_text()).get("architectures")
-            except (ValueError, AttributeError):
-                arch = None
-        if not any(str(a).endswith("ForSequenceClassification") for a in arch or ()):
+    if kind == "reward_model":
+        problem = reward_model.not_a_reward_model(target)
+        if problem is not None:
             raise config_error(
-                key, f"{target!r}{where} is not a sequence classifier (architectures {arch})",
+                key,
+                f"{target!r}{where} {problem}",
+                "export a reward_model run with `dpo-jax export`",
+            )
+    if kind == "hf":
+        hf_cfg = _hf_config(target) or {}
+        if not models.is_classifier(hf_cfg):
+            head = os.path.isfile(os.path.join(target, reward_model.HEAD_FILE))
+            raise config_error(
+                key,
+                f"{target!r}{where} is not a sequence classifier "
+                f"(architectures {hf_cfg.get('architectures')})",
                 f"use {'reward_model:DIR' if head else SPECS}",
-            )  # fmt: skip
+            )
 
 
 def check_spec(spec: Spec, key: str = "online.reward", weights: Any = None) -> None:
@@ -412,17 +427,22 @@ def check_spec(spec: Spec, key: str = "online.reward", weights: Any = None) -> N
 def _one_reward(kind: str, target: str, tokenizer: Any, key: str) -> RolloutReward:
     """One reward of a spec (`tokenizer`: the policy's).
 
-    `vader` and `hf:DIR` (the probability of class 1, the positive class of a binary
-    classifier) score the decoded prompt + completion, as TRL's PPOTrainer scores query +
+    `vader` and `hf:DIR` (a one-label classifier's logit, the reward of a reward
+    model; else the probability of class 1, the positive class of a binary classifier)
+    score the decoded prompt + completion, as TRL's PPOTrainer scores query +
     response. `reward_model:DIR` scores the sampled token ids when its tokenizer is the
     policy's (`reward_from_ids`, the sequences it was trained on), else the decoded text.
     """
     if kind == "vader":
         return reward_from_texts(rewards.VaderReward(), tokenizer, with_prompt=True)
     if kind == "hf":
-        return reward_from_texts(
-            rewards.HFClassifierReward(target, label=1), tokenizer, with_prompt=True
+        # a reward model (one label, e.g. `dpo-jax export` of a reward_model run or a
+        # TRL RewardTrainer's): its logit; a binary classifier: P(class 1)
+        one = _num_labels(target) == 1
+        clf = rewards.HFClassifierReward(
+            target, label=0 if one else 1, score="logit" if one else "prob"
         )
+        return reward_from_texts(clf, tokenizer, with_prompt=True)
     if kind == "python":
         spec = f"python:{target}"
         fn = _python_reward_function(target, spec, key)
@@ -555,3 +575,41 @@ def judge_from_spec(
     else:
         complete = judge.hf_completer(target, max_new_tokens=max_new_tokens, rows=rows, dtype=dtype)
     return judge.LLMJudge(complete, _template(template, key), seed=seed)
+
+
+# ------------------------------------------------------------- rewards of saved texts
+
+
+def text_reward(spec: str, key: str = "--reward") -> Callable[[list[str], list[str]], np.ndarray]:
+    """One reward spec as `fn(prompts, completions) -> [n]` float64, for texts already
+    sampled (`dpo-jax evaluate --samples`). Text rewards (`vader`, `hf:DIR`,
+    `reward_model:DIR`) score prompt + completion, as during rollouts; a python reward
+    gets `prompts=` and `completions=`."""
+    check_spec(spec, key)
+    parsed = parse(spec, key)
+    if len(parsed) != 1:
+        raise config_error(key, f"{spec!r} names {len(parsed)} rewards", "give one")
+    kind, target = parsed[0]
+    if kind == "python":
+        fn = _python_reward_function(target, spec, key)
+        accepts = _keywords(fn)
+
+        def python_texts(prompts: list[str], completions: list[str]) -> np.ndarray:
+            args = {"prompts": prompts, "completions": completions}
+            if accepts is not None:
+                args = {k: v for k, v in args.items() if k in accepts}
+            return _scores(fn(**args), len(prompts), spec, key)
+
+        return python_texts
+    if kind == "vader":
+        scorer = rewards.VaderReward()
+    elif kind == "hf":
+        scorer = rewards.HFClassifierReward(target, label=1)
+    else:
+        scorer = reward_model.load_exported(target)
+
+    def texts(prompts: list[str], completions: list[str]) -> np.ndarray:
+        joined = [p + c for p, c in zip(prompts, completions, strict=True)]
+        return np.asarray(scorer(joined), np.float64)
+
+    return texts

@@ -143,7 +143,7 @@ def number_rows(sequence_index_NxL: np.ndarray) -> np.ndarray:
 
 def host_share(batch_A: Mapping[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
     """This host's rows of a `[A, N, ...]` batch, numbered as a batch of their own (what
-    `Trainer.step` takes from each host: `train.globalize_host_batch` numbers them
+    `Trainer.step` takes from each host: `trainer.globalize_host_batch` numbers them
     globally, host after host)."""
     out = {k: v[:, rows] for k, v in batch_A.items()}
     out["sequence_index"] = number_rows(out["sequence_index"])
@@ -202,43 +202,6 @@ def prompt_indices(num_prompts: int, per_rollout: int, rollout: int, seed: int) 
     return np.asarray(out, np.int64)
 
 
-def rollout_rows(
-    samples: sampling.SampleOutput, pad_id: int
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The rollout as a stacked batch (row k = sample k: its prompt, then its completion
-    with the EOS; `sequence_index` marks the completion) and the `[S, M]` completion mask.
-
-    Rows have one length per rollout shape: the sampler's prompt bucket + max_new_tokens
-    (one compile of the step for the whole phase when prompts share a bucket).
-    """
-    prompt_len = samples.prompt_ids.shape[1]
-    prompts = [
-        row[prompt_len - int(n) :]
-        for row, n in zip(samples.prompt_ids, samples.prompt_lengths, strict=True)
-    ]
-    comps = [np.asarray(c, np.int32) for c in samples.completion_ids(keep_eos=True)]
-    length = prompt_len + samples.tokens.shape[1]
-    return batching.build_stacked(prompts, comps, length, pad_id), samples.mask
-
-
-def to_tokens(
-    x_SxM: np.ndarray, mask_SxM: np.ndarray, sequence_index_SxL: np.ndarray
-) -> np.ndarray:
-    """Completion-aligned `[S, M]` values placed on their tokens `[S, L]` (0 elsewhere)."""
-    out = np.zeros(sequence_index_SxL.shape, np.float32)
-    out[sequence_index_SxL >= 0] = np.asarray(x_SxM, np.float32)[mask_SxM]
-    return out
-
-
-def from_tokens(
-    x_SxL: np.ndarray, mask_SxM: np.ndarray, sequence_index_SxL: np.ndarray
-) -> np.ndarray:
-    """Token-aligned `[S, L]` values of the completion tokens, as `[S, M]` (0 past the end)."""
-    out = np.zeros(mask_SxM.shape, np.float32)
-    out[mask_SxM] = np.asarray(x_SxL, np.float32)[sequence_index_SxL >= 0]
-    return out
-
-
 def mini_batches(
     cfg: RolloutConfig, batch: Mapping[str, np.ndarray], rollout: int, epoch: int, seed: int
 ):
@@ -289,7 +252,7 @@ def _in_sequence_order(
 ) -> dict[str, np.ndarray]:
     """Rows of a gathered micro-batch sorted by their sequence number: host `h`'s row `k`
     is sequence `h n + k` (`host_share`; rollout objectives are unpaired, so
-    `train.globalize_host_batch` numbers host after host), i.e. the rollout's order,
+    `trainer.globalize_host_batch` numbers host after host), i.e. the rollout's order,
     whatever order the mesh's devices put the hosts' rows in (one host: unchanged)."""
     order = np.argsort(np.max(sequence_index_NxL, axis=-1), kind="stable")
     return {k: np.asarray(v)[order] for k, v in stats.items()}

@@ -9,10 +9,9 @@ max_new_tokens), the decode once per those and the decoding mode; temperature, t
 the EOS ids, the prompts, the key and the parameter values are traced, so successive
 rollouts and rounds of an on-policy run reuse both (``tests/test_sampler_compiles.py``).
 
-Decoding: greedy (``temperature=0``), or sampling at a temperature with
-optional top-k then top-p (nucleus) truncation, applied in that order as
-Hugging Face's ``generate`` does. A fixed ``jax.random`` key gives the same
-samples on every run and every mesh (threefry is partitionable).
+Decoding (`token_choice`): greedy (``temperature=0``), or a temperature with optional
+top-k then top-p, as Hugging Face's ``generate``. A fixed ``jax.random`` key gives the
+same samples on every run and every mesh (threefry is partitionable).
 
 Log-probs returned per generated token:
 
@@ -33,21 +32,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from dpo_jax import paths
+from dpo_jax import models, scoring, sharding, token_choice
+from dpo_jax.data import batching
 from dpo_jax.errors import UserError
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -128,209 +125,11 @@ class SampleOutput:
         return out
 
 
-# ------------------------------------------------------------------ random draws
-#
-# jax.random.categorical(key, logits) = argmax(gumbel(key) + logits). On XLA:CPU at a
-# 50k vocabulary two parts of it cost more than the noise needs (GPT-2 small, batch 8,
-# one decode step): the threefry hash is lowered as a 5-iteration while loop that
-# writes two [N, V] uint32 arrays per iteration, and the argmax is a variadic (value,
-# index) reduction that XLA:CPU runs unvectorised, with the Gumbel transform's two logs
-# fused into it. `_categorical` draws the same integers and computes the same floats
-# (the float code is jax's own `gumbel`) with neither: an unrolled hash (one fused
-# loop) and a max + first-index reduction pair over the materialised perturbed logits.
-
-
-def _rotate_left32(x: jax.Array, r: int) -> jax.Array:
-    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
-
-
-def _threefry2x32(
-    k1: jax.Array, k2: jax.Array, x0: jax.Array, x1: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Threefry-2x32, 20 rounds, unrolled: the integers of jax's `threefry2x32_p`."""
-    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
-    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for i in range(5):
-        for r in rotations[i % 2]:
-            x0 = x0 + x1
-            x1 = x0 ^ _rotate_left32(x1, r)
-        x0 = x0 + ks[(i + 1) % 3]
-        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
-    return x0, x1
-
-
-def _threefry_random_bits(key_data: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
-    """jax's threefry `random_bits` (partitionable layout) through the unrolled hash.
-
-    Element i (row-major) hashes the counter pair (i >> 32, i & 0xffffffff) and keeps
-    the XOR of the two output words, as jax does with ``jax_threefry_partitionable``.
-    """
-    from jax.extend import random as jex_random  # lazy: only traced when sampling
-
-    size = math.prod(shape)
-    if bit_width != 32 or not shape or size >= 2**32:
-        return jex_random.threefry_prng_impl.random_bits(key_data, bit_width, shape)
-    count = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for dim in reversed(range(len(shape))):  # sum of iotas: XLA can partition it
-        count = count + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
-        stride *= shape[dim]
-    k1 = jnp.broadcast_to(key_data[0], shape)
-    k2 = jnp.broadcast_to(key_data[1], shape)
-    hi, lo = _threefry2x32(k1, k2, jnp.zeros(shape, jnp.uint32), count)
-    return hi ^ lo
-
-
-@functools.cache
-def _unrolled_threefry() -> Any:
-    """A PRNG implementation equal to threefry2x32 except for how its bits are lowered."""
-    from jax.extend import random as jex_random  # lazy: only traced when sampling
-
-    base = jex_random.threefry_prng_impl
-    return jex_random.define_prng_impl(
-        key_shape=base.key_shape,
-        seed=base.seed,
-        split=base.split,
-        random_bits=_threefry_random_bits,
-        fold_in=base.fold_in,
-        name="threefry2x32_unrolled",
-        tag="fry_u",
-    )
-
-
-def _fast_key(key: jax.Array) -> jax.Array:
-    """``key`` re-wrapped for the unrolled hash where that gives jax's own bits; else as is."""
-    if not jax.config.jax_threefry_partitionable:
-        return key
-    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)  # a raw uint32[2] key: the default impl
-    if str(jax.random.key_impl(key)) != "threefry2x32":
-        return key
-    return jax.random.wrap_key_data(jax.random.key_data(key), impl=_unrolled_threefry())
-
-
-def _first_argmax(x_NxV: jax.Array) -> jax.Array:
-    """``jnp.argmax(x, axis=-1)`` (first maximum; a NaN counts as the maximum), int32.
-
-    Two plain reductions instead of XLA:CPU's unvectorised (value, index) reduction.
-    """
-    max_N1 = jnp.max(x_NxV, axis=-1, keepdims=True)
-    hit_NxV = (x_NxV == max_N1) | jnp.isnan(x_NxV)
-    index_NxV = jax.lax.broadcasted_iota(jnp.int32, x_NxV.shape, x_NxV.ndim - 1)
-    return jnp.min(jnp.where(hit_NxV, index_NxV, x_NxV.shape[-1]), axis=-1)
-
-
-def _categorical(key: jax.Array, logits_NxV: jax.Array) -> jax.Array:
-    """``jax.random.categorical(key, logits, axis=-1)``: the same draws, int32."""
-    perturbed_NxV = (
-        jax.random.gumbel(_fast_key(key), logits_NxV.shape, logits_NxV.dtype) + logits_NxV
-    )
-    return _first_argmax(perturbed_NxV)
-
-
-# ------------------------------------------------------------------ token choice
-
-
-def _top_p_keep(sorted_logits_NxK: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Keep mask over descending-sorted logits: the smallest prefix with mass >= top_p.
-
-    A token is kept iff the probability mass strictly before it is < top_p, which
-    always keeps the first token (HF's ``min_tokens_to_keep=1``).
-    """
-    probs = jax.nn.softmax(sorted_logits_NxK, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    return mass_before < top_p
-
-
-def filter_logits(
-    logits_NxV: jax.Array,
-    top_k: int = 0,
-    top_p: float | jax.Array = 1.0,
-    use_top_p: bool | None = None,
-) -> jax.Array:
-    """Set logits outside the top-k and then outside the top-p nucleus to -inf.
-
-    ``top_k`` is static (0 = off); ``top_p`` may be traced. ``use_top_p`` (static)
-    skips the vocabulary sort when False; by default it is ``top_p < 1`` for a
-    Python float and True for a traced value.
-    """
-    if use_top_p is None:
-        use_top_p = not isinstance(top_p, int | float) or top_p < 1.0
-    vocab = logits_NxV.shape[-1]
-    neg_inf = jnp.asarray(-jnp.inf, logits_NxV.dtype)
-    if 0 < top_k < vocab:
-        kth_N1 = jax.lax.top_k(logits_NxV, top_k)[0][:, -1:]
-        logits_NxV = jnp.where(logits_NxV < kth_N1, neg_inf, logits_NxV)
-    if use_top_p:
-        sorted_NxV = -jnp.sort(-logits_NxV, axis=-1)
-        keep_NxV = _top_p_keep(sorted_NxV, jnp.asarray(top_p, jnp.float32))
-        last_kept_N1 = jnp.sum(keep_NxV, axis=-1, keepdims=True) - 1
-        threshold_N1 = jnp.take_along_axis(sorted_NxV, last_kept_N1, axis=-1)
-        logits_NxV = jnp.where(logits_NxV < threshold_N1, neg_inf, logits_NxV)
-    return logits_NxV
-
-
-def sample_logits(
-    logits_NxV: jax.Array,
-    key: jax.Array,
-    temperature: float | jax.Array = 1.0,
-    *,
-    greedy: bool = False,
-    top_k: int = 0,
-    top_p: float | jax.Array = 1.0,
-    use_top_p: bool | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Pick one token per row; returns ``(tokens_N, sampling_logps_N)``.
-
-    Order as in HF: logits / temperature, then top-k, then top-p. With top-k the
-    nucleus is computed over the k survivors only (no vocabulary-wide sort).
-    ``sampling_logps`` is the chosen token's log-prob under that final
-    distribution (0 for greedy).
-    """
-    logits_NxV = logits_NxV.astype(jnp.float32)
-    if greedy:
-        tokens_N = _first_argmax(logits_NxV)
-        return tokens_N, jnp.zeros(tokens_N.shape, jnp.float32)
-    if use_top_p is None:
-        use_top_p = not isinstance(top_p, int | float) or top_p < 1.0
-    scaled_NxV = logits_NxV / jnp.asarray(temperature, jnp.float32)
-    vocab = scaled_NxV.shape[-1]
-    if 0 < top_k < vocab:
-        # Work on the k best only: already sorted descending by lax.top_k.
-        vals_NxK, idx_NxK = jax.lax.top_k(scaled_NxV, top_k)
-        if use_top_p:
-            keep = _top_p_keep(vals_NxK, jnp.asarray(top_p, jnp.float32))
-            vals_NxK = jnp.where(keep, vals_NxK, -jnp.inf)
-        choice_N = _categorical(key, vals_NxK)
-        tokens_N = jnp.take_along_axis(idx_NxK, choice_N[:, None], axis=-1)[:, 0]
-        logp_N = jnp.take_along_axis(
-            jax.nn.log_softmax(vals_NxK, axis=-1), choice_N[:, None], axis=-1
-        )[:, 0]
-        return tokens_N.astype(jnp.int32), logp_N
-    if use_top_p:
-        scaled_NxV = filter_logits(scaled_NxV, 0, top_p, use_top_p=True)
-    tokens_N = _categorical(key, scaled_NxV)
-    logp_N = jnp.take_along_axis(jax.nn.log_softmax(scaled_NxV, axis=-1), tokens_N[:, None], -1)[
-        :, 0
-    ]
-    return tokens_N, logp_N
-
-
-def _token_logps(logits_NxV: jax.Array, tokens_N: jax.Array) -> jax.Array:
-    """log softmax(logits)[token] per row, in float32."""
-    logits_NxV = logits_NxV.astype(jnp.float32)
-    lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
-    return jnp.take_along_axis(logits_NxV, tokens_N[:, None], axis=-1)[:, 0] - lse_N
-
-
 # --------------------------------------------------------------------- the model
 
 
 def _model_and_cfg(model: Any) -> tuple[Any, Any]:
     """Accept a ``models.Transformer`` or a ``models.ModelConfig``."""
-    from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
-
     if isinstance(model, models.ModelConfig):
         return models.Transformer(model), model
     for attr in ("cfg", "config"):
@@ -362,8 +161,6 @@ def _prefill_core(
 
     ``logits_NxV`` (float32, the real vocabulary) predicts each row's first new token.
     """
-    from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
-
     num_rows, prompt_len = prompt_ids_NxP.shape
     cache_len = prompt_len + max_new_tokens
     pad_N = prompt_len - prompt_lengths_N
@@ -427,7 +224,7 @@ def _decode_core(
     def sample(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Token t for every live row from ``s["logits"]``; writes column t."""
         t = s["t"]
-        tok_N, slogp_N = sample_logits(
+        tok_N, slogp_N = token_choice.sample_logits(
             s["logits"],
             jax.random.fold_in(key, t),
             temperature,
@@ -436,7 +233,7 @@ def _decode_core(
             top_p=top_p,
             use_top_p=use_top_p,
         )
-        logp_N = _token_logps(s["logits"], tok_N)
+        logp_N = token_choice.token_logps(s["logits"], tok_N)
         live_N = ~s["done"]
         tok_N = jnp.where(live_N, tok_N, pad_token_id)
         new = dict(s)
@@ -555,8 +352,6 @@ def left_pad(
 
 
 def _data_parallel_size(mesh: Any) -> int:
-    from dpo_jax import sharding  # lazy: flax; `dpo-jax sample --help` imports only jax
-
     return int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape]))
 
 
@@ -666,11 +461,6 @@ def _run_sharded(
     prefill: Any, decode: Any, mesh: Any, params: Any, args: tuple[Any, ...]
 ) -> dict[str, jax.Array]:
     """Place rows on the data-parallel axes and run under the mesh and the rule table."""
-    import flax.linen as nn
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from dpo_jax import sharding  # lazy: flax; `dpo-jax sample --help` imports only jax
-
     batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.shape)
     rows = NamedSharding(mesh, PartitionSpec(batch_axes))
     ids, lengths, *scalars = args
@@ -744,118 +534,58 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-# ---------------------------------------------------------- scoring samples
+# ------------------------------------------------------ samples as rows, scored
+
+
+def stacked_rows(samples: SampleOutput, pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The samples as a stacked batch (row k = sample k: its prompt, then its completion
+    with the EOS; `sequence_index` marks the completion) and the `[S, M]` completion mask.
+
+    Rows have one length per sampler shape: the sampler's prompt bucket + max_new_tokens
+    (one compile of the step for the whole phase when prompts share a bucket).
+    """
+    prompt_len = samples.prompt_ids.shape[1]
+    prompts = [
+        row[prompt_len - int(n) :]
+        for row, n in zip(samples.prompt_ids, samples.prompt_lengths, strict=True)
+    ]
+    comps = [np.asarray(c, np.int32) for c in samples.completion_ids(keep_eos=True)]
+    length = prompt_len + samples.tokens.shape[1]
+    return batching.build_stacked(prompts, comps, length, pad_id), samples.mask
+
+
+def to_tokens(
+    x_SxM: np.ndarray, mask_SxM: np.ndarray, sequence_index_SxL: np.ndarray
+) -> np.ndarray:
+    """Completion-aligned `[S, M]` values placed on their tokens `[S, L]` (0 elsewhere)."""
+    out = np.zeros(sequence_index_SxL.shape, np.float32)
+    out[sequence_index_SxL >= 0] = np.asarray(x_SxM, np.float32)[mask_SxM]
+    return out
+
+
+def from_tokens(
+    x_SxL: np.ndarray, mask_SxM: np.ndarray, sequence_index_SxL: np.ndarray
+) -> np.ndarray:
+    """Token-aligned `[S, L]` values of the completion tokens, as `[S, M]` (0 past the end)."""
+    out = np.zeros(mask_SxM.shape, np.float32)
+    out[mask_SxM] = np.asarray(x_SxL, np.float32)[sequence_index_SxL >= 0]
+    return out
 
 
 def score_samples(model: Any, params: Any, samples: SampleOutput) -> np.ndarray:
-    """Log-probs ``[N, M]`` of the generated tokens under ``params`` by one full forward.
+    """Log-probs ``[N, M]`` of the generated tokens under ``params``, zero after each
+    row's end: `scoring.score` over the samples as stacked rows (`stacked_rows`).
 
     Used for the reference model's log-probs in a KL estimate, and as the
-    non-cached path that checks the KV-cache decode. Zero after each row's end.
+    non-cached path that checks the KV-cache decode.
     """
-    model, cfg = _model_and_cfg(model)
-    ids = np.concatenate([samples.prompt_ids, samples.tokens], axis=1).astype(np.int32)
-    num_rows, prompt_len = samples.prompt_ids.shape
-    steps = samples.tokens.shape[1]
-    pad_N = prompt_len - samples.prompt_lengths
-    col = np.arange(prompt_len + steps)[None, :]
-    positions = np.maximum(col - pad_N[:, None], 0).astype(np.int32)
-    valid = (col >= pad_N[:, None]) & (col < (prompt_len + samples.lengths)[:, None])
-    segment_ids = valid.astype(np.int32)
-    logps = _score_fn(model)(params, ids, positions, segment_ids, prompt_len, steps)
-    return np.asarray(logps) * samples.mask
+    model, _ = _model_and_cfg(model)
+    rows, mask_NxM = stacked_rows(samples, samples.config.pad_token_id)
+    stats = _token_scorer(model)(params, rows, rows["input_ids"].shape[0])
+    return from_tokens(np.asarray(stats.token_logps_NxL), mask_NxM, rows["sequence_index"])
 
 
 @functools.lru_cache(maxsize=16)
-def _score_fn(model: Any) -> Any:
-    @functools.partial(jax.jit, static_argnums=(4, 5))
-    def score(params, ids, positions, segment_ids, prompt_len, steps):
-        hidden = model.apply(
-            {"params": params},
-            ids,
-            positions=positions,
-            segment_ids=segment_ids,
-            return_hidden=True,
-        )
-        # Position p predicts token p + 1: the generated tokens sit at P .. P+M-1.
-        hidden = hidden[:, prompt_len - 1 : prompt_len - 1 + steps]
-        logits = model.apply({"params": params}, hidden, method="logits").astype(jnp.float32)
-        targets = ids[:, prompt_len : prompt_len + steps]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse
-
-    return score
-
-
-# ------------------------------------------------------- prompts and models from files
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a JSONL file with a ``prompt`` field per line, or a plain text file."""
-    prompts: list[str] = []
-    with paths.Path(path).open("r", encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    as_jsonl = path.endswith((".jsonl", ".json")) or (lines and lines[0].lstrip().startswith("{"))
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if not as_jsonl:
-            prompts.append(line)
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UserError(f"{path}:{lineno}: expected an object with a string 'prompt' field")
-        prompts.append(row["prompt"])
-    if not prompts:
-        raise UserError(f"{path}: no prompts")
-    return prompts
-
-
-def _is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        name.endswith(".safetensors") for name in os.listdir(path)
-    )
-
-
-def load_model(
-    path: str, tokenizer_path: str | None = None, dtype: str = "float32", step: int | None = None
-) -> tuple[Any, Any, Any]:
-    """``(cfg, params, tokenizer)`` from a Hugging Face directory or a training checkpoint.
-
-    A directory with ``config.json`` and safetensors weights is read with
-    ``models.load_hf``; anything else (a run directory holds the training config as
-    ``config.json`` but no weights) is treated as a run / checkpoints / step directory
-    of ``dpo_jax.checkpoint``
-    (model config from the checkpoint's metadata, tokenizer from the run's
-    ``tokenizer/`` unless ``tokenizer_path`` is given).
-    """
-    from transformers import AutoTokenizer
-
-    from dpo_jax import models  # lazy: flax; `dpo-jax sample --help` imports only jax
-
-    jdtype = jnp.dtype(dtype)
-    if _is_hf_dir(path):
-        cfg, params = models.load_hf(path, dtype=jdtype, param_dtype=jdtype)
-        tok_dir = tokenizer_path or path
-    else:
-        from dpo_jax import checkpoint  # lazy: orbax, only for a checkpoint path
-
-        _, meta, params = checkpoint.load_params(path, step)
-        saved = meta.get("model_config")
-        if not saved:
-            raise UserError(
-                f"{path}: checkpoint has no model config; export it with `dpo-jax export`"
-            )
-        cfg = models.ModelConfig.from_dict({**saved, "dtype": dtype, "param_dtype": dtype})
-        params = jax.tree.map(lambda x: jnp.asarray(x, jdtype), params)
-        tok_dir = tokenizer_path
-        if tok_dir is None:
-            found = checkpoint.run_tokenizer_dir(path)
-            tok_dir = None if found is None else os.fspath(found)
-        if tok_dir is None:
-            raise UserError(f"{path}: no tokenizer/ next to the checkpoint; pass --tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    return cfg, params, tokenizer
+def _token_scorer(model: Any) -> Any:
+    """The host scorer of per-token log-probs for one model, built once."""
+    return scoring.host_scorer(model.apply, needs=("token_logps",))

@@ -87,15 +87,6 @@ def _lookup(config: Any, dotted: str) -> Any:
     return config
 
 
-def _default_of(field: str) -> Any:
-    """A dataclass field whose default is configs/default.py's value (the only default)."""
-
-    def factory() -> Any:
-        return step_settings(default.get_config())[field]
-
-    return dataclasses.field(default_factory=factory)
-
-
 def step_settings(config: Any) -> dict[str, Any]:
     """The `StepConfig` fields a (complete) run config sets: `CONFIG_KEYS`, the loss
     (`loss.name` + `loss.weights`), its hyper-parameters (None = the loss's default,
@@ -116,12 +107,25 @@ def step_settings(config: Any) -> dict[str, Any]:
     return out
 
 
+def default_settings(**fields: Any) -> dict[str, Any]:
+    """`step_settings` of configs/default.py's config with `fields` (StepConfig settings)
+    over it: the settings a Python caller with no run config passes (tests, benchmarks).
+    A name that is not a step setting is refused."""
+    out = step_settings(default.get_config())
+    unknown = sorted(set(fields) - set(out))
+    if unknown:
+        raise TypeError(f"{unknown[0]!r} is not a step setting; known: {', '.join(sorted(out))}")
+    out.update(fields)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Static (hashable-by-identity) settings the step is traced with.
 
-    Built once per run by `from_config` (the Trainer) or, from Python, with the fields
-    a caller sets; a field left out takes configs/default.py's value.
+    Built once per run by `from_config` (the Trainer); from Python without a run
+    config, with `**default_settings(...)`. No field restates a default of
+    configs/default.py: every setting is given.
     """
 
     apply_fn: Callable[..., Any]  # model.apply
@@ -129,26 +133,27 @@ class StepConfig:
     schedule: optax.Schedule
     loss_name: str | losses.LossSpec  # a name or a `losses.parse_loss_spec` mix
     # keyword arguments of the loss; {} = the loss function's own defaults
-    loss_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    reference: str = "frozen"  # resolved per run (`train.resolve_reference_mode`)
-    nan_policy: str = _default_of("nan_policy")
+    loss_hyper: Mapping[str, Any]
+    reference: str  # resolved per run (`loading.resolve_reference_mode`)
+    nan_policy: str
     # > 0: never materialise [N, L, V] logits (chunked unembedding)
-    logps_chunk_size: int = _default_of("logps_chunk_size")
+    logps_chunk_size: int
     # The Trainer adds `scored_positions` to host batches, so the step unembeds only the
     # positions that predict a scored token (same numbers, less work).
-    unembed_scored_only: bool = _default_of("unembed_scored_only")
-    ref_model_sync_steps: int = _default_of("ref_model_sync_steps")  # TR-DPO: 0 = never
-    ref_model_mixup_alpha: float = _default_of("ref_model_mixup_alpha")
-    grad_shardings: Any = None  # param shardings, to keep the accumulator sharded
+    unembed_scored_only: bool
+    ref_model_sync_steps: int  # TR-DPO: 0 = never
+    ref_model_mixup_alpha: float
     # TRL's entropy, logits/chosen, logits/rejected, mean_token_accuracy (paired losses):
     # per-sequence sums from the scoring path, no gradient.
-    token_metrics: bool = _default_of("token_metrics")
-    lora_scale: float = 0.0  # LoRA alpha / r (> 0 when state.base_params holds a base)
+    token_metrics: bool
     # `objectives.OBJECTIVES` name: what the step minimises (preference, sft, reward_model)
-    objective: str = _default_of("objective")
+    objective: str
     # The objective's own settings (`config.objective` less its name), e.g. the reward
     # model's center_rewards_coefficient.
-    objective_hyper: Mapping[str, Any] = _default_of("objective_hyper")
+    objective_hyper: Mapping[str, Any]
+    # Not settings but facts of the run the Trainer fills in; None / 0.0 mean "absent".
+    grad_shardings: Any = None  # param shardings, to keep the accumulator sharded
+    lora_scale: float = 0.0  # LoRA alpha / r (> 0 when state.base_params holds a base)
 
     @classmethod
     def from_config(cls, config: Any, **runtime: Any) -> StepConfig:

@@ -5,7 +5,7 @@ tokenizer. (Metrics JSONL + TensorBoard: `dpo_jax.metrics.MetricsWriter`.)
 An experiment module exposes ``get_config(preset)`` and calls :func:`parse_args` in
 its ``main``; the command line is
 
-    python -m experiments.NAME [--preset=NAME] [--config.key=value ...] [--dry_run]
+    python -m experiments.NAME [--preset NAME] [--config.key=value ...] [--dry_run]
 
 Overrides are parsed by `dpo_jax.configs` (Python literals, falling back to the raw
 string) and type-checked by the ConfigDict, so ``--config.dpo.betas=(0.1,1.0)`` and
@@ -20,6 +20,8 @@ import datetime
 import io
 import math
 import os
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import configs, paths
+from dpo_jax.errors import UserError
 
 # --------------------------------------------------------------------- command line
 
@@ -40,36 +43,88 @@ class ExperimentArgs:
     dry_run: bool
 
 
+def usage(name: str, presets: Sequence[str], config: ml_collections.ConfigDict) -> str:
+    """`--help`: the command line, the presets and the config's keys with their values."""
+    lines = [
+        f"usage: python -m experiments.{name} [--preset NAME] [--config.KEY=VALUE ...] [--dry_run]",
+        "",
+        f"presets: {', '.join(presets)} (default {presets[0]})",
+        "--dry_run: compile every phase on simulated devices and print its memory, train nothing",
+        "--config.KEY=VALUE: set any key below (Python literals; strings as they are)",
+        "",
+        f"config keys (preset {presets[0]}):",
+    ]
+    flat = _flatten(config.to_dict())
+    width = max(len(k) for k in flat)
+    lines += [f"  {k.ljust(width)}  {v!r}" for k, v in flat.items()]
+    return "\n".join(lines)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def parse_args(
     get_config: Callable[[str], ml_collections.ConfigDict],
     argv: Sequence[str],
     presets: Sequence[str],
+    name: str = "NAME",
 ) -> ExperimentArgs:
-    """Parse ``[--preset=NAME] [--config.key=value ...] [--dry_run]`` into a config;
-    the first of `presets` is the default. Overrides go through `dpo_jax.configs` (the
-    same parsing and type checks as ``dpo-jax train``)."""
+    """Parse ``[--preset NAME | --preset=NAME] [--config.key=value ...] [--dry_run]`` into a
+    config; the first of `presets` is the default. Overrides go through `dpo_jax.configs`
+    (the same parsing and type checks as ``dpo-jax train``). ``--help`` prints the usage,
+    presets and config keys and exits 0; a mistake is a one-line `UserError`."""
     rest, overrides = configs.split_overrides(list(argv))
+    for i, (key, value) in enumerate(overrides):
+        if key == "workdir":  # the name before run_dir
+            warnings.warn(
+                "--config.workdir is deprecated: use --config.run_dir", FutureWarning, stacklevel=2
+            )
+            overrides[i] = ("run_dir", value)
     preset = presets[0]
     dry_run = False
-    for arg in rest:
+    args = iter(rest)
+    for arg in args:
         if arg in ("-h", "--help"):
-            raise SystemExit(
-                "usage: python -m experiments.NAME [--preset={"
-                + ",".join(presets)
-                + "}] [--config.key=value ...] [--dry_run]"
-            )
+            print(usage(name, presets, get_config(presets[0])))
+            raise SystemExit(0)
         if arg.startswith("--preset="):
             preset = arg.split("=", 1)[1]
+        elif arg == "--preset":
+            preset = next(args, None)
+            if preset is None:
+                raise UserError("--preset: missing value; write --preset NAME")
         elif arg == "--dry_run":
             dry_run = True
         else:
-            raise SystemExit(f"unrecognised argument {arg!r} (expected --config.key=value)")
+            raise UserError(
+                f"unrecognised argument {arg!r} (expected --preset NAME, --config.KEY=VALUE or "
+                "--dry_run; --help lists them)"
+            )
     if preset not in presets:
-        raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
     config = get_config(preset)
     for key, value in overrides:
         configs.apply_override(config, key, value)
     return ExperimentArgs(config=config, preset=preset, dry_run=dry_run)
+
+
+def console(main: Callable[[], int], name: str) -> int:
+    """An experiment module's `__main__`: `main()`, with a user's mistake (a bad key,
+    value, file or path) printed as one line, exit 2, as `dpo-jax` does."""
+    from dpo_jax import cli  # lazy: the error helpers only, on the way out
+
+    try:
+        return main()
+    except (UserError, *cli.PATH_ERRORS) as error:
+        print(f"python -m experiments.{name}: error: {cli.one_line(error)}", file=sys.stderr)
+        return 2
 
 
 def agg_pyplot():
@@ -98,12 +153,16 @@ def save_figure(fig: Any, ax: Any, title: str, path: str | os.PathLike) -> None:
 
 
 def make_run_dir(config: ml_collections.ConfigDict, experiment: str) -> paths.Path:
-    """``config.workdir`` or ``runs/EXPERIMENT/TIMESTAMP``, created, with config.json in it."""
-    workdir = config.get("workdir") or ""
-    if not workdir:
+    """``config.run_dir`` or ``runs/EXPERIMENT/TIMESTAMP``, created, with config.json in it."""
+    if "workdir" in config:  # set from Python under the old name: it would do nothing
+        raise UserError(
+            "config key 'workdir' was renamed 'run_dir' (the experiment's run directory)"
+        )
+    run_dir = config.run_dir
+    if not run_dir:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        workdir = os.path.join("runs", experiment, stamp)
-    run_dir = paths.Path(workdir)  # local or gs://
+        run_dir = os.path.join("runs", experiment, stamp)
+    run_dir = paths.Path(run_dir)  # local or gs://
     run_dir.mkdir(parents=True, exist_ok=True)
     paths.write_atomic(
         run_dir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True)
@@ -296,8 +355,9 @@ def experiment_config(
 
     c = default.get_config()
     c.preset = preset
-    c.workdir = ""  # the experiment's run directory; empty: runs/NAME/TIMESTAMP
-    c.run_dir = ""  # unused: each training phase runs in workdir/<phase name>
+    c.run_dir = (
+        ""  # the experiment's run directory; empty: runs/NAME/TIMESTAMP; phase P runs in run_dir/P
+    )
     c.model.update(path="", dtype="float32", param_dtype="float32", remat="none")
     c.model.scan_layers = False
     c.model.hidden_size = hidden_size

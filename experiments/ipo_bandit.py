@@ -85,7 +85,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     config.datasets = tuple(DATASETS)
     config.seed = 0
     config.log_every = 100  # trajectory resolution kept for the figure
-    config.workdir = ""  # empty: runs/ipo_bandit/TIMESTAMP
+    config.run_dir = ""  # empty: runs/ipo_bandit/TIMESTAMP
     config.plot = True
     if preset == "small":
         config.steps = 2_000
@@ -232,7 +232,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[list[dict], dict]:
                 optimum = ipo_optimum(num_actions, pairs, tau) if loss_name == "ipo" else None
                 for a in range(num_actions):
                     row[f"pi_{ACTIONS[a]}"] = float(final[k, :, a].mean())
-                    row[f"pi_{ACTIONS[a]}_std"] = float(final[k, :, a].std())
+                    row[f"pi_{ACTIONS[a]}_std"] = float(final[k, :, a].std(ddof=1))
                     row[f"pi_{ACTIONS[a]}_ci95"] = float(
                         common.confidence_half_width(final[k, :, a], CONFIDENCE)
                     )
@@ -308,7 +308,9 @@ def plot(trajectories: dict, config: ml_collections.ConfigDict, path: Path) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: run the grid, print the table, write the run directory."""
-    args = common.parse_args(get_config, sys.argv[1:] if argv is None else argv, PRESETS)
+    args = common.parse_args(
+        get_config, sys.argv[1:] if argv is None else argv, PRESETS, "ipo_bandit"
+    )
     config = args.config
     run_dir = common.make_run_dir(config, "ipo_bandit")
     start = time.perf_counter()
@@ -328,4 +330,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(common.console(main, "ipo_bandit"))

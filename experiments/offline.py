@@ -1,5 +1,8 @@
 """Offline preference experiments as in the DPO paper (§6.2): TL;DR summarization and
-Anthropic HH single-turn dialogue, as phase graphs on the one Trainer.
+Anthropic HH single-turn dialogue, as phase graphs on the one Trainer. A task module
+declares an :class:`Task` and runs ``driver.main(argv, experiment(task, ...))``
+(`experiments.driver`); the data, tokenizer and training phases are in
+`experiments.offline_phases`, the methods' evaluation, graph and report here.
 
 A fixed preference dataset in an upstream format trains every method from one policy
 initialisation; each method then samples one completion per test prompt at every
@@ -32,7 +35,7 @@ Methods (``config.methods``; :data:`METHODS`):
   by the same learned reward model as a pair, the DPO run's loss against the reference
   policy; ``online.*`` with ``method_defaults.online_dpo`` over them.
 
-Phases (``experiments.phases``; each writes ``workdir/<phase>/`` and a ``DONE`` marker,
+Phases (``experiments.phases``; each writes ``run_dir/<phase>/`` and a ``DONE`` marker,
 a rerun skips finished phases and resumes a training phase from its checkpoint):
 ``data`` -> ``tokenizer`` -> the training phases (``sft``, ``preferred_ft``, ``reference``
 log-probs, ``dpo``, ``reward_model``, ``ppo``, ``online_dpo``, as the methods need) -> ``eval_<method>``
@@ -41,10 +44,10 @@ from the eval phases' outputs). ``--dry_run`` lowers each training phase's progr
 abstract params (`train(..., dry_run=True)`) and prints its per-device memory.
 
 Training seeds (``config.seeds``, `common.seed_runs`): the whole graph once per seed in
-``workdir/seed_<s>/`` (the data, fixed by ``data_seed``, is the same for every seed),
+``run_dir/seed_<s>/`` (the data, fixed by ``data_seed``, is the same for every seed),
 then ``summary.csv`` (each method's win rate per temperature: mean, std and 95% CI over
 the seeds, with their count) and ``win_rate.png`` (means with +-1 std bars) in
-``workdir``.
+``run_dir``.
 
 Judges (``config.judge``, :func:`resolve_judge`): the task's lexical fixture judge
 (miniatures), a reward function, or an LLM judge with the paper's appendix C.2 prompt
@@ -56,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -65,12 +67,23 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dpo_jax import checkpoint, configs, data, evaluation, models, objectives, paths
 from dpo_jax import errors as dpo_errors
-from dpo_jax.configs import validate
-from dpo_jax.data.formats import SFT_FORMATS
-from dpo_jax.data.tokenize import settings_from_spec, tokenize_examples
-from experiments import common, phases, pipeline
+from dpo_jax import evaluation, objectives, paths
+from experiments import common, driver, pipeline
+from experiments.offline_phases import (
+    ROLLOUT_SEEDS,
+    Loaded,
+    Task,
+    data_phase,
+    load,
+    pair_training_phase,
+    ppo_phase,
+    reference_phase,
+    rollout_config,
+    rollout_phase,
+    sft_phase,
+    tokenizer_phase,
+)
 from experiments.phases import Context, Phase
 
 OFFLINE_RESULT_COLUMNS = (
@@ -78,26 +91,6 @@ OFFLINE_RESULT_COLUMNS = (
     "unparseable", "num_prompts",
 )  # fmt: skip
 PAPER_TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """What differs between TL;DR and HH.
-
-    write_fixture(directory, config) writes the SYNTHETIC fixture files and returns their
-    paths by role: ``train`` (comparisons), ``test`` (the evaluation prompts and their
-    references) and, when the task has demonstrations, ``sft``.
-    test_format: the `dpo_jax.data` format of the test file; its examples' prompts are
-    the evaluation prompts and ``reference`` names the field the win rate is against.
-    """
-
-    name: str
-    write_fixture: Callable[[epath.Path, Any], dict[str, epath.Path]]
-    test_format: str
-    reference: str  # "completion" (a demonstration's) or "chosen" (a pair's)
-    fixture_judge: Callable[[], Any]
-    judge_template: str  # a dpo_jax.judge.TEMPLATES name
-    reference_label: str  # how figures and tables name the reference
 
 
 # ---------------------------------------------------------------------------- config
@@ -183,13 +176,6 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
     c.train.progress = False
 
 
-def row_length(config: ml_collections.ConfigDict) -> int:
-    """Length of every training row (prompt + completion) and sampling row: fixed by the
-    config, so the dry run compiles the run's shapes."""
-    d = config.data
-    return d.max_prompt_length + max(d.max_completion_length, config.eval.max_new_tokens)
-
-
 # ---------------------------------------------------------------------------- judges
 
 
@@ -231,350 +217,6 @@ def resolve_judge(spec: str, task: Task, config: Any) -> Any:
     )
 
 
-# ---------------------------------------------------------------- data and the model
-
-
-def _write_json(path: epath.Path, value: Any) -> None:
-    paths.write_atomic(path, json.dumps(value))
-
-
-def _read_json(path: epath.Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def data_phase(task: Task) -> Callable[[Context], None]:
-    """The data files by role: the configured ones, or the fixture written here."""
-
-    def run(ctx: Context) -> None:
-        d = ctx.config.data
-        if d.train:
-            files = {"train": d.train, "test": d.test}
-            if d.demonstrations:
-                files["sft"] = d.demonstrations
-        else:
-            written = task.write_fixture(ctx.dir, ctx.config) if ctx.is_main else {}
-            files = {role: str(path) for role, path in written.items()}
-        if ctx.is_main:
-            _write_json(ctx.dir / "paths.json", files)
-
-    return run
-
-
-def tokenizer_phase(task: Task) -> Callable[[Context], None]:
-    """The tokenizer (the configured one, or a BPE trained on the training texts) and
-    every split tokenized: pairs, demonstrations, test prompts with their references."""
-
-    def run(ctx: Context) -> None:
-        config, d = ctx.config, ctx.config.data
-        files = _read_json(ctx.input("data") / "paths.json")
-        load = lambda role, fmt: data.load_examples(  # noqa: E731
-            dict(d, path=files[role], format=fmt, sft=fmt in SFT_FORMATS), None, data.RejectLog()
-        )
-        comparisons = load("train", d.format)
-        demos = load("sft", "tldr_sft") if "sft" in files else []
-        test = load("test", task.test_format)
-        if config.tokenizer:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(config.tokenizer, local_files_only=True)
-        else:
-            texts = [e.prompt + e.chosen for e in comparisons] + [e.rejected for e in comparisons]
-            texts += [e.prompt + e.completion for e in demos]
-            tok = common.train_bpe_tokenizer(texts, d.tokenizer_vocab_size)
-        settings = settings_from_spec(d)
-        pairs = tokenize_examples(comparisons, tok, settings)
-        tokens: dict[str, Any] = {k: [pairs[i][k].tolist() for i in range(len(pairs))]
-                                  for k in ("prompt", "chosen", "rejected")}  # fmt: skip
-        if demos:
-            sft = tokenize_examples(demos, tok, settings)
-            for k in ("prompt", "completion"):
-                tokens[f"demo_{k}"] = [sft[i][k].tolist() for i in range(len(sft))]
-        tokens["test_prompt_texts"] = [e.prompt for e in test]
-        tokens["references"] = [getattr(e, task.reference) for e in test]
-        tokens["test_prompts"] = [
-            tok(e.prompt, add_special_tokens=False)["input_ids"][-d.max_prompt_length :]
-            for e in test
-        ]
-        if ctx.is_main:
-            with paths.staged_dir(ctx.dir) as local:
-                tok.save_pretrained(local)
-            _write_json(ctx.dir / "tokens.json", tokens)
-        print(f"{len(tokens['prompt'])} train pairs, {len(tokens.get('demo_prompt', []))} "
-              f"demonstrations, {len(test)} test prompts, vocabulary {len(tok)}")  # fmt: skip
-
-    return run
-
-
-def model_config(
-    config: ml_collections.ConfigDict, vocab_size: int, eos_id: int, pad_id: int
-) -> models.ModelConfig:
-    """The policy's ModelConfig (`common.policy_model_config`) with the tokenizer's EOS
-    and padding ids."""
-    return common.policy_model_config(config, vocab_size, eos_token_id=eos_id, pad_token_id=pad_id)
-
-
-@dataclasses.dataclass
-class Loaded:
-    """What the later phases read: the tokenizer phase's outputs and the model config."""
-
-    config: ml_collections.ConfigDict
-    tokenizer: Any
-    tokens: dict[str, Any]
-    cfg: models.ModelConfig
-
-    @property
-    def eos_id(self) -> int:
-        return self.tokenizer.eos_token_id
-
-    @property
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    def sample(self, params: Any, temperature: float, key: jax.Array, n: int = 1):
-        """n completions per test prompt (row i*n+j = sample j of prompt i) and their
-        log-probs, `eval.batch_size` rows per sampler call."""
-        c = self.config.eval
-        return pipeline.sample(
-            models.Transformer(self.cfg), params, self.tokens["test_prompts"], key, n=n,
-            max_new_tokens=c.max_new_tokens, temperature=temperature, rows=c.batch_size,
-            eos_id=self.eos_id, pad_id=self.pad_id,
-        )  # fmt: skip
-
-
-def load(ctx: Context) -> Loaded:
-    """The tokenizer phase's outputs (this phase must come after `tokenizer`)."""
-    from transformers import AutoTokenizer
-
-    directory = ctx.input("tokenizer")
-    with paths.local_copy(directory) as local:
-        tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    cfg = model_config(ctx.config, len(tok), tok.eos_token_id, pad)
-    return Loaded(ctx.config, tok, _read_json(directory / "tokens.json"), cfg)
-
-
-def initial_params(config: ml_collections.ConfigDict, cfg: models.ModelConfig) -> Any:
-    """The initial policy: `model.path`'s weights (as `model_config` reads its shape) or
-    a seeded fresh init."""
-    m = config.model
-    if m.path:
-        kw = dict(scan_layers=m.scan_layers) | ({"remat": m.remat} if m.remat else {})
-        return models.load_hf(m.path, m.dtype, m.param_dtype, **kw)[1]
-    return models.init_params(cfg, jax.random.key(config.seed))
-
-
-def trained_params(ctx: Context, phase: str) -> Any:
-    """The final params of training phase `phase` (its last checkpoint)."""
-    return checkpoint.load_params(ctx.input(phase))[2]
-
-
-# ------------------------------------------------------------------ training phases
-
-
-def _abstract(cfg: models.ModelConfig) -> Any:
-    import flax.linen as nn
-
-    return nn.meta.unbox(models.abstract_params(cfg))
-
-
-def _dry_model_config(ctx: Context) -> models.ModelConfig:
-    """The policy's ModelConfig without running the data phases: `model.path`'s shape, or
-    the from-scratch shape for the run directory's tokenizer if there is one, else for
-    `data.tokenizer_vocab_size` (a BPE trained on enough text has that many tokens; its
-    one special token, id 0, is EOS and padding)."""
-    from transformers import AutoTokenizer
-
-    directory = ctx.run_dir / "tokenizer"
-    if ctx.config.model.path or not (directory / "tokenizer.json").exists():
-        return model_config(ctx.config, int(ctx.config.data.tokenizer_vocab_size), 0, 0)
-    with paths.local_copy(directory) as local:
-        tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return model_config(ctx.config, len(tok), tok.eos_token_id, pad)
-
-
-def sft_phase(source: str) -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
-    """SFT (`objective.name="sft"`, `pipeline.sft_overrides`) from the initial policy on
-    the demonstrations (`source="demo"`) or on the pairs' chosen completions (`"chosen"`,
-    Preferred-FT): the completion tokens are the targets with `sft.completion_only`, else
-    every token after the first."""
-
-    def sft_config(ctx: Context) -> ml_collections.ConfigDict:
-        return phases.train_config(ctx.config, ctx, **pipeline.sft_overrides(ctx.config.sft))
-
-    def batches(ctx: Context, config: Any, prompts: list, completions: list, pad_id: int):
-        seqs = [p + x for p, x in zip(prompts, completions, strict=True)]
-        starts = [len(p) if ctx.config.sft.completion_only else 1 for p in prompts]
-        return pipeline.SFTBatches(
-            seqs, starts, config.batch_size, row_length(ctx.config), pad_id, config.seed
-        )
-
-    def run(ctx: Context) -> Any:
-        task = load(ctx)
-        config = sft_config(ctx)
-        t = task.tokens
-        prompts, completions = (
-            (t["demo_prompt"], t["demo_completion"]) if source == "demo" else (t["prompt"], t["chosen"])
-        )  # fmt: skip
-        params = initial_params(ctx.config, task.cfg)
-        return phases.train_phase(
-            config, train_data=batches(ctx, config, prompts, completions, task.pad_id),
-            model_config=task.cfg, params=params,
-        )  # fmt: skip
-
-    def dry(ctx: Context) -> Any:
-        config = sft_config(ctx)
-        cfg = _dry_model_config(ctx)
-        b = config.batch_size
-        return phases.train_phase(
-            config, train_data=batches(ctx, config, [[0]] * b, [[0]] * b, 0),
-            model_config=cfg, params=_abstract(cfg), dry_run=True,
-        ).lowered  # fmt: skip
-
-    return run, dry
-
-
-def reference_phase(ctx: Context) -> None:
-    """Log-probs of every pair under the reference policy, computed once (the DPO paper's
-    reference never changes during training)."""
-    task = load(ctx)
-    t = task.tokens
-    scorer = pipeline.Scorer(
-        models.Transformer(task.cfg), rows=ctx.config.eval.batch_size,
-        length=row_length(ctx.config), pad_id=task.pad_id,
-    )  # fmt: skip
-    ref = trained_params(ctx, ctx.config.reference_policy)
-    pairs = pipeline.pair_data(scorer, ref, t["prompt"], t["chosen"], t["rejected"])
-    if ctx.is_main:
-        _write_json(ctx.dir / "ref_logps.json",
-                    dict(chosen=pairs.ref_chosen.tolist(), rejected=pairs.ref_rejected.tolist()))  # fmt: skip
-
-
-def _pair_batches(config: Any, ctx: Context, pairs: pipeline.PairData, pad_id: int):
-    return pipeline.pair_batches(
-        pairs, config.batch_size // config.grad_accum_steps, row_length(ctx.config), pad_id,
-        config.seed, num_positions=ctx.config.data.max_completion_length,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )  # fmt: skip
-
-
-def _dummy_pairs(config: Any) -> pipeline.PairData:
-    b = config.batch_size // config.grad_accum_steps
-    return pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
-
-
-def pair_training_phase(
-    objective: str,
-) -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
-    """DPO (`"preference"`: the config's loss on the pairs with the reference log-probs)
-    or the reward model (`"reward_model"`), from the reference policy."""
-
-    def pair_config(ctx: Context) -> ml_collections.ConfigDict:
-        if objective == "preference":
-            return phases.train_config(ctx.config, ctx, **{"reference.mode": "precomputed"})
-        rm = ctx.config.reward_model
-        return phases.train_config(ctx.config, ctx, **{
-            "objective.name": "reward_model", "num_steps": rm.num_steps,
-            "batch_size": rm.batch_size, "seed": ctx.config.seed + 1,
-            "optim.learning_rate": rm.learning_rate, "optim.warmup_steps": 0,
-            "optim.schedule": "constant",
-        })  # fmt: skip
-
-    def run(ctx: Context) -> Any:
-        task = load(ctx)
-        config = pair_config(ctx)
-        t = task.tokens
-        if objective == "preference":
-            ref = _read_json(ctx.input("reference") / "ref_logps.json")
-            ref_c, ref_r = np.asarray(ref["chosen"]), np.asarray(ref["rejected"])
-        else:  # the reward model reads no reference
-            ref_c = ref_r = np.zeros(len(t["prompt"]))
-        pairs = pipeline.PairData(t["prompt"], t["chosen"], t["rejected"], ref_c, ref_r)
-        params = trained_params(ctx, ctx.config.reference_policy)
-        return phases.train_phase(
-            config, train_data=_pair_batches(config, ctx, pairs, task.pad_id),
-            model_config=task.cfg, params=params,
-        )  # fmt: skip
-
-    def dry(ctx: Context) -> Any:
-        config = pair_config(ctx)
-        cfg = _dry_model_config(ctx)
-        data_it = _pair_batches(config, ctx, _dummy_pairs(config), 0)
-        return phases.train_phase(
-            config, train_data=data_it, model_config=cfg, params=_abstract(cfg), dry_run=True
-        ).lowered
-
-    return run, dry
-
-
-def learned_reward(ctx: Context, task: Loaded) -> Any:
-    """The reward model of phase `reward_model` (prompt + completion ids -> score)."""
-    from dpo_jax import reward_model
-
-    params = trained_params(ctx, "reward_model")
-    return reward_model.LearnedReward(task.cfg, params, task.tokenizer, ctx.config.eval.batch_size)
-
-
-def rollout_config(
-    config: ml_collections.ConfigDict, objective: str, ctx: Context | None = None
-) -> ml_collections.ConfigDict:
-    """The `dpo-jax train` config of on-policy method `objective` (`phases.train_config`
-    with `ctx`; without one a copy, to check its settings): the run's `online.*` with the
-    method's `method_defaults` over them, a seed of its own (its own stream of rollouts,
-    apart from DPO's and the reward model's), its rollouts' updates as num_steps."""
-    from dpo_jax import online
-
-    overrides = {"objective.name": objective, "seed": config.seed + ROLLOUT_SEEDS[objective]}
-    if ctx is not None:
-        out = phases.train_config(config, ctx, **overrides)
-    else:
-        out = config.copy_and_resolve_references()
-        out.objective.name, out.seed = objective, overrides["seed"]
-    for key, value in config.get("method_defaults", {}).get(objective, {}).items():
-        out.online[key] = value
-    out.num_steps = online.METHODS[objective].settings(out).num_steps
-    return out
-
-
-# Seed offsets of the on-policy phases' runs (PPO's predates online DPO).
-ROLLOUT_SEEDS = {"ppo": 2, "online_dpo": 3}
-
-
-def rollout_phase(objective: str) -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
-    """An on-policy method from the reference policy, which is also its frozen reference,
-    on the training comparisons' prompts, scored by the learned reward model (phase
-    `reward_model`, `reward_sources.reward_from_ids`): PPO (`objective="ppo"`,
-    `dpo_jax.ppo_loop`, Ziegler et al.'s KL penalty and controller) or online DPO
-    (`"online_dpo"`, `dpo_jax.online_dpo`: the best and worst of each prompt's samples as
-    a pair, the DPO run's loss and beta)."""
-    from dpo_jax import reward_sources
-
-    def run(ctx: Context) -> Any:
-        task = load(ctx)
-        reward = reward_sources.reward_from_ids(learned_reward(ctx, task))
-        return phases.train_phase(
-            rollout_config(ctx.config, objective, ctx), train_data=task.tokens["prompt"],
-            reward=reward, model_config=task.cfg,
-            params=trained_params(ctx, ctx.config.reference_policy),
-        )  # fmt: skip
-
-    def dry(ctx: Context) -> Any:
-        cfg = _dry_model_config(ctx)
-        longest = [[0] * int(ctx.config.data.max_prompt_length)]  # the widest prompt bucket
-        return phases.train_phase(
-            rollout_config(ctx.config, objective, ctx), train_data=longest,
-            reward=lambda samples: None, model_config=cfg, params=_abstract(cfg), dry_run=True,
-        ).lowered  # fmt: skip
-
-    return run, dry
-
-
-def ppo_phase() -> tuple[Callable[[Context], Any], Callable[[Context], Any]]:
-    """PPO (`objective.name="ppo"`, `dpo_jax.ppo_loop`): `rollout_phase("ppo")`."""
-    return rollout_phase("ppo")
-
-
 # ----------------------------------------------------------------------- evaluation
 
 # A policy samples one completion per test prompt: (temperature, key) -> token ids.
@@ -586,7 +228,7 @@ def _sampling_policy(method: str, part: str | None = None) -> Callable[[Context,
     its value head)."""
 
     def build(ctx: Context, task: Loaded) -> Policy:
-        params = trained_params(ctx, method)
+        params = driver.trained_params(ctx, method)
         params = params if part is None else params[part]
         return lambda temperature, key: task.sample(params, temperature, key)[0]
 
@@ -605,8 +247,8 @@ def best_of_n_policy(ctx: Context, task: Loaded) -> Policy:
     (phase `reward_model`) of prompt + completion picks one."""
     c = ctx.config
     n = int(c.best_of_n.n)
-    base = trained_params(ctx, c.reference_policy)
-    reward = learned_reward(ctx, task)
+    base = driver.trained_params(ctx, c.reference_policy)
+    reward = driver.learned_reward(ctx, task.cfg, task.tokenizer)
     prompts = task.tokens["test_prompts"]
 
     def policy(temperature: float, key: jax.Array) -> list[list[int]]:
@@ -683,7 +325,7 @@ def eval_phase(method: str, task_def: Task) -> Callable[[Context], None]:
             rows.append(dict(method=method, temperature=float(temperature), **row))
             lines += [dict(method=method, temperature=float(temperature), **x) for x in mine]
         if ctx.is_main:
-            _write_json(ctx.dir / "rows.json", rows)
+            driver.write_json(ctx.dir / "rows.json", rows)
             paths.write_atomic(
                 ctx.dir / "samples.jsonl", "".join(json.dumps(x) + "\n" for x in lines)
             )
@@ -783,7 +425,7 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
                            reads=("eval", "judge", "llm_judge", "best_of_n", "seed")))  # fmt: skip
 
     def report(ctx: Context) -> None:
-        rows = [r for name in evals for r in _read_json(ctx.run_dir / name / "rows.json")]
+        rows = [r for name in evals for r in driver.read_json(ctx.run_dir / name / "rows.json")]
         samples = "".join((ctx.run_dir / name / "samples.jsonl").read_text() for name in evals)
         if ctx.is_main:
             common.write_csv(ctx.run_dir / "results.csv", rows, OFFLINE_RESULT_COLUMNS)
@@ -845,48 +487,17 @@ def write_seed_summary(
     )
 
 
-def run_offline(config: ml_collections.ConfigDict, task: Task) -> epath.Path:
-    """Run (or resume) the experiment, once per training seed of `config.seeds` (each in
-    run_dir/seed_<s>, then summary.csv and win_rate.png over seeds in run_dir); returns
-    the run directory."""
-    configs.migrate_deprecated(config)  # keys set under an old name (ppo.reward, ...)
-    validate.validate(config)  # a bad key fails before any phase starts
-    build_phases(config, task)  # and a bad method or setting before the run directory
-    run_dir = common.make_run_dir(config, task.name)
-    print(f"run directory: {run_dir}")
-    common.run_seeds(
-        config,
-        run_dir,
-        lambda one, seed_dir: phases.run_phases(build_phases(one, task), one, seed_dir),
-        lambda seed_dirs: write_seed_summary(config, task, run_dir, seed_dirs),
+def experiment(
+    task: Task, get_config: Callable[[str], ml_collections.ConfigDict], presets: Sequence[str]
+) -> driver.Experiment:
+    """The driver's declaration of offline task `task` (`python -m experiments.{tldr,hh}`
+    is ``driver.main(argv, experiment(...))``)."""
+    return driver.Experiment(
+        name=task.name,
+        get_config=get_config,
+        presets=presets,
+        build_phases=lambda config: build_phases(config, task),
+        write_seed_summary=lambda config, run_dir, seed_dirs: write_seed_summary(
+            config, task, run_dir, seed_dirs
+        ),
     )
-    return run_dir
-
-
-def dry_run(config: ml_collections.ConfigDict, task: Task) -> dict[str, Any]:
-    """`--dry_run`: each training phase's program, compiled with abstract params on
-    `dry_run_devices` simulated devices; prints its per-device memory."""
-    from experiments import dry_run as dry
-
-    dry.ensure_cpu_devices(int(config.dry_run_devices))
-    configs.migrate_deprecated(config)
-    validate.validate(config)
-    print(f"dry run: {config.model.path or 'from scratch'}, {len(jax.devices())} "
-          f"{jax.devices()[0].platform} devices")  # fmt: skip
-    return phases.dry_run_phases(build_phases(config, task), config, config.workdir)
-
-
-def offline_main(
-    argv: Sequence[str], task: Task, get_config: Callable[[str], Any], presets: Sequence[str]
-) -> int:
-    """`python -m experiments.{tldr,hh}`: the run, or with --dry_run the per-phase dry run."""
-    args = common.parse_args(get_config, argv, presets)
-    if args.dry_run:
-        dry_run(args.config, task)
-        return 0
-    try:
-        run_offline(args.config, task)
-    except phases.Preempted as stop:
-        print(stop, file=sys.stderr)
-        return 143  # 128 + SIGTERM, as if the signal had ended the process
-    return 0

@@ -17,15 +17,20 @@ last and atomically (`dpo_jax.paths.write_atomic`), holding
 * ``fingerprint``: sha256 of the config sections the phase ``reads`` (dotted keys, JSON)
   together with the fingerprints of the phases it comes after, so a change upstream
   reaches every phase downstream;
-* ``seconds``: wall time of the run that finished it (``timings``).
+* ``seconds``: wall time of the run that finished it (``timings``);
+* ``code``: hashes of the loss and objective functions its training runs used
+  (`dpo_jax.code_fingerprint`, recorded by :func:`train_phase`).
 
 Rerunning the same command (same run directory):
 
 * a phase with a matching marker is skipped;
 * a phase with a marker computed from other settings is REFUSED with a `UserError`
   naming the phase and the differing keys (its outputs do not answer the new config;
-  use a new ``--config.workdir``, or delete ``run_dir/<name>`` to redo that phase and
+  use a new ``--config.run_dir``, or delete ``run_dir/<name>`` to redo that phase and
   every phase after it);
+* a phase whose recorded loss or objective code changed since (a loss re-registered
+  under the same name with another body) runs again, and so does every phase after it:
+  its old directory is moved aside to ``run_dir/<name>.stale-N``;
 * a phase without a marker runs again. Its outputs must be rewritten whole (never
   appended), and a training phase passes ``checkpoint.enabled=True`` with
   ``run_dir=ctx.dir`` to `dpo_jax.train.train` (:func:`train_config`), so the Trainer
@@ -47,18 +52,20 @@ processes wait for each other after each phase. Run-directory I/O goes through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 
-from dpo_jax import configs, paths
+from dpo_jax import code_fingerprint, configs, paths
 from dpo_jax.errors import UserError
+from dpo_jax.startup import memory_report
 
 MARKER = "DONE"
 
@@ -158,7 +165,7 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The config sections and upstream phases whose prints differ between a marker and
     now. A key absent from the marker whose value now is `configs/default.py`'s default is
     no difference (dpo_jax added it after the phase ran, and a new key's default keeps the
-    old behaviour), as when a checkpoint resumes (`checkpoint.config_diff`)."""
+    old behaviour), as when a checkpoint resumes (`resume.config_diff`)."""
     defaults = _default_leaves()
     old = dict(old, inputs=configs.migrate_saved(old["inputs"]))  # keys moved since (ppo.*)
     out = []
@@ -212,11 +219,22 @@ def run_phases(
     run_dir = paths.as_path(run_dir)
     prints: dict[str, str] = {}
     returned: dict[str, Any] = {}
+    recoded: set[str] = set()  # phases rerun for changed code: their outputs changed
     for phase in _ordered(phases):
         ctx = Context(config, run_dir, phase)
         current = fingerprint(phase, config, prints)
         prints[phase.name] = current["fingerprint"]
         marker = read_marker(run_dir / phase.name) if phase.marker else None
+        # (settings that differ are refused below, whatever the code)
+        same = marker is not None and (
+            marker["fingerprint"] == current["fingerprint"] or not _differences(marker, current)
+        )
+        if same and (stale := _stale_code(phase, marker, recoded)):
+            aside = _move_aside(run_dir, phase.name)
+            log(f"phase {phase.name}: {stale} changed since it ran: running it again "
+                f"(its old outputs moved to {aside})")  # fmt: skip
+            recoded.add(phase.name)
+            marker = None
         if marker is not None:
             if marker["fingerprint"] != current["fingerprint"]:
                 differ = _differences(marker, current)
@@ -229,20 +247,62 @@ def run_phases(
                 raise UserError(
                     f"{run_dir / phase.name}: phase {phase.name!r} finished with other settings "
                     f"({', '.join(differ)} differ); use a new "
-                    f"--config.workdir, or delete {run_dir / phase.name} to redo it and the "
+                    f"--config.run_dir, or delete {run_dir / phase.name} to redo it and the "
                     "phases after it"
                 )
             log(f"phase {phase.name}: done (skipped)")
             continue
         t0 = time.perf_counter()
-        returned[phase.name] = phase.run(ctx)
+        with _recording_code() as code:
+            returned[phase.name] = phase.run(ctx)
         seconds = time.perf_counter() - t0
         if phase.marker and ctx.is_main:
-            paths.write_atomic(
-                ctx.dir / MARKER, json.dumps(dict(current, seconds=seconds), indent=1)
-            )
+            marker = dict(current, seconds=seconds, code=code)
+            paths.write_atomic(ctx.dir / MARKER, json.dumps(marker, indent=1))
         _sync(phase.name)
     return returned
+
+
+# The code record of the phase now running (`train_phase` adds to it), else None.
+_CODE: dict[str, str] | None = None
+
+
+@contextlib.contextmanager
+def _recording_code() -> Iterator[dict[str, str]]:
+    global _CODE
+    _CODE = {}
+    try:
+        yield _CODE
+    finally:
+        _CODE = None
+
+
+def note_code(config: Any) -> None:
+    """Record in the running phase's marker the loss and objective code `config` uses."""
+    if _CODE is not None:
+        _CODE.update(code_fingerprint.of_config(config))
+
+
+def _stale_code(phase: Phase, marker: Mapping[str, Any], recoded: set[str]) -> str:
+    """What makes a finished phase's outputs stale by code ("" when nothing): its own
+    recorded loss/objective code, or a phase it comes after that reran for code."""
+    changes = code_fingerprint.changed(marker.get("code"))
+    if changes:
+        return f"the code of {code_fingerprint.describe(changes)}"
+    upstream = [name for name in phase.after if name in recoded]
+    return f"the outputs of phase {upstream[0]!r}" if upstream else ""
+
+
+def _move_aside(run_dir: paths.Path, name: str) -> paths.Path:
+    """Rename ``run_dir/<name>`` to the first free ``<name>.stale-N``; returns it."""
+    n = 1
+    while (run_dir / f"{name}.stale-{n}").exists():
+        n += 1
+    target = run_dir / f"{name}.stale-{n}"
+    if jax.process_index() == 0:
+        (run_dir / name).rename(target)
+    _sync(f"move aside {name}")
+    return target
 
 
 def timings(phases: Iterable[Phase], run_dir: str | paths.Path) -> dict[str, float]:
@@ -266,6 +326,8 @@ def train_phase(config: ml_collections.ConfigDict, **kwargs: Any) -> Any:
     written for a half-trained phase."""
     from dpo_jax import train
 
+    if not kwargs.get("dry_run"):
+        note_code(config)
     result = train.train(config, **kwargs)
     if not kwargs.get("dry_run") and int(jax.device_get(result.state.step)) < config.num_steps:
         raise Preempted(
@@ -289,14 +351,7 @@ def train_config(
     out.run_dir = str(ctx.dir)
     out.checkpoint.enabled = True
     for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node[part]
-        if isinstance(value, Mapping):
-            value = ml_collections.ConfigDict(dict(value))
-        with node.ignore_type():
-            node[leaf] = value
+        configs.set_value(out, key, value)
     return out
 
 
@@ -339,30 +394,3 @@ def dry_run_phases(
         for key, value in memory.items():
             log(f"  {key:<22} {value / 2**30:>10.3f} GiB  ({value:,} bytes)")
     return lowered
-
-
-MEMORY_FIELDS = (
-    "argument_size_in_bytes",
-    "output_size_in_bytes",
-    "alias_size_in_bytes",
-    "temp_size_in_bytes",
-    "generated_code_size_in_bytes",
-)
-
-
-def memory_report(compiled: Any) -> dict[str, int]:
-    """Per-device bytes of a compiled program (``compiled.memory_analysis()``) and the
-    peak estimate: arguments + temporaries + outputs that do not alias a donated input."""
-    mem = compiled.memory_analysis()
-    out = {}
-    for field in MEMORY_FIELDS:
-        if mem is not None and hasattr(mem, field):
-            out[field.removesuffix("_in_bytes")] = int(getattr(mem, field))
-    if out:
-        out["peak_estimate"] = (
-            out.get("argument_size", 0)
-            + out.get("output_size", 0)
-            - out.get("alias_size", 0)
-            + out.get("temp_size", 0)
-        )
-    return out

@@ -1,7 +1,7 @@
 """The on-policy methods of the controlled-sentiment experiment (`experiments.sentiment`).
 
-Beside PPO and PPO-GT (in `experiments.sentiment`), each starts from the SFT policy, is
-evaluated exactly as every method (`sentiment.evaluate` as the Trainer's eval_hook:
+Beside PPO and PPO-GT (in `experiments.sentiment_methods`), each starts from the SFT policy, is
+evaluated exactly as every method (`sentiment_task.evaluate` as the Trainer's eval_hook:
 VADER reward and KL(pi || pi_sft) of samples of the held-out prefixes) and goes to
 results.csv and the frontier plot:
 
@@ -40,9 +40,9 @@ import ml_collections
 import numpy as np
 
 from dpo_jax import losses, objectives, online, paths, reward_sources, train
-from experiments import phases, pipeline, sentiment
+from experiments import driver, phases, pipeline, sentiment_methods, sentiment_task
 from experiments.phases import Context, Phase
-from experiments.sentiment import Method
+from experiments.sentiment_methods import Method
 
 # The Trainer objective of each on-policy kind.
 OBJECTIVES = {"grpo": "grpo", "rloo": "rloo", "online_dpo": "online_dpo",
@@ -64,7 +64,7 @@ class Settings:
     sections: dict[str, dict[str, Any]]  # {"online": {...}, "grpo": {...}, ...}
     loss_name: str = "sigmoid"
     loss_hyper: dict[str, float] = dataclasses.field(default_factory=dict)
-    rounds: int = sentiment.ITERATIVE_ROUNDS
+    rounds: int = sentiment_methods.ITERATIVE_ROUNDS
     steps: int = 0  # iterative DPO's steps per round
     reference: str = "fixed"
 
@@ -85,10 +85,12 @@ def settings(config: ml_collections.ConfigDict, method: Method) -> Settings:
     defaults = config.get("method_defaults", {}).get(kind, {})
     items = [*dict(defaults).items(), *method.hyper]
     own = config[OWN_SECTION[OBJECTIVES[kind]]] if kind in OBJECTIVES else None
-    online_keys = ITERATIVE_ONLINE_KEYS if kind in sentiment.ITERATIVE_KINDS else config.online
+    online_keys = (
+        ITERATIVE_ONLINE_KEYS if kind in sentiment_methods.ITERATIVE_KINDS else config.online
+    )
     # the method's own keys: its loss (paired kinds), iterative DPO's rounds
-    words = ("loss",) if kind in sentiment.PAIRED_ONLINE_KINDS else ()
-    words += ITERATIVE_KEYS if kind in sentiment.ITERATIVE_KINDS else ()
+    words = ("loss",) if kind in sentiment_methods.PAIRED_ONLINE_KINDS else ()
+    words += ITERATIVE_KEYS if kind in sentiment_methods.ITERATIVE_KINDS else ()
     sections: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {}
     hyper: dict[str, float] = {}
@@ -100,20 +102,20 @@ def settings(config: ml_collections.ConfigDict, method: Method) -> Settings:
         elif own is not None and key in own:
             section = OWN_SECTION[OBJECTIVES[kind]]
             sections.setdefault(section, {})[key] = _typed(own[key], value)
-        elif kind in sentiment.PAIRED_ONLINE_KINDS and not isinstance(value, str):
+        elif kind in sentiment_methods.PAIRED_ONLINE_KINDS and not isinstance(value, str):
             hyper[key] = value
         else:
             raise ValueError(f"method {method.label!r}: {kind} has no setting {key!r}")
     loss_name = str(extra.get("loss", "sigmoid"))
     unknown = set(hyper) - losses.accepted_hypers(loss_name)
-    if kind in sentiment.PAIRED_ONLINE_KINDS and unknown:
+    if kind in sentiment_methods.PAIRED_ONLINE_KINDS and unknown:
         raise ValueError(
             f"method {method.label!r}: loss {loss_name!r} takes no {sorted(unknown)} "
             f"(and {kind} has no such setting)"
         )
     return Settings(
         sections=sections, loss_name=loss_name, loss_hyper=hyper,
-        rounds=int(extra.get("rounds", sentiment.ITERATIVE_ROUNDS)),
+        rounds=int(extra.get("rounds", sentiment_methods.ITERATIVE_ROUNDS)),
         steps=int(extra.get("steps", config.num_steps)),
         reference=str(extra.get("reference", "fixed")),
     )  # fmt: skip
@@ -147,7 +149,7 @@ def online_config(
     s = settings(config, method)
     objective = OBJECTIVES[method.kind]
     overrides: dict[str, Any] = {"objective.name": objective, "seed": run_seed(config, method)}
-    if method.kind in sentiment.PAIRED_ONLINE_KINDS:
+    if method.kind in sentiment_methods.PAIRED_ONLINE_KINDS:
         overrides.update({"loss.name": s.loss_name, "loss.hyper": s.loss_hyper})
     if ctx is not None:
         out = phases.train_config(config, ctx, **overrides)
@@ -170,29 +172,27 @@ def online_method_phase(method: Method):
     method is."""
 
     def run(ctx: Context) -> train.TrainResult:
-        task = sentiment.load_task(ctx)
+        task = sentiment_task.load_task(ctx)
         config = online_config(ctx.config, method, ctx)
         if method.kind in GROUND_TRUTH_KINDS:  # what the pairs were labelled with
             reward = reward_sources.reward_from_texts(
                 task.reward_fn, task.tokenizer, with_prompt=True
             )
         else:
-            reward = reward_sources.reward_from_ids(sentiment.learned_reward(ctx, task))
+            reward = reward_sources.reward_from_ids(sentiment_task.learned_reward(ctx, task))
         objective = objectives.get(config.objective.name)
 
-        def eval_hook(step: int, params: Any) -> dict[str, float]:
-            ev = sentiment.evaluate(task, objectives.split_params(objective, params)[0])
-            if step == config.num_steps and ctx.is_main:
-                sentiment.write_samples(ctx.dir / "samples.jsonl", method.label, ev)
-            return ev.metrics()
-
+        hook = sentiment_task.eval_hook(
+            ctx, task, method.label, config.num_steps,
+            policy=lambda params: objectives.split_params(objective, params)[0],
+        )  # fmt: skip
         return phases.train_phase(
             config, train_data=task.tokens["pairs"], reward=reward,
-            model_config=task.model_config, params=task.sft_params, eval_hook=eval_hook,
+            model_config=task.model_config, params=task.sft_params, eval_hook=hook,
         )  # fmt: skip
 
     def dry(ctx: Context) -> Any:
-        model_config, params = sentiment.abstract_policy(ctx)
+        model_config, params = sentiment_task.abstract_policy(ctx)
         config = online_config(ctx.config, method, ctx)
         # a pool of the longest prompts (BOS + the longest prefix), a rollout's worth
         longest = [[0] * (ctx.config.corpus.prefix_max_len + 1)] * config.online.rollout_batch_size
@@ -209,7 +209,7 @@ def online_method_phase(method: Method):
 
 def round_phase_name(method: Method, r: int, part: str = "") -> str:
     """``methods/<label>/round_<r>`` (the training) or ``..._pairs`` (its pairs)."""
-    return f"{sentiment.method_phase_name(method)}/round_{r}{part}"
+    return f"{sentiment_methods.method_phase_name(method)}/round_{r}{part}"
 
 
 def best_and_worst(scores_PxK: np.ndarray) -> list[tuple[int, int, int]]:
@@ -225,11 +225,11 @@ def best_and_worst(scores_PxK: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(p), int(best[p]), int(worst[p])) for p in rows[keep]]
 
 
-def round_params(ctx: Context, method: Method, r: int, task: sentiment.Task) -> Any:
+def round_params(ctx: Context, method: Method, r: int, task: sentiment_task.Task) -> Any:
     """The policy after round `r` (round 0: the SFT policy)."""
     if r == 0:
         return task.sft_params
-    return sentiment.load_params(ctx.input(round_phase_name(method, r)) / "params.msgpack")
+    return driver.trained_params(ctx, round_phase_name(method, r))
 
 
 def round_pairs_phase(method: Method, r: int):
@@ -237,7 +237,7 @@ def round_pairs_phase(method: Method, r: int):
     best and worst by the learned reward, their reference log-probs."""
 
     def run(ctx: Context) -> None:
-        config, task = ctx.config, sentiment.load_task(ctx)
+        config, task = ctx.config, sentiment_task.load_task(ctx)
         s = settings(config, method)
         k = int(online_value(config, s, "samples_per_prompt"))
         temperature = float(online_value(config, s, "temperature"))
@@ -253,7 +253,9 @@ def round_pairs_phase(method: Method, r: int):
             temperature=temperature, rows=rows, eos_id=task.eos_id, pad_id=task.pad_id,
         )  # fmt: skip
         ids = [list(prefixes[i // k]) + list(c) for i, c in enumerate(comps)]
-        scores_PxK = np.asarray(sentiment.learned_reward(ctx, task).score_ids(ids)).reshape(-1, k)
+        scores_PxK = np.asarray(sentiment_task.learned_reward(ctx, task).score_ids(ids)).reshape(
+            -1, k
+        )
         triples = best_and_worst(scores_PxK)
         if not triples:
             raise RuntimeError(f"round {r}: every prefix's samples scored the same: no pairs")
@@ -302,41 +304,25 @@ def round_config(ctx: Context, method: Method, r: int) -> ml_collections.ConfigD
 
 def round_train_phase(method: Method, r: int):
     """Round r's offline run from the previous round's params on round r's pairs,
-    checkpointed and evaluated as every method; its final params to params.msgpack."""
+    checkpointed and evaluated as every method; its checkpoint is the next round's start."""
 
     def run(ctx: Context) -> train.TrainResult:
-        task = sentiment.load_task(ctx)
+        task = sentiment_task.load_task(ctx)
         config = round_config(ctx, method, r)
-        last = r == settings(ctx.config, method).rounds
-
-        def eval_hook(step: int, params: Any) -> dict[str, float]:
-            ev = sentiment.evaluate(task, params)
-            if last and step == config.num_steps and ctx.is_main:
-                sentiment.write_samples(ctx.dir / "samples.jsonl", method.label, ev)
-            return ev.metrics()
-
-        data = sentiment.method_batches(
+        # Only the last round's final evaluation writes the method's samples.
+        last_step = config.num_steps if r == settings(ctx.config, method).rounds else None
+        data = sentiment_task.method_batches(
             load_round_pairs(ctx, method, r), config, task.pad_id,
-            sentiment.row_length(ctx.config), ctx.config.pairs.max_new_tokens,
+            sentiment_task.row_length(ctx.config), ctx.config.pairs.max_new_tokens,
         )  # fmt: skip
-        result = phases.train_phase(
+        return phases.train_phase(
             config, train_data=data, model_config=task.model_config,
-            params=round_params(ctx, method, r - 1, task), eval_hook=eval_hook,
+            params=round_params(ctx, method, r - 1, task),
+            eval_hook=sentiment_task.eval_hook(ctx, task, method.label, last_step),
         )  # fmt: skip
-        sentiment.save_params(ctx.dir / "params.msgpack", result.state.params)
-        return result
 
     def dry(ctx: Context) -> Any:
-        config = round_config(ctx, method, r)
-        model_config, params = sentiment.abstract_policy(ctx)
-        b = config.batch_size // config.grad_accum_steps
-        dummy = pipeline.PairData([[0]] * b, [[0]] * b, [[0]] * b, np.zeros(b), np.zeros(b))
-        data = sentiment.method_batches(
-            dummy, config, 0, sentiment.row_length(ctx.config), ctx.config.pairs.max_new_tokens
-        )
-        return phases.train_phase(
-            config, train_data=data, model_config=model_config, params=params, dry_run=True
-        ).lowered
+        return sentiment_task.pair_run_dry(ctx, round_config(ctx, method, r))
 
     return run, dry
 
@@ -364,7 +350,7 @@ def method_phases(config: ml_collections.ConfigDict, method: Method) -> list[Pha
                  "grad_accum_steps", "train.eval_every", "seed", "eval", "reward",
                  "pairs.max_new_tokens", "corpus.prefix_max_len")  # fmt: skip
         run, dry = online_method_phase(method)
-        return [Phase(sentiment.method_phase_name(method), run, after=(*base, *learned),
+        return [Phase(sentiment_methods.method_phase_name(method), run, after=(*base, *learned),
                       reads=reads, dry=dry)]  # fmt: skip
     out = []
     # The rounds' sampling and labelling (pairs.batch_size: the sampler's chunks, hence
@@ -379,7 +365,7 @@ def method_phases(config: ml_collections.ConfigDict, method: Method) -> list[Pha
                          after=(*base, *learned, *previous), reads=sampling))  # fmt: skip
         run, dry = round_train_phase(method, r)
         out.append(Phase(round_phase_name(method, r), run, after=(*base, pairs, *previous),
-                         reads=(*sentiment.TRAINING_READS, f"method_defaults.{kind}"), dry=dry))  # fmt: skip
+                         reads=(*sentiment_methods.TRAINING_READS, f"method_defaults.{kind}"), dry=dry))  # fmt: skip
     return out
 
 
@@ -388,9 +374,9 @@ def method_rows(ctx: Context, method: Method, sft: dict[str, Any]) -> list[dict[
     iterative DPO's rounds one after another (round r's step s is step (r-1) N + s)."""
     from dpo_jax.metrics import read_jsonl
 
-    rows = [sentiment.result_row(method.label, 0, sft, final=False)]
+    rows = [sentiment_task.result_row(method.label, 0, sft, final=False)]
     if method.kind in OBJECTIVES:
-        runs = [(ctx.input(sentiment.method_phase_name(method)), 0)]
+        runs = [(ctx.input(sentiment_methods.method_phase_name(method)), 0)]
         last = online_num_steps(ctx.config, method)
     else:
         s = settings(ctx.config, method)
@@ -403,7 +389,7 @@ def method_rows(ctx: Context, method: Method, sft: dict[str, Any]) -> list[dict[
         lines = read_jsonl(directory / "metrics.jsonl")
         by_step = {r["step"]: r for r in lines if "eval/reward" in r}  # a rerun's last wins
         rows += [
-            sentiment.result_row(method.label, offset + step, r, final=offset + step == last)
+            sentiment_task.result_row(method.label, offset + step, r, final=offset + step == last)
             for step, r in sorted(by_step.items())
         ]
     return rows

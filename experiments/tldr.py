@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from experiments import offline
+from experiments import driver, offline
 
 PRESETS = ("mini", "smoke", "pythia28")
 
@@ -273,11 +273,13 @@ def get_config(preset: str = "mini"):
     return c
 
 
+EXPERIMENT = offline.experiment(TASK, get_config, PRESETS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    argv = sys.argv[1:] if argv is None else argv
-    return offline.offline_main(argv, TASK, get_config, PRESETS)
+    return driver.main(argv, EXPERIMENT)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(offline.common.console(main, "tldr"))

@@ -17,7 +17,8 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import data, models, sharding, train  # noqa: E402
+from dpo_jax import data, models, sharding, train, train_step  # noqa: E402
+from dpo_jax import trainer as trainer_lib  # noqa: E402
 from tests.train_helpers import flat_params, tiny_model_config  # noqa: E402
 
 RUNS = {
@@ -41,10 +42,11 @@ def main() -> None:
             mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         else:
             mesh = sharding.make_mesh(*shape)
-        trainer, state = train.build_trainer(
-            cfg, params, mesh=mesh, loss_name="sigmoid", loss_hyper={"beta": 0.1},
+        trainer, state = trainer_lib.build_trainer(
+            cfg, params, mesh=mesh,
             optim_config=dict(name="sgd", learning_rate=0.5, schedule="constant"),
             total_steps=2, reference="frozen",
+            **train_step.default_settings(loss_name="sigmoid", loss_hyper={"beta": 0.1}),
         )  # fmt: skip
         losses = []
         for _ in range(2):

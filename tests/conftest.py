@@ -22,8 +22,8 @@ from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 # Everything a run writes outside a test's own tmp_path goes under one scratch directory
 # made for the run and removed after it, inherited by every CLI / multi-process child
 # through the environment:
-# - XDG_CACHE_HOME: the tokenized-data cache (`dpo_jax.data.default_cache_dir`) and the
-#   Hugging Face caches, so no test reads or writes the user's ~/.cache;
+# - XDG_CACHE_HOME: the tokenized-data cache (`configs.default.default_cache_dir`) and
+#   the Hugging Face caches, so no test reads or writes the user's ~/.cache;
 # - JAX's persistent compilation cache: the test programs are tiny, so compiling them
 #   dominates the suite's time, and many tests (and their child processes) compile the
 #   same program. A cached executable is the compiled program itself: it computes the

@@ -29,13 +29,13 @@ def main() -> None:
             process_id=process_id,
         )  # fmt: skip
         assert jax.device_count() == 4 and jax.local_device_count() == 2
-    from experiments import sentiment
+    from experiments import driver, sentiment
 
     config = sentiment.get_config("smoke")
-    config.workdir = workdir
+    config.run_dir = workdir
     config.methods = ("dpo:beta=0.1",)
     config.mesh.multihost = "false"  # initialized above
-    _, returned = sentiment.execute(config)
+    _, returned = driver.run(config, sentiment.EXPERIMENT)
     assert list(returned) == ["methods/dpo_beta=0.1", "report"], list(returned)
 
 

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from dpo_jax import sharding, train  # noqa: E402
+from dpo_jax import trainer as trainer_lib  # noqa: E402
 from tests import test_online_dpo as t  # noqa: E402
 from tests import test_ppo_train as ppo_t  # noqa: E402
 from tests import train_helpers as th  # noqa: E402
@@ -62,13 +63,13 @@ def main() -> None:
         calls["reward_completions"].append(int(samples.tokens.shape[0]))
         return reward(samples)
 
-    step = train.Trainer.step
+    step = trainer_lib.Trainer.step
 
     def counted_step(self, state, batch_A, n_seq):
         calls["step_rows"].append([*np.shape(batch_A["input_ids"])[:2], n_seq])
         return step(self, state, batch_A, n_seq)
 
-    train.Trainer.step = counted_step
+    trainer_lib.Trainer.step = counted_step
     c = t._config(**ONLINE)
     c.mesh.multihost = "false"  # initialized by main()
     # SGD: the final params compare tightly (Adam divides last-bit gradient differences

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from dpo_jax import checkpoint, sharding, train  # noqa: E402
+from dpo_jax import trainer as trainer_lib  # noqa: E402
 from tests import test_ppo_train as t  # noqa: E402
 from tests import train_helpers as th  # noqa: E402
 
@@ -83,13 +84,13 @@ def main() -> None:
         calls["reward_episodes"].append(int(samples.tokens.shape[0]))
         return reward(samples)
 
-    step = train.Trainer.step
+    step = trainer_lib.Trainer.step
 
     def counted_step(self, state, batch_A, n_seq):
         calls["step_rows"].append(list(np.shape(batch_A["input_ids"])[:2]))
         return step(self, state, batch_A, n_seq)
 
-    train.Trainer.step = counted_step
+    trainer_lib.Trainer.step = counted_step
     run_dir = os.path.join(out_dir, "run") if _PID >= 0 else ""
     c = config(run_dir)
     ckpt = None

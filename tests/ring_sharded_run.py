@@ -21,7 +21,8 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import data, lora, models, scoring, sharding, train  # noqa: E402
+from dpo_jax import data, lora, models, scoring, sharding, train, train_step  # noqa: E402
+from dpo_jax import trainer as trainer_lib  # noqa: E402
 from tests.train_helpers import flat_params, tiny_model_config  # noqa: E402
 
 # name: (layout, model overrides, LoRA)
@@ -56,11 +57,12 @@ def _run(case: str, mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray, np
     cfg = tiny_model_config(**{"attention_impl": "auto", "attention_block": 16, **overrides})
     params = models.init_params(cfg, jax.random.key(0))
     batch_A = _batch(layout)
-    trainer, state = train.build_trainer(
-        cfg, params, mesh=mesh, loss_name="sigmoid", loss_hyper={"beta": 0.1},
+    trainer, state = trainer_lib.build_trainer(
+        cfg, params, mesh=mesh,
         optim_config=dict(name="sgd", learning_rate=0.5, schedule="constant"),
         total_steps=2, reference="frozen",
         lora_config=lora.LoraConfig(rank=4) if with_lora else None,
+        **train_step.default_settings(loss_name="sigmoid", loss_hyper={"beta": 0.1}),
     )  # fmt: skip
     micro = {k: v[0] for k, v in batch_A.items()}
     score = jax.jit(lambda p, b: scoring.score(models.Transformer(cfg).apply, p, b, 8).logps_S)

@@ -346,14 +346,14 @@ def test_32k_prefix_shared_dpo_step_on_cpu():
 
 def test_model_attention_config_key():
     """`model.attention` reaches the model config; a wrong value is a one-line UserError."""
-    from dpo_jax import errors, train
+    from dpo_jax import errors, loading
     from dpo_jax.configs import default
 
     config = default.get_config()
-    assert train._attention_choice(config) == "auto"
+    assert loading.attention_choice(config) == "auto"
     config.model.attention = "flash"
     with pytest.raises(errors.UserError, match="model.attention"):
-        train._attention_choice(config)
+        loading.attention_choice(config)
 
 
 @pytest.mark.heavy

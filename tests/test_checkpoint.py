@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpo_jax import checkpoint
+from dpo_jax import checkpoint, resume
 
 CONFIG = {
     "model": {"hidden": 32, "layers": 2},
@@ -125,7 +125,7 @@ def _save_steps(run_dir, steps, **opts):
 
 def test_markerless_latest_is_skipped_reported_and_moved(tmp_path, caplog):
     states = _save_steps(tmp_path, [2, 4])
-    (tmp_path / "checkpoints" / "4" / checkpoint.COMMIT_MARKER).unlink()
+    (tmp_path / "checkpoints" / "4" / resume.COMMIT_MARKER).unlink()
     with caplog.at_level(logging.WARNING, logger="dpo_jax.checkpoint"), new_ckpt(tmp_path) as ckpt:
         restored = ckpt.restore_or_none(abstract_of(states[2]))
         assert restored.step == 2
@@ -168,7 +168,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, damage):
 
 def test_all_steps_bad_gives_none(tmp_path):
     states = _save_steps(tmp_path, [2])
-    (tmp_path / "checkpoints" / "2" / checkpoint.COMMIT_MARKER).unlink()
+    (tmp_path / "checkpoints" / "2" / resume.COMMIT_MARKER).unlink()
     with new_ckpt(tmp_path) as ckpt:
         assert ckpt.restore_or_none(abstract_of(states[2])) is None
         assert [s.step for s in ckpt.skipped] == [2]
@@ -193,7 +193,7 @@ def test_changed_math_config_refuses_with_list_of_differences(tmp_path):
     changed["checkpoint"]["save_every"] = 5  # not math
     with (
         new_ckpt(tmp_path, config=changed) as ckpt,
-        pytest.raises(checkpoint.ConfigMismatchError) as e,
+        pytest.raises(resume.ConfigMismatchError) as e,
     ):
         ckpt.restore_or_none(abstract_of(states[2]))
     msg = str(e.value)
@@ -218,7 +218,7 @@ def test_non_math_changes_resume(tmp_path):
 
 
 def test_config_diff_reports_added_and_removed_keys():
-    diffs = checkpoint.config_diff({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"d": 3}})
+    diffs = resume.config_diff({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"d": 3}})
     assert diffs == [("b.c", 2, "<absent>"), ("b.d", "<absent>", 3)]
 
 
@@ -265,10 +265,10 @@ def test_truncate_jsonl_drops_later_steps_and_torn_line(tmp_path):
     rows = [{"step": s, "loss": s / 10} for s in range(1, 7)]
     text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo'
     path.write_text(text)
-    assert checkpoint.truncate_jsonl(path, 4) == 3
+    assert resume.truncate_jsonl(path, 4) == 3
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4]
-    assert checkpoint.truncate_jsonl(path, 4) == 0
-    assert checkpoint.truncate_jsonl(tmp_path / "absent.jsonl", 4) == 0
+    assert resume.truncate_jsonl(path, 4) == 0
+    assert resume.truncate_jsonl(tmp_path / "absent.jsonl", 4) == 0
 
 
 def test_truncate_jsonl_moves_a_garbage_middle_line_aside_naming_it(tmp_path, caplog):
@@ -277,7 +277,7 @@ def test_truncate_jsonl_moves_a_garbage_middle_line_aside_naming_it(tmp_path, ca
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1}\nnot json\n{"step": 2}\n\xf1\xff\n{"step": 3}\n')
     with caplog.at_level(logging.WARNING, logger="dpo_jax.checkpoint"):
-        assert checkpoint.truncate_jsonl(path, 2) == 3  # two bad lines + step 3
+        assert resume.truncate_jsonl(path, 2) == 3  # two bad lines + step 3
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert (tmp_path / "metrics.jsonl.bad-lines").read_bytes() == b"not json\n\xf1\xff\n"
     assert "metrics.jsonl:2: not a JSON line" in caplog.text
@@ -349,7 +349,7 @@ def test_truncate_in_place_keeps_an_open_append_handle_working(tmp_path):
     for s in range(1, 6):
         handle.write(json.dumps({"step": s}) + "\n")
     handle.flush()
-    assert checkpoint.truncate_jsonl(path, 2) == 3
+    assert resume.truncate_jsonl(path, 2) == 3
     handle.write(json.dumps({"step": 3, "again": True}) + "\n")
     handle.close()
     assert [json.loads(x) for x in path.read_text().splitlines()] == [

@@ -93,10 +93,10 @@ def test_export_of_a_missing_dir_names_it(tmp_path):
         export.export_hf(tmp_path / "nowhere", tmp_path / "out")
 
 
-def test_sampling_loads_a_checkpoint_with_the_runs_tokenizer(trained_run, tokenizer):
-    """`sampling.load_model` and `export_hf` find the run's tokenizer/ the same way, from
+def test_saved_models_loads_a_checkpoint_with_the_runs_tokenizer(trained_run, tokenizer):
+    """`saved_models.load_model` and `export_hf` find the run's tokenizer/ the same way, from
     the run, checkpoints or step directory."""
-    from dpo_jax import sampling
+    from dpo_jax import saved_models
 
     _, cfg, _, run_dir, result = trained_run
     want = jax.device_get(result.state.params)
@@ -105,7 +105,7 @@ def test_sampling_loads_a_checkpoint_with_the_runs_tokenizer(trained_run, tokeni
     # the run dir holds the training config.json: it must not be taken for an HF dir
     for where in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "2"):
         assert checkpoint.run_tokenizer_dir(where) == checkpoint.as_path(expected_tok)
-        got_cfg, got, tok = sampling.load_model(str(where))
+        got_cfg, got, tok = saved_models.load_model(str(where))
         assert got_cfg.hidden_size == cfg.hidden_size and got_cfg.num_layers == cfg.num_layers
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -94,6 +94,10 @@ BAD = [
     ({"model.dtype": "float8"}, "model.dtype", "'bfloat16'"),
     ({"model.remat": "full"}, "model.remat", "'block'"),
     ({"checkpoint.save_every": 0}, "checkpoint.save_every", ">= 1"),
+    ({"checkpoint.export_hf": True, "checkpoint.enabled": False}, "checkpoint.export_hf",
+     "checkpoint.enabled=False"),
+    ({"train.report_to": "wandb,comet"}, "train.report_to", "unknown logger 'comet'"),
+    ({"train.report_to": "tensorboard"}, "train.report_to", "train.tensorboard"),
 ]  # fmt: skip
 
 
@@ -248,7 +252,7 @@ def test_moved_keys_work_under_their_old_names_everywhere(tmp_path):
     """`ppo.reward` & co. moved to `online.*`: set under the old name in Python or on the
     command line they take effect (with a warning), both names set differently is an
     error, and a checkpoint or phase marker written before the move compares equal."""
-    from dpo_jax import checkpoint, configs
+    from dpo_jax import configs, resume
     from dpo_jax.configs import default
     from dpo_jax.errors import UserError
 
@@ -269,7 +273,5 @@ def test_moved_keys_work_under_their_old_names_everywhere(tmp_path):
     old["ppo"]["num_rollouts"] = old["online"].pop("num_rollouts")  # the pre-move layout
     old["ppo"]["reward"] = old["online"].pop("reward")
     del old["online"]
-    assert (
-        checkpoint.config_diff(configs.migrate_saved(old), now, defaults=default.get_config()) == []
-    )
-    assert checkpoint.config_diff(old, now, defaults=default.get_config()) != []
+    assert resume.config_diff(configs.migrate_saved(old), now, defaults=default.get_config()) == []
+    assert resume.config_diff(old, now, defaults=default.get_config()) != []

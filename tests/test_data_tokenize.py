@@ -9,7 +9,7 @@ import dpo_jax.data.tokenize as tokmod
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import PreferenceExample, UnpairedExample, parse_row
 from dpo_jax.data.sources import Row
-from dpo_jax.data.tokenize import TokenizeSettings, tokenize_cached, tokenize_examples
+from dpo_jax.data.tokenize import settings_from_spec, tokenize_cached, tokenize_examples
 from tests.data_helpers import tiny_tokenizer
 
 PAIRS = [
@@ -115,7 +115,7 @@ def test_prompt_and_completion_length_limits():
     ex = PAIRS[1]
     p, c, r = _untruncated(tok, ex)
     ds = tokenize_examples(
-        [ex], tok, TokenizeSettings(max_prompt_length=4, max_completion_length=3)
+        [ex], tok, settings_from_spec(dict(max_prompt_length=4, max_completion_length=3))
     )
     assert ds[0]["prompt"].tolist() == p[-4:]  # the end of the prompt is kept
     assert ds[0]["chosen"].tolist() == c[:3]
@@ -130,7 +130,9 @@ def test_max_length_truncation_modes(mode):
     longest = max(len(c), len(r))
     max_length = len(p) + longest - 5  # 5 tokens too long
     assert len(p) > 6
-    ds = tokenize_examples([ex], tok, TokenizeSettings(max_length=max_length, truncation_mode=mode))
+    ds = tokenize_examples(
+        [ex], tok, settings_from_spec(dict(max_length=max_length, truncation_mode=mode))
+    )
     item = ds[0]
     if mode == "keep_start":
         room = max_length - len(p)
@@ -154,12 +156,12 @@ def test_prompt_longer_than_max_length_names_row():
     ex = parse_row(Row({"prompt": PAIRS[1].prompt, "chosen": " a", "rejected": " b"}, "d.jsonl", 3))
     n = len(tok(PAIRS[1].prompt)["input_ids"])
     with pytest.raises(DataError, match=rf"^d.jsonl:3: prompt is {n} tokens, leaving no room"):
-        tokenize_examples(ex, tok, TokenizeSettings(max_length=n))
+        tokenize_examples(ex, tok, settings_from_spec(dict(max_length=n)))
 
 
 def test_cache_hit_skips_tokenization(tmp_path, monkeypatch):
     tok = tiny_tokenizer()
-    settings = TokenizeSettings(max_length=40)
+    settings = settings_from_spec(dict(max_length=40))
     first = tokenize_cached(PAIRS, tok, settings, cache_dir=str(tmp_path))
     assert first.stats["from_cache"] is False
     assert len(list(tmp_path.glob("tokenized-*.npz"))) == 1
@@ -175,7 +177,9 @@ def test_cache_hit_skips_tokenization(tmp_path, monkeypatch):
             np.testing.assert_array_equal(first[i][k], second[i][k])
     # Different settings or different data are different keys: they must tokenize.
     with pytest.raises(AssertionError, match="tokenized again"):
-        tokenize_cached(PAIRS, tok, TokenizeSettings(max_length=41), cache_dir=str(tmp_path))
+        tokenize_cached(
+            PAIRS, tok, settings_from_spec(dict(max_length=41)), cache_dir=str(tmp_path)
+        )
     with pytest.raises(AssertionError, match="tokenized again"):
         tokenize_cached(PAIRS[:2], tok, settings, cache_dir=str(tmp_path))
 
@@ -183,7 +187,7 @@ def test_cache_hit_skips_tokenization(tmp_path, monkeypatch):
 def test_cache_replays_rejects(tmp_path):
     tok = tiny_tokenizer()
     exs = [*PAIRS, PreferenceExample(PAIRS[1].prompt * 3, " a", " b", source="x.jsonl", line=9)]
-    settings = TokenizeSettings(max_length=30)
+    settings = settings_from_spec(dict(max_length=30))
     log1 = RejectLog(skip_bad_rows=True)
     ds1 = tokenize_cached(exs, tok, settings, log1, cache_dir=str(tmp_path))
     log2 = RejectLog(skip_bad_rows=True)

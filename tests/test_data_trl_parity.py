@@ -15,7 +15,7 @@ import pytest
 from dpo_jax.data.batching import build_batch
 from dpo_jax.data.formats import parse_rows
 from dpo_jax.data.sources import Row
-from dpo_jax.data.tokenize import TokenizeSettings, tokenize_examples
+from dpo_jax.data.tokenize import settings_from_spec, tokenize_examples
 from tests.data_helpers import tiny_tokenizer
 
 trl = pytest.importorskip("trl")
@@ -60,7 +60,7 @@ def _trl_dpo(rows, tok, **kw):
     return DPOTrainer._prepare_dataset(stub, datasets.Dataset.from_list(rows), tok, args, "train")
 
 
-def _ours(rows, tok, settings=TokenizeSettings(), fmt="auto"):
+def _ours(rows, tok, settings=None, fmt="auto"):
     examples = parse_rows([Row(r, "rows", i + 1) for i, r in enumerate(rows)], fmt, tok)
     return tokenize_examples(examples, tok, settings)
 
@@ -99,7 +99,9 @@ def test_stacked_batch_equals_trl_collator_keep_start():
     collated = DataCollatorForPreference(
         pad_token_id=tok.pad_token_id, max_length=max_length, truncation_mode="keep_start"
     )([{k: trl_ds[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(4)])
-    ours = _ours(PLAIN, tok, TokenizeSettings(max_length=max_length, truncation_mode="keep_start"))
+    ours = _ours(
+        PLAIN, tok, settings_from_spec(dict(max_length=max_length, truncation_mode="keep_start"))
+    )
     batch = build_batch([ours[i] for i in range(4)], "paired", "stacked", pad_id=tok.pad_token_id)
     n = collated["input_ids"].shape[1]
     assert n == max_length
@@ -124,7 +126,7 @@ def _collated_equal(tok, rows, max_length, mode, layout="stacked"):
         pad_token_id=tok.pad_token_id, max_length=max_length, truncation_mode=mode
     )([{k: trl_ds[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
        for i in range(n_rows)])  # fmt: skip
-    ours = _ours(rows, tok, TokenizeSettings(max_length=max_length, truncation_mode=mode))
+    ours = _ours(rows, tok, settings_from_spec(dict(max_length=max_length, truncation_mode=mode)))
     assert len(ours) == n_rows
     batch = build_batch([ours[i] for i in range(n_rows)], "paired", layout, pad_id=tok.pad_token_id)
     n = collated["input_ids"].shape[1]
@@ -159,7 +161,7 @@ def test_keep_end_conversational_and_packed_equal_trl_collator():
     tok = tiny_tokenizer(chat=True)
     _collated_equal(tok, CHAT[:1], 12, "keep_end")
     tok = tiny_tokenizer()
-    ours = _ours(PLAIN, tok, TokenizeSettings(max_length=9, truncation_mode="keep_end"))
+    ours = _ours(PLAIN, tok, settings_from_spec(dict(max_length=9, truncation_mode="keep_end")))
     items = [ours[i] for i in range(len(ours))]
     stacked = build_batch(items, "paired", "stacked", pad_id=tok.pad_token_id)
     packed = build_batch(items, "paired", "packed", pad_id=tok.pad_token_id)
@@ -216,7 +218,7 @@ def test_keep_end_dataset_through_the_train_iterator(tmp_path):
     from dpo_jax.data.tokenize import TokenizedDataset
 
     tok = tiny_tokenizer()
-    ours = _ours(PLAIN, tok, TokenizeSettings(max_length=9, truncation_mode="keep_end"))
+    ours = _ours(PLAIN, tok, settings_from_spec(dict(max_length=9, truncation_mode="keep_end")))
     ours.save(str(tmp_path / "ds.npz"))
     loaded = TokenizedDataset.load(str(tmp_path / "ds.npz"))
     assert list(loaded.ragged) == ["prompt", "chosen", "rejected", "rejected_prompt"]

@@ -27,7 +27,7 @@ def test_a_phase_in_two_processes_matches_one(tmp_path):
     # The phases before the methods, once (no method: the report has only the SFT row).
     subprocess.run(
         [sys.executable, "-m", "experiments.sentiment", "--preset=smoke",
-         f"--config.workdir={base}", "--config.methods=()"],
+         f"--config.run_dir={base}", "--config.methods=()"],
         cwd=ROOT, env=env, check=True, capture_output=True, timeout=900,
     )  # fmt: skip
     assert (base / "reference" / "DONE").exists()

@@ -15,7 +15,7 @@ from dpo_jax import checkpoint, data, evaluation, judge
 from dpo_jax.data.formats import detect_format, parse_hh, parse_tldr, parse_tldr_sft
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
-from experiments import common, hh, offline, phases, tldr
+from experiments import common, driver, hh, offline, offline_phases, phases, tldr
 
 
 def test_tldr_fixture_rows_parse_with_the_upstream_parser():
@@ -111,10 +111,10 @@ def test_presets_sweep_the_papers_temperatures():
 
 def test_bad_ppo_settings_are_refused_before_any_phase(tmp_path):
     config = tldr.get_config("smoke")
-    config.update(workdir=str(tmp_path / "run"))
+    config.update(run_dir=str(tmp_path / "run"))
     config.online.num_mini_batches = 3  # 8 episodes do not split into 3 updates
     with pytest.raises(UserError, match="online.rollout_batch_size"):
-        offline.run_offline(config, tldr.TASK)
+        driver.run(config, tldr.EXPERIMENT)
     assert not (tmp_path / "run").exists()
 
 
@@ -130,9 +130,10 @@ def test_a_local_checkpoint_initialises_the_policy_in_the_configured_shape(tmp_p
         make_tiny_hf_model("gpt_neox", tmp_path / "neox", tokenizer=train_tokenizer())
     )
     c.model.remat = "block"
-    cfg = offline.model_config(c, 0, 0, 0)  # vocabulary and special tokens from config.json
+    # vocabulary and special tokens from config.json
+    cfg = common.policy_model_config(c, 0, eos_token_id=0, pad_token_id=0)
     assert cfg.model_type == "gpt_neox" and cfg.remat == "block" and not cfg.scan_layers
-    params = offline.initial_params(c, cfg)
+    params = driver.initial_params(c, cfg)
     want = nn.meta.unbox(models.abstract_params(cfg))
     assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, want)
 
@@ -209,10 +210,10 @@ def _results(run_dir):
 @pytest.mark.heavy
 def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     config = tldr.get_config("smoke")
-    config.workdir = str(tmp_path)
+    config.run_dir = str(tmp_path)
     config.judge = "python:tests.test_experiments_offline:human_reference_checking_judge"
     _SEEN_REFERENCES.clear()
-    run_dir = offline.run_offline(config, tldr.TASK)
+    run_dir, _ = driver.run(config, tldr.EXPERIMENT)
     for name in ("config.json", "results.csv", "win_rate.png", "samples.jsonl", "sft/metrics.jsonl",
                  "preferred_ft/metrics.jsonl", "dpo/metrics.jsonl", "reward_model/metrics.jsonl",
                  "ppo/metrics.jsonl", "data/tldr_3_filtered/train.jsonl",
@@ -245,7 +246,7 @@ def test_tldr_smoke_is_judged_against_the_human_references(tmp_path):
     before = (run_dir / "results.csv").read_bytes()
     (run_dir / "results.csv").unlink()
     _SEEN_REFERENCES.clear()
-    offline.run_offline(config, tldr.TASK)
+    driver.run(config, tldr.EXPERIMENT)
     assert (run_dir / "results.csv").read_bytes() == before and not _SEEN_REFERENCES
     # Greedy is deterministic and temperature 1 samples: the two sweeps differ.
     greedy = [s["completion"] for s in samples if s["method"] == "sft" and s["temperature"] == 0]
@@ -287,10 +288,10 @@ def check_ppo_phase(run_dir, config, reference: str) -> None:
 @pytest.mark.heavy
 def test_hh_smoke_with_best_of_n_ppo_and_an_llm_judge(tmp_path):
     config = hh.get_config("smoke")
-    config.workdir = str(tmp_path)
+    config.run_dir = str(tmp_path)
     config.judge = "llm:python:tests.test_experiments_offline:scripted_hh_api"
     config.methods = (*config.methods, "ppo")  # not the paper's HH set, but it must run
-    run_dir = offline.run_offline(config, hh.TASK)
+    run_dir, _ = driver.run(config, hh.EXPERIMENT)
     assert (run_dir / "reward_model" / "metrics.jsonl").is_file()
     rows = _results(run_dir)
     # Best-of-N is evaluated only where sampling differs from greedy decoding.
@@ -350,9 +351,9 @@ def test_seeds_run_each_seed_and_summarise_their_results(tmp_path):
     from scipy import stats
 
     config = tldr.get_config("smoke")
-    config.update(workdir=str(tmp_path), seeds=(0, 1), methods=("sft", "dpo"))
+    config.update(run_dir=str(tmp_path), seeds=(0, 1), methods=("sft", "dpo"))
     config.judge = "python:tests.test_experiments_offline:word_count_judge"
-    run_dir = offline.run_offline(config, tldr.TASK)
+    run_dir, _ = driver.run(config, tldr.EXPERIMENT)
     per_seed = [_results(run_dir / f"seed_{s}") for s in (0, 1)]
     # The same data for both seeds (data_seed), different training.
     for name in ("tldr_3_filtered/train.jsonl", "tldr_3_filtered/test.jsonl"):
@@ -389,15 +390,15 @@ def test_online_dpo_is_wired_into_the_tldr_graph(tmp_path):
     assert {"online", "online_dpo", "method_defaults.online_dpo", "loss"} <= set(
         graph["online_dpo"].reads
     )
-    run = offline.rollout_config(config, "online_dpo")
+    run = offline_phases.rollout_config(config, "online_dpo")
     # the method's defaults over the run's online.* (PPO keeps one sample per prompt)
     assert (run.online.samples_per_prompt, config.online.samples_per_prompt) == (2, 1)
     assert (run.objective.name, run.num_steps, run.loss.hyper.beta) == ("online_dpo", 2, 0.5)
     # A bad setting is refused before the run directory exists.
-    config.update(workdir=str(tmp_path / "run"))
+    config.update(run_dir=str(tmp_path / "run"))
     config.method_defaults.online_dpo.samples_per_prompt = 1
     with pytest.raises(UserError, match="online.samples_per_prompt"):
-        offline.run_offline(config, tldr.TASK)
+        driver.run(config, tldr.EXPERIMENT)
     assert not (tmp_path / "run").exists()
 
 
@@ -406,8 +407,8 @@ def test_online_dpo_is_wired_into_the_tldr_graph(tmp_path):
 @pytest.mark.heavy
 def test_tldr_smoke_online_dpo_labelled_by_the_learned_reward(tmp_path):
     config = tldr.get_config("smoke")
-    config.update(workdir=str(tmp_path), methods=("sft", "online_dpo"))
-    run_dir = offline.run_offline(config, tldr.TASK)
+    config.update(run_dir=str(tmp_path), methods=("sft", "online_dpo"))
+    run_dir, _ = driver.run(config, tldr.EXPERIMENT)
     rows = _results(run_dir)
     assert [(r["method"], float(r["temperature"])) for r in rows] == [
         (m, t) for m in ("sft", "online_dpo") for t in (0.0, 1.0)

@@ -132,6 +132,10 @@ def test_train_config_is_the_dpo_jax_train_tree_of_the_experiment_config(tmp_pat
     assert out.loss.hyper.to_dict() == {"beta": 0.5}
     assert out.run_dir == str(tmp_path / "methods" / "x") and out.checkpoint.enabled
     assert set(out.keys()) == set(default.get_config().keys())
+    # the one dotted-key setter (`configs.set_value`): a typo is refused, ints widen
+    with pytest.raises(UserError, match="optim.leraning_rate"):
+        phases.train_config(c, ctx, **{"optim.leraning_rate": 1e-3})
+    assert phases.train_config(c, ctx, **{"optim.learning_rate": 1}).optim.learning_rate == 1.0
 
 
 def test_a_key_added_to_dpo_jax_since_the_phase_ran_is_no_difference_at_its_default(tmp_path):

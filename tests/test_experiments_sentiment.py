@@ -21,10 +21,10 @@ import pytest
 from etils import epath
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from dpo_jax import train
+from dpo_jax import checkpoint, train
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
-from experiments import common, phases, sentiment
+from experiments import common, driver, phases, sentiment, sentiment_methods, sentiment_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     config = sentiment.get_config("smoke")
-    config.workdir = str(tmp_path_factory.mktemp("sentiment_smoke"))
-    run_dir = sentiment.run(config)
+    config.run_dir = str(tmp_path_factory.mktemp("sentiment_smoke"))
+    run_dir, _ = driver.run(config, sentiment.EXPERIMENT)
     with open(run_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     return run_dir, config, rows
@@ -51,7 +51,7 @@ def test_run_dir_has_every_artifact(smoke_run):
     run_dir, config, rows = smoke_run
     for name in ("config.json", "results.csv", "frontier.png", "evaluate_sft/samples.jsonl",
                  "pairs/pairs.jsonl", "timings.json", "tokenizer/tokenizer.json",
-                 "sft/metrics.jsonl", "sft/params.msgpack"):  # fmt: skip
+                 "sft/metrics.jsonl", "sft/checkpoints/30/_CHECKPOINT_METADATA"):  # fmt: skip
         assert (run_dir / name).is_file(), name
     # Every phase finished with its marker; the report runs every time and has none.
     phase_names = [p.name for p in sentiment.build_phases(config)]
@@ -108,7 +108,7 @@ def _start(workdir, *args: str) -> subprocess.Popen:
     """`python -m experiments.sentiment --preset=smoke` in a subprocess."""
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.sentiment", "--preset=smoke",
-         f"--config.workdir={workdir}", *args],
+         f"--config.run_dir={workdir}", *args],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
 
@@ -133,8 +133,8 @@ def killed_and_rerun(tmp_path_factory):
     proc.wait()
     assert not (phase / "DONE").exists() and (workdir / "reference" / "DONE").exists()
     config = sentiment.get_config("smoke")
-    config.workdir = str(workdir)
-    _, returned = sentiment.execute(config)
+    config.run_dir = str(workdir)
+    _, returned = driver.run(config, sentiment.EXPERIMENT)
     return workdir, config, returned
 
 
@@ -158,16 +158,16 @@ def test_dry_run_compiles_the_program_the_run_executed(killed_and_rerun):
     assert len(result.trainer._train_fns) == 1  # the run executed one train program
     phase = next(p for p in sentiment.build_phases(config) if p.name == name)
     ctx = phases.Context(config, epath.Path(workdir), phase)
-    task = sentiment.load_task(ctx)
-    first = next(iter(sentiment.method_batches(
-        sentiment.load_pairs(ctx), sentiment.method_config(ctx, sentiment.parse_method("dpo:beta=0.1")),
-        task.pad_id, sentiment.row_length(config), config.pairs.max_new_tokens,
+    task = sentiment_task.load_task(ctx)
+    first = next(iter(sentiment_task.method_batches(
+        sentiment_task.load_pairs(ctx), sentiment_methods.method_config(ctx, sentiment_methods.parse_method("dpo:beta=0.1")),
+        task.pad_id, sentiment_task.row_length(config), config.pairs.max_new_tokens,
     )))  # fmt: skip
     batch_A = train.stack_micro_batches([first])
     executed = result.trainer.lower(result.state, batch_A, train.batch_num_sequences(batch_A))
     dry_config = sentiment.get_config("smoke")
-    dry_config.update(workdir=str(workdir), dry_run_devices=1)
-    lowered = sentiment.dry_run(dry_config)
+    dry_config.update(run_dir=str(workdir), dry_run_devices=1)
+    lowered = driver.dry_run(dry_config, sentiment.EXPERIMENT)
     trained = {"sft", name, "methods/preferred_ft", "methods/unlikelihood_unlikelihood_alpha=1"}
     assert set(lowered) == trained
     assert lowered[name].as_text() == executed.as_text()
@@ -250,24 +250,24 @@ def test_best_of_n_is_at_least_the_sft_mean_and_its_kl_is_analytic(smoke_run):
 
 def test_label_pairs_by_hand():
     rewards = np.array([[0.5, -0.2, 0.5, 0.9], [0.0, 0.0, 0.0, 0.0]])
-    pairs = sentiment.label_pairs(rewards)
+    pairs = sentiment_task.label_pairs(rewards)
     # Prefix 0: 6 pairs minus the tie (0, 2); prefix 1: all ties.
     assert pairs == [(0, 0, 1), (0, 3, 0), (0, 2, 1), (0, 3, 1), (0, 3, 2)]
 
 
 def test_parse_method():
-    m = sentiment.parse_method("cdpo:beta=0.1:label_smoothing=0.2:seed=3")
+    m = sentiment_methods.parse_method("cdpo:beta=0.1:label_smoothing=0.2:seed=3")
     assert (m.kind, m.loss_name, m.loss_hyper, m.seed) == (
         "cdpo",
         "sigmoid",
         {"beta": 0.1, "label_smoothing": 0.2},
         3,
     )
-    assert sentiment.parse_method("preferred_ft").loss_name == "sft"
+    assert sentiment_methods.parse_method("preferred_ft").loss_name == "sft"
     with pytest.raises(ValueError, match="needs beta"):
-        sentiment.parse_method("dpo")
+        sentiment_methods.parse_method("dpo")
     with pytest.raises(ValueError, match="not a number"):
-        sentiment.parse_method("dpo:beta=abc")
+        sentiment_methods.parse_method("dpo:beta=abc")
 
 
 def test_command_line_overrides_and_presets():
@@ -298,16 +298,16 @@ def test_command_line_overrides_and_presets():
         common.parse_args(sentiment.get_config, ["--config.train.stepz=1"], sentiment.PRESETS)
     with pytest.raises(UserError, match="'train.optimizer': no such config key"):
         common.parse_args(sentiment.get_config, ["--config.train.optimizer=sgd"], sentiment.PRESETS)
-    with pytest.raises(SystemExit, match="unknown preset"):
+    with pytest.raises(UserError, match="unknown preset"):
         common.parse_args(sentiment.get_config, ["--preset=nope"], sentiment.PRESETS)
     # Every preset's methods parse and name registered losses.
     from dpo_jax import losses
 
     for preset in ("default", "frontier", "losses", "online"):
         for spec in sentiment.get_config(preset).methods:
-            m = sentiment.parse_method(spec)
-            other = (*sentiment.BEST_OF_N_KINDS, *sentiment.PPO_KINDS, *sentiment.ONLINE_KINDS,
-                     *sentiment.ITERATIVE_KINDS)  # not a loss  # fmt: skip
+            m = sentiment_methods.parse_method(spec)
+            other = (*sentiment_methods.BEST_OF_N_KINDS, *sentiment_methods.PPO_KINDS, *sentiment_methods.ONLINE_KINDS,
+                     *sentiment_methods.ITERATIVE_KINDS)  # not a loss  # fmt: skip
             assert m.kind in other or m.loss_name in losses.names(), spec
 
 
@@ -319,9 +319,9 @@ def test_default_main_job_dpo_beats_sft(tmp_path):
     reach a higher mean VADER reward than the SFT policy, beyond their standard errors,
     at finite reported KL."""
     config = sentiment.get_config("default")
-    config.workdir = str(tmp_path)
+    config.run_dir = str(tmp_path)
     config.train.progress = False
-    run_dir = sentiment.run(config)
+    run_dir, _ = driver.run(config, sentiment.EXPERIMENT)
     with open(run_dir / "results.csv") as f:
         final = {r["method"]: r for r in csv.DictReader(f) if r["final"] == "1"}
     sft = final["sft"]
@@ -342,8 +342,8 @@ def test_training_seeds_share_the_data_and_are_summarised(smoke_run, tmp_path):
     run_dir, config, _ = smoke_run
     shutil.copytree(run_dir, tmp_path / "seed_0")
     seeded = config.copy_and_resolve_references()
-    seeded.workdir, seeded.seeds = str(tmp_path), (0, 1)
-    _, returned = sentiment.execute(seeded)
+    seeded.run_dir, seeded.seeds = str(tmp_path), (0, 1)
+    _, returned = driver.run(seeded, sentiment.EXPERIMENT)
     # Nothing of seed 0 reran (its report, a table assembled from outputs, runs always).
     assert [k for k in returned if k.startswith("seed_0/")] == ["seed_0/report"]
     assert "seed_1/sft" in returned
@@ -353,8 +353,7 @@ def test_training_seeds_share_the_data_and_are_summarised(smoke_run, tmp_path):
             if f.is_file() and f.name != phases.MARKER:
                 other = tmp_path / "seed_1" / f.relative_to(tmp_path / "seed_0")
                 assert other.read_bytes() == f.read_bytes(), f
-    sft = [sentiment.load_params(epath.Path(tmp_path) / f"seed_{s}/sft/params.msgpack")
-           for s in (0, 1)]  # fmt: skip
+    sft = [checkpoint.load_params(epath.Path(tmp_path) / f"seed_{s}/sft")[2] for s in (0, 1)]
     import jax
 
     leaves = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)]) for p in sft]

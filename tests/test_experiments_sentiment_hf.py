@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.metrics import read_jsonl
-from experiments import sentiment
+from experiments import driver, sentiment
 
 
 @pytest.mark.heavy
@@ -20,12 +20,12 @@ def test_smoke_from_a_local_hf_checkpoint_and_tokenizer(tmp_path):
 
     hf_dir = make_tiny_hf_model("gpt2", tmp_path / "gpt2", tokenizer=train_tokenizer())
     config = sentiment.get_config("smoke")
-    config.workdir = str(tmp_path / "run")
+    config.run_dir = str(tmp_path / "run")
     config.model.path = str(hf_dir)
     config.tokenizer = str(hf_dir)
     config.methods = ("dpo:beta=0.1",)
     config.batch_size = 4  # the tiny checkpoint's samples tie often: few pairs
-    run_dir = sentiment.run(config)
+    run_dir, _ = driver.run(config, sentiment.EXPERIMENT)
     with open(run_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["sft", "dpo:beta=0.1", "dpo:beta=0.1", "dpo:beta=0.1"]

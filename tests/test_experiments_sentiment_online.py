@@ -16,14 +16,15 @@ import jax
 import numpy as np
 import pytest
 
+from dpo_jax import checkpoint
 from dpo_jax.metrics import read_jsonl
-from experiments import phases, sentiment, sentiment_online
+from experiments import driver, phases, sentiment, sentiment_methods, sentiment_online
 
 
 def _smoke(methods: tuple[str, ...], workdir: str = "") -> object:
     config = sentiment.get_config("smoke")
     config.methods = methods
-    config.workdir = workdir
+    config.run_dir = workdir
     return config
 
 
@@ -48,10 +49,10 @@ def test_online_specs_parse_and_get_display_names():
         "iterative_dpo:beta=0.1:rounds=1": "Iterative DPO (1 round)",
     }
     for spec, name in labels.items():
-        method = sentiment.parse_method(spec)
+        method = sentiment_methods.parse_method(spec)
         assert method.label == spec  # words stay words, numbers print as given
-        assert sentiment.family_name(method.label) == name
-    m = sentiment.parse_method("iterative_dpo:beta=0.5:reference=reset:loss=ipo:seed=2")
+        assert sentiment_methods.family_name(method.label) == name
+    m = sentiment_methods.parse_method("iterative_dpo:beta=0.5:reference=reset:loss=ipo:seed=2")
     assert m.hyper == (("beta", 0.5), ("reference", "reset"), ("loss", "ipo")) and m.seed == 2
     for spec, match in [
         ("online_dpo", "online_dpo needs beta"),
@@ -63,27 +64,28 @@ def test_online_specs_parse_and_get_display_names():
         ("grpo:label=argmax", "not a number"),
     ]:
         with pytest.raises(ValueError, match=match):
-            sentiment.parse_method(spec)
+            sentiment_methods.parse_method(spec)
     # Every preset's methods parse; the comparison set is in `online` and `frontier`.
     for preset in ("online", "frontier"):
         methods = sentiment.get_config(preset).methods
-        assert set(sentiment.ONLINE_METHODS) <= set(methods)
-        assert {sentiment.parse_method(s).kind for s in methods} >= {
-            *sentiment.ONLINE_KINDS, *sentiment.ITERATIVE_KINDS
+        assert set(sentiment_methods.ONLINE_METHODS) <= set(methods)
+        assert {sentiment_methods.parse_method(s).kind for s in methods} >= {
+            *sentiment_methods.ONLINE_KINDS, *sentiment_methods.ITERATIVE_KINDS
         }  # fmt: skip
 
 
 def test_settings_are_online_then_method_defaults_then_the_spec():
     config = sentiment.get_config("online")
     s = sentiment_online.settings(
-        config, sentiment.parse_method("grpo:kl_coef=0.05:epsilon_high=0.28:loss_type=dr_grpo")
+        config,
+        sentiment_methods.parse_method("grpo:kl_coef=0.05:epsilon_high=0.28:loss_type=dr_grpo"),
     )
     assert s.sections == {
         "online": {"samples_per_prompt": 4, "num_rollouts": 150, "kl_coef": 0.05},
         "grpo": {"epsilon_high": 0.28, "loss_type": "dr_grpo"},
     }
     # typed as the config's (a spec's numbers parse as floats), and the phase's length
-    m = sentiment.parse_method("rloo:num_rollouts=3:samples_per_prompt=2")
+    m = sentiment_methods.parse_method("rloo:num_rollouts=3:samples_per_prompt=2")
     s = sentiment_online.settings(config, m)
     assert s.sections["online"]["num_rollouts"] == 3
     assert isinstance(s.sections["online"]["num_rollouts"], int)
@@ -94,19 +96,22 @@ def test_settings_are_online_then_method_defaults_then_the_spec():
     # paired kinds: `loss=` and the loss's hyper-parameters; online_dpo.* by name
     s = sentiment_online.settings(
         config,
-        sentiment.parse_method("online_dpo_gt:beta=0.2:label_smoothing=0.1:label=bradley_terry"),
+        sentiment_methods.parse_method(
+            "online_dpo_gt:beta=0.2:label_smoothing=0.1:label=bradley_terry"
+        ),
     )
     assert (s.loss_name, s.loss_hyper) == ("sigmoid", {"beta": 0.2, "label_smoothing": 0.1})
     assert s.sections["online_dpo"] == {"label": "bradley_terry"}
     assert s.sections["online"]["rollout_batch_size"] == 128
     s = sentiment_online.settings(
-        config, sentiment.parse_method("iterative_dpo:beta=0.3:loss=ipo:steps=7:reference=reset")
+        config,
+        sentiment_methods.parse_method("iterative_dpo:beta=0.3:loss=ipo:steps=7:reference=reset"),
     )
     assert (s.loss_name, s.loss_hyper, s.steps, s.rounds, s.reference) == (
         "ipo", {"beta": 0.3}, 7, 3, "reset",
     )  # fmt: skip
     assert sentiment_online.settings(
-        config, sentiment.parse_method("iterative_dpo:beta=0.3")
+        config, sentiment_methods.parse_method("iterative_dpo:beta=0.3")
     ).steps == config.num_steps  # fmt: skip
     for spec, match in [
         ("grpo:bogus=1", "grpo has no setting 'bogus'"),
@@ -115,7 +120,7 @@ def test_settings_are_online_then_method_defaults_then_the_spec():
         ("iterative_dpo:beta=0.1:kl_coef=0.1", r"takes no \['kl_coef'\]"),  # not sampled
     ]:
         with pytest.raises(ValueError, match=match):
-            sentiment_online.settings(config, sentiment.parse_method(spec))
+            sentiment_online.settings(config, sentiment_methods.parse_method(spec))
     # refused when the graph is built, before any phase runs
     config.methods = ("grpo:samples_per_prompt=3",)  # 64 rows are not groups of 3
     with pytest.raises(Exception, match="online.rollout_batch_size"):
@@ -184,7 +189,7 @@ def test_online_methods_run_resume_and_rerun_identically(tmp_path):
     done = phases.run_phases([p for p in graph if p.name in first], config, tmp_path)
     assert set(done) == first
     # The rerun skips round 1 (and everything else finished) and runs round 2.
-    run_dir, returned = sentiment.execute(config)
+    run_dir, returned = driver.run(config, sentiment.EXPERIMENT)
     assert set(returned) == {f"{base}/round_2_pairs", f"{base}/round_2", "report"}
     results = (run_dir / "results.csv").read_bytes()
     rows = _rows(run_dir)
@@ -197,7 +202,7 @@ def test_online_methods_run_resume_and_rerun_identically(tmp_path):
     for m in methods:
         if m != iterative:
             assert [int(r["step"]) for r in rows if r["method"] == m] == [0, 2], m
-            log = read_jsonl(run_dir / sentiment.method_phase_name(sentiment.parse_method(m))
+            log = read_jsonl(run_dir / sentiment_methods.method_phase_name(sentiment_methods.parse_method(m))
                              / "metrics.jsonl")  # fmt: skip
             assert [r["rollout"] for r in log if "rollout" in r] == [1, 2], m
     # Iterative DPO: round r's steps follow round r-1's (4 steps each, evals every 2).
@@ -210,20 +215,19 @@ def test_online_methods_run_resume_and_rerun_identically(tmp_path):
         assert pairs["round"] == r and 0 < pairs["num_pairs"] <= config.pairs.num_prefixes
     # Each round moved the policy it started from (SFT, then round 1's).
     flat = lambda path: np.concatenate(
-        [np.ravel(x) for x in jax.tree.leaves(sentiment.load_params(run_dir / path))]
+        [np.ravel(x) for x in jax.tree.leaves(checkpoint.load_params(run_dir / path)[2])]
     )  # fmt: skip
-    sft, one, two = (flat(f) for f in ("sft/params.msgpack", f"{base}/round_1/params.msgpack",
-                                       f"{base}/round_2/params.msgpack"))  # fmt: skip
+    sft, one, two = (flat(f) for f in ("sft", f"{base}/round_1", f"{base}/round_2"))
     assert not np.array_equal(sft, one) and not np.array_equal(one, two)
     # Rerun: every phase skipped, the same table.
-    _, returned = sentiment.execute(config)
+    _, returned = driver.run(config, sentiment.EXPERIMENT)
     assert set(returned) == {"report"}
     assert (run_dir / "results.csv").read_bytes() == results
     # Round 1's pairs regenerated from (seed, round) alone: the same bytes, and nothing
     # after them reruns (their fingerprint is the same).
     saved = tmp_path / "saved_round_1_pairs"
     shutil.move(run_dir / f"{base}/round_1_pairs", saved)
-    _, returned = sentiment.execute(config)
+    _, returned = driver.run(config, sentiment.EXPERIMENT)
     assert set(returned) == {f"{base}/round_1_pairs", "report"}
     for name in ("tokens.json", "ref_logps.npz", "metrics.json"):
         assert (run_dir / f"{base}/round_1_pairs" / name).read_bytes() == (
@@ -233,8 +237,12 @@ def test_online_methods_run_resume_and_rerun_identically(tmp_path):
     # --dry_run lowers every training phase's program, the on-policy ones included.
     dry = _smoke(methods, str(tmp_path))
     dry.dry_run_devices = 1
-    online_phases = {sentiment.method_phase_name(sentiment.parse_method(m)) for m in methods}
-    online_phases -= {sentiment.method_phase_name(sentiment.parse_method(iterative))}
-    assert set(sentiment.dry_run(dry)) == {
+    online_phases = {
+        sentiment_methods.method_phase_name(sentiment_methods.parse_method(m)) for m in methods
+    }
+    online_phases -= {
+        sentiment_methods.method_phase_name(sentiment_methods.parse_method(iterative))
+    }
+    assert set(driver.dry_run(dry, sentiment.EXPERIMENT)) == {
         "sft", f"{base}/round_1", f"{base}/round_2", *online_phases
     }  # fmt: skip

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.metrics import read_jsonl
-from experiments import sentiment
+from experiments import driver, sentiment, sentiment_methods
 
 METHODS = ("ppo:target_kl=1", "ppo_gt", "best_of_n_rm:n=4", "best_of_n:n=4")
 
@@ -32,22 +32,22 @@ def _config(workdir: str):
 
 def test_frontier_methods_parse_and_are_labelled():
     config = sentiment.get_config("frontier")
-    kinds = {sentiment.parse_method(m).kind for m in config.methods}
+    kinds = {sentiment_methods.parse_method(m).kind for m in config.methods}
     assert {"ppo", "ppo_gt", "best_of_n", "best_of_n_rm"} <= kinds
     names = [p.name for p in sentiment.build_phases(config)]
     assert "reward_model" in names and "methods/ppo_target_kl=3" in names
-    assert sentiment.FAMILY_NAMES["best_of_n"] == "Best-of-N (oracle)"
-    assert sentiment.FAMILY_NAMES["best_of_n_rm"] == "Best-of-N"
+    assert sentiment_methods.FAMILY_NAMES["best_of_n"] == "Best-of-N (oracle)"
+    assert sentiment_methods.FAMILY_NAMES["best_of_n_rm"] == "Best-of-N"
     with pytest.raises(ValueError, match="best_of_n_rm needs n"):
-        sentiment.parse_method("best_of_n_rm")
-    method = sentiment.parse_method("ppo:num_rollouts=3:target_kl=2")
-    assert sentiment.ppo_num_steps(config, method) == 3 * config.ppo.num_epochs
+        sentiment_methods.parse_method("best_of_n_rm")
+    method = sentiment_methods.parse_method("ppo:num_rollouts=3:target_kl=2")
+    assert sentiment_methods.ppo_num_steps(config, method) == 3 * config.ppo.num_epochs
 
 
 @pytest.mark.heavy
 def test_ppo_methods_run_through_the_phase_graph(tmp_path):
     config = _config(str(tmp_path / "run"))
-    run_dir = sentiment.run(config)
+    run_dir, _ = driver.run(config, sentiment.EXPERIMENT)
     with open(run_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     final = {r["method"]: r for r in rows if r["final"] == "1"}

@@ -45,7 +45,8 @@ def split(seqs, starts):
 def step_config(optimizer=optax.identity()) -> train_step.StepConfig:
     return train_step.StepConfig(
         apply_fn=bigram_apply, optimizer=optimizer, schedule=optax.constant_schedule(0.0),
-        loss_name="sigmoid", reference="none", objective="sft", unembed_scored_only=False,
+        reference="none",
+        **train_step.default_settings(loss_name="sigmoid", objective="sft", unembed_scored_only=False),
     )  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""No import circles inside ``dpo_jax``: the package's modules import downward only.
+"""No import circles inside ``dpo_jax``, and no import of a higher layer (``LAYERS``):
+the package's modules import downward only.
 
 The graph is read with ``ast`` (nothing is imported). Every ``import dpo_jax...``,
 ``from dpo_jax... import ...`` and relative import counts, at module level and inside
@@ -145,3 +146,112 @@ def test_no_import_cycles():
         for c in cycles
     )
     assert not cycles, f"import cycles inside {PACKAGE}:\n{detail}"
+
+
+# The layers, lowest first (docs/ARCHITECTURE.md "The layers"). A module imports only
+# modules of its own layer or of lower ones; within a layer only the cycle test applies.
+# A package name covers its submodules, the longest listed name wins, and every module
+# must be covered by a name other than the bare package (a new module picks its layer).
+LAYERS: dict[str, int] = {
+    # 0: leaves every layer may use: errors, paths, run guards, the metrics log
+    PACKAGE: 0,
+    f"{PACKAGE}.errors": 0,
+    f"{PACKAGE}.paths": 0,
+    f"{PACKAGE}.integrity": 0,
+    f"{PACKAGE}.metrics": 0,
+    f"{PACKAGE}.guards": 0,
+    f"{PACKAGE}.hub": 0,  # Hub names -> local snapshot directories
+    # 1: models
+    f"{PACKAGE}.models": 1,
+    # 2: data, losses, scoring, objectives, and the pure pieces the step is built from
+    f"{PACKAGE}.data": 2,
+    f"{PACKAGE}.losses": 2,
+    f"{PACKAGE}.metric_accumulators": 2,
+    f"{PACKAGE}.logprobs": 2,
+    f"{PACKAGE}.scoring": 2,
+    f"{PACKAGE}.objectives": 2,
+    f"{PACKAGE}.ppo": 2,
+    f"{PACKAGE}.policy_gradient": 2,
+    f"{PACKAGE}.sharding": 2,
+    f"{PACKAGE}.optim": 2,
+    f"{PACKAGE}.lora": 2,  # adapters are a params transform the step applies
+    f"{PACKAGE}.configs": 2,  # default.py reads data's and sharding's defaults
+    f"{PACKAGE}.fast_random": 2,  # jax-equal categorical draws, pure
+    f"{PACKAGE}.code_fingerprint": 2,  # hashes of the loss / objective code a config uses
+    f"{PACKAGE}.token_choice": 2,  # greedy / top-k / top-p over logits, pure
+    # 3: the step
+    f"{PACKAGE}.train_step": 3,
+    # 4: trainer, checkpoints, the loop, sampling, rewards, rollouts
+    f"{PACKAGE}.trainer": 4,
+    f"{PACKAGE}.loading": 4,
+    f"{PACKAGE}.loop": 4,
+    f"{PACKAGE}.checkpoint": 4,
+    f"{PACKAGE}.resume": 4,
+    f"{PACKAGE}.export": 4,
+    f"{PACKAGE}.reference": 4,
+    f"{PACKAGE}.ref_fingerprint": 4,
+    f"{PACKAGE}.sampling": 4,
+    f"{PACKAGE}.saved_models": 4,
+    f"{PACKAGE}.callbacks": 4,  # on_log / on_eval / on_save of the loop
+    f"{PACKAGE}.startup": 4,  # the start-up summary of a run  # a policy from a HF directory or a checkpoint
+    f"{PACKAGE}.rewards": 4,
+    f"{PACKAGE}.judge": 4,
+    f"{PACKAGE}.reward_model": 4,
+    f"{PACKAGE}.reward_sources": 4,
+    f"{PACKAGE}.evaluation": 4,
+    f"{PACKAGE}.rollouts": 4,
+    f"{PACKAGE}.ppo_loop": 4,
+    f"{PACKAGE}.group_loop": 4,
+    f"{PACKAGE}.online_dpo": 4,
+    f"{PACKAGE}.online": 4,
+    # validates the whole config, on-policy sections included (online.METHODS)
+    f"{PACKAGE}.configs.validate": 4,
+    # 5: entry points: the Python API's setup and the command line
+    f"{PACKAGE}.train": 5,
+    f"{PACKAGE}.cli": 5,
+}
+
+# Upward edges that exist today, each with its reason; empty is the goal.
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
+
+
+def _layer(module: str, layers: dict[str, int]) -> int | None:
+    """The layer of the longest listed name that is `module` or a package above it
+    (the bare package covers only itself)."""
+    name = module
+    while name:
+        if name in layers and (name != PACKAGE or module == PACKAGE):
+            return layers[name]
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _upward(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """`a (L) -> b (M)` for every import of a higher layer, and every module without one."""
+    found = [f"{m}: in no layer (add it to LAYERS)" for m in graph if _layer(m, layers) is None]
+    for mod in sorted(graph):
+        for dep in sorted(graph[mod]):
+            lm, ld = _layer(mod, layers), _layer(dep, layers)
+            if None in (lm, ld) or ld <= lm or (mod, dep) in ALLOWED_UPWARD:
+                continue
+            found.append(f"{mod} (layer {lm}) -> {dep} (layer {ld})")
+    return found
+
+
+def test_a_lazy_upward_import_is_caught(tmp_path):
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low.py").write_text(f"def f():\n    from {PACKAGE} import high\n")
+    (pkg / "high.py").write_text("from . import low\n")
+    (pkg / "stray.py").write_text("")
+    layers = {PACKAGE: 0, f"{PACKAGE}.low": 1, f"{PACKAGE}.high": 2}
+    assert _upward(_edges(_modules(pkg)), layers) == [
+        f"{PACKAGE}.stray: in no layer (add it to LAYERS)",
+        f"{PACKAGE}.low (layer 1) -> {PACKAGE}.high (layer 2)",
+    ]
+
+
+def test_modules_import_only_their_layer_or_lower():
+    found = _upward(_edges(_modules()), LAYERS)
+    assert not found, "imports of a higher layer (docs/ARCHITECTURE.md):\n  " + "\n  ".join(found)

@@ -152,7 +152,7 @@ def test_bandit_stats_feed_the_library_losses():
 
 def test_command_line_writes_the_run_directory(tmp_path, capsys):
     argv = [
-        f"--config.workdir={tmp_path}",
+        f"--config.run_dir={tmp_path}",
         "--config.steps=50",
         "--config.num_seeds=2",
         "--config.taus=(0.5,)",

@@ -19,7 +19,8 @@ import numpy as np
 import transformers
 
 from dpo_jax import reward_model, reward_sources
-from dpo_jax.data import default_cache_dir, tokenize
+from dpo_jax.configs.default import default_cache_dir
+from dpo_jax.data import tokenize
 from tests import train_helpers as th
 from tests.hf_fixtures import make_tiny_hf_model, train_tokenizer
 

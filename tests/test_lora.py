@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import lora, models, sharding, train
+from dpo_jax import loading, lora, models, sharding, train
 from dpo_jax.configs import tiny
 from dpo_jax.errors import UserError
 from dpo_jax.scoring import score
@@ -110,10 +110,12 @@ def test_bad_lora_config_is_one_line_user_error():
     with pytest.raises(UserError, match="'gate' matches no weight"):
         lora.init_adapters(base, lora.LoraConfig(4, 4.0, "q,gate"), jax.random.key(0))
     with pytest.raises(UserError, match="reference.mode.*lora.rank"):
-        train.resolve_reference_mode("adapters_off", "sigmoid", False, with_lora=False)
-    assert train.resolve_reference_mode("auto", "sigmoid", False, with_lora=True) == "adapters_off"
-    assert train.resolve_reference_mode("auto", "sigmoid", True, with_lora=True) == "precomputed"
-    assert train.resolve_reference_mode("auto", "simpo", False, with_lora=True) == "none"
+        loading.resolve_reference_mode("adapters_off", "sigmoid", False, with_lora=False)
+    assert (
+        loading.resolve_reference_mode("auto", "sigmoid", False, with_lora=True) == "adapters_off"
+    )
+    assert loading.resolve_reference_mode("auto", "sigmoid", True, with_lora=True) == "precomputed"
+    assert loading.resolve_reference_mode("auto", "simpo", False, with_lora=True) == "none"
 
 
 def test_adapters_off_reference_at_step_0_and_only_adapters_train():

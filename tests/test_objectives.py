@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from dpo_jax import checkpoint, data, models, objectives, optim, scoring, train
+from dpo_jax import checkpoint, data, models, objectives, optim, scoring, train, train_step
+from dpo_jax import trainer as trainer_lib
 from dpo_jax.configs import tiny
 from dpo_jax.metrics import read_jsonl
 from tests.train_helpers import StopAfter, flat_params, synthetic_batches, tiny_model
@@ -70,10 +71,10 @@ def test_sft_loss_equals_transformers_labels_loss(tmp_path):
     targets = [rng.integers(3, 60, size=k).tolist() for k in (4, 6, 2)]
     batch = data.build_sequences(prompts, targets, length=12)
     # through the Trainer's eval step (scored unembedding, the objective, the metrics)
-    trainer, state = train.build_trainer(
-        cfg, params, mesh=_mesh(), loss_name="sigmoid", loss_hyper={},
-        optim_config=tiny.get_config().optim.to_dict(), total_steps=1, reference="none",
-        objective="sft",
+    trainer, state = trainer_lib.build_trainer(
+        cfg, params, mesh=_mesh(), optim_config=tiny.get_config().optim.to_dict(),
+        total_steps=1, reference="none",
+        **train_step.default_settings(loss_name="sigmoid", loss_hyper={}, objective="sft"),
     )  # fmt: skip
     metrics = trainer.evaluate(state, train.stack_micro_batches([batch]), 3)
 
@@ -428,17 +429,21 @@ def test_objective_config_mistakes_are_one_line_config_errors(objective, key, va
 def test_one_default_per_setting():
     """Every optimizer / checkpoint / step setting left out takes configs/default.py's
     value: the library restates none of them."""
-    from dpo_jax import train_step
     from dpo_jax.configs import default
 
     d = default.get_config()
     assert d.optim.learning_rate == 1e-6  # TRL DPOConfig's default
     opts = checkpoint.CheckpointOptions()
     assert opts.save_every == d.checkpoint.save_every and opts.keep_last == d.checkpoint.keep_last
-    step = train_step.StepConfig(apply_fn=None, optimizer=None, schedule=None, loss_name="sigmoid")
+    settings = train_step.default_settings(loss_name="ipo")
+    assert settings["loss_name"] == "ipo"
     for field, key in train_step.CONFIG_KEYS.items():
         section, name = key.split(".")
-        assert getattr(step, field) == d[section][name], field
+        assert settings[field] == d[section][name], field
+    with pytest.raises(TypeError):  # every setting is given: none is restated as a default
+        train_step.StepConfig(apply_fn=None, optimizer=None, schedule=None, loss_name="sigmoid")
+    with pytest.raises(TypeError, match="nan_polcy"):
+        train_step.default_settings(nan_polcy="skip")
     # a partial optimizer section is completed from default.py, not from optim.py
     _, schedule = optim.make_optimizer({"schedule": "constant"}, total_steps=10)
     assert float(schedule(0)) == pytest.approx(d.optim.learning_rate)
@@ -449,7 +454,9 @@ def test_one_default_per_setting():
 def test_multi_host_sft_batches_are_numbered_host_after_host():
     si = np.asarray([[[-1, 0, 0], [-1, 1, -1], [-1, -1, -1]]], np.int32)  # [A=1, N=3, L=3]
     batch = {"sequence_index": si}
-    out, n = train.globalize_host_batch(batch, 3, process_index=1, process_count=2, paired=False)
+    out, n = trainer_lib.globalize_host_batch(
+        batch, 3, process_index=1, process_count=2, paired=False
+    )
     assert n == 6
     np.testing.assert_array_equal(out["sequence_index"], [[[-1, 3, 3], [-1, 4, -1], [-1] * 3]])
 

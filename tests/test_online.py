@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import group_loop, rollouts
+from dpo_jax import group_loop, sampling
 from dpo_jax.errors import UserError
 from tests import test_ppo_train as ppo_task
 from tests import train_helpers as th
@@ -89,13 +89,13 @@ def test_rollout_advantages_equal_a_hand_computation(method, kw):
         std = groups.std(1, ddof=1, keepdims=True)
         want = ((groups - groups.mean(1, keepdims=True)) / (std + 1e-4)).reshape(-1)
     else:
-        rows, mask = rollouts.rollout_rows(samples, 0)
+        rows, mask = sampling.stacked_rows(samples, 0)
         ref = scoring.score(
             trainer.step_config.apply_fn, source.ref_params,
             {k_: jax.numpy.asarray(v) for k_, v in rows.items()}, rows["input_ids"].shape[0],
             needs=("token_logps",),
         ).token_logps_NxL  # fmt: skip
-        ref = rollouts.from_tokens(np.asarray(ref), mask, rows["sequence_index"])
+        ref = sampling.from_tokens(np.asarray(ref), mask, rows["sequence_index"])
         kl = np.sum(np.where(mask, samples.logps - ref, 0.0), -1).astype(np.float64)
         r = (scores - cfg.kl_coef * kl).reshape(-1, k)
         want = (r - (r.sum(1, keepdims=True) - r) / (k - 1)).reshape(-1)

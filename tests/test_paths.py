@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pytest
 
-from dpo_jax import checkpoint, data, guards, metrics, paths, train
+from dpo_jax import data, guards, metrics, paths, resume, train
 from dpo_jax.configs import tiny
 from tests.data_helpers import tiny_tokenizer
 from tests.fake_gcs import BUCKET, fake_gcs
@@ -42,7 +42,7 @@ def _metrics_run(root: str) -> None:
     path = paths.as_path(f"{run}/metrics.jsonl")
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(lines[0] + b"{not json\n" + b"".join(lines[1:]))
-    assert checkpoint.truncate_jsonl(path, step=2) == 2  # the garbage line and step 3
+    assert resume.truncate_jsonl(path, step=2) == 2  # the garbage line and step 3
     w = metrics.MetricsWriter(run)  # a resumed run: TensorBoard rebuilt from the file
     w.write(3, {"loss": 0.3, "rewards/accuracies": 0.7})
     w.close()
@@ -148,7 +148,7 @@ def test_checkpoints_in_a_bucket_roundtrip_and_drop_a_step_without_commit_marker
         for s, state in states.items():
             assert ckpt.maybe_save(s, state, {"i": s})
     assert any(k.startswith(f"{BUCKET}/run/checkpoints/4/state/") for k in bucket.store)
-    paths.as_path(f"{run}/checkpoints/4/{checkpoint.COMMIT_MARKER}").unlink()
+    paths.as_path(f"{run}/checkpoints/4/{resume.COMMIT_MARKER}").unlink()
     with caplog.at_level(logging.WARNING, logger="dpo_jax.checkpoint"), new_ckpt(run) as ckpt:
         restored = ckpt.restore_or_none(abstract_of(states[2]))
         # In a bucket the commit marker is Orbax's only sign of a finished step (no

@@ -188,8 +188,8 @@ def test_token_values_align_with_tokens():
     np.testing.assert_allclose(v[:, 1:], hidden[:, :-1] @ head["kernel"] + 0.5, rtol=1e-6)
 
 
-def test_rollout_rows_and_token_placement_round_trip():
-    from dpo_jax import rollouts, sampling
+def test_stacked_rows_and_token_placement_round_trip():
+    from dpo_jax import sampling
 
     prompt_ids = np.array([[0, 0, 7, 8], [5, 6, 7, 8], [0, 0, 0, 9]], np.int32)
     tokens = np.array([[11, 12, 1], [13, 0, 0], [14, 15, 16]], np.int32)
@@ -199,7 +199,7 @@ def test_rollout_rows_and_token_placement_round_trip():
         sampling_logps=np.zeros((3, 3), np.float32), finished=np.array([True, False, False]),
         prompt_index=np.arange(3, dtype=np.int32), config=sampling.SamplingConfig(),
     )  # fmt: skip
-    rows, mask = rollouts.rollout_rows(samples, pad_id=0)
+    rows, mask = sampling.stacked_rows(samples, pad_id=0)
     assert rows["input_ids"].shape == (3, 7)
     np.testing.assert_array_equal(rows["input_ids"][0], [7, 8, 11, 12, 1, 0, 0])
     np.testing.assert_array_equal(rows["sequence_index"][0], [-1, -1, 0, 0, 0, -1, -1])
@@ -207,10 +207,10 @@ def test_rollout_rows_and_token_placement_round_trip():
     np.testing.assert_array_equal(rows["sequence_index"][2], [-1, 2, 2, 2, -1, -1, -1])
     np.testing.assert_array_equal(rows["positions"][2], [0, 1, 2, 3, 0, 0, 0])
     x = np.arange(9, dtype=np.float32).reshape(3, 3) + 1
-    on_tokens = rollouts.to_tokens(x, mask, rows["sequence_index"])
+    on_tokens = sampling.to_tokens(x, mask, rows["sequence_index"])
     np.testing.assert_array_equal(on_tokens[0], [0, 0, 1, 2, 3, 0, 0])
     np.testing.assert_array_equal(on_tokens[1], [0, 0, 0, 0, 4, 0, 0])
-    back = rollouts.from_tokens(on_tokens, mask, rows["sequence_index"])
+    back = sampling.from_tokens(on_tokens, mask, rows["sequence_index"])
     np.testing.assert_array_equal(back, np.where(mask, x, 0))
 
 

@@ -162,7 +162,7 @@ def test_reward_specs_score_prompt_and_completion(tmp_path, tokenizer):
         ("hf:", "'online.reward': 'hf:' is not a reward"),
         ("hf:/no/such/dir", "'online.reward': '/no/such/dir' does not exist"),
         ("hf:{policy}", "'online.reward': '{policy}' is not a sequence classifier"),
-        ("reward_model:{policy}", "'online.reward': '{policy}' has no head.npz"),
+        ("reward_model:{policy}", "'online.reward': '{policy}' is not a sequence classifier"),
         ("", "'online.reward': is empty"),
     ],
 )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import checkpoint, errors, guards, integrity, train
+from dpo_jax import checkpoint, errors, guards, integrity, resume, train
 from dpo_jax.configs import default, tiny
 from dpo_jax.metrics import MetricsWriter, read_events, read_jsonl
 from tests.train_helpers import synthetic_batches, tiny_model
@@ -32,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _leaves() -> dict[str, object]:
-    return checkpoint._flatten(checkpoint.to_jsonable(default.get_config()))
+    return resume._flatten(resume.to_jsonable(default.get_config()))
 
 
 def _changed(value: object) -> object:
@@ -62,12 +62,12 @@ def _set(tree: dict, key: str, value: object) -> None:
 @pytest.mark.parametrize("key", sorted(_leaves()))
 def test_every_default_config_key_refuses_resume_unless_listed_non_math(key):
     """Walks configs/default.py dynamically: a key added later is math (refuses) unless
-    it is put on checkpoint.NON_MATH_KEYS on purpose."""
-    saved = checkpoint.to_jsonable(default.get_config())
+    it is put on resume.NON_MATH_KEYS on purpose."""
+    saved = resume.to_jsonable(default.get_config())
     now = json.loads(json.dumps(saved))
     _set(now, key, _changed(_leaves()[key]))
-    diffs = checkpoint.config_diff(saved, now)
-    if key in checkpoint.NON_MATH_KEYS:
+    diffs = resume.config_diff(saved, now)
+    if key in resume.NON_MATH_KEYS:
         assert diffs == []
     else:
         assert [d[0] for d in diffs] == [key]
@@ -75,15 +75,15 @@ def test_every_default_config_key_refuses_resume_unless_listed_non_math(key):
 
 def test_non_math_list_names_only_existing_whole_keys():
     leaves = _leaves()
-    assert [k for k in checkpoint.NON_MATH_KEYS if k not in leaves] == []
+    assert [k for k in resume.NON_MATH_KEYS if k not in leaves] == []
     # The defect of issue 16: "name" matched as a segment hid loss.name and optim.name.
     for key in ("loss.name", "optim.name", "model.path", "data.train", "loss.hyper.beta"):
-        assert key not in checkpoint.NON_MATH_KEYS
+        assert key not in resume.NON_MATH_KEYS
 
 
 def test_refused_resume_is_a_one_line_user_error(tmp_path):
     state = {"w": jnp.ones((4,), jnp.float32)}
-    config = checkpoint.to_jsonable(default.get_config())
+    config = resume.to_jsonable(default.get_config())
     with checkpoint.Checkpointer(tmp_path, config=config) as ckpt:
         ckpt.maybe_save(1, state, force=True)
     config["loss"]["name"] = "ipo"
@@ -92,7 +92,7 @@ def test_refused_resume_is_a_one_line_user_error(tmp_path):
         pytest.raises(errors.UserError) as e,
     ):
         ckpt.restore_or_none(jax.tree.map(checkpoint._as_abstract, state))
-    assert isinstance(e.value, checkpoint.ConfigMismatchError)
+    assert isinstance(e.value, resume.ConfigMismatchError)
     assert "\n" not in str(e.value)
     assert "loss.name: checkpoint='sigmoid' now='ipo'" in str(e.value)
 
@@ -186,7 +186,7 @@ def test_garbage_step_metadata_falls_back_to_previous_step(tmp_path, caplog):
     with checkpoint.Checkpointer(tmp_path, config={"a": 1}) as ckpt:
         for s, state in states.items():
             ckpt.maybe_save(s, state, force=True)
-    (tmp_path / "checkpoints" / "4" / checkpoint.STEP_METADATA).write_bytes(b"\xf1\x00\xff junk")
+    (tmp_path / "checkpoints" / "4" / resume.STEP_METADATA).write_bytes(b"\xf1\x00\xff junk")
     with (
         caplog.at_level(logging.WARNING, logger="dpo_jax.checkpoint"),
         checkpoint.Checkpointer(tmp_path, config={"a": 1}) as ckpt,
@@ -204,15 +204,15 @@ def test_orbax_private_names_still_hold(tmp_path):
     with checkpoint.Checkpointer(tmp_path, config={"a": 1}) as ckpt:
         ckpt.maybe_save(2, _random_state(2), force=True)
     step_dir = tmp_path / "checkpoints" / "2"
-    assert (step_dir / checkpoint.STEP_METADATA).is_file()
+    assert (step_dir / resume.STEP_METADATA).is_file()
     assert ocp.metadata.get_step_metadata(step_dir).commit_timestamp_nsecs
-    assert checkpoint.step_problem(step_dir) is None
-    assert (step_dir / checkpoint.COMMIT_MARKER).is_file()
-    (step_dir / checkpoint.COMMIT_MARKER).unlink()
-    assert not checkpoint._is_committed(step_dir)
+    assert resume.step_problem(step_dir) is None
+    assert (step_dir / resume.COMMIT_MARKER).is_file()
+    (step_dir / resume.COMMIT_MARKER).unlink()
+    assert not resume.is_committed(step_dir)
     tmp = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-99"
     tmp.mkdir()
-    assert checkpoint._unfinished_tmp_dirs(tmp_path / "checkpoints") == [tmp]
+    assert resume.unfinished_tmp_dirs(tmp_path / "checkpoints") == [tmp]
 
 
 # ------------------------------------------------------------ loop-level: skip cap, SIGTERM
@@ -345,7 +345,7 @@ def test_refused_resume_leaves_config_json_metrics_and_events_alone(tmp_path):
         if p.is_file() and "checkpoints" not in p.parts
     }
     config.loss.hyper.beta = 0.5
-    with pytest.raises(checkpoint.ConfigMismatchError, match="loss.hyper.beta"):
+    with pytest.raises(resume.ConfigMismatchError, match="loss.hyper.beta"):
         train.train(config, train_data=batches, model_config=cfg, params=params)
     after = {
         p.relative_to(tmp_path): p.read_bytes()
@@ -365,7 +365,7 @@ def test_tensorboard_shows_one_curve_after_a_resume(tmp_path):
     for s in range(1, 7):
         writer.write(s, {"loss": s / 10, "rewards/accuracies": 0.5})
     writer.close()  # killed at step 6, last checkpoint at step 4
-    assert checkpoint.truncate_jsonl(run / "metrics.jsonl", 4) == 2
+    assert resume.truncate_jsonl(run / "metrics.jsonl", 4) == 2
     writer = MetricsWriter(run)
     for s in range(5, 8):
         writer.write(s, {"loss": s / 10 + 1})
@@ -410,7 +410,7 @@ def test_disk_full_is_one_line_naming_the_run_dir_and_keeps_the_last_checkpoint(
     assert msg.startswith(f"{tmp_path}: disk full") and "No space left on device" in msg
     assert "free" in msg and "one checkpoint needs about" in msg
     assert "step 2, is intact" in msg
-    assert checkpoint.step_problem(tmp_path / "checkpoints" / "2") is None
+    assert resume.step_problem(tmp_path / "checkpoints" / "2") is None
 
 
 # ------------------------------------------------------------ through the real command line
@@ -569,7 +569,7 @@ def test_really_full_disk_on_a_tmpfs_is_one_line_and_resumes_after_freeing_space
         assert "\n" not in msg and msg.startswith(f"{mount_point / 'run'}: disk full")
         last = int(msg.split("the last committed checkpoint, step ")[1].split(",")[0])
         assert 0 < last < 40
-        assert checkpoint.step_problem(mount_point / "run" / "checkpoints" / str(last)) is None
+        assert resume.step_problem(mount_point / "run" / "checkpoints" / str(last)) is None
         subprocess.run(["mount", "-o", "remount,size=40m", str(mount_point)], check=True)
         result = train.train(config, train_data=batches, model_config=cfg, params=params)
         assert int(result.state.step) == 40
@@ -581,7 +581,7 @@ def test_really_full_disk_on_a_tmpfs_is_one_line_and_resumes_after_freeing_space
 
 
 def _flatten_values(tree: dict) -> list:
-    return [v for v in checkpoint._flatten(tree).values()]
+    return [v for v in resume._flatten(tree).values()]
 
 
 def _drop(tree: dict, key: str) -> None:
@@ -596,14 +596,14 @@ def test_a_key_added_after_the_checkpoint_resumes_at_its_default_only():
     run keeps that key's default (the old behaviour) and refuses when it changes it."""
     defaults = default.get_config()
     for key, value in sorted(_leaves().items()):
-        saved = checkpoint.to_jsonable(defaults)
+        saved = resume.to_jsonable(defaults)
         _drop(saved, key)
         if {} in _flatten_values(saved):  # the key's section had only it (loss.hyper)
             continue
-        now = checkpoint.to_jsonable(defaults)
-        assert checkpoint.config_diff(saved, now, defaults=defaults) == [], key
-        if key in checkpoint.NON_MATH_KEYS:
+        now = resume.to_jsonable(defaults)
+        assert resume.config_diff(saved, now, defaults=defaults) == [], key
+        if key in resume.NON_MATH_KEYS:
             continue
-        assert [d[0] for d in checkpoint.config_diff(saved, now)] == [key]  # no defaults: refuses
+        assert [d[0] for d in resume.config_diff(saved, now)] == [key]  # no defaults: refuses
         _set(now, key, _changed(value))
-        assert [d[0] for d in checkpoint.config_diff(saved, now, defaults=defaults)] == [key]
+        assert [d[0] for d in resume.config_diff(saved, now, defaults=defaults)] == [key]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import models, sampling
+from dpo_jax import fast_random, models, sampling, token_choice
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
 PROMPTS = [[5, 17, 3, 9, 11, 2, 8], [4], [30, 31, 32]]  # mixed lengths -> left padding
@@ -67,7 +67,7 @@ def test_sample_logits_temperature_one_matches_softmax():
     rng = np.random.default_rng(0)
     logits_V = rng.normal(size=12).astype(np.float32) * 2.0
     n = 20000
-    toks, slogp = sampling.sample_logits(jnp.tile(logits_V, (n, 1)), jax.random.key(0), 1.0)
+    toks, slogp = token_choice.sample_logits(jnp.tile(logits_V, (n, 1)), jax.random.key(0), 1.0)
     toks = np.asarray(toks)
     p = _softmax(logits_V.astype(np.float64))
     assert _tv(toks, p) < 0.02
@@ -79,7 +79,7 @@ def test_sample_logits_temperature_one_matches_softmax():
 def test_sample_logits_temperature_scales():
     logits_V = np.array([2.0, 1.0, 0.0, -1.0, 0.5], np.float32)
     n = 20000
-    toks, slogp = sampling.sample_logits(jnp.tile(logits_V, (n, 1)), jax.random.key(1), 0.5)
+    toks, slogp = token_choice.sample_logits(jnp.tile(logits_V, (n, 1)), jax.random.key(1), 0.5)
     p = _softmax(logits_V / 0.5)
     assert _tv(np.asarray(toks), p) < 0.02
     assert _tv(np.asarray(toks), _softmax(logits_V)) > 0.1
@@ -102,7 +102,7 @@ def test_sample_logits_truncation_matches_renormalized_softmax(top_k, top_p):
 
     n = 20000
     for use_top_p in (None, True):  # python-float and traced top-p paths
-        toks, slogp = sampling.sample_logits(
+        toks, slogp = token_choice.sample_logits(
             jnp.tile(logits_V, (n, 1)),
             jax.random.key(2),
             1.0,
@@ -115,13 +115,13 @@ def test_sample_logits_truncation_matches_renormalized_softmax(top_k, top_p):
         assert _tv(toks, expected) < 0.02
         np.testing.assert_allclose(np.asarray(slogp), np.log(expected[toks]), atol=1e-5)
     # filter_logits agrees on the support
-    filtered = np.asarray(sampling.filter_logits(jnp.asarray(logits_V)[None], top_k, top_p))[0]
+    filtered = np.asarray(token_choice.filter_logits(jnp.asarray(logits_V)[None], top_k, top_p))[0]
     assert set(np.flatnonzero(np.isfinite(filtered)).tolist()) == set(kept.tolist())
 
 
 def test_sample_logits_greedy():
     logits = jnp.asarray([[0.0, 3.0, 1.0], [5.0, -1.0, 4.9]])
-    toks, slogp = sampling.sample_logits(logits, jax.random.key(0), greedy=True)
+    toks, slogp = token_choice.sample_logits(logits, jax.random.key(0), greedy=True)
     np.testing.assert_array_equal(np.asarray(toks), [1, 0])
     np.testing.assert_array_equal(np.asarray(slogp), [0.0, 0.0])
 
@@ -134,18 +134,18 @@ def test_unrolled_threefry_bits_are_jax_bits(shape):
     """The sampler's unrolled hash gives jax's own threefry bits, typed or raw key."""
     for key in (jax.random.fold_in(jax.random.key(3), 7), jax.random.PRNGKey(5)):
         np.testing.assert_array_equal(
-            np.asarray(jax.random.bits(sampling._fast_key(key), shape, jnp.uint32)),
+            np.asarray(jax.random.bits(fast_random.fast_key(key), shape, jnp.uint32)),
             np.asarray(jax.random.bits(key, shape, jnp.uint32)),
         )
 
 
 def test_categorical_and_argmax_are_jax_draws():
-    """`_categorical` draws exactly jax.random.categorical's tokens (same key, same
-    logits, -inf entries included) and `_first_argmax` is jnp.argmax: first maximum on
+    """`fast_random.categorical` draws exactly jax.random.categorical's tokens (same key, same
+    logits, -inf entries included) and `first_argmax` is jnp.argmax: first maximum on
     ties, a NaN counts as the maximum, an all -inf row gives 0."""
     rng = np.random.default_rng(0)
     ref = jax.jit(lambda k, x: jax.random.categorical(k, x, axis=-1))
-    ours = jax.jit(sampling._categorical)
+    ours = jax.jit(fast_random.categorical)
     for trial in range(12):
         logits = rng.normal(size=(8, 300)).astype(np.float32) * [0.01, 1.0, 5.0][trial % 3]
         if trial % 2:
@@ -157,7 +157,7 @@ def test_categorical_and_argmax_are_jax_draws():
     ties[1, [4, 9]] = np.nan
     ties[2] = -np.inf
     ties[3, 7] = np.inf
-    got = np.asarray(jax.jit(sampling._first_argmax)(ties))
+    got = np.asarray(jax.jit(fast_random.first_argmax)(ties))
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(ties), axis=-1)))
     assert got[1] == 4 and got[2] == 0 and got[3] == 7
     assert got.dtype == np.int32
@@ -395,11 +395,19 @@ def test_sharded_over_data_axis_matches_single_device():
 
 
 def test_cli_sample_writes_jsonl(tiny_hf_dir, tokenizer, tmp_path):
+    """`dpo-jax sample` equals `generate_text` on text prompts and on a message-list
+    prompt (rendered by the chat template with its generation prompt, as in training)."""
     from dpo_jax import cli
+    from dpo_jax.cli import sample as cli_sample
 
     hf_dir = tiny_hf_dir("gpt2")
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat_text.startswith("<|im_start|>user") and chat_text.endswith("assistant\n")
+    all_prompts = [*TEXT_PROMPTS, chat_text]
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TEXT_PROMPTS))
+    rows_in = [{"prompt": p} for p in TEXT_PROMPTS] + [{"prompt": messages}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows_in))
     out_path = tmp_path / "samples.jsonl"
     argv = ["sample", "--model", str(hf_dir), "--prompts", str(prompts), "--output", str(out_path)]
     argv += [
@@ -414,25 +422,28 @@ def test_cli_sample_writes_jsonl(tiny_hf_dir, tokenizer, tmp_path):
     ]
     assert cli.main(argv) == 0
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
-    assert len(rows) == 2 * len(TEXT_PROMPTS)
+    assert len(rows) == 2 * len(all_prompts)
     cfg, params = models.load_hf(hf_dir)
     want = sampling.generate_text(
         cfg,
         params,
         tokenizer,
-        TEXT_PROMPTS,
+        all_prompts,
         jax.random.key(0),
         max_new_tokens=GREEDY_STEPS,
         temperature=0.0,
     )
     for r in rows:  # greedy: both samples of a prompt equal the one-sample greedy output
         i = r["prompt_index"]
-        assert r["prompt"] == TEXT_PROMPTS[i]
+        assert r["prompt"] == all_prompts[i]
         assert r["completion"] == want.texts[i]
         assert r["num_tokens"] == int(want.lengths[i])
         assert r["logp"] == pytest.approx(float(want.logps[i].sum()), abs=1e-4)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string 'prompt'"):
-        sampling.read_prompts(str(bad))
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string or"):
+        cli_sample.read_prompts(str(bad), tokenizer)
+    bad.write_text('{"prompt": [{"role": "user"}]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: prompt\[0\].content must be a string"):
+        cli_sample.read_prompts(str(bad), tokenizer)

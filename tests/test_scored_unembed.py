@@ -113,6 +113,7 @@ def test_bad_scored_positions_shape_is_named():
 )
 def test_trainer_steps_equal_with_and_without_scored_unembedding(loss, hyper):
     from dpo_jax import train
+    from dpo_jax import trainer as trainer_lib
     from tests.train_helpers import flat_params, make_trainer, synthetic_batches, tiny_model
 
     model = tiny_model()
@@ -130,7 +131,7 @@ def test_trainer_steps_equal_with_and_without_scored_unembedding(loss, hyper):
             curve.append(float(m["loss"]))
         batch_A = train.stack_micro_batches([batches[0]])
         if scored:
-            batch_A = train.with_scored_positions(batch_A)
+            batch_A = trainer_lib.with_scored_positions(batch_A)
             assert batch_A["scored_positions"].shape[-1] < 24 // 2  # completions are short
         placed = trainer.place_batch(batch_A)
         fn = next(iter(trainer._train_fns.values()))

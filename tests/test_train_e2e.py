@@ -80,9 +80,23 @@ def _cli_train(root, model_dir, run, *extra):
     return read_jsonl(root / run / "metrics.jsonl")
 
 
-def test_cli_train_runs_end_to_end_and_writes_the_run_dir(tiny_run_files):
+# The tiny llama's parameters by hand (tests/hf_fixtures.py: V 384, D 64, 2 layers, 4
+# heads of 16, 2 kv heads, MLP 96, untied): embed + layers + final norm + lm_head.
+TINY_LLAMA_PARAMS = (
+    384 * 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96 + 2 * 64) + 64 + 64 * 384
+)
+
+
+def test_cli_train_runs_end_to_end_and_writes_the_run_dir(tiny_run_files, capsys):
     root, model_dir = tiny_run_files
     rows = _cli_train(root, model_dir, "frozen", "--config.reference.mode=frozen")
+    # the start-up summary (logged to stderr), its first-step line after step 1
+    err = capsys.readouterr().err
+    assert "dpo-jax run: objective preference, loss sigmoid, 4 steps" in err
+    assert f"parameters   trainable {TINY_LLAMA_PARAMS:,}, frozen 0, " in err
+    assert f"reference copy {TINY_LLAMA_PARAMS:,} (frozen)" in err
+    assert "reference    frozen" in err and f"run dir      {root / 'frozen'}; " in err
+    assert "first step: " in err and "compiled step: peak ~" in err
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
@@ -104,6 +118,27 @@ def test_cli_train_runs_end_to_end_and_writes_the_run_dir(tiny_run_files):
     for a, b in zip(train_rows, cached_rows, strict=True):
         for key in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_cli_dry_run_prints_the_summary_compiles_and_writes_nothing(tiny_run_files, capsys):
+    root, model_dir = tiny_run_files
+    args = [
+        "train", "--config", "dpo_jax/configs/tiny.py", f"--config.model.path={model_dir}",
+        f"--config.data.train={root / 'train.jsonl'}", f"--config.run_dir={root / 'dry'}",
+        "--config.lora.rank=4", "--dry_run",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["dry_run"] and report["memory"]["peak_estimate"] > 0
+    # LoRA rank 4 on every linear of the blocks: r (in + out) per kernel; the base is frozen, and its
+    # adapters-off self is the reference (no copy)
+    per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 96) * 2 + (96 + 64))
+    adapters = 2 * per_layer  # (PEFT's all-linear leaves lm_head out)
+    assert f"parameters   trainable {adapters:,}, frozen {TINY_LLAMA_PARAMS:,}\n" in err
+    assert "reference    adapters_off" in err and "memory       peak ~" in err
+    assert "tokens per step " in err
+    assert not (root / "dry").exists()
 
 
 def test_cli_rejects_unknown_config_key(tiny_run_files):

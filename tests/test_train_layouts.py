@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpo_jax import data, train
+from dpo_jax import data, train, train_step
+from dpo_jax import trainer as trainer_lib
 from tests.train_helpers import flat_params, one_device_mesh, synthetic_items, tiny_model
 
 
@@ -15,10 +16,11 @@ def test_layouts_give_the_same_updates():
     results = {}
     for layout in ("stacked", "packed", "prefix_shared"):
         batch = data.build_batch(items, "paired", layout)
-        trainer, state = train.build_trainer(
-            cfg, params, mesh=mesh, loss_name="sigmoid", loss_hyper={"beta": 0.1},
+        trainer, state = trainer_lib.build_trainer(
+            cfg, params, mesh=mesh,
             optim_config=dict(name="sgd", learning_rate=0.5, schedule="constant"),
             total_steps=2, reference="frozen",
+            **train_step.default_settings(loss_name="sigmoid", loss_hyper={"beta": 0.1}),
         )  # fmt: skip
         batch_A = train.stack_micro_batches([batch])
         n_seq = train.batch_num_sequences(batch_A, layout)

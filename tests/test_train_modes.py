@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import data, losses, reference, train
+from dpo_jax import data, loading, losses, reference, train
+from dpo_jax import trainer as trainer_lib
 from tests.train_helpers import (
     flat_params,
     make_trainer,
@@ -48,9 +49,9 @@ def test_reference_free_loss_has_no_reference(model):
     b = train.stack_micro_batches(synthetic_batches(num=1, pairs=2, seed=2))
     state, m = trainer.step(state, b, n_seq=4)
     assert np.isfinite(float(m["loss"]))
-    assert train.resolve_reference_mode("auto", "simpo", False) == "none"
-    assert train.resolve_reference_mode("auto", "sigmoid", True) == "precomputed"
-    assert train.resolve_reference_mode("auto", "sigmoid", False) == "frozen"
+    assert loading.resolve_reference_mode("auto", "simpo", False) == "none"
+    assert loading.resolve_reference_mode("auto", "sigmoid", True) == "precomputed"
+    assert loading.resolve_reference_mode("auto", "sigmoid", False) == "frozen"
 
 
 def test_unpaired_kto_batch_goes_through_the_same_step(model):
@@ -126,7 +127,7 @@ def test_host_slices_stitch_into_the_contract_numbering(model):
     for h in range(2):
         b = data.build_batch(items[2 * h : 2 * h + 2], "paired", "stacked", length=16)
         b["ref_logps"] = np.r_[ref[2 * h : 2 * h + 2], ref[4 + 2 * h : 4 + 2 * h + 2]]
-        g, n_seq = train.globalize_host_batch(train.stack_micro_batches([b]), 4, h, 2)
+        g, n_seq = trainer_lib.globalize_host_batch(train.stack_micro_batches([b]), 4, h, 2)
         assert n_seq == 8
         hosts.append(g)
     stitched = {k: np.concatenate([hh[k] for hh in hosts], axis=1) for k in hosts[0]}
@@ -145,9 +146,9 @@ def test_kto_weight_rule_checked_on_label_counts():
     labels = np.array([1, 0, 1, 0, 1, 0])
     config.loss.hyper.desirable_weight = 2.0  # balanced labels: ratio 2 > 4/3
     with pytest.warns(UserWarning, match=r"= 2\.000 is outside"):
-        train._check_unpaired_weights(config, labels)
+        loading._check_unpaired_weights(config, labels)
     config.loss.hyper.desirable_weight = 1.0
     config.loss.hyper.undesirable_weight = 0.8  # ratio 1.25: inside, silent
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train._check_unpaired_weights(config, labels)
+        loading._check_unpaired_weights(config, labels)

@@ -15,10 +15,17 @@ from dpo_jax.errors import UserError
 
 # subcommand -> (module, help). Modules are imported lazily so `dpo-jax --help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("dpo_jax.cli.train", "train a policy with a preference loss"),
+    "train": (
+        "dpo_jax.cli.train",
+        "train a policy: a preference loss, SFT, a reward model, or on-policy (PPO, GRPO, ...)",
+    ),
     "ref-logps": ("dpo_jax.cli.ref_logps", "precompute reference log-probs for preference rows"),
     "export": ("dpo_jax.cli.export", "export a checkpoint as a Hugging Face directory"),
     "sample": ("dpo_jax.cli.sample", "sample completions for prompts"),
+    "evaluate": (
+        "dpo_jax.cli.evaluate",
+        "held-out preference accuracy of a policy; reward and win rate of its samples",
+    ),
 }
 
 

@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter", action="store_true", help="LoRA run: write a PEFT adapter directory instead"
     )
     parser.add_argument(
+        "--pad-token-id",
+        type=int,
+        default=None,
+        help="reward model: the classifier's pad id (default: the tokenizer's; not the EOS)",
+    )
+    parser.add_argument(
         "--base", default=None, help="LoRA run: base model dir (default: its model.path)"
     )
 
@@ -39,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         out = export.export_adapter(args.checkpoint, args.output, step=args.step, base=args.base)
     else:
-        out = export.export_hf(args.checkpoint, args.output, step=args.step, base=args.base)
+        out = export.export_hf(
+            args.checkpoint, args.output, step=args.step, base=args.base,
+            pad_token_id=args.pad_token_id,
+        )  # fmt: skip
     print(f"exported {args.checkpoint} to {out}")
     return 0

@@ -34,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncation-mode", default=None, help="sets data.truncation_mode")
     parser.add_argument("--format", default=None, help="sets data.format (default auto)")
     parser.add_argument("--tokenizer", default=None, help="sets tokenizer (default: model.path)")
-    parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype (default: the config's model.dtype, as train computes it; recorded "
+        "in each row's fingerprint)",
+    )
     configs.accept_overrides(parser)
 
 
@@ -62,10 +67,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax ref-logps`."""
     from dpo_jax import paths, reference  # lazy: jax; `dpo-jax ref-logps --help` stays light
+    from dpo_jax.configs import validate
 
     config = config_from_args(args)
+    validate.resolve_hub_names(config)  # model.path / reference.path / tokenizer=org/name
     written, read = reference.write_ref_logps(
-        config, args.output, batch_size=args.batch_size, dtype=args.dtype
+        config, args.output, batch_size=args.batch_size, dtype=args.dtype or config.model.dtype
     )
     out = paths.Path(args.output)
     skipped = f" ({read - written} bad rows left out)" if written < read else ""

@@ -1,4 +1,4 @@
-"""`dpo-jax train --config FILE.py[:ARG] [--config.KEY=VALUE ...]`: `dpo_jax.train.train`."""
+"""`dpo-jax train [--config FILE.py|NAME[:ARG]] [--config.KEY=VALUE ...] [--dry_run]`: `dpo_jax.train.train`."""
 
 from __future__ import annotations
 
@@ -14,15 +14,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`dpo-jax train --config FILE.py[:ARG] [--config.key=value ...]`."""
     parser.add_argument(
         "--config",
-        required=True,
-        help="config file (dpo_jax/configs/default.py[:ARG]); override fields with --config.KEY=VALUE",
+        default="default",
+        help="config file (path/to/file.py[:ARG]) or a name in dpo_jax/configs (default, tiny, "
+        "dpo_paper; NAME:ARG, e.g. default:ipo); default: default. Override fields with "
+        "--config.KEY=VALUE",
+    )
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="print the start-up summary and compile the first step, without training or "
+        "writing anything (its per-device memory from the compiled program)",
     )
     configs.accept_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `dpo-jax train`."""
-    from dpo_jax import train  # lazy: jax, flax and orbax; `dpo-jax train --help` stays light
+    # lazy: jax, flax and orbax; `dpo-jax train --help` stays light
+    from dpo_jax import startup, train
 
     # force: importing orbax logs through absl, which already called basicConfig() with
     # the WARNING default, and INFO lines ("resumed from step N") would be lost.
@@ -31,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
     )
     config = configs.load(args.config, getattr(args, "config_overrides", []))
     t0 = time.perf_counter()
+    if getattr(args, "dry_run", False):  # train() logs the summary, memory included
+        result = train.train(config, dry_run=True)
+        memory = startup.memory_report(result.lowered.compile())  # cached: compiled already
+        print(json.dumps({"dry_run": True, "memory": memory, "run_dir": config.run_dir}))
+        return 0
     result = train.train(config)
     last = result.history[-1] if result.history else {}
     print(

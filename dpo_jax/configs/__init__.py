@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +82,19 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str) -> None:
-    """Set `config.a.b` from `"a.b"` and a command-line string, type-checked.
+    """Set `config.a.b` from `"a.b"` and a command-line string (`parse_value`), through
+    `set_value`."""
+    set_value(config, dotted_key, parse_value(raw), raw)
 
-    An unknown key or a value of the wrong type is a `UserError` naming the key.
+
+def set_value(
+    config: ml_collections.ConfigDict, dotted_key: str, value: Any, raw: str | None = None
+) -> None:
+    """Set `config.a.b = value` from `"a.b"`, type-checked: the one dotted-key setter
+    (command-line overrides, experiments' phase configs). A deprecated key is moved
+    (`MOVED_KEYS`); a mapping replaces a section; `raw` is the command-line text, kept
+    as it is for a string key. An unknown key or a value of the wrong type is a
+    `UserError` naming the key.
     """
     if dotted_key in MOVED_KEYS:
         log.warning("config key %s is deprecated: it is now %s", dotted_key, MOVED_KEYS[dotted_key])
@@ -99,24 +109,26 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw: str)
             )
         node = node[part]
     if leaf not in node and ".".join(parents) in OPEN_SECTIONS:
-        node[leaf] = parse_value(raw)
+        node[leaf] = value
         return
     if leaf not in node:
         raise config_error(dotted_key, "no such config key", _did_you_mean(leaf, list(node.keys())))
-    value = parse_value(raw)
     current = node[leaf]
     # ConfigDict is strict about int vs float and str vs literal: coerce the obvious cases.
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(current, str) and not isinstance(value, str):
+    if isinstance(current, str) and not isinstance(value, str) and raw is not None:
         value = raw
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
+    if isinstance(current, ml_collections.ConfigDict) and isinstance(value, Mapping):
+        value = ml_collections.ConfigDict(dict(value))
     try:
         node[leaf] = value
     except TypeError:
         kind = _KINDS.get(type(current), f"a {type(current).__name__}")
-        raise config_error(dotted_key, f"{raw!r} is not {kind}", f"e.g. {current!r}") from None
+        shown = raw if raw is not None else value
+        raise config_error(dotted_key, f"{shown!r} is not {kind}", f"e.g. {current!r}") from None
 
 
 def migrate_deprecated(config: ml_collections.ConfigDict) -> None:

@@ -8,10 +8,42 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import ml_collections
 
-from dpo_jax.data import default_cache_dir
 from dpo_jax.sharding import LOGICAL_AXIS_RULES
+
+
+def default_cache_dir() -> str:
+    """The tokenized-data cache's default: `$XDG_CACHE_HOME/dpo_jax/tokenized`, or
+    `~/.cache/dpo_jax/tokenized` (read when asked, so a test run or a job can move it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dpo_jax", "tokenized")
+
+
+def data_spec() -> dict[str, Any]:
+    """Every key a data spec (`dpo_jax.data.load_preference_data`) reads, with its
+    default: the `data` section's reading keys, and those only a spec sets
+    (`dpo_jax.data.complete_spec` fills a partial spec from here)."""
+    d = get_config().data
+    return dict(
+        # where: `sources` (paths, globs or source dicts), else `path`, else spec[split]
+        sources=None, path=None, train=d.train, eval=d.eval,
+        format=d.format,
+        sft=False,  # SFT rows (objective.name="sft") instead of preference rows
+        unpaired=False,  # pairs become unpaired rows (chosen desirable, rejected not)
+        prompts=False,  # any kind's prompts (`load_prompts`, the rollouts' prompt pool)
+        limit=None,  # N: only the first N examples
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        max_completion_length=None,  # None: no completion limit
+        truncation_mode=d.truncation_mode,
+        add_eos=True,  # end each completion with EOS (as TRL)
+        skip_bad_rows=d.skip_bad_rows, cache_dir=d.cache_dir,
+        # string sources (`data.sources.parse_spec`): Hub fetches, TFDS's data directory
+        allow_downloads=get_config().allow_downloads, tfds_data_dir=d.tfds_data_dir,
+    )  # fmt: skip
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -19,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/dpo"  # metrics.jsonl, tensorboard/, config.json, checkpoints/
     c.seed = 0
+    # Fetch Hub names that are not in the local Hugging Face cache: model.path=org/name
+    # and data.train=hf:org/name (huggingface_hub snapshots). False: the cache only.
+    c.allow_downloads = False
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # Hugging Face directory (config.json + *.safetensors)
@@ -39,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # file / glob / source spec the data package reads
     c.data.eval = ""  # held-out split ("" = no evaluation)
+    # data.train / data.eval: a file, glob, save_to_disk folder, hf:NAME[:SPLIT] (a Hub
+    # dataset org/name or a save_to_disk folder) or tfds:NAME[/CONFIG][:SPLIT]
+    c.data.tfds_data_dir = ""  # tfds: specs' prepared data ("" = TFDS's default)
     c.data.format = "auto"
     c.data.max_length = (
         1024  # prompt + completion tokens per sequence (TRL 1.16: 1024); None: no limit
@@ -74,8 +112,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `object` so a config file may assign a list; weights: None = all 1.0 (loss_weights).
     c.loss.name = ml_collections.FieldReference(arg or "sigmoid", field_type=object)
     c.loss.weights = ml_collections.FieldReference(None, field_type=object)
-    # Keyword arguments of the loss function; add keys with --config.loss.hyper.KEY=V
-    # only where the ConfigDict already has them, so list the common ones here.
+    # Keyword arguments of the loss function: --config.loss.hyper.KEY=V sets any argument
+    # the loss takes (a new key is added; a key the loss does not take is refused by name).
     c.loss.hyper = ml_collections.ConfigDict({"beta": 0.1})
 
     c.reference = ml_collections.ConfigDict()
@@ -138,15 +176,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.token_metrics = True
     c.train.progress = True
     c.train.tensorboard = True
+    # More metric loggers beside metrics.jsonl and TensorBoard (TRL's report_to): "wandb"
+    # (Weights & Biases: pip install -e '.[wandb]'; WANDB_PROJECT, WANDB_MODE=offline, ...)
+    c.train.report_to = ""
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.enabled = False
+    # On, as TRL saves every 500 steps: `dpo-jax export` reads the run's last checkpoint
+    c.checkpoint.enabled = True
     c.checkpoint.save_every = 500
     c.checkpoint.keep_last = 3  # <= 0 keeps all
     c.checkpoint.keep_every = 0  # > 0: also never delete steps divisible by this
     c.checkpoint.force_resume = False  # resume despite math-changing config differences
     c.checkpoint.async_save = True
-    c.checkpoint.export_hf = False  # write run_dir/hf at the end
+    c.checkpoint.export_hf = False  # write run_dir/hf at the end (needs checkpoint.enabled)
 
     # On-policy training (objectives ppo, grpo, rloo, online_dpo; docs/ONLINE.md): what
     # every method shares. Rollouts are sampled from the current policy with the
@@ -160,10 +202,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.online.num_mini_batches = 1  # optimizer updates per pass over a rollout
     c.online.kl_coef = 0.05  # beta of the KL to the reference (PPO: the controller's start)
     # The rollouts' reward for `dpo-jax train` (the Python API may pass reward= instead):
-    # "vader" | "hf:DIR" (a sequence classifier: P(class 1)) on the decoded prompt +
-    # completion, "reward_model:DIR" (`dpo-jax export` of an objective.name=reward_model
-    # run), "python:MODULE:FUNCTION" (TRL reward_funcs: fn(prompts=, completions=) ->
-    # floats); several comma-separated, weighted by reward_weights (TRL reward_weights).
+    # "vader" | "hf:DIR" (a sequence classifier: a 1-label one's logit, else P(class 1))
+    # on the decoded prompt + completion, "reward_model:DIR" (`dpo-jax export` of an
+    # objective.name=reward_model run), "python:MODULE:FUNCTION" (TRL reward_funcs:
+    # fn(prompts=, completions=) -> floats); several comma-separated, weighted by reward_weights (TRL reward_weights).
     c.online.reward = ""
     c.online.reward_weights = ml_collections.FieldReference(None, field_type=object)
     # Online DPO's pairwise judge instead of a reward: "python:MOD:FN", "llm:hf:DIR",

@@ -25,4 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 1
     c.train.progress = False
     c.train.tensorboard = True
+    # Tests train many runs: checkpoints only where a test asks (the default keeps them)
+    c.checkpoint.enabled = False
+    # On-policy objectives: two short rollouts of 8 completions.
+    c.online.num_rollouts = 2
+    c.online.rollout_batch_size = 8
+    c.online.max_new_tokens = 8
     return c

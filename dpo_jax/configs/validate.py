@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dpo_jax import losses, objectives, online, optim, sharding
+from dpo_jax import hub, losses, metrics, objectives, online, optim, sharding
 from dpo_jax.data import LAYOUTS, PARSERS
-from dpo_jax.data.sources import expand_paths
+from dpo_jax.data.sources import expand_paths, parse_spec
 from dpo_jax.data.tokenize import TRUNCATION_MODES
 from dpo_jax.errors import UserError, config_error
 from dpo_jax.train_step import NAN_POLICIES
@@ -324,6 +324,12 @@ def validate(config: Any) -> None:
     check("train.logps_chunk_size", _check_int, 0)
     check("checkpoint.save_every", _check_int, 1)
     check("checkpoint.keep_every", _check_int, 0)
+    if value("checkpoint.export_hf") is True and value("checkpoint.enabled") is False:
+        raise config_error(
+            "checkpoint.export_hf", "exports the run's last checkpoint, but checkpoint.enabled=False",
+            "set checkpoint.enabled=true (or export_hf=false)",
+        )  # fmt: skip
+    check("train.report_to", lambda _, v: metrics.parse_report_to(v))
 
     name = value("loss.name")
     if name is not _MISSING:
@@ -376,14 +382,31 @@ def check_run_dir(path: str | os.PathLike, key: str = "run_dir") -> None:
     os.unlink(probe)
 
 
+def resolve_hub_names(config: Any) -> None:
+    """Replace Hub names (`org/name`) in the model keys by their local snapshot dirs."""
+    allow = _get(config, "allow_downloads") is True
+    for key in ("model.path", "reference.path", "tokenizer"):
+        name = _get(config, key)
+        if isinstance(name, str) and hub.is_repo_id(name):
+            local = hub.snapshot_dir(name, allow_downloads=allow, where=f"config key '{key}'")
+            *parents, last = key.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            node[last] = local
+
+
 def check_paths(config: Any, *, model: bool = True, data: bool = True) -> None:
     """Check what `config` points at on disk, before loading anything (writes nothing).
 
-    `model`: `model.path` (and `reference.path`) must be existing directories; `data`:
-    `data.train` / `data.eval` must match files (a directory is refused); `run_dir`
-    must be creatable and writable.
+    `model`: `model.path` (and `reference.path`) must be existing directories; a Hub name
+    `org/name` there or in `tokenizer` is replaced by its snapshot directory in the Hugging
+    Face cache (`hub.snapshot_dir`, fetched first when `allow_downloads`); `data`:
+    `data.train` / `data.eval` must match files, or be `hf:` / `tfds:` specs or
+    `save_to_disk` folders (`sources.parse_spec`); `run_dir` must be creatable and writable.
     """
     if model:
+        resolve_hub_names(config)
         keys = ["model.path"] + (["reference.path"] if _get(config, "reference.path") else [])
         for key in keys:
             path = _get(config, key)
@@ -401,7 +424,7 @@ def check_paths(config: Any, *, model: bool = True, data: bool = True) -> None:
             spec = _get(config, key)
             if key == "data.train" and not spec:
                 raise config_error(key, "is empty", "point it at the training data file(s)")
-            if isinstance(spec, str) and spec:
+            if isinstance(spec, str) and spec and "path" in parse_spec(spec):
                 try:
                     expand_paths(spec)
                 except (UserError, FileNotFoundError) as e:

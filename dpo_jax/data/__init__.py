@@ -6,7 +6,6 @@ The trainer calls `load_preference_data(spec, tokenizer, run_dir)` and then
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +30,7 @@ from dpo_jax.data.formats import (
 )
 from dpo_jax.data.loader import TrainIterator, eval_batches, make_train_iterator
 from dpo_jax.data.sources import Row, read_sources
+from dpo_jax.data.spec import complete_spec
 from dpo_jax.data.tokenize import (
     TokenizedDataset,
     TokenizeSettings,
@@ -58,6 +58,7 @@ __all__ = [
     "bucket_length",
     "build_batch",
     "build_sequences",
+    "complete_spec",
     "detect_format",
     "eval_batches",
     "load_examples",
@@ -76,27 +77,13 @@ __all__ = [
 ]
 
 
-def default_cache_dir() -> str:
-    """The tokenized-data cache's default: `$XDG_CACHE_HOME/dpo_jax/tokenized`, or
-    `~/.cache/dpo_jax/tokenized` (read when asked, so a test run or a job can move it)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "dpo_jax", "tokenized")
-
-
-def _as_dict(spec: Any) -> dict[str, Any]:
-    if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict
-        spec = spec.to_dict()
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"data spec must be a dict or ConfigDict, got {type(spec).__name__}")
-    return dict(spec)
-
-
 def _sources(spec: dict[str, Any], split: str | None) -> list:
-    if spec.get("sources"):
+    """Where a complete spec reads from: `sources`, else `path`, else `spec[split]`."""
+    if spec["sources"]:
         sources = spec["sources"]
-    elif spec.get("path"):
+    elif spec["path"]:
         sources = spec["path"]
-    elif split is not None and spec.get(split):
+    elif split is not None and spec.get(split):  # a split name, not a setting
         sources = spec[split]  # the trainer's config: data.train / data.eval
     else:
         where = f"'{split}', " if split else ""
@@ -123,21 +110,22 @@ def spec_from_config(config: Any, path: Any, paired: bool) -> dict[str, Any]:
         skip_bad_rows=d.skip_bad_rows,
         unpaired=not paired and not sft,
         cache_dir=d.cache_dir,
+        # string sources `hf:` / `tfds:` (data.sources.parse_spec)
+        allow_downloads=config.allow_downloads,
+        tfds_data_dir=d.tfds_data_dir,
     )
 
 
 def load_examples(spec: Any, tokenizer: Any, rejects: RejectLog, split: str | None = None) -> list:
     """Read and parse the sources of `spec` (see `load_preference_data`)."""
-    spec = _as_dict(spec)
+    spec = complete_spec(spec)
     sources = _sources(spec, split)
-    examples = parse_rows(
-        read_sources(sources, rejects), spec.get("format", "auto"), tokenizer, rejects
-    )
-    if not spec.get("prompts", False):  # PPO's prompt pool takes every kind's prompts
-        _check_kind(examples, bool(spec.get("sft", False)))
-    if spec.get("unpaired", False) and examples and isinstance(examples[0], PreferenceExample):
+    examples = parse_rows(read_sources(sources, rejects, spec), spec["format"], tokenizer, rejects)
+    if not spec["prompts"]:  # PPO's prompt pool takes every kind's prompts
+        _check_kind(examples, bool(spec["sft"]))
+    if spec["unpaired"] and examples and isinstance(examples[0], PreferenceExample):
         examples = paired_to_unpaired(examples)
-    limit = spec.get("limit")
+    limit = spec["limit"]
     if limit is not None:
         examples = examples[: int(limit)]
     return examples
@@ -173,9 +161,12 @@ def load_preference_data(
 ) -> TokenizedDataset:
     """Read, parse, check and tokenize a preference (or unpaired) dataset.
 
-    Config keys (dict or ConfigDict; other keys are ignored, so the trainer's
-    whole `config.data` can be passed):
-      sources: list of sources; each a path/glob string, or a dict with `path`
+    Config keys (dict or ConfigDict; a key left out takes `configs.default.data_spec()`'s
+    value (`complete_spec`); other keys are ignored, so the trainer's whole
+    `config.data` can be passed):
+      sources: list of sources; each a string (`sources.parse_spec`: a path/glob,
+        `hf:NAME[:SPLIT]`, `tfds:NAME[/CONFIG][:SPLIT]`, a save_to_disk folder; with
+        `allow_downloads` and `tfds_data_dir`), or a dict with `path`
         (+ `type`: jsonl|json|parquet), `tfds` (+ `split`, `data_dir`) or `hf`
         (save_to_disk dir or cached hub name; + `split`, `cache_dir`,
         `allow_download`, default False). `path` alone is a shorthand; without
@@ -193,11 +184,10 @@ def load_preference_data(
       skip_bad_rows: False raises `DataError` (file:line: problem) on the first
         bad row; True skips bad rows, counts them by reason, writes
         `run_dir/rejects.jsonl` and prints the counts.
-      cache_dir: tokenization cache (default `default_cache_dir()`; None or
-        "" disables it).
+      cache_dir: tokenization cache (None or "" disables it).
     """
-    spec = _as_dict(spec)
-    rejects = RejectLog(skip_bad_rows=bool(spec.get("skip_bad_rows", False)), run_dir=run_dir)
+    spec = complete_spec(spec)
+    rejects = RejectLog(skip_bad_rows=bool(spec["skip_bad_rows"]), run_dir=run_dir)
     if rejects.skip_bad_rows and run_dir is None:
         raise UserError("skip_bad_rows=True needs a run_dir for the rejects file")
     if unpaired is not None:
@@ -209,7 +199,7 @@ def load_preference_data(
         seen = f"; see {path}" if path else ""
         raise UserError(f"{where}: no usable examples{seen}")
     settings = settings_from_spec(spec)
-    cache_dir = spec.get("cache_dir", default_cache_dir()) or None
+    cache_dir = spec["cache_dir"] or None
     tokenized = tokenize_cached(examples, tokenizer, settings, rejects, cache_dir)
     tokenized.stats["rejected"] = dict(rejects.counts)
     path = rejects.finalize()
@@ -231,8 +221,8 @@ def load_prompts(
     `tokenize_examples` tokenizes them (special tokens added unless chat-rendered).
     Bad rows raise `DataError` naming file:line, or are skipped with `skip_bad_rows`.
     """
-    spec = dict(_as_dict(spec), prompts=True, unpaired=False)
-    rejects = RejectLog(skip_bad_rows=bool(spec.get("skip_bad_rows", False)), run_dir=run_dir)
+    spec = dict(complete_spec(spec), prompts=True, unpaired=False)
+    rejects = RejectLog(skip_bad_rows=bool(spec["skip_bad_rows"]), run_dir=run_dir)
     if rejects.skip_bad_rows and run_dir is None:
         raise UserError("skip_bad_rows=True needs a run_dir for the rejects file")
     seen: set[tuple[str, bool]] = set()
@@ -244,7 +234,7 @@ def load_prompts(
         elif (ex.prompt, ex.chat) not in seen:
             seen.add((ex.prompt, ex.chat))
             examples.append(ex)
-    limit = spec.get("max_prompt_length")
+    limit = spec["max_prompt_length"]
     out = []
     for ex, ids in zip(examples, encode_prompts(examples, tokenizer), strict=True):
         if not ids:

@@ -1,6 +1,10 @@
 """Row sources: local JSONL / JSON / Parquet files, TFDS array_record data sources,
 and locally saved or cached Hugging Face `datasets` datasets.
 
+A source is a dict (`read_source`) or a string (`parse_spec`): a file path or glob,
+`hf:NAME[:SPLIT]` (a Hub dataset `org/name`, or a `save_to_disk` folder), a
+`save_to_disk` folder itself, or `tfds:NAME[/CONFIG][:SPLIT]` (a prepared TFDS builder).
+
 Each source yields `Row(data, source, line)`: `data` is a plain dict of Python
 values (strings, numbers, lists, dicts), `source` the file (or dataset name) and
 `line` the 1-based line number (JSONL) or record number (everything else), so
@@ -18,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dpo_jax import paths
+from dpo_jax import hub, paths
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.errors import UserError
 
@@ -297,7 +301,14 @@ def read_tfds(
     """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir) if isinstance(name, str) else name
+    try:
+        builder = tfds.builder(name, data_dir=data_dir) if isinstance(name, str) else name
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(
+            f"tfds:{name}: no such builder registered nor prepared in data_dir "
+            f"{data_dir or tfds.core.constants.DATA_DIR!r}; prepare it there "
+            "(file_format='array_record') or set data.tfds_data_dir"
+        ) from None
     source = builder.as_data_source(split=split)
     where = f"tfds:{builder.name}/{split}"
     batch = 256
@@ -324,22 +335,32 @@ def read_hf_dataset(
     cache_dir: str | None = None,
     allow_download: bool = False,
 ) -> Iterator[Row]:
-    """Rows of a Hugging Face dataset: a `save_to_disk` directory, else a cached hub dataset.
+    """Rows of a Hugging Face dataset: a `save_to_disk` directory; a Hub dataset `org/name`
+    (its repository's snapshot in the Hugging Face cache, `hub.snapshot_dir`, read with
+    `datasets.load_dataset`); else a name `datasets.load_dataset` knows.
 
     Nothing is downloaded unless `allow_download=True`.
     """
     import datasets
 
     where = f"hf:{path_or_name}" + (f"/{split}" if split else "")
-    saved = paths.Path(path_or_name)  # load_from_disk reads gs:// too (fsspec)
-    if saved.is_dir() and (
-        (saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists()
-    ):
+    if is_saved_dataset(path_or_name):  # load_from_disk reads gs:// too (fsspec)
         ds = datasets.load_from_disk(path_or_name)
         if isinstance(ds, datasets.DatasetDict):
             if split is None:
-                raise UserError(f"{path_or_name} holds splits {list(ds)}; pass split=")
+                raise UserError(
+                    f"{path_or_name} holds splits {list(ds)}; pass split= "
+                    f"(on the command line hf:{path_or_name}:SPLIT)"
+                )
             ds = ds[split]
+    elif hub.is_repo_id(path_or_name):
+        local = hub.snapshot_dir(
+            path_or_name,
+            repo_type="dataset",
+            allow_downloads=allow_download,
+            where=f"data source 'hf:{path_or_name}'",
+        )
+        ds = datasets.load_dataset(local, split=split or "train", cache_dir=cache_dir)
     else:
         previous = datasets.config.HF_HUB_OFFLINE
         datasets.config.HF_HUB_OFFLINE = previous or not allow_download
@@ -349,6 +370,41 @@ def read_hf_dataset(
             datasets.config.HF_HUB_OFFLINE = previous
     for i, rec in enumerate(ds, start=1):
         yield Row(dict(rec), where, i)
+
+
+SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # save_to_disk
+
+
+def is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder `datasets.Dataset(Dict).save_to_disk` wrote."""
+    folder = paths.Path(path)
+    return folder.is_dir() and any((folder / m).exists() for m in SAVED_MARKERS)
+
+
+def parse_spec(spec: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The source dict of a string spec (`data.train` / `data.eval` on the command line).
+
+    `hf:NAME[:SPLIT]`: NAME a Hub dataset `org/name` (its snapshot through huggingface_hub,
+    downloaded only with `options["allow_downloads"]`) or a `save_to_disk` folder;
+    `tfds:NAME[/CONFIG][:SPLIT]` (`options["tfds_data_dir"]`; split default "train"); a
+    `save_to_disk` folder; else a file path or glob. SPLIT may hold a slice (`train[:10%]`).
+    """
+    options = options or {}
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("hf", "tfds"):
+        scheme, url, tail = rest.partition("://")  # hf:gs://bucket/dir:split
+        name, _, split = tail.partition(":") if url else rest.partition(":")
+        name = scheme + url + name if url else name
+        if not name:
+            raise UserError(f"data source {spec!r}: no name; use {kind}:NAME[:SPLIT]")
+        if kind == "tfds":
+            data_dir = options.get("tfds_data_dir") or None
+            return {"tfds": name, "split": split or "train", "data_dir": data_dir}
+        allow = bool(options.get("allow_downloads", False))
+        return {"hf": name, "split": split or None, "allow_download": allow}
+    if is_saved_dataset(spec):
+        return {"hf": spec}
+    return {"path": spec}
 
 
 def read_source(spec: Mapping[str, Any], rejects: RejectLog) -> Iterator[Row]:
@@ -372,7 +428,14 @@ def read_source(spec: Mapping[str, Any], rejects: RejectLog) -> Iterator[Row]:
     raise UserError(f"data source {dict(spec)!r} needs one of the keys 'path', 'tfds', 'hf'")
 
 
-def read_sources(specs: Iterable[Mapping[str, Any] | str], rejects: RejectLog) -> Iterator[Row]:
-    """Rows of several sources in order; a bare string is a file path or glob."""
+def read_sources(
+    specs: Iterable[Mapping[str, Any] | str],
+    rejects: RejectLog,
+    options: Mapping[str, Any] | None = None,
+) -> Iterator[Row]:
+    """Rows of several sources in order; a string is parsed by `parse_spec` (`options`:
+    its `allow_downloads` and `tfds_data_dir`)."""
     for spec in specs:
-        yield from read_source({"path": spec} if isinstance(spec, str) else spec, rejects)
+        yield from read_source(
+            parse_spec(spec, options) if isinstance(spec, str) else spec, rejects
+        )

@@ -50,6 +50,7 @@ from dpo_jax import paths
 from dpo_jax.data.batching import context_and_targets
 from dpo_jax.data.errors import DataError, RejectLog
 from dpo_jax.data.formats import Example, PreferenceExample, SFTExample, common_prefix_length
+from dpo_jax.data.spec import complete_spec
 from dpo_jax.errors import UserError
 
 CACHE_VERSION = 3  # 3: keep_end is TRL's per-sequence rule
@@ -58,13 +59,14 @@ TRUNCATION_MODES = ("keep_start", "keep_end", "keep_end_prompt")
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    """Length limits and truncation; part of the cache key."""
+    """Length limits and truncation; part of the cache key. Built by `settings_from_spec`
+    (every field given: the defaults are `configs.default.data_spec()`'s)."""
 
-    max_length: int | None = None
-    max_prompt_length: int | None = None
-    max_completion_length: int | None = None
-    truncation_mode: str = "keep_start"
-    add_eos: bool = True
+    max_length: int | None
+    max_prompt_length: int | None
+    max_completion_length: int | None
+    truncation_mode: str
+    add_eos: bool
 
     def __post_init__(self):
         if self.truncation_mode not in TRUNCATION_MODES:
@@ -77,15 +79,11 @@ class TokenizeSettings:
                 raise ValueError(f"{name} must be positive, got {v}")
 
 
-def settings_from_spec(spec: Any) -> TokenizeSettings:
-    """The tokenize settings a data spec (dict or the trainer's `config.data`) asks for."""
-    return TokenizeSettings(
-        max_length=spec.get("max_length"),
-        max_prompt_length=spec.get("max_prompt_length"),
-        max_completion_length=spec.get("max_completion_length"),
-        truncation_mode=spec.get("truncation_mode", "keep_start"),
-        add_eos=spec.get("add_eos", True),
-    )
+def settings_from_spec(spec: Any = None) -> TokenizeSettings:
+    """The tokenize settings a data spec (dict or the trainer's `config.data`, possibly
+    partial: `complete_spec`) asks for; no spec: configs/default.py's."""
+    spec = complete_spec(spec or {})
+    return TokenizeSettings(**{f.name: spec[f.name] for f in dataclasses.fields(TokenizeSettings)})
 
 
 class Ragged:
@@ -320,10 +318,12 @@ def truncate_sequences(
 def tokenize_examples(
     examples: Sequence[Example],
     tokenizer: Any,
-    settings: TokenizeSettings = TokenizeSettings(),
+    settings: TokenizeSettings | None = None,
     rejects: RejectLog | None = None,
 ) -> TokenizedDataset:
-    """Tokenize parsed examples (all paired or all unpaired) without caching."""
+    """Tokenize parsed examples (all paired or all unpaired) without caching; no
+    `settings`: configs/default.py's (`settings_from_spec()`)."""
+    settings = settings or settings_from_spec()
     rejects = rejects or RejectLog()
     if not examples:
         raise ValueError("no examples to tokenize")
@@ -494,15 +494,17 @@ def cache_key(tokenizer: Any, examples: Sequence[Example], settings: TokenizeSet
 def tokenize_cached(
     examples: Sequence[Example],
     tokenizer: Any,
-    settings: TokenizeSettings = TokenizeSettings(),
+    settings: TokenizeSettings | None = None,
     rejects: RejectLog | None = None,
     cache_dir: str | None = None,
 ) -> TokenizedDataset:
     """`tokenize_examples` with a disk cache; a hit skips tokenization entirely.
 
     Rows rejected while tokenizing are stored with the cache and replayed into
-    `rejects` on a hit, so skip/raise behaviour is the same either way.
+    `rejects` on a hit, so skip/raise behaviour is the same either way. No `settings`:
+    configs/default.py's.
     """
+    settings = settings or settings_from_spec()
     rejects = rejects or RejectLog()
     if cache_dir is None:
         return tokenize_examples(examples, tokenizer, settings, rejects)

@@ -10,10 +10,14 @@ Public API (see docs/CONTRACTS.md): `ModelConfig`, `Transformer`, `init_params`,
 from dpo_jax.models import families  # noqa: F401  # isort: skip
 from dpo_jax.models.config import FAMILY_SWITCHES, ModelConfig, RopeScaling, gpt2_small
 from dpo_jax.models.hf import (
+    SCORE_TENSOR,
     SUPPORTED_MODEL_TYPES,
+    classifier_architecture,
     config_from_hf,
     config_to_hf,
+    is_classifier,
     load_hf,
+    read_hf_tensor,
     save_hf,
 )
 from dpo_jax.models.transformer import (
@@ -31,19 +35,23 @@ __all__ = [
     "FAMILY_SWITCHES",
     "ModelConfig",
     "RopeScaling",
+    "SCORE_TENSOR",
     "SUPPORTED_MODEL_TYPES",
     "Transformer",
     "abstract_params",
     "attention_mask",
+    "classifier_architecture",
     "config_from_hf",
     "config_to_hf",
     "gpt2_small",
     "init_cache",
     "init_params",
+    "is_classifier",
     "load_hf",
     "logical_axes",
     "pad_vocab",
     "param_count",
+    "read_hf_tensor",
     "save_hf",
     "strip_vocab",
 ]

@@ -2,6 +2,7 @@
 
     cfg, params = load_hf("path/to/hf_dir", dtype=jnp.bfloat16, param_dtype=jnp.float32)
     save_hf("out_dir", cfg, params, tokenizer=tok)   # transformers.from_pretrained loads it
+    save_hf("rm_dir", cfg, params, score_weight=w_1xD)  # AutoModelForSequenceClassification
 
 Import reads `config.json` and `*.safetensors` (a single file, or shards listed
 in `model.safetensors.index.json`) with `safetensors` in numpy mode, one tensor
@@ -20,6 +21,7 @@ module per family under `dpo_jax.models.families`; for example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import warnings
@@ -55,6 +57,31 @@ _RUNTIME_FIELDS = {
     "attention_block",
     "init_std",
 }
+
+
+# Sequence classifiers (`save_hf(score_weight=)`): the family's architecture with this
+# suffix, where transformers' name does not follow the causal LM's.
+_CLASSIFIER_SUFFIX = "ForSequenceClassification"
+_CLASSIFIER_NAMES = {"gemma3_text": "Gemma3TextForSequenceClassification"}
+SCORE_TENSOR = "score.weight"  # [num_labels, D]: the classifier head of every family
+
+
+def classifier_architecture(model_type: str) -> str:
+    """The transformers `...ForSequenceClassification` class name of a family."""
+    if model_type in _CLASSIFIER_NAMES:
+        return _CLASSIFIER_NAMES[model_type]
+    lm = families.get(model_type).architecture
+    return lm.removesuffix("LMHeadModel").removesuffix("ForCausalLM") + _CLASSIFIER_SUFFIX
+
+
+def is_classifier(hf_cfg: dict[str, Any]) -> bool:
+    """Whether a config.json dict is a sequence classifier's (its `architectures`)."""
+    return any(str(a).endswith(_CLASSIFIER_SUFFIX) for a in hf_cfg.get("architectures") or ())
+
+
+def _is_output_embedding(hf_name: str) -> bool:
+    # the untied unembedding (lm_head / GPT-NeoX's embed_out), which a classifier lacks
+    return "." in hf_name and hf_name.split(".")[-2] in ("lm_head", "embed_out")
 
 
 # ----------------------------------------------------------------------------- config
@@ -232,6 +259,10 @@ def load_hf(
     `jax.sharding.Sharding`, or a callable `cfg -> that pytree` (e.g.
     `lambda cfg: nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, rules)`).
     Every process must be able to read the checkpoint directory.
+
+    A sequence classifier's directory (`save_hf(score_weight=)`, a reward model) loads
+    its backbone; having no unembedding, an untied one is zeros (its `score.weight`:
+    `read_hf_tensor`).
     """
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -260,6 +291,9 @@ def load_hf(
         return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
     pdt = np.dtype(jnp.dtype(cfg.param_dtype))
+    # A sequence classifier has no unembedding: an untied one loads as zeros (a reward
+    # model reads hidden states only), and its `score` head is read by `read_hf_tensor`.
+    classifier = is_classifier(hf_cfg)
     reader = _SafetensorsReader(hf_dir)
     params: dict[str, Any] = {}
     stacked: dict[Path_, np.ndarray] = {}
@@ -267,6 +301,11 @@ def load_hf(
     try:
         for t in _tensor_map(cfg):
             stored = _lookup(reader, t.hf_name)
+            if stored is None and classifier and _is_output_embedding(t.hf_name):
+                (path,) = t.paths
+                want = _get_path(abstract, path)
+                _set_path(params, path, place(path, np.zeros(want.shape, pdt)))
+                continue
             if stored is None:
                 raise UserError(
                     f"{hf_dir}: tensor {t.hf_name!r} is missing from the safetensors files "
@@ -305,7 +344,8 @@ def load_hf(
         n
         for n in reader.names() - used
         if not n.endswith(_BUFFER_SUFFIXES)
-        and not (cfg.tie_word_embeddings and n.split(".")[-2] in ("lm_head", "embed_out"))
+        and not (cfg.tie_word_embeddings and _is_output_embedding(n))
+        and not (classifier and n == SCORE_TENSOR)
     )
     if unused:
         warnings.warn(f"{hf_dir}: ignored {len(unused)} unused tensors: {unused[:8]}", stacklevel=2)
@@ -314,6 +354,15 @@ def load_hf(
     if expected != got:  # a bug in the tensor map, not in the checkpoint
         raise RuntimeError(f"tensor map mismatch: missing {expected - got}, extra {got - expected}")
     return cfg, params
+
+
+def read_hf_tensor(hf_dir: str | os.PathLike, name: str) -> np.ndarray | None:
+    """One tensor of a checkpoint directory's safetensors files (None when absent)."""
+    reader = _SafetensorsReader(Path(hf_dir))
+    try:
+        return np.asarray(reader.get(name)) if name in reader.where else None
+    finally:
+        reader.close()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -336,6 +385,18 @@ def _hf_tensors(
         yield t.hf_name, np.ascontiguousarray(t.to_hf(*parts)).astype(np_dtype)
 
 
+def _classifier_config(cfg: ModelConfig, shape: tuple[int, ...]) -> dict[str, Any]:
+    """config.json keys of a sequence classifier with a `score.weight` of `shape`."""
+    if len(shape) != 2 or shape[1] != cfg.hidden_size:
+        raise ValueError(f"score_weight: shape {shape}, expected [num_labels, {cfg.hidden_size}]")
+    labels = [f"LABEL_{i}" for i in range(shape[0])]
+    return {
+        "architectures": [classifier_architecture(cfg.model_type)],
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
 def save_hf(
     out_dir: str | os.PathLike,
     cfg: ModelConfig,
@@ -344,11 +405,15 @@ def save_hf(
     *,
     hf_dtype: Any = None,
     max_shard_bytes: int = 5 * 2**30,
+    score_weight: np.ndarray | None = None,
 ) -> Path:
     """Writes config.json + safetensors (sharded above `max_shard_bytes`) to `out_dir`.
 
     `hf_dtype` defaults to `cfg.param_dtype`. The tokenizer (if given) is
-    saved with `save_pretrained`. Returns the output directory.
+    saved with `save_pretrained`. Returns the output directory. With `score_weight`
+    (`[num_labels, D]`) the directory is the family's `...ForSequenceClassification`
+    (`classifier_architecture`): the backbone, no unembedding, `score.weight`; it
+    scores the last token that is not `cfg.pad_token_id`, as transformers does.
     """
     from safetensors.numpy import save_file
 
@@ -359,6 +424,12 @@ def save_hf(
     # An export holds the real vocabulary only (the padding rows are ours).
     cfg, params = strip_vocab(cfg, nn.meta.unbox(params))
     hf_cfg = config_to_hf(cfg, hf_dtype=dtype_name)
+    tensors = _hf_tensors(cfg, params, np_dtype)
+    if score_weight is not None:
+        hf_cfg.update(_classifier_config(cfg, np.shape(score_weight)))
+        score = np.ascontiguousarray(np.asarray(score_weight, np.float32).astype(np_dtype))
+        body = ((n, a) for n, a in tensors if not _is_output_embedding(n))
+        tensors = itertools.chain(body, [(SCORE_TENSOR, score)])
 
     shards: list[dict[str, np.ndarray]] = [{}]
     size = total = 0
@@ -373,7 +444,7 @@ def save_hf(
         tmp_names.append(name)
         shards[-1] = {}
 
-    for name, arr in _hf_tensors(cfg, params, np_dtype):
+    for name, arr in tensors:
         if shards[-1] and size + arr.nbytes > max_shard_bytes:
             flush()
             size = 0

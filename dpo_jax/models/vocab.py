@@ -6,7 +6,7 @@ multiple of `tensor * VOCAB_ALIGN` (`pad_vocab`), recorded as
 `ModelConfig.padded_vocab_size`; `ModelConfig.vocab_size` stays the real size that token
 ids live in. `Transformer.logits` masks the padded columns to `PADDED_LOGIT`, so they
 take no probability mass in any log-prob or sampling path; `strip_vocab` removes the
-rows again before export. `train.build_trainer` pads when the tensor axis is > 1; the
+rows again before export. `trainer.build_trainer` pads when the tensor axis is > 1; the
 loaders (`load_hf`, `init_params`) return the real vocabulary.
 """
 

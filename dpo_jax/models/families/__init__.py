@@ -12,7 +12,15 @@ from dpo_jax.models.families import gpt2, gpt_neox, llama, mistral, qwen2, qwen3
 from dpo_jax.models.families import gemma, gemma2, gemma3, phi3  # noqa: F401
 
 # isort: on
-from dpo_jax.models.families.base import REGISTRY, Family, Tensor, register
+from dpo_jax.models.families.base import (
+    LORA_ALL_LINEAR,
+    LORA_TARGETS,
+    REGISTRY,
+    Family,
+    PeftLayout,
+    Tensor,
+    register,
+)
 
 
 def get(model_type: str | None) -> Family:
@@ -27,4 +35,7 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-__all__ = ["REGISTRY", "Family", "Tensor", "get", "names", "register"]
+__all__ = [
+    "LORA_ALL_LINEAR", "LORA_TARGETS", "REGISTRY", "Family", "PeftLayout", "Tensor", "get",
+    "names", "register",
+]  # fmt: skip

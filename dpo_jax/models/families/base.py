@@ -34,6 +34,44 @@ class Tensor:
     to_hf: ToHf
 
 
+# The modules of `models.Transformer` a LoRA adapter can target, named alike in every
+# family: target -> (module name in the params tree, leaf it adapts, number of input
+# axes). `o` contracts (heads, head_dim); embeddings are looked up along their first axis.
+# A family without a module (GPT-2 has no `gate`) simply has no such weight.
+LORA_TARGETS: dict[str, tuple[str, str, int]] = {
+    "q": ("q", "kernel", 1),
+    "k": ("k", "kernel", 1),
+    "v": ("v", "kernel", 1),
+    "o": ("o", "kernel", 2),
+    "gate": ("gate", "kernel", 1),
+    "up": ("up", "kernel", 1),
+    "down": ("down", "kernel", 1),
+    "embed": ("embed", "embedding", 1),
+    "lm_head": ("lm_head", "kernel", 1),
+}
+LORA_ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftLayout:
+    """The Hugging Face modules a family's LoRA targets map to, for PEFT adapter export.
+
+    - `prefix`: the HF path of the layer list (`model.layers`).
+    - `modules`: target -> module under a layer.
+    - `top`: top-level target (`embed`, `lm_head`) -> module.
+    - `fused`: `(module, targets)` of one HF module that holds several of our
+      projections side by side in that order (GPT-2's `attn.c_attn` = [q | k | v]), or
+      None.
+    - `fan_in_fan_out`: the HF weights are stored `(in, out)` (GPT-2's `Conv1D`).
+    """
+
+    prefix: str
+    modules: dict[str, str]
+    top: dict[str, str]
+    fused: tuple[str, tuple[str, ...]] | None = None
+    fan_in_fan_out: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """Everything that makes one Hugging Face `model_type` what it is.
@@ -43,8 +81,8 @@ class Family:
     - `to_hf(cfg)`: `ModelConfig` -> family-specific config.json keys (the common
       keys `architectures`, `model_type`, `vocab_size`, token ids, ... are added by hf.py).
     - `tensor_map(cfg)`: every HF tensor with its Flax destination(s) and converters.
-    - `peft_layout`: (layer prefix, target -> module under a layer, top-level target ->
-      module) for `lora` PEFT adapter export, or None when the family has none.
+    - `peft_layout`: where `lora`'s PEFT adapter export puts each target
+      (`PeftLayout`), or None when the family has none.
     """
 
     model_type: str
@@ -53,7 +91,7 @@ class Family:
     from_hf: Callable[[dict[str, Any]], dict[str, Any]]
     to_hf: Callable[[ModelConfig], dict[str, Any]]
     tensor_map: Callable[[ModelConfig], list[Tensor]]
-    peft_layout: tuple[str, dict[str, str], dict[str, str]] | None = None
+    peft_layout: PeftLayout | None = None
 
 
 REGISTRY: dict[str, Family] = {}
@@ -335,7 +373,7 @@ LLAMA_SWITCHES: dict[str, Any] = dict(
     norm_type="rmsnorm", norm_eps=1e-6, activation="silu", gated_mlp=True
 )
 
-LLAMA_PEFT = (
+LLAMA_PEFT = PeftLayout(
     "model.layers",
     {
         "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",

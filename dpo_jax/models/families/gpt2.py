@@ -10,6 +10,7 @@ from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.families.base import (
     LAYER,
     Family,
+    PeftLayout,
     Tensor,
     ToFlax,
     ToHf,
@@ -119,17 +120,12 @@ FAMILY = register(
         from_hf=_from_hf,
         to_hf=_to_hf,
         tensor_map=_tensor_map,
-        peft_layout=(
+        peft_layout=PeftLayout(
             "transformer.h",
-            {
-                "q": "attn.c_attn",
-                "k": "attn.c_attn",
-                "v": "attn.c_attn",
-                "o": "attn.c_proj",
-                "up": "mlp.c_fc",
-                "down": "mlp.c_proj",
-            },
+            {"o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
             {"embed": "transformer.wte"},
-        ),  # fmt: skip
+            fused=("attn.c_attn", ("q", "k", "v")),  # c_attn's output is [q | k | v]
+            fan_in_fan_out=True,  # Conv1D weights are (in, out)
+        ),
     )
 )
