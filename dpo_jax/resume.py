@@ -66,6 +66,7 @@ NON_MATH_KEYS: tuple[str, ...] = (
     "mesh.data",  # restore reshards onto any mesh
     "mesh.fsdp",
     "mesh.tensor",
+    "mesh.sequence",  # params never name the sequence axis: restore is the same layout
     "mesh.multihost",
     "mesh.rules",  # restore reshards onto any layout
     "model.remat",  # same math, less memory

@@ -24,7 +24,12 @@ from dpo_jax.errors import UserError, config_error
 
 log = logging.getLogger(__name__)
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+# `sequence` (context parallelism) sits inside the data axes and outside `tensor`, so
+# tensor-parallel groups stay on the closest devices and the ring's neighbours next.
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "sequence", "tensor")
+
+# The axis activations' length is split over (ring attention, models/ring_attention.py).
+SEQUENCE_AXIS = "sequence"
 
 # Rows of a batch are split over both data-parallel axes: fsdp shards parameters *and*
 # data (ZeRO-3 style), so it must also carry a slice of the batch.
@@ -33,7 +38,9 @@ BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 # The one table. Weights: `embed` is split over fsdp (each device holds a slice of every
 # matrix and all-gathers it at use), the Megatron dims (`mlp`, `heads`, `kv_heads`,
 # `vocab`) over tensor. Activations: batch over the data axes, the Megatron dims over
-# tensor; lengths and widths stay whole.
+# tensor, length over `sequence` (whole while mesh.sequence is 1); widths stay whole.
+# No weight names `sequence`: params and optimizer state are laid out the same for any
+# mesh.sequence, which is why a checkpoint restores across sequence sizes.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -45,7 +52,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("lora_rank", None),  # LoRA adapters: the rank axis is small, every device holds it
     ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
+    ("activation_length", SEQUENCE_AXIS),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -57,8 +64,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Replace the single `-1` in `shape` by the devices left over; check the product.
 
-    >>> resolve_mesh_shape((-1, 2, 1), 8)
-    (4, 2, 1)
+    `shape` lists the sizes in MESH_AXES order (data, fsdp, sequence, tensor).
+
+    >>> resolve_mesh_shape((-1, 2, 1, 1), 8)
+    (4, 2, 1, 1)
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
@@ -83,11 +92,16 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[Any] | None = None,
+    *,
+    sequence: int = 1,
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all hosts)."""
+    """A (data, fsdp, sequence, tensor) mesh over `devices` (default: all devices of all hosts)."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape((data, fsdp, tensor), len(devices))
+    shape = resolve_mesh_shape((data, fsdp, sequence, tensor), len(devices))
     # jax>=0.10 defaults to Explicit axes, under which classic jit-with-shardings and
     # Linen's with_logical_constraint refuse to run; Auto keeps the GSPMD behaviour.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

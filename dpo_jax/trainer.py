@@ -94,7 +94,7 @@ def with_scored_positions(batch_A: Mapping[str, Any], process_count: int = 1) ->
 def make_mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
     """Mesh from `config.mesh` (after `jax.distributed` if multi-host)."""
     m = config.mesh
-    return sharding.make_mesh(m.data, m.fsdp, m.tensor)
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor, sequence=m.sequence)
 
 
 def state_shardings(

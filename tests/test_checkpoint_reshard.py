@@ -15,7 +15,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _child(run_dir: str) -> None:
-    """Runs with 8 CPU devices: saves on (8,1,1) and (1,8,1), restores on (2,2,2)."""
+    """Runs with 8 CPU devices: saves on (8,1,1), (1,8,1) and sequence=8 (context
+    parallelism: no param names the sequence axis), restores on (2,2,2)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -53,8 +54,8 @@ def _child(run_dir: str) -> None:
         return state, shardings
 
     saved = {}
-    for step, shape in ((1, (8, 1, 1)), (2, (1, 8, 1))):
-        mesh = sharding.make_mesh(*shape)
+    for step, shape, seq in ((1, (8, 1, 1), 1), (2, (1, 8, 1), 1), (3, (1, 1, 1), 8)):
+        mesh = sharding.make_mesh(*shape, sequence=seq)
         state, _ = place(mesh)
         with checkpoint.Checkpointer(
             run_dir, options=checkpoint.CheckpointOptions(save_every=1, keep_last=None)
@@ -70,7 +71,7 @@ def _child(run_dir: str) -> None:
         target_shardings,
     )
     report = {}
-    for step in (1, 2):
+    for step in (1, 2, 3):
         with checkpoint.Checkpointer(run_dir) as ckpt:
             # Each step explicitly (restore_or_none always takes the newest).
             restored = ckpt._manager.restore(
@@ -123,17 +124,17 @@ def test_save_on_8x1x1_restore_on_2x2x2(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     report = json.loads(lines[-1][len("REPORT ") :])
-    for step in ("1", "2"):
+    for step in ("1", "2", "3"):
         r = report[step]
         assert r["equal"], r
-        assert r["mesh_shapes"] == ["{'data': 2, 'fsdp': 2, 'tensor': 2}"], r
+        assert r["mesh_shapes"] == ["{'data': 2, 'fsdp': 2, 'sequence': 1, 'tensor': 2}"], r
         # vocab -> tensor, embed -> fsdp under the one rule table.
         assert r["embed_spec"] == ["tensor", "fsdp"], r
         assert r["wi_spec"] == ["fsdp", "tensor"], r
         assert r["mu_wi_spec"] == ["fsdp", "tensor"], r
         assert r["embed_shard_shape"] == [32, 8], r
         assert r["rng_is_key"]
-    assert report["latest_step"] == 2
+    assert report["latest_step"] == 3
     assert report["latest_embed_spec"] == ["tensor", "fsdp"]
 
 

@@ -146,12 +146,13 @@ def test_scanned_layers_load_gives_same_logits(loaded, tmp_path):
 def test_load_into_shardings(loaded):
     from flax import linen as nn
 
+    from dpo_jax import sharding
     from dpo_jax.models import logical_axes
     from dpo_jax.sharding import LOGICAL_AXIS_RULES
 
     d, cfg, params, _ = loaded["gpt_neox"]
     mesh = jax.make_mesh(
-        (1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+        (1, 1, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4
     )
     _, sharded = load_hf(
         d,

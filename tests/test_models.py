@@ -167,10 +167,11 @@ def test_logical_axes_match_params(params):
 
 
 def test_sharded_forward_with_project_rules(params):
+    from dpo_jax import sharding
     from dpo_jax.sharding import LOGICAL_AXIS_RULES
 
     mesh = jax.make_mesh(
-        (1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+        (1, 1, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4
     )
     ids = _ids((2, 8), 9)
     ref = np.asarray(_fwd(CFG, params, ids, _arange(2, 8), np.ones((2, 8), np.int32)))

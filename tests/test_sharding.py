@@ -19,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_resolve_mesh_shape():
-    assert sharding.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
-    assert sharding.resolve_mesh_shape((2, 2, 2), 8) == (2, 2, 2)
+    assert sharding.resolve_mesh_shape((-1, 2, 1, 1), 8) == (4, 2, 1, 1)
+    assert sharding.resolve_mesh_shape((2, 1, 2, 2), 8) == (2, 1, 2, 2)
     with pytest.raises(ValueError, match="at most one"):
-        sharding.resolve_mesh_shape((-1, -1, 1), 8)
+        sharding.resolve_mesh_shape((-1, -1, 1, 1), 8)
     with pytest.raises(ValueError, match="needs 6 devices"):
-        sharding.resolve_mesh_shape((3, 2, 1), 8)
+        sharding.resolve_mesh_shape((3, 2, 1, 1), 8)
     with pytest.raises(ValueError, match="not divisible"):
-        sharding.resolve_mesh_shape((-1, 3, 1), 8)
+        sharding.resolve_mesh_shape((-1, 3, 1, 1), 8)
 
 
 class _FakeMesh:
@@ -59,7 +59,7 @@ def test_batch_spec_splits_rows_over_data_axes():
 
 def test_single_device_mesh_and_shard_batch():
     mesh = sharding.make_mesh(-1, 1, 1, devices=jax.devices()[:1])
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
     batch = {"input_ids": np.zeros((2, 4, 8), np.int32), "ref_logps": np.ones((2, 4), np.float32)}
     placed = sharding.shard_batch(batch, mesh)
     np.testing.assert_array_equal(np.asarray(placed["ref_logps"]), batch["ref_logps"])

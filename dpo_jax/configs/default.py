@@ -63,8 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # nn.scan over the blocks: one compiled block (fast compile) and, on XLA:CPU, no
     # backward fusion across layers (benchmarks/README.md); params stacked per layer.
     c.model.scan_layers = True
-    # Attention backend: auto | xla | blockwise | cudnn | splash (dpo_jax.models.attention).
+    # Attention: auto | xla | blockwise | cudnn | splash | ring | ulysses (models.attention).
     # auto: cuDNN on GPU, splash on TPU, on CPU dense below 1024 tokens and blockwise above;
+    # ring (and auto) when mesh.sequence > 1: context parallelism (models/ring_attention.py),
+    # ulysses: its all-to-all variant (heads divisible by mesh.sequence, else the ring);
     # a backend that cannot serve a batch falls back to blockwise with a logged reason.
     c.model.attention = "auto"
     c.tokenizer = ""  # default: model.path
@@ -154,6 +156,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1 = the devices left over
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Context parallelism: activations' length split over this many devices; with
+    # model.attention auto or ring, attention runs as a ring (models/ring_attention.py).
+    c.mesh.sequence = 1
     c.mesh.multihost = "auto"  # auto | true | false: jax.distributed.initialize()
     # (logical axis, mesh axes) pairs: shards params, optimizer state, reference, activations
     c.mesh.rules = LOGICAL_AXIS_RULES

@@ -305,7 +305,7 @@ def validate(config: Any) -> None:
     check("reference.ref_model_mixup_alpha", _check_number, 0.0, True, 1.0, True)
 
     rest = None
-    for axis in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+    for axis in ("mesh.data", "mesh.fsdp", "mesh.sequence", "mesh.tensor"):
         v = value(axis)
         if v is not _MISSING and (not _is_int(v) or (v < 1 and v != -1)):
             raise config_error(axis, f"must be >= 1, or -1 for the devices left, got {v!r}")

@@ -26,6 +26,11 @@ Implementations (`ModelConfig.attention_impl`):
   row 0 (checked at run time; other rows take the blockwise path).
 - `splash`: the Pallas TPU splash-attention kernel with segment ids and a
   causal (or local) mask; not for prefix-shared rows.
+- `ring`: context parallelism (`dpo_jax.models.ring_attention`): the length is
+  split over the mesh's `sequence` axis and key/value blocks travel a ring of
+  devices; the model picks it (also for `auto`) when that axis is > 1, and it
+  falls back to blockwise on a mesh without one. `ulysses`: the same split, with
+  an all-to-all (heads <-> length) around blockwise attention instead of a ring.
 - `auto`: GPU -> cudnn, TPU -> splash, CPU -> xla below `BLOCKWISE_MIN_LENGTH`
   tokens, blockwise from there; any backend that cannot serve a call falls
   back to blockwise with a logged reason.
@@ -43,7 +48,7 @@ import jax.numpy as jnp
 Array = jax.Array
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
+IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash", "ring", "ulysses")
 # On CPU, `auto` uses the dense path below this many tokens per row. At 2k tokens the
 # blockwise train step measured 0.15-0.37x the dense one (benchmarks/README.md, "Long
 # context"), and the dense path's float32 [N, H, L, L] probabilities dominate the step's
@@ -63,15 +68,23 @@ class MaskRule(NamedTuple):
 
 
 def make_rule(
-    segment_ids_NxL: Array, positions_NxL: Array, branch_ids_NxL: Array | None = None
+    segment_ids_NxL: Array,
+    positions_NxL: Array,
+    branch_ids_NxL: Array | None = None,
+    index_NxL: Array | None = None,
 ) -> MaskRule:
     """The rule of a batch; `branch_ids` None (stacked, packed) means all zeros.
 
     Whether branches are present is static, so backends that cannot express them
     (cuDNN, splash) are ruled out at trace time only for prefix-shared batches.
+    `index_NxL` None means tokens are in row order (0..L-1); a permuted row (ring
+    attention's zig-zag layout) passes each token's original row index.
     """
     n, length = segment_ids_NxL.shape
-    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    if index_NxL is None:
+        index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    else:
+        index = index_NxL.astype(jnp.int32)
     branch = None if branch_ids_NxL is None else branch_ids_NxL.astype(jnp.int32)
     return MaskRule(
         index, segment_ids_NxL.astype(jnp.int32), branch, positions_NxL.astype(jnp.int32)
@@ -160,6 +173,10 @@ class _Static(NamedTuple):
     scale: float
     block_q: int
     block_k: int
+    # Queries and keys are the same rows (index = row): loops stop at the causal diagonal.
+    # False for a query block against another device's keys (ring attention), where the
+    # index arrays are global row numbers and only the mask skips blocks.
+    same_rows: bool = True
 
 
 def _slice(x: Array, start: Array, size: int) -> Array:
@@ -168,6 +185,14 @@ def _slice(x: Array, start: Array, size: int) -> Array:
 
 def _rule_slice(rule: MaskRule, start: Array, size: int) -> MaskRule:
     return jax.tree.map(lambda a: _slice(a, start, size), rule)
+
+
+def _while(lo: int | Array, hi: int | Array, body: Any, init: Any) -> Any:
+    """`fori_loop` that is always a while loop, also for static bounds. A forward kernel
+    under a custom VJP must never be linearized (a scan would be, by JAX inside nn.scan
+    over layers, stacking every block's probabilities as residuals); a while loop cannot."""
+    step = lambda c: (c[0] + 1, body(c[0], c[1]))
+    return jax.lax.while_loop(lambda c: c[0] < hi, step, (jnp.asarray(lo, jnp.int32), init))[1]
 
 
 def _k_blocks_before(i: Array, st: _Static, nk: int) -> Array:
@@ -181,10 +206,13 @@ def _scores(qb: Array, kb: Array, st: _Static) -> tuple[Array, Array]:
     return s, _softcap(s, st.softcap)
 
 
-def _forward(q: Array, k: Array, v: Array, rule: MaskRule, st: _Static) -> tuple[Array, Array]:
-    """Online softmax. q [N, L, K, G, D]; returns out (q's shape, q dtype) and lse [N, K, G, L]."""
+def _forward(
+    q: Array, k: Array, v: Array, rule: MaskRule, k_rule: MaskRule, st: _Static
+) -> tuple[Array, Array]:
+    """Online softmax of queries (`rule`) over keys (`k_rule`). q [N, L, K, G, D], k/v
+    [N, S, K, D]; returns out (q's shape, float32) and lse [N, K, G, L] (-inf: sees nothing)."""
     n, length, nkv, g, d = q.shape
-    nq, nk = length // st.block_q, length // st.block_k
+    nq, nk = length // st.block_q, k.shape[1] // st.block_k
 
     def q_block(i: Array) -> tuple[Array, Array]:
         q0 = i * st.block_q
@@ -192,8 +220,8 @@ def _forward(q: Array, k: Array, v: Array, rule: MaskRule, st: _Static) -> tuple
 
         def k_step(j: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
             k0 = j * st.block_k
-            k_rule = _rule_slice(rule, k0, st.block_k)
-            mask = mask_block(q_rule, k_rule, st.window)
+            kb_rule = _rule_slice(k_rule, k0, st.block_k)
+            mask = mask_block(q_rule, kb_rule, st.window)
 
             def update(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 m, denom, acc = c
@@ -218,10 +246,11 @@ def _forward(q: Array, k: Array, v: Array, rule: MaskRule, st: _Static) -> tuple
             jnp.zeros((n, nkv, g, st.block_q), jnp.float32),
             jnp.zeros((n, nkv, g, st.block_q, d), jnp.float32),
         )
-        m, denom, acc = jax.lax.fori_loop(0, _k_blocks_before(i, st, nk), k_step, init)
+        stop = _k_blocks_before(i, st, nk) if st.same_rows else nk
+        m, denom, acc = _while(0, stop, k_step, init)
         out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
         lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
-        return jnp.moveaxis(out, 3, 1).astype(q.dtype), lse  # out [N, bq, K, G, D]
+        return jnp.moveaxis(out, 3, 1), lse  # out [N, bq, K, G, D]
 
     outs, lses = jax.lax.map(q_block, jnp.arange(nq))  # [nq, N, bq, K, G, D], [nq, N, K, G, bq]
     out = jnp.moveaxis(outs, 0, 1).reshape(q.shape)
@@ -230,27 +259,38 @@ def _forward(q: Array, k: Array, v: Array, rule: MaskRule, st: _Static) -> tuple
 
 
 def _backward(
-    q: Array, k: Array, v: Array, rule: MaskRule, out: Array, lse: Array, dout: Array, st: _Static
+    q: Array,
+    k: Array,
+    v: Array,
+    rule: MaskRule,
+    k_rule: MaskRule,
+    out: Array,
+    lse: Array,
+    dout: Array,
+    st: _Static,
 ) -> tuple[Array, Array, Array]:
-    """Recomputes each needed block's probabilities; returns dq, dk, dv (input dtypes)."""
+    """Recomputes each needed block's probabilities; returns dq, dk, dv (float32).
+
+    `out` and `lse` are the attention's final output and log-sum-exp over ALL keys, so
+    keys split into parts (ring attention) each give their share of the gradients."""
     n, length, nkv, g, d = q.shape
-    nq, nk = length // st.block_q, length // st.block_k
+    nq, nk = length // st.block_q, k.shape[1] // st.block_k
     # D_i = sum_d dO * O (the softmax Jacobian's row term), float32 [N, K, G, L].
     delta = jnp.einsum("nlkgd,nlkgd->nkgl", dout.astype(jnp.float32), out.astype(jnp.float32))
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
 
     def k_block(dq: Array, j: Array) -> tuple[Array, tuple[Array, Array]]:
         k0 = j * st.block_k
-        kb, vb, k_rule = (
+        kb, vb, kb_rule = (
             _slice(k, k0, st.block_k),
             _slice(v, k0, st.block_k),
-            _rule_slice(rule, k0, st.block_k),
+            _rule_slice(k_rule, k0, st.block_k),
         )
 
         def q_step(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
             q0 = i * st.block_q
             q_rule = _rule_slice(rule, q0, st.block_q)
-            mask = mask_block(q_rule, k_rule, st.window)
+            mask = mask_block(q_rule, kb_rule, st.window)
 
             def update(c: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
                 dq, dk, dv = c
@@ -283,29 +323,31 @@ def _backward(
             return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry)
 
         zeros = jnp.zeros((n, st.block_k, nkv, d), jnp.float32)
-        first_q = (j * st.block_k) // st.block_q  # earlier query blocks cannot see this block
+        # Earlier query blocks of the same rows cannot see this block.
+        first_q = (j * st.block_k) // st.block_q if st.same_rows else 0
         dq, dk, dv = jax.lax.fori_loop(first_q, nq, q_step, (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq, (dks, dvs) = jax.lax.scan(k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, length, nkv, d)
-    return dq.astype(q.dtype), unblock(dks).astype(k.dtype), unblock(dvs).astype(v.dtype)
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, k.shape[1], nkv, d)
+    return dq, unblock(dks), unblock(dvs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _blockwise(q: Array, k: Array, v: Array, rule: MaskRule, st: _Static) -> Array:
-    return _forward(q, k, v, rule, st)[0]
+    return _forward(q, k, v, rule, rule, st)[0].astype(q.dtype)
 
 
 def _blockwise_fwd(q: Array, k: Array, v: Array, rule: MaskRule, st: _Static) -> Any:
-    out, lse = _forward(q, k, v, rule, st)
+    out, lse = _forward(q, k, v, rule, rule, st)
+    out = out.astype(q.dtype)
     return out, (q, k, v, rule, out, lse)
 
 
 def _blockwise_bwd(st: _Static, res: Any, dout: Array) -> Any:
     q, k, v, rule, out, lse = res
-    dq, dk, dv = _backward(q, k, v, rule, out, lse, dout, st)
-    return dq, dk, dv, None  # integer rule: no cotangent
+    dq, dk, dv = _backward(q, k, v, rule, rule, out, lse, dout, st)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None  # int rule
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -321,20 +363,25 @@ def blockwise_attention(
     softcap: float | None = None,
     scale: float | None = None,
     block: int = DEFAULT_BLOCK,
+    any_order: bool = False,
 ) -> Array:
     """Blockwise (flash-style) attention; equals `reference_attention` in value and gradient.
 
     Pads L up to a multiple of the block (padding is segment 0), so any length works.
-    Rows that see nothing (padding) return zeros.
+    Rows that see nothing (padding) return zeros. `any_order`: tokens are not in row
+    order (the zig-zag layout; `rule.index` holds their rows), so no causal loop bounds.
     """
     n, length, h, d = q_NxLxHxD.shape
     nkv = k_NxLxKxD.shape[2]
     blk = min(block, max(16, 1 << (length - 1).bit_length()))
     padded = -(-length // blk) * blk
-    st = _Static(window, softcap, d**-0.5 if scale is None else float(scale), blk, blk)
+    scale = d**-0.5 if scale is None else float(scale)
+    st = _Static(window, softcap, scale, blk, blk, same_rows=not any_order)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
     q, k, v = (pad(x) for x in (_group(q_NxLxHxD, nkv), k_NxLxKxD, v_NxLxKxD))
-    if padded != length:
+    if any_order:
+        rule = jax.tree.map(pad, rule)  # padding is segment 0: its index is never read
+    elif padded != length:
         index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (n, padded))
         rule = jax.tree.map(pad, rule)._replace(index=index)
     out = _blockwise(q, k, v, rule, st)
@@ -439,7 +486,9 @@ def choose(
     else:
         requested = impl
     reason = None
-    if impl == "cudnn":
+    if impl in ("ring", "ulysses"):
+        reason = f"{impl} attention needs a mesh whose sequence axis is > 1"
+    elif impl == "cudnn":
         if backend != "gpu":
             reason = f"cuDNN needs a GPU, backend is {backend}"
         elif jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):

@@ -20,13 +20,13 @@ NormType = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu_new", "gelu", "silu", "relu"]
 PositionEmbedding = Literal["learned", "rope"]
 RematPolicy = Literal["none", "block", "dots_saveable"]
-AttentionImpl = Literal["auto", "xla", "blockwise", "cudnn", "splash"]
+AttentionImpl = Literal["auto", "xla", "blockwise", "cudnn", "splash", "ring", "ulysses"]
 
 _NORMS = ("layernorm", "rmsnorm")
 _ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
 _POSITIONS = ("learned", "rope")
 _REMATS = ("none", "block", "dots_saveable")
-_ATTN_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
+_ATTN_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash", "ring", "ulysses")
 _ROPE_TYPES = ("linear", "llama3", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 

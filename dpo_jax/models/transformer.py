@@ -18,6 +18,10 @@ A token attends to keys of the same non-zero segment at an earlier or equal
 row index whose branch is 0 or its own (and, with `sliding_window`, fewer than
 `sliding_window` positions back); see `dpo_jax.models.attention` for the rule
 and the backends (`cfg.attention_impl`). No L x L array is part of the call.
+Under a mesh whose `sequence` axis is n > 1 (with attention_impl auto or ring) the
+forward is context-parallel: rows are padded to a multiple of 2n, laid out zig-zag
+(`ring_attention.to_zigzag`), attended by ring attention and put back in order before
+the final hidden states leave the model, so callers see no difference.
 Padding rows (segment 0) attend to nothing; their outputs are finite and
 meaningless.
 
@@ -52,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.models import attention as attn_lib
+from dpo_jax.models import ring_attention as ring_lib
 from dpo_jax.models import vocab as vocab_lib
 from dpo_jax.models.config import ModelConfig
 
@@ -70,6 +75,13 @@ BATCH, LENGTH, EMBED_A, HEADS_A, VOCAB_A = (
 def _constrain(x: Array, names: tuple[str | None, ...]) -> Array:
     """Logical sharding constraint; a no-op without mesh rules."""
     return nn.with_logical_constraint(x, names)
+
+
+def ring_size(cfg: ModelConfig) -> int:
+    """Devices a full-sequence forward splits each row over (1 = no context parallelism)."""
+    if cfg.attention_impl not in ("auto", "ring", "ulysses"):
+        return 1
+    return ring_lib.sequence_size()
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
@@ -351,6 +363,17 @@ class Attention(nn.Module):
                 out = attn_lib.dense_attention(
                     q, key, value, mask_Nx1xTxS, softcap=cfg.attn_logit_softcap
                 )
+        elif ring_size(cfg) > 1:
+            n = ring_size(cfg)
+            ulysses = cfg.attention_impl == "ulysses" and h % n == 0 and k % n == 0
+            # Ulysses needs the heads to divide the axis; otherwise the ring serves.
+            split = ring_lib.ulysses_attention if ulysses else ring_lib.ring_attention
+            out = split(
+                q, key, value, rule,
+                window=self.window,
+                softcap=cfg.attn_logit_softcap,
+                block=cfg.attention_block,
+            )  # fmt: skip
         else:
             out = attn_lib.attend(
                 q, key, value, rule,
@@ -612,7 +635,14 @@ class Transformer(nn.Module):
             for name, arr in (("segment_ids", segment_ids), ("branch_ids", branch_ids)):
                 if arr is not None and arr.shape != (n, length):
                     raise ValueError(f"{name} has shape {arr.shape}, expected {(n, length)}")
-            rule = attn_lib.make_rule(segment_ids, positions, branch_ids)
+            ring = ring_size(cfg)
+            index = None
+            if ring > 1:
+                input_ids, positions, segment_ids, branch_ids = _to_ring_layout(
+                    ring, input_ids, positions, segment_ids, branch_ids
+                )
+                index = ring_lib.zigzag_index(n, input_ids.shape[1], ring)
+            rule = attn_lib.make_rule(segment_ids, positions, branch_ids, index)
 
         x = self.embed(input_ids)
         if cfg.embed_scale:
@@ -631,6 +661,9 @@ class Transformer(nn.Module):
         else:
             for blk in self.layers:
                 x, _ = blk(x, ropes, rule, kv_mask)
+        if not decode and ring_size(cfg) > 1:
+            x = ring_lib.from_zigzag(x, ring_size(cfg))[:, :length]
+            x = _constrain(x, (BATCH, LENGTH, EMBED_A))
         x = self.final_norm(x)
         if return_hidden:
             return x
@@ -654,6 +687,16 @@ class Transformer(nn.Module):
         # here once for every caller (log-probs, sampling, metrics).
         logits = vocab_lib.mask_padded_logits(cfg, logits)
         return _constrain(logits, (BATCH, LENGTH, VOCAB_A))
+
+
+def _to_ring_layout(ring: int, *rows_NxL: Array | None) -> tuple[Array | None, ...]:
+    """Rows padded to a multiple of 2*ring (segment 0, so unseen) and laid out zig-zag."""
+    length = next(r for r in rows_NxL if r is not None).shape[1]
+    pad = ring_lib.padded_length(length, ring) - length
+    return tuple(
+        None if r is None else ring_lib.to_zigzag(jnp.pad(r, ((0, 0), (0, pad))), ring)
+        for r in rows_NxL
+    )
 
 
 def _dummy_ids(batch: int = 1, length: int = 1) -> Array:
