@@ -26,7 +26,11 @@ def is_hf_dir(path: str) -> bool:
 
 
 def load_model(
-    path: str, tokenizer_path: str | None = None, dtype: str = "float32", step: int | None = None
+    path: str,
+    tokenizer_path: str | None = None,
+    dtype: str = "float32",
+    step: int | None = None,
+    **hf_overrides: Any,
 ) -> tuple[Any, Any, Any]:
     """``(cfg, params, tokenizer)`` from a Hugging Face directory or a training checkpoint.
 
@@ -35,13 +39,14 @@ def load_model(
     ``config.json`` but no weights) is treated as a run / checkpoints / step directory
     of ``dpo_jax.checkpoint``
     (model config from the checkpoint's metadata, tokenizer from the run's
-    ``tokenizer/`` unless ``tokenizer_path`` is given).
+    ``tokenizer/`` unless ``tokenizer_path`` is given). ``hf_overrides`` go to
+    ``models.load_hf`` (e.g. ``scan_layers=`` to match a checkpoint's layout).
     """
     from transformers import AutoTokenizer  # lazy: transformers is slow to import
 
     jdtype = jnp.dtype(dtype)
     if is_hf_dir(path):
-        cfg, params = models.load_hf(path, dtype=jdtype, param_dtype=jdtype)
+        cfg, params = models.load_hf(path, dtype=jdtype, param_dtype=jdtype, **hf_overrides)
         tok_dir = tokenizer_path or path
     else:
         _, meta, params = checkpoint.load_params(path, step)

@@ -166,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
         if not ref_path:
             raise UserError("--data needs a reference policy: pass --reference HF_DIR")
         cfg, params, tokenizer = saved_models.load_model(args.model, None, args.dtype, args.step)
-        _, ref_params, _ = saved_models.load_model(str(ref_path), None, args.dtype)
+        # the reference in the policy's parameter layout (a run's are scanned over layers)
+        layout = {"scan_layers": cfg.scan_layers} if saved_models.is_hf_dir(str(ref_path)) else {}
+        _, ref_params, _ = saved_models.load_model(str(ref_path), None, args.dtype, **layout)
         if _shapes(ref_params) != _shapes(params):
             raise UserError(
                 f"--reference {ref_path}: another architecture than --model {args.model}"
