@@ -8,7 +8,8 @@ The paper's IMDb experiment, end to end:
 3. DPO (beta sweep), Preferred-FT (SFT on the chosen completions), Unlikelihood
    (Welleck et al. 2019: chosen NLL + alpha x -log(1 - p) of rejected tokens), best-of-N
    and other losses of the family (IPO, SimPO, cDPO, R-DPO) start from the SFT policy on
-   those pairs (no PPO);
+   those pairs; the ``frontier`` preset adds PPO and PPO-GT (RLHF on the learned and on
+   the ground-truth reward) and the on-policy methods;
 4. every ``train.eval_every`` steps each policy samples completions of held-out prefixes
    (temperature 1), and the run records the mean ground-truth reward and the
    sequence-level KL(pi || pi_sft) estimated from those samples (with standard errors);

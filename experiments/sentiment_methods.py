@@ -28,7 +28,8 @@ from experiments.phases import Context
 
 # Methods that are not a preference loss: RLHF on a reward (the learned one, or the
 # ground truth for PPO-GT) and best-of-N sampling (selected by the ground truth, an
-# oracle, or by the learned reward, the paper's baseline).
+# oracle, or by the learned reward; this project's addition: the paper used Best-of-N
+# only for TL;DR and HH).
 PPO_KINDS = ("ppo", "ppo_gt")
 BEST_OF_N_KINDS = ("best_of_n", "best_of_n_rm")
 # On-policy methods of `experiments.sentiment_online`: GRPO, RLOO and online DPO on the
@@ -292,8 +293,8 @@ def best_of_n_phase(method: Method):
     """Best-of-N from the SFT policy (no training), scored by the ground-truth reward.
 
     `best_of_n` selects with the ground truth: an ORACLE, an upper bound for best-of-N
-    at this N. `best_of_n_rm` selects with the reward model learnt from the pairs (the
-    paper's baseline). Its KL is the analytic bound log N - (N - 1) / N (Stiennon et al.
+    at this N. `best_of_n_rm` selects with the reward model learnt from the pairs (this
+    project's addition on IMDb: the paper used Best-of-N only for TL;DR and HH). Its KL is the analytic bound log N - (N - 1) / N (Stiennon et al.
     2020; Beirami et al. 2024).
     """
 
