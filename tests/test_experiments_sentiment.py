@@ -255,6 +255,38 @@ def test_label_pairs_by_hand():
     assert pairs == [(0, 0, 1), (0, 3, 0), (0, 2, 1), (0, 3, 1), (0, 3, 2)]
 
 
+def test_over_training_and_convergence_by_hand(tmp_path):
+    """Per-step seed means, the combined sampling stderr sqrt(sum se^2) / S, and the
+    last-two-evaluations rule on hand-written rows; single-step methods are dropped."""
+
+    def row(method, step, reward, kl, se):
+        return dict(method=method, step=str(step), reward=str(reward), reward_stderr=str(se),
+                    kl=str(kl), kl_stderr=str(se))  # fmt: skip
+
+    tables = {
+        0: [row("sft", 0, 0.2, 0, 0.1), row("m", 0, 0.2, 0, 0.1), row("m", 10, 0.5, 1.0, 0.03),
+            row("m", 20, 0.6, 1.0, 0.04)],
+        1: [row("sft", 0, 0.2, 0, 0.1), row("m", 0, 0.2, 0, 0.1), row("m", 10, 0.7, 3.0, 0.04),
+            row("m", 20, 0.6, 2.0, 0.03)],
+    }  # fmt: skip
+    curve = sentiment.over_training(tables)
+    assert [(r["method"], r["step"]) for r in curve] == [("m", 0), ("m", 10), ("m", 20)]
+    assert curve[1]["reward_mean"] == pytest.approx(0.6)
+    assert curve[1]["reward_stderr"] == pytest.approx(0.05 / 2)  # sqrt(.03^2 + .04^2) / 2
+    assert curve[1]["kl_ci95"] == pytest.approx(12.706204736174707 * np.sqrt(2) / np.sqrt(2))
+    (conv,) = sentiment.convergence(curve)
+    assert (conv["prev_step"], conv["step"]) == (10, 20)
+    assert conv["reward_diff"] == pytest.approx(0.0) and conv["reward_agree"] == 1
+    assert conv["kl_diff"] == pytest.approx(-0.5)
+    assert conv["kl_diff_se"] == pytest.approx(np.hypot(0.025, 0.025))
+    assert conv["kl_agree"] == 0
+    rows = sentiment.write_training_summary(
+        tables, tmp_path / "t.png", tmp_path / "c.csv", "hand rows"
+    )
+    assert common.read_csv(tmp_path / "c.csv")[0]["kl_agree"] == str(rows[0]["kl_agree"])
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
 def test_parse_method():
     m = sentiment_methods.parse_method("cdpo:beta=0.1:label_smoothing=0.2:seed=3")
     assert (m.kind, m.loss_name, m.loss_hyper, m.seed) == (
@@ -383,3 +415,7 @@ def test_training_seeds_share_the_data_and_are_summarised(smoke_run, tmp_path):
                 atol=1e-15,
             )
     assert (tmp_path / "frontier.png").stat().st_size > 1000
+    assert (tmp_path / "training.png").stat().st_size > 1000  # reward and KL over steps
+    assert {r["method"] for r in common.read_csv(tmp_path / "convergence.csv")} == {
+        r["method"] for r in finals[0] if r["method"] != "sft" and "best_of_n" not in r["method"]
+    }
