@@ -41,6 +41,19 @@ class Task:
     fixture_judge: Callable[[], Any]
     judge_template: str  # a dpo_jax.judge.TEMPLATES name
     reference_label: str  # how figures and tables name the reference
+    # Which parsed comparisons and test examples the task keeps (HH: single-turn
+    # dialogues, as the paper); None keeps every one.
+    keep_example: Callable[[Any], bool] | None = None
+
+
+def keep_examples(task: Task, examples: list, role: str) -> list:
+    """The `examples` of `role` that `task.keep_example` keeps, with the count printed."""
+    if task.keep_example is None:
+        return examples
+    kept = [e for e in examples if task.keep_example(e)]
+    print(f"{task.name} {role}: kept {len(kept)} of {len(examples)} examples "
+          f"({len(examples) - len(kept)} dropped by the task's filter)")  # fmt: skip
+    return kept
 
 
 def row_length(config: ml_collections.ConfigDict) -> int:
@@ -73,7 +86,8 @@ def data_phase(task: Task) -> Callable[[Context], None]:
 
 def tokenizer_phase(task: Task) -> Callable[[Context], None]:
     """The tokenizer (the configured one, or a BPE trained on the training texts) and
-    every split tokenized: pairs, demonstrations, test prompts with their references."""
+    every split tokenized: pairs, demonstrations, test prompts with their references
+    (pairs and test examples after the task's `keep_example` filter)."""
 
     def run(ctx: Context) -> None:
         config, d = ctx.config, ctx.config.data
@@ -81,9 +95,9 @@ def tokenizer_phase(task: Task) -> Callable[[Context], None]:
         load = lambda role, fmt: data.load_examples(  # noqa: E731
             dict(d, path=files[role], format=fmt, sft=fmt in SFT_FORMATS), None, data.RejectLog()
         )
-        comparisons = load("train", d.format)
+        comparisons = keep_examples(task, load("train", d.format), "train")
         demos = load("sft", "tldr_sft") if "sft" in files else []
-        test = load("test", task.test_format)
+        test = keep_examples(task, load("test", task.test_format), "test")
         if config.tokenizer:
             from transformers import AutoTokenizer
 
