@@ -235,6 +235,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.checkpoint.update(save_every=500, keep_last=2, async_save=True)
         c.eval.update(num_prefixes=1024, max_new_tokens=64, batch_size=512)
+        # PPO, when listed in `methods` (the paper's figure 2 set), as the paper (appendix
+        # B): 1024 episodes per PPO step, rewards normalised (whitened); updates in
+        # mini-batches of 64 episodes, the preset's batch. The miniature: 40 rollouts of
+        # 64 episodes, one update per epoch, no whitening.
+        c.online.update(rollout_batch_size=1024, num_mini_batches=16, max_new_tokens=64)
+        c.ppo.whiten_rewards = True
     return c
 
 
