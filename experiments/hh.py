@@ -192,7 +192,7 @@ def get_config(preset: str = "mini"):
         c.online.update(rollout_batch_size=1024, num_mini_batches=16)
         c.ppo.whiten_rewards = True
         c.best_of_n.n = 128  # the paper's Best of 128
-        c.reward_model.update(num_steps=2500, batch_size=64, learning_rate=1e-5)
+        c.reward_model.update(num_steps=2500, batch_size=64, learning_rate=1e-5, eval_every=500)
         c.judge = "llm:python:my_judges:gpt4"
     return c
 

@@ -277,7 +277,7 @@ def pair_training_phase(
             "batch_size": rm.batch_size, "seed": ctx.config.seed + 1,
             "optim.learning_rate": rm.learning_rate, "optim.warmup_steps": 0,
             "optim.schedule": "constant",
-        })  # fmt: skip
+        }, **driver.reward_model_overrides(rm))  # fmt: skip
 
     def run(ctx: Context) -> Any:
         task = load(ctx)
@@ -290,6 +290,12 @@ def pair_training_phase(
             ref_c = ref_r = np.zeros(len(t["prompt"]))
         pairs = pipeline.PairData(t["prompt"], t["chosen"], t["rejected"], ref_c, ref_r)
         params = driver.trained_params(ctx, ctx.config.reference_policy)
+        if objective == "reward_model":
+            return driver.reward_model_run(
+                ctx, config, pairs, cfg=task.cfg, params=params, length=row_length(ctx.config),
+                train_batches=lambda p: _pair_batches(config, ctx, p, task.pad_id),
+                pad_id=task.pad_id,
+            )  # fmt: skip
         return phases.train_phase(
             config, train_data=_pair_batches(config, ctx, pairs, task.pad_id),
             model_config=task.cfg, params=params,

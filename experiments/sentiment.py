@@ -154,7 +154,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.ppo.update(num_epochs=4, kl_horizon=256.0)
     # The learned reward of PPO and Best-of-N: Bradley-Terry on the same pairs
     # (objective.name="reward_model" on the Trainer), from the SFT policy's weights.
-    c.reward_model = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32))
+    # val_fraction of the pairs' prefixes held out; the checkpoint (one every eval_every
+    # steps) with the best accuracy on them is the reward model, as the paper did.
+    c.reward_model = ml_collections.ConfigDict(
+        dict(num_steps=300, batch_size=32, val_fraction=0.1, eval_every=50)
+    )
     # GRPO, RLOO, online DPO and iterative DPO (experiments/sentiment_online.py): each
     # kind's overrides of the shared `online.*` keys above (PPO's, measured with one
     # sample per prompt), themselves overridden by a method spec's keys. These methods
@@ -209,7 +213,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.method_defaults = ml_collections.ConfigDict(
             {kind: dict(samples_per_prompt=4) for kind in (*ONLINE_KINDS, *ITERATIVE_KINDS)}
         )
-        c.reward_model.update(num_steps=4, batch_size=8)
+        c.reward_model.update(num_steps=4, batch_size=8, eval_every=2)
         c.methods = (
             "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1.0",
         )  # fmt: skip
@@ -264,7 +268,7 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
     if any(m.kind in LEARNED_REWARD_KINDS for m in methods):
         graph.append(Phase("reward_model", sentiment_methods.reward_model_phase,
                            after=("tokenizer", "sft", "pairs", "reference"),
-                           reads=("reward_model", "optim", "seed", "pairs.max_new_tokens",
+                           reads=("reward_model", "optim", "seed", "data_seed", "pairs.max_new_tokens",
                                   "eval.max_new_tokens", "corpus.prefix_max_len")))  # fmt: skip
     for method in methods:
         name = sentiment_methods.method_phase_name(method)
@@ -301,6 +305,8 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         ]
         print(common.format_table(finals, ("name", *RESULT_COLUMNS[:-1])))
         print(headline(rows))
+        if line := driver.reward_model_summary(run_dir / "reward_model"):
+            print(line)
         print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")
         print("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in times.items()))
 

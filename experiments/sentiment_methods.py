@@ -14,7 +14,6 @@ Bradley-Terry on the same pairs) scores highest.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any
 
 import jax
@@ -199,33 +198,22 @@ def train_method_phase(method: Method):
 
 def reward_model_phase(ctx: Context) -> train.TrainResult:
     """The learned reward: Bradley-Terry (`objective.name="reward_model"`, a scalar head
-    on the SFT policy's weights) on the same labelled pairs as the preference methods;
-    its accuracy on those pairs goes to metrics.json."""
-    from dpo_jax import reward_model
-
+    on the SFT policy's weights) on the labelled pairs, its checkpoint selected by
+    accuracy on held-out prefixes' pairs (`driver.reward_model_run`)."""
     task = task_mod.load_task(ctx)
     r = ctx.config.reward_model
     config = phases.train_config(
         ctx.config, ctx, **{"objective.name": "reward_model", "num_steps": r.num_steps,
                             "batch_size": r.batch_size, "grad_accum_steps": 1},
+        **driver.reward_model_overrides(r),
     )  # fmt: skip
-    pairs = task_mod.load_pairs(ctx)
-    data = task_mod.method_batches(
-        pairs, config, task.pad_id, task_mod.row_length(ctx.config), ctx.config.pairs.max_new_tokens
-    )
-    result = phases.train_phase(
-        config, train_data=data, model_config=task.model_config, params=task.sft_params
-    )
-    params = jax.device_get(result.state.params)
-    batches = itertools.islice(
-        task_mod.method_batches(pairs, config, task.pad_id, task_mod.row_length(ctx.config), None),
-        max(1, len(pairs) // r.batch_size),
-    )
-    metrics = reward_model.evaluate_reward_model(task.model_config, params, batches)
-    print(f"reward model: accuracy {metrics['accuracy']:.3f} on {metrics['num_pairs']:.0f} pairs")
-    if ctx.is_main:
-        driver.write_json(ctx.dir / "metrics.json", metrics)
-    return result
+    length = task_mod.row_length(ctx.config)
+    return driver.reward_model_run(
+        ctx, config, task_mod.load_pairs(ctx), cfg=task.model_config, params=task.sft_params,
+        train_batches=lambda p: task_mod.method_batches(
+            p, config, task.pad_id, length, ctx.config.pairs.max_new_tokens),
+        length=length, pad_id=task.pad_id,
+    )  # fmt: skip
 
 
 def ppo_method_config(ctx: Context, method: Method) -> ml_collections.ConfigDict:

@@ -24,7 +24,15 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 from dpo_jax import checkpoint, train
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
-from experiments import common, driver, phases, sentiment, sentiment_methods, sentiment_task
+from experiments import (
+    common,
+    driver,
+    phases,
+    pipeline,
+    sentiment,
+    sentiment_methods,
+    sentiment_task,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,6 +293,24 @@ def test_over_training_and_convergence_by_hand(tmp_path):
     )
     assert common.read_csv(tmp_path / "c.csv")[0]["kl_agree"] == str(rows[0]["kl_agree"])
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_split_by_prompt_holds_out_whole_prompts():
+    prompts = [[1], [2], [1], [3], [2], [4]]
+    pairs = pipeline.PairData(prompts, [[i] for i in range(6)], [[9]] * 6, np.arange(6.0),
+                              -np.arange(6.0))  # fmt: skip
+    train, val = pipeline.split_by_prompt(pairs, 0.5, seed=0)  # 2 of the 4 prompts
+    assert len(train) + len(val) == 6
+    assert {tuple(p) for p in train.prompts}.isdisjoint({tuple(p) for p in val.prompts})
+    assert len({tuple(p) for p in val.prompts}) == 2
+    for side in (train, val):  # rows stay aligned, in their original order
+        idx = [c[0] for c in side.chosen]
+        assert idx == sorted(idx) and side.prompts == [prompts[i] for i in idx]
+        np.testing.assert_array_equal(side.ref_chosen, idx)
+    again = pipeline.split_by_prompt(pairs, 0.5, seed=0)[1]
+    assert again.chosen == val.chosen  # the split is a function of the seed
+    with pytest.raises(ValueError, match="leaves a side empty"):
+        pipeline.split_by_prompt(pairs, 1.0, seed=0)
 
 
 def test_parse_method():
