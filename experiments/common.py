@@ -137,11 +137,15 @@ def agg_pyplot():
     return plt
 
 
-def save_figure(fig: Any, ax: Any, title: str, path: str | os.PathLike) -> None:
-    """Title, grid and legend on `ax`, then write `fig` as a PNG and close it."""
+def save_figure(
+    fig: Any, ax: Any, title: str, path: str | os.PathLike, legend_outside: bool = False
+) -> None:
+    """Title, grid and legend on `ax` (right of it with `legend_outside`), then write
+    `fig` as a PNG and close it."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    outside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if legend_outside else {}
+    ax.legend(fontsize=8, **outside)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)

@@ -31,7 +31,7 @@ import ml_collections
 
 from dpo_jax import checkpoint, configs, models, paths
 from dpo_jax.configs import validate
-from experiments import common, phases
+from experiments import common, phases, pipeline
 from experiments.phases import Context, Phase
 
 
@@ -75,12 +75,128 @@ def load_tokenizer(directory: paths.Path) -> Any:
         return AutoTokenizer.from_pretrained(local, local_files_only=True)
 
 
+# A training phase that selects one of its checkpoints (the reward model, by validation
+# accuracy) names its step here; otherwise its newest checkpoint is its params.
+SELECTED = "selected.json"
+
+
 def trained_params(ctx: Context, phase: str) -> Any:
-    """The final params of training phase `phase`: its newest Orbax checkpoint (the
-    Trainer's, in the phase directory; `phases.train_config` turns checkpoints on), as
-    host numpy arrays: a multi-process run's Trainer places them on its global mesh, which
-    it cannot do from arrays committed to one process's device."""
-    return jax.device_get(checkpoint.load_params(ctx.input(phase))[2])
+    """The params of training phase `phase` (:func:`phase_params` of its directory)."""
+    return phase_params(ctx.input(phase))
+
+
+def phase_params(directory: paths.Path) -> Any:
+    """A training phase's params: its Orbax checkpoint (the Trainer's, in the phase
+    directory; `phases.train_config` turns checkpoints on) at the step its selected.json
+    names, else its newest, as host numpy arrays: a multi-process run's Trainer places
+    them on its global mesh, which it cannot do from arrays committed to one process's
+    device."""
+    step = read_json(directory / SELECTED)["step"] if (directory / SELECTED).exists() else None
+    return jax.device_get(checkpoint.load_params(directory, step)[2])
+
+
+def reward_model_overrides(rm: Any) -> dict[str, Any]:
+    """`phases.train_config` overrides of a reward-model phase that selects its checkpoint
+    by validation accuracy (``rm.val_fraction > 0``): an evaluation and a checkpoint kept
+    every ``rm.eval_every`` steps (and at the last). Empty without a validation split."""
+    if not float(rm.val_fraction):
+        return {}
+    every = int(rm.eval_every)
+    return {"train.eval_every": every, "checkpoint.save_every": every,
+            "checkpoint.keep_every": every}  # fmt: skip
+
+
+def validation_hook(cfg: models.ModelConfig, val_batches: Callable[[], Any]) -> Any:
+    """A reward-model run's Trainer `eval_hook`: pairwise accuracy on the held-out pairs
+    (`reward_model.evaluate_reward_model` over a fresh `val_batches()`)."""
+    from dpo_jax import reward_model
+
+    def hook(step: int, params: Any) -> dict[str, float]:
+        m = reward_model.evaluate_reward_model(cfg, params, val_batches())
+        return {"eval/val_accuracy": m["accuracy"],
+                "eval/val_accuracy_stderr": m["accuracy_stderr"],
+                "eval/val_num_pairs": m["num_pairs"]}  # fmt: skip
+
+    return hook
+
+
+def reward_model_run(
+    ctx: Context,
+    config: ml_collections.ConfigDict,
+    pairs: Any,
+    *,
+    cfg: models.ModelConfig,
+    params: Any,
+    train_batches: Callable[[Any], Any],
+    length: int,
+    pad_id: int,
+) -> Any:
+    """A reward-model phase's run (`config` its `dpo-jax train` config, with
+    :func:`reward_model_overrides`) on `pairs` (`pipeline.PairData`) from `params`;
+    `train_batches(pairs)` are its training micro-batches. With
+    ``reward_model.val_fraction`` > 0 the pairs of that share of the prompts are held out
+    (`pipeline.split_by_prompt`, drawn by ``data_seed``: validation prompts are unseen),
+    their accuracy is the Trainer's evaluation every ``reward_model.eval_every`` steps and
+    the best step's checkpoint is the phase's params (:func:`select_checkpoint`), as the
+    paper did. metrics.json: that step and its params' accuracy on the held-out pairs
+    (``val_*``) and on the training pairs."""
+    from dpo_jax import reward_model
+
+    rm, val = ctx.config.reward_model, None
+    if float(rm.val_fraction):
+        pairs, val = pipeline.split_by_prompt(pairs, float(rm.val_fraction), ctx.config.data_seed)
+    micro = config.batch_size // config.grad_accum_steps
+
+    def scoring(p: Any) -> Any:  # every pair once
+        return pipeline.pair_eval_batches(p, micro, length, pad_id)
+
+    hook = None if val is None else validation_hook(cfg, lambda: scoring(val))
+    result = phases.train_phase(config, train_data=train_batches(pairs), model_config=cfg,
+                                params=params, eval_hook=hook)  # fmt: skip
+    metrics: dict[str, Any] = {"step": int(rm.num_steps)}
+    if val is None:
+        trained = jax.device_get(result.state.params)
+    else:
+        metrics["step"] = select_checkpoint(ctx)["step"]
+        trained = phase_params(ctx.dir)
+        val_metrics = reward_model.evaluate_reward_model(cfg, trained, scoring(val))
+        metrics |= {f"val_{k}": v for k, v in val_metrics.items()}
+    metrics |= reward_model.evaluate_reward_model(cfg, trained, scoring(pairs))
+    if ctx.is_main:
+        write_json(ctx.dir / "metrics.json", metrics)
+    print(reward_model_summary(ctx.dir))
+    return result
+
+
+def reward_model_summary(directory: paths.Path) -> str:
+    """One line from a reward-model phase's metrics.json: its step and its accuracy on the
+    held-out and the training pairs; empty when the run has no such phase."""
+    if not (directory / "metrics.json").exists():
+        return ""
+    m = read_json(directory / "metrics.json")
+    line = f"reward model (step {m['step']}): "
+    if "val_accuracy" in m:
+        line += (f"validation accuracy {m['val_accuracy']:.3f} +- "
+                 f"{m['val_accuracy_stderr']:.3f} on {m['val_num_pairs']:.0f} held-out pairs, ")  # fmt: skip
+    return line + f"{m['accuracy']:.3f} on its {m['num_pairs']:.0f} training pairs"
+
+
+def select_checkpoint(ctx: Context, metric: str = "eval/val_accuracy") -> dict[str, Any]:
+    """The evaluated step of phase `ctx` with the highest `metric` in its metrics.jsonl
+    (the earliest of ties; a resumed run's repeated step counts once), written to its
+    selected.json: ``step``, the metric with its stderr, and every evaluated step's value."""
+    from dpo_jax.metrics import read_jsonl
+
+    by_step = {r["step"]: r for r in read_jsonl(ctx.dir / "metrics.jsonl") if metric in r}
+    step = max(sorted(by_step), key=lambda s: by_step[s][metric])
+    selected = {
+        "step": step, "metric": metric, "value": by_step[step][metric],
+        "stderr": by_step[step].get(f"{metric}_stderr"),
+        "curve": {str(s): by_step[s][metric] for s in sorted(by_step)},
+    }  # fmt: skip
+    if ctx.is_main:
+        write_json(ctx.dir / SELECTED, selected)
+    return selected
 
 
 def initial_params(config: ml_collections.ConfigDict, cfg: models.ModelConfig) -> Any:

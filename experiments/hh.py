@@ -23,9 +23,11 @@ Presets (``--preset=NAME``):
   seeds (``seeds``): ``summary.csv`` holds each win rate's mean, std and 95% CI over them.
 * ``smoke`` - shrunk to seconds (two temperatures, Best-of-2, one seed), for tests.
 * ``pythia28`` - the paper's setting on a TPU slice (local Pythia-2.8B checkpoint, HH
-  JSONL files, RMSprop lr 1e-6, batch 64, Best of 128). ``--dry_run`` AOT-compiles its
-  train step on a simulated 8-device mesh and prints parameters, per-device memory and
-  the batch plan.
+  JSONL files in the upstream format, of which the tokenizer phase keeps only the
+  single-turn dialogues, as the paper: :func:`is_single_turn`, applied to every preset's
+  train and test rows and the kept count printed; RMSprop lr 1e-6, batch 64, Best of
+  128). ``--dry_run`` AOT-compiles its train step on a simulated 8-device mesh and
+  prints parameters, per-device memory and the batch plan.
 
     python -m experiments.hh [--preset=NAME] [--config.key=value ...] [--dry_run]
 """
@@ -114,6 +116,13 @@ def write_fixture(directory: epath.Path, config: Any) -> dict[str, epath.Path]:
     return paths
 
 
+def is_single_turn(example: Any) -> bool:
+    """Whether a parsed HH example is a single-turn dialogue: exactly one "\\n\\nHuman:"
+    turn before the final "\\n\\nAssistant:" (its prompt ends there). The paper used
+    only these; Anthropic HH's files mix them with multi-turn dialogues."""
+    return example.prompt.count(HUMAN) == 1 and example.prompt.count(ASSISTANT) == 1
+
+
 def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z]+", text.lower()) if w not in _STOPWORDS}
 
@@ -141,7 +150,7 @@ def helpfulness_judge():
 TASK = offline.Task(
     name="hh", write_fixture=write_fixture, test_format="hh", reference="chosen",
     fixture_judge=helpfulness_judge, judge_template="dialogue",
-    reference_label="test chosen responses",
+    reference_label="test chosen responses", keep_example=is_single_turn,
 )  # fmt: skip
 
 
@@ -177,8 +186,13 @@ def get_config(preset: str = "mini"):
         c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
         c.eval.update(batch_size=256, max_new_tokens=256)
         c.online.max_new_tokens = 256
+        # PPO as the paper (appendix B): 1024 episodes per PPO step, rewards normalised
+        # (whitened); updates in mini-batches of 64 episodes, the preset's batch (the
+        # miniature: 40 rollouts of 64 episodes, one update per epoch, no whitening).
+        c.online.update(rollout_batch_size=1024, num_mini_batches=16)
+        c.ppo.whiten_rewards = True
         c.best_of_n.n = 128  # the paper's Best of 128
-        c.reward_model.update(num_steps=2500, batch_size=64, learning_rate=1e-5)
+        c.reward_model.update(num_steps=2500, batch_size=64, learning_rate=1e-5, eval_every=500)
         c.judge = "llm:python:my_judges:gpt4"
     return c
 

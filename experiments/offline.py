@@ -132,8 +132,10 @@ def offline_config(fmt: str) -> ml_collections.ConfigDict:
     c.best_of_n = ml_collections.ConfigDict(dict(n=4))
     # 400 steps: after 150 the TL;DR reward model ranked ~81% of a training batch right
     # (~97% after 400) and PPO on it learned to drop title words.
+    # val_fraction of the prompts' pairs held out; the checkpoint (one every eval_every
+    # steps) with the best accuracy on them is the reward model, as the paper did.
     c.reward_model = ml_collections.ConfigDict(
-        dict(num_steps=400, batch_size=32, learning_rate=1e-4)
+        dict(num_steps=400, batch_size=32, learning_rate=1e-4, val_fraction=0.1, eval_every=100)
     )
     # PPO: `dpo-jax train`'s ppo.* keys (docs/PPO.md) and the DPO run's `optim`. Rollouts
     # of the comparisons' prompts as long as the evaluation's samples; the adaptive KL
@@ -167,7 +169,7 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
     c.sft.update(num_steps=20, batch_size=16)
     c.update(num_steps=4, batch_size=8)
     c.checkpoint.save_every = 1000  # the final save only (what later phases read)
-    c.reward_model.update(num_steps=4, batch_size=8)
+    c.reward_model.update(num_steps=4, batch_size=8, eval_every=2)
     c.best_of_n.n = 2
     c.online.update(num_rollouts=2, rollout_batch_size=8, max_new_tokens=12)
     c.method_defaults.online_dpo.num_rollouts = 2
@@ -396,7 +398,7 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
     reads = {
         "sft": (*policy, "sft"), "preferred_ft": (*policy, "sft"),
         "reference": ("reference_policy", "eval.batch_size"), "dpo": dpo_keys,
-        "reward_model": ("reward_model", "mesh", "seed"),
+        "reward_model": ("reward_model", "mesh", "seed", "data_seed"),
         "ppo": ("ppo", "online", "optim", "grad_accum_steps", "seed", "mesh"),
         "online_dpo": ("online", "online_dpo", "method_defaults.online_dpo", "loss", "optim",
                        "grad_accum_steps", "seed", "mesh"),
@@ -433,6 +435,8 @@ def build_phases(config: ml_collections.ConfigDict, task: Task) -> list[Phase]:
             plot_win_rates(rows, ctx.run_dir / "win_rate.png",
                            f"{task.name} ({config.preset})", task.reference_label)  # fmt: skip
         print(common.format_table(rows, OFFLINE_RESULT_COLUMNS))
+        if line := driver.reward_model_summary(ctx.run_dir / "reward_model"):
+            print(line)
         print(f"win rate against the {task.reference_label} (judge: {config.judge}); "
               f"results in {ctx.run_dir}")  # fmt: skip
 

@@ -41,6 +41,19 @@ class Task:
     fixture_judge: Callable[[], Any]
     judge_template: str  # a dpo_jax.judge.TEMPLATES name
     reference_label: str  # how figures and tables name the reference
+    # Which parsed comparisons and test examples the task keeps (HH: single-turn
+    # dialogues, as the paper); None keeps every one.
+    keep_example: Callable[[Any], bool] | None = None
+
+
+def keep_examples(task: Task, examples: list, role: str) -> list:
+    """The `examples` of `role` that `task.keep_example` keeps, with the count printed."""
+    if task.keep_example is None:
+        return examples
+    kept = [e for e in examples if task.keep_example(e)]
+    print(f"{task.name} {role}: kept {len(kept)} of {len(examples)} examples "
+          f"({len(examples) - len(kept)} dropped by the task's filter)")  # fmt: skip
+    return kept
 
 
 def row_length(config: ml_collections.ConfigDict) -> int:
@@ -73,7 +86,8 @@ def data_phase(task: Task) -> Callable[[Context], None]:
 
 def tokenizer_phase(task: Task) -> Callable[[Context], None]:
     """The tokenizer (the configured one, or a BPE trained on the training texts) and
-    every split tokenized: pairs, demonstrations, test prompts with their references."""
+    every split tokenized: pairs, demonstrations, test prompts with their references
+    (pairs and test examples after the task's `keep_example` filter)."""
 
     def run(ctx: Context) -> None:
         config, d = ctx.config, ctx.config.data
@@ -81,9 +95,9 @@ def tokenizer_phase(task: Task) -> Callable[[Context], None]:
         load = lambda role, fmt: data.load_examples(  # noqa: E731
             dict(d, path=files[role], format=fmt, sft=fmt in SFT_FORMATS), None, data.RejectLog()
         )
-        comparisons = load("train", d.format)
+        comparisons = keep_examples(task, load("train", d.format), "train")
         demos = load("sft", "tldr_sft") if "sft" in files else []
-        test = load("test", task.test_format)
+        test = keep_examples(task, load("test", task.test_format), "test")
         if config.tokenizer:
             from transformers import AutoTokenizer
 
@@ -263,7 +277,7 @@ def pair_training_phase(
             "batch_size": rm.batch_size, "seed": ctx.config.seed + 1,
             "optim.learning_rate": rm.learning_rate, "optim.warmup_steps": 0,
             "optim.schedule": "constant",
-        })  # fmt: skip
+        }, **driver.reward_model_overrides(rm))  # fmt: skip
 
     def run(ctx: Context) -> Any:
         task = load(ctx)
@@ -276,6 +290,12 @@ def pair_training_phase(
             ref_c = ref_r = np.zeros(len(t["prompt"]))
         pairs = pipeline.PairData(t["prompt"], t["chosen"], t["rejected"], ref_c, ref_r)
         params = driver.trained_params(ctx, ctx.config.reference_policy)
+        if objective == "reward_model":
+            return driver.reward_model_run(
+                ctx, config, pairs, cfg=task.cfg, params=params, length=row_length(ctx.config),
+                train_batches=lambda p: _pair_batches(config, ctx, p, task.pad_id),
+                pad_id=task.pad_id,
+            )  # fmt: skip
         return phases.train_phase(
             config, train_data=_pair_batches(config, ctx, pairs, task.pad_id),
             model_config=task.cfg, params=params,

@@ -212,6 +212,39 @@ class PairData:
         return batch
 
 
+def split_by_prompt(pairs: PairData, val_fraction: float, seed: int) -> tuple[PairData, PairData]:
+    """(train, validation) pairs: every pair of a `val_fraction` share (rounded up) of the
+    distinct prompts, drawn with `seed`, is held out (pairs of one prompt stay on one side, so
+    validation prompts are unseen in training). Order within each side is kept."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(pairs.prompts):
+        groups.setdefault(tuple(prompt), []).append(i)
+    keys = list(groups)
+    num_val = int(np.ceil(val_fraction * len(keys)))  # at least one prompt held out
+    if not 0 < num_val < len(keys):
+        raise ValueError(f"val_fraction={val_fraction} of {len(keys)} prompts leaves a side empty")
+    held = np.random.default_rng(seed).permutation(len(keys))[:num_val]
+    is_val = np.zeros(len(pairs), bool)
+    is_val[[i for k in held for i in groups[keys[k]]]] = True
+
+    def subset(mask: np.ndarray) -> PairData:
+        idx = np.flatnonzero(mask)
+        return PairData([pairs.prompts[i] for i in idx], [pairs.chosen[i] for i in idx],
+                        [pairs.rejected[i] for i in idx], pairs.ref_chosen[idx],
+                        pairs.ref_rejected[idx])  # fmt: skip
+
+    return subset(~is_val), subset(is_val)
+
+
+def pair_eval_batches(
+    pairs: PairData, micro_pairs: int, length: int, pad_id: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every pair once, in order, in host batches of at most `micro_pairs` pairs (the
+    last may be smaller): for scoring all of them on each process, not for training."""
+    for start in range(0, len(pairs), micro_pairs):
+        yield pairs.batch(np.arange(start, min(start + micro_pairs, len(pairs))), length, pad_id)
+
+
 def pair_batches(
     pairs: PairData,
     micro_pairs: int,

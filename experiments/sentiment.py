@@ -8,7 +8,8 @@ The paper's IMDb experiment, end to end:
 3. DPO (beta sweep), Preferred-FT (SFT on the chosen completions), Unlikelihood
    (Welleck et al. 2019: chosen NLL + alpha x -log(1 - p) of rejected tokens), best-of-N
    and other losses of the family (IPO, SimPO, cDPO, R-DPO) start from the SFT policy on
-   those pairs (no PPO);
+   those pairs; the ``frontier`` preset adds PPO and PPO-GT (RLHF on the learned and on
+   the ground-truth reward) and the on-policy methods;
 4. every ``train.eval_every`` steps each policy samples completions of held-out prefixes
    (temperature 1), and the run records the mean ground-truth reward and the
    sequence-level KL(pi || pi_sft) estimated from those samples (with standard errors);
@@ -153,7 +154,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.ppo.update(num_epochs=4, kl_horizon=256.0)
     # The learned reward of PPO and Best-of-N: Bradley-Terry on the same pairs
     # (objective.name="reward_model" on the Trainer), from the SFT policy's weights.
-    c.reward_model = ml_collections.ConfigDict(dict(num_steps=300, batch_size=32))
+    # val_fraction of the pairs' prefixes held out; the checkpoint (one every eval_every
+    # steps) with the best accuracy on them is the reward model, as the paper did.
+    c.reward_model = ml_collections.ConfigDict(
+        dict(num_steps=300, batch_size=32, val_fraction=0.1, eval_every=50)
+    )
     # GRPO, RLOO, online DPO and iterative DPO (experiments/sentiment_online.py): each
     # kind's overrides of the shared `online.*` keys above (PPO's, measured with one
     # sample per prompt), themselves overridden by a method spec's keys. These methods
@@ -208,7 +213,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.method_defaults = ml_collections.ConfigDict(
             {kind: dict(samples_per_prompt=4) for kind in (*ONLINE_KINDS, *ITERATIVE_KINDS)}
         )
-        c.reward_model.update(num_steps=4, batch_size=8)
+        c.reward_model.update(num_steps=4, batch_size=8, eval_every=2)
         c.methods = (
             "dpo:beta=0.1", "preferred_ft", "best_of_n:n=4", "unlikelihood:unlikelihood_alpha=1.0",
         )  # fmt: skip
@@ -234,6 +239,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.mesh.update(data=1, fsdp=-1, tensor=1)
         c.checkpoint.update(save_every=500, keep_last=2, async_save=True)
         c.eval.update(num_prefixes=1024, max_new_tokens=64, batch_size=512)
+        # PPO, when listed in `methods` (the paper's figure 2 set), as the paper (appendix
+        # B): 1024 episodes per PPO step, rewards normalised (whitened); updates in
+        # mini-batches of 64 episodes, the preset's batch. The miniature: 40 rollouts of
+        # 64 episodes, one update per epoch, no whitening.
+        c.online.update(rollout_batch_size=1024, num_mini_batches=16, max_new_tokens=64)
+        c.ppo.whiten_rewards = True
     return c
 
 
@@ -257,7 +268,7 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
     if any(m.kind in LEARNED_REWARD_KINDS for m in methods):
         graph.append(Phase("reward_model", sentiment_methods.reward_model_phase,
                            after=("tokenizer", "sft", "pairs", "reference"),
-                           reads=("reward_model", "optim", "seed", "pairs.max_new_tokens",
+                           reads=("reward_model", "optim", "seed", "data_seed", "pairs.max_new_tokens",
                                   "eval.max_new_tokens", "corpus.prefix_max_len")))  # fmt: skip
     for method in methods:
         name = sentiment_methods.method_phase_name(method)
@@ -294,6 +305,8 @@ def build_phases(config: ml_collections.ConfigDict) -> list[Phase]:
         ]
         print(common.format_table(finals, ("name", *RESULT_COLUMNS[:-1])))
         print(headline(rows))
+        if line := driver.reward_model_summary(run_dir / "reward_model"):
+            print(line)
         print(f"frontier: {run_dir / 'frontier.png'}   table: {run_dir / 'results.csv'}")
         print("timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in times.items()))
 
@@ -419,11 +432,112 @@ def headline(rows: Sequence[dict[str, Any]]) -> str:
 SUMMARY_KEYS, SUMMARY_VALUES = ("method",), ("reward", "kl")
 
 
+def over_training(tables: dict[int, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each trained method's reward and KL at each evaluation step over the training
+    seeds (mean, 95% t half-width, and the seed mean's sampling standard error from each
+    evaluation's own ``*_stderr``); methods evaluated at one step only (SFT, best-of-N)
+    are left out. Steps are those every seed evaluated."""
+    per_method: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for rows in tables.values():
+        for r in rows:
+            per_method.setdefault(str(r["method"]), {}).setdefault(int(r["step"]), []).append(r)
+    out = []
+    for method, by_step in per_method.items():
+        steps = sorted(s for s, rs in by_step.items() if len(rs) == len(tables))
+        if len(steps) < 2:
+            continue
+        for step in steps:
+            row: dict[str, Any] = {"method": method, "step": step}
+            for v in SUMMARY_VALUES:
+                x_S = np.array([float(r[v]) for r in by_step[step]])
+                se_S = np.array([float(r[f"{v}_stderr"]) for r in by_step[step]])
+                row[f"{v}_mean"] = float(x_S.mean())
+                row[f"{v}_ci95"] = float(common.confidence_half_width(x_S))
+                row[f"{v}_stderr"] = float(np.sqrt((se_S**2).sum()) / len(se_S))
+            out.append(row)
+    return out
+
+
+def convergence(curve: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method of :func:`over_training`'s rows: its last two evaluation steps and
+    whether their seed-mean reward and KL agree within one standard error of the
+    difference (the issue's stopping rule: ``|x_last - x_prev| <= sqrt(se_last^2 +
+    se_prev^2)``, the standard errors from the evaluations' samples)."""
+    per_method: dict[str, list[dict[str, Any]]] = {}
+    for r in curve:
+        per_method.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rows in per_method.items():
+        prev, last = rows[-2], rows[-1]
+        row: dict[str, Any] = {"method": method, "prev_step": prev["step"], "step": last["step"]}
+        for v in SUMMARY_VALUES:
+            diff = last[f"{v}_mean"] - prev[f"{v}_mean"]
+            se = float(np.hypot(last[f"{v}_stderr"], prev[f"{v}_stderr"]))
+            row[f"{v}_diff"], row[f"{v}_diff_se"] = diff, se
+            row[f"{v}_agree"] = int(abs(diff) <= se)
+        out.append(row)
+    return out
+
+
+def plot_over_training(curve: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Reward and KL(pi || pi_sft) against training step, one line per method (mean over
+    seeds, shaded 95% interval): the sentiment analogue of the DPO paper's figure 3
+    (right), which plots win rate against training step."""
+    plt = common.agg_pyplot()
+    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(15, 5))
+    methods = list(dict.fromkeys(r["method"] for r in curve))
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))
+    for method, color in zip(methods, colors, strict=False):
+        rows = [r for r in curve if r["method"] == method]
+        step = np.array([r["step"] for r in rows])
+        for ax, v in ((ax_r, "reward"), (ax_kl, "kl")):
+            mean = np.array([r[f"{v}_mean"] for r in rows])
+            half = np.nan_to_num([r[f"{v}_ci95"] for r in rows])
+            ax.plot(step, mean, marker=".", color=color, label=method, linewidth=1.2)
+            ax.fill_between(step, mean - half, mean + half, color=color, alpha=0.12)
+    for ax in (ax_r, ax_kl):
+        ax.set_xlabel("training step")
+    ax_r.set_ylabel("mean ground-truth reward (95% interval over seeds)")
+    ax_r.set_title(title)
+    ax_r.grid(alpha=0.3)
+    ax_kl.set_ylabel("KL(pi || pi_sft), nats per sequence")
+    common.save_figure(fig, ax_kl, "KL over training", path, legend_outside=True)
+
+
+def write_training_summary(
+    tables: dict[int, Sequence[dict[str, Any]]], png: Any, csv: Any, title: str
+) -> list[dict[str, Any]]:
+    """The figure `png` (:func:`plot_over_training`) and the table `csv`
+    (:func:`convergence`) from per-seed results.csv rows; prints the table and returns
+    its rows."""
+    curve = over_training(tables)
+    plot_over_training(curve, png, title)
+    rows = convergence(curve)
+    columns = ["method", "prev_step", "step"]
+    columns += [f"{v}_{s}" for v in SUMMARY_VALUES for s in ("diff", "diff_se", "agree")]
+    common.write_csv(csv, rows, columns)
+    print(common.format_table(rows, columns))
+    return rows
+
+
+def training_summary_from_csvs(prefix: str) -> list[dict[str, Any]]:
+    """:func:`write_training_summary` from stored per-seed CSVs
+    ``<prefix>_results_seed<s>.csv`` (as in experiments/figures/), written beside them as
+    ``<prefix>_training.png`` and ``<prefix>_convergence.csv``."""
+    found = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}_results_seed*.csv"))
+    tables = {int(p.stem.rsplit("seed", 1)[1]): common.read_csv(p) for p in found}
+    title = f"{Path(prefix).name}: reward and KL over training, {len(tables)} seeds"
+    return write_training_summary(
+        tables, f"{prefix}_training.png", f"{prefix}_convergence.csv", title
+    )
+
+
 def write_seed_summary(
     config: ml_collections.ConfigDict, run_dir: paths.Path, seed_dirs: dict[int, paths.Path]
 ) -> list[dict[str, Any]]:
-    """summary.csv (each method's final reward and KL over the training seeds) and
-    frontier.png (means with +-1 std bars) from the per-seed results.csv files."""
+    """summary.csv (each method's final reward and KL over the training seeds),
+    frontier.png (means with +-1 std bars), training.png and convergence.csv (reward and
+    KL over steps, :func:`write_training_summary`) from the per-seed results.csv files."""
     finals = {
         seed: [r for r in common.read_csv(d / "results.csv") if r["final"] == "1"]
         for seed, d in seed_dirs.items()
@@ -433,6 +547,9 @@ def write_seed_summary(
     def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         plot_frontier_over_seeds(rows, finals, path, title)
 
+    tables = {seed: common.read_csv(d / "results.csv") for seed, d in seed_dirs.items()}
+    title_t = f"sentiment ({config.preset}): reward and KL over training"
+    write_training_summary(tables, run_dir / "training.png", run_dir / "convergence.csv", title_t)
     return common.write_seed_summary(
         run_dir, finals, SUMMARY_KEYS, SUMMARY_VALUES, plot, "frontier.png"
     )

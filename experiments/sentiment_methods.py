@@ -14,7 +14,6 @@ Bradley-Terry on the same pairs) scores highest.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any
 
 import jax
@@ -28,7 +27,8 @@ from experiments.phases import Context
 
 # Methods that are not a preference loss: RLHF on a reward (the learned one, or the
 # ground truth for PPO-GT) and best-of-N sampling (selected by the ground truth, an
-# oracle, or by the learned reward, the paper's baseline).
+# oracle, or by the learned reward; this project's addition: the paper used Best-of-N
+# only for TL;DR and HH).
 PPO_KINDS = ("ppo", "ppo_gt")
 BEST_OF_N_KINDS = ("best_of_n", "best_of_n_rm")
 # On-policy methods of `experiments.sentiment_online`: GRPO, RLOO and online DPO on the
@@ -198,33 +198,22 @@ def train_method_phase(method: Method):
 
 def reward_model_phase(ctx: Context) -> train.TrainResult:
     """The learned reward: Bradley-Terry (`objective.name="reward_model"`, a scalar head
-    on the SFT policy's weights) on the same labelled pairs as the preference methods;
-    its accuracy on those pairs goes to metrics.json."""
-    from dpo_jax import reward_model
-
+    on the SFT policy's weights) on the labelled pairs, its checkpoint selected by
+    accuracy on held-out prefixes' pairs (`driver.reward_model_run`)."""
     task = task_mod.load_task(ctx)
     r = ctx.config.reward_model
     config = phases.train_config(
         ctx.config, ctx, **{"objective.name": "reward_model", "num_steps": r.num_steps,
                             "batch_size": r.batch_size, "grad_accum_steps": 1},
+        **driver.reward_model_overrides(r),
     )  # fmt: skip
-    pairs = task_mod.load_pairs(ctx)
-    data = task_mod.method_batches(
-        pairs, config, task.pad_id, task_mod.row_length(ctx.config), ctx.config.pairs.max_new_tokens
-    )
-    result = phases.train_phase(
-        config, train_data=data, model_config=task.model_config, params=task.sft_params
-    )
-    params = jax.device_get(result.state.params)
-    batches = itertools.islice(
-        task_mod.method_batches(pairs, config, task.pad_id, task_mod.row_length(ctx.config), None),
-        max(1, len(pairs) // r.batch_size),
-    )
-    metrics = reward_model.evaluate_reward_model(task.model_config, params, batches)
-    print(f"reward model: accuracy {metrics['accuracy']:.3f} on {metrics['num_pairs']:.0f} pairs")
-    if ctx.is_main:
-        driver.write_json(ctx.dir / "metrics.json", metrics)
-    return result
+    length = task_mod.row_length(ctx.config)
+    return driver.reward_model_run(
+        ctx, config, task_mod.load_pairs(ctx), cfg=task.model_config, params=task.sft_params,
+        train_batches=lambda p: task_mod.method_batches(
+            p, config, task.pad_id, length, ctx.config.pairs.max_new_tokens),
+        length=length, pad_id=task.pad_id,
+    )  # fmt: skip
 
 
 def ppo_method_config(ctx: Context, method: Method) -> ml_collections.ConfigDict:
@@ -292,8 +281,8 @@ def best_of_n_phase(method: Method):
     """Best-of-N from the SFT policy (no training), scored by the ground-truth reward.
 
     `best_of_n` selects with the ground truth: an ORACLE, an upper bound for best-of-N
-    at this N. `best_of_n_rm` selects with the reward model learnt from the pairs (the
-    paper's baseline). Its KL is the analytic bound log N - (N - 1) / N (Stiennon et al.
+    at this N. `best_of_n_rm` selects with the reward model learnt from the pairs (this
+    project's addition on IMDb: the paper used Best-of-N only for TL;DR and HH). Its KL is the analytic bound log N - (N - 1) / N (Stiennon et al.
     2020; Beirami et al. 2024).
     """
 

@@ -267,8 +267,13 @@ def get_config(preset: str = "mini"):
         c.checkpoint.update(save_every=250, keep_last=1, async_save=True)
         c.eval.update(batch_size=256, max_new_tokens=128)
         c.online.max_new_tokens = 128
+        # PPO as the paper (appendix B): 1024 episodes per PPO step, rewards normalised
+        # (whitened); updates in mini-batches of 64 episodes, the preset's batch (the
+        # miniature: 40 rollouts of 64 episodes, one update per epoch, no whitening).
+        c.online.update(rollout_batch_size=1024, num_mini_batches=16)
+        c.ppo.whiten_rewards = True
         c.best_of_n.n = 128
-        c.reward_model.update(num_steps=1500, batch_size=64, learning_rate=1e-5)
+        c.reward_model.update(num_steps=1500, batch_size=64, learning_rate=1e-5, eval_every=500)
         c.judge = "llm:python:my_judges:gpt4"
     return c
 

@@ -86,6 +86,26 @@ def test_hh_fixture_rows_parse_and_the_judge_prefers_chosen():
     assert hh.helpfulness(p, " bread . i do not know .") == pytest.approx(0.5 - 1.0)
 
 
+def test_hh_keeps_only_single_turn_dialogues(capsys):
+    """The HH task's filter (the paper's single-turn subset), on hand-written upstream
+    rows: one Human turn before the final Assistant turn is kept, more are dropped."""
+    single = "\n\nHuman: how do i bake bread ?\n\nAssistant:"
+    multi = single + " mix flour .\n\nHuman: and then ?\n\nAssistant:"
+    rows = [
+        {"chosen": single + " knead it .", "rejected": single + " no ."},
+        {"chosen": multi + " bake it .", "rejected": multi + " no ."},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: x ?\n\nAssistant: y",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: x ?\n\nAssistant: z"},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
+    ]  # fmt: skip
+    examples = [parse_hh(r)[0] for r in rows]
+    assert [hh.is_single_turn(e) for e in examples] == [True, False, False, True]
+    kept = offline_phases.keep_examples(hh.TASK, examples, "train")
+    assert [e.chosen for e in kept] == [" knead it .", " a"]
+    assert "hh train: kept 2 of 4 examples (2 dropped" in capsys.readouterr().out
+    assert offline_phases.keep_examples(tldr.TASK, examples, "train") == examples  # no filter
+
+
 def test_presets_sweep_the_papers_temperatures():
     for module in (tldr, hh):
         for preset in ("mini", "pythia28"):

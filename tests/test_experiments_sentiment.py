@@ -24,7 +24,15 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 from dpo_jax import checkpoint, train
 from dpo_jax.errors import UserError
 from dpo_jax.metrics import read_jsonl
-from experiments import common, driver, phases, sentiment, sentiment_methods, sentiment_task
+from experiments import (
+    common,
+    driver,
+    phases,
+    pipeline,
+    sentiment,
+    sentiment_methods,
+    sentiment_task,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,6 +263,56 @@ def test_label_pairs_by_hand():
     assert pairs == [(0, 0, 1), (0, 3, 0), (0, 2, 1), (0, 3, 1), (0, 3, 2)]
 
 
+def test_over_training_and_convergence_by_hand(tmp_path):
+    """Per-step seed means, the combined sampling stderr sqrt(sum se^2) / S, and the
+    last-two-evaluations rule on hand-written rows; single-step methods are dropped."""
+
+    def row(method, step, reward, kl, se):
+        return dict(method=method, step=str(step), reward=str(reward), reward_stderr=str(se),
+                    kl=str(kl), kl_stderr=str(se))  # fmt: skip
+
+    tables = {
+        0: [row("sft", 0, 0.2, 0, 0.1), row("m", 0, 0.2, 0, 0.1), row("m", 10, 0.5, 1.0, 0.03),
+            row("m", 20, 0.6, 1.0, 0.04)],
+        1: [row("sft", 0, 0.2, 0, 0.1), row("m", 0, 0.2, 0, 0.1), row("m", 10, 0.7, 3.0, 0.04),
+            row("m", 20, 0.6, 2.0, 0.03)],
+    }  # fmt: skip
+    curve = sentiment.over_training(tables)
+    assert [(r["method"], r["step"]) for r in curve] == [("m", 0), ("m", 10), ("m", 20)]
+    assert curve[1]["reward_mean"] == pytest.approx(0.6)
+    assert curve[1]["reward_stderr"] == pytest.approx(0.05 / 2)  # sqrt(.03^2 + .04^2) / 2
+    assert curve[1]["kl_ci95"] == pytest.approx(12.706204736174707 * np.sqrt(2) / np.sqrt(2))
+    (conv,) = sentiment.convergence(curve)
+    assert (conv["prev_step"], conv["step"]) == (10, 20)
+    assert conv["reward_diff"] == pytest.approx(0.0) and conv["reward_agree"] == 1
+    assert conv["kl_diff"] == pytest.approx(-0.5)
+    assert conv["kl_diff_se"] == pytest.approx(np.hypot(0.025, 0.025))
+    assert conv["kl_agree"] == 0
+    rows = sentiment.write_training_summary(
+        tables, tmp_path / "t.png", tmp_path / "c.csv", "hand rows"
+    )
+    assert common.read_csv(tmp_path / "c.csv")[0]["kl_agree"] == str(rows[0]["kl_agree"])
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_split_by_prompt_holds_out_whole_prompts():
+    prompts = [[1], [2], [1], [3], [2], [4]]
+    pairs = pipeline.PairData(prompts, [[i] for i in range(6)], [[9]] * 6, np.arange(6.0),
+                              -np.arange(6.0))  # fmt: skip
+    train, val = pipeline.split_by_prompt(pairs, 0.5, seed=0)  # 2 of the 4 prompts
+    assert len(train) + len(val) == 6
+    assert {tuple(p) for p in train.prompts}.isdisjoint({tuple(p) for p in val.prompts})
+    assert len({tuple(p) for p in val.prompts}) == 2
+    for side in (train, val):  # rows stay aligned, in their original order
+        idx = [c[0] for c in side.chosen]
+        assert idx == sorted(idx) and side.prompts == [prompts[i] for i in idx]
+        np.testing.assert_array_equal(side.ref_chosen, idx)
+    again = pipeline.split_by_prompt(pairs, 0.5, seed=0)[1]
+    assert again.chosen == val.chosen  # the split is a function of the seed
+    with pytest.raises(ValueError, match="leaves a side empty"):
+        pipeline.split_by_prompt(pairs, 1.0, seed=0)
+
+
 def test_parse_method():
     m = sentiment_methods.parse_method("cdpo:beta=0.1:label_smoothing=0.2:seed=3")
     assert (m.kind, m.loss_name, m.loss_hyper, m.seed) == (
@@ -383,3 +441,7 @@ def test_training_seeds_share_the_data_and_are_summarised(smoke_run, tmp_path):
                 atol=1e-15,
             )
     assert (tmp_path / "frontier.png").stat().st_size > 1000
+    assert (tmp_path / "training.png").stat().st_size > 1000  # reward and KL over steps
+    assert {r["method"] for r in common.read_csv(tmp_path / "convergence.csv")} == {
+        r["method"] for r in finals[0] if r["method"] != "sft" and "best_of_n" not in r["method"]
+    }

@@ -16,9 +16,9 @@ from experiments import driver, sentiment, sentiment_methods
 METHODS = ("ppo:target_kl=1", "ppo_gt", "best_of_n_rm:n=4", "best_of_n:n=4")
 
 
-def _config(workdir: str):
+def _config(run_dir: str):
     c = sentiment.get_config("smoke")
-    c.workdir = workdir
+    c.run_dir = run_dir
     c.methods = METHODS
     # 16 prefixes x 4 samples = 64 rows per rollout, as every sampler call of the smoke
     c.online.update(
@@ -58,6 +58,13 @@ def test_ppo_methods_run_through_the_phase_graph(tmp_path):
     assert int(final["ppo:target_kl=1"]["step"]) == 4 == int(final["ppo_gt"]["step"])
     rm = json.loads((run_dir / "reward_model" / "metrics.json").read_text())
     assert 0.0 <= rm["accuracy"] <= 1.0 and rm["num_pairs"] > 0
+    # Held-out pairs: the checkpoint with the best validation accuracy is the reward
+    # model; its accuracy recomputed from that checkpoint is the one logged at its step.
+    selected = json.loads((run_dir / "reward_model" / driver.SELECTED).read_text())
+    assert selected["curve"].keys() == {"2", "4"}  # eval_every=2 of 4 steps
+    assert selected["value"] == max(selected["curve"].values()) and rm["step"] == selected["step"]
+    assert rm["val_accuracy"] == pytest.approx(selected["value"], abs=1e-12)
+    assert rm["val_num_pairs"] > 0
     log = read_jsonl(run_dir / "methods" / "ppo_target_kl=1" / "metrics.jsonl")
     steps = [r for r in log if "rollout" in r]  # a row per optimizer step (2 per rollout)
     assert [r["rollout"] for r in steps] == [1, 1, 2, 2]
