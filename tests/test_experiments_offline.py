@@ -367,6 +367,8 @@ def word_count_judge():
     return offline.score_judge(lambda prompt, text: len(text.split()))
 
 
+@pytest.mark.heavy  # two seeds of the offline smoke (~30 s); the default tier's twin is
+# test_experiments_sentiment.py::test_training_seeds_share_the_data_and_are_summarised
 def test_seeds_run_each_seed_and_summarise_their_results(tmp_path):
     from scipy import stats
 
