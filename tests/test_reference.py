@@ -11,7 +11,7 @@ import torch
 
 from dpo_jax import cli
 from dpo_jax.data import DataError
-from tests.hf_fixtures import FAMILIES, load_torch_model, make_tiny_hf_model, train_tokenizer
+from tests.hf_fixtures import load_torch_model, make_tiny_hf_model, train_tokenizer
 
 ROWS = [
     {"prompt": "Question: what is two plus two?", "chosen": " Answer: four.", "rejected": " The fox."},
@@ -41,11 +41,12 @@ def _torch_completion_logp(model, tokenizer, prompt: str, completion: str) -> fl
     return float(sum(logp[t - 1, full[t]] for t in range(len(prompt_ids), len(full))))
 
 
-# Two families in the default tier (tied and untied heads); the rest heavy: every family's
-# log-probs also equal transformers' in tests/test_hf.py, and this test is the CLI path.
+# The CLI path is the same for every family (each family's log-probs equal transformers'
+# in tests/test_hf.py): gpt2 and llama (tied and untied heads) in the default tier, gemma2
+# (soft-capping, sliding window) and phi3 (fused projections) heavy.
 @pytest.mark.parametrize(
     "family",
-    [f if f in ("gpt2", "llama") else pytest.param(f, marks=pytest.mark.heavy) for f in FAMILIES],
+    ["gpt2", "llama", *(pytest.param(f, marks=pytest.mark.heavy) for f in ("gemma2", "phi3"))],
 )
 def test_ref_logps_match_torch(family, tokenizer, tmp_path):
     model_dir = make_tiny_hf_model(family, tmp_path / "model", tokenizer=tokenizer)
