@@ -424,6 +424,20 @@ def check_spec(spec: Spec, key: str = "online.reward", weights: Any = None) -> N
 # ------------------------------------------------------------------ building rewards
 
 
+def _text_scorer(kind: str, target: str) -> Any:
+    """The text reward (`rewards.RewardFn`) of a `vader`, `hf:DIR` or `reward_model:DIR`
+    entry. `hf:DIR`: a reward model (one label, e.g. `dpo-jax export` of a reward_model
+    run or a TRL RewardTrainer's) gives its logit; a binary classifier P(class 1)."""
+    if kind == "vader":
+        return rewards.VaderReward()
+    if kind == "hf":
+        one = _num_labels(target) == 1
+        return rewards.HFClassifierReward(
+            target, label=0 if one else 1, score="logit" if one else "prob"
+        )
+    return reward_model.load_exported(target)
+
+
 def _one_reward(kind: str, target: str, tokenizer: Any, key: str) -> RolloutReward:
     """One reward of a spec (`tokenizer`: the policy's).
 
@@ -433,16 +447,8 @@ def _one_reward(kind: str, target: str, tokenizer: Any, key: str) -> RolloutRewa
     response. `reward_model:DIR` scores the sampled token ids when its tokenizer is the
     policy's (`reward_from_ids`, the sequences it was trained on), else the decoded text.
     """
-    if kind == "vader":
-        return reward_from_texts(rewards.VaderReward(), tokenizer, with_prompt=True)
-    if kind == "hf":
-        # a reward model (one label, e.g. `dpo-jax export` of a reward_model run or a
-        # TRL RewardTrainer's): its logit; a binary classifier: P(class 1)
-        one = _num_labels(target) == 1
-        clf = rewards.HFClassifierReward(
-            target, label=0 if one else 1, score="logit" if one else "prob"
-        )
-        return reward_from_texts(clf, tokenizer, with_prompt=True)
+    if kind in ("vader", "hf"):
+        return reward_from_texts(_text_scorer(kind, target), tokenizer, with_prompt=True)
     if kind == "python":
         spec = f"python:{target}"
         fn = _python_reward_function(target, spec, key)
@@ -601,12 +607,7 @@ def text_reward(spec: str, key: str = "--reward") -> Callable[[list[str], list[s
             return _scores(fn(**args), len(prompts), spec, key)
 
         return python_texts
-    if kind == "vader":
-        scorer = rewards.VaderReward()
-    elif kind == "hf":
-        scorer = rewards.HFClassifierReward(target, label=1)
-    else:
-        scorer = reward_model.load_exported(target)
+    scorer = _text_scorer(kind, target)  # the rollouts' own text rewards
 
     def texts(prompts: list[str], completions: list[str]) -> np.ndarray:
         joined = [p + c for p, c in zip(prompts, completions, strict=True)]
